@@ -1,0 +1,33 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv when it is
+# missing or stale (the stamp is keyed on the packaging files' contents).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg) 2>/dev/null | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(STAMP_KEY)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean lint
+
+setup: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev,interop]'
+	@for p in examples/plugins/*/; do [ -f $$p/setup.cfg ] && $(PY) -m pip install -q $$p || true; done
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "set-up done: $(VENV)"
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/mindone-lora train --demo
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from mindone_lora_plugin.cli import main
+
+raise SystemExit(main())

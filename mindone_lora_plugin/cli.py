@@ -1,0 +1,70 @@
+"""The ``mindone-lora`` command line.
+
+Subcommands live in their own modules (``mindone_lora_plugin.commands.<name>``), each with ``add_parser(subparsers)``
+and ``run(args) -> int``; they are imported only when used, so ``mindone-lora --help`` answers quickly. A user mistake
+(:class:`~mindone_lora_plugin.errors.LoraError`, a bad flag) ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mindone_lora_plugin import __version__
+from mindone_lora_plugin.errors import LoraError
+
+PROG = "mindone-lora"
+# subcommand → (module, one-line help)
+COMMANDS = {
+    "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x or SDXL model"),
+    "convert": ("mindone_lora_plugin.commands.convert", "convert a LoRA file between formats (diffusers, kohya)"),
+    "inspect": ("mindone_lora_plugin.commands.inspect", "show what a LoRA file contains"),
+    "plugins": ("mindone_lora_plugin.commands.plugins", "list installed plugins, strategies and formats"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="LoRA training and LoRA files for Stable Diffusion on MindSpore.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, (module, help_text) in (commands or COMMANDS).items():
+        if commands is None:
+            sub.add_parser(name, help=help_text, add_help=False)
+        else:
+            importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        parser = build_parser()
+        if command is None and not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # --help / --version / an unknown command end here
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        parser = build_parser({command: COMMANDS[command]})
+        args = parser.parse_args(argv)
+        return int(module.run(args) or 0)
+    except LoraError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The format plugin object: turns a :class:`~mindone_lora_plugin.state.LoraState` into a file and back.
+
+A plugin offers formats by yielding instances of a :class:`LoraFormat` subclass from its
+``mindone_lora_formats()`` hook implementation. Formats are pure numpy: they never import MindSpore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.state import LoraState
+
+
+class LoraFormat:
+    """Base class of a LoRA file format.
+
+    Subclasses set :attr:`name` (what ``--save_formats`` and ``convert --to`` accept) and :attr:`description`
+    (one line shown by ``mindone-lora plugins``), and implement :meth:`sniff`, :meth:`read` and :meth:`write`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def default_filename(self, output_name: str) -> str:
+        """The file name this format writes into an output folder (``output_name`` is the run's name)."""
+        return f"{output_name}.safetensors"
+
+    def output_path(self, out: str, output_name: str = "lora") -> str:
+        """Where :meth:`write` puts the file when given ``out``: ``out`` itself, or a file inside a folder."""
+        if os.path.isdir(out) or out.endswith(os.sep) or not os.path.splitext(out)[1]:
+            return os.path.join(out, self.default_filename(output_name))
+        return out
+
+    def sniff(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """True when a file with these tensor keys and header metadata is in this format (used by readers)."""
+        raise NotImplementedError
+
+    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
+        """Read ``path`` into a :class:`LoraState` keyed by diffusers module paths.
+
+        ``base`` (optional) describes the base model; with it, every key is checked against the real modules.
+        Raise :class:`~mindone_lora_plugin.errors.LoraError` with one clear line for anything wrong with the file.
+        """
+        raise NotImplementedError
+
+    def write(self, state: LoraState, out: str, *, dtype: str | None = None,
+              metadata: dict[str, str] | None = None, output_name: str = "lora") -> str:
+        """Write ``state`` atomically to ``out`` (a file, or a folder to put :meth:`default_filename` in).
+
+        ``dtype`` is ``fp32``, ``fp16``, ``bf16`` or ``None`` (keep). ``metadata`` holds training arguments and names
+        (string values). Returns the path written.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,164 @@
+"""Hook specifications of the ``mindone_lora`` pluggy project.
+
+Every hook is declared here. A plugin is any module or object with functions decorated by :data:`hookimpl`, named as
+below, registered through the setuptools entry-point group ``mindone_lora``::
+
+    [options.entry_points]
+    mindone_lora =
+        my_plugin = my_package.plugin
+
+There are two kinds of hooks.
+
+*Discovery hooks* (``mindone_lora_strategies``, ``mindone_lora_formats``, ``mindone_lora_add_arguments``) are called by
+the plugin manager; they yield named, typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
+:class:`~mindone_lora_plugin.formats.base.LoraFormat`) or add command-line arguments. Names must be unique across all
+installed plugins.
+
+*Operation hooks* (``mindone_lora_add_adapters``, ``mindone_lora_trainable_parameters``, ``mindone_lora_save_weights``,
+``mindone_lora_load_weights``) are what a training entrypoint calls, and all it calls, to work with LoRA. They are
+``firstresult`` hooks; the built-in ``core`` plugin implements them by dispatching to the strategy and formats named in
+the options. Each receives ``manager``, the calling :class:`~mindone_lora_plugin.plugins.LoraPluginManager`, to
+look strategies and formats up by name; callers use the manager's methods (``pm.add_adapters(models, options)``),
+which pass it. A plugin may wrap them (``@hookimpl(wrapper=True)``) to observe or adjust what happens, or implement
+them with ``tryfirst=True`` to take over.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+    from mindone_lora_plugin.formats.base import LoraFormat
+    from mindone_lora_plugin.models import Models
+    from mindone_lora_plugin.options import LoraOptions
+    from mindone_lora_plugin.plugins import LoraPluginManager
+    from mindone_lora_plugin.state import LoraState
+    from mindone_lora_plugin.strategies.base import LoraStrategy
+
+PROJECT_NAME = "mindone_lora"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ---------------------------------------------------------------------------------------------- discovery hooks
+
+
+@hookspec
+def mindone_lora_strategies() -> Iterable["LoraStrategy"]:
+    """Yield the LoRA strategies this plugin offers.
+
+    A strategy decides which modules of which model components get adapters, with which rank and alpha, which
+    parameters train, and how the adapted models turn into a :class:`~mindone_lora_plugin.state.LoraState` and back.
+
+    Example::
+
+        from mindone_lora_plugin.hookspecs import hookimpl
+        from mindone_lora_plugin.strategies.base import LoraStrategy
+
+        class FeedForwardOnly(LoraStrategy):
+            name = "ff"
+            description = "LoRA on the UNet feed-forward layers only"
+            components = ("unet",)
+            def target_modules(self, component, model, options):
+                return [p for p in self.linear_paths(model) if ".ff." in p]
+
+        @hookimpl
+        def mindone_lora_strategies():
+            yield FeedForwardOnly()
+    """
+
+
+@hookspec
+def mindone_lora_formats() -> Iterable["LoraFormat"]:
+    """Yield the LoRA file formats this plugin can read and write.
+
+    Example::
+
+        from mindone_lora_plugin.formats.base import LoraFormat
+
+        class NpzFormat(LoraFormat):
+            name = "npz"
+            description = "numpy archive (for debugging)"
+            ...
+
+        @hookimpl
+        def mindone_lora_formats():
+            yield NpzFormat()
+    """
+
+
+@hookspec
+def mindone_lora_add_arguments(parser: "argparse._ArgumentGroup") -> None:
+    """Add this plugin's command-line arguments to ``mindone-lora train`` and to scripts using the integration API.
+
+    Parsed values reach strategies and formats through ``LoraOptions.extra`` (a dict keyed by ``dest``).
+    Prefix names with the plugin's name to avoid clashes.
+
+    Example::
+
+        @hookimpl
+        def mindone_lora_add_arguments(parser):
+            parser.add_argument("--lora_fa_freeze_a", action="store_true", help="keep LoRA A matrices frozen")
+    """
+
+
+# ---------------------------------------------------------------------------------------------- operation hooks
+
+
+@hookspec(firstresult=True)
+def mindone_lora_add_adapters(manager: "LoraPluginManager", models: "Models", options: "LoraOptions") -> dict[str, list[str]] | None:
+    """Add LoRA adapters to ``models`` as ``options`` say; return the adapted module paths per component.
+
+    Called once, before the optimizer is built. Must fail with a
+    :class:`~mindone_lora_plugin.errors.LoraError` before changing anything when the strategy does not fit the
+    models (for example ``sdxl`` on an SD1.x model).
+
+    Example::
+
+        adapted = pm.add_adapters(models, options)
+        # {"unet": ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", ...]}
+    """
+
+
+@hookspec(firstresult=True)
+def mindone_lora_trainable_parameters(manager: "LoraPluginManager", models: "Models", options: "LoraOptions") -> list[dict] | None:
+    """Return the parameter groups to optimize: ``[{"params": [...], "lr": float, "component": str}, ...]``.
+
+    Exactly the LoRA parameters of the enabled components, with names unique across components, in fp32.
+
+    Example::
+
+        groups = pm.trainable_parameters(models, options)
+        optimizer = nn.AdamWeightDecay(groups, learning_rate=options.learning_rate)
+    """
+
+
+@hookspec(firstresult=True)
+def mindone_lora_save_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions", output_dir: str, formats: list[str],
+                              output_name: str, metadata: dict[str, str]) -> list[str] | None:
+    """Save the LoRA weights of ``models`` in every format of ``formats`` into ``output_dir``; return the paths.
+
+    Files are written atomically. ``metadata`` holds training arguments and names as strings.
+
+    Example::
+
+        paths = pm.save_weights(models, options, "out", ["diffusers", "kohya"], output_name="my_lora",
+                                metadata={"ss_steps": "100"})
+    """
+
+
+@hookspec(firstresult=True)
+def mindone_lora_load_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions", path: str) -> "LoraState | None":
+    """Load a LoRA file (any readable format) into ``models``' adapters (adding them if needed); return the state.
+
+    The rank and alpha of every module are restored exactly; keys that match no module are an error.
+
+    Example::
+
+        state = pm.load_weights(models, options, "lora.safetensors")
+    """

@@ -1,0 +1,41 @@
+"""The built-in ``core`` plugin: implements the operation hooks by dispatching to named strategies and formats.
+
+Registered through the ``mindone_lora`` entry-point group like every other plugin. Other plugins can wrap these
+hooks (``@hookimpl(wrapper=True)``) or replace them (``@hookimpl(tryfirst=True)`` returning a non-``None`` result).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mindone_lora_plugin.hookspecs import hookimpl
+
+
+@hookimpl
+def mindone_lora_add_adapters(manager, models, options):
+    return manager.get_strategy(options.strategy).add_adapters(models, options)
+
+
+@hookimpl
+def mindone_lora_trainable_parameters(manager, models, options):
+    return manager.get_strategy(options.strategy).trainable_parameters(models, options)
+
+
+@hookimpl
+def mindone_lora_save_weights(manager, models, options, output_dir, formats, output_name, metadata):
+    writers = [manager.get_format(name) for name in formats]  # unknown names fail before anything is written
+    state = manager.get_strategy(options.strategy).extract(models)
+    state.metadata.update(metadata)
+    return [fmt.write(state, os.path.join(output_dir, fmt.default_filename(output_name)), dtype=options.save_dtype,
+                      metadata=metadata, output_name=output_name)
+            for fmt in writers]
+
+
+@hookimpl
+def mindone_lora_load_weights(manager, models, options, path):
+    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.formats.reader import read_lora
+
+    state = read_lora(path, base=BaseModelInfo.from_models(models), formats=list(manager.formats().values()))
+    manager.get_strategy(options.strategy).apply(models, state, options)
+    return state

@@ -1,0 +1,69 @@
+"""What a user asked for: :class:`LoraOptions`, built from command-line flags or by a script author."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRESETS = ("attn", "kohya", "kohya-conv")
+INITS = ("gaussian", "default")
+
+
+@dataclass
+class LoraOptions:
+    """Options every strategy understands.
+
+    ``targets`` is a preset name (``attn``, ``kohya``, ``kohya-conv``) or an explicit list of module names (matched
+    against the end of a module path, as PEFT's ``target_modules`` does). ``alpha`` defaults to ``rank``;
+    ``conv_rank``/``conv_alpha`` (kohya's ``conv_dim``/``conv_alpha``) apply to 3×3 convs with ``kohya-conv`` and
+    default to ``rank``/``alpha``. ``components`` switches components on or off (``None`` = the strategy's default).
+    ``learning_rates`` maps a component to its own learning rate. ``extra`` carries plugin-added arguments.
+    """
+
+    strategy: str = "unet"
+    rank: int = 4
+    alpha: float | None = None
+    targets: str | list[str] = "attn"
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    init: str = "gaussian"
+    components: tuple[str, ...] | None = None
+    learning_rate: float = 1e-4
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    save_dtype: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return int(self.conv_rank or self.rank)
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        if self.conv_alpha is not None:
+            return float(self.conv_alpha)
+        return float(self.effective_conv_rank if self.alpha is None else self.alpha)
+
+    def lr_for(self, component: str) -> float:
+        return float(self.learning_rates.get(component, self.learning_rate))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"strategy": self.strategy, "rank": str(self.rank), "alpha": str(self.effective_alpha),
+                "targets": self.targets if isinstance(self.targets, str) else ",".join(self.targets),
+                "conv_rank": str(self.effective_conv_rank), "conv_alpha": str(self.effective_conv_alpha),
+                "init": self.init}
+
+
+def parse_targets(value: str) -> str | list[str]:
+    """``attn`` / ``kohya`` / ``kohya-conv`` stay a preset; anything else is a comma-separated list of module names."""
+    value = value.strip()
+    if value in PRESETS:
+        return value
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        from mindone_lora_plugin.errors import LoraError
+
+        raise LoraError(f"--lora_targets is empty: give a preset ({', '.join(PRESETS)}) or module names such as to_q,to_v")
+    return names

@@ -1,0 +1,140 @@
+"""Safe, validated safetensors I/O and atomic writes.
+
+Only safetensors is ever read: pickle-based files (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run code when loaded and
+are refused. Headers are checked before the ``safetensors`` library sees the file, so an empty, truncated or garbage
+file ends in one clear :class:`LoraError` instead of a Rust panic. Writes go to a temporary file in the same folder and
+are renamed into place, so a crash never leaves a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+
+from mindone_lora_plugin.errors import LoraError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def refuse_pickle(path: str) -> None:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise LoraError(f"{path} is a pickle-based file, which can run arbitrary code when loaded; only .safetensors "
+                        f"files are read. Convert it to safetensors with a tool you trust first")
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Return ``(header, data_offset)`` after checking that ``path`` is a complete safetensors file."""
+    refuse_pickle(path)
+    if os.path.isdir(path):
+        raise LoraError(f"{path} is a directory; pass the .safetensors file inside it")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoraError(f"{path} is {'empty' if size == 0 else 'too short'} ({size} bytes): not a safetensors "
+                                f"file; re-download or re-save it")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
+                raise LoraError(f"{path} is not a safetensors file or is truncated (header length {n}, file size "
+                                f"{size}); re-download or re-save it")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise LoraError(f"{path} does not exist") from None
+    except PermissionError:
+        raise LoraError(f"cannot read {path}: permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8").rstrip(" "))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (UnicodeDecodeError, ValueError):
+        raise LoraError(f"{path} has a garbage safetensors header: not a safetensors file, or corrupted") from None
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            expected = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPE_SIZES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise LoraError(f"{path} has a malformed entry for '{key}' in its header: the file is corrupted") from None
+        if end > data_len or end - begin != expected:
+            raise LoraError(f"{path} is truncated or corrupted: tensor '{key}' lies outside the file's data "
+                            f"({end} > {data_len} bytes); re-download or re-save it")
+    return header, 8 + n
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    header, _ = read_header(path)
+    return dict(header.get("__metadata__") or {})
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load every tensor of a checked safetensors file as numpy arrays, plus its string metadata."""
+    header, _ = read_header(path)
+    from safetensors import safe_open
+
+    import ml_dtypes  # noqa: F401  (lets numpy hold bf16 tensors)
+
+    tensors = {}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # the header passed our checks, so this is a rare corruption
+        raise LoraError(f"cannot read {path}: {e}") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise LoraError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise LoraError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
