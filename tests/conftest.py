@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny SD1.x/SDXL model folders (built once per test session, from config, no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> str:
+    from mindone_lora_plugin.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("sd1", str(tmp_path_factory.mktemp("models") / "tiny-sd1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    from mindone_lora_plugin.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("sdxl", str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh process-wide plugin manager for the test, forgotten afterwards."""
+    from mindone_lora_plugin.plugins import get_plugin_manager, reset_plugin_manager
+
+    reset_plugin_manager()
+    yield get_plugin_manager()
+    reset_plugin_manager()
