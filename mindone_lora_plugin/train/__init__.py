@@ -1,0 +1,1 @@
+"""The training entrypoint ``mindone-lora train``: arguments, data, the compiled step, checkpoints, the loop."""

@@ -1,0 +1,3 @@
+from mindone_lora_plugin.train.cli import main
+
+raise SystemExit(main())

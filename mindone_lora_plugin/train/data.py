@@ -1,0 +1,159 @@
+"""Training data: an imagefolder or a local ``datasets`` dataset → deterministic, resumable batches.
+
+Images are decoded once at start (unreadable ones are skipped and counted, or stop the run with ``--on_bad_image
+stop``) and kept resized so their shorter side equals the resolution. Batch order, crops, flips and caption choice are
+drawn from generators seeded by ``(seed, epoch, …)``, so a resumed run sees exactly the batches an uninterrupted run
+would have, with no generator state to carry around.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from mindone_lora_plugin.errors import LoraError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    image: np.ndarray  # uint8 HWC, shorter side == resolution
+    original_size: tuple[int, int]  # (height, width) before resizing
+    captions: list[str]
+
+
+@dataclass
+class Batch:
+    pixels: np.ndarray  # float32 NCHW in [-1, 1]
+    captions: list[str]
+    original_sizes: list[tuple[int, int]]
+    crops_top_left: list[tuple[int, int]]
+
+
+def load_examples(args, resolution: int) -> tuple[list[Example], int]:
+    """Load and decode the training examples; return them and the number of unreadable images skipped."""
+    ds = _load_dataset(args)
+    columns = list(ds.column_names)
+    for flag, col in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if col not in columns:
+            raise LoraError(f"{flag} '{col}' is not a column of the dataset; available columns: {', '.join(columns)}")
+    from datasets import Image as ImageFeature
+
+    ds = ds.cast_column(args.image_column, ImageFeature(decode=False))
+    if args.max_train_samples is not None:
+        ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    examples, bad = [], 0
+    for row in tqdm(ds, desc="loading images", leave=False, disable=len(ds) < 64):
+        ref = row[args.image_column]
+        try:
+            data = ref.get("bytes") if isinstance(ref, dict) else None
+            src = io.BytesIO(data) if data else (ref.get("path") if isinstance(ref, dict) else ref)
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                im.load()
+        except Exception as e:  # PIL raises many types for bad files
+            name = ref.get("path") if isinstance(ref, dict) else ref
+            if args.on_bad_image == "stop":
+                raise LoraError(f"cannot read image {name}: {type(e).__name__}: {e}; fix or remove it, or pass "
+                                f"--on_bad_image skip") from None
+            bad += 1
+            continue
+        caption = row[args.caption_column]
+        captions = [caption] if isinstance(caption, str) else [str(c) for c in (caption or [])]
+        if not captions:
+            raise LoraError(f"an example has an empty {args.caption_column!r} column; captions must be strings or "
+                            f"lists of strings")
+        examples.append(Example(_resize_short_side(im, resolution), (im.height, im.width), captions))
+    if bad:
+        log.warning("skipped %d unreadable image(s)", bad)
+    if not examples:
+        raise LoraError("no readable images in the dataset; check --train_data_dir / --dataset_name")
+    return examples, bad
+
+
+def _load_dataset(args):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if args.dataset_name:
+        if not os.path.exists(args.dataset_name):
+            raise LoraError(f"dataset {args.dataset_name} does not exist locally (nothing is downloaded); pass a local "
+                            f"dataset folder or --train_data_dir")
+        loader = lambda: datasets.load_dataset(args.dataset_name, args.dataset_config_name,  # noqa: E731
+                                               cache_dir=args.cache_dir)
+    elif args.train_data_dir:
+        if not os.path.isdir(args.train_data_dir):
+            raise LoraError(f"--train_data_dir {args.train_data_dir} does not exist; pass an imagefolder with "
+                            f"metadata.jsonl")
+        loader = lambda: datasets.load_dataset("imagefolder", data_dir=args.train_data_dir,  # noqa: E731
+                                               cache_dir=args.cache_dir)
+    else:
+        raise LoraError("no training data: pass --train_data_dir (an imagefolder) or --dataset_name (a local dataset)")
+    try:
+        ds = loader()
+    except Exception as e:
+        raise LoraError(f"cannot load the dataset: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    return ds["train"] if "train" in ds else ds[next(iter(ds))]
+
+
+def _resize_short_side(im, size: int) -> np.ndarray:
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    if scale != 1:
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+class BatchPlan:
+    """Deterministic batches over ``examples`` for one worker (``rank`` of ``world``), epoch by epoch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, resolution: int, seed: int, center_crop: bool,
+                 random_flip: bool, rank: int = 0, world: int = 1):
+        self.examples, self.batch_size, self.resolution, self.seed = examples, batch_size, resolution, seed
+        self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
+        per_worker = len(examples) // world
+        self.batches_per_epoch = per_worker // batch_size
+        if self.batches_per_epoch == 0:
+            raise LoraError(f"{len(examples)} training image(s) are fewer than one batch per worker "
+                            f"(--train_batch_size {batch_size} × {world} worker(s)); lower the batch size or add images")
+
+    def order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch, 17]).permutation(len(self.examples))
+        usable = (len(perm) // self.world) * self.world
+        return perm[:usable][self.rank::self.world]
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        pixels, captions, sizes, crops = [], [], [], []
+        for i in idx:
+            rng = np.random.default_rng([self.seed, epoch, int(i), 29])
+            ex = self.examples[int(i)]
+            img, top, left = self._crop(ex.image, rng)
+            if self.random_flip and rng.random() < 0.5:
+                img = img[:, ::-1]
+            pixels.append(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+            captions.append(ex.captions[int(rng.integers(len(ex.captions)))])
+            sizes.append(ex.original_size)
+            crops.append((top, left))
+        return Batch(np.stack(pixels), captions, sizes, crops)
+
+    def _crop(self, img: np.ndarray, rng) -> tuple[np.ndarray, int, int]:
+        size = self.resolution
+        h, w = img.shape[:2]
+        if self.center_crop:
+            top, left = (h - size) // 2, (w - size) // 2
+        else:
+            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        return img[top:top + size, left:left + size], top, left

@@ -1,0 +1,33 @@
+"""Validation images: the run's own models (LoRA active) in a mindone Stable Diffusion pipeline, in PyNative."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def generate(trainer, prompt: str, num_images: int, steps: int, seed: int):
+    """Generate ``num_images`` PIL images for ``prompt`` with the trainer's current weights."""
+    import mindspore as ms
+
+    from mindone.diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler.from_config(trainer.noise_scheduler.config)
+    m = trainer.models
+    if trainer.architecture == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=trainer.vae, text_encoder=m["text_encoder"],
+                                         text_encoder_2=m["text_encoder_2"], tokenizer=trainer.tokenizer,
+                                         tokenizer_2=trainer.tokenizer_2, unet=m["unet"], scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=trainer.vae, text_encoder=m["text_encoder"], tokenizer=trainer.tokenizer,
+                                       unet=m["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        out = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
+                   height=trainer.resolution, width=trainer.resolution,
+                   generator=np.random.Generator(np.random.PCG64(seed)))
+    finally:
+        ms.set_context(mode=mode)
+    return out[0]

@@ -1,0 +1,509 @@
+"""The training loop of ``mindone-lora train``: SD1.x/2.x and SDXL LoRA, talking to LoRA only through plugin hooks.
+
+Order of work: check arguments → load the models → add adapters (hook) → pick trainable parameters (hook) → build
+the optimizer and compiled step → resume if asked → train, checkpoint, validate → save every format (hook).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mindone_lora_plugin.errors import LoraError
+
+log = logging.getLogger("mindone_lora.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    files: list[str]
+    global_step: int
+    losses: list[float]
+    checkpoints: list[str] = field(default_factory=list)
+    validation_images: list[str] = field(default_factory=list)
+    loss_curve: str | None = None
+    models: object = None  # the trained Models bundle (in-process callers and the demo use it)
+    skipped_images: int = 0
+
+
+class Trainer:
+    """One training run. ``args`` is the namespace ``mindone-lora train`` parses (see ``train/arguments.py``)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = 0, 1
+        self.is_main = True
+
+    # ------------------------------------------------------------------ set-up
+
+    def run(self) -> TrainResult:
+        args = self.args
+        from mindone_lora_plugin.basemodel import BaseModelInfo
+        from mindone_lora_plugin.plugins import get_plugin_manager
+
+        if not args.pretrained_model_name_or_path:
+            raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
+                            "--demo")
+        info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
+        self.architecture = info.architecture
+        self.resolution = args.resolution or _default_resolution(args.pretrained_model_name_or_path, info)
+        if self.resolution % 8:
+            raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
+                            f"{self.resolution - self.resolution % 8 or 8}")
+        _check_args(args)
+        self.pm = get_plugin_manager()
+        self.options = options_from_args(args, info.architecture, self.pm)
+        self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
+        for name in self.formats:
+            self.pm.get_format(name)  # unknown format names fail before any work
+        strategy = self.pm.get_strategy(self.options.strategy)
+        self._setup_runtime()
+        if self.is_main:
+            _check_writable(args.output_dir)
+        self.output_name = args.output_name or os.path.basename(os.path.abspath(args.output_dir)) or "lora"
+
+        self._load_models()
+        strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
+        from mindone_lora_plugin.train.data import BatchPlan, load_examples
+
+        examples, self.skipped = load_examples(args, self.resolution)
+        self.plan = BatchPlan(examples, args.train_batch_size, self.resolution, self.seed, args.center_crop,
+                              args.random_flip, self.rank, self.world)
+        self.adapted = self.pm.add_adapters(self.models, self.options)
+        self.groups = self.pm.trainable_parameters(self.models, self.options)
+        self._log_parameter_summary()
+        self._build_optimizer(len(examples))
+        self._build_step()
+        start = self._maybe_resume()
+        return self._train(start)
+
+    def _setup_runtime(self):
+        args = self.args
+        from mindone_lora_plugin.runtime import setup
+
+        self.seed = args.seed if args.seed is not None else 0
+        setup(args.device_target, args.mode, seed=self.seed)
+        import mindspore as ms
+
+        if args.distributed:
+            from mindspore.communication import get_group_size, get_rank, init
+
+            init()
+            self.rank, self.world = get_rank(), get_group_size()
+            ms.reset_auto_parallel_context()
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                         device_num=self.world)
+            self.is_main = self.rank == 0
+        if args.mixed_precision in ("fp16", "bf16"):
+            self.weight_dtype = ms.float16 if args.mixed_precision == "fp16" else ms.bfloat16
+        else:
+            self.weight_dtype = ms.float32
+
+    def _load_models(self):
+        import mindspore as ms
+
+        from mindone_lora_plugin.models import load_models
+
+        folder = self.args.pretrained_model_name_or_path
+        from mindone.diffusers import AutoencoderKL, DDPMScheduler
+        from transformers import CLIPTokenizer
+
+        self.models = load_models(folder, dtype=self.weight_dtype if self.weight_dtype != ms.float32 else None)
+        for cell in self.models.values():
+            cell.set_train(False)
+            for p in cell.get_parameters():
+                p.requires_grad = False
+        if self.args.gradient_checkpointing and hasattr(self.models["unet"], "enable_gradient_checkpointing"):
+            self.models["unet"].enable_gradient_checkpointing()
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        self.vae.set_train(False)
+        for p in self.vae.get_parameters():
+            p.requires_grad = False
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        self.tokenizer_2 = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+                            if self.architecture == "sdxl" else None)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        acp = self.noise_scheduler.alphas_cumprod
+        self.alphas_cumprod = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, dtype=np.float64)
+        self.prediction_type = self.args.prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise LoraError(f"prediction type {self.prediction_type!r} is not supported; use epsilon or v_prediction")
+
+    def _log_parameter_summary(self):
+        trainable = sum(int(np.prod(p.shape)) for g in self.groups for p in g["params"])
+        total = sum(int(np.prod(p.shape)) for cell in self.models.values() for p in cell.get_parameters())
+        modules = ", ".join(f"{c}: {len(v)} modules" for c, v in self.adapted.items())
+        self._say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
+                  f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
+
+    def _build_optimizer(self, n_examples: int):
+        args = self.args
+        import mindspore as ms
+        from mindspore import nn
+
+        from mindone.diffusers.optimization import get_scheduler
+
+        accum = max(1, args.gradient_accumulation_steps)
+        updates_per_epoch = max(1, self.plan.batches_per_epoch // accum)
+        if args.max_train_steps is None:
+            args.max_train_steps = args.num_train_epochs * updates_per_epoch
+        self.max_steps = args.max_train_steps
+        self.num_epochs = -(-self.max_steps // updates_per_epoch)
+        self.updates_per_epoch = updates_per_epoch
+        scale = args.train_batch_size * accum * self.world if args.scale_lr else 1
+
+        def schedule(base):
+            lrs = get_scheduler(args.lr_scheduler, base * scale, num_warmup_steps=args.lr_warmup_steps * self.world,
+                                num_training_steps=self.max_steps * self.world)
+            lrs = [float(x) for x in (lrs if isinstance(lrs, (list, tuple)) else [lrs] * self.max_steps)]
+            return lrs + [lrs[-1]]  # the optimizer reads one entry past the last step when logging
+
+        groups = []
+        for g in self.groups:
+            groups.append({"params": g["params"], "lr": schedule(g["lr"]), "weight_decay": args.adam_weight_decay})
+        self.lr_schedules = {g["component"]: grp["lr"] for g, grp in zip(self.groups, groups)}
+        self.optimizer = nn.AdamWeightDecay(groups, learning_rate=groups[0]["lr"], beta1=args.adam_beta1,
+                                            beta2=args.adam_beta2, eps=args.adam_epsilon,
+                                            weight_decay=args.adam_weight_decay)
+        self._ms = ms
+
+    def _build_step(self):
+        from mindspore import nn
+
+        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner, VaeEncode, build_steps
+
+        sdxl = self.architecture == "sdxl"
+        te_trained = {c for c in self.adapted if c != "unet"}
+        self.train_text = bool(te_trained)
+        self.conditioner = TextConditioner(self.models.get("text_encoder"), self.models.get("text_encoder_2"))
+        self.loss_cell = DenoiseLoss(self.models["unet"], self.conditioner, self.train_text,
+                                     self.prediction_type == "v_prediction", sdxl)
+        self.loss_cell.set_train(True)
+        reducer = None
+        if self.world > 1:
+            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.world)
+        accum = max(1, self.args.gradient_accumulation_steps)
+        self.micro_step, self.update_step = build_steps(self.loss_cell, self.optimizer, self.args.max_grad_norm,
+                                                        accum, reducer)
+        self.encode_cell = VaeEncode(self.vae)
+
+    # ------------------------------------------------------------------ resume
+
+    def _lora_settings(self) -> dict:
+        o = self.options
+        return {"strategy": o.strategy, "rank": o.rank, "alpha": o.effective_alpha,
+                "targets": o.targets if isinstance(o.targets, str) else sorted(o.targets),
+                "conv_rank": o.effective_conv_rank, "conv_alpha": o.effective_conv_alpha,
+                "components": sorted(self.adapted), "architecture": self.architecture}
+
+    def _maybe_resume(self) -> dict:
+        from mindone_lora_plugin.train import checkpoint
+
+        start = {"global_step": 0, "losses": []}
+        if not self.args.resume_from_checkpoint:
+            return start
+        folder = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
+        if folder is None:
+            self._say(f"no complete checkpoint in {self.args.output_dir}; starting from scratch")
+            return start
+        state = checkpoint.read_state(folder)
+        checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
+        self.pm.load_weights(self.models, self.options, os.path.join(folder, "pytorch_lora_weights.safetensors"))
+        self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
+        self._say(f"resumed from {folder} at step {state['global_step']}")
+        return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
+
+    def _optimizer_state(self) -> dict:
+        trained = {id(p) for p in self.optimizer.parameters}
+        return {p.name: p for _, p in self.optimizer.parameters_and_names() if id(p) not in trained}
+
+    def _load_optimizer(self, path: str):
+        from mindone_lora_plugin import safetensors_io
+
+        tensors, _ = safetensors_io.load(path)
+        current = self._optimizer_state()
+        missing = sorted(set(current) - set(tensors))
+        if missing:
+            raise LoraError(f"the checkpoint's optimizer state lacks {len(missing)} tensor(s) (e.g. {missing[0]}); it "
+                            f"was made with other settings")
+        for name, p in current.items():
+            p.set_data(self._ms.Tensor(tensors[name], dtype=p.dtype))
+
+    def _save_checkpoint(self, global_step: int, losses: list[float]) -> str | None:
+        if not self.is_main:
+            return None
+        from mindone_lora_plugin import safetensors_io
+        from mindone_lora_plugin.train import checkpoint
+
+        def fill(tmp):
+            exact = _replace(self.options, save_dtype=None)
+            self.pm.save_weights(self.models, exact, tmp, ["diffusers"], self.output_name, self._metadata(global_step))
+            others = [f for f in self.formats if f != "diffusers"]
+            if others:
+                self.pm.save_weights(self.models, self.options, tmp, others, self.output_name,
+                                     self._metadata(global_step))
+            safetensors_io.save({k: p.asnumpy() for k, p in self._optimizer_state().items()},
+                                os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
+            checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // self.updates_per_epoch,
+                                         "seed": self.seed, "lora": self._lora_settings(), "losses": losses,
+                                         "rng": "derived from (seed, micro-step); see train/data.py and trainer.py"})
+
+        return checkpoint.write(self.args.output_dir, global_step, fill, self.args.checkpoints_total_limit)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train(self, start: dict) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        args = self.args
+        ms = self._ms
+        accum = max(1, args.gradient_accumulation_steps)
+        global_step = start["global_step"]
+        losses = list(start["losses"])
+        result = TrainResult(args.output_dir, [], global_step, losses, skipped_images=self.skipped,
+                             models=self.models)
+        writer = self._tensorboard()
+        if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
+            result.validation_images.append(self._validate("before"))
+        self._say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
+                  f"batch {args.train_batch_size} × {accum} accumulation × {self.world} worker(s)) in "
+                  f"{args.mode} mode on {ms.get_context('device_target')}")
+        bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main, dynamic_ncols=True)
+        last_ckpt = None
+        t0 = time.time()
+        while global_step < self.max_steps:
+            epoch, in_epoch = divmod(global_step, self.updates_per_epoch)
+            micro_losses = []
+            for k in range(accum):
+                micro = (global_step * accum + k)
+                batch_index = in_epoch * accum + k
+                inputs = self._inputs(epoch, batch_index, micro)
+                cell = self.update_step if k == accum - 1 else self.micro_step
+                micro_losses.append(float(cell(*inputs).asnumpy()))
+            loss = float(np.mean(micro_losses))
+            global_step += 1
+            if not np.isfinite(loss):
+                bar.close()
+                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise LoraError(f"the loss became {loss} at step {global_step}; training stopped and nothing more was "
+                                f"saved ({kept}); lower --learning_rate or check the data")
+            losses.append(loss)
+            lr = self.lr_schedules[next(iter(self.lr_schedules))][global_step - 1]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, global_step)
+                writer.add_scalar("train/lr", lr, global_step)
+            log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
+                last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
+                if last_ckpt:
+                    result.checkpoints.append(last_ckpt)
+            end_of_epoch = global_step % self.updates_per_epoch == 0
+            if self.is_main and args.validation_prompt and (
+                    (end_of_epoch and (global_step // self.updates_per_epoch) % max(1, args.validation_epochs) == 0
+                     and global_step < self.max_steps)
+                    or (args.validation_steps and global_step % args.validation_steps == 0
+                        and global_step < self.max_steps)):
+                result.validation_images.append(self._validate(f"step-{global_step:06d}"))
+        bar.close()
+        elapsed = time.time() - t0
+        result.global_step = global_step
+        if self.is_main:
+            result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
+                                                self.output_name, self._metadata(global_step))
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                result.checkpoints.append(self._save_checkpoint(global_step, losses))
+            _write_hparams(args, os.path.join(args.output_dir, "hparams.yml"))
+            from mindone_lora_plugin.train.visuals import save_loss_curve
+
+            result.loss_curve = save_loss_curve(losses, os.path.join(args.output_dir, "loss_curve.png"),
+                                                f"{self.output_name}: loss per step")
+            if args.validation_prompt:
+                result.validation_images.append(self._validate("final"))
+            self._say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
+        if writer is not None:
+            writer.close()
+        return result
+
+    def _inputs(self, epoch: int, batch_index: int, micro: int):
+        ms = self._ms
+        batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
+        rng = np.random.default_rng([self.seed, micro, self.rank, 101])
+        moments = self.encode_cell(ms.Tensor(batch.pixels, dtype=self.vae.dtype)).asnumpy().astype(np.float32)
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.vae.config.scaling_factor
+        noise = rng.standard_normal(latents.shape, dtype=np.float32)
+        if self.args.noise_offset:
+            noise += self.args.noise_offset * rng.standard_normal(latents.shape[:2] + (1, 1), dtype=np.float32)
+        n = latents.shape[0]
+        t = rng.integers(0, len(self.alphas_cumprod), size=n)
+        acp = self.alphas_cumprod[t]
+        weights = np.ones(n, dtype=np.float32)
+        if self.args.snr_gamma is not None:
+            snr = acp / (1.0 - acp)
+            clipped = np.minimum(snr, self.args.snr_gamma)
+            weights = (clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr)
+        ids, ids_2 = self._tokenize(batch.captions)
+        if self.train_text:
+            text_a, text_b = ids, ids_2
+        else:
+            text_a, text_b = self.conditioner(ids, ids_2)
+        if self.architecture == "sdxl":
+            time_ids = np.asarray([list(o) + list(c) + [self.resolution, self.resolution]
+                                   for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
+        else:
+            time_ids = np.zeros((n, 6), dtype=np.float32)
+        f32 = ms.float32
+        return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
+                ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
+                ms.Tensor(weights.astype(np.float32)), text_a, text_b, ms.Tensor(time_ids, f32))
+
+    def _tokenize(self, captions):
+        ms = self._ms
+
+        def ids(tok):
+            out = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="np")
+            return ms.Tensor(out.input_ids.astype(np.int32))
+
+        first = ids(self.tokenizer)
+        return first, (ids(self.tokenizer_2) if self.tokenizer_2 is not None else first)
+
+    # ------------------------------------------------------------------ validation, logging, metadata
+
+    def _validate(self, tag: str) -> str:
+        from mindone_lora_plugin.train.visuals import save_grid
+        from mindone_lora_plugin.train.sampling import generate
+
+        args = self.args
+        images = generate(self, args.validation_prompt, args.num_validation_images,
+                          steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
+        path = os.path.join(args.output_dir, "validation", f"{tag}.png")
+        save_grid(images, path, f"{tag}: {args.validation_prompt}",
+                  {"prompt": args.validation_prompt, "seed": self.seed, "tag": tag})
+        self._say(f"validation images: {path}")
+        return path
+
+    def _tensorboard(self):
+        if self.args.report_to != "tensorboard" or not self.is_main:
+            return None
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            log.info("tensorboardX is not installed; no tensorboard scalars (pip install tensorboardX)")
+            return None
+        return SummaryWriter(os.path.join(self.args.output_dir, self.args.logging_dir))
+
+    def _metadata(self, global_step: int) -> dict[str, str]:
+        args = self.args
+        epoch = -(-global_step // self.updates_per_epoch)
+        return {
+            "ss_output_name": self.output_name,
+            "ss_sd_model_name": os.path.basename(os.path.abspath(args.pretrained_model_name_or_path)),
+            "ss_learning_rate": str(args.learning_rate),
+            "ss_unet_lr": str(self.options.lr_for("unet")),
+            "ss_text_encoder_lr": str(self.options.lr_for("text_encoder")),
+            "ss_lr_scheduler": args.lr_scheduler,
+            "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+            "ss_optimizer": "mindspore.nn.AdamWeightDecay",
+            "ss_steps": str(global_step),
+            "ss_epoch": str(epoch),
+            "ss_num_epochs": str(self.num_epochs),
+            "ss_max_train_steps": str(self.max_steps),
+            "ss_seed": str(self.seed),
+            "ss_resolution": f"({self.resolution}, {self.resolution})",
+            "ss_batch_size_per_device": str(args.train_batch_size),
+            "ss_total_batch_size": str(args.train_batch_size * self.world * max(1, args.gradient_accumulation_steps)),
+            "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+            "ss_gradient_checkpointing": str(bool(args.gradient_checkpointing)),
+            "ss_mixed_precision": str(args.mixed_precision or "no"),
+            "ss_noise_offset": str(args.noise_offset),
+            "ss_min_snr_gamma": str(args.snr_gamma),
+            "ss_num_train_images": str(len(self.plan.examples)),
+            "ss_prediction_type": self.prediction_type,
+            "mindone_lora.training_args": json.dumps(_plain_args(args), sort_keys=True),
+        }
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
+            print(message, flush=True)
+
+
+def options_from_args(args, architecture: str, pm):
+    """Translate parsed flags into :class:`LoraOptions` (plugin-added arguments go to ``extra``)."""
+    from mindone_lora_plugin.options import LoraOptions, parse_targets
+
+    strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
+    pm.get_strategy(strategy)  # unknown names list the valid ones
+    extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
+    extra["train_text_encoder"] = bool(args.train_text_encoder)
+    lrs = {}
+    if args.text_encoder_lr is not None:
+        lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}
+    if args.lora_rank < 1:
+        raise LoraError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
+                       targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
+                       conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
+                       learning_rates=lrs, save_dtype=args.save_dtype, extra=extra)
+
+
+def _check_args(args):
+    checks = [(args.train_batch_size < 1, "--train_batch_size must be at least 1"),
+              (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
+              (args.max_train_steps is not None and args.max_train_steps < 1, "--max_train_steps must be at least 1"),
+              (args.learning_rate <= 0, "--learning_rate must be positive"),
+              (args.dataloader_num_workers < 0, "--dataloader_num_workers cannot be negative")]
+    for bad, message in checks:
+        if bad:
+            raise LoraError(message)
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.unlink(probe)
+    except OSError as e:
+        raise LoraError(f"cannot write to --output_dir {folder}: {e.strerror or e}; choose a writable folder") from None
+
+
+def _default_resolution(folder: str, info) -> int:
+    try:
+        with open(os.path.join(folder, "vae", "config.json"), encoding="utf-8") as f:
+            size = json.load(f).get("sample_size")
+        if isinstance(size, int) and size > 0:
+            return size
+    except (OSError, ValueError):
+        pass
+    return {"sdxl": 1024, "sd2": 768}.get(info.architecture, 512)
+
+
+def _plain_args(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and
+            isinstance(v, (str, int, float, bool, type(None), list))}
+
+
+def _write_hparams(args, path: str) -> None:
+    import yaml
+
+    from mindone_lora_plugin.safetensors_io import write_bytes_atomic
+
+    write_bytes_atomic(path, yaml.safe_dump(_plain_args(args), sort_keys=True).encode("utf-8"))
+
+
+def _replace(options, **changes):
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
