@@ -219,6 +219,9 @@ class Trainer:
         self._say(f"resumed from {folder} at step {state['global_step']}")
         return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
 
+    def _weights_finite(self) -> bool:
+        return all(np.isfinite(p.asnumpy()).all() for g in self.groups for p in g["params"])
+
     def _optimizer_state(self) -> dict:
         trained = {id(p) for p in self.optimizer.parameters}
         return {p.name: p for _, p in self.optimizer.parameters_and_names() if id(p) not in trained}
@@ -302,6 +305,10 @@ class Trainer:
                 writer.add_scalar("train/lr", lr, global_step)
             log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
+                if not self._weights_finite():  # never write a poisoned checkpoint over a good one
+                    bar.close()
+                    raise LoraError(f"the LoRA weights became non-finite at step {global_step}; training stopped "
+                                    f"(the last good checkpoint is {last_ckpt or 'none'}); lower --learning_rate")
                 last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
                 if last_ckpt:
                     result.checkpoints.append(last_ckpt)
