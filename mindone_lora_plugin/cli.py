@@ -28,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (no usage dump), exit status 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
@@ -51,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         if command is None and not argv:
             parser.print_help()
             return 0
-        parser.parse_args(argv)  # --help / --version / an unknown command end here
+        try:
+            parser.parse_args(argv)  # --help / --version / an unknown command end here
+        except SystemExit as e:
+            return int(e.code or 0)
         return 2
     try:
         module = importlib.import_module(COMMANDS[command][0])
         parser = build_parser({command: COMMANDS[command]})
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or a bad flag already reported in one line
+            return int(e.code or 0)
         return int(module.run(args) or 0)
     except LoraError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
