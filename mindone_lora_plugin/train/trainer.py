@@ -335,9 +335,21 @@ class Trainer:
             if args.validation_prompt:
                 result.validation_images.append(self._validate("final"))
             self._say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
+        if self.world > 1:  # every worker reports, so identical weights across workers can be checked
+            print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {self._weights_digest()}", flush=True)
         if writer is not None:
             writer.close()
         return result
+
+    def _weights_digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for g in self.groups:
+            for p in g["params"]:
+                h.update(p.name.encode())
+                h.update(np.ascontiguousarray(p.asnumpy(), dtype=np.float32).tobytes())
+        return h.hexdigest()
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
         ms = self._ms
