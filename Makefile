@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg) 2>/dev/null | sha256sum | cut -c1-16)
+STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(STAMP_KEY)
 PYTEST_ARGS ?=
 

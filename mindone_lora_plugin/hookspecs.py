@@ -134,7 +134,9 @@ def mindone_lora_trainable_parameters(manager: "LoraPluginManager", models: "Mod
     Example::
 
         groups = pm.trainable_parameters(models, options)
-        optimizer = nn.AdamWeightDecay(groups, learning_rate=options.learning_rate)
+        # MindSpore optimizers accept only their own group keys: drop "component"
+        optimizer = nn.AdamWeightDecay([{"params": g["params"], "lr": g["lr"]} for g in groups],
+                                       learning_rate=options.learning_rate)
     """
 
 

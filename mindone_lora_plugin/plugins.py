@@ -116,7 +116,9 @@ class LoraPluginManager(pluggy.PluginManager):
                 if info is not None and info.builtin:
                     raise
                 self._report_broken(plugin_name, info.dist if info else "?",
-                                    f"raised while registering {kind}s: {type(e).__name__}: {e}")
+                                    f"raised while registering {'strategies' if kind == 'strategy' else kind + 's'}: "
+                                    f"{type(e).__name__}: {e}")
+                self.unregister(name=plugin_name)  # "continuing without it": none of its hooks run any more
                 continue
             for obj in objects:
                 if obj.name in found:
@@ -159,8 +161,21 @@ class LoraPluginManager(pluggy.PluginManager):
         return found[name]
 
     def add_arguments(self, parser) -> None:
-        """Let every plugin add its command-line arguments to ``parser`` (an argparse parser or group)."""
-        self.hook.mindone_lora_add_arguments(parser=parser)
+        """Let every plugin add its command-line arguments to ``parser`` (an argparse parser or group).
+
+        A third-party plugin that raises here (a bug, or a flag another plugin already added) is reported and
+        dropped like any broken plugin; the other plugins' arguments are still added.
+        """
+        for impl in reversed(self.hook.mindone_lora_add_arguments.get_hookimpls()):  # pluggy's calling order
+            try:
+                impl.function(*[{"parser": parser}[a] for a in impl.argnames])
+            except Exception as e:
+                info = self.infos.get(impl.plugin_name)
+                if info is not None and info.builtin:
+                    raise
+                self._report_broken(impl.plugin_name, info.dist if info else "?",
+                                    f"raised while adding arguments: {type(e).__name__}: {e}")
+                self.unregister(name=impl.plugin_name)
 
     # ------------------------------------------------------------------ operations (what a trainer calls)
 

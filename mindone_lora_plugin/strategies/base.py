@@ -81,6 +81,12 @@ class LoraStrategy:
             if comp not in models:
                 raise LoraError(f"strategy '{self.name}' needs a {comp} but the model has none "
                                 f"(it has {', '.join(models) or 'nothing'})")
+        if (options.extra.get("train_text_encoder") and not options.components
+                and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
+            # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
+            hint = ("use --lora_strategy sdxl to train the SDXL text encoders" if models.architecture == "sdxl"
+                    else f"it adapts {', '.join(self.adaptable_components(models))}")
+            raise LoraError(f"strategy '{self.name}' cannot train a text encoder (--train_text_encoder): {hint}")
         for comp in self.enabled_components(models, options):
             if not self.target_modules(comp, models[comp], options):
                 raise LoraError(f"no module of the {comp} matches the LoRA targets {options.targets!r}; "
