@@ -46,7 +46,10 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     from mindone_lora_plugin import backends
 
     if device_target:
-        ms.set_context(device_target=device_target)
+        if hasattr(ms, "set_device"):
+            ms.set_device(device_target)
+        else:  # pragma: no cover - older MindSpore
+            ms.set_context(device_target=device_target)
     target = ms.get_context("device_target")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     if mode == "graph":
