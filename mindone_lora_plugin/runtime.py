@@ -45,10 +45,10 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
 
     from mindone_lora_plugin import backends
 
-    if device_target:
-        if hasattr(ms, "set_device"):
+    if device_target and ms.get_context("device_target") != device_target:
+        try:
             ms.set_device(device_target)
-        else:  # pragma: no cover - older MindSpore
+        except (AttributeError, RuntimeError):  # older MindSpore, or the runtime already started in this process
             ms.set_context(device_target=device_target)
     target = ms.get_context("device_target")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)

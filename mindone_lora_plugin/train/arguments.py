@@ -56,6 +56,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--on_bad_image", choices=("skip", "stop"), default="skip",
                    help="an unreadable image: skip it (and count) or stop with an error")
 
+    g = parser.add_argument_group("DreamBooth (as mindone's/diffusers' train_dreambooth_lora scripts)")
+    g.add_argument("--instance_data_dir", type=str, default=None,
+                   help="a folder of images of the subject; switches to DreamBooth training")
+    g.add_argument("--instance_prompt", type=str, default=None, help='e.g. "a photo of sks dog"')
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="class images for prior preservation (missing ones are generated with the base model)")
+    g.add_argument("--class_prompt", type=str, default=None, help='e.g. "a photo of a dog"')
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+
     g = parser.add_argument_group("training (as mindone's script)")
     g.add_argument("--output_dir", type=str, default="sd-model-finetuned-lora")
     g.add_argument("--seed", type=int, default=None)
@@ -116,8 +128,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
-    g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl"), default=None,
-                   help="train the built-in tiny model on a generated dataset (sd1 or sdxl)")
+    g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth"), default=None,
+                   help="train the built-in tiny model on a generated dataset (sd1, sdxl, or dreambooth on sd1)")
 
     g = parser.add_argument_group("refused (mindone accepted these but they cannot be honoured)")
     for dest in REFUSED:

@@ -47,23 +47,15 @@ def load_examples(args, resolution: int) -> tuple[list[Example], int]:
     ds = ds.cast_column(args.image_column, ImageFeature(decode=False))
     if args.max_train_samples is not None:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
-    from PIL import Image
     from tqdm.auto import tqdm
 
     examples, bad = [], 0
     for row in tqdm(ds, desc="loading images", leave=False, disable=len(ds) < 64):
         ref = row[args.image_column]
-        try:
-            data = ref.get("bytes") if isinstance(ref, dict) else None
-            src = io.BytesIO(data) if data else (ref.get("path") if isinstance(ref, dict) else ref)
-            with Image.open(src) as im:
-                im = im.convert("RGB")
-                im.load()
-        except Exception as e:  # PIL raises many types for bad files
-            name = ref.get("path") if isinstance(ref, dict) else ref
-            if args.on_bad_image == "stop":
-                raise LoraError(f"cannot read image {name}: {type(e).__name__}: {e}; fix or remove it, or pass "
-                                f"--on_bad_image skip") from None
+        data = ref.get("bytes") if isinstance(ref, dict) else None
+        name = ref.get("path") if isinstance(ref, dict) else ref
+        im = _decode(io.BytesIO(data) if data else name, name, args.on_bad_image)
+        if im is None:
             bad += 1
             continue
         caption = row[args.caption_column]
@@ -77,6 +69,48 @@ def load_examples(args, resolution: int) -> tuple[list[Example], int]:
     if not examples:
         raise LoraError("no readable images in the dataset; check --train_data_dir / --dataset_name")
     return examples, bad
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image: str, flag: str
+                         ) -> tuple[list[Example], int]:
+    """Every image file of ``folder`` (DreamBooth instance or class images), all captioned ``prompt``."""
+    if not os.path.isdir(folder):
+        raise LoraError(f"{flag} {folder} does not exist; pass a folder of images")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise LoraError(f"{flag} {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    examples, bad = [], 0
+    for f in files:
+        path = os.path.join(folder, f)
+        im = _decode(path, path, on_bad_image)
+        if im is None:
+            bad += 1
+            continue
+        examples.append(Example(_resize_short_side(im, resolution), (im.height, im.width), [prompt]))
+    if not examples:
+        raise LoraError(f"none of the {len(files)} image file(s) in {flag} {folder} could be read")
+    if bad:
+        log.warning("skipped %d unreadable image(s) in %s", bad, folder)
+    return examples, bad
+
+
+def _decode(src, name, on_bad_image: str):
+    """A decoded RGB PIL image, or None for an unreadable one (``on_bad_image='stop'`` raises instead)."""
+    from PIL import Image
+
+    try:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.load()
+        return im
+    except Exception as e:  # PIL raises many types for bad files
+        if on_bad_image == "stop":
+            raise LoraError(f"cannot read image {name}: {type(e).__name__}: {e}; fix or remove it, or pass "
+                            f"--on_bad_image skip") from None
+        return None
 
 
 def _load_dataset(args):
@@ -98,7 +132,8 @@ def _load_dataset(args):
         loader = lambda: datasets.load_dataset("imagefolder", data_dir=args.train_data_dir,  # noqa: E731
                                                cache_dir=args.cache_dir)
     else:
-        raise LoraError("no training data: pass --train_data_dir (an imagefolder) or --dataset_name (a local dataset)")
+        raise LoraError("no training data: pass --train_data_dir (an imagefolder), --dataset_name (a local dataset) "
+                        "or --instance_data_dir (DreamBooth)")
     try:
         ds = loader()
     except Exception as e:
@@ -120,8 +155,9 @@ class BatchPlan:
     """Deterministic batches over ``examples`` for one worker (``rank`` of ``world``), epoch by epoch."""
 
     def __init__(self, examples: list[Example], batch_size: int, resolution: int, seed: int, center_crop: bool,
-                 random_flip: bool, rank: int = 0, world: int = 1):
+                 random_flip: bool, rank: int = 0, world: int = 1, prior: list[Example] | None = None):
         self.examples, self.batch_size, self.resolution, self.seed = examples, batch_size, resolution, seed
+        self.prior = prior or []
         self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
         per_worker = len(examples) // world
         self.batches_per_epoch = per_worker // batch_size
@@ -135,11 +171,16 @@ class BatchPlan:
         return perm[:usable][self.rank::self.world]
 
     def batch(self, epoch: int, index: int) -> Batch:
+        """The batch ``index`` of ``epoch``; with prior preservation, as many class images follow the instances."""
         idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        chosen = [(self.examples[int(i)], int(i)) for i in idx]
+        if self.prior:
+            rng = np.random.default_rng([self.seed, epoch, index, self.rank, 31])
+            picks = rng.integers(len(self.prior), size=len(idx))
+            chosen += [(self.prior[int(j)], 1_000_000 + int(j)) for j in picks]
         pixels, captions, sizes, crops = [], [], [], []
-        for i in idx:
-            rng = np.random.default_rng([self.seed, epoch, int(i), 29])
-            ex = self.examples[int(i)]
+        for ex, i in chosen:
+            rng = np.random.default_rng([self.seed, epoch, i, 29])
             img, top, left = self._crop(ex.image, rng)
             if self.random_flip and rng.random() < 0.5:
                 img = img[:, ::-1]

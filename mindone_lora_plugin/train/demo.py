@@ -48,24 +48,51 @@ def make_shapes_dataset(folder: str, size: int = 64, repeats: int = 2) -> str:
     return folder
 
 
+def make_instance_images(folder: str, size: int = 64, count: int = 4) -> str:
+    """DreamBooth instance images of one distinctive subject: a purple cross, slightly moved and resized."""
+    from PIL import Image, ImageDraw
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        img = Image.new("RGB", (size, size), (250, 250, 240))
+        d = ImageDraw.Draw(img)
+        c = size // 2 + int(rng.integers(-4, 5))
+        arm, w = int(size * (0.3 + 0.05 * rng.random())), size // 8
+        d.rectangle([c - arm, c - w, c + arm, c + w], fill=(130, 40, 170))
+        d.rectangle([c - w, c - arm, c + w, c + arm], fill=(130, 40, 170))
+        img.save(os.path.join(folder, f"sks_{i}.png"))
+    return folder
+
+
+DREAMBOOTH_DEFAULTS = dict(instance_prompt="a photo of sks toy", class_prompt="a photo of a toy",
+                           num_class_images=8, sample_batch_size=4, train_batch_size=2, max_train_steps=80)
+
+
 def run_demo(args) -> int:
     from mindone_lora_plugin.tiny import RESOLUTION, ensure_tiny_model
     from mindone_lora_plugin.train.arguments import add_train_arguments
     from mindone_lora_plugin.train.trainer import Trainer
 
-    kind = args.demo
+    kind = "sd1" if args.demo == "dreambooth" else args.demo
     root = os.path.abspath("demo-output")
     parser_defaults = _parser_defaults(add_train_arguments)
-    for key, value in DEMO_DEFAULTS.items():  # the demo's defaults, unless the user gave the flag
+    defaults = dict(DEMO_DEFAULTS, **(DREAMBOOTH_DEFAULTS if args.demo == "dreambooth" else {}))
+    for key, value in defaults.items():  # the demo's defaults, unless the user gave the flag
         if getattr(args, key) == parser_defaults.get(key):
             setattr(args, key, value)
     if args.pretrained_model_name_or_path is None:
         print(f"building the tiny {kind} model …", flush=True)
         args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
-    if args.train_data_dir is None and args.dataset_name is None:
+    if args.demo == "dreambooth":
+        args.instance_data_dir = args.instance_data_dir or make_instance_images(os.path.join(root, "sks-instance"))
+        args.class_data_dir = args.class_data_dir or os.path.join(root, "class-toy")
+        args.with_prior_preservation = True
+        args.validation_prompt = args.validation_prompt or args.instance_prompt
+    elif args.train_data_dir is None and args.dataset_name is None:
         args.train_data_dir = make_shapes_dataset(os.path.join(root, "shapes"))
     if args.output_dir == parser_defaults["output_dir"]:
-        args.output_dir = os.path.join(root, f"lora-{kind}")
+        args.output_dir = os.path.join(root, f"lora-{args.demo}")
     args.resolution = args.resolution or RESOLUTION
     args.validation_prompt = args.validation_prompt or "a red circle"
     args.device_target = args.device_target or "CPU"

@@ -70,11 +70,12 @@ class Trainer:
 
         self._load_models()
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
-        from mindone_lora_plugin.train.data import BatchPlan, load_examples
+        self._is_dreambooth = bool(args.instance_data_dir)
+        examples, prior = self._load_data()
+        from mindone_lora_plugin.train.data import BatchPlan
 
-        examples, self.skipped = load_examples(args, self.resolution)
         self.plan = BatchPlan(examples, args.train_batch_size, self.resolution, self.seed, args.center_crop,
-                              args.random_flip, self.rank, self.world)
+                              args.random_flip, self.rank, self.world, prior=prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
@@ -134,6 +135,32 @@ class Trainer:
         self.prediction_type = self.args.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise LoraError(f"prediction type {self.prediction_type!r} is not supported; use epsilon or v_prediction")
+
+    def _load_data(self):
+        """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth)."""
+        args = self.args
+        from mindone_lora_plugin.train import data
+
+        if not args.instance_data_dir:
+            examples, self.skipped = data.load_examples(args, self.resolution)
+            return examples, None
+        examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
+                                                           self.resolution, args.on_bad_image, "--instance_data_dir")
+        if not args.with_prior_preservation:
+            return examples, None
+        if self.is_main:
+            from mindone_lora_plugin.train.dreambooth import ensure_class_images
+
+            ensure_class_images(self, args.class_data_dir, args.class_prompt, args.num_class_images,
+                                args.sample_batch_size)
+        if self.world > 1:
+            _barrier()
+        prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
+                                               args.on_bad_image, "--class_data_dir")
+        self.skipped += bad
+        self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
+                  f"{args.prior_loss_weight}")
+        return examples, prior
 
     def _log_parameter_summary(self):
         trainable = sum(int(np.prod(p.shape)) for g in self.groups for p in g["params"])
@@ -370,6 +397,9 @@ class Trainer:
             snr = acp / (1.0 - acp)
             clipped = np.minimum(snr, self.args.snr_gamma)
             weights = (clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr)
+        if self.plan.prior:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth defines it
+            half = n // 2
+            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
         ids, ids_2 = self._tokenize(batch.captions)
         if self.train_text:
             text_a, text_b = ids, ids_2
@@ -447,6 +477,7 @@ class Trainer:
             "ss_noise_offset": str(args.noise_offset),
             "ss_min_snr_gamma": str(args.snr_gamma),
             "ss_num_train_images": str(len(self.plan.examples)),
+            "ss_num_reg_images": str(len(self.plan.prior)),
             "ss_prediction_type": self.prediction_type,
             "mindone_lora.training_args": json.dumps(_plain_args(args), sort_keys=True),
         }
@@ -477,7 +508,19 @@ def options_from_args(args, architecture: str, pm):
 
 
 def _check_args(args):
-    checks = [(args.train_batch_size < 1, "--train_batch_size must be at least 1"),
+    dreambooth = bool(args.instance_data_dir)
+    checks = [(dreambooth and bool(args.train_data_dir or args.dataset_name),
+               "--instance_data_dir (DreamBooth) cannot be combined with --train_data_dir/--dataset_name; pick one"),
+              (dreambooth and not args.instance_prompt, "--instance_prompt is required with --instance_data_dir, "
+                                                        'e.g. --instance_prompt "a photo of sks dog"'),
+              (not dreambooth and (args.with_prior_preservation or args.instance_prompt),
+               "--with_prior_preservation/--instance_prompt need --instance_data_dir (DreamBooth images)"),
+              (args.with_prior_preservation and not args.class_prompt,
+               '--with_prior_preservation needs --class_prompt, e.g. --class_prompt "a photo of a dog"'),
+              (args.with_prior_preservation and not args.class_data_dir,
+               "--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated there)"),
+              (args.num_class_images < 1 or args.sample_batch_size < 1,
+               "--num_class_images and --sample_batch_size must be at least 1"),(args.train_batch_size < 1, "--train_batch_size must be at least 1"),
               (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
               (args.max_train_steps is not None and args.max_train_steps < 1, "--max_train_steps must be at least 1"),
               (args.learning_rate <= 0, "--learning_rate must be positive"),
@@ -485,6 +528,13 @@ def _check_args(args):
     for bad, message in checks:
         if bad:
             raise LoraError(message)
+
+
+def _barrier() -> None:
+    """Wait until every worker gets here (rank 0 may be generating class images meanwhile)."""
+    from mindspore.communication import comm_func
+
+    comm_func.barrier()
 
 
 def _check_writable(folder: str) -> None:
