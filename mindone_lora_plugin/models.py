@@ -92,7 +92,8 @@ def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_models(folder: str, components=("unet", "text_encoder", "text_encoder_2"), dtype=None) -> Models:
+def load_models(folder: str, components=("unet", "text_encoder", "text_encoder_2"), dtype=None,
+                variant: str | None = None) -> Models:
     """Load the UNet and text encoders of a diffusers-layout model folder with mindone's ``from_pretrained``."""
     import os
 
@@ -104,12 +105,16 @@ def load_models(folder: str, components=("unet", "text_encoder", "text_encoder_2
     from mindone.diffusers import UNet2DConditionModel
     from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    kw = {"mindspore_dtype": dtype} if dtype is not None else {}
+    kw = {"variant": variant} if variant else {}
+    # mindone.diffusers takes the weight dtype as ``mindspore_dtype``, mindone.transformers as ``dtype``
+    unet_kw = dict(kw, **({"mindspore_dtype": dtype} if dtype is not None else {}))
+    te_kw = dict(kw, **({"dtype": dtype} if dtype is not None else {}))
     cells = {}
     if "unet" in components:
-        cells["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        cells["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **unet_kw)
     if "text_encoder" in components and os.path.isdir(os.path.join(folder, "text_encoder")):
-        cells["text_encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        cells["text_encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **te_kw)
     if "text_encoder_2" in components and os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        cells["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
+        cells["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
+                                                                              **te_kw)
     return Models(**cells, architecture=info.architecture)

@@ -59,5 +59,7 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
         import numpy as np
 
         ms.set_seed(seed)
+        if hasattr(ms, "manual_seed"):
+            ms.manual_seed(seed)  # what mint's random ops follow
         np.random.seed(seed)
     return target

@@ -82,13 +82,16 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     header, _ = read_header(path)
     from safetensors import safe_open
 
-    import ml_dtypes  # noqa: F401  (lets numpy hold bf16 tensors)
+    import ml_dtypes  # lets numpy hold bf16 tensors
 
     tensors = {}
+    bf16 = np.dtype(ml_dtypes.bfloat16)
     try:
         with safe_open(path, framework="numpy") as f:
             for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+                t = f.get_tensor(key)
+                # once MindSpore is imported, numpy may hand back MindSpore's own bfloat16 type: use one type only
+                tensors[key] = t.view(bf16) if t.dtype.name == "bfloat16" and t.dtype != bf16 else t
     except Exception as e:  # the header passed our checks, so this is a rare corruption
         raise LoraError(f"cannot read {path}: {e}") from None
     return tensors, dict(header.get("__metadata__") or {})

@@ -54,10 +54,11 @@ def lora_params(models):
 @pytest.fixture(scope="module")
 def sd1_run(tiny_sd1, shapes, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "sd1")
-    result = train(base_args(tiny_sd1, shapes, out, 4, "--checkpointing_steps", "2", "--lora_alpha", "8",
+    args = [a for a in base_args(tiny_sd1, shapes, out, 4) if a not in ("--report_to", "none")]  # tensorboard on
+    result = train(args + ["--checkpointing_steps", "2", "--lora_alpha", "8",
                              "--lora_targets", "kohya", "--output_name", "shapes_lora",
                              "--validation_prompt", "a red circle", "--num_validation_images", "2",
-                             "--num_inference_steps", "2", "--validation_epochs", "100"))
+                             "--num_inference_steps", "2", "--validation_epochs", "100"])
     return result, lora_params(result.models)
 
 
@@ -65,9 +66,8 @@ def test_sd1_outputs_and_layout(sd1_run):
     result, _ = sd1_run
     out = result.output_dir
     assert result.global_step == 4 and len(result.losses) == 4 and all(np.isfinite(result.losses))
-    assert sorted(os.listdir(out)) >= sorted(["checkpoint-2", "checkpoint-4", "hparams.yml", "loss_curve.png",
-                                              "pytorch_lora_weights.safetensors", "shapes_lora.safetensors",
-                                              "validation"])
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "hparams.yml", "logs", "loss_curve.png",
+                                       "pytorch_lora_weights.safetensors", "shapes_lora.safetensors", "validation"]
     ckpt = os.path.join(out, "checkpoint-2")
     assert {"pytorch_lora_weights.safetensors", "optimizer.safetensors", "trainer_state.json"} <= set(os.listdir(ckpt))
     assert not any(n.startswith(".checkpoint") for n in os.listdir(out))
@@ -79,6 +79,7 @@ def test_sd1_outputs_and_layout(sd1_run):
 
     assert Image.open(os.path.join(out, "loss_curve.png")).format == "PNG"
     assert os.path.isfile(os.path.join(out, "validation", "final.png"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "logs")))
     import yaml
 
     hp = yaml.safe_load(open(os.path.join(out, "hparams.yml")))
@@ -197,3 +198,19 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path):
                         "--checkpointing_steps", "1", "--mode", "pynative", "--lora_init", "default"))
     assert os.path.isfile(os.path.join(out, "checkpoint-1", "trainer_state.json"))
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_fp16_frozen_weights_train_fp32_lora(tiny_sd1, shapes, tmp_path):
+    import mindspore as ms
+
+    result = train(base_args(tiny_sd1, shapes, str(tmp_path / "fp16"), 1, "--mixed_precision", "fp16",
+                             "--mode", "pynative", "--checkpointing_steps", "0", "--save_formats", "kohya",
+                             "--save_dtype", "fp16"))
+    assert np.isfinite(result.losses[0])
+    unet = result.models["unet"]
+    dtypes = {("lora_" in p.name): p.dtype for p in unet.get_parameters()}
+    assert dtypes == {True: ms.float32, False: ms.float16}
+    from mindone_lora_plugin.formats.reader import read_lora
+
+    state = read_lora(result.files[0])
+    assert state.dtype() == "float16"

@@ -37,6 +37,10 @@ class LoraFormat:
         """True when a file with these tensor keys and header metadata is in this format (used by readers)."""
         raise NotImplementedError
 
+    def sniff_folder(self, path: str) -> bool:
+        """True when the folder ``path`` is a LoRA in this format (formats stored as folders override this)."""
+        return False
+
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         """Read ``path`` into a :class:`LoraState` keyed by diffusers module paths.
 

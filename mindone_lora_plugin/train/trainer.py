@@ -115,14 +115,16 @@ class Trainer:
         from mindone.diffusers import AutoencoderKL, DDPMScheduler
         from transformers import CLIPTokenizer
 
-        self.models = load_models(folder, dtype=self.weight_dtype if self.weight_dtype != ms.float32 else None)
+        self.models = load_models(folder, dtype=self.weight_dtype if self.weight_dtype != ms.float32 else None,
+                                  variant=self.args.variant)
         for cell in self.models.values():
             cell.set_train(False)
             for p in cell.get_parameters():
                 p.requires_grad = False
         if self.args.gradient_checkpointing and hasattr(self.models["unet"], "enable_gradient_checkpointing"):
             self.models["unet"].enable_gradient_checkpointing()
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae",
+                                                 **({"variant": self.args.variant} if self.args.variant else {}))
         self.vae.set_train(False)
         for p in self.vae.get_parameters():
             p.requires_grad = False

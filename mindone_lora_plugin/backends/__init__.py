@@ -1,0 +1,88 @@
+"""Compute backends.
+
+The only backend so far is the CPU one (:mod:`mindone_lora_plugin.backends.cpu`): mindone 0.5.0's UNet, VAE and CLIP
+text encoders use ``mindspore.mint`` primitives that have no kernel on MindSpore's CPU target, and the backend
+replaces them with CPU-capable equivalents. Ascend and GPU run mindone as shipped.
+
+Importing this package does not import MindSpore; :func:`activate` does, and only when it has something to install.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+__all__ = ["activate", "is_active", "ENV_SWITCH", "VERIFIED_VERSIONS"]
+
+#: ``MINDONE_LORA_CPU_BACKEND=0`` (or ``false``/``no``/``off``) keeps the CPU backend off.
+ENV_SWITCH = "MINDONE_LORA_CPU_BACKEND"
+
+#: The versions the CPU backend was verified on (it leans on MindSpore's private module layout).
+VERIFIED_VERSIONS = {"mindspore": "2.7.1", "mindone": "0.5.0"}
+
+_lock = threading.Lock()
+_active = False
+_version_warned = False
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _check_versions() -> str | None:
+    """Warn once per process when the installed versions are not the verified ones; return the warning text."""
+    global _version_warned
+    if _version_warned:
+        return None
+    found = {name: _installed_version(name) for name in VERIFIED_VERSIONS}
+    if all(found[name] == VERIFIED_VERSIONS[name] for name in VERIFIED_VERSIONS):
+        return None
+    _version_warned = True
+    have = ", ".join(f"{name} {found[name] or 'not installed'}" for name in VERIFIED_VERSIONS)
+    want = ", ".join(f"{name} {version}" for name, version in VERIFIED_VERSIONS.items())
+    message = (f"mindone-lora CPU backend: verified on {want}, found {have}; "
+               f"if models fail on CPU, install the verified versions or set {ENV_SWITCH}=0")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return message
+
+
+def activate(device_target: str | None = None) -> bool:
+    """Install the CPU backend when the device target is CPU; return whether it is active.
+
+    ``device_target`` defaults to MindSpore's current ``device_target``. On any other target (Ascend, GPU) nothing is
+    installed and ``False`` is returned; so it is with ``MINDONE_LORA_CPU_BACKEND=0``. Nothing in MindSpore's context
+    is changed. Installing is idempotent and takes milliseconds: call it before building models (mindone modules
+    imported later are patched as they are imported).
+    """
+    global _active
+    if _switched_off():
+        return False
+    if device_target is None:
+        import mindspore as ms
+
+        device_target = ms.get_context("device_target")
+    if str(device_target).strip().upper() != "CPU":
+        return False
+    with _lock:
+        if not _active:
+            _check_versions()
+            from mindone_lora_plugin.backends import cpu
+
+            cpu.install()
+            _active = True
+    return True
+
+
+def is_active() -> bool:
+    """Whether the CPU backend has been installed in this process."""
+    return _active

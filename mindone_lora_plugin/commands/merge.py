@@ -1,0 +1,72 @@
+"""``mindone-lora merge``: fuse LoRAs into a model folder, or combine them into one LoRA file.
+
+* ``merge --model MODEL_DIR --lora FILE[:WEIGHT] ... --out MODEL_OUT [--dtype {fp32,fp16,bf16}] [--overwrite]``
+  writes a full diffusers-layout folder whose UNet and text-encoder weights are ``W + sum(weight * delta)``; the rest
+  (VAE, tokenizers, scheduler, configs) is copied. It loads with ``from_pretrained``. Pure numpy, one tensor at a time;
+  the folder is written under a temporary name and renamed into place.
+* ``merge --to-lora --lora FILE[:WEIGHT] ... --out FILE [--format {kohya,diffusers}] [--model MODEL_DIR]`` writes one
+  LoRA equal to the weighted LoRAs together: ranks are concatenated, each LoRA's weight and scale folded into its up
+  matrices (exact, no SVD). The format is ``--format``, else diffusers for a folder, kohya for a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+from mindone_lora_plugin.errors import LoraError
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "merge", help="fuse LoRAs into a model folder, or combine them into one LoRA",
+        description="Fuse weighted LoRAs into the UNet and text encoders of a diffusers-layout model folder, or "
+                    "(--to-lora) combine them into one LoRA file by concatenating ranks.")
+    p.add_argument("--model", default=None, metavar="MODEL_DIR",
+                   help="the base model folder (diffusers layout); required unless --to-lora, where it checks the "
+                        "LoRAs against it")
+    p.add_argument("--lora", action="append", default=[], required=True, metavar="FILE[:WEIGHT]",
+                   help="a LoRA file or folder with an optional weight after the last colon (default 1; may be "
+                        "negative). Repeat for several LoRAs")
+    p.add_argument("--out", required=True, help="the model folder to write (or, with --to-lora, the LoRA file)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="cast the written weights (default: keep the model's dtype; a combined LoRA is fp32)")
+    p.add_argument("--to-lora", dest="to_lora", action="store_true",
+                   help="write one LoRA file combining the LoRAs instead of a model folder")
+    p.add_argument("--format", default=None,
+                   help="with --to-lora: the LoRA format (kohya, diffusers or a plugin's; default: kohya for a "
+                        ".safetensors file, diffusers for a folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    return p
+
+
+def run(args) -> int:
+    from mindone_lora_plugin import compose
+    from mindone_lora_plugin.basemodel import BaseModelInfo
+
+    if args.format and not args.to_lora:
+        raise LoraError("--format only applies with --to-lora (a merged model is a diffusers folder)")
+    if not args.to_lora and not args.model:
+        raise LoraError("--model MODEL_DIR is required to merge LoRAs into a model (or pass --to-lora)")
+    info = BaseModelInfo.from_folder(args.model) if args.model else None
+    if not args.to_lora:
+        if compose.output_is_taken(args.out) and not args.overwrite:
+            raise LoraError(f"the output folder {args.out} already exists; choose another --out or pass --overwrite "
+                            f"to replace it")
+        loras = compose.load_loras(args.lora, base=info)
+        out = compose.merge_into_folder(args.model, loras, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote {out}: {info.architecture} model with {_describe(loras)} fused into "
+              f"{', '.join(sorted({c for lo in loras for c in lo.state.components}))}"
+              f"{f' ({args.dtype})' if args.dtype else ''}")
+        return 0
+    fmt = compose.pick_format(args.out, args.format)
+    loras = compose.load_loras(args.lora, base=info)
+    state = compose.concat_loras(loras)
+    written = compose.write_lora(state, args.out, format=fmt.name, dtype=args.dtype, overwrite=args.overwrite)
+    ranks = sorted({m.rank for _, _, m in state.modules()})
+    print(f"wrote {written} ({fmt.name}): {_describe(loras)} combined into one LoRA of {len(state)} modules "
+          f"(ranks {ranks[0]}-{ranks[-1]})")
+    return 0
+
+
+def _describe(loras) -> str:
+    return ", ".join(f"{lo.name}×{lo.weight:g}" for lo in loras)

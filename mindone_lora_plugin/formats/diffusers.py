@@ -1,0 +1,123 @@
+"""The diffusers/PEFT LoRA format: what mindone and Hugging Face diffusers ``load_lora_weights`` read.
+
+``pytorch_lora_weights.safetensors`` with pure PEFT keys — ``unet.<module path>.lora_A.weight`` (down) and
+``.lora_B.weight`` (up), ``text_encoder.…``, ``text_encoder_2.…`` — never the mixed ``.lora.down``/``lora_A`` style that
+mindone 0.5.0's ``convert_state_dict_to_diffusers`` produces (its loader then silently skips the attention weights).
+
+Alphas live in the ``lora_adapter_metadata`` header entry, a JSON string (sorted keys, indent 2) of ``LoraConfig``
+fields prefixed with the component (``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``, ``unet.rank_pattern``,
+``unet.alpha_pattern``, …): ``r``/``lora_alpha`` are the most common values and the patterns hold every other module
+under its exact path, so mindone 0.5.0 and diffusers 0.39 both rebuild each module's scale exactly. Without that entry
+both libraries take ``lora_alpha = r``; the reader here does the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from mindone_lora_plugin import safetensors_io
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.base import LoraFormat
+from mindone_lora_plugin.formats.plain import cast, merged_metadata, modelspec, read_plain_lora, resolve_dtype
+from mindone_lora_plugin.hookspecs import hookimpl
+from mindone_lora_plugin.state import LoraState, most_common
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+# LoraConfig fields written besides r/lora_alpha/target_modules/rank_pattern/alpha_pattern: all exist in both
+# mindone 0.5.0's and peft 0.21's LoraConfig and hold their defaults
+_FIXED_FIELDS = {"lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+                 "init_lora_weights": True}
+
+
+def _number(a: float):
+    a = float(a)
+    return int(a) if a.is_integer() else a
+
+
+def adapter_config(modules: dict) -> dict:
+    """The ``LoraConfig`` fields for one component's ``{module path: LoraModule}``."""
+    r = most_common(Counter(m.rank for m in modules.values()))
+    alpha = most_common(Counter(float(m.alpha) for m in modules.values()))
+    cfg = {
+        "r": int(r),
+        "lora_alpha": _number(alpha),
+        "target_modules": sorted(modules),
+        "rank_pattern": {p: m.rank for p, m in sorted(modules.items()) if m.rank != r},
+        "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
+    }
+    cfg.update(_FIXED_FIELDS)
+    return cfg
+
+
+def adapter_metadata(state: LoraState) -> dict:
+    """``{"<component>.<field>": value}`` for every component of ``state``."""
+    out = {}
+    for comp in state.components:
+        mods = state.components[comp]
+        if mods:
+            for field, value in adapter_config(mods).items():
+                out[f"{comp}.{field}"] = value
+    return out
+
+
+class DiffusersFormat(LoraFormat):
+    name = "diffusers"
+    description = ("diffusers/PEFT pytorch_lora_weights.safetensors (mindone and HF diffusers load_lora_weights); "
+                   "lora_A/lora_B keys, per-module alphas in lora_adapter_metadata")
+
+    def default_filename(self, output_name: str) -> str:
+        return WEIGHT_NAME
+
+    def sniff(self, keys, metadata) -> bool:
+        from mindone_lora_plugin.formats.names import parse_key
+
+        if METADATA_KEY in (metadata or {}):
+            return True
+        for k in keys:
+            pk = parse_key(k)
+            if pk is not None and not pk.flat and pk.style not in ("kohya", "comfy"):
+                return True
+        return False
+
+    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
+        state, _ = read_plain_lora(path, base)
+        return state
+
+    def state_dict(self, state: LoraState, dtype=None) -> dict:
+        tensors = {}
+        for comp, path, mod in state.modules():
+            tensors[f"{comp}.{path}.lora_A.weight"] = cast(mod.down, dtype)
+            tensors[f"{comp}.{path}.lora_B.weight"] = cast(mod.up, dtype)
+        return tensors
+
+    def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:
+        from mindone_lora_plugin.formats.plain import is_v_prediction, names_for, writer_architecture
+
+        meta = merged_metadata(state, metadata)
+        arch = None
+        if "text_encoder_2" in state.components or state.architecture:
+            arch = writer_architecture(state, "the metadata")
+        if arch is not None:
+            title = names_for(state, metadata, output_name)[1]
+            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))
+        meta["format"] = "np"
+        meta[METADATA_KEY] = json.dumps(adapter_metadata(state), indent=2, sort_keys=True)
+        return meta
+
+    def write(self, state: LoraState, out: str, *, dtype: str | None = None,
+              metadata: dict[str, str] | None = None, output_name: str = "lora") -> str:
+        if not len(state):
+            raise LoraError("the LoRA has no modules; nothing to write")
+        np_dtype = resolve_dtype(dtype)
+        tensors = self.state_dict(state, np_dtype)
+        meta = self.metadata_for(state, metadata, output_name)
+        path = self.output_path(out, output_name)
+        return safetensors_io.save(tensors, path, meta)
+
+
+@hookimpl
+def mindone_lora_formats():
+    yield DiffusersFormat()

@@ -1,0 +1,247 @@
+"""kohya's ``sshs_model_hash`` / ``sshs_legacy_hash``, and a safetensors writer that computes them on the way.
+
+kohya (``library/train_util.py``, ``precalculate_safetensors_hashes``) serialises the final tensors — after the save
+dtype cast — together with only the ``ss_*`` metadata into an in-memory safetensors buffer, then:
+
+* ``sshs_model_hash`` = hex sha256 of that buffer after the header (the data section). It depends only on the tensors
+  (names, dtypes, shapes, bytes), so it equals the data-section hash of the final file. A1111 uses it as the file hash.
+* ``sshs_legacy_hash`` = the first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB of that buffer (empty input,
+  ``e3b0c442``, for buffers shorter than 1 MiB). The header is part of the buffer, so this depends on the length of the
+  ``ss_*``-only header.
+
+Neither needs the buffer: the data section is hashed straight from the tensors in safetensors' data order (dtype
+alignment, then name), and the ``ss_*``-only header is built here only to learn its length (and its bytes, in the
+unlikely case the 1 MiB window reaches into it). :func:`save_with_sshs` writes the final file itself in one pass over
+the tensors, hashing in a second thread while writing, and patches the two hashes into the header at the end (hex
+digests have a fixed length, so the header does not move). Memory stays at the tensors plus the one being cast.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import queue
+import re
+import struct
+import sys
+import threading
+
+import numpy as np
+
+from mindone_lora_plugin.safetensors_io import atomic_path
+
+_BATCH_BYTES = 4 << 20
+_THREAD_BYTES = 16 << 20
+LEGACY_OFFSET = 0x100000
+LEGACY_LENGTH = 0x10000
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+# safetensors' Rust Dtype enum, in declaration order; data is laid out by descending enum value, then by name
+_ENUM_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+               "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_RANK = {code: i for i, code in enumerate(_ENUM_ORDER)}
+_NUMPY_CODES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+                "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
+                "int64": "I64", "uint64": "U64", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
+
+
+@functools.lru_cache(maxsize=None)
+def safetensors_dtype(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in _NUMPY_CODES:
+        raise ValueError(f"dtype {name} cannot be stored in safetensors")
+    return _NUMPY_CODES[name]
+
+
+@functools.lru_cache(maxsize=None)
+def standard_dtype(dtype) -> np.dtype:
+    """``dtype``, with any bfloat16 as ml_dtypes' (MindSpore registers a second numpy bfloat16 that numpy cannot cast
+    to or from ml_dtypes' one; the bytes are the same)."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
+def as_dtype(arr: np.ndarray, dtype=None) -> np.ndarray:
+    """``arr`` cast to ``dtype`` (None: kept), with bfloat16 arrays of any origin handled."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "V":
+        std = standard_dtype(arr.dtype)
+        if std is not arr.dtype and std != arr.dtype:
+            arr = arr.view(std)
+    if dtype is None:
+        return arr
+    dtype = standard_dtype(dtype)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def data_order(specs: dict[str, str]) -> list[str]:
+    """Tensor names in the order safetensors lays out their data (``specs``: name → dtype code)."""
+    return sorted(specs, key=lambda n: (-_RANK[specs[n]], n))
+
+
+def header_bytes(entries, metadata: dict[str, str] | None, tensor_json: str | None = None) -> bytes:
+    """The padded JSON header safetensors writes for ``entries`` = [(name, dtype code, shape, nbytes)] in data order.
+
+    ``tensor_json`` (from :func:`tensor_json`) saves rebuilding the tensor part when only the metadata changes.
+    """
+    parts = []
+    if metadata is not None:
+        inner = ",".join(f"{_js(k)}:{_js(v)}" for k, v in sorted(metadata.items()))
+        parts.append(f'"__metadata__":{{{inner}}}')
+    tj = tensor_json if tensor_json is not None else _tensor_json(entries)
+    if tj:
+        parts.append(tj)
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _tensor_json(entries) -> str:
+    out, offset = [], 0
+    for name, code, shape, nbytes in entries:
+        shape_s = ",".join(str(int(s)) for s in shape)
+        out.append(f'{_js(name)}:{{"dtype":"{code}","shape":[{shape_s}],"data_offsets":[{offset},{offset + nbytes}]}}')
+        offset += nbytes
+    return ",".join(out)
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': JSON needs no escapes
+
+
+def _js(s: str) -> str:
+    if not isinstance(s, str):
+        raise TypeError(f"safetensors metadata must be strings, got {type(s).__name__}")
+    if _PLAIN.fullmatch(s):
+        return f'"{s}"'
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _as_bytes(arr: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.reshape(-1).view(np.uint8)
+
+
+class _SshsHasher:
+    """Feeds tensor bytes in data order; knows where kohya's 1 MiB legacy window falls."""
+
+    def __init__(self, ss_header: bytes):
+        self.sha = hashlib.sha256()
+        prefix = struct.pack("<Q", len(ss_header)) + ss_header
+        # window in buffer coordinates; the part inside the header comes from the header bytes
+        self.legacy = bytearray(prefix[LEGACY_OFFSET:LEGACY_OFFSET + LEGACY_LENGTH])
+        self.win_begin = max(0, LEGACY_OFFSET - len(prefix))  # in data coordinates
+        self.win_end = LEGACY_OFFSET + LEGACY_LENGTH - len(prefix)
+        self.pos = 0
+
+    def update(self, buf: np.ndarray) -> None:
+        n = buf.size
+        self.sha.update(memoryview(buf))
+        lo, hi = max(self.win_begin, self.pos), min(self.win_end, self.pos + n)
+        if lo < hi:
+            self.legacy += buf[lo - self.pos:hi - self.pos].tobytes()
+        self.pos += n
+
+    def digests(self) -> tuple[str, str]:
+        return self.sha.hexdigest(), hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]
+
+
+def _entries(tensors: dict, dtype=None):
+    """[(name, dtype code, shape, nbytes)] in safetensors' data order (``dtype``: the dtype they will be saved in)."""
+    specs = {}
+    for k, v in tensors.items():
+        dt = dtype if dtype is not None else v.dtype
+        specs[k] = (safetensors_dtype(dt), tuple(int(s) for s in np.shape(v)), dt.itemsize)
+    order = sorted(specs, key=lambda n: (-_RANK[specs[n][0]], n))
+    return [(k, specs[k][0], specs[k][1], math.prod(specs[k][1]) * specs[k][2]) for k in order]
+
+
+def ss_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
+
+
+def sshs_hashes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` of ``tensors`` (already in their save dtype), as kohya computes them."""
+    entries = _entries(tensors)
+    hasher = _SshsHasher(header_bytes(entries, ss_metadata(metadata)))
+    for name, *_ in entries:
+        hasher.update(_as_bytes(tensors[name]))
+    return hasher.digests()
+
+
+def save_with_sshs(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str], dtype=None) -> tuple[str, str]:
+    """Write a safetensors file atomically with ``metadata`` plus kohya's ``sshs_model_hash``/``sshs_legacy_hash``.
+
+    ``dtype`` (a numpy dtype or None) casts every tensor, one at a time, while writing. Returns the two hashes.
+    """
+    entries = _entries(tensors, dtype)
+    tj = _tensor_json(entries)
+    meta = {k: str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
+    hasher = _SshsHasher(header_bytes(entries, ss_metadata(meta), tj))
+    placeholder = dict(meta, sshs_model_hash="0" * 64, sshs_legacy_hash="0" * 8)
+    header = header_bytes(entries, placeholder, tj)
+
+    # the hashing thread gets the written buffers in batches of ~4 MiB (few hand-overs, little memory held)
+    work: queue.Queue = queue.Queue(maxsize=8)
+    failure: list[BaseException] = []
+
+    def consume():
+        try:
+            while True:
+                batch = work.get()
+                if batch is None:
+                    return
+                for buf in batch:
+                    hasher.update(buf)
+        except BaseException as e:  # reported by the writer below
+            failure.append(e)
+            while work.get() is not None:
+                pass
+
+    threaded = sum(e[3] for e in entries) >= _THREAD_BYTES  # small files: a thread costs more than it saves
+    worker = threading.Thread(target=consume, name="sshs-hash", daemon=True)
+    with atomic_path(path) as tmp:
+        if threaded:
+            worker.start()
+        done = not threaded
+        try:
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(header)))
+                f.write(header)
+                batch, batch_bytes = [], 0
+                for name, *_ in entries:
+                    buf = _as_bytes(as_dtype(tensors[name], dtype))
+                    f.write(memoryview(buf))
+                    if not threaded:
+                        hasher.update(buf)
+                        continue
+                    batch.append(buf)
+                    batch_bytes += buf.size
+                    if batch_bytes >= _BATCH_BYTES:
+                        work.put(batch)
+                        batch, batch_bytes = [], 0
+                if threaded:
+                    work.put(batch)
+                    work.put(None)
+                    done = True
+                    worker.join()
+                if failure:
+                    raise failure[0]
+                model_hash, legacy_hash = hasher.digests()
+                final = header_bytes(entries, dict(meta, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash),
+                                     tj)
+                assert len(final) == len(header)
+                f.seek(8)
+                f.write(final)
+        finally:
+            if not done:
+                work.put(None)
+            if threaded:
+                worker.join()
+    return model_hash, legacy_hash

@@ -1,0 +1,151 @@
+"""The kohya-ss (sd-scripts) LoRA format: what A1111-family web UIs, ComfyUI and kohya's own tools load.
+
+One ``.safetensors`` file. Each module ``M`` has ``M.lora_down.weight``, ``M.lora_up.weight`` and ``M.alpha`` (a 0-dim
+float: the module's true alpha, scale = alpha / rank). ``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
+``lora_te2_``) followed by the module path with every ``.`` as ``_``. SD1.x/2.x UNet paths are diffusers paths;
+SDXL UNet paths are SGM paths (``input_blocks``/``middle_block``/``output_blocks``, see :mod:`.sgm`).
+
+The header holds kohya's minimum ``ss_*`` metadata, ``ss_output_name``, the training arguments given, the
+``modelspec.*`` keys sd-scripts writes, and ``sshs_model_hash``/``sshs_legacy_hash`` computed exactly as kohya does.
+"""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats import sgm
+from mindone_lora_plugin.formats.base import LoraFormat
+from mindone_lora_plugin.formats.hashes import save_with_sshs, standard_dtype
+from mindone_lora_plugin.formats.plain import (SGM_IMPLEMENTATION, is_v_prediction, merged_metadata, modelspec,
+                                               names_for, read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.hookspecs import hookimpl
+from mindone_lora_plugin.state import LoraState
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_FAMILY = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_"}
+NETWORK_MODULE = "networks.lora"
+
+
+def kohya_prefix(component: str, architecture: str) -> str:
+    if component == "unet":
+        return "lora_unet"
+    if architecture == "sdxl":
+        return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
+    if component == "text_encoder_2":
+        raise LoraError(f"a {architecture} model has one text encoder; the LoRA's text_encoder_2 weights cannot be "
+                        "written for it")
+    return "lora_te"
+
+
+def kohya_module_name(component: str, path: str, architecture: str, layers_per_block: int | None = None) -> str:
+    """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture``."""
+    if component == "unet" and architecture == "sdxl":
+        try:
+            path = sgm.diffusers_to_sgm(path, layers_per_block)
+        except ValueError as e:
+            raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
+    return kohya_prefix(component, architecture) + "_" + path.replace(".", "_")
+
+
+def _is_conv3x3(mod) -> bool:
+    return mod.is_conv and tuple(mod.kernel_size) != (1, 1)
+
+
+def _alpha_str(a: float) -> str:
+    return str(float(a))
+
+
+def network_metadata(state: LoraState) -> tuple[dict[str, str], dict[str, str]]:
+    """``ss_network_dim``/``ss_network_alpha`` (``Dynamic`` when they vary), and the ``conv_dim``/``conv_alpha`` network
+    arguments when the LoRA has 3×3 conv modules (kohya's LoRA-C3Lier)."""
+    mods = [m for _, _, m in state.modules()]
+    lin = [m for m in mods if not _is_conv3x3(m)] or mods
+    conv = [m for m in mods if _is_conv3x3(m)]
+    dims, alphas = {m.rank for m in lin}, {float(m.alpha) for m in lin}
+    net = {"ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
+           "ss_network_alpha": _alpha_str(alphas.pop()) if len(alphas) == 1 else "Dynamic"}
+    args = {}
+    if conv:
+        cdims, calphas = {m.rank for m in conv}, {float(m.alpha) for m in conv}
+        args["conv_dim"] = str(cdims.pop()) if len(cdims) == 1 else "Dynamic"
+        args["conv_alpha"] = _alpha_str(calphas.pop()) if len(calphas) == 1 else "Dynamic"
+    return net, args
+
+
+class KohyaFormat(LoraFormat):
+    name = "kohya"
+    description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
+                   "SDXL UNet in SGM names, ss_*/modelspec metadata")
+
+    def sniff(self, keys, metadata) -> bool:
+        from mindone_lora_plugin.formats.names import parse_key
+
+        for k in keys:
+            pk = parse_key(k)
+            if pk is not None and (pk.style in ("kohya", "comfy") or pk.flat):
+                return True
+        return False
+
+    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
+        state, _ = read_plain_lora(path, base)
+        return state
+
+    def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
+        """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
+        arch = writer_architecture(state, "kohya's UNet naming and metadata")
+        lpb = state.unet_layers_per_block
+        tensors, owner = {}, {}
+        for comp, path, mod in state.modules():
+            name = kohya_module_name(comp, path, arch, lpb)
+            if name in owner:
+                raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
+            owner[name] = f"{comp}.{path}"
+            alpha_dtype = dtype if dtype is not None else (standard_dtype(mod.down.dtype)
+                                                           if mod.down.dtype.kind in "fV" else np.dtype(np.float32))
+            tensors[f"{name}.lora_down.weight"] = mod.down
+            tensors[f"{name}.lora_up.weight"] = mod.up
+            tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+        return tensors, arch
+
+    def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
+                     output_name: str) -> dict[str, str]:
+        meta = merged_metadata(state, metadata)
+        output_name, title = names_for(state, metadata, output_name)
+        version = meta.get("ss_base_model_version", "")
+        if not version.startswith(_FAMILY[arch]):
+            version = BASE_MODEL_VERSION[arch]
+        v_pred = version.endswith("_v") or is_v_prediction(meta)
+        net, conv_args = network_metadata(state)
+        meta.update(net)
+        meta.update({"ss_network_module": NETWORK_MODULE, "ss_v2": str(arch == "sd2"),
+                     "ss_base_model_version": version, "ss_output_name": output_name})
+        if conv_args:
+            try:
+                args = json.loads(meta.get("ss_network_args") or "{}")
+            except ValueError:
+                args = {}
+            args = args if isinstance(args, dict) else {}
+            args.update(conv_args)
+            meta["ss_network_args"] = json.dumps(args)
+        impl = SGM_IMPLEMENTATION if arch == "sdxl" else "diffusers"
+        meta.update(modelspec(arch, meta, title, impl, v_pred))
+        return meta
+
+    def write(self, state: LoraState, out: str, *, dtype: str | None = None,
+              metadata: dict[str, str] | None = None, output_name: str = "lora") -> str:
+        if not len(state):
+            raise LoraError("the LoRA has no modules; nothing to write")
+        np_dtype = resolve_dtype(dtype)
+        tensors, arch = self.state_dict(state, np_dtype)
+        meta = self.metadata_for(state, arch, metadata, output_name)
+        path = self.output_path(out, output_name)
+        save_with_sshs(tensors, path, meta, dtype=np_dtype)
+        return path
+
+
+@hookimpl
+def mindone_lora_formats():
+    yield KohyaFormat()

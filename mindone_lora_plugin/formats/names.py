@@ -1,0 +1,482 @@
+"""Key names of every plain-LoRA style, parsed into ``(component, diffusers module path, role)``.
+
+Styles understood (see docs/formats.md):
+
+* kohya: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; ``lora_te_``, ``lora_te1_``,
+  ``lora_te2_``; UNet names in diffusers or (SDXL) SGM spelling; also SimpleTuner's ``lycoris_`` UNet prefix;
+* PEFT: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``, ``text_encoder_2.``), with or without the
+  component prefix, or with PEFT's ``base_model.model.`` prefix;
+* diffusers: ``<path>.lora.down.weight`` / ``.lora.up.weight``, ``<path>.lora_linear_layer.down.weight``, and the old
+  attention-processor keys ``<block>.attn1.processor.to_q_lora.down.weight`` (``to_out_lora`` is ``to_out.0``; in a text
+  encoder ``self_attn.to_q_lora`` is ``self_attn.q_proj``);
+* ComfyUI: ``diffusion_model.<SGM path>.lora_down.weight`` (or ``.lora_A.weight``).
+
+kohya names join the module path with ``_``, so they are resolved back to dotted paths either from the base model's
+module list (exact) or, without a base model, with a grammar of diffusers/SGM UNet and CLIP module names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats import sgm
+from mindone_lora_plugin.formats.hashes import as_dtype
+from mindone_lora_plugin.state import LoraModule, LoraState
+
+DOWN, UP, ALPHA = "down", "up", "alpha"
+
+# suffix → (role, style); checked in this order
+_SUFFIXES = (
+    (".lora_down.weight", DOWN, "kohya"),
+    (".lora_up.weight", UP, "kohya"),
+    (".lora_A.weight", DOWN, "peft"),
+    (".lora_B.weight", UP, "peft"),
+    (".lora_linear_layer.down.weight", DOWN, "lora_linear_layer"),
+    (".lora_linear_layer.up.weight", UP, "lora_linear_layer"),
+    (".lora.down.weight", DOWN, "diffusers"),
+    (".lora.up.weight", UP, "diffusers"),
+    ("_lora.down.weight", DOWN, "attn_processor"),
+    ("_lora.up.weight", UP, "attn_processor"),
+    (".alpha", ALPHA, None),
+)
+# flat (kohya) prefixes → component; longest first
+FLAT_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                 ("lora_te_", "text_encoder"), ("lycoris_", "unet"))
+# dotted prefixes → component (None: decided by the path)
+_DOTTED_PREFIXES = (("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+                    ("base_model.model.", None), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"))
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
+               "input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_TE_ROOTS = ("text_model.", "text_projection")
+
+# ----------------------------------------------------------------------------- grammar (no base model)
+
+_VOCAB = frozenset("""
+down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks proj_in proj_out attn1
+attn2 to_q to_k to_v to_out add_q_proj add_k_proj add_v_proj to_add_out ff net proj norm norm1 norm2 norm3 conv conv1
+conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding add_embedding linear_1 linear_2
+input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
+text_model encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 text_projection embeddings
+token_embedding position_embedding final_layer_norm layer_norm1 layer_norm2
+""".split())
+_MAX_ATOMS = max(w.count("_") + 1 for w in _VOCAB)
+
+_BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)"
+_TCHILD = (r"(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|"
+           r"to_add_out)|ff\.net\.(?:0\.proj|2)))")
+_RCHILD = r"(?:conv1|conv2|time_emb_proj|conv_shortcut)"
+UNET_PATH_RE = re.compile(
+    rf"{_BLOCK}\.attentions\.\d+\.{_TCHILD}|{_BLOCK}\.resnets\.\d+\.{_RCHILD}|down_blocks\.\d+\.downsamplers\.0\.conv|"
+    r"up_blocks\.\d+\.upsamplers\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12]")
+TE_PATH_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])|"
+                        r"text_projection")
+
+
+def flat_to_dotted(name: str) -> str | None:
+    """Turn a kohya ``_``-joined module name back into a dotted path with the module-name grammar, or None."""
+    atoms = name.split("_")
+    out, i = [], 0
+    while i < len(atoms):
+        for j in range(min(len(atoms), i + _MAX_ATOMS), i, -1):
+            cand = "_".join(atoms[i:j])
+            if cand in _VOCAB or (j == i + 1 and cand.isdigit()):
+                out.append(cand)
+                i = j
+                break
+        else:
+            return None
+    return ".".join(out)
+
+
+def is_known_path(component: str, path: str) -> bool:
+    """True when ``path`` is a module path the grammar knows for ``component`` (diffusers naming)."""
+    regex = UNET_PATH_RE if component == "unet" else TE_PATH_RE
+    return regex.fullmatch(path) is not None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One tensor key: which component, the module name as spelled in the file, and the role of the tensor."""
+
+    key: str
+    component: str
+    name: str  # dotted path (possibly SGM), or the kohya name after the prefix when ``flat``
+    role: str  # "down", "up" or "alpha"
+    flat: bool
+    style: str  # kohya, peft, peft_model, peft_bare, diffusers, lora_linear_layer, attn_processor, comfy
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Parse one tensor key of a plain-LoRA file; None when it follows no known style."""
+    for suffix, role, style in _SUFFIXES:
+        if key.endswith(suffix):
+            stem = key[: -len(suffix)]
+            break
+    else:
+        return None
+    if not stem:
+        return None
+    if style == "attn_processor":
+        stem += "_lora"  # the suffix took it: "…to_q_lora.down.weight"
+    for prefix, comp in FLAT_PREFIXES:
+        if stem.startswith(prefix) and "." not in stem:
+            name = stem[len(prefix):]
+            return ParsedKey(key, comp, name, role, True, "kohya") if name else None
+    comp = None
+    for prefix, pcomp in _DOTTED_PREFIXES:
+        if stem.startswith(prefix):
+            rest = stem[len(prefix):]
+            if pcomp is None:
+                comp = "text_encoder" if rest.startswith(_TE_ROOTS) else "unet"
+                style = style if style != "peft" else "peft_model"
+            else:
+                comp = pcomp
+                if prefix.endswith("diffusion_model."):
+                    style = "comfy"
+            stem = rest
+            break
+    else:
+        if stem.startswith(_UNET_ROOTS):
+            comp = "unet"
+        elif stem.startswith(_TE_ROOTS):
+            comp = "text_encoder"
+        else:
+            return None
+        if style == "peft":
+            style = "peft_bare"
+    if style is None:  # an alpha key: the style comes from the module's other keys
+        style = "comfy" if key.startswith(("diffusion_model.", "model.diffusion_model.")) else "diffusers"
+    name = _normalise_dotted(comp, stem)
+    if not name:
+        return None
+    return ParsedKey(key, comp, name, role, False, style)
+
+
+_PROC_RE = re.compile(r"(?:^|\.)(?:processor\.)?(to_q|to_k|to_v|to_out)_lora$")
+_TE_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _normalise_dotted(component: str, stem: str) -> str:
+    name = stem.replace(".processor.", ".")
+    m = _PROC_RE.search(name)
+    if m:
+        head = name[: m.start()]
+        which = m.group(1)
+        if component == "unet":
+            tail = "to_out.0" if which == "to_out" else which
+        else:
+            tail = _TE_PROC[which]
+        name = f"{head}.{tail}" if head else tail
+    if name.endswith(".to_out_0") or ".to_out_0." in name:
+        name = name.replace(".to_out_0", ".to_out.0")
+    if name.endswith(".to_out") and component == "unet":
+        name += ".0"
+    return name
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+class NameResolver:
+    """Resolves parsed names to diffusers module paths, from the base model's module list or the grammar."""
+
+    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None):
+        self.base = base
+        self.layers_per_block = (base.unet_layers_per_block if base is not None else None) or layers_per_block
+        self._flat: dict[str, dict[str, str]] = {}
+        self._sgm: dict[str, str] = {}
+        if base is not None:
+            for comp, mods in base.modules.items():
+                table = {}
+                for path in mods:
+                    table.setdefault(path.replace(".", "_"), path)
+                self._flat[comp] = table
+            unet = base.modules.get("unet", {})
+            attn_blocks = {int(m[1]) for p in unet for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", p)] if m}
+            for path in unet:
+                try:
+                    s = sgm.diffusers_to_sgm(path, self.layers_per_block, lambda b: b in attn_blocks)
+                except ValueError:
+                    continue
+                spellings = [s]
+                if s.startswith("output_blocks.") and s.endswith(".conv"):  # an upsampler: inner index 1 or 2
+                    head, inner, _ = s.rsplit(".", 2)
+                    spellings.append(f"{head}.{'1' if inner == '2' else '2'}.conv")
+                for spelling in spellings:
+                    self._sgm.setdefault(spelling, path)
+                    self._flat["unet"].setdefault(spelling.replace(".", "_"), path)
+
+    def resolve(self, component: str, name: str, flat: bool) -> str | None:
+        if self.base is not None:
+            mods = self.base.modules.get(component)
+            if mods is None:
+                return None
+            if flat:
+                return self._flat[component].get(name)
+            if name in mods:
+                return name
+            if component == "unet" and name in self._sgm:
+                return self._sgm[name]
+            return None
+        path = flat_to_dotted(name) if flat else name
+        if path is None:
+            return None
+        if component == "unet" and sgm.is_sgm_path(path):
+            try:
+                path = sgm.sgm_to_diffusers(path, self.layers_per_block)
+            except ValueError:
+                return None
+        return path if is_known_path(component, path) else None
+
+
+def sgm_names(parsed: list[ParsedKey]) -> list[str]:
+    """The dotted SGM UNet names among ``parsed`` (grammar-resolved for kohya names)."""
+    out = []
+    for pk in parsed:
+        if pk.component != "unet":
+            continue
+        path = flat_to_dotted(pk.name) if pk.flat else pk.name
+        if path and sgm.is_sgm_path(path):
+            out.append(path)
+    return out
+
+
+# ----------------------------------------------------------------------------- alpha from configs
+
+
+@dataclass
+class AdapterConfig:
+    """The part of a PEFT ``LoraConfig`` that decides each module's alpha."""
+
+    r: int | None = None
+    lora_alpha: float | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_rslora: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "AdapterConfig":
+        try:
+            return cls(r=int(d["r"]) if d.get("r") is not None else None,
+                       lora_alpha=float(d["lora_alpha"]) if d.get("lora_alpha") is not None else None,
+                       rank_pattern=dict(d.get("rank_pattern") or {}),
+                       alpha_pattern={k: float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
+                       use_rslora=bool(d.get("use_rslora", False)))
+        except (TypeError, ValueError, AttributeError):
+            raise LoraError(f"{where} holds a malformed LoRA config (r/lora_alpha/alpha_pattern); the file is "
+                            "corrupted or was written by an incompatible tool") from None
+
+    def alpha_for(self, path: str, rank: int) -> float:
+        """The alpha in this package's convention (scale = alpha / rank) that PEFT would apply to ``path``."""
+        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.r if self.r is not None else rank)
+        key = pattern_key(self.alpha_pattern, path)
+        if key is not None:
+            alpha = float(self.alpha_pattern[key])
+        if self.use_rslora:
+            return alpha * math.sqrt(rank)
+        return alpha
+
+
+def pattern_key(patterns: dict, path: str):
+    """The key of ``patterns`` PEFT matches for module ``path`` (``re.match(rf"(.*\\.)?({key})$")``, first wins)."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return key
+        except re.error:
+            if key == path or path.endswith("." + key):
+                return key
+    return None
+
+
+def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, AdapterConfig] | None:
+    """Per-component configs from a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError
+    except ValueError:
+        raise LoraError(f"{where} has a garbage 'lora_adapter_metadata' header entry (not a JSON object); the file "
+                        "is corrupted") from None
+    per: dict[str, dict] = {}
+    for k, v in data.items():
+        for comp in ("text_encoder_2", "text_encoder", "unet"):
+            if k.startswith(comp + "."):
+                per.setdefault(comp, {})[k[len(comp) + 1:]] = v
+                break
+    return {comp: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {comp})") for comp, d in per.items()}
+
+
+def adapter_config_next_to(path: str) -> AdapterConfig | None:
+    """PEFT's ``adapter_config.json`` beside ``path`` (written by ``PeftModel.save_pretrained``), if any."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise LoraError(f"cannot read {cfg}: not a JSON object; fix or remove it") from None
+    return AdapterConfig.from_dict(data, cfg)
+
+
+def alpha_value(x, key: str, where: str) -> float:
+    """An alpha tensor (int or float; 0-dim or ``[1]``) as a float."""
+    arr = np.asarray(x)
+    if arr.size != 1:
+        raise LoraError(f"{where}: alpha '{key}' has shape {list(arr.shape)}; an alpha is a single number, the file "
+                        "is corrupted")
+    value = float(arr.reshape(-1)[0].astype(np.float64)) if arr.dtype.kind in "fiub" else float(arr.reshape(-1)[0])
+    if not math.isfinite(value):
+        raise LoraError(f"{where}: alpha '{key}' is {value}; the file is corrupted")
+    return value
+
+
+# ----------------------------------------------------------------------------- state building
+
+
+@dataclass
+class ReadInfo:
+    """What the parser learned about a file besides the weights."""
+
+    styles: set = field(default_factory=set)
+    sgm: bool = False
+    alpha_source: str = ""  # "keys", "lora_adapter_metadata", "adapter_config.json", "rank", or mixed
+    architecture_reason: str = ""  # why the architecture was guessed (empty when unknown or taken from the base)
+    architecture_strong: bool = False
+
+
+def _example(keys, n=3) -> str:
+    keys = list(keys)
+    shown = ", ".join(f"'{k}'" for k in keys[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def parse_keys(keys, where: str) -> list[ParsedKey]:
+    parsed, unknown = [], []
+    for k in keys:
+        pk = parse_key(k)
+        (parsed if pk is not None else unknown).append(pk or k)
+    if unknown:
+        raise LoraError(f"{where}: {len(unknown)} key(s) are not plain-LoRA weights of a known naming (unknown prefix "
+                        f"or suffix), e.g. {_example(unknown)}; expected kohya (lora_unet_/lora_te_ ... lora_down/"
+                        "lora_up/alpha) or diffusers/PEFT (unet./text_encoder. ... lora_A/lora_B) keys")
+    if not parsed:
+        raise LoraError(f"{where} holds no LoRA weights (no tensors); it is not a LoRA file")
+    return parsed
+
+
+def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
+                path: str = "", where: str | None = None) -> tuple[LoraState, ReadInfo]:
+    """Turn the tensors of a plain-LoRA file into a :class:`LoraState` (rank and alpha per module, exact).
+
+    With ``base`` every module must exist in the base model with fitting shapes, and a file for another architecture
+    is refused. Raises :class:`LoraError` naming the offending keys.
+    """
+    from mindone_lora_plugin.formats.arch import check_architecture, guess_architecture
+
+    where = where or path or "the LoRA file"
+    parsed = parse_keys(tensors.keys(), where)
+    info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
+
+    groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
+    for pk in parsed:
+        roles = groups.setdefault((pk.component, pk.name, pk.flat), {})
+        if pk.role in roles:
+            raise LoraError(f"{where}: keys '{roles[pk.role].key}' and '{pk.key}' hold the same LoRA tensor; the file "
+                            "mixes two namings of one module")
+        roles[pk.role] = pk
+
+    sgm_paths = sgm_names(parsed)
+    info.sgm = bool(sgm_paths)
+    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
+    info.architecture_reason, info.architecture_strong = why, strong
+    if base is not None:
+        check_architecture(guess, strong, why, base, where)
+        for comp in sorted({c for c, _, _ in groups}):
+            if comp not in base.modules:
+                raise LoraError(
+                    f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
+                    f"was made for another architecture; use a LoRA made for {base.architecture}")
+    lpb = None if base is not None else sgm.infer_layers_per_block(sgm_paths)
+    resolver = NameResolver(base, lpb)
+
+    configs = configs_from_metadata(metadata, where) or {}
+    peft_cfg = None
+    if not configs and info.styles & {"peft_model", "peft_bare"} and path:
+        peft_cfg = adapter_config_next_to(path)
+
+    state = LoraState(metadata=dict(metadata))
+    unresolved, seen = [], {}
+    alpha_sources = set()
+    for (comp, name, flat), roles in groups.items():
+        target = resolver.resolve(comp, name, flat)
+        if target is None:
+            unresolved.append(next(iter(roles.values())).key)
+            continue
+        if (comp, target) in seen:
+            other = seen[(comp, target)]
+            raise LoraError(f"{where}: keys '{other}' and '{next(iter(roles.values())).key}' name the same module "
+                            f"{comp}.{target}; the file mixes two namings of one module")
+        seen[(comp, target)] = next(iter(roles.values())).key
+        if DOWN not in roles or UP not in roles:
+            have = next(iter(roles.values())).key
+            missing = "lora_down/lora_A" if DOWN not in roles else "lora_up/lora_B"
+            raise LoraError(f"{where}: module {comp}.{target} has '{have}' but no {missing} weight; the file is "
+                            "incomplete")
+        down, up = as_dtype(tensors[roles[DOWN].key]), as_dtype(tensors[roles[UP].key])
+        _check_pair(down, up, comp, target, where)
+        rank = int(down.shape[0])
+        if ALPHA in roles:
+            alpha = alpha_value(tensors[roles[ALPHA].key], roles[ALPHA].key, where)
+            alpha_sources.add("keys")
+        elif comp in configs:
+            alpha = configs[comp].alpha_for(target, rank)
+            alpha_sources.add("lora_adapter_metadata")
+        elif peft_cfg is not None:
+            alpha = peft_cfg.alpha_for(target, rank)
+            alpha_sources.add("adapter_config.json")
+        else:
+            alpha = float(rank)
+            alpha_sources.add("rank")
+        state.add(comp, target, LoraModule(down, up, alpha))
+    if unresolved:
+        if base is not None:
+            raise LoraError(f"{where}: {len(unresolved)} LoRA module(s) match no module of the {base.architecture} "
+                            f"base model, e.g. {_example(unresolved)}; the LoRA was made for another model")
+        raise LoraError(f"{where}: {len(unresolved)} LoRA module name(s) are not Stable Diffusion UNet/text-encoder "
+                        f"modules, e.g. {_example(unresolved)}; pass --base MODEL_DIR if the model has other modules")
+    info.alpha_source = "+".join(sorted(alpha_sources))
+    if base is not None:
+        base.check_shapes(state)
+        state.architecture = base.architecture
+        state.unet_layers_per_block = base.unet_layers_per_block
+    else:
+        state.architecture = guess
+        state.unet_layers_per_block = lpb
+    return state, info
+
+
+def _check_pair(down: np.ndarray, up: np.ndarray, comp: str, path: str, where: str) -> None:
+    ok = down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[1] == down.shape[0]
+    if ok and down.ndim == 4:
+        ok = tuple(up.shape[2:]) == (1, 1)
+    if not ok or down.dtype.kind not in "fV" and str(down.dtype) != "bfloat16":
+        raise LoraError(f"{where}: module {comp}.{path} has down {list(down.shape)} and up {list(up.shape)} "
+                        f"({down.dtype}), which are not a LoRA pair (down [r, in(, k, k)], up [out, r(, 1, 1)])")

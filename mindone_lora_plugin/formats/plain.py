@@ -1,0 +1,130 @@
+"""What the built-in formats share: reading any plain-LoRA safetensors file, save dtypes, and header metadata."""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+import numpy as np
+
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.state import LoraState
+
+DTYPES = ("fp32", "fp16", "bf16")
+_DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
+                  "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+# header entries that describe one particular file and must not be copied into another
+FILE_SPECIFIC_KEYS = frozenset({"format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash",
+                                "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                                "modelspec.hash_sha256"})
+
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                  "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def resolve_dtype(name: str | None):
+    """``fp32``/``fp16``/``bf16`` (or None: keep) → a numpy dtype (bf16 through ml_dtypes)."""
+    if name is None:
+        return None
+    key = _DTYPE_ALIASES.get(str(name).lower())
+    if key is None:
+        raise LoraError(f"unknown save dtype '{name}'; choose one of: {', '.join(DTYPES)}")
+    if key == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(key)
+
+
+def cast(arr: np.ndarray, dtype) -> np.ndarray:
+    from mindone_lora_plugin.formats.hashes import as_dtype
+
+    return as_dtype(arr, dtype)
+
+
+def merged_metadata(state: LoraState, metadata: dict[str, str] | None) -> dict[str, str]:
+    """The state's metadata overlaid with ``metadata``, as strings, without entries that describe another file."""
+    out = {}
+    for src in (state.metadata or {}, metadata or {}):
+        for k, v in src.items():
+            if k in FILE_SPECIFIC_KEYS:
+                continue
+            out[str(k)] = v if isinstance(v, str) else str(v)
+    return out
+
+
+def is_v_prediction(meta: dict[str, str]) -> bool:
+    return (meta.get("ss_v_parameterization") == "True" or meta.get("modelspec.prediction_type") == "v"
+            or meta.get("ss_base_model_version", "").endswith("_v"))
+
+
+def names_for(state: LoraState, metadata: dict[str, str] | None, output_name: str) -> tuple[str, str]:
+    """``(output name, title)`` for a file: an explicit ``output_name`` wins; with the default ``"lora"`` the names the
+    LoRA already carries are kept. An explicit ``modelspec.title`` in ``metadata`` wins for the title."""
+    old = state.metadata or {}
+    if output_name == "lora":
+        output_name = (metadata or {}).get("ss_output_name") or old.get("ss_output_name") or output_name
+        title = old.get("modelspec.title") or output_name
+    else:
+        title = output_name
+    return output_name, (metadata or {}).get("modelspec.title") or title
+
+
+def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool) -> dict[str, str]:
+    """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA, keeping the date/resolution already in ``meta``."""
+    if arch == "sdxl":
+        default_res = "1024x1024"
+    elif arch == "sd2" and v_pred:
+        default_res = "768x768"
+    else:
+        default_res = "512x512"
+    res = meta.get("modelspec.resolution") or _resolution_from_ss(meta.get("ss_resolution", "")) or default_res
+    arch_key = "sd2_v" if arch == "sd2" and v_pred else arch
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCH[arch_key],
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": res,
+        "modelspec.date": meta.get("modelspec.date") or datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+
+
+def _resolution_from_ss(value: str) -> str | None:
+    nums = re.findall(r"\d+", value or "")
+    if len(nums) == 1:
+        return f"{nums[0]}x{nums[0]}"
+    if len(nums) == 2:
+        return f"{nums[0]}x{nums[1]}"
+    return None
+
+
+def read_plain_lora(path: str, base: BaseModelInfo | None = None):
+    """Read any plain-LoRA safetensors file: ``(LoraState, ReadInfo)``. Refuses pickles and non-plain variants."""
+    from mindone_lora_plugin import safetensors_io
+    from mindone_lora_plugin.formats.names import build_state
+    from mindone_lora_plugin.formats.variants import refuse_variants
+
+    header, _ = safetensors_io.read_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    keys = [k for k in header if k != "__metadata__"]
+    refuse_variants(keys, metadata, where=path)
+    tensors, metadata = safetensors_io.load(path)
+    return build_state(tensors, metadata, base=base, path=path, where=path)
+
+
+def writer_architecture(state: LoraState, what: str) -> str:
+    """The architecture a writer must know; SDXL when a second text encoder is present."""
+    if "text_encoder_2" in state.components:
+        if state.architecture not in (None, "sdxl"):
+            raise LoraError(f"the LoRA has text_encoder_2 weights but is marked {state.architecture}; only SDXL has "
+                            "a second text encoder")
+        return "sdxl"
+    if state.architecture in ("sd1", "sd2", "sdxl"):
+        return state.architecture
+    raise LoraError(f"cannot tell whether this LoRA is for SD1.x, SD2.x or SDXL, and {what} depends on it; pass "
+                    "--base MODEL_DIR (the base model folder)")

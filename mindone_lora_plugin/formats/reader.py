@@ -1,0 +1,175 @@
+"""Read any LoRA file into a :class:`~mindone_lora_plugin.state.LoraState`, picking its format by sniffing.
+
+Only safetensors is read (pickles are refused before they are opened), and only plain LoRA: LyCORIS algorithms, DoRA and
+the like are refused with an error that names them. The formats to choose from are passed in (the plugin manager's);
+without them the two built-in formats are used. The built-ins are asked first (they read every plain-LoRA naming, so
+results do not depend on which plugins are installed); a third-party format gets the files they do not claim, or is
+chosen explicitly with ``format=``. A folder is offered first to formats with a ``sniff_folder(path)`` method
+(formats whose files are folders); otherwise the LoRA file inside it is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from mindone_lora_plugin import safetensors_io
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.base import LoraFormat
+from mindone_lora_plugin.state import LoraState
+
+BUILTIN_NAMES = ("diffusers", "kohya")
+
+
+def builtin_formats() -> list[LoraFormat]:
+    from mindone_lora_plugin.formats.diffusers import DiffusersFormat
+    from mindone_lora_plugin.formats.kohya import KohyaFormat
+
+    return [DiffusersFormat(), KohyaFormat()]
+
+
+def _as_list(formats) -> list[LoraFormat]:
+    if formats is None:
+        return builtin_formats()
+    if isinstance(formats, dict):
+        formats = list(formats.values())
+    return list(formats)
+
+
+def get_format(name_or_format, formats=None) -> LoraFormat:
+    """A format object by name (or the object itself)."""
+    if isinstance(name_or_format, LoraFormat):
+        return name_or_format
+    found = {f.name: f for f in _as_list(formats)}
+    if name_or_format not in found:
+        raise LoraError(f"unknown LoRA format '{name_or_format}'; choose one of: {', '.join(sorted(found))}")
+    return found[name_or_format]
+
+
+def find_weights_file(path: str) -> str:
+    """``path`` itself, or the LoRA weights file inside a folder (``pytorch_lora_weights.safetensors`` or the only
+    ``.safetensors`` file)."""
+    if not os.path.exists(path):
+        raise LoraError(f"{path} does not exist")
+    if not os.path.isdir(path):
+        return path
+    preferred = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if os.path.isfile(preferred):
+        return preferred
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        names = ", ".join(os.path.basename(f) for f in found[:4])
+        raise LoraError(f"{path} holds several .safetensors files ({names}); pass the one to read")
+    pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(safetensors_io.PICKLE_SUFFIXES))
+    if pickles:
+        raise LoraError(f"{path} has no .safetensors LoRA weights, only pickle-based files ({', '.join(pickles[:3])}), "
+                        "which are not read because they can run code; convert them to safetensors first")
+    raise LoraError(f"{path} is a folder with no LoRA weights file (.safetensors); pass the LoRA file or its folder")
+
+
+def detect_format(keys, metadata: dict[str, str], formats=None) -> LoraFormat | None:
+    """The first format whose ``sniff`` accepts the file (the built-ins first, then third-party formats)."""
+    for fmt in _ordered(formats):
+        if _safe(fmt.sniff, list(keys), dict(metadata)):
+            return fmt
+    return None
+
+
+def _ordered(formats) -> list[LoraFormat]:
+    return sorted(_as_list(formats), key=lambda f: f.name not in BUILTIN_NAMES)
+
+
+def _safe(fn, *args) -> bool:
+    try:
+        return bool(fn(*args))
+    except LoraError:
+        raise
+    except Exception:  # a broken third-party sniff must not stop reading
+        return False
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file as read: where, which format, the weights, and (built-in formats) what the parser learned."""
+
+    path: str
+    format: LoraFormat
+    state: LoraState
+    info: object | None = None
+
+
+def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
+    """Read ``path`` (a file, or a folder holding one) — see :func:`read_lora`; also returns the format used."""
+    from mindone_lora_plugin.formats.plain import read_plain_lora
+    from mindone_lora_plugin.formats.variants import refuse_variants
+
+    if isinstance(base, str):
+        base = BaseModelInfo.from_folder(base)
+    if format is not None and get_format(format, formats).name not in BUILTIN_NAMES:
+        fmt = get_format(format, formats)
+        return LoraFile(path, fmt, fmt.read(path, base), None)
+    if os.path.isdir(path):
+        for fmt in _ordered(formats):
+            sniff_folder = getattr(fmt, "sniff_folder", None)
+            if sniff_folder is not None and _safe(sniff_folder, path):
+                return LoraFile(path, fmt, fmt.read(path, base), None)
+    safetensors_io.refuse_pickle(path)
+    path = find_weights_file(path)
+    try:
+        header, _ = safetensors_io.read_header(path)
+    except LoraError:
+        _refuse_pickle_content(path)
+        raise
+    metadata = dict(header.get("__metadata__") or {})
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise LoraError(f"{path} holds no tensors; it is not a LoRA file")
+    refuse_variants(keys, metadata, where=path)
+    if format is not None:
+        fmt = get_format(format, formats)
+    else:
+        fmt = detect_format(keys, metadata, formats)
+        if fmt is None:
+            shown = ", ".join(f"'{k}'" for k in keys[:3])
+            raise LoraError(f"{path}: no known LoRA format matches its keys (unknown prefixes), e.g. {shown}; "
+                            "expected kohya (lora_unet_/lora_te_ ...) or diffusers/PEFT (unet./text_encoder. ...) "
+                            "keys")
+    if fmt.name in BUILTIN_NAMES and type(fmt).read in _builtin_reads():
+        state, info = read_plain_lora(path, base)
+        return LoraFile(path, fmt, state, info)
+    state = fmt.read(path, base)
+    return LoraFile(path, fmt, state, None)
+
+
+def _refuse_pickle_content(path: str) -> None:
+    """Name a pickle or ``torch.save`` zip file even when it carries a ``.safetensors`` name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # read_header reports it
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04":
+        raise LoraError(f"{path} is a pickle-based (PyTorch) file, not safetensors; it is not read because loading "
+                        "pickles can run code; convert it to safetensors with a tool you trust first")
+
+
+def _builtin_reads():
+    from mindone_lora_plugin.formats.diffusers import DiffusersFormat
+    from mindone_lora_plugin.formats.kohya import KohyaFormat
+
+    return (DiffusersFormat.read, KohyaFormat.read)
+
+
+def read_lora(path: str, base: BaseModelInfo | str | None = None, format=None, formats=None) -> LoraState:
+    """Read a LoRA file (or the weights file in a folder) into a :class:`LoraState` keyed by diffusers module paths.
+
+    ``base`` (a :class:`BaseModelInfo` or a model folder) makes every key be checked against the real modules and
+    shapes, and refuses a LoRA made for another architecture. ``format`` forces a format (name or object); otherwise
+    it is sniffed among ``formats`` (format objects, or a name → format dict; default: the built-ins). Raises
+    :class:`LoraError` with one clear line for anything wrong.
+    """
+    return open_lora(path, base, format, formats).state
