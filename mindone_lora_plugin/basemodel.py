@@ -1,7 +1,7 @@
 """What a LoRA file needs to know about its base model, read cheaply.
 
-:class:`BaseModelInfo` lists, per component, every module that owns a 2-D or 4-D ``weight`` (Linear, Conv2d, and a few
-embeddings) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl``) and the UNet's
+:class:`BaseModelInfo` lists, per component, every module that owns a 2-D or 4-D ``weight`` (Linear and Conv2d; token
+and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl``) and the UNet's
 ``layers_per_block``. It is built either from a diffusers-layout model folder — from the ``config.json`` files and the
 safetensors *headers* only, so even a full SDXL folder is read in milliseconds and nothing is instantiated — or from live
 MindSpore models. Formats use it to resolve names and to check every key of a LoRA file against the real modules.
@@ -141,6 +141,7 @@ def _shapes_from_header(header: dict) -> dict[str, tuple[int, ...]]:
         if key == "__metadata__" or not key.endswith(".weight"):
             continue
         shape = tuple(info.get("shape", ()))
-        if len(shape) in (2, 4):
-            out[key[: -len(".weight")]] = shape
+        module = key[: -len(".weight")]
+        if len(shape) in (2, 4) and not module.endswith("embedding"):  # token/position embeddings take no LoRA
+            out[module] = shape
     return out

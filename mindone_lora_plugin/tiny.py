@@ -133,7 +133,31 @@ def save_tiny_model(kind: str, folder: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(kind, tmp)
         pipe.save_pretrained(folder)
+    for sub in ("text_encoder", "text_encoder_2"):
+        path = os.path.join(folder, sub, "model.safetensors")
+        if os.path.isfile(path):
+            _to_transformers_names(path)
     return folder
+
+
+# mindone.transformers saves MindSpore parameter names; Hugging Face checkpoints (what users download) use torch names.
+_MS_TO_TORCH_SUFFIXES = ((".embedding_table", ".weight"), (".gamma", ".weight"), (".beta", ".bias"))
+
+
+def _to_transformers_names(path: str) -> None:
+    """Rename a saved CLIP checkpoint's tensors to Hugging Face names, so tiny folders look like real ones (mindone
+    and transformers both load those)."""
+    from mindone_lora_plugin import safetensors_io
+
+    tensors, metadata = safetensors_io.load(path)
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in _MS_TO_TORCH_SUFFIXES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+                break
+        renamed[key] = value
+    safetensors_io.save(renamed, path, dict(metadata, format="pt"))
 
 
 def ensure_tiny_model(kind: str, folder: str) -> str:
