@@ -339,8 +339,6 @@ class Trainer:
                     raise LoraError(f"the LoRA weights became non-finite at step {global_step}; training stopped "
                                     f"(the last good checkpoint is {last_ckpt or 'none'}); lower --learning_rate")
                 last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
-                if last_ckpt:
-                    result.checkpoints.append(last_ckpt)
             end_of_epoch = global_step % self.updates_per_epoch == 0
             if self.is_main and args.validation_prompt and (
                     (end_of_epoch and (global_step // self.updates_per_epoch) % max(1, args.validation_epochs) == 0
@@ -355,7 +353,10 @@ class Trainer:
             result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
                                                 self.output_name, self._metadata(global_step))
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                result.checkpoints.append(self._save_checkpoint(global_step, losses))
+                self._save_checkpoint(global_step, losses)
+            from mindone_lora_plugin.train.checkpoint import complete_checkpoints
+
+            result.checkpoints = [p for _, p in complete_checkpoints(args.output_dir)]  # after pruning
             _write_hparams(args, os.path.join(args.output_dir, "hparams.yml"))
             from mindone_lora_plugin.train.visuals import save_loss_curve
 
