@@ -48,7 +48,7 @@ import threading
 import numpy as np
 
 import mindspore as ms
-from mindspore import Tensor, mint, ops
+from mindspore import Tensor, ops
 from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import gen_ops_prim
@@ -57,7 +57,7 @@ from mindspore.ops import functional_overload
 from mindspore.ops.operations import _inner_ops
 from mindspore.ops._primitive_cache import _get_cache_prim
 
-from mindone_lora_plugin.backends import VERIFIED_VERSIONS  # noqa: E402,F401  (re-exported)
+from mindone_lora_plugin.backends import VERIFIED_VERSIONS  # noqa: E402,F401  pyflakes: ignore (re-exported)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Small helpers (all graph-mode safe: constant folding handles the Python-level shape arithmetic)

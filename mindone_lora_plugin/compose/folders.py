@@ -1,0 +1,204 @@
+"""Fusing LoRAs into a diffusers-layout model folder (numpy only, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+
+from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.state import COMPONENTS
+from mindone_lora_plugin.compose._constants import MERGE_RECORD, _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES
+from mindone_lora_plugin.compose.maths import _as_list, _f64, combined_deltas
+from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
+
+
+def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None, overwrite: bool = False) -> str:
+    """Write a copy of the diffusers-layout folder ``model_dir`` at ``out`` with ``loras`` fused into the UNet and text
+    encoder weights; return ``out``.
+
+    Pure numpy: each weights file is rewritten one tensor at a time (``W + sum(weight * delta)`` in float64, cast to
+    the file's dtype, or to ``dtype`` = ``fp32``/``fp16``/``bf16``, which casts every floating tensor of the folder).
+    Everything else (tokenizers, scheduler, VAE, configs) is copied. The folder is written under a temporary name and
+    renamed into place, so ``out`` is either complete or absent. An ``out`` that exists and is not empty is refused
+    unless ``overwrite``. Pickled weight files in merged components (they would keep the unmerged weights) are left out.
+    """
+    from mindone_lora_plugin.formats.plain import resolve_dtype
+
+    info = BaseModelInfo.from_folder(model_dir)
+    np_dtype = resolve_dtype(dtype) if dtype else None
+    pairs = _pairs(loras)
+    for state, _ in pairs:
+        info.check_shapes(state)
+    src_real, out_real = os.path.realpath(model_dir), os.path.realpath(out)
+    if src_real == out_real or _inside(src_real, out_real) or _inside(out_real, src_real):
+        raise LoraError(f"--out {out} must be a new folder outside the model folder {model_dir}")
+    _check_out(out, overwrite)
+    deltas = combined_deltas(pairs)
+    by_comp: dict[str, dict[str, np.ndarray]] = {}
+    for (comp, path), d in deltas.items():
+        by_comp.setdefault(comp, {})[path + ".weight"] = d
+
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        applied: dict[str, set[str]] = {c: set() for c in by_comp}
+        for root, dirs, files in os.walk(model_dir, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(root, model_dir)
+            comp = rel.split(os.sep)[0] if rel != "." else ""
+            os.makedirs(os.path.join(tmp, rel), exist_ok=True)
+            for fname in sorted(files):
+                src = os.path.join(root, fname)
+                dst = os.path.join(tmp, rel, fname)
+                lower = fname.lower()
+                if fname.startswith(".") or (fname == MERGE_RECORD and rel == "."):
+                    continue
+                if rel == "." and lower.endswith((".safetensors",) + _STALE_WEIGHT_SUFFIXES):
+                    continue  # a single-file checkpoint next to the diffusers folders: not merged, so not copied
+                if comp in COMPONENTS and lower.endswith(_STALE_WEIGHT_SUFFIXES):
+                    continue
+                if lower.endswith(".safetensors") and (comp in by_comp or np_dtype is not None):
+                    done = _rewrite_weights(src, dst, by_comp.get(comp, {}), np_dtype)
+                    if comp in applied:
+                        applied[comp] |= done
+                elif np_dtype is not None and fname == "config.json" and comp in COMPONENTS:
+                    _write_config_dtype(src, dst, np_dtype)
+                else:
+                    shutil.copyfile(src, dst)
+        for comp, keys in by_comp.items():
+            missing = sorted(set(keys) - applied.get(comp, set()))
+            if missing:
+                raise LoraError(f"{len(missing)} weight(s) of the LoRA were not found in {model_dir}/{comp}, e.g. "
+                                f"{', '.join(missing[:3])}")
+        record = {"base_model": os.path.abspath(model_dir), "dtype": dtype,
+                  "loras": [lo.describe() if isinstance(lo, WeightedLora) else {"weight": w}
+                            for lo, (_, w) in zip(_as_list(loras), pairs)]}
+        with open(os.path.join(tmp, MERGE_RECORD), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        _move_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LoraError(f"cannot write the merged model to {out}: {e.strerror or e}; check the space and permissions "
+                        f"there") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def output_is_taken(out: str) -> bool:
+    """True when ``out`` exists and is a file or a non-empty folder."""
+    if not os.path.lexists(out):
+        return False
+    return not (os.path.isdir(out) and not os.listdir(out))
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if output_is_taken(out) and not overwrite:
+        raise LoraError(f"the output {out} already exists; choose another --out or pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LoraError(f"the output {out} is a file, not a folder; choose another --out")
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+    old = None
+    if os.path.isdir(out):
+        if os.listdir(out):
+            old = f"{tmp}.old"
+            os.replace(out, old)
+        else:
+            os.rmdir(out)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _np_dtype(code: str):
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+             "BOOL": np.bool_}
+    if code not in table:
+        raise LoraError(f"tensor dtype {code} is not supported when merging")
+    return np.dtype(table[code])
+
+
+def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -> set[str]:
+    """Copy the safetensors file ``src`` to ``dst`` adding ``deltas`` (weight name → float64 array) to the weights they
+    name and casting floating tensors to ``dtype`` (None: keep). One tensor is in memory at a time. Returns the names
+    changed."""
+    from mindone_lora_plugin.formats.hashes import as_dtype, safetensors_dtype
+    from mindone_lora_plugin.safetensors_io import read_header
+
+    header, offset = read_header(src)
+    metadata = header.get("__metadata__")
+    names = [k for k in header if k != "__metadata__"]
+    order = sorted(names, key=lambda k: header[k]["data_offsets"][0])
+    out_codes = {k: (safetensors_dtype(dtype) if dtype is not None and header[k]["dtype"] in _FLOAT_CODES
+                     else header[k]["dtype"]) for k in names}
+    new_header: dict = {}
+    if metadata is not None:
+        new_header["__metadata__"] = metadata
+    pos = 0
+    for k in order:
+        n = int(np.prod(header[k]["shape"], dtype=np.int64)) * _np_dtype(out_codes[k]).itemsize
+        new_header[k] = {"dtype": out_codes[k], "shape": header[k]["shape"], "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    changed = set()
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    try:
+        with open(dst, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for k in order:
+                info = header[k]
+                begin, end = info["data_offsets"]
+                src_dt = _np_dtype(info["dtype"])
+                arr = np.frombuffer(data[offset + begin: offset + end], dtype=src_dt).reshape(info["shape"])
+                if k in deltas:
+                    d = deltas[k]
+                    if d.size != arr.size:
+                        raise LoraError(f"shape mismatch at {k} in {src}: the weight is {list(arr.shape)} but the "
+                                        f"LoRA implies {list(d.shape)}")
+                    arr = as_dtype(_f64(arr) + d.reshape(arr.shape), src_dt)
+                    changed.add(k)
+                target = _np_dtype(out_codes[k])
+                if arr.dtype != target:
+                    arr = as_dtype(arr, target)
+                f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+    finally:
+        del data
+    return changed
+
+
+def _write_config_dtype(src: str, dst: str, np_dtype) -> None:
+    """Copy a component's config.json, updating the transformers ``dtype``/``torch_dtype`` entry when it has one."""
+    try:
+        with open(src, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        shutil.copyfile(src, dst)
+        return
+    name = np.dtype(np_dtype).name
+    for key in ("dtype", "torch_dtype"):
+        if key in config and config[key] is not None:
+            config[key] = name
+    with open(dst, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
