@@ -119,7 +119,7 @@ def verify_saved_files(result, args) -> dict[str, str]:
 
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.trainer import options_from_args
+    from mindone_lora_plugin.train.settings import options_from_args
 
     pm = get_plugin_manager()
     trained = result.models

@@ -6,7 +6,6 @@ the optimizer and compiled step → resume if asked → train, checkpoint, valid
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,6 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.train.settings import (barrier, check_args, check_writable, default_resolution,
+                                                options_from_args, replace_options, training_metadata,
+                                                write_hparams)
 
 log = logging.getLogger("mindone_lora.train")
 
@@ -52,11 +54,11 @@ class Trainer:
                             "--demo")
         info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
         self.architecture = info.architecture
-        self.resolution = args.resolution or _default_resolution(args.pretrained_model_name_or_path, info)
+        self.resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
         if self.resolution % 8:
             raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
                             f"{self.resolution - self.resolution % 8 or 8}")
-        _check_args(args)
+        check_args(args)
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
@@ -65,7 +67,7 @@ class Trainer:
         strategy = self.pm.get_strategy(self.options.strategy)
         self._setup_runtime()
         if self.is_main:
-            _check_writable(args.output_dir)
+            check_writable(args.output_dir)
         self.output_name = args.output_name or os.path.basename(os.path.abspath(args.output_dir)) or "lora"
 
         self._load_models()
@@ -156,7 +158,7 @@ class Trainer:
             ensure_class_images(self, args.class_data_dir, args.class_prompt, args.num_class_images,
                                 args.sample_batch_size)
         if self.world > 1:
-            _barrier()
+            barrier()
         prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
                                                args.on_bad_image, "--class_data_dir")
         self.skipped += bad
@@ -274,7 +276,7 @@ class Trainer:
         from mindone_lora_plugin.train import checkpoint
 
         def fill(tmp):
-            exact = _replace(self.options, save_dtype=None)
+            exact = replace_options(self.options, save_dtype=None)
             self.pm.save_weights(self.models, exact, tmp, ["diffusers"], self.output_name, self._metadata(global_step))
             others = [f for f in self.formats if f != "diffusers"]
             if others:
@@ -357,7 +359,7 @@ class Trainer:
             from mindone_lora_plugin.train.checkpoint import complete_checkpoints
 
             result.checkpoints = [p for _, p in complete_checkpoints(args.output_dir)]  # after pruning
-            _write_hparams(args, os.path.join(args.output_dir, "hparams.yml"))
+            write_hparams(args, os.path.join(args.output_dir, "hparams.yml"))
             from mindone_lora_plugin.train.visuals import save_loss_curve
 
             result.loss_curve = save_loss_curve(losses, os.path.join(args.output_dir, "loss_curve.png"),
@@ -455,127 +457,9 @@ class Trainer:
         return SummaryWriter(os.path.join(self.args.output_dir, self.args.logging_dir))
 
     def _metadata(self, global_step: int) -> dict[str, str]:
-        args = self.args
-        epoch = -(-global_step // self.updates_per_epoch)
-        return {
-            "ss_output_name": self.output_name,
-            "ss_sd_model_name": os.path.basename(os.path.abspath(args.pretrained_model_name_or_path)),
-            "ss_learning_rate": str(args.learning_rate),
-            "ss_unet_lr": str(self.options.lr_for("unet")),
-            "ss_text_encoder_lr": str(self.options.lr_for("text_encoder")),
-            "ss_lr_scheduler": args.lr_scheduler,
-            "ss_lr_warmup_steps": str(args.lr_warmup_steps),
-            "ss_optimizer": "mindspore.nn.AdamWeightDecay",
-            "ss_steps": str(global_step),
-            "ss_epoch": str(epoch),
-            "ss_num_epochs": str(self.num_epochs),
-            "ss_max_train_steps": str(self.max_steps),
-            "ss_seed": str(self.seed),
-            "ss_resolution": f"({self.resolution}, {self.resolution})",
-            "ss_batch_size_per_device": str(args.train_batch_size),
-            "ss_total_batch_size": str(args.train_batch_size * self.world * max(1, args.gradient_accumulation_steps)),
-            "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
-            "ss_gradient_checkpointing": str(bool(args.gradient_checkpointing)),
-            "ss_mixed_precision": str(args.mixed_precision or "no"),
-            "ss_noise_offset": str(args.noise_offset),
-            "ss_min_snr_gamma": str(args.snr_gamma),
-            "ss_num_train_images": str(len(self.plan.examples)),
-            "ss_num_reg_images": str(len(self.plan.prior)),
-            "ss_prediction_type": self.prediction_type,
-            "mindone_lora.training_args": json.dumps(_plain_args(args), sort_keys=True),
-        }
+        return training_metadata(self, global_step)
 
     def _say(self, message: str) -> None:
         if self.is_main:
             log.info(message)
             print(message, flush=True)
-
-
-def options_from_args(args, architecture: str, pm):
-    """Translate parsed flags into :class:`LoraOptions` (plugin-added arguments go to ``extra``)."""
-    from mindone_lora_plugin.options import LoraOptions, parse_targets
-
-    strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
-    pm.get_strategy(strategy)  # unknown names list the valid ones
-    extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
-    extra["train_text_encoder"] = bool(args.train_text_encoder)
-    lrs = {}
-    if args.text_encoder_lr is not None:
-        lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}
-    if args.lora_rank < 1:
-        raise LoraError(f"--lora_rank must be at least 1, got {args.lora_rank}")
-    return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
-                       targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
-                       conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
-                       learning_rates=lrs, save_dtype=args.save_dtype, extra=extra)
-
-
-def _check_args(args):
-    dreambooth = bool(args.instance_data_dir)
-    checks = [(dreambooth and bool(args.train_data_dir or args.dataset_name),
-               "--instance_data_dir (DreamBooth) cannot be combined with --train_data_dir/--dataset_name; pick one"),
-              (dreambooth and not args.instance_prompt, "--instance_prompt is required with --instance_data_dir, "
-                                                        'e.g. --instance_prompt "a photo of sks dog"'),
-              (not dreambooth and (args.with_prior_preservation or args.instance_prompt),
-               "--with_prior_preservation/--instance_prompt need --instance_data_dir (DreamBooth images)"),
-              (args.with_prior_preservation and not args.class_prompt,
-               '--with_prior_preservation needs --class_prompt, e.g. --class_prompt "a photo of a dog"'),
-              (args.with_prior_preservation and not args.class_data_dir,
-               "--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated there)"),
-              (args.num_class_images < 1 or args.sample_batch_size < 1,
-               "--num_class_images and --sample_batch_size must be at least 1"),(args.train_batch_size < 1, "--train_batch_size must be at least 1"),
-              (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
-              (args.max_train_steps is not None and args.max_train_steps < 1, "--max_train_steps must be at least 1"),
-              (args.learning_rate <= 0, "--learning_rate must be positive"),
-              (args.dataloader_num_workers < 0, "--dataloader_num_workers cannot be negative")]
-    for bad, message in checks:
-        if bad:
-            raise LoraError(message)
-
-
-def _barrier() -> None:
-    """Wait until every worker gets here (rank 0 may be generating class images meanwhile)."""
-    from mindspore.communication import comm_func
-
-    comm_func.barrier()
-
-
-def _check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("")
-        os.unlink(probe)
-    except OSError as e:
-        raise LoraError(f"cannot write to --output_dir {folder}: {e.strerror or e}; choose a writable folder") from None
-
-
-def _default_resolution(folder: str, info) -> int:
-    try:
-        with open(os.path.join(folder, "vae", "config.json"), encoding="utf-8") as f:
-            size = json.load(f).get("sample_size")
-        if isinstance(size, int) and size > 0:
-            return size
-    except (OSError, ValueError):
-        pass
-    return {"sdxl": 1024, "sd2": 768}.get(info.architecture, 512)
-
-
-def _plain_args(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and
-            isinstance(v, (str, int, float, bool, type(None), list))}
-
-
-def _write_hparams(args, path: str) -> None:
-    import yaml
-
-    from mindone_lora_plugin.safetensors_io import write_bytes_atomic
-
-    write_bytes_atomic(path, yaml.safe_dump(_plain_args(args), sort_keys=True).encode("utf-8"))
-
-
-def _replace(options, **changes):
-    import dataclasses
-
-    return dataclasses.replace(options, **changes)

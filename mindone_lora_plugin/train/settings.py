@@ -1,0 +1,131 @@
+"""From flags to settings: LoRA options, argument checks, defaults, and what the output files record."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mindone_lora_plugin.errors import LoraError
+
+
+def options_from_args(args, architecture: str, pm):
+    """Translate parsed flags into :class:`LoraOptions` (plugin-added arguments go to ``extra``)."""
+    from mindone_lora_plugin.options import LoraOptions, parse_targets
+
+    strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
+    pm.get_strategy(strategy)  # unknown names list the valid ones
+    extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
+    extra["train_text_encoder"] = bool(args.train_text_encoder)
+    lrs = {}
+    if args.text_encoder_lr is not None:
+        lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}
+    if args.lora_rank < 1:
+        raise LoraError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
+                       targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
+                       conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
+                       learning_rates=lrs, save_dtype=args.save_dtype, extra=extra)
+
+
+def check_args(args):
+    dreambooth = bool(args.instance_data_dir)
+    checks = [(dreambooth and bool(args.train_data_dir or args.dataset_name),
+               "--instance_data_dir (DreamBooth) cannot be combined with --train_data_dir/--dataset_name; pick one"),
+              (dreambooth and not args.instance_prompt, "--instance_prompt is required with --instance_data_dir, "
+                                                        'e.g. --instance_prompt "a photo of sks dog"'),
+              (not dreambooth and (args.with_prior_preservation or args.instance_prompt),
+               "--with_prior_preservation/--instance_prompt need --instance_data_dir (DreamBooth images)"),
+              (args.with_prior_preservation and not args.class_prompt,
+               '--with_prior_preservation needs --class_prompt, e.g. --class_prompt "a photo of a dog"'),
+              (args.with_prior_preservation and not args.class_data_dir,
+               "--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated there)"),
+              (args.num_class_images < 1 or args.sample_batch_size < 1,
+               "--num_class_images and --sample_batch_size must be at least 1"),(args.train_batch_size < 1, "--train_batch_size must be at least 1"),
+              (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be at least 1"),
+              (args.max_train_steps is not None and args.max_train_steps < 1, "--max_train_steps must be at least 1"),
+              (args.learning_rate <= 0, "--learning_rate must be positive"),
+              (args.dataloader_num_workers < 0, "--dataloader_num_workers cannot be negative")]
+    for bad, message in checks:
+        if bad:
+            raise LoraError(message)
+
+
+def barrier() -> None:
+    """Wait until every worker gets here (rank 0 may be generating class images meanwhile)."""
+    from mindspore.communication import comm_func
+
+    comm_func.barrier()
+
+
+def check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.unlink(probe)
+    except OSError as e:
+        raise LoraError(f"cannot write to --output_dir {folder}: {e.strerror or e}; choose a writable folder") from None
+
+
+def default_resolution(folder: str, info) -> int:
+    try:
+        with open(os.path.join(folder, "vae", "config.json"), encoding="utf-8") as f:
+            size = json.load(f).get("sample_size")
+        if isinstance(size, int) and size > 0:
+            return size
+    except (OSError, ValueError):
+        pass
+    return {"sdxl": 1024, "sd2": 768}.get(info.architecture, 512)
+
+
+def plain_args(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and
+            isinstance(v, (str, int, float, bool, type(None), list))}
+
+
+def write_hparams(args, path: str) -> None:
+    import yaml
+
+    from mindone_lora_plugin.safetensors_io import write_bytes_atomic
+
+    write_bytes_atomic(path, yaml.safe_dump(plain_args(args), sort_keys=True).encode("utf-8"))
+
+
+def replace_options(options, **changes):
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
+
+
+def training_metadata(trainer, global_step: int) -> dict[str, str]:
+    """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
+    args = trainer.args
+    epoch = -(-global_step // trainer.updates_per_epoch)
+    return {
+        "ss_output_name": trainer.output_name,
+        "ss_sd_model_name": os.path.basename(os.path.abspath(args.pretrained_model_name_or_path)),
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_unet_lr": str(trainer.options.lr_for("unet")),
+        "ss_text_encoder_lr": str(trainer.options.lr_for("text_encoder")),
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+        "ss_optimizer": "mindspore.nn.AdamWeightDecay",
+        "ss_steps": str(global_step),
+        "ss_epoch": str(epoch),
+        "ss_num_epochs": str(trainer.num_epochs),
+        "ss_max_train_steps": str(trainer.max_steps),
+        "ss_seed": str(trainer.seed),
+        "ss_resolution": f"({trainer.resolution}, {trainer.resolution})",
+        "ss_batch_size_per_device": str(args.train_batch_size),
+        "ss_total_batch_size": str(args.train_batch_size * trainer.world * max(1, args.gradient_accumulation_steps)),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(bool(args.gradient_checkpointing)),
+        "ss_mixed_precision": str(args.mixed_precision or "no"),
+        "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.snr_gamma),
+        "ss_num_train_images": str(len(trainer.plan.examples)),
+        "ss_num_reg_images": str(len(trainer.plan.prior)),
+        "ss_prediction_type": trainer.prediction_type,
+        "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
+    }
