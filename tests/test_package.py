@@ -1,0 +1,81 @@
+"""The package itself: metadata, a light CLI start, and deterministic tiny models."""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pinned_stack_and_entry_points_in_setup_cfg():
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    requires = cfg["options"]["install_requires"]
+    for pin in ("mindspore==2.7.1", "mindone==0.5.0", "transformers==4.57.1", "numpy<2", "pyarrow>=21,<22",
+                "datasets", "safetensors", "pluggy", "ml_dtypes", "tqdm", "pillow"):
+        assert pin in requires, pin
+    assert "torch==2.13.0" in cfg["options.extras_require"]["interop"]
+    eps = cfg["options.entry_points"]
+    assert "mindone-lora = mindone_lora_plugin.cli:main" in eps["console_scripts"]
+    for name in ("core", "unet", "text_encoder", "sdxl", "diffusers", "kohya"):
+        assert f"{name} = mindone_lora_plugin." in eps["mindone_lora"], name
+
+
+def test_cli_help_and_version_do_not_import_mindspore():
+    code = ("import sys\nfrom mindone_lora_plugin.cli import main\n"
+            "rc = main(['--help'])\nassert 'mindspore' not in sys.modules and 'mindone' not in sys.modules, rc\n"
+            "print('light', rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "light 0" in out.stdout, out.stderr
+    assert "train" in out.stdout and "convert" in out.stdout
+    ver = subprocess.run([sys.executable, "-m", "mindone_lora_plugin", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    from mindone_lora_plugin import __version__
+
+    assert ver.returncode == 0 and ver.stdout.strip() == f"mindone-lora {__version__}"
+
+
+def _digest(folder: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def test_building_the_tiny_model_twice_gives_identical_files(tiny_sd1, tmp_path):
+    from mindone_lora_plugin.tiny import save_tiny_model
+
+    again = save_tiny_model("sd1", str(tmp_path / "again"))
+    first, second = _digest(tiny_sd1), _digest(again)
+    assert "unet/diffusion_pytorch_model.safetensors" in first
+    assert first == second
+
+
+def test_generated_tokenizer_knows_the_demo_words(tmp_path):
+    from mindone_lora_plugin.tiny import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    ids = tok("a red circle")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == 5  # bos, three whole-word tokens, eos
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "a red circle"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_tiny_folders_load_in_hugging_face_libraries(kind, tiny_sd1, tiny_sdxl):
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    folder = tiny_sd1 if kind == "sd1" else tiny_sdxl
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    te = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    assert unet.config.block_out_channels == [32, 64] or tuple(unet.config.block_out_channels) == (32, 64)
+    assert te.config.hidden_size == 32
