@@ -9,20 +9,9 @@ import pytest
 
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.train.demo import make_instance_images
+from train_helpers import load_back, train
 
 pytestmark = pytest.mark.slow
-
-
-def parse(argv):
-    from mindone_lora_plugin.cli import COMMANDS, build_parser
-
-    return build_parser({"train": COMMANDS["train"]}).parse_args(["train"] + argv)
-
-
-def train(argv):
-    from mindone_lora_plugin.train.trainer import Trainer
-
-    return Trainer(parse(argv)).run()
 
 
 def common(model, out, *extra):
@@ -31,23 +20,9 @@ def common(model, out, *extra):
             "--seed", "0", "--learning_rate", "1e-3", "--num_inference_steps", "2", *extra]
 
 
-def load_back(model, files, strategy, reference_models):
-    import mindspore as ms
-
-    from mindone_lora_plugin.models import load_models
-    from mindone_lora_plugin.options import LoraOptions
-    from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.demo import _outputs
-
-    pm = get_plugin_manager()
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ref = _outputs(reference_models)
-    for path in files:
-        fresh = load_models(model)
-        pm.load_weights(fresh, LoraOptions(strategy=strategy), path)
-        got = _outputs(fresh)
-        for k in ref:
-            assert np.abs(got[k] - ref[k]).max() <= 1e-4, (path, k)
+def assert_loads_back(model, files, strategy, trained_models):
+    for _, diffs in load_back(model, files, strategy, trained_models):
+        assert max(diffs.values()) <= 1e-4, diffs
 
 
 def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
@@ -63,7 +38,7 @@ def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
     mtimes = {f: os.path.getmtime(os.path.join(cls, f)) for f in made}
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert {"unet", "text_encoder"} <= set(result.models)
-    load_back(tiny_sd1, result.files, "unet", result.models)
+    assert_loads_back(tiny_sd1, result.files, "unet", result.models)
     # a second run reuses the class images; resuming works in DreamBooth mode too
     again = train(argv[:argv.index("--max_train_steps") + 1] + ["3"] + argv[argv.index("--max_train_steps") + 2:]
                   + ["--resume_from_checkpoint", "latest"])
@@ -77,7 +52,7 @@ def test_sdxl_without_prior_preservation(tiny_sdxl, tmp_path):
     result = train(common(tiny_sdxl, str(tmp_path / "out"), "--instance_data_dir", inst, "--instance_prompt",
                           "a photo of sks toy", "--checkpointing_steps", "0"))
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
-    load_back(tiny_sdxl, result.files, "sdxl", result.models)
+    assert_loads_back(tiny_sdxl, result.files, "sdxl", result.models)
 
 
 @pytest.mark.parametrize("case,expect", [

@@ -14,16 +14,7 @@ from mindone_lora_plugin.errors import LoraError
 pytestmark = pytest.mark.slow
 
 
-def parse(argv):
-    from mindone_lora_plugin.cli import COMMANDS, build_parser
-
-    return build_parser({"train": COMMANDS["train"]}).parse_args(["train"] + argv)
-
-
-def train(argv):
-    from mindone_lora_plugin.train.trainer import Trainer
-
-    return Trainer(parse(argv)).run()
+from train_helpers import base_outputs_differ, load_back, train
 
 
 @pytest.fixture(scope="module")
@@ -87,29 +78,11 @@ def test_sd1_outputs_and_layout(sd1_run):
 
 
 def test_sd1_files_load_back_to_the_same_outputs(sd1_run, tiny_sd1):
-    from mindone_lora_plugin.train.demo import _outputs
-    from mindone_lora_plugin.models import load_models
-    from mindone_lora_plugin.options import LoraOptions
-    from mindone_lora_plugin.plugins import get_plugin_manager
-    import mindspore as ms
-
     result, _ = sd1_run
-    pm = get_plugin_manager()
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        ref = _outputs(result.models)
-        for path in result.files:
-            fresh = load_models(tiny_sd1)
-            state = pm.load_weights(fresh, LoraOptions(strategy="unet"), path)
-            assert len(state) == 72 and set(state.alphas("unet")) == {8.0}
-            got = _outputs(fresh)
-            assert np.abs(got["unet"] - ref["unet"]).max() <= 1e-4, path
-            # and the LoRA is not a no-op: the base model differs
-        base = _outputs(load_models(tiny_sd1))
-        assert np.abs(base["unet"] - ref["unet"]).max() > 1e-4
-    finally:
-        ms.set_context(mode=mode)
+    for state, diffs in load_back(tiny_sd1, result.files, "unet", result.models):
+        assert len(state) == 72 and set(state.alphas("unet")) == {8.0}
+        assert diffs["unet"] <= 1e-4 and diffs["text_encoder"] == 0.0, diffs
+    assert base_outputs_differ(tiny_sd1, result.models) > 1e-4  # the LoRA is not a no-op
 
 
 def test_resume_is_exact(sd1_run, tiny_sd1, shapes, tmp_path):
@@ -165,30 +138,14 @@ def test_checkpoints_total_limit_prunes_oldest(tmp_path):
 
 
 def test_sdxl_trains_and_files_load_back(tiny_sdxl, shapes, tmp_path):
-    import mindspore as ms
-
-    from mindone_lora_plugin.models import load_models
-    from mindone_lora_plugin.options import LoraOptions
-    from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.demo import _outputs
-
     result = train(base_args(tiny_sdxl, shapes, str(tmp_path / "xl"), 2, "--checkpointing_steps", "0",
                              "--lora_alpha", "2"))
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     names = sorted(os.path.basename(p) for p in result.files)
     assert names == ["pytorch_lora_weights.safetensors", "xl.safetensors"]
-    pm = get_plugin_manager()
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        ref = _outputs(result.models)
-        for path in result.files:
-            fresh = load_models(tiny_sdxl)
-            state = pm.load_weights(fresh, LoraOptions(strategy="sdxl"), path)
-            assert state.architecture == "sdxl" and len(state) == 96
-            assert np.abs(_outputs(fresh)["unet"] - ref["unet"]).max() <= 1e-4, path
-    finally:
-        ms.set_context(mode=mode)
+    for state, diffs in load_back(tiny_sdxl, result.files, "sdxl", result.models):
+        assert state.architecture == "sdxl" and len(state) == 96
+        assert diffs["unet"] <= 1e-4, diffs
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path):
