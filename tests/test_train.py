@@ -171,3 +171,24 @@ def test_fp16_frozen_weights_train_fp32_lora(tiny_sd1, shapes, tmp_path):
 
     state = read_lora(result.files[0])
     assert state.dtype() == "float16"
+
+
+def test_third_party_strategy_and_format_through_the_train_cli(tiny_sd1, shapes, tmp_path):
+    """The example plugin (installed with pip by the set-up) trains and saves through `mindone-lora train`."""
+    from mindone_lora_plugin.plugins import get_plugin_manager
+
+    if "lora-fa" not in get_plugin_manager().strategies():
+        pytest.skip("the example plugin examples/plugins/mindone-lora-fa is not installed (make setup installs it)")
+    out = str(tmp_path / "fa")
+    result = train(base_args(tiny_sd1, shapes, out, 1, "--lora_strategy", "lora-fa", "--lora_fa_init", "orthogonal",
+                             "--save_formats", "peft,kohya", "--mode", "pynative", "--checkpointing_steps", "0"))
+    names = sorted(os.path.basename(p) for p in result.files)
+    assert names == ["fa.safetensors", "fa_peft"]
+    assert sorted(os.listdir(os.path.join(out, "fa_peft", "unet"))) == ["adapter_config.json",
+                                                                       "adapter_model.safetensors"]
+    from mindone_lora_plugin.models import lora_layers
+
+    frozen = [layer.lora_A["default"].weight.requires_grad for _, layer in lora_layers(result.models["unet"])]
+    assert frozen and not any(frozen)
+    for state, diffs in load_back(tiny_sd1, result.files, "lora-fa", result.models):
+        assert len(state) == 48 and diffs["unet"] <= 1e-4, diffs
