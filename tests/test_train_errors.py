@@ -121,3 +121,10 @@ def test_empty_dataset_folder(capsys, tiny_sd1, tmp_path):
 def test_resume_from_a_folder_that_is_not_a_checkpoint(capsys, tiny_sd1, data, tmp_path):
     code, err = run(capsys, *args(tiny_sd1, data, str(tmp_path / "o"), "--resume_from_checkpoint", str(tmp_path)))
     one_error_line(code, err, "not a complete checkpoint")
+
+
+def test_distributed_without_a_launcher(capsys, tiny_sd1, data, tmp_path, monkeypatch):
+    for var in ("MS_ROLE", "MS_WORKER_NUM", "RANK_TABLE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    code, err = run(capsys, *args(tiny_sd1, data, str(tmp_path / "o"), "--distributed"))
+    one_error_line(code, err, "msrun")

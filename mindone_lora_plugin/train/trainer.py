@@ -97,7 +97,14 @@ class Trainer:
         if args.distributed:
             from mindspore.communication import get_group_size, get_rank, init
 
-            init()
+            if not (os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE") or os.environ.get("MS_WORKER_NUM")):
+                raise LoraError("--distributed needs MindSpore's launcher: run under msrun (e.g. msrun "
+                                "--worker_num=2 --local_worker_num=2 $(which mindone-lora) train --distributed ...)")
+            try:
+                init()
+            except RuntimeError as e:
+                raise LoraError(f"--distributed: MindSpore could not start collective communication "
+                                f"({' '.join(str(e).split())[:200]}); check the msrun settings") from None
             self.rank, self.world = get_rank(), get_group_size()
             ms.reset_auto_parallel_context()
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
