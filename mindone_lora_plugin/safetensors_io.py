@@ -9,9 +9,10 @@ are renamed into place, so a crash never leaves a half-written file where a good
 from __future__ import annotations
 
 import json
+import math
 import os
+import uuid
 import struct
-import tempfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,6 +21,8 @@ from mindone_lora_plugin.errors import LoraError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -63,7 +66,7 @@ def read_header(path: str) -> tuple[dict, int]:
             continue
         try:
             begin, end = info["data_offsets"]
-            expected = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPE_SIZES[info["dtype"]]
+            expected = math.prod(int(d) for d in info["shape"]) * _DTYPE_SIZES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise LoraError(f"{path} has a malformed entry for '{key}' in its header: the file is corrupted") from None
         if end > data_len or end - begin != expected:
@@ -78,23 +81,42 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Load every tensor of a checked safetensors file as numpy arrays, plus its string metadata."""
-    header, _ = read_header(path)
-    from safetensors import safe_open
+    """Load every tensor of a checked safetensors file as numpy arrays, plus its string metadata.
 
-    import ml_dtypes  # lets numpy hold bf16 tensors
-
-    tensors = {}
-    bf16 = np.dtype(ml_dtypes.bfloat16)
+    The file is read with one ``readinto`` into a single buffer and each tensor is a view of its byte range (the
+    layout the header describes, already checked by :func:`read_header`): one pass over the disk, no memory map, and
+    peak memory about the file's size.
+    """
+    header, offset = read_header(path)
+    size = os.path.getsize(path) - offset
+    buf = bytearray(size)
     try:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                # once MindSpore is imported, numpy may hand back MindSpore's own bfloat16 type: use one type only
-                tensors[key] = t.view(bf16) if t.dtype.name == "bfloat16" and t.dtype != bf16 else t
-    except Exception as e:  # the header passed our checks, so this is a rare corruption
-        raise LoraError(f"cannot read {path}: {e}") from None
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(buf)) != size:
+                raise LoraError(f"{path} changed while it was read; read it again")
+    except OSError as e:
+        raise LoraError(f"cannot read {path}: {e.strerror or e}") from None
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = _numpy_dtype(info["dtype"], key, path)
+        count = (end - begin) // dtype.itemsize
+        tensors[key] = np.frombuffer(buf, dtype=dtype, count=count, offset=begin).reshape(info["shape"])
     return tensors, dict(header.get("__metadata__") or {})
+
+
+def _numpy_dtype(code: str, key: str, path: str) -> np.dtype:
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    found = _NUMPY_DTYPES.get(code)
+    if found is None:
+        raise LoraError(f"{path}: tensor '{key}' has dtype {code}, which LoRA weights never use; the file is not a LoRA")
+    return np.dtype(found)
 
 
 def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> str:
@@ -117,12 +139,14 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
+    """Yield a temporary path next to ``path`` (not yet created); on success it is renamed to ``path``, on error
+    removed."""
     folder = os.path.dirname(os.path.abspath(path))
+    # a fresh name that the writer creates: re-opening an existing empty file with truncation makes ext4 flush the
+    # data to disk on close, which costs a plain save's time again
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
     except OSError as e:
         raise LoraError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
     try:

@@ -157,13 +157,16 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path):
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
-def test_fp16_frozen_weights_train_fp32_lora(tiny_sd1, shapes, tmp_path):
+def test_fp16_accumulation_snr_v_prediction_text_encoder(tiny_sd1, shapes, tmp_path):
     import mindspore as ms
 
     result = train(base_args(tiny_sd1, shapes, str(tmp_path / "fp16"), 1, "--mixed_precision", "fp16",
                              "--mode", "pynative", "--checkpointing_steps", "0", "--save_formats", "kohya",
-                             "--save_dtype", "fp16"))
+                             "--save_dtype", "fp16", "--gradient_accumulation_steps", "2", "--snr_gamma", "5",
+                             "--prediction_type", "v_prediction", "--noise_offset", "0.05", "--train_text_encoder",
+                             "--text_encoder_lr", "5e-4"))
     assert np.isfinite(result.losses[0])
+    assert {"unet", "text_encoder"} <= set(result.models)
     unet = result.models["unet"]
     dtypes = {("lora_" in p.name): p.dtype for p in unet.get_parameters()}
     assert dtypes == {True: ms.float32, False: ms.float16}

@@ -49,8 +49,11 @@ class DenoiseLoss(nn.Cell):
     """The LoRA training loss: MSE between the UNet's prediction and the target, weighted per sample.
 
     Inputs: ``latents`` (scaled VAE latents), ``noise``, ``timesteps``, ``sqrt_acp`` / ``sqrt_1m_acp`` (noise schedule
-    at each timestep), ``weights`` (per-sample loss weights: 1, or the min-SNR-γ weights), then either token ids (when
-    text encoders train) or precomputed ``(embeds, pooled)``, and SDXL's ``time_ids``.
+    at each timestep), ``weights`` (per-sample loss weights: 1, the min-SNR-γ weights, DreamBooth's prior weights),
+    then the conditioning — only what this architecture uses, since every unused graph input costs time on each step:
+
+    * SD1.x/2.x: ``embeds`` (or ``ids`` when the text encoder trains);
+    * SDXL: ``embeds, pooled, time_ids`` (or ``ids, ids_2, time_ids`` when the text encoders train).
     """
 
     def __init__(self, unet, conditioner: TextConditioner, train_text: bool, v_prediction: bool, sdxl: bool):
@@ -61,20 +64,21 @@ class DenoiseLoss(nn.Cell):
         self.v_prediction = v_prediction
         self.sdxl = sdxl
 
-    def construct(self, latents, noise, timesteps, sqrt_acp, sqrt_1m_acp, weights, text_a, text_b, time_ids):
-        if self.train_text:
-            embeds, pooled = self.conditioner(text_a, text_b)
-        else:
-            embeds, pooled = text_a, text_b
+    def construct(self, latents, noise, timesteps, sqrt_acp, sqrt_1m_acp, weights, *cond):
         a = sqrt_acp.reshape((-1, 1, 1, 1))
         s = sqrt_1m_acp.reshape((-1, 1, 1, 1))
         noisy = a * latents + s * noise
         dtype = self.unet.dtype if hasattr(self.unet, "dtype") else latents.dtype
         if self.sdxl:
+            if self.train_text:
+                embeds, pooled = self.conditioner(cond[0], cond[1])
+            else:
+                embeds, pooled = cond[0], cond[1]
+            added = {"text_embeds": pooled.astype(dtype), "time_ids": cond[2].astype(dtype)}
             pred = self.unet(noisy.astype(dtype), timesteps, encoder_hidden_states=embeds.astype(dtype),
-                             added_cond_kwargs={"text_embeds": pooled.astype(dtype), "time_ids": time_ids.astype(dtype)},
-                             return_dict=False)[0]
+                             added_cond_kwargs=added, return_dict=False)[0]
         else:
+            embeds = self.conditioner(cond[0], cond[0])[0] if self.train_text else cond[0]
             pred = self.unet(noisy.astype(dtype), timesteps, encoder_hidden_states=embeds.astype(dtype),
                              return_dict=False)[0]
         target = a * noise - s * latents if self.v_prediction else noise

@@ -206,7 +206,9 @@ class Trainer:
         for g in self.groups:
             groups.append({"params": g["params"], "lr": schedule(g["lr"]), "weight_decay": args.adam_weight_decay})
         self.lr_schedules = {g["component"]: grp["lr"] for g, grp in zip(self.groups, groups)}
-        self.optimizer = nn.AdamWeightDecay(groups, learning_rate=groups[0]["lr"], beta1=args.adam_beta1,
+        # one group: a plain parameter list (per-group learning-rate lists make the graph compile slower)
+        params = groups[0]["params"] if len(groups) == 1 else groups
+        self.optimizer = nn.AdamWeightDecay(params, learning_rate=groups[0]["lr"], beta1=args.adam_beta1,
                                             beta2=args.adam_beta2, eps=args.adam_epsilon,
                                             weight_decay=args.adam_weight_decay)
         self._ms = ms
@@ -413,19 +415,17 @@ class Trainer:
             half = n // 2
             weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
         ids, ids_2 = self._tokenize(batch.captions)
-        if self.train_text:
-            text_a, text_b = ids, ids_2
-        else:
-            text_a, text_b = self.conditioner(ids, ids_2)
+        text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
         if self.architecture == "sdxl":
             time_ids = np.asarray([list(o) + list(c) + [self.resolution, self.resolution]
                                    for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
+            cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
         else:
-            time_ids = np.zeros((n, 6), dtype=np.float32)
+            cond = (text[0],)  # see DenoiseLoss: only the inputs this architecture uses
         f32 = ms.float32
         return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
                 ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32)), text_a, text_b, ms.Tensor(time_ids, f32))
+                ms.Tensor(weights.astype(np.float32))) + cond
 
     def _tokenize(self, captions):
         ms = self._ms
