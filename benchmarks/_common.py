@@ -293,8 +293,25 @@ def have_interop() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "diffusers", "peft"))
 
 
+_WORKDIRS: list[str] = []
+
+
 def workdir(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=f"mindone-lora-bench-{prefix}-")
+    """A fresh temporary folder, removed by :func:`run_main` when the benchmark ends (also on failure)."""
+    folder = tempfile.mkdtemp(prefix=f"mindone-lora-bench-{prefix}-")
+    _WORKDIRS.append(folder)
+    return folder
+
+
+def run_main(run, argv=None) -> int:
+    """Run a benchmark's ``run(argv)`` and remove the folders it made with :func:`workdir`."""
+    import shutil
+
+    try:
+        return run(argv)
+    finally:
+        while _WORKDIRS:
+            shutil.rmtree(_WORKDIRS.pop(), ignore_errors=True)
 
 
 def save_results(name: str, data: dict) -> None:

@@ -276,7 +276,7 @@ def _run(argv) -> int:
     C.banner("Benchmark 1: plugin overhead in training (tiny SD1.x UNet, GRAPH_MODE, CPU)")
     C.print_machine()
     t_start = time.perf_counter()
-    folder = _FOLDER[0] = C.workdir("train")
+    folder = C.workdir("train")
     paths = prepare(folder)
     _import_everything()
     print(f"batch {BATCH} × {paths['resolution']}px, LoRA rank {RANK} alpha {ALPHA} targets '{TARGETS}', "
@@ -346,17 +346,8 @@ def _run(argv) -> int:
     return 0
 
 
-_FOLDER = [None]
-
-
 def main(argv=None) -> int:
-    import shutil
-
-    try:
-        return _run(argv)
-    finally:
-        if _FOLDER[0]:
-            shutil.rmtree(_FOLDER[0], ignore_errors=True)
+    return C.run_main(_run, argv)
 
 
 if __name__ == "__main__":

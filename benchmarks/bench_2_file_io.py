@@ -219,7 +219,7 @@ def _run(argv) -> int:
     C.banner("Benchmark 2: LoRA file I/O at full size (SDXL kohya preset, rank 32, fp16)")
     C.print_machine()
     t_start = time.perf_counter()
-    folder = _FOLDER[0] = C.workdir("files")
+    folder = C.workdir("files")
     make_inputs(folder)
     hf = C.have_interop()
     ops = Ops(folder, need_state=True, hf=hf)
@@ -301,17 +301,8 @@ def _run(argv) -> int:
     return 0
 
 
-_FOLDER = [None]
-
-
 def main(argv=None) -> int:
-    import shutil
-
-    try:
-        return _run(argv)
-    finally:
-        if _FOLDER[0]:
-            shutil.rmtree(_FOLDER[0], ignore_errors=True)
+    return C.run_main(_run, argv)
 
 
 if __name__ == "__main__":
