@@ -111,7 +111,8 @@ def mindone_lora_add_arguments(parser: "argparse._ArgumentGroup") -> None:
 
 
 @hookspec(firstresult=True)
-def mindone_lora_add_adapters(manager: "LoraPluginManager", models: "Models", options: "LoraOptions") -> dict[str, list[str]] | None:
+def mindone_lora_add_adapters(manager: "LoraPluginManager", models: "Models",
+                              options: "LoraOptions") -> dict[str, list[str]] | None:
     """Add LoRA adapters to ``models`` as ``options`` say; return the adapted module paths per component.
 
     Called once, before the optimizer is built. Must fail with a
@@ -126,7 +127,8 @@ def mindone_lora_add_adapters(manager: "LoraPluginManager", models: "Models", op
 
 
 @hookspec(firstresult=True)
-def mindone_lora_trainable_parameters(manager: "LoraPluginManager", models: "Models", options: "LoraOptions") -> list[dict] | None:
+def mindone_lora_trainable_parameters(manager: "LoraPluginManager", models: "Models",
+                                      options: "LoraOptions") -> list[dict] | None:
     """Return the parameter groups to optimize: ``[{"params": [...], "lr": float, "component": str}, ...]``.
 
     Exactly the LoRA parameters of the enabled components, with names unique across components, in fp32.
@@ -141,8 +143,8 @@ def mindone_lora_trainable_parameters(manager: "LoraPluginManager", models: "Mod
 
 
 @hookspec(firstresult=True)
-def mindone_lora_save_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions", output_dir: str, formats: list[str],
-                              output_name: str, metadata: dict[str, str]) -> list[str] | None:
+def mindone_lora_save_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions", output_dir: str,
+                              formats: list[str], output_name: str, metadata: dict[str, str]) -> list[str] | None:
     """Save the LoRA weights of ``models`` in every format of ``formats`` into ``output_dir``; return the paths.
 
     Files are written atomically. ``metadata`` holds training arguments and names as strings.
@@ -155,7 +157,8 @@ def mindone_lora_save_weights(manager: "LoraPluginManager", models: "Models", op
 
 
 @hookspec(firstresult=True)
-def mindone_lora_load_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions", path: str) -> "LoraState | None":
+def mindone_lora_load_weights(manager: "LoraPluginManager", models: "Models", options: "LoraOptions",
+                              path: str) -> "LoraState | None":
     """Load a LoRA file (any readable format) into ``models``' adapters (adding them if needed); return the state.
 
     The rank and alpha of every module are restored exactly; keys that match no module are an error.

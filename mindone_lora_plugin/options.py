@@ -65,5 +65,6 @@ def parse_targets(value: str) -> str | list[str]:
     if not names:
         from mindone_lora_plugin.errors import LoraError
 
-        raise LoraError(f"--lora_targets is empty: give a preset ({', '.join(PRESETS)}) or module names such as to_q,to_v")
+        raise LoraError(f"--lora_targets is empty: give a preset ({', '.join(PRESETS)}) or module names such as "
+                        f"to_q,to_v")
     return names

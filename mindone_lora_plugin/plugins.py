@@ -151,7 +151,8 @@ class LoraPluginManager(pluggy.PluginManager):
     def get_strategy(self, name: str):
         found = self.strategies()
         if name not in found:
-            raise PluginError(f"unknown LoRA strategy '{name}'; choose one of: {', '.join(found) or '(none installed)'}")
+            raise PluginError(f"unknown LoRA strategy '{name}'; choose one of: "
+                              f"{', '.join(found) or '(none installed)'}")
         return found[name]
 
     def get_format(self, name: str):
@@ -196,12 +197,15 @@ class LoraPluginManager(pluggy.PluginManager):
 
     # ------------------------------------------------------------------ reporting
 
+    def _hook_names(self, plugin_name: str) -> list[str]:
+        return sorted(h.name for h in self.get_hookcallers(self.get_plugin(plugin_name)) or [])
+
     def describe(self) -> dict:
         """What ``mindone-lora plugins --json`` prints."""
         strategies, formats = self.strategies(), self.formats()
         return {
             "plugins": [{"name": i.name, "version": i.version, "distribution": i.dist, "module": i.module,
-                         "builtin": i.builtin, "hooks": sorted(h.name for h in self.get_hookcallers(self.get_plugin(i.name)) or [])}
+                         "builtin": i.builtin, "hooks": self._hook_names(i.name)}
                         for i in self.infos.values() if self.get_plugin(i.name) is not None],
             "broken": [{"name": n, "error": why} for n, why in self.broken.items()],
             "strategies": [dict(s.describe(), plugin=self.strategy_plugin(n)) for n, s in strategies.items()],
