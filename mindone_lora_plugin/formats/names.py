@@ -17,6 +17,7 @@ module list (exact) or, without a base model, with a grammar of diffusers/SGM UN
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -80,6 +81,7 @@ TE_PATH_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k
                         r"text_projection")
 
 
+@functools.lru_cache(maxsize=16384)  # a module's three keys (down, up, alpha) share one name
 def flat_to_dotted(name: str) -> str | None:
     """Turn a kohya ``_``-joined module name back into a dotted path with the module-name grammar, or None."""
     atoms = name.split("_")
