@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PRESETS = ("attn", "kohya", "kohya-conv")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")  # what --save_dtype / --dtype accept everywhere
 INITS = ("gaussian", "default")
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 
 from mindone_lora_plugin.errors import LoraError
-
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+from mindone_lora_plugin.options import SAVE_DTYPES as DTYPE_CHOICES
 
 
 def add_parser(subparsers):

@@ -14,6 +14,7 @@ import os
 import secrets
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.options import SAVE_DTYPES
 
 
 def add_parser(subparsers):
@@ -37,7 +38,7 @@ def add_parser(subparsers):
     p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write the images into")
     p.add_argument("--overwrite", action="store_true", help="write into --out even when it is not empty")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", choices=SAVE_DTYPES, default=None,
                    help="load the model in this dtype (default: as saved; fp32 on CPU)")
     p.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None,
                    help="MindSpore device (default: MindSpore's default)")

@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 from mindone_lora_plugin.errors import LoraError
-
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+from mindone_lora_plugin.options import SAVE_DTYPES as DTYPE_CHOICES
 
 
 def add_parser(subparsers):

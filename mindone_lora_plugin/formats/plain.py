@@ -9,9 +9,9 @@ import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.options import SAVE_DTYPES as DTYPES
 from mindone_lora_plugin.state import LoraState
 
-DTYPES = ("fp32", "fp16", "bf16")
 _DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
                   "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 

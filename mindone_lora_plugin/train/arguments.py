@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import PRESETS
+from mindone_lora_plugin.options import PRESETS, SAVE_DTYPES
 
 # Flags the mindone script accepted but nothing here can honour → the reason given when one is used.
 REFUSED = {
@@ -123,7 +123,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text_encoder_lr", type=float, default=None, help="learning rate of the text encoder(s)")
     g.add_argument("--save_formats", type=str, default="diffusers,kohya")
     g.add_argument("--output_name", type=str, default=None, help="kohya file name (default: the output folder's name)")
-    g.add_argument("--save_dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    g.add_argument("--save_dtype", choices=SAVE_DTYPES, default=None)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--mode", choices=("graph", "pynative"), default="graph")

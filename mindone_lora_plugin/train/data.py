@@ -158,6 +158,7 @@ class BatchPlan:
                  random_flip: bool, rank: int = 0, world: int = 1, prior: list[Example] | None = None):
         self.examples, self.batch_size, self.resolution, self.seed = examples, batch_size, resolution, seed
         self.prior = prior or []
+        self._order: tuple[int | None, np.ndarray | None] = (None, None)
         self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
         per_worker = len(examples) // world
         self.batches_per_epoch = per_worker // batch_size
@@ -166,9 +167,12 @@ class BatchPlan:
                             f"(--train_batch_size {batch_size} × {world} worker(s)); lower the batch size or add images")
 
     def order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch, 17]).permutation(len(self.examples))
-        usable = (len(perm) // self.world) * self.world
-        return perm[:usable][self.rank::self.world]
+        """This worker's example indices for ``epoch`` (computed once per epoch)."""
+        if self._order[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch, 17]).permutation(len(self.examples))
+            usable = (len(perm) // self.world) * self.world
+            self._order = (epoch, perm[:usable][self.rank::self.world])
+        return self._order[1]
 
     def batch(self, epoch: int, index: int) -> Batch:
         """The batch ``index`` of ``epoch``; with prior preservation, as many class images follow the instances."""

@@ -81,7 +81,7 @@ class Trainer:
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
-        self._build_optimizer(len(examples))
+        self._build_optimizer()
         self._build_step()
         start = self._maybe_resume()
         return self._train(start)
@@ -180,7 +180,7 @@ class Trainer:
         self._say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
                   f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
 
-    def _build_optimizer(self, n_examples: int):
+    def _build_optimizer(self):
         args = self.args
         import mindspore as ms
         from mindspore import nn
@@ -285,12 +285,16 @@ class Trainer:
         from mindone_lora_plugin.train import checkpoint
 
         def fill(tmp):
-            exact = replace_options(self.options, save_dtype=None)
-            self.pm.save_weights(self.models, exact, tmp, ["diffusers"], self.output_name, self._metadata(global_step))
+            # the diffusers file is what a resume reads, so it is always there and always exact (fp32)
+            metadata = training_metadata(self, global_step)
             others = [f for f in self.formats if f != "diffusers"]
-            if others:
-                self.pm.save_weights(self.models, self.options, tmp, others, self.output_name,
-                                     self._metadata(global_step))
+            if self.options.save_dtype is None:
+                self.pm.save_weights(self.models, self.options, tmp, ["diffusers"] + others, self.output_name, metadata)
+            else:
+                exact = replace_options(self.options, save_dtype=None)
+                self.pm.save_weights(self.models, exact, tmp, ["diffusers"], self.output_name, metadata)
+                if others:
+                    self.pm.save_weights(self.models, self.options, tmp, others, self.output_name, metadata)
             safetensors_io.save({k: p.asnumpy() for k, p in self._optimizer_state().items()},
                                 os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
             checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // self.updates_per_epoch,
@@ -362,7 +366,7 @@ class Trainer:
         result.global_step = global_step
         if self.is_main:
             result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
-                                                self.output_name, self._metadata(global_step))
+                                                self.output_name, training_metadata(self, global_step))
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 self._save_checkpoint(global_step, losses)
             from mindone_lora_plugin.train.checkpoint import complete_checkpoints
@@ -462,9 +466,6 @@ class Trainer:
             log.info("tensorboardX is not installed; no tensorboard scalars (pip install tensorboardX)")
             return None
         return SummaryWriter(os.path.join(self.args.output_dir, self.args.logging_dir))
-
-    def _metadata(self, global_step: int) -> dict[str, str]:
-        return training_metadata(self, global_step)
 
     def _say(self, message: str) -> None:
         if self.is_main:
