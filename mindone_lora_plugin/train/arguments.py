@@ -80,7 +80,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scale_lr", action="store_true")
     g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--snr_gamma", type=float, default=None)
+    g.add_argument("--snr_gamma", "--min_snr_gamma", dest="snr_gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weighting (kohya: --min_snr_gamma); 5 is the paper's value")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
@@ -130,6 +131,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth"), default=None,
                    help="train the built-in tiny model on a generated dataset (sd1, sdxl, or dreambooth on sd1)")
+
+    from mindone_lora_plugin.train.feature_args import add_arguments as add_feature_arguments
+
+    add_feature_arguments(parser)  # kohya's training features: loss options, LoRA+, EMA, optimizers, ...
 
     g = parser.add_argument_group("refused (mindone accepted these but they cannot be honoured)")
     for dest in REFUSED:

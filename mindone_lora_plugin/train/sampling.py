@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def generate(trainer, prompt: str, num_images: int, steps: int, seed: int):
-    """Generate ``num_images`` PIL images for ``prompt`` with the trainer's current weights."""
+def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negative_prompt: str | None = None,
+             width: int | None = None, height: int | None = None, guidance_scale: float | None = None):
+    """Generate ``num_images`` PIL images for ``prompt`` with the trainer's current weights (default size: the
+    training resolution; default CFG scale: the pipeline's)."""
     import mindspore as ms
 
     from mindone.diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -25,9 +27,11 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int):
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
+        extra = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         out = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
-                   height=trainer.resolution, width=trainer.resolution,
-                   generator=np.random.Generator(np.random.PCG64(seed)))
+                   height=height or trainer.resolution, width=width or trainer.resolution,
+                   negative_prompt=negative_prompt or None,
+                   generator=np.random.Generator(np.random.PCG64(seed)), **extra)
     finally:
         ms.set_context(mode=mode)
     return out[0]

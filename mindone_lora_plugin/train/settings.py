@@ -100,6 +100,8 @@ def replace_options(options, **changes):
 
 def training_metadata(trainer, global_step: int) -> dict[str, str]:
     """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
+    from mindone_lora_plugin.train.feature_args import metadata as feature_metadata
+
     args = trainer.args
     epoch = -(-global_step // trainer.updates_per_epoch)
     return {
@@ -110,7 +112,6 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_text_encoder_lr": str(trainer.options.lr_for("text_encoder")),
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": str(args.lr_warmup_steps),
-        "ss_optimizer": "mindspore.nn.AdamWeightDecay",
         "ss_steps": str(global_step),
         "ss_epoch": str(epoch),
         "ss_num_epochs": str(trainer.num_epochs),
@@ -127,5 +128,6 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_num_train_images": str(len(trainer.plan.examples)),
         "ss_num_reg_images": str(len(trainer.plan.prior)),
         "ss_prediction_type": trainer.prediction_type,
+        **feature_metadata(args),  # ss_optimizer and the other features' keys
         "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
     }

@@ -32,6 +32,8 @@ class TrainResult:
     loss_curve: str | None = None
     models: object = None  # the trained Models bundle (in-process callers and the demo use it)
     skipped_images: int = 0
+    validation_losses: list = field(default_factory=list)  # [step, loss]
+    samples: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -59,6 +61,9 @@ class Trainer:
             raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
                             f"{self.resolution - self.resolution % 8 or 8}")
         check_args(args)
+        from mindone_lora_plugin.train.features import TrainingFeatures
+
+        self.features = TrainingFeatures(self)  # EMA, validation loss, samples, save cadence (flags checked here)
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
@@ -74,6 +79,7 @@ class Trainer:
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
+        examples = self.features.split(examples)
         from mindone_lora_plugin.train.data import BatchPlan
 
         self.plan = BatchPlan(examples, args.train_batch_size, self.resolution, self.seed, args.center_crop,
@@ -83,6 +89,7 @@ class Trainer:
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
+        self.features.setup()
         start = self._maybe_resume()
         return self._train(start)
 
@@ -183,7 +190,6 @@ class Trainer:
     def _build_optimizer(self):
         args = self.args
         import mindspore as ms
-        from mindspore import nn
 
         from mindone.diffusers.optimization import get_scheduler
 
@@ -202,15 +208,10 @@ class Trainer:
             lrs = [float(x) for x in (lrs if isinstance(lrs, (list, tuple)) else [lrs] * self.max_steps)]
             return lrs + [lrs[-1]]  # the optimizer reads one entry past the last step when logging
 
-        groups = []
-        for g in self.groups:
-            groups.append({"params": g["params"], "lr": schedule(g["lr"]), "weight_decay": args.adam_weight_decay})
-        self.lr_schedules = {g["component"]: grp["lr"] for g, grp in zip(self.groups, groups)}
-        # one group: a plain parameter list (per-group learning-rate lists make the graph compile slower)
-        params = groups[0]["params"] if len(groups) == 1 else groups
-        self.optimizer = nn.AdamWeightDecay(params, learning_rate=groups[0]["lr"], beta1=args.adam_beta1,
-                                            beta2=args.adam_beta2, eps=args.adam_epsilon,
-                                            weight_decay=args.adam_weight_decay)
+        from mindone_lora_plugin.train import optimizers  # --optimizer_type, --optimizer_args, LoRA+
+
+        self.optimizer, self.lr_schedules = optimizers.build(args, self.groups, schedule,
+                                                             self.pm.get_strategy(self.options.strategy))
         self._ms = ms
 
     def _build_step(self):
@@ -256,6 +257,7 @@ class Trainer:
         checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
         self.pm.load_weights(self.models, self.options, os.path.join(folder, "pytorch_lora_weights.safetensors"))
         self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
+        self.features.resume(folder, state)
         self._say(f"resumed from {folder} at step {state['global_step']}")
         return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
 
@@ -299,7 +301,8 @@ class Trainer:
                                 os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
             checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // self.updates_per_epoch,
                                          "seed": self.seed, "lora": self._lora_settings(), "losses": losses,
-                                         "rng": "derived from (seed, micro-step); see train/data.py and trainer.py"})
+                                         "rng": "derived from (seed, micro-step); see train/data.py and trainer.py",
+                                         **self.features.checkpoint(tmp)})
 
         return checkpoint.write(self.args.output_dir, global_step, fill, self.args.checkpoints_total_limit)
 
@@ -348,6 +351,7 @@ class Trainer:
                 writer.add_scalar("train/loss", loss, global_step)
                 writer.add_scalar("train/lr", lr, global_step)
             log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
+            self.features.after_update(global_step, writer)  # EMA, validation loss, samples, save cadence
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
                 if not self._weights_finite():  # never write a poisoned checkpoint over a good one
                     bar.close()
@@ -367,6 +371,9 @@ class Trainer:
         if self.is_main:
             result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
                                                 self.output_name, training_metadata(self, global_step))
+        result.files += self.features.finish(global_step, writer)  # final validation loss, <name>-ema files
+        result.validation_losses, result.samples = self.features.validation_losses, self.features.samples
+        if self.is_main:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 self._save_checkpoint(global_step, losses)
             from mindone_lora_plugin.train.checkpoint import complete_checkpoints
@@ -376,7 +383,8 @@ class Trainer:
             from mindone_lora_plugin.train.visuals import save_loss_curve
 
             result.loss_curve = save_loss_curve(losses, os.path.join(args.output_dir, "loss_curve.png"),
-                                                f"{self.output_name}: loss per step")
+                                                f"{self.output_name}: loss per step",
+                                                validation=self.features.validation_losses)
             if args.validation_prompt:
                 result.validation_images.append(self._validate("final"))
             self._say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
@@ -397,25 +405,25 @@ class Trainer:
         return h.hexdigest()
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
-        ms = self._ms
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
-        rng = np.random.default_rng([self.seed, micro, self.rank, 101])
+        return self._model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
+
+    def _model_inputs(self, batch, rng, weighted: bool = True):
+        """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one)."""
+        from mindone_lora_plugin.train.noise import draw_noise, loss_weights
+
+        ms = self._ms
         moments = self.encode_cell(ms.Tensor(batch.pixels, dtype=self.vae.dtype)).asnumpy().astype(np.float32)
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.vae.config.scaling_factor
-        noise = rng.standard_normal(latents.shape, dtype=np.float32)
-        if self.args.noise_offset:
-            noise += self.args.noise_offset * rng.standard_normal(latents.shape[:2] + (1, 1), dtype=np.float32)
+        noise = draw_noise(rng, latents.shape, self.args)
         n = latents.shape[0]
         t = rng.integers(0, len(self.alphas_cumprod), size=n)
         acp = self.alphas_cumprod[t]
-        weights = np.ones(n, dtype=np.float32)
-        if self.args.snr_gamma is not None:
-            snr = acp / (1.0 - acp)
-            clipped = np.minimum(snr, self.args.snr_gamma)
-            weights = (clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr)
-        if self.plan.prior:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth defines it
+        weights = (loss_weights(acp, self.args, self.prediction_type == "v_prediction") if weighted
+                   else np.ones(n, dtype=np.float32))
+        if self.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
             half = n // 2
             weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
         ids, ids_2 = self._tokenize(batch.captions)
@@ -449,8 +457,9 @@ class Trainer:
         from mindone_lora_plugin.train.sampling import generate
 
         args = self.args
-        images = generate(self, args.validation_prompt, args.num_validation_images,
-                          steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
+        with self.features.image_weights():  # the EMA weights with --use_ema
+            images = generate(self, args.validation_prompt, args.num_validation_images,
+                              steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
         path = os.path.join(args.output_dir, "validation", f"{tag}.png")
         save_grid(images, path, f"{tag}: {args.validation_prompt}",
                   {"prompt": args.validation_prompt, "seed": self.seed, "tag": tag})

@@ -28,8 +28,9 @@ def save_grid(images, path: str, title: str = "", metadata: dict | None = None, 
     return path
 
 
-def save_loss_curve(losses: list[float], path: str, title: str = "training loss") -> str:
-    """Plot per-step losses (thin grey) and their moving average (blue) as a PNG."""
+def save_loss_curve(losses: list[float], path: str, title: str = "training loss", validation=None) -> str:
+    """Plot per-step losses (thin grey), their moving average (blue) and ``validation`` ``(step, loss)`` points
+    (orange, joined) as a PNG."""
     from PIL import Image, ImageDraw
 
     w, h, pad = 640, 360, 40
@@ -38,8 +39,10 @@ def save_loss_curve(losses: list[float], path: str, title: str = "training loss"
     d.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
     d.text((pad, 4), title, fill="black")
     values = np.asarray([v for v in losses if np.isfinite(v)], dtype=np.float64)
+    val = [(int(s), float(v)) for s, v in (validation or []) if np.isfinite(v)]
     if len(values):
-        lo, hi = float(values.min()), float(values.max())
+        both = np.concatenate([values, [v for _, v in val]])
+        lo, hi = float(both.min()), float(both.max())
         hi = hi if hi > lo else lo + 1e-8
         span_x = max(1, len(values) - 1)
 
@@ -50,11 +53,29 @@ def save_loss_curve(losses: list[float], path: str, title: str = "training loss"
         k = max(1, len(values) // 20)
         smooth = np.convolve(values, np.ones(k) / k, mode="valid")
         d.line([xy(i + k - 1, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
+        if val:
+            points = [xy(s - 1, v) for s, v in val]
+            if len(points) > 1:
+                d.line(points, fill=(230, 120, 20), width=2)
+            for x, y in points:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
+            d.text((w - pad * 5, 4), "validation loss (orange)", fill=(230, 120, 20))
         d.text((2, pad // 2), f"{hi:.4g}", fill="black")
         d.text((2, h - pad - 10), f"{lo:.4g}", fill="black")
         d.text((pad, h - pad + 6), "step 1", fill="black")
         d.text((w - pad * 2, h - pad + 6), f"step {len(values)}", fill="black")
     _save_png(img, path)
+    return path
+
+
+def save_png(image, path: str, metadata: dict | None = None) -> str:
+    """Write one PIL image as a PNG (atomically) with ``metadata`` as PNG text; return ``path``."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), str(v))
+    _save_png(image.convert("RGB"), path, info)
     return path
 
 
