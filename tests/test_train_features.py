@@ -14,7 +14,8 @@ from train_helpers import train
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = "# two prompts in kohya's syntax\na red circle --w 32 --h 48 --d 5 --l 3 --s 1\n\na blue square --n ugly --s 1\n"
+PROMPTS = ("# two prompts in kohya's syntax\na red circle --w 32 --h 48 --d 5 --l 3 --s 1\n\n"
+           "a blue square --n ugly --s 1\n")
 
 
 @pytest.fixture(scope="module")
