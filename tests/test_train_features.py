@@ -27,7 +27,7 @@ def shapes(tmp_path_factory):
 
 def feature_args(model, data, out, prompts, *extra):
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
-            "--max_train_steps", "4", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--max_train_steps", "6", "--train_batch_size", "2", "--max_train_samples", "7", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
             "--seed", "3", "--device_target", "CPU", "--random_flip", "--lora_targets", "to_q,to_v",
             "--output_name", "feat", "--checkpointing_steps", "2",
             "--optimizer_type", "Lion", "--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99",
@@ -51,7 +51,8 @@ def run(tiny_sd1, shapes, tmp_path_factory):
     out = str(root / "run")
     result = train(feature_args(tiny_sd1, shapes, out, str(prompts), "--sample_prompts", str(prompts),
                                 "--sample_every_n_steps", "2", "--save_every_n_steps", "1",
-                                "--save_last_n_steps", "2"))
+                                "--save_last_n_steps", "2", "--save_every_n_epochs", "1",
+                                "--save_last_n_epochs", "1"))
     return result, str(prompts)
 
 
@@ -59,18 +60,21 @@ def test_files_samples_and_cadence(run):
     result, _ = run
     out = result.output_dir
     names = sorted(os.listdir(out))
-    # step files every step but the last (the final files), the oldest pruned: only the last 2 steps' kept
-    assert [n for n in names if "-step" in n] == ["feat-step00000002", "feat-step00000002-ema",
-                                                  "feat-step00000002-ema.safetensors", "feat-step00000002.safetensors",
-                                                  "feat-step00000003", "feat-step00000003-ema",
-                                                  "feat-step00000003-ema.safetensors", "feat-step00000003.safetensors"]
+    # 5 training images, batch 2: 2 steps an epoch, 3 epochs. Step files every step but the last (the final files
+    # are that one), pruned to the last 2 steps; epoch files every epoch but the last, pruned to the last one
+    assert [n for n in names if "-step" in n] == ["feat-step00000004", "feat-step00000004-ema",
+                                                  "feat-step00000004-ema.safetensors", "feat-step00000004.safetensors",
+                                                  "feat-step00000005", "feat-step00000005-ema",
+                                                  "feat-step00000005-ema.safetensors", "feat-step00000005.safetensors"]
+    assert [n for n in names if n.startswith("feat-0")] == ["feat-000002", "feat-000002-ema",
+                                                           "feat-000002-ema.safetensors", "feat-000002.safetensors"]
     # EMA beside the raw weights in every format
     assert {"feat.safetensors", "pytorch_lora_weights.safetensors", "feat-ema.safetensors", "feat-ema"} <= set(names)
     assert os.path.isfile(os.path.join(out, "feat-ema", "pytorch_lora_weights.safetensors"))
     from PIL import Image
 
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["feat_000002_00.png", "feat_000002_01.png",
-                                                                "feat_000004_00.png", "feat_000004_01.png"]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"feat_{s:06d}_{i:02d}.png" for s in (2, 4, 6)
+                                                                for i in (0, 1)]
     im = Image.open(os.path.join(out, "samples", "feat_000004_00.png"))
     assert im.format == "PNG" and im.size == (32, 48) and im.text["prompt"] == "a red circle"
     assert im.text["seed"] == "5" and im.text["guidance_scale"] == "3.0"
@@ -95,7 +99,7 @@ def test_metadata_and_hparams_record_the_features(run):
 def test_validation_loss_every_step_and_on_the_curve(run):
     result, _ = run
     steps = [s for s, _ in result.validation_losses]
-    assert steps == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in result.validation_losses)
+    assert steps == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in result.validation_losses)
     assert len({round(v, 9) for _, v in result.validation_losses}) > 1  # it follows the weights
     state = json.load(open(os.path.join(result.output_dir, "checkpoint-2", "trainer_state.json")))
     assert state["validation_losses"] == [list(x) for x in result.validation_losses[:2]]
@@ -120,9 +124,9 @@ def test_resume_is_exact_with_lion_ema_and_validation(run, tiny_sd1, shapes, tmp
     os.makedirs(out)
     shutil.copytree(os.path.join(result.output_dir, "checkpoint-2"), os.path.join(out, "checkpoint-2"))
     resumed = train(feature_args(tiny_sd1, shapes, out, prompts, "--resume_from_checkpoint", "latest"))
-    assert resumed.global_step == 4
+    assert resumed.global_step == 6
     np.testing.assert_allclose(resumed.losses, result.losses, rtol=1e-5, atol=1e-6)
-    assert [s for s, _ in resumed.validation_losses] == [1, 2, 3, 4]
+    assert [s for s, _ in resumed.validation_losses] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in resumed.validation_losses], [v for _, v in result.validation_losses],
                                rtol=1e-6, atol=1e-7)  # the same figure across two runs, one of them resumed
     for name in ("feat.safetensors", "feat-ema.safetensors"):

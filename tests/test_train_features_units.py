@@ -76,6 +76,17 @@ def test_prompt_file_syntax(tmp_path):
         read_prompts(str(f))
 
 
+def test_sample_cadence():
+    import argparse
+
+    from mindone_lora_plugin.train.sample_prompts import is_due
+
+    args = argparse.Namespace(sample_prompts="p.txt", sample_every_n_steps=3, sample_every_n_epochs=None)
+    assert [s for s in range(1, 10) if is_due(args, s, 4)] == [3, 6, 9]
+    args.sample_every_n_steps, args.sample_every_n_epochs = None, 2  # 4 steps an epoch: every 8 steps
+    assert [s for s in range(1, 17) if is_due(args, s, 4)] == [8, 16]
+
+
 def test_save_cadence_names_and_pruning(tmp_path):
     from mindone_lora_plugin.train import cadence
 

@@ -151,10 +151,12 @@ def test_optimizer_state_is_named_for_checkpoints():
     assert {"prodigy_d", "prodigy_k", "prodigy_exp_avg.unet.m.lora_B.weight"} <= set(names)
 
 
-def test_loraplus_moves_b_ratio_times_as_far():
-    """Lion's step is lr·sign(·): with LoRA+ ratio 4 the B matrices move exactly 4× as far, the others as far."""
-    plain, _ = _run("Lion", lrs=LRS, mode="pynative")
-    plus, _ = _run("Lion", lrs=LRS, loraplus=4.0, mode="pynative")
+@pytest.mark.parametrize("name,optimizer_args", [("Lion", ()), ("AdamW", ("weight_decay=0",))])
+def test_loraplus_moves_b_ratio_times_as_far(name, optimizer_args):
+    """On fixed gradients (and no weight decay) a step is proportional to the lr: with LoRA+ ratio 4 the B matrices
+    move 4× as far, the others as far as without."""
+    plain, _ = _run(name, optimizer_args, lrs=LRS, mode="pynative")
+    plus, _ = _run(name, optimizer_args, lrs=LRS, loraplus=4.0, mode="pynative")
     start = _start()
     for k in SHAPES:
         ratio = np.abs(plus[k] - start[k]).sum() / np.abs(plain[k] - start[k]).sum()
