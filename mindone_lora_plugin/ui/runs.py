@@ -39,6 +39,7 @@ class EventTail:
         self.speeds: list[float] = []
         self.last_start = None
         self.last_end = None  # the end event after the last start, if any
+        self.starts = 0  # launches seen: a page holding the curve starts over when this changes
         self.step = 0
         self.total = None
 
@@ -67,6 +68,7 @@ class EventTail:
         kind = e.get("event")
         if kind == "start":
             self.last_start, self.last_end = e, None
+            self.starts += 1
             self.speeds = []
         elif kind in END_EVENTS:
             self.last_end = e
@@ -82,8 +84,9 @@ class EventTail:
             self.total = e["total_steps"]
 
 
-def _thin(points: dict[int, float]) -> list[list]:
-    items = sorted(points.items())
+def _thin(points: dict[int, float], since: int = 0) -> list[list]:
+    """Points after step ``since`` (all when 0), oldest first, thinned evenly to about :data:`MAX_POINTS`."""
+    items = sorted((s, v) for s, v in points.items() if s > since) if since else sorted(points.items())
     if len(items) > MAX_POINTS:
         stride = len(items) / MAX_POINTS
         items = [items[int(i * stride)] for i in range(MAX_POINTS)] + [items[-1]]
@@ -171,7 +174,8 @@ class RunManager:
         except (OSError, ValueError):
             return {}
 
-    def state(self, folder: str, detail: bool = False) -> dict:
+    def state(self, folder: str, detail: bool = False, since: int = 0) -> dict:
+        """The run's state; ``detail`` adds the loss points after step ``since``, images, log tail and arguments."""
         with self._lock:
             self._reap()
             tail = self._tails.get(folder)
@@ -204,7 +208,8 @@ class RunManager:
         if status == "failed" and not out["message"]:
             out["message"] = _last_error(os.path.join(folder, OUTPUT_LOG)) or "the process ended without a status"
         if detail:
-            out.update(losses=_thin(tail.losses), val_losses=_thin(tail.val_losses), argv=info.get("argv"),
+            out.update(losses=_thin(tail.losses, since), val_losses=_thin(tail.val_losses), since=since,
+                       starts=tail.starts, argv=info.get("argv"),
                        images=self.images(folder), log=_tail_text(os.path.join(folder, OUTPUT_LOG)))
         return out
 

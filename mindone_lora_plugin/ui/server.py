@@ -132,7 +132,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json({"runs": [runs.state(d) for d in runs.run_dirs()]})
             if path == "/api/run":
                 runs = self.server.runs
-                return self._json(runs.state(runs.folder(one.get("id", "")), detail=True))
+                since = int(one["since"]) if one.get("since", "").isdigit() else 0
+                return self._json(runs.state(runs.folder(one.get("id", "")), detail=True, since=since))
             if path == "/api/run/files":
                 runs = self.server.runs
                 return self._json({"files": runs.files(runs.folder(one.get("id", "")))})

@@ -39,6 +39,7 @@ function fieldInput(f) {
   if (f.kind === "bool") return el("input", {type: "checkbox", id, name: f.dest, checked: !!f.default});
   if (f.kind === "choice") {
     const s = el("select", {id, name: f.dest});
+    if (f.default === null) s.append(el("option", {value: "", text: "(default)"}));
     for (const c of f.choices) s.append(el("option", {value: String(c), text: String(c)}));
     if (f.default !== null) s.value = String(f.default);
     return s;
@@ -164,8 +165,12 @@ async function refreshRuns() {
   if (!$("page-runs").hidden) timer = setTimeout(refreshRuns, 1500);
 }
 
+// the loss curve held by the page: only the points after the last one are fetched (a flat cost per poll)
+let curve = {id: null, starts: -1, losses: [], vals: []};
+
 async function refreshRun() {
-  const r = await api("/api/run?id=" + encodeURIComponent(current));
+  const since = curve.id === current && curve.losses.length ? curve.losses[curve.losses.length - 1][0] : 0;
+  const r = await api("/api/run?id=" + encodeURIComponent(current) + "&since=" + since);
   const box = $("run-detail");
   if (r.error) { box.hidden = false; $("run-error").textContent = r.error; return; }
   box.hidden = false;
@@ -179,7 +184,14 @@ async function refreshRun() {
   $("run-error").textContent = r.message || "";
   $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
   $("btn-resume").disabled = r.status === "running" || r.status === "starting" || !r.checkpoints.length;
-  drawLoss(r.losses || [], r.val_losses || []);
+  if (curve.id !== current || curve.starts !== r.starts || r.since === 0) {
+    curve = {id: current, starts: r.starts, losses: [], vals: []};
+    if (since) return refreshRun();  // a resume began a new curve: fetch it whole
+  }
+  curve.losses = curve.losses.concat(r.losses || []);
+  curve.vals = r.val_losses || [];  // few points: always sent whole
+  drawLoss(curve.losses, curve.vals);
+  document.querySelector(".legend .l-val").hidden = !curve.vals.length;
   const imgs = $("run-images");
   const want = (r.images || []).slice(-4);
   if (imgs.dataset.key !== want.join("|")) {
@@ -206,6 +218,7 @@ function drawLoss(points, vals) {
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-9);
   const X = (x) => pad + (W - pad - 8) * (x - x0) / (x1 - x0), Y = (y) => 8 + (H - pad - 16) * (1 - (y - y0) / (y1 - y0));
   const line = (pts, colour, width) => {
+    if (pts.length > 2000) { const k = Math.ceil(pts.length / 2000); pts = pts.filter((p, i) => i % k === 0 || i === pts.length - 1); }
     g.strokeStyle = colour; g.lineWidth = width; g.beginPath();
     pts.forEach((p, i) => (i ? g.lineTo(X(p[0]), Y(p[1])) : g.moveTo(X(p[0]), Y(p[1]))));
     g.stroke(); g.lineWidth = 1;
