@@ -207,3 +207,15 @@ def test_api_lora_tools(server, tree, tiny_sd1):
                                                            {"path": "conv", "weight": "1"}]})
     assert status == 200 and "combined" in json.loads(body)["message"], body
     assert os.path.isfile(root / "both.safetensors")
+    # generate with weighted LoRAs: the grid comes back; a missing prompt is one message
+    lora = [{"path": str(allowed / "toy.safetensors"), "weight": "0.5"}, {"path": "conv", "weight": "0.5"}]
+    status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "", "out": "gen"})
+    assert status == 400 and "--prompt is required" in json.loads(body)["error"]
+    status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "a red circle",
+                                                    "steps": "1", "num_images": "2", "seed": "3", "out": "gen",
+                                                    "device_target": "CPU"})
+    r = json.loads(body)
+    assert status == 200 and r["grid"] == str(root / "gen" / "grid.png"), body
+    from PIL import Image
+
+    assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 3
