@@ -5,9 +5,8 @@
 
 * ``{"event": "start", "pid", "step", "total_steps", "time", ...}`` when the loop begins (``step`` > 0 on a resume);
 * ``{"event": "step", "step", "total_steps", "loss", "lr", "s_per_step", "time"}`` after every optimizer step;
-* ``{"event": "validation", "step", "image"}`` when a validation grid is written; other modules may add
-  ``{"event": "val_loss", "step", "val_loss"}`` through :meth:`RunEvents.write`;
-* ``{"event": "checkpoint", "step", "path"}``;
+* ``{"event": "val_loss", "step", "val_loss"}`` where a validation loss is computed (``trainer.events.write(
+  "val_loss", step=..., val_loss=...)``; the UI plots it beside the training loss);
 * the run's end: ``{"event": "finished" | "stopped" | "failed", "step", "message"?, "time"}``.
 
 SIGTERM or SIGINT during the loop asks for a stop: the trainer finishes the step it is in, writes a checkpoint,

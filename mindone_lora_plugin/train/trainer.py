@@ -324,7 +324,7 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main, dynamic_ncols=True)
         from mindone_lora_plugin.train.events import RunEvents
 
-        events = RunEvents(args.output_dir, enabled=self.is_main).install()  # train_log.jsonl; SIGTERM → stop
+        events = self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
         events.start(global_step, self.max_steps)
         last_ckpt = None
         t0 = time.time()
