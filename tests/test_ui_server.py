@@ -219,3 +219,23 @@ def test_api_lora_tools(server, tree, tiny_sd1):
     from PIL import Image
 
     assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 3
+
+
+def test_api_saves_a_config_and_refuses_a_bad_run(server, tree, tiny_sd1):
+    root, _, outside = tree
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    make_shapes_dataset(str(root / "data"), size=16, repeats=1)
+    url = server(allow=[os.path.dirname(tiny_sd1)])
+    values = {"pretrained_model_name_or_path": tiny_sd1, "train_data_dir": "data", "output_dir": "runs/a",
+              "max_train_steps": "7"}
+    status, body, _ = fetch(url + "/api/config", {"values": values, "path": "cfg/run.toml"})
+    r = json.loads(body)
+    assert status == 200 and r["saved"] == str(root / "cfg" / "run.toml") and "--max_train_steps 7" in r["command"]
+    assert tomllib.loads((root / "cfg" / "run.toml").read_text())["max_train_steps"] == 7
+    status, body, _ = fetch(url + "/api/config", {"values": values, "path": str(outside / "run.toml")})
+    assert status == 400 and "outside the allowed folders" in json.loads(body)["error"]
+    status, body, _ = fetch(url + "/api/start", {"values": dict(values, train_data_dir="")})
+    r = json.loads(body)
+    assert status == 200 and "id" not in r and "--train_data_dir" in r["errors"]["train_data_dir"]
+    assert not os.path.exists(root / "runs")  # nothing started, nothing written

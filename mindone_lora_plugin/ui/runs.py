@@ -262,11 +262,13 @@ class RunManager:
         folder = self.folder(run_id)
         info = self._info(folder)
         launch = (info.get("launches") or [{}])[-1]
-        pid = launch.get("pid")
+        self.state(folder)  # reads the newest events
+        pid = launch.get("pid") or (self._tails[folder].last_start or {}).get("pid")  # a run started outside the UI
         if not _alive(pid):
             raise LoraError(f"run {run_id} is not running")
-        launch["stop_requested"] = time.time()
-        self._write_info(folder, info)
+        if launch:
+            launch["stop_requested"] = time.time()
+            self._write_info(folder, info)
         os.kill(pid, signal.SIGTERM)  # the trainer checkpoints, records "stopped" and exits
 
     def _launch(self, folder: str, info: dict, argv: list[str]) -> None:
