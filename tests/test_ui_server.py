@@ -50,6 +50,20 @@ def test_binding_elsewhere_needs_auth(tree, capsys):
     assert err.count("\n") == 0 and "--auth" in err and "0.0.0.0" in err
     assert main(["ui", "--root", str(tree[0] / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    # with --auth it binds, and says that auth is on
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--host", "0.0.0.0", "--port", "0",
+                             "--root", root, "--auth", "alice:s3cret"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        proc.stdout.close()
+    assert "http://0.0.0.0:" in line and "auth on (HTTP Basic, user alice)" in line and "s3cret" not in line
 
 
 def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
