@@ -103,7 +103,20 @@ def schema(parser=None) -> dict:
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
         if fields:
             groups.append({"title": group.title, "fields": fields})
+    _installed_names(groups)
     return {"groups": groups, "presets": PRESETS}
+
+
+def _installed_names(groups) -> None:
+    """Offer the installed strategies as choices and name the installed formats (both come from plugins)."""
+    from mindone_lora_plugin.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for f in (f for g in groups for f in g["fields"]):
+        if f["dest"] == "lora_strategy":
+            f.update(kind="choice", choices=sorted(pm.strategies()))
+        elif f["dest"] == "save_formats":
+            f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
 
 
 def _flag(action) -> str:
