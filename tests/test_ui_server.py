@@ -94,6 +94,9 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
                                             "lr_scheduler"}
     assert "does not exist" in errors["pretrained_model_name_or_path"]
     assert "outside the allowed folders" in errors["train_data_dir"] and "invalid int" in errors["lora_rank"]
+    errors, _ = form.validate(dict(values, cache_dir="/etc", logging_dir="../../../x", output_name="../x",
+                                   dataset_name="../secret"), g)
+    assert set(errors) == {"cache_dir", "logging_dir", "output_name", "dataset_name"}
     # the CLI's whole-run checks (train/settings.py) land on the flag they name
     errors, _ = form.validate(dict(values, with_prior_preservation=True), g)
     assert list(errors) == ["with_prior_preservation"]

@@ -25,9 +25,11 @@ BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir",
          "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
          "validation_prompt", "validation_steps", "num_validation_images", "lora_rank", "lora_alpha", "lora_strategy",
          "lora_algo", "lora_targets", "train_text_encoder", "save_formats", "output_name", "mode", "device_target")
-# folders the UI confines to the allowed ones (and checks)
+# folders the UI confines to the allowed ones (and checks); so is every flag named like a path (PATHISH), e.g. one a
+# plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
-               "cache_dir")
+               "cache_dir", "config_file", "output_config", "sample_prompts")
+PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
 # set by the UI itself, not by the form
 HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
@@ -184,12 +186,20 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     actions = _actions(parser)
     errors: dict[str, str] = {}
     values = dict(values)
-    for dest in PATH_FIELDS:  # confine, and give the checks the resolved path
-        if str(values.get(dest) or "").strip():
-            try:
-                values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]))
-            except LoraError as e:
-                errors[dest] = str(e)
+    for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
+        try:
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]))
+        except LoraError as e:
+            errors[dest] = str(e)
+    name = str(values.get("output_name") or "").strip()
+    if name and (os.sep in name or name in (".", "..")):
+        errors["output_name"] = f"--output_name {name}: a file name, not a path (the file goes into --output_dir)"
+    logs = str(values.get("logging_dir") or "").strip()
+    if logs and "output_dir" not in errors and str(values.get("output_dir") or "").strip():
+        try:  # relative to the output folder, as the trainer reads it
+            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir")
+        except LoraError as e:
+            errors["logging_dir"] = str(e)
     for dest, action in actions.items():  # types and choices, one field at a time
         value = values.get(dest)
         if dest in errors or _kind(action) == "bool" or value is None or str(value).strip() == "":
@@ -242,6 +252,21 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     except LoraError as e:
         errors[_field_of(str(e), actions)] = str(e)
     return errors, (None if errors else argv)
+
+
+def _path_dests(actions: dict, values: dict, guard) -> list[str]:
+    """The flags whose given value is a path the UI must confine."""
+    found = []
+    for dest, action in actions.items():
+        value = str(values.get(dest) or "").strip()
+        if not value or _kind(action) == "bool" or dest == "logging_dir":
+            continue
+        if dest == "dataset_name":  # a path, or the name of a dataset in the offline cache
+            if os.path.isabs(value) or value.startswith(("~", ".")) or os.path.exists(os.path.join(guard.root, value)):
+                found.append(dest)
+        elif dest in PATH_FIELDS or PATHISH.search(dest):
+            found.append(dest)
+    return found
 
 
 def _one_line(message: str) -> str:
