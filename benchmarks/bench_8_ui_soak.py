@@ -3,8 +3,9 @@
 ``mindone-lora ui`` runs as its own process; a run of ``--steps`` (default 1,000) steps writes ``train_log.jsonl``
 (through :class:`mindone_lora_plugin.train.events.RunEvents`, as the trainer does), its output log and a validation
 PNG every 100 steps, at ``--step_ms`` per step. Meanwhile a poller asks what the page asks every 1.5 s — the run list
-and the run's detail (the loss points after the last one it holds, images, log tail) — as fast as it can. Compared side by side: the median response
-time over the first and the last 10% of the run, and the UI's RSS at the start and the end.
+and the run's detail (the loss points after the last one it holds, images, log tail) — as fast as it can. Compared
+side by side: the median response time over the first and the last 10% of the run, and the UI's RSS at the start and
+the end.
 
 Targets: last/first median response ≤ 2.0×; RSS end/start ≤ 1.10.
 

@@ -240,7 +240,9 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
             args = parser.parse_args(argv)
         resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
         if resolution % 8:
-            raise LoraError(f"--resolution {resolution} is not divisible by 8; use e.g. {resolution - resolution % 8 or 8}")
+            # the trainer's own check (Trainer.run), before any model loads
+            raise LoraError(f"--resolution {resolution} is not divisible by 8; use e.g. "
+                            f"{resolution - resolution % 8 or 8}")
         check_args(args)
         pm = get_plugin_manager()
         options = options_from_args(args, info.architecture, pm)
