@@ -98,10 +98,10 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench8-") as root:
         ui = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--port", "0", "--root", root],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        writer = None
         try:
             url = re.search(r"http://127\.0\.0\.1:\d+", ui.stdout.readline()).group(0)
             get(url + "/")
-            writer = None
             if args.real:
                 run_id = start_real(url, root, args.steps)
             else:
@@ -152,6 +152,9 @@ def main():
             print("PASS" if ok else "FAIL")
             return 0 if ok else 1
         finally:
+            if writer is not None and writer.poll() is None:
+                writer.kill()
+                writer.wait()
             ui.terminate()
             ui.wait(10)
             ui.stdout.close()
