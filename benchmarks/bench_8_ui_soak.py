@@ -89,6 +89,20 @@ def start_real(url: str, root: str, steps: int) -> str:
     return r["id"]
 
 
+def _kill_runs(root: str) -> None:
+    """A training process the UI started (--real) never outlives the benchmark."""
+    import signal
+
+    from mindone_lora_plugin.ui.runs import RUN_FILE, _alive
+
+    for top, _, names in os.walk(root):
+        if RUN_FILE in names:
+            with open(os.path.join(top, RUN_FILE)) as f:
+                for launch in json.load(f).get("launches", []):
+                    if _alive(launch.get("pid")):
+                        os.kill(launch["pid"], signal.SIGKILL)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -155,6 +169,7 @@ def main():
             if writer is not None and writer.poll() is None:
                 writer.kill()
                 writer.wait()
+            _kill_runs(root)
             ui.terminate()
             ui.wait(10)
             ui.stdout.close()
