@@ -3,7 +3,7 @@
 ``mindone-lora ui`` runs as its own process; a run of ``--steps`` (default 1,000) steps writes ``train_log.jsonl``
 (through :class:`mindone_lora_plugin.train.events.RunEvents`, as the trainer does), its output log and a validation
 PNG every 100 steps, at ``--step_ms`` per step. Meanwhile a poller asks what the page asks every 1.5 s — the run list
-and the run's detail (the loss points after the last one it holds, images, log tail) — as fast as it can. Compared
+and the run's detail (the loss points after the last one it holds, images, log tail) — every ``--pause_ms``. Compared
 side by side: the median response time over the first and the last 10% of the run, and the UI's RSS at the start and
 the end.
 
@@ -12,7 +12,7 @@ Targets: last/first median response ≤ 2.0×; RSS end/start ≤ 1.10.
 ``--real`` trains the tiny model instead (``mindone-lora train`` started through the UI's API, GRAPH_MODE, CPU);
 slow on a small machine, the simulated writer measures the same UI code.
 
-    python benchmarks/bench_8_ui_soak.py [--steps 1000] [--step_ms 20] [--real]
+    python benchmarks/bench_8_ui_soak.py [--steps 1000] [--step_ms 20] [--pause_ms 20] [--real]
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--step_ms", type=float, default=20.0)
     ap.add_argument("--real", action="store_true")
+    ap.add_argument("--pause_ms", type=float, default=20.0, help="pause between two polls (default 20 ms)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench8-") as root:
         ui = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--port", "0", "--root", root],
@@ -145,6 +146,7 @@ def main():
                     rss.append(rss_kib(ui.pid))
                 if state["status"] in ("finished", "failed", "stopped"):
                     break
+                time.sleep(args.pause_ms / 1000)
                 if time.time() - t0 > 3600:
                     raise SystemExit("the run did not finish within an hour")
             rss.append(rss_kib(ui.pid))
