@@ -7,11 +7,12 @@ STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/
 STAMP := $(VENV)/.installed-$(STAMP_KEY)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean lint
+.PHONY: setup test demo bench clean lint browser
 
 setup: $(STAMP)
 
 $(STAMP):
+	@$(MAKE) --no-print-directory browser
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev,interop]'
@@ -19,6 +20,14 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "set-up done: $(VENV)"
+
+# headless Chromium for the UI's browser tests (tests/test_ui_browser.py): installed when root and missing
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
+		echo "note: installing chromium failed; the UI browser tests will be skipped"; \
+	else echo "note: the UI browser tests will be skipped; install chromium and chromium-driver (as root: make browser)"; fi
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -24,6 +24,7 @@ COMMANDS = {
     "merge": ("mindone_lora_plugin.commands.merge", "fuse LoRAs into a model folder, or combine them into one LoRA"),
     "run": ("mindone_lora_plugin.commands.run", "run an unmodified mindone LoRA training script with this plugin"),
     "plugins": ("mindone_lora_plugin.commands.plugins", "list installed plugins, strategies and formats"),
+    "ui": ("mindone_lora_plugin.commands.ui", "a web UI to set up, watch and use training runs"),
 }
 
 

@@ -36,6 +36,6 @@ def test_two_workers_keep_identical_weights_and_only_rank0_writes(tiny_sd1, tmp_
     assert set(digests) == {"0", "1"}, worker_logs[-2000:]
     assert digests["0"] == digests["1"]
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "hparams.yml", "loss_curve.png", "out.safetensors",
-                                       "pytorch_lora_weights.safetensors"]
+                                       "pytorch_lora_weights.safetensors", "train_log.jsonl"]
     first = re.findall(r"training 2 steps .* 2 worker\(s\)", worker_logs)
     assert len(first) == 1  # only rank 0 talks

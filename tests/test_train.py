@@ -58,7 +58,8 @@ def test_sd1_outputs_and_layout(sd1_run):
     out = result.output_dir
     assert result.global_step == 4 and len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "hparams.yml", "logs", "loss_curve.png",
-                                       "pytorch_lora_weights.safetensors", "shapes_lora.safetensors", "validation"]
+                                       "pytorch_lora_weights.safetensors", "shapes_lora.safetensors", "train_log.jsonl",
+                                       "validation"]
     ckpt = os.path.join(out, "checkpoint-2")
     assert {"pytorch_lora_weights.safetensors", "optimizer.safetensors", "trainer_state.json"} <= set(os.listdir(ckpt))
     assert not any(n.startswith(".checkpoint") for n in os.listdir(out))

@@ -28,7 +28,13 @@ def run(args) -> int:
         return run_demo(args)
     from mindone_lora_plugin.train.trainer import Trainer
 
-    Trainer(args).run()
+    from mindone_lora_plugin.train.events import record_failure
+
+    try:
+        Trainer(args).run()
+    except BaseException as e:  # noqa: B902 - recorded for watchers (train_log.jsonl), then re-raised
+        record_failure(args.output_dir, e)
+        raise
     return 0
 
 

@@ -90,6 +90,9 @@ class TrainingFeatures:
         self.t._say(f"step {global_step}: validation loss {loss:.6f}")
         if writer is not None:
             writer.add_scalar("val/loss", loss, global_step)
+        events = getattr(self.t, "events", None)  # train_log.jsonl, which the UI draws
+        if events is not None:
+            events.write("val_loss", step=global_step, val_loss=loss)
         return loss
 
     def _save(self, name: str, global_step: int) -> list[str]:

@@ -325,6 +325,10 @@ class Trainer:
                   f"batch {args.train_batch_size} × {accum} accumulation × {self.world} worker(s)) in "
                   f"{args.mode} mode on {ms.get_context('device_target')}")
         bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main, dynamic_ncols=True)
+        from mindone_lora_plugin.train.events import RunEvents
+
+        events = self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
+        events.start(global_step, self.max_steps)
         last_ckpt = None
         t0 = time.time()
         while global_step < self.max_steps:
@@ -352,6 +356,14 @@ class Trainer:
                 writer.add_scalar("train/lr", lr, global_step)
             log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
             self.features.after_update(global_step, writer)  # EMA, validation loss, samples, save cadence
+            events.step(global_step, self.max_steps, loss, lr)
+            if events.stop_requested and global_step < self.max_steps:  # a graceful stop: checkpoint, then return
+                bar.close()
+                result.global_step, result.checkpoints = global_step, [self._save_checkpoint(global_step, losses)]
+                events.end("stopped", global_step)
+                events.uninstall()
+                self._say(f"stopped at step {global_step}; resume with --resume_from_checkpoint latest")
+                return result
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
                 if not self._weights_finite():  # never write a poisoned checkpoint over a good one
                     bar.close()
@@ -392,6 +404,8 @@ class Trainer:
             print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {self._weights_digest()}", flush=True)
         if writer is not None:
             writer.close()
+        events.end("finished", global_step)
+        events.uninstall()
         return result
 
     def _weights_digest(self) -> str:

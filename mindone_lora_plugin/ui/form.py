@@ -1,0 +1,295 @@
+"""The new-run form: built from ``mindone-lora train``'s own parser, validated with the CLI's own checks.
+
+Every flag of the parser becomes a field in the group it has in ``--help`` (plugin flags in the "plugins" group), so a
+flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options".
+Values come from the page as strings (booleans as booleans); :func:`to_argv` turns them into the ``train`` argument
+list, :func:`validate` reports one message per mistake keyed by flag dest, :func:`to_toml` writes a config file whose
+keys are the flag dests (kohya-style ``key = value``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+
+from mindone_lora_plugin.errors import LoraError
+
+# shown without "more options"; the rest of each group is folded
+BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "class_data_dir",
+         "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed", "train_batch_size",
+         "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
+         "validation_prompt", "validation_steps", "num_validation_images", "lora_rank", "lora_alpha", "lora_strategy",
+         "lora_algo", "lora_targets", "train_text_encoder", "save_formats", "output_name", "mode", "device_target")
+# folders the UI confines to the allowed ones (and checks); so is every flag named like a path (PATHISH), e.g. one a
+# plugin or a newer train adds, and --dataset_name when its value is a path
+PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
+               "cache_dir", "config_file", "output_config", "sample_prompts")
+PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
+# set by the UI itself, not by the form
+HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help")
+SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
+
+PRESETS = {
+    "SD1.x quick": dict(resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
+                        lr_scheduler="constant", lr_warmup_steps="0", lora_rank="8", lora_alpha="8",
+                        lora_targets="attn", checkpointing_steps="100", validation_steps="100",
+                        num_validation_images="2", save_formats="diffusers,kohya"),
+    "SDXL": dict(resolution="1024", train_batch_size="1", max_train_steps="1000", learning_rate="1e-4",
+                 lr_scheduler="constant", lr_warmup_steps="0", lora_rank="16", lora_alpha="16", lora_targets="attn",
+                 gradient_checkpointing=True, checkpointing_steps="200", validation_steps="200",
+                 num_validation_images="2", save_formats="diffusers,kohya"),
+    "DreamBooth": dict(train_data_dir="", instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
+                       with_prior_preservation=True, num_class_images="100", resolution="512",
+                       train_batch_size="1", max_train_steps="500", learning_rate="1e-4", lr_scheduler="constant",
+                       lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
+                       validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
+                       num_validation_images="2"),
+    "tiny model on CPU (a quick check)": dict(resolution="32", train_batch_size="1", max_train_steps="40",
+                                              learning_rate="1e-3", lr_warmup_steps="0", lora_targets="attn",
+                                              checkpointing_steps="5", validation_prompt="a red circle",
+                                              validation_steps="10", num_validation_images="1",
+                                              num_inference_steps="2", device_target="CPU", mode="pynative",
+                                              report_to="none"),
+}
+
+
+class _ParseError(Exception):
+    pass
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):  # noqa: D401 - argparse API
+        raise _ParseError(message)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """A fresh ``mindone-lora train`` parser (with the installed plugins' flags) that raises instead of exiting."""
+    from mindone_lora_plugin.train import cli as train_cli
+
+    top = _RaisingParser(prog="mindone-lora")
+    sub = top.add_subparsers(parser_class=_RaisingParser)
+    return train_cli.add_parser(sub)
+
+
+def _kind(action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "bool"
+    if action.choices:
+        return "choice"
+    return {int: "int", float: "float"}.get(action.type, "str")
+
+
+def _plain(value):
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def schema(parser=None) -> dict:
+    """The form: ``{"groups": [{"title", "fields": [...]}], "presets": {...}}``, in ``--help`` order."""
+    parser = parser or train_parser()
+    groups = []
+    for group in parser._action_groups:
+        if group.title in SKIPPED_GROUPS or group.title.startswith("refused"):
+            continue
+        fields = []
+        for a in group._group_actions:
+            if a.help == argparse.SUPPRESS or a.dest in HIDDEN or not a.option_strings:
+                continue
+            fields.append({"dest": a.dest, "flag": _flag(a), "kind": _kind(a), "default": _plain(a.default),
+                           "choices": [c for c in (a.choices or ()) if c is not None] or None,
+                           "help": (a.help or "").replace("%(default)s", str(a.default)),
+                           "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
+        if fields:
+            groups.append({"title": group.title, "fields": fields})
+    _installed_names(groups)
+    return {"groups": groups, "presets": PRESETS}
+
+
+def _installed_names(groups) -> None:
+    """Offer the installed strategies as choices and name the installed formats (both come from plugins)."""
+    from mindone_lora_plugin.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for f in (f for g in groups for f in g["fields"]):
+        if f["dest"] == "lora_strategy":
+            f.update(kind="choice", choices=sorted(pm.strategies()))
+        elif f["dest"] == "save_formats":
+            f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
+
+
+def _flag(action) -> str:
+    longs = [o for o in action.option_strings if o.startswith("--")]
+    return next((o for o in longs if o[2:] == action.dest), longs[0] if longs else action.option_strings[0])
+
+
+def _actions(parser) -> dict:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help",)}
+
+
+def _is_default(action, value) -> bool:
+    if action.default is None:
+        return False
+    try:
+        return (action.type or str)(value) == action.default
+    except (TypeError, ValueError):
+        return False
+
+
+def to_argv(values: dict, parser=None) -> list[str]:
+    """The ``train`` arguments for the form values (empty and default values are left out)."""
+    parser = parser or train_parser()
+    argv = []
+    for dest, action in _actions(parser).items():
+        if dest not in values or dest in HIDDEN:
+            continue
+        value = values[dest]
+        if _kind(action) == "bool":
+            if bool(value) != bool(action.default):
+                argv.append(_flag(action))
+            continue
+        value = "" if value is None else str(value).strip()
+        if value == "" or _is_default(action, value):
+            continue
+        argv += [_flag(action), value]
+    return argv
+
+
+def command_line(argv: list[str]) -> str:
+    return "mindone-lora train " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _field_of(message: str, actions: dict) -> str:
+    """The dest of the first flag a message names (``_form`` when it names none)."""
+    by_flag = {o: d for d, a in actions.items() for o in a.option_strings}
+    for flag in re.findall(r"--[A-Za-z0-9_-]+", message):
+        if flag in by_flag:
+            return by_flag[flag]
+    return "_form"
+
+
+def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | None]:
+    """``(errors, argv)``: ``errors`` maps a flag dest (or ``_form``) to one message; ``argv`` is None on errors.
+
+    The checks are the CLI's: the parser's types and choices, the model folder read as ``train`` reads it
+    (:class:`BaseModelInfo`), ``check_args`` and ``options_from_args`` of ``train/settings.py``, the plugin manager's
+    strategy and format names; plus the UI's own: every path inside the allowed folders.
+    """
+    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.train.settings import check_args, default_resolution, options_from_args
+
+    parser = train_parser()
+    actions = _actions(parser)
+    errors: dict[str, str] = {}
+    values = dict(values)
+    for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
+        try:
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]))
+        except LoraError as e:
+            errors[dest] = str(e)
+    name = str(values.get("output_name") or "").strip()
+    if name and (os.sep in name or name in (".", "..")):
+        errors["output_name"] = f"--output_name {name}: a file name, not a path (the file goes into --output_dir)"
+    logs = str(values.get("logging_dir") or "").strip()
+    if logs and "output_dir" not in errors and str(values.get("output_dir") or "").strip():
+        try:  # relative to the output folder, as the trainer reads it
+            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir")
+        except LoraError as e:
+            errors["logging_dir"] = str(e)
+    for dest, action in actions.items():  # types and choices, one field at a time
+        value = values.get(dest)
+        if dest in errors or _kind(action) == "bool" or value is None or str(value).strip() == "":
+            continue
+        try:
+            parser.parse_args([_flag(action), str(value).strip()])
+        except _ParseError as e:
+            errors[dest] = _one_line(str(e))
+        except LoraError as e:
+            errors[dest] = str(e)
+    model = values.get("pretrained_model_name_or_path")
+    info = None
+    if not str(model or "").strip():
+        errors.setdefault("pretrained_model_name_or_path", "--pretrained_model_name_or_path is required: a "
+                                                           "diffusers-layout model folder")
+    elif "pretrained_model_name_or_path" not in errors:
+        try:
+            info = BaseModelInfo.from_folder(values["pretrained_model_name_or_path"])
+        except LoraError as e:
+            errors["pretrained_model_name_or_path"] = str(e)
+    data_fields = [d for d in ("train_data_dir", "dataset_name", "instance_data_dir") if str(values.get(d) or "")]
+    if not data_fields:
+        errors.setdefault("train_data_dir", "give the training images: --train_data_dir (an imagefolder), "
+                                            "--dataset_name, or --instance_data_dir (DreamBooth)")
+    for dest in ("train_data_dir", "instance_data_dir"):
+        if dest in data_fields and dest not in errors and not os.path.isdir(values[dest]):
+            errors[dest] = f"{_flag(actions[dest])} {values[dest]}: no such folder"
+    out = values.get("output_dir")
+    if not str(out or "").strip():
+        errors.setdefault("output_dir", "--output_dir is required: the folder the run writes (inside the root)")
+    elif "output_dir" not in errors and os.path.realpath(values["output_dir"]) in running_dirs:
+        errors["output_dir"] = f"--output_dir {values['output_dir']}: a run is writing there now; choose another"
+    if errors:
+        return errors, None
+    argv = to_argv(values, parser)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+        resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
+        if resolution % 8:
+            # the trainer's own check (Trainer.run), before any model loads
+            raise LoraError(f"--resolution {resolution} is not divisible by 8; use e.g. "
+                            f"{resolution - resolution % 8 or 8}")
+        check_args(args)
+        pm = get_plugin_manager()
+        options = options_from_args(args, info.architecture, pm)
+        for name in [f.strip() for f in args.save_formats.split(",") if f.strip()]:
+            pm.get_format(name)
+        pm.get_strategy(options.strategy)
+    except _ParseError as e:
+        errors["_form"] = _one_line(str(e))
+    except LoraError as e:
+        errors[_field_of(str(e), actions)] = str(e)
+    return errors, (None if errors else argv)
+
+
+def _path_dests(actions: dict, values: dict, guard) -> list[str]:
+    """The flags whose given value is a path the UI must confine."""
+    found = []
+    for dest, action in actions.items():
+        value = str(values.get(dest) or "").strip()
+        if not value or _kind(action) == "bool" or dest == "logging_dir":
+            continue
+        if dest == "dataset_name":  # a path, or the name of a dataset in the offline cache
+            if os.path.isabs(value) or value.startswith(("~", ".")) or os.path.exists(os.path.join(guard.root, value)):
+                found.append(dest)
+        elif dest in PATH_FIELDS or PATHISH.search(dest):
+            found.append(dest)
+    return found
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+
+
+def to_toml(argv: list[str], parser=None) -> str:
+    """A TOML config of the given ``train`` arguments: one ``dest = value`` line per flag, typed as the parser types."""
+    parser = parser or train_parser()
+    with contextlib.redirect_stderr(io.StringIO()):
+        args = parser.parse_args(argv)
+    given = {a.dest for a in _actions(parser).values() for o in a.option_strings if o in argv}
+    lines = ["# mindone-lora train config (keys are the flag names without --); written by mindone-lora ui"]
+    for dest in sorted(given):
+        lines.append(f"{dest} = {_toml_value(getattr(args, dest))}")
+    return "\n".join(lines) + "\n"

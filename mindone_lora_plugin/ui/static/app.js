@@ -1,0 +1,336 @@
+// mindone-lora ui: the page. Plain JavaScript over the JSON API of mindone_lora_plugin/ui/server.py.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, attrs = {}, ...kids) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") e.textContent = v; else if (k in e && k !== "list") e[k] = v; else e.setAttribute(k, v);
+  }
+  for (const kid of kids) e.append(kid);
+  return e;
+};
+const fileUrl = (p) => "/api/file?path=" + encodeURIComponent(p);
+
+async function api(path, body) {
+  const opts = body === undefined ? {} :
+    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const r = await fetch(path, opts);
+  let data;
+  try { data = await r.json(); } catch (e) { data = {error: `HTTP ${r.status}`}; }
+  if (!r.ok && !data.error) data.error = `HTTP ${r.status}`;
+  return data;
+}
+
+// ---------------------------------------------------------------- tabs
+
+function showTab(name) {
+  for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + name;
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.tab === name);
+  if (name === "runs") refreshRuns();
+}
+
+// ---------------------------------------------------------------- new run
+
+let schema = null;
+
+function fieldInput(f) {
+  const id = "f-" + f.dest;
+  if (f.kind === "bool") return el("input", {type: "checkbox", id, name: f.dest, checked: !!f.default});
+  if (f.kind === "choice") {
+    const s = el("select", {id, name: f.dest});
+    if (f.default === null) s.append(el("option", {value: "", text: "(default)"}));
+    for (const c of f.choices) s.append(el("option", {value: String(c), text: String(c)}));
+    if (f.default !== null) s.value = String(f.default);
+    return s;
+  }
+  return el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
+                      placeholder: f.default === null ? "" : String(f.default)});
+}
+
+function buildForm() {
+  const form = $("train-form");
+  form.textContent = "";
+  for (const g of schema.groups) {
+    const fs = el("fieldset", {class: "group"}, el("legend", {text: g.title}));
+    const more = el("details", {}, el("summary", {text: "more options"}));
+    for (const f of g.fields) {
+      const row = el("div", {class: "field"},
+        el("label", {for: "f-" + f.dest, text: f.flag}), fieldInput(f),
+        el("span", {class: "help", text: f.help || ""}),
+        el("div", {class: "err", id: "err-" + f.dest}));
+      (f.basic ? fs : more).append(row);
+    }
+    if (more.children.length > 1) fs.append(more);
+    form.append(fs);
+  }
+  for (const d of ["train_data_dir", "instance_data_dir"]) {
+    const i = $("f-" + d);
+    if (i) i.addEventListener("change", () => previewDataset(i.value));
+  }
+  form.addEventListener("input", () => { clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600); });
+  const sel = $("preset");
+  for (const name of Object.keys(schema.presets)) sel.append(el("option", {value: name, text: name}));
+}
+
+function formValues() {
+  const v = {};
+  for (const g of schema.groups) for (const f of g.fields) {
+    const i = $("f-" + f.dest);
+    v[f.dest] = f.kind === "bool" ? i.checked : i.value;
+  }
+  return v;
+}
+
+function applyPreset() {
+  const p = schema.presets[$("preset").value];
+  if (!p) return;
+  for (const [k, v] of Object.entries(p)) {
+    const i = $("f-" + k);
+    if (!i) continue;
+    if (i.type === "checkbox") i.checked = !!v; else i.value = v;
+  }
+  validate();
+}
+
+function showErrors(errors) {
+  for (const e of document.querySelectorAll("#page-new .err")) { e.textContent = ""; }
+  for (const e of document.querySelectorAll("#train-form .field")) e.classList.remove("bad");
+  for (const [dest, msg] of Object.entries(errors || {})) {
+    const box = $("err-" + dest) || $("err-_form");
+    box.textContent = msg;
+    const row = box.closest(".field");
+    if (row) { row.classList.add("bad"); const d = row.closest("details"); if (d) d.open = true; }
+  }
+}
+
+async function validate(path = "/api/validate", extra = {}) {
+  const r = await api(path, Object.assign({values: formValues()}, extra));
+  if (r.error) { showErrors({_form: r.error}); return r; }
+  showErrors(r.errors);
+  $("cmdline").textContent = r.command || "mindone-lora train … (fix the marked fields)";
+  return r;
+}
+
+async function startRun() {
+  $("form-message").textContent = "";
+  const r = await validate("/api/start");
+  if (r.id) { $("form-message").textContent = "started " + r.id; current = r.id; showTab("runs"); }
+}
+
+async function saveConfig() {
+  const r = await validate("/api/config", {path: $("config-path").value});
+  if (r.saved) $("form-message").textContent = "saved " + r.saved;
+}
+
+async function previewDataset(path) {
+  const box = $("dataset-preview");
+  box.textContent = "";
+  if (!path.trim()) return;
+  const r = await api("/api/dataset?path=" + encodeURIComponent(path));
+  if (r.error) { box.append(el("div", {class: "err", text: r.error})); return; }
+  box.append(el("div", {text: `${r.count} image(s) in ${r.folder}`}));
+  for (const im of r.images) {
+    box.append(el("figure", {}, el("img", {src: fileUrl(im.path), alt: im.caption || ""}),
+                  el("figcaption", {text: im.caption || "(no caption)"})));
+  }
+}
+
+// ---------------------------------------------------------------- runs
+
+let current = null;
+let timer = null;
+
+function fmtTime(s) {
+  if (s === null || s === undefined) return "";
+  s = Math.round(s);
+  return s >= 3600 ? `${Math.floor(s / 3600)}h${Math.floor(s % 3600 / 60)}m` : s >= 60 ? `${Math.floor(s / 60)}m${s % 60}s` : `${s}s`;
+}
+
+async function refreshRuns() {
+  clearTimeout(timer);
+  const r = await api("/api/runs");
+  const body = $("runs-list").tBodies[0];
+  body.textContent = "";
+  for (const run of r.runs || []) {
+    const tr = el("tr", {class: run.id === current ? "sel" : ""},
+      el("td", {text: run.id}), el("td", {}, el("span", {class: "status " + run.status, text: run.status})),
+      el("td", {text: `${run.step}${run.total_steps ? " / " + run.total_steps : ""}`}),
+      el("td", {text: run.s_per_step ? run.s_per_step.toFixed(2) : ""}), el("td", {text: fmtTime(run.eta_s)}));
+    tr.addEventListener("click", () => { current = run.id; $("files-list").textContent = ""; refreshRuns(); });
+    body.append(tr);
+  }
+  if (!current && r.runs && r.runs.length) current = r.runs[r.runs.length - 1].id;
+  if (current) await refreshRun();
+  if (!$("page-runs").hidden) timer = setTimeout(refreshRuns, 1500);
+}
+
+// the loss curve held by the page: only the points after the last one are fetched (a flat cost per poll)
+let curve = {id: null, starts: -1, losses: [], vals: []};
+
+async function refreshRun() {
+  const since = curve.id === current && curve.losses.length ? curve.losses[curve.losses.length - 1][0] : 0;
+  const r = await api("/api/run?id=" + encodeURIComponent(current) + "&since=" + since);
+  const box = $("run-detail");
+  if (r.error) { box.hidden = false; $("run-error").textContent = r.error; return; }
+  box.hidden = false;
+  $("run-title").textContent = r.id;
+  const st = $("run-status");
+  st.textContent = r.status; st.className = "status " + r.status;
+  $("run-progress").max = r.total_steps || 1; $("run-progress").value = r.step || 0;
+  $("run-numbers").textContent = `step ${r.step}${r.total_steps ? " of " + r.total_steps : ""}` +
+    (r.s_per_step ? `, ${r.s_per_step.toFixed(2)} s/step` : "") + (r.eta_s ? `, ${fmtTime(r.eta_s)} left` : "") +
+    (r.checkpoints.length ? `, checkpoints: ${r.checkpoints.join(", ")}` : "");
+  $("run-error").textContent = r.message || "";
+  $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
+  $("btn-resume").disabled = r.status === "running" || r.status === "starting" || !r.checkpoints.length;
+  if (curve.id !== current || curve.starts !== r.starts || r.since === 0) {
+    curve = {id: current, starts: r.starts, losses: [], vals: []};
+    if (since) return refreshRun();  // a resume began a new curve: fetch it whole
+  }
+  curve.losses = curve.losses.concat(r.losses || []);
+  curve.vals = r.val_losses || [];  // few points: always sent whole
+  drawLoss(curve.losses, curve.vals);
+  document.querySelector(".legend .l-val").hidden = !curve.vals.length;
+  const imgs = $("run-images");
+  const want = (r.images || []).slice(-4);
+  if (imgs.dataset.key !== want.join("|")) {
+    imgs.dataset.key = want.join("|");
+    imgs.textContent = "";
+    for (const p of want) imgs.append(el("figure", {}, el("img", {src: fileUrl(p) + "&t=" + Date.now(), class: "val"}),
+                                            el("figcaption", {text: p.split("/").pop()})));
+  }
+  $("run-log").textContent = r.log || "";
+  $("run-cmd").textContent = r.argv ? "mindone-lora train " + r.argv.map(shq).join(" ") : "";
+}
+
+function shq(a) { return /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"; }
+
+function drawLoss(points, vals) {
+  const c = $("loss-canvas"), g = c.getContext("2d");
+  const W = c.width, H = c.height, pad = 36;
+  g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
+  g.strokeStyle = "#999"; g.strokeRect(pad, 8, W - pad - 8, H - pad - 8);
+  c.dataset.points = String(points.length);
+  const all = points.concat(vals);
+  if (!all.length) { g.fillStyle = "#666"; g.fillText("no steps yet", pad + 10, 30); return; }
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-9);
+  const X = (x) => pad + (W - pad - 8) * (x - x0) / (x1 - x0), Y = (y) => 8 + (H - pad - 16) * (1 - (y - y0) / (y1 - y0));
+  const line = (pts, colour, width) => {
+    if (pts.length > 2000) { const k = Math.ceil(pts.length / 2000); pts = pts.filter((p, i) => i % k === 0 || i === pts.length - 1); }
+    g.strokeStyle = colour; g.lineWidth = width; g.beginPath();
+    pts.forEach((p, i) => (i ? g.lineTo(X(p[0]), Y(p[1])) : g.moveTo(X(p[0]), Y(p[1]))));
+    g.stroke(); g.lineWidth = 1;
+  };
+  line(points, "#1e5ac8", 1.5);
+  if (vals.length) { line(vals, "#d2691e", 2); for (const p of vals) g.fillRect(X(p[0]) - 2, Y(p[1]) - 2, 4, 4); }
+  g.fillStyle = "#333";
+  g.fillText(y1.toPrecision(4), 2, 14); g.fillText(y0.toPrecision(4), 2, H - pad);
+  g.fillText("step " + x0, pad, H - pad + 16); g.fillText("step " + x1, W - 70, H - pad + 16);
+}
+
+async function runAction(what) {
+  const r = await api("/api/run/" + what, {id: current});
+  $("run-error").textContent = r.error || "";
+  refreshRuns();
+}
+
+async function showFiles() {
+  const r = await api("/api/run/files?id=" + encodeURIComponent(current));
+  const box = $("files-list");
+  box.textContent = "";
+  if (r.error) { box.append(el("div", {class: "err", text: r.error})); return; }
+  const ul = el("ul");
+  for (const f of r.files) {
+    const li = el("li", {}, el("a", {href: fileUrl(f.path), target: "_blank", text: f.name}),
+                  ` (${(f.size / 1024).toFixed(1)} KiB) `);
+    if (f.name.endsWith(".safetensors")) {
+      const b = el("button", {text: "inspect", class: "small"});
+      b.addEventListener("click", () => { $("inspect-path").value = f.path; showTab("files"); inspect(); });
+      li.append(b);
+    }
+    ul.append(li);
+  }
+  box.append(el("h3", {text: "Output files"}), ul);
+}
+
+// ---------------------------------------------------------------- LoRA files
+
+function table(rows) {
+  const t = el("table", {class: "kv"});
+  for (const [k, v] of rows) t.append(el("tr", {}, el("th", {text: k}), el("td", {text: String(v)})));
+  return t;
+}
+
+async function inspect() {
+  const r = await api("/api/inspect", {path: $("inspect-path").value});
+  const box = $("inspect-result");
+  box.textContent = "";
+  $("inspect-error").textContent = r.error || "";
+  if (r.error) return;
+  box.append(table([["file", r.file], ["format", r.format], ["architecture", r.architecture],
+                    ["algorithm", r.algorithm], ["dtype", r.dtype],
+                    ["trigger words", r.trigger_words.map((t) => `${t[0]} (${t[1]})`).join(", ") || "(none recorded)"]]));
+  const comps = el("table", {class: "grid", id: "inspect-components"},
+                   el("tr", {}, el("th", {text: "component"}), el("th", {text: "modules"}), el("th", {text: "ranks"}),
+                      el("th", {text: "alphas"})));
+  for (const [name, c] of Object.entries(r.components))
+    comps.append(el("tr", {}, el("td", {text: name}), el("td", {text: c.modules}), el("td", {text: c.ranks.join(", ")}),
+                    el("td", {text: c.alphas.join(", ")})));
+  box.append(comps);
+  const meta = Object.entries(r.metadata).map(([k, v]) => [k, v.length > 200 ? v.slice(0, 200) + "…" : v]);
+  box.append(el("details", {}, el("summary", {text: `metadata (${meta.length} keys)`}), table(meta)));
+  box.append(el("pre", {text: r.text}));
+}
+
+function loraRows(id) {
+  return [...$(id).querySelectorAll(".lora-row")].map((row) => ({path: row.children[0].value, weight: row.children[1].value}));
+}
+
+function addLora(target) {
+  $(target).append(el("div", {class: "lora-row"}, el("input", {placeholder: "LoRA file", size: 50}),
+                      el("input", {value: "1", size: 4, title: "weight"})));
+}
+
+async function simple(what, body, extra) {
+  $(what + "-error").textContent = ""; $(what + "-message").textContent = "working …";
+  const r = await api("/api/" + what, body);
+  $(what + "-message").textContent = r.error ? "" : r.message;
+  $(what + "-error").textContent = r.error || "";
+  if (!r.error && extra) extra(r);
+}
+
+// ---------------------------------------------------------------- start
+
+async function main() {
+  for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showTab(t.dataset.tab));
+  const info = await api("/api/info");
+  $("root-info").textContent = `root ${info.root}` + (info.allowed.length > 1 ? `; also ${info.allowed.slice(1).join(", ")}` : "");
+  schema = await api("/api/form");
+  buildForm();
+  $("btn-preset").addEventListener("click", applyPreset);
+  $("btn-validate").addEventListener("click", () => validate());
+  $("btn-start").addEventListener("click", startRun);
+  $("btn-config").addEventListener("click", saveConfig);
+  $("btn-copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("cmdline").textContent));
+  $("btn-stop").addEventListener("click", () => runAction("stop"));
+  $("btn-resume").addEventListener("click", () => runAction("resume"));
+  $("btn-files").addEventListener("click", showFiles);
+  $("btn-inspect").addEventListener("click", inspect);
+  for (const b of document.querySelectorAll(".add-lora")) b.addEventListener("click", () => addLora(b.dataset.target));
+  addLora("merge-loras"); addLora("gen-loras");
+  $("btn-convert").addEventListener("click", () => simple("convert", {input: $("conv-in").value, output: $("conv-out").value,
+    to: $("conv-to").value, base: $("conv-base").value, dtype: $("conv-dtype").value}));
+  $("btn-merge").addEventListener("click", () => simple("merge", {model: $("merge-model").value, loras: loraRows("merge-loras"),
+    out: $("merge-out").value, to_lora: $("merge-tolora").checked, format: $("merge-format").value,
+    overwrite: $("merge-overwrite").checked}));
+  $("btn-generate").addEventListener("click", () => simple("generate", {model: $("gen-model").value, loras: loraRows("gen-loras"),
+    prompt: $("gen-prompt").value, seed: $("gen-seed").value, steps: $("gen-steps").value, num_images: $("gen-n").value,
+    out: $("gen-out").value}, (r) => { $("gen-grid").textContent = "";
+      $("gen-grid").append(el("img", {src: fileUrl(r.grid) + "&t=" + Date.now(), id: "gen-grid-img"})); }));
+  document.body.dataset.ready = "1";
+  showTab(location.hash === "#runs" ? "runs" : location.hash === "#files" ? "files" : "new");
+}
+
+main();

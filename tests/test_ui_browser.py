@@ -1,0 +1,215 @@
+"""`mindone-lora ui` in a real browser (Debian's headless Chromium + chromedriver, driven by Selenium).
+
+One run of the tiny model from start to end: fill the form, see the dataset preview, two bad inputs with their
+messages, start, watch progress, the loss curve and the validation image, restart the UI while the run goes on (it
+is found again, still running), stop (checkpoint written), resume to the end, list the files and inspect the kohya
+file. A screenshot of every screen goes into the test's temporary folder and is checked for being non-blank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+INSTALL = ("browser tests need Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver, "
+           "or make setup as root) and selenium (pip install selenium)")
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401
+except ImportError:
+    selenium = None
+if not (CHROMIUM and CHROMEDRIVER and selenium):
+    pytest.skip(INSTALL, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+def start_ui(root: str, allow: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--port", "0", "--root", root,
+                             "--allow", allow], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    assert m, f"the UI did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
+    assert "auth off (loopback only)" in line
+    return proc, m.group(0)
+
+
+def stop_ui(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stdout.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager never downloads anything
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def shot(driver, folder, name: str) -> str:
+    """Save a screenshot and check that it is not blank (many colours, not one flat tone)."""
+    from PIL import Image, ImageStat
+
+    path = os.path.join(folder, f"{name}.png")
+    driver.save_screenshot(path)
+    im = Image.open(path).convert("RGB")
+    assert im.size[0] > 600 and im.size[1] > 400
+    colours = im.resize((350, 250)).getcolors(maxcolors=100000)
+    assert colours is not None and len(colours) > 20, f"{name}: blank screenshot"
+    assert max(ImageStat.Stat(im).stddev) > 10, f"{name}: blank screenshot"
+    return path
+
+
+def wait(driver, what, timeout=120, step=0.5):
+    """Wait until ``what(driver)`` is truthy; fail with the page's run log when it never is."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            got = what(driver)
+        except Exception:  # an element re-rendered between two reads
+            got = None
+        if got:
+            return got
+        time.sleep(step)
+    log = driver.find_element(By.ID, "run-log").text if driver.find_elements(By.ID, "run-log") else ""
+    pytest.fail(f"timed out waiting ({timeout}s); run log:\n{log[-3000:]}")
+
+
+def set_field(driver, dest: str, value: str) -> None:
+    el = driver.find_element(By.ID, "f-" + dest)
+    if not el.is_displayed():  # folded under "more options"
+        details = el.find_element(By.XPATH, "./ancestor::details")
+        driver.execute_script("arguments[0].open = true", details)
+    el.clear()
+    el.send_keys(value)
+
+
+def error_of(driver, dest: str) -> str:
+    return driver.find_element(By.ID, "err-" + dest).text
+
+
+def text(driver, el_id: str) -> str:
+    return driver.find_element(By.ID, el_id).text
+
+
+def test_train_watch_stop_resume_inspect(browser, tmp_path, tiny_sd1):
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    root, outside, shots = tmp_path / "root", tmp_path / "outside", str(tmp_path)
+    root.mkdir()
+    make_shapes_dataset(str(root / "shapes"), size=32, repeats=1)
+    make_shapes_dataset(str(outside), size=16, repeats=1)
+    ui, url = start_ui(str(root), os.path.dirname(tiny_sd1))
+    try:
+        d = browser
+        d.get(url)
+        wait(d, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", 30)
+        shot(d, shots, "1-new-run")
+        # the two bad inputs, each with its message beside its field
+        Select(d.find_element(By.ID, "preset")).select_by_visible_text("tiny model on CPU (a quick check)")
+        d.find_element(By.ID, "btn-preset").click()
+        set_field(d, "pretrained_model_name_or_path", str(root / "no-such-model"))
+        set_field(d, "train_data_dir", str(outside))
+        set_field(d, "output_dir", "runs/tiny")
+        d.find_element(By.ID, "btn-validate").click()
+        wait(d, lambda d: "does not exist" in error_of(d, "pretrained_model_name_or_path"), 20)
+        assert "outside the allowed folders" in error_of(d, "train_data_dir")
+        assert "fix the marked fields" in text(d, "cmdline")
+        shot(d, shots, "2-bad-inputs")
+        # the good form: preview, command line, start
+        set_field(d, "pretrained_model_name_or_path", tiny_sd1)
+        set_field(d, "train_data_dir", "shapes")
+        set_field(d, "max_train_steps", "6")
+        set_field(d, "checkpointing_steps", "2")
+        set_field(d, "validation_steps", "2")
+        set_field(d, "output_name", "tiny_kohya")
+        d.find_element(By.ID, "btn-validate").click()
+        wait(d, lambda d: text(d, "cmdline").startswith("mindone-lora train --pretrained_model_name_or_path"), 20)
+        assert "--max_train_steps 6" in text(d, "cmdline") and error_of(d, "train_data_dir") == ""
+        wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dataset-preview img")) >= 3, 20)
+        assert "12 image(s)" in text(d, "dataset-preview") and "a blue circle" in text(d, "dataset-preview")
+        shot(d, shots, "3-form-filled")
+        d.find_element(By.ID, "btn-start").click()
+        # watch: progress, the loss curve growing, a validation image
+        wait(d, lambda d: text(d, "run-status") in ("starting", "running"), 20)
+        points = wait(d, lambda d: int(d.find_element(By.ID, "loss-canvas").get_attribute("data-points")) >= 1, 150)
+        wait(d, lambda d: int(d.find_element(By.ID, "loss-canvas").get_attribute("data-points")) > points, 90)
+        assert re.search(r"step \d of 6", text(d, "run-numbers"))
+        wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#run-images img.val"), 90)
+        wait(d, lambda d: d.execute_script("return document.querySelector('#run-images img.val').naturalWidth") > 0, 20)
+        shot(d, shots, "4-running")
+        # restart the UI: the run goes on and is found again
+        stop_ui(ui)
+        ui, url = start_ui(str(root), os.path.dirname(tiny_sd1))
+        d.get(url + "#runs")
+        wait(d, lambda d: text(d, "run-status") == "running", 30)
+        step_before = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
+        assert step_before < 6
+        # stop: a checkpoint first, then "stopped"
+        d.find_element(By.ID, "btn-stop").click()
+        wait(d, lambda d: text(d, "run-status") == "stopped", 90)
+        stopped_at = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
+        assert stopped_at < 6 and f"checkpoints: " in text(d, "run-numbers")
+        assert os.path.isdir(root / "runs" / "tiny" / f"checkpoint-{stopped_at}")
+        shot(d, shots, "5-stopped")
+        # resume to the end
+        wait(d, lambda d: d.find_element(By.ID, "btn-resume").is_enabled(), 10)
+        d.find_element(By.ID, "btn-resume").click()
+        wait(d, lambda d: text(d, "run-status") == "finished", 150)
+        assert "step 6 of 6" in text(d, "run-numbers")
+        assert f"resumed from" in text(d, "run-log")
+        shot(d, shots, "6-finished")
+        # the output files, and the kohya file inspected
+        d.find_element(By.ID, "btn-files").click()
+        wait(d, lambda d: "tiny_kohya.safetensors" in text(d, "files-list"), 20)
+        shot(d, shots, "7-files")
+        row = d.find_element(By.XPATH, "//div[@id='files-list']//li[a[text()='tiny_kohya.safetensors']]")
+        row.find_element(By.TAG_NAME, "button").click()
+        wait(d, lambda d: "kohya" in text(d, "inspect-result"), 30)
+        assert "unet" in text(d, "inspect-components") and "sd1" in text(d, "inspect-result").lower()
+        shot(d, shots, "8-inspect")
+    finally:
+        stop_ui(ui)
+        _stop_training(root)
+
+
+def _stop_training(root) -> None:
+    """Never leave a training process behind when the test fails half-way."""
+    import json
+
+    from mindone_lora_plugin.ui.runs import _alive
+
+    for top, _, names in os.walk(root):
+        if "ui_run.json" in names:
+            with open(os.path.join(top, "ui_run.json")) as f:
+                for launch in json.load(f).get("launches", []):
+                    if _alive(launch["pid"]):
+                        os.kill(launch["pid"], signal.SIGKILL)

@@ -1,0 +1,259 @@
+"""`mindone-lora ui` without a browser: path confinement, auth and host refusals, the form built from the train
+parser, validation with the CLI's checks, TOML configs, the run log reader and the JSON API over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import tomllib
+import urllib.error
+import urllib.request
+
+import pytest
+
+from mindone_lora_plugin.cli import main
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.ui import form
+from mindone_lora_plugin.ui.paths import PathGuard
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root, allowed, outside = tmp_path / "root", tmp_path / "models", tmp_path / "secret"
+    for d in (root, allowed, outside):
+        d.mkdir()
+    (outside / "key.txt").write_text("secret")
+    (root / "notes.txt").write_text("hello")
+    os.symlink(outside, root / "link-out")
+    return root, allowed, outside
+
+
+def test_paths_are_confined(tree):
+    root, allowed, outside = tree
+    g = PathGuard(str(root), [str(allowed)])
+    assert g.resolve("notes.txt") == str(root / "notes.txt")
+    assert g.resolve(str(allowed / "x")) == str(allowed / "x")
+    for bad in ("../secret/key.txt", str(outside / "key.txt"), "link-out/key.txt", "/etc/passwd",
+                str(root) + "/../secret", str(allowed) + "-other"):
+        with pytest.raises(LoraError, match="outside the allowed folders"):
+            g.resolve(bad)
+    with pytest.raises(LoraError, match="does not exist"):
+        g.resolve("missing", must_exist=True)
+
+
+def test_binding_elsewhere_needs_auth(tree, capsys):
+    root = str(tree[0])
+    assert main(["ui", "--host", "0.0.0.0", "--root", root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--auth" in err and "0.0.0.0" in err
+    assert main(["ui", "--root", str(tree[0] / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    # with --auth it binds, and says that auth is on
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--host", "0.0.0.0", "--port", "0",
+                             "--root", root, "--auth", "alice:s3cret"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        proc.stdout.close()
+    assert "http://0.0.0.0:" in line and "auth on (HTTP Basic, user alice)" in line and "s3cret" not in line
+
+
+def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
+    s = form.schema()
+    titles = [g["title"] for g in s["groups"]]
+    assert titles[-1] == "plugins" and "LoRA" in titles
+    dests = {f["dest"]: f for g in s["groups"] for f in g["fields"]}
+    assert dests["lora_rank"]["kind"] == "int" and dests["lr_scheduler"]["kind"] == "choice"
+    assert "push_to_hub" not in dests and "demo" not in dests  # refused and UI-only flags stay out
+    assert {"SD1.x quick", "SDXL", "DreamBooth"} <= set(s["presets"])
+    root, allowed, _ = tree
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    data = make_shapes_dataset(str(root / "data"), size=16, repeats=1)
+    g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])
+    values = dict(pretrained_model_name_or_path=tiny_sd1, train_data_dir="data", output_dir="runs/one",
+                  lora_rank="8", learning_rate="2e-4", random_flip=True, validation_prompt="a 'red' circle")
+    errors, argv = form.validate(values, g)
+    assert errors == {} and argv[argv.index("--train_data_dir") + 1] == data
+    cfg = tomllib.loads(form.to_toml(argv))
+    assert cfg["lora_rank"] == 8 and cfg["learning_rate"] == 2e-4 and cfg["random_flip"] is True
+    assert cfg["validation_prompt"] == "a 'red' circle" and cfg["output_dir"] == str(root / "runs" / "one")
+    # one message per mistake, beside its field
+    bad = dict(values, pretrained_model_name_or_path=str(root / "no-model"), train_data_dir="../secret",
+               lora_rank="four", lr_scheduler="sometimes")
+    errors, argv = form.validate(bad, g)
+    assert argv is None and set(errors) == {"pretrained_model_name_or_path", "train_data_dir", "lora_rank",
+                                            "lr_scheduler"}
+    assert "does not exist" in errors["pretrained_model_name_or_path"]
+    assert "outside the allowed folders" in errors["train_data_dir"] and "invalid int" in errors["lora_rank"]
+    errors, _ = form.validate(dict(values, cache_dir="/etc", logging_dir="../../../x", output_name="../x",
+                                   dataset_name="../secret"), g)
+    assert set(errors) == {"cache_dir", "logging_dir", "output_name", "dataset_name"}
+    # the CLI's whole-run checks (train/settings.py) land on the flag they name
+    errors, _ = form.validate(dict(values, with_prior_preservation=True), g)
+    assert list(errors) == ["with_prior_preservation"]
+    errors, _ = form.validate(dict(values, save_formats="diffusers,nope"), g)
+    assert "nope" in errors.get("save_formats", errors.get("_form", ""))
+
+
+def test_event_log_reader_is_incremental(tmp_path):
+    from mindone_lora_plugin.train.events import RunEvents
+    from mindone_lora_plugin.ui.runs import EventTail
+
+    ev = RunEvents(str(tmp_path))
+    ev.start(0, 10)
+    tail = EventTail(ev.path).update()
+    assert tail.last_start["total_steps"] == 10 and tail.step == 0
+    for s in range(1, 4):
+        ev.step(s, 10, 1.0 / s, 1e-4)
+    with open(ev.path, "a") as f:
+        f.write('{"event": "step", "step": 4, "lo')  # a half-written line is left for later
+    tail.update()
+    assert sorted(tail.losses) == [1, 2, 3] and tail.step == 3 and tail.last_end is None
+    with open(ev.path, "a") as f:
+        f.write('ss": 0.2}\n')
+    ev.write("val_loss", step=4, val_loss=0.5)
+    ev.end("stopped", 4)
+    tail.update()
+    assert tail.losses[4] == 0.2 and tail.val_losses == {4: 0.5} and tail.last_end["event"] == "stopped"
+
+
+@pytest.fixture
+def server(tree):
+    from mindone_lora_plugin.ui.server import UIServer
+
+    root, allowed, _ = tree
+
+    def start(auth=None, allow=()):
+        srv = UIServer(("127.0.0.1", 0), PathGuard(str(root), [str(allowed), *allow]), auth=auth)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    started = []
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def fetch(url, body=None, headers=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=dict({"Content-Type": "application/json"} if body is not None
+                                                              else {}, **(headers or {})))
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_api_confines_files_and_requires_auth(server, tree):
+    root, _, outside = tree
+    url = server()
+    status, body, _ = fetch(url + "/api/file?path=notes.txt")
+    assert status == 200 and body == b"hello"
+    for bad in ("../secret/key.txt", str(outside / "key.txt"), "link-out/key.txt", "%2e%2e/secret/key.txt"):
+        status, body, _ = fetch(url + "/api/file?path=" + bad)
+        assert status == 400 and b"outside the allowed folders" in body and b"secret\"" not in body
+    status, body, _ = fetch(url + "/static/../server.py")
+    assert status == 404
+    status, body, _ = fetch(url + "/api/file?path=notes.txt", headers={"Host": "evil.example:80"})
+    assert status == 403  # DNS rebinding: only loopback host names
+    status, _, _ = fetch(url + "/api/run/stop", body=None)  # a GET on a POST action
+    assert status == 404
+    req = urllib.request.Request(url + "/api/inspect", data=b"path=x", headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 415  # no cross-site form posts
+
+    url = server(auth="alice:s3cret")
+    assert fetch(url + "/api/info")[0] == 401
+    good = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert fetch(url + "/api/info", headers={"Authorization": good})[0] == 200
+    wrong = "Basic " + base64.b64encode(b"alice:x").decode()
+    assert fetch(url + "/api/info", headers={"Authorization": wrong})[0] == 401
+
+    url = server(auth="tok123")
+    assert fetch(url + "/")[0] == 401
+    status, _, headers = fetch(url + "/?token=tok123")
+    assert status == 200 and "mindone_lora_ui=tok123" in headers.get("Set-Cookie", "")
+    assert fetch(url + "/api/info", headers={"Cookie": "mindone_lora_ui=tok123"})[0] == 200
+    assert fetch(url + "/api/info", headers={"Authorization": "Bearer tok123"})[0] == 200
+
+
+def test_api_lora_tools(server, tree, tiny_sd1):
+    """inspect, convert and merge through the commands' functions, every path confined."""
+    import numpy as np
+
+    from mindone_lora_plugin import safetensors_io
+
+    root, allowed, outside = tree
+    url = server(allow=[os.path.dirname(tiny_sd1)])
+    # a tiny kohya file with tag frequencies, written as kohya does
+    from mindone_lora_plugin.basemodel import BaseModelInfo
+
+    info = BaseModelInfo.from_folder(tiny_sd1)
+    module = next(m for m in sorted(info.modules["unet"]) if m.endswith("attn1.to_q"))
+    key, shape = "lora_unet_" + module.replace(".", "_"), info.modules["unet"][module]
+    tensors = {f"{key}.lora_down.weight": np.ones((2, shape[1]), np.float32),
+               f"{key}.lora_up.weight": np.zeros((shape[0], 2), np.float32), f"{key}.alpha": np.float32(2.0)}
+    meta = {"ss_tag_frequency": json.dumps({"img": {"sks toy": 5, "red": 2}}), "ss_network_module": "networks.lora"}
+    safetensors_io.save(tensors, str(allowed / "toy.safetensors"), meta)
+    status, body, _ = fetch(url + "/api/inspect", {"path": str(allowed / "toy.safetensors")})
+    r = json.loads(body)
+    assert status == 200 and r["format"] == "kohya" and r["components"]["unet"]["ranks"] == [2]
+    assert r["trigger_words"][0] == ["sks toy", 5] and r["algorithm"] == "lora"
+    status, body, _ = fetch(url + "/api/convert", {"input": str(allowed / "toy.safetensors"), "output": "conv",
+                                                   "to": "diffusers"})
+    assert status == 200 and "wrote" in json.loads(body)["message"]
+    assert os.path.isfile(root / "conv" / "pytorch_lora_weights.safetensors")
+    status, body, _ = fetch(url + "/api/convert", {"input": str(allowed / "toy.safetensors"),
+                                                   "output": str(outside / "x.safetensors"), "to": "kohya"})
+    assert status == 400 and "outside the allowed folders" in json.loads(body)["error"]
+    assert not os.path.exists(outside / "x.safetensors")
+    status, body, _ = fetch(url + "/api/merge", {"to_lora": True, "out": "both.safetensors", "model": tiny_sd1,
+                                                 "loras": [{"path": str(allowed / "toy.safetensors"), "weight": "0.5"},
+                                                           {"path": "conv", "weight": "1"}]})
+    assert status == 200 and "combined" in json.loads(body)["message"], body
+    assert os.path.isfile(root / "both.safetensors")
+    # generate with weighted LoRAs: the grid comes back; a missing prompt is one message
+    lora = [{"path": str(allowed / "toy.safetensors"), "weight": "0.5"}, {"path": "conv", "weight": "0.5"}]
+    status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "", "out": "gen"})
+    assert status == 400 and "--prompt is required" in json.loads(body)["error"]
+    status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "a red circle",
+                                                    "steps": "1", "num_images": "2", "seed": "3", "out": "gen",
+                                                    "device_target": "CPU"})
+    r = json.loads(body)
+    assert status == 200 and r["grid"] == str(root / "gen" / "grid.png"), body
+    from PIL import Image
+
+    assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 3
+
+
+def test_api_saves_a_config_and_refuses_a_bad_run(server, tree, tiny_sd1):
+    root, _, outside = tree
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    make_shapes_dataset(str(root / "data"), size=16, repeats=1)
+    url = server(allow=[os.path.dirname(tiny_sd1)])
+    values = {"pretrained_model_name_or_path": tiny_sd1, "train_data_dir": "data", "output_dir": "runs/a",
+              "max_train_steps": "7"}
+    status, body, _ = fetch(url + "/api/config", {"values": values, "path": "cfg/run.toml"})
+    r = json.loads(body)
+    assert status == 200 and r["saved"] == str(root / "cfg" / "run.toml") and "--max_train_steps 7" in r["command"]
+    assert tomllib.loads((root / "cfg" / "run.toml").read_text())["max_train_steps"] == 7
+    status, body, _ = fetch(url + "/api/config", {"values": values, "path": str(outside / "run.toml")})
+    assert status == 400 and "outside the allowed folders" in json.loads(body)["error"]
+    status, body, _ = fetch(url + "/api/start", {"values": dict(values, train_data_dir="")})
+    r = json.loads(body)
+    assert status == 200 and "id" not in r and "--train_data_dir" in r["errors"]["train_data_dir"]
+    assert not os.path.exists(root / "runs")  # nothing started, nothing written
