@@ -52,6 +52,10 @@ class Trainer:
         if not args.pretrained_model_name_or_path:
             raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
                             "--demo")
+        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.validate import validate_train_args
+
+        validate_train_args(args)  # every flag, before any model is loaded
         info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
         self.architecture = info.architecture
         self.resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
@@ -59,6 +63,7 @@ class Trainer:
             raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
                             f"{self.resolution - self.resolution % 8 or 8}")
         check_args(args)
+        self.sizer = data_setup.make_sizer(args, self.resolution)  # bucket settings are checked here
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
@@ -74,15 +79,13 @@ class Trainer:
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
-        from mindone_lora_plugin.train.data import BatchPlan
-
-        self.plan = BatchPlan(examples, args.train_batch_size, self.resolution, self.seed, args.center_crop,
-                              args.random_flip, self.rank, self.world, prior=prior)
+        self.plan = data_setup.make_plan(self, examples, prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
+        data_setup.setup_caches(self)
         start = self._maybe_resume()
         return self._train(start)
 
@@ -153,10 +156,13 @@ class Trainer:
         from mindone_lora_plugin.train import data
 
         if not args.instance_data_dir:
-            examples, self.skipped = data.load_examples(args, self.resolution)
+            from mindone_lora_plugin.train.data_setup import load_text_to_image
+
+            examples, self.skipped = load_text_to_image(self)
             return examples, None
         examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
-                                                           self.resolution, args.on_bad_image, "--instance_data_dir")
+                                                           self.resolution, args.on_bad_image, "--instance_data_dir",
+                                                           self.sizer)
         if not args.with_prior_preservation:
             return examples, None
         if self.is_main:
@@ -167,7 +173,7 @@ class Trainer:
         if self.world > 1:
             barrier()
         prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
-                                               args.on_bad_image, "--class_data_dir")
+                                               args.on_bad_image, "--class_data_dir", self.sizer)
         self.skipped += bad
         self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
                   f"{args.prior_loss_weight}")
@@ -397,10 +403,12 @@ class Trainer:
         return h.hexdigest()
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
+        from mindone_lora_plugin.train import data_setup
+
         ms = self._ms
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
         rng = np.random.default_rng([self.seed, micro, self.rank, 101])
-        moments = self.encode_cell(ms.Tensor(batch.pixels, dtype=self.vae.dtype)).asnumpy().astype(np.float32)
+        moments = data_setup.moments(self, batch)
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.vae.config.scaling_factor
@@ -410,18 +418,20 @@ class Trainer:
         n = latents.shape[0]
         t = rng.integers(0, len(self.alphas_cumprod), size=n)
         acp = self.alphas_cumprod[t]
-        weights = np.ones(n, dtype=np.float32)
+        weights = batch.loss_weights.copy()  # 1, or --prior_loss_weight for kohya regularisation images
         if self.args.snr_gamma is not None:
             snr = acp / (1.0 - acp)
             clipped = np.minimum(snr, self.args.snr_gamma)
-            weights = (clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr)
+            weights = weights * (clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr)
         if self.plan.prior:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth defines it
             half = n // 2
             weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
-        ids, ids_2 = self._tokenize(batch.captions)
-        text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
-        if self.architecture == "sdxl":
-            time_ids = np.asarray([list(o) + list(c) + [self.resolution, self.resolution]
+        text = data_setup.text_embeddings(self, batch)
+        if text is None:
+            ids, ids_2 = self._tokenize(batch.captions)
+            text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
+        if self.architecture == "sdxl":  # each image's own original size and crop; the target is the batch's shape
+            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
                                    for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
             cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
         else:
