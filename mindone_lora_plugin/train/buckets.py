@@ -36,19 +36,25 @@ def resolve_bucket_args(args, resolution: int) -> tuple[int, int, int]:
     low = args.min_bucket_reso if args.min_bucket_reso is not None else low
     high = args.max_bucket_reso if args.max_bucket_reso is not None else high
     steps = args.bucket_reso_steps if args.bucket_reso_steps is not None else steps
-    if steps < 8 or steps % 8:
-        raise LoraError(f"--bucket_reso_steps {steps} must be a positive multiple of 8 (the VAE works in 8-pixel "
-                        f"blocks), e.g. 64")
-    for flag, value in (("--min_bucket_reso", low), ("--max_bucket_reso", high)):
-        if value < steps or value % steps:
-            raise LoraError(f"{flag} {value} must be a positive multiple of --bucket_reso_steps ({steps})")
-    if low > high:
-        raise LoraError(f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}; the shortest side must not "
-                        f"exceed the longest")
+    check_bucket_values(low, high, steps)
     if not low <= resolution <= high:
         raise LoraError(f"--resolution {resolution} must lie between --min_bucket_reso {low} and --max_bucket_reso "
                         f"{high} (the square bucket has that side)")
     return low, high, steps
+
+
+def check_bucket_values(low: int | None, high: int | None, steps: int | None) -> None:
+    """The checks that need no resolution (the given flags only; None = not given)."""
+    steps = 8 if steps is None else steps
+    if steps < 8 or steps % 8:
+        raise LoraError(f"--bucket_reso_steps {steps} must be a positive multiple of 8 (the VAE works in 8-pixel "
+                        f"blocks), e.g. 64")
+    for flag, value in (("--min_bucket_reso", low), ("--max_bucket_reso", high)):
+        if value is not None and (value < steps or value % steps):
+            raise LoraError(f"{flag} {value} must be a positive multiple of --bucket_reso_steps ({steps})")
+    if low is not None and high is not None and low > high:
+        raise LoraError(f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}; the shortest side must not "
+                        f"exceed the longest")
 
 
 def make_buckets(resolution: int, low: int, high: int, steps: int) -> list[tuple[int, int]]:

@@ -11,7 +11,8 @@ class CaptionAugment:
     """Shuffle comma-separated tags after the first ``keep_tokens`` ones; drop the whole caption with a probability."""
 
     def __init__(self, shuffle: bool = False, keep_tokens: int = 0, dropout_rate: float = 0.0, separator: str = ","):
-        self.shuffle, self.keep_tokens, self.dropout_rate, self.separator = shuffle, keep_tokens, dropout_rate, separator
+        self.shuffle, self.keep_tokens, self.dropout_rate = shuffle, keep_tokens, dropout_rate
+        self.separator = separator
 
     @property
     def active(self) -> bool:

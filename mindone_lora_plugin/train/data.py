@@ -28,6 +28,7 @@ class Example:
     target: tuple[int, int] = (0, 0)  # (height, width) of the crop: (resolution, resolution) or the bucket
     key: str = ""  # content digest of the resized image (what a latent cache is keyed by)
     loss_weight: float = 1.0  # --prior_loss_weight for kohya regularisation images
+    mask: np.ndarray | None = None  # uint8 HW like ``image`` (--masked_loss), None: the whole image counts
 
 
 @dataclass
@@ -38,9 +39,10 @@ class Batch:
     crops_top_left: list[tuple[int, int]]
     keys: list[tuple[str, bool]] = None  # (example key, flipped) per sample: what a latent cache looks up
     loss_weights: np.ndarray = None  # per sample (1, or --prior_loss_weight for kohya regularisation images)
+    masks: np.ndarray | None = None  # float32 NHW in [0, 1] (--masked_loss)
 
 
-def prepare(im, resolution: int, sizer=None) -> Example | None:
+def prepare(im, resolution: int, sizer=None, mask=None) -> Example | None:
     """A decoded PIL image → an Example without captions (``sizer``: a bucket sizer; None → square training)."""
     import hashlib
 
@@ -52,10 +54,14 @@ def prepare(im, resolution: int, sizer=None) -> Example | None:
             return None
         arr, target = fitted
     key = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:32]
-    return Example(arr, (im.height, im.width), [], target, key)
+    if mask is not None:
+        from mindone_lora_plugin.train.masks import resize_mask
+
+        mask = resize_mask(mask, arr.shape[:2])
+    return Example(arr, (im.height, im.width), [], target, key, mask=mask)
 
 
-def load_examples(args, resolution: int, sizer=None) -> tuple[list[Example], int]:
+def load_examples(args, resolution: int, sizer=None, masks=None) -> tuple[list[Example], int]:
     """Load and decode the training examples; return them and the number of unreadable images skipped."""
     ds = _load_dataset(args)
     columns = list(ds.column_names)
@@ -83,7 +89,7 @@ def load_examples(args, resolution: int, sizer=None) -> tuple[list[Example], int
         if not captions:
             raise LoraError(f"an example has an empty {args.caption_column!r} column; captions must be strings or "
                             f"lists of strings")
-        ex = prepare(im, resolution, sizer)
+        ex = prepare(im, resolution, sizer, masks(data or name, name) if masks else None)
         if ex is not None:
             ex.captions = captions
             examples.append(ex)
@@ -97,8 +103,8 @@ def load_examples(args, resolution: int, sizer=None) -> tuple[list[Example], int
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image: str, flag: str, sizer=None
-                         ) -> tuple[list[Example], int]:
+def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image: str, flag: str, sizer=None,
+                         masks=None) -> tuple[list[Example], int]:
     """Every image file of ``folder`` (DreamBooth instance or class images), all captioned ``prompt``."""
     if not os.path.isdir(folder):
         raise LoraError(f"{flag} {folder} does not exist; pass a folder of images")
@@ -112,7 +118,7 @@ def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image
         if im is None:
             bad += 1
             continue
-        ex = prepare(im, resolution, sizer)
+        ex = prepare(im, resolution, sizer, masks(path, path) if masks else None)
         if ex is not None:
             ex.captions = [prompt]
             examples.append(ex)
@@ -191,12 +197,12 @@ class BatchPlan:
 
     def __init__(self, examples: list[Example], batch_size: int, resolution: int, seed: int, center_crop: bool,
                  random_flip: bool, rank: int = 0, world: int = 1, prior: list[Example] | None = None,
-                 bucketed: bool = False, captions=None):
+                 bucketed: bool = False, captions=None, masked: bool = False):
         self.examples, self.batch_size, self.resolution, self.seed = examples, batch_size, resolution, seed
         self.prior = prior or []
         self._order: tuple[int | None, object] = (None, None)
         self.center_crop, self.random_flip, self.rank, self.world = center_crop, random_flip, rank, world
-        self.bucketed, self.captions = bucketed, captions
+        self.bucketed, self.captions, self.masked = bucketed, captions, masked
         for ex in list(examples) + self.prior:
             if ex.target == (0, 0):
                 ex.target = (resolution, resolution)
@@ -252,13 +258,18 @@ class BatchPlan:
             rng = np.random.default_rng([self.seed, epoch, index, self.rank, 31])
             picks = rng.integers(len(self.prior), size=len(idx))
             chosen += [(self.prior[int(j)], 1_000_000 + int(j)) for j in picks]
-        pixels, captions, sizes, crops, keys, weights = [], [], [], [], [], []
+        pixels, captions, sizes, crops, keys, weights, masks = [], [], [], [], [], [], []
         for ex, i in chosen:
             rng = np.random.default_rng([self.seed, epoch, i, 29])
             img, top, left = self._crop(ex.image, ex.target, rng)
             flipped = bool(self.random_flip and rng.random() < 0.5)
             if flipped:
                 img = img[:, ::-1]
+            if self.masked:
+                th, tw = ex.target
+                m = (ex.mask[top:top + th, left:left + tw] / 255.0 if ex.mask is not None
+                     else np.ones((th, tw)))
+                masks.append((m[:, ::-1] if flipped else m).astype(np.float32))
             pixels.append(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
             caption = ex.captions[int(rng.integers(len(ex.captions)))]
             captions.append(self.captions(caption, rng) if self.captions is not None else caption)
@@ -266,7 +277,8 @@ class BatchPlan:
             crops.append((top, left))
             keys.append((ex.key, flipped))
             weights.append(ex.loss_weight)
-        return Batch(np.stack(pixels), captions, sizes, crops, keys, np.asarray(weights, dtype=np.float32))
+        return Batch(np.stack(pixels), captions, sizes, crops, keys, np.asarray(weights, dtype=np.float32),
+                     np.stack(masks) if self.masked else None)
 
     def _crop(self, img: np.ndarray, target: tuple[int, int], rng) -> tuple[np.ndarray, int, int]:
         th, tw = target

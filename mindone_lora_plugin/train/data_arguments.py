@@ -49,6 +49,12 @@ def add_data_feature_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_dropout_rate", type=float, default=0.0,
                    help="probability (0 to 1) of training a sample with an empty caption")
 
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss per pixel by a mask: the image's alpha channel, or its namesake in "
+                        "--conditioning_data_dir (red channel; white trains, black is ignored)")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="mask images named like the training images (with --masked_loss)")
+
     g = parser.add_argument_group(
         "config files (kohya)",
         "A TOML file of flag names (kohya's key names accepted too; [sections] are flattened as kohya does). "

@@ -47,7 +47,8 @@ def scan(folder: str, flag: str, caption_extension: str) -> list[tuple[str, str,
             continue
         repeats, class_tokens = int(m.group(1)), m.group(2).strip()
         if repeats < 1:
-            raise LoraError(f"{flag}: folder {name!r} has 0 repeats; name it <repeats ≥ 1>_<name>, e.g. 10_{m.group(2)}")
+            raise LoraError(f"{flag}: folder {name!r} has 0 repeats; name it <repeats ≥ 1>_<name>, e.g. "
+                            f"10_{m.group(2)}")
         sub = os.path.join(folder, name)
         for f in sorted(os.listdir(sub)):
             if not f.lower().endswith(IMAGE_SUFFIXES):
@@ -78,7 +79,8 @@ def balance_regularisation(reg: list, wanted: int) -> list:
     return [reg[i % len(reg)] for i in range(wanted)]
 
 
-def load_kohya_examples(folder: str, flag: str, args, resolution: int, sizer=None, loss_weight: float = 1.0):
+def load_kohya_examples(folder: str, flag: str, args, resolution: int, sizer=None, loss_weight: float = 1.0,
+                        masks=None):
     """The examples of a kohya folder, each repeated as its folder says; ``(examples, unreadable, distinct images)``."""
     from tqdm.auto import tqdm
 
@@ -92,7 +94,7 @@ def load_kohya_examples(folder: str, flag: str, args, resolution: int, sizer=Non
         if im is None:
             bad += 1
             continue
-        ex = prepare(im, resolution, sizer)
+        ex = prepare(im, resolution, sizer, masks(path, path) if masks else None)
         if ex is None:
             continue
         ex.captions, ex.loss_weight = [caption], loss_weight

@@ -64,6 +64,7 @@ class Trainer:
                             f"{self.resolution - self.resolution % 8 or 8}")
         check_args(args)
         self.sizer = data_setup.make_sizer(args, self.resolution)  # bucket settings are checked here
+        self.masks = data_setup.make_masks(args)
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
@@ -162,7 +163,7 @@ class Trainer:
             return examples, None
         examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
                                                            self.resolution, args.on_bad_image, "--instance_data_dir",
-                                                           self.sizer)
+                                                           self.sizer, self.masks)
         if not args.with_prior_preservation:
             return examples, None
         if self.is_main:
@@ -173,7 +174,7 @@ class Trainer:
         if self.world > 1:
             barrier()
         prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
-                                               args.on_bad_image, "--class_data_dir", self.sizer)
+                                               args.on_bad_image, "--class_data_dir", self.sizer, self.masks)
         self.skipped += bad
         self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
                   f"{args.prior_loss_weight}")
@@ -230,6 +231,7 @@ class Trainer:
         self.conditioner = TextConditioner(self.models.get("text_encoder"), self.models.get("text_encoder_2"))
         self.loss_cell = DenoiseLoss(self.models["unet"], self.conditioner, self.train_text,
                                      self.prediction_type == "v_prediction", sdxl)
+        self.loss_cell.masked = bool(self.args.masked_loss)
         self.loss_cell.set_train(True)
         reducer = None
         if self.world > 1:
@@ -338,7 +340,9 @@ class Trainer:
                 batch_index = in_epoch * accum + k
                 inputs = self._inputs(epoch, batch_index, micro)
                 cell = self.update_step if k == accum - 1 else self.micro_step
+                started = time.perf_counter()
                 micro_losses.append(float(cell(*inputs).asnumpy()))
+                self._note_shape(inputs[0].shape, time.perf_counter() - started)
             loss = float(np.mean(micro_losses))
             global_step += 1
             if not np.isfinite(loss):
@@ -392,6 +396,15 @@ class Trainer:
             writer.close()
         return result
 
+    def _note_shape(self, shape, seconds: float) -> None:
+        """Log the first step of each batch shape (in graph mode it includes that shape's compile)."""
+        seen = self.__dict__.setdefault("_shapes_seen", set())
+        if tuple(shape) not in seen:
+            seen.add(tuple(shape))
+            if self.sizer is not None:
+                self._say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
+                          f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
+
     def _weights_digest(self) -> str:
         import hashlib
 
@@ -439,7 +452,8 @@ class Trainer:
         f32 = ms.float32
         return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
                 ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond
+                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(self, batch,
+                                                                                     latents.shape[2:])
 
     def _tokenize(self, captions):
         ms = self._ms

@@ -22,7 +22,8 @@ FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "
 NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
              "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",
              "pretrained_model_name_or_path", "report_to")
-EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path")
+EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path",
+                    "conditioning_data_dir")
 # flag → the flag it needs (or a test of args and the words saying what is needed)
 NEEDS = {
     "min_bucket_reso": ("enable_bucket", "--enable_bucket"),
@@ -32,6 +33,7 @@ NEEDS = {
     "keep_tokens": ("shuffle_caption", "--shuffle_caption (it is the number of tags left in place)"),
     "validation_steps": ("validation_prompt", "--validation_prompt"),
     "class_data_dir": ("with_prior_preservation", "--with_prior_preservation"),
+    "conditioning_data_dir": ("masked_loss", "--masked_loss"),
 }
 
 
@@ -102,3 +104,7 @@ def _check_combinations(args) -> None:
     if args.shuffle_caption and args.keep_tokens is not None and args.keep_tokens < 0:
         raise LoraError("--keep_tokens accepts 0 or more")
     check_cache_args(args)
+    if args.enable_bucket:
+        from mindone_lora_plugin.train.buckets import check_bucket_values
+
+        check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
