@@ -187,10 +187,10 @@ def test_config_file_values_are_defaults_and_the_command_line_wins(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_text('[model]\npretrained_model_name_or_path = "m"\n[training]\nnetwork_dim = 16\n'
                    'learning_rate = 0.0005\nenable_bucket = true\nsave_precision = "float"\n'
-                   'network_module = "networks.lora"\n')
+                   'network_module = "networks.lora"\nresolution = "48,48"\n')
     args = parse(["--config_file", str(cfg), "--learning_rate", "1e-3"])
     assert args.lora_rank == 16 and args.learning_rate == 1e-3 and args.enable_bucket and args.save_dtype == "fp32"
-    assert args.pretrained_model_name_or_path == "m"
+    assert args.pretrained_model_name_or_path == "m" and args.resolution == 48
     assert parse([]).lora_rank == 4  # the file's values do not stick to the parser
 
 

@@ -69,6 +69,9 @@ def test_unknown_config_key_names_the_closest(capsys, tmp_path):
     cfg.write_text("network_module = \"lycoris.kohya\"\n")
     code, err = run(capsys, "--config_file", str(cfg))
     one_error_line(code, err, "network_module", "networks.lora")
+    cfg.write_text("push_to_hub = true\n")
+    code, err = run(capsys, "--config_file", str(cfg))
+    one_error_line(code, err, "push_to_hub", "not supported")
     code, err = run(capsys, "--config_file", str(tmp_path / "missing.toml"))
     one_error_line(code, err, "--config_file", "does not exist")
 

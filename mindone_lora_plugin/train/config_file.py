@@ -71,6 +71,16 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
             raise LoraError(f"--config_file {path}: unknown key {key!r}{hint}")
         if key == "save_precision":
             value = SAVE_PRECISION.get(str(value), value)
+        if dest == "resolution" and isinstance(value, str) and "," in value:  # kohya writes "512,512"
+            sides = [s.strip() for s in value.split(",")]
+            if len(sides) != 2 or sides[0] != sides[1]:
+                raise LoraError(f"--config_file {path}: resolution = {value!r}; it accepts one side (square "
+                                f"training, e.g. 512 or \"512,512\"); for other shapes use enable_bucket = true")
+            value = sides[0]
+        if type(actions[dest]).__name__ == "_Refuse":
+            from mindone_lora_plugin.train.arguments import REFUSED
+
+            raise LoraError(f"--config_file {path}: {key} is not supported: {REFUSED[dest]}")
         out[dest] = _checked(path, key, value, actions[dest])
     return out
 
