@@ -126,6 +126,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_name", type=str, default=None, help="kohya file name (default: the output folder's name)")
     g.add_argument("--save_dtype", choices=SAVE_DTYPES, default=None)
 
+    from mindone_lora_plugin.train.data_arguments import add_data_feature_arguments
+
+    add_data_feature_arguments(parser)
+
     g = parser.add_argument_group("runtime")
     g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)

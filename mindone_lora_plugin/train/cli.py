@@ -17,11 +17,16 @@ def add_parser(subparsers):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
     add_plugin_arguments(p)
+    from mindone_lora_plugin.train.config_file import install
+
+    install(p)  # --config_file: the file's values become defaults, the command line overrides them
     return p
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.output_config:
+        return _output_config(args)
     if args.demo:
         from mindone_lora_plugin.train.demo import run_demo
 
@@ -35,6 +40,18 @@ def run(args) -> int:
     except BaseException as e:  # noqa: B902 - recorded for watchers (train_log.jsonl), then re-raised
         record_failure(args.output_dir, e)
         raise
+    return 0
+
+
+def _output_config(args) -> int:
+    from mindone_lora_plugin.errors import LoraError
+    from mindone_lora_plugin.train.config_file import write_config
+    from mindone_lora_plugin.train.validate import validate_train_args
+
+    if not args.config_file:
+        raise LoraError("--output_config needs --config_file PATH: the .toml file to write (kohya's convention)")
+    validate_train_args(args)
+    print(f"wrote {write_config(args, args.config_file)}", flush=True)
     return 0
 
 

@@ -100,11 +100,12 @@ def replace_options(options, **changes):
 
 def training_metadata(trainer, global_step: int) -> dict[str, str]:
     """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
+    from mindone_lora_plugin.train.data_setup import data_metadata
     from mindone_lora_plugin.train.feature_args import metadata as feature_metadata
 
     args = trainer.args
     epoch = -(-global_step // trainer.updates_per_epoch)
-    return {
+    return {**data_metadata(trainer),
         "ss_output_name": trainer.output_name,
         "ss_sd_model_name": os.path.basename(os.path.abspath(args.pretrained_model_name_or_path)),
         "ss_learning_rate": str(args.learning_rate),

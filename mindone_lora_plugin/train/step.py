@@ -56,6 +56,8 @@ class DenoiseLoss(nn.Cell):
     * SDXL: ``embeds, pooled, time_ids`` (or ``ids, ids_2, time_ids`` when the text encoders train).
     """
 
+    masked = False  # --masked_loss: the last input is a (N, 1, h, w) mask the per-pixel loss is multiplied by
+
     def __init__(self, unet, conditioner: TextConditioner, train_text: bool, v_prediction: bool, sdxl: bool):
         super().__init__()
         self.unet = unet
@@ -65,6 +67,10 @@ class DenoiseLoss(nn.Cell):
         self.sdxl = sdxl
 
     def construct(self, latents, noise, timesteps, sqrt_acp, sqrt_1m_acp, weights, *cond):
+        mask = None
+        if self.masked:
+            mask = cond[-1]
+            cond = cond[:-1]
         a = sqrt_acp.reshape((-1, 1, 1, 1))
         s = sqrt_1m_acp.reshape((-1, 1, 1, 1))
         noisy = a * latents + s * noise
@@ -83,6 +89,8 @@ class DenoiseLoss(nn.Cell):
                              return_dict=False)[0]
         target = a * noise - s * latents if self.v_prediction else noise
         err = ops.square(pred.astype(ms.float32) - target)
+        if self.masked:
+            err = err * mask
         per_sample = err.mean(axis=(1, 2, 3))
         return (per_sample * weights).mean()
 

@@ -54,6 +54,10 @@ class Trainer:
         if not args.pretrained_model_name_or_path:
             raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
                             "--demo")
+        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.validate import validate_train_args
+
+        validate_train_args(args)  # every flag, before any model is loaded
         info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
         self.architecture = info.architecture
         self.resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
@@ -64,6 +68,8 @@ class Trainer:
         from mindone_lora_plugin.train.features import TrainingFeatures
 
         self.features = TrainingFeatures(self)  # EMA, validation loss, samples, save cadence (flags checked here)
+        self.sizer = data_setup.make_sizer(args, self.resolution)  # bucket settings are checked here
+        self.masks = data_setup.make_masks(args)
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
@@ -80,16 +86,14 @@ class Trainer:
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
         examples = self.features.split(examples)
-        from mindone_lora_plugin.train.data import BatchPlan
-
-        self.plan = BatchPlan(examples, args.train_batch_size, self.resolution, self.seed, args.center_crop,
-                              args.random_flip, self.rank, self.world, prior=prior)
+        self.plan = data_setup.make_plan(self, examples, prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
-        self.features.setup()
+        self.features.setup()  # before the caches: validation-loss inputs are encoded from held-out images
+        data_setup.setup_caches(self)
         start = self._maybe_resume()
         return self._train(start)
 
@@ -160,10 +164,13 @@ class Trainer:
         from mindone_lora_plugin.train import data
 
         if not args.instance_data_dir:
-            examples, self.skipped = data.load_examples(args, self.resolution)
+            from mindone_lora_plugin.train.data_setup import load_text_to_image
+
+            examples, self.skipped = load_text_to_image(self)
             return examples, None
         examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
-                                                           self.resolution, args.on_bad_image, "--instance_data_dir")
+                                                           self.resolution, args.on_bad_image, "--instance_data_dir",
+                                                           self.sizer, self.masks)
         if not args.with_prior_preservation:
             return examples, None
         if self.is_main:
@@ -174,7 +181,7 @@ class Trainer:
         if self.world > 1:
             barrier()
         prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
-                                               args.on_bad_image, "--class_data_dir")
+                                               args.on_bad_image, "--class_data_dir", self.sizer, self.masks)
         self.skipped += bad
         self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
                   f"{args.prior_loss_weight}")
@@ -225,6 +232,7 @@ class Trainer:
         self.conditioner = TextConditioner(self.models.get("text_encoder"), self.models.get("text_encoder_2"))
         self.loss_cell = DenoiseLoss(self.models["unet"], self.conditioner, self.train_text,
                                      self.prediction_type == "v_prediction", sdxl)
+        self.loss_cell.masked = bool(self.args.masked_loss)
         self.loss_cell.set_train(True)
         reducer = None
         if self.world > 1:
@@ -339,7 +347,9 @@ class Trainer:
                 batch_index = in_epoch * accum + k
                 inputs = self._inputs(epoch, batch_index, micro)
                 cell = self.update_step if k == accum - 1 else self.micro_step
+                started = time.perf_counter()
                 micro_losses.append(float(cell(*inputs).asnumpy()))
+                self._note_shape(inputs[0].shape, time.perf_counter() - started)
             loss = float(np.mean(micro_losses))
             global_step += 1
             if not np.isfinite(loss):
@@ -408,6 +418,15 @@ class Trainer:
         events.uninstall()
         return result
 
+    def _note_shape(self, shape, seconds: float) -> None:
+        """Log the first step of each batch shape (in graph mode it includes that shape's compile)."""
+        seen = self.__dict__.setdefault("_shapes_seen", set())
+        if tuple(shape) not in seen:
+            seen.add(tuple(shape))
+            if self.sizer is not None:
+                self._say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
+                          f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
+
     def _weights_digest(self) -> str:
         import hashlib
 
@@ -424,10 +443,11 @@ class Trainer:
 
     def _model_inputs(self, batch, rng, weighted: bool = True):
         """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one)."""
+        from mindone_lora_plugin.train import data_setup
         from mindone_lora_plugin.train.noise import draw_noise, loss_weights
 
         ms = self._ms
-        moments = self.encode_cell(ms.Tensor(batch.pixels, dtype=self.vae.dtype)).asnumpy().astype(np.float32)
+        moments = data_setup.moments(self, batch)
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.vae.config.scaling_factor
@@ -435,15 +455,18 @@ class Trainer:
         n = latents.shape[0]
         t = rng.integers(0, len(self.alphas_cumprod), size=n)
         acp = self.alphas_cumprod[t]
-        weights = (loss_weights(acp, self.args, self.prediction_type == "v_prediction") if weighted
-                   else np.ones(n, dtype=np.float32))
+        # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
+        weights = (batch.loss_weights * loss_weights(acp, self.args, self.prediction_type == "v_prediction")
+                   if weighted else np.ones(n, dtype=np.float32))
         if self.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
             half = n // 2
             weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
-        ids, ids_2 = self._tokenize(batch.captions)
-        text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
-        if self.architecture == "sdxl":
-            time_ids = np.asarray([list(o) + list(c) + [self.resolution, self.resolution]
+        text = data_setup.text_embeddings(self, batch)
+        if text is None:
+            ids, ids_2 = self._tokenize(batch.captions)
+            text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
+        if self.architecture == "sdxl":  # each image's own original size and crop; the target is the batch's shape
+            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
                                    for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
             cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
         else:
@@ -451,7 +474,8 @@ class Trainer:
         f32 = ms.float32
         return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
                 ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond
+                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(self, batch,
+                                                                                     latents.shape[2:])
 
     def _tokenize(self, captions):
         ms = self._ms

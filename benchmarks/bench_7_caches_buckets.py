@@ -1,0 +1,186 @@
+"""Benchmark 7 — latent/text caches and aspect-ratio buckets in ``mindone-lora train``.
+
+1. One epoch's loop time (batch preparation + VAE/text encoding or cache look-ups + the compiled step) with
+   ``--cache_latents --cache_text_encoder_outputs`` vs without, on the tiny SD1.x model in GRAPH_MODE on CPU, both
+   trainers set up through ``Trainer.run`` and driven epoch by epoch alternately after a warm-up epoch
+   (target ≤ 0.8×).
+2. Context for real sizes: the VAE encode time per image at 512 px on a full-size SD1.5 VAE built from its published
+   config (random weights, nothing downloaded) vs reading that image's cached latent back from a safetensors file.
+3. A bucketed run (``--enable_bucket``, images in two 16×64 / 64×16 buckets) vs a square run (32×32): the same pixel
+   count per image; steps per second after each shape's first step (target ≥ 0.9×).
+
+    python benchmarks/bench_7_caches_buckets.py [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def _trainer(argv):
+    """A Trainer set up by ``run()`` (models, data, caches, compiled step), stopped just before its loop."""
+    from mindone_lora_plugin.cli import COMMANDS, build_parser
+    from mindone_lora_plugin.train.trainer import Trainer
+
+    args = build_parser({"train": COMMANDS["train"]}).parse_args(["train", *argv])
+    trainer = Trainer(args)
+    trainer._train = lambda start: trainer  # run() ends by calling _train(start): keep the trainer instead
+    return trainer.run()
+
+
+class Epochs:
+    """Drives a trainer one whole epoch at a time; ``epoch()`` returns its seconds."""
+
+    def __init__(self, trainer):
+        self.t, self.epoch_no, self.micro = trainer, 0, 0
+
+    def epoch(self) -> float:
+        t0 = time.perf_counter()
+        for i in range(self.t.plan.batches_per_epoch):
+            self.t.update_step(*self.t._inputs(self.epoch_no, i, self.micro)).asnumpy()
+            self.micro += 1
+        self.epoch_no += 1
+        return time.perf_counter() - t0
+
+    def steps(self) -> list[float]:
+        """Seconds of each step of one epoch."""
+        out = []
+        for i in range(self.t.plan.batches_per_epoch):
+            t0 = time.perf_counter()
+            self.t.update_step(*self.t._inputs(self.epoch_no, i, self.micro)).asnumpy()
+            out.append(time.perf_counter() - t0)
+            self.micro += 1
+        self.epoch_no += 1
+        return out
+
+
+def bench_caches(tmp: str, reps: int) -> dict:
+    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
+    data = make_shapes_dataset(os.path.join(tmp, "shapes"), size=32, repeats=2)
+    common = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--train_batch_size", "2",
+              "--report_to", "none", "--device_target", "CPU", "--mode", "graph", "--seed", "0",
+              "--center_crop", "--random_flip", "--lr_warmup_steps", "0"]
+    sides = {"uncached": Epochs(_trainer(common + ["--output_dir", os.path.join(tmp, "o1")])),
+             "cached": Epochs(_trainer(common + ["--output_dir", os.path.join(tmp, "o2"), "--cache_latents",
+                                                 "--cache_text_encoder_outputs"]))}
+    for side in sides.values():
+        side.epoch()  # warm-up: compiles
+    times = C.interleave({k: v.epoch for k, v in sides.items()}, reps, self_timed=True)
+    return {"times": times, "steps_per_epoch": sides["cached"].t.plan.batches_per_epoch}
+
+
+def bench_vae(tmp: str, reps: int) -> dict:
+    import numpy as np
+    import mindspore as ms
+    from mindone.diffusers import AutoencoderKL
+
+    from mindone_lora_plugin.train.cache import LatentCache
+    from mindone_lora_plugin.train.data import Example
+    from mindone_lora_plugin.train.step import VaeEncode
+
+    vae = AutoencoderKL(**SD15_VAE)
+    vae.set_train(False)
+    cell = VaeEncode(vae)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 512, 512)).astype(np.float32)
+    encode = lambda p: cell(ms.Tensor(p)).asnumpy()  # noqa: E731
+    encode(x)  # compile
+    folder = os.path.join(tmp, "vae-cache")
+    os.makedirs(folder, exist_ok=True)
+    img = ((x[0].transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+    ex = Example(img, (512, 512), ["x"], (512, 512), "k" * 32)
+    LatentCache(encode, "v", folder, 1).fill([ex], flips=False)
+
+    def read():
+        cache = LatentCache(encode, "v", folder, 1)
+        cache.fill([ex], flips=False)
+        assert cache.stats["read"] == 1
+
+    return {"times": C.interleave({"encode 512 px": lambda: encode(x), "read cached latent": read}, reps)}
+
+
+def bench_buckets(tmp: str, reps: int) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from mindone_lora_plugin.tiny import ensure_tiny_model
+
+    model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
+    rng = np.random.default_rng(0)
+    folders = {}
+    for name, sizes in (("square", [(32, 32)] * 8), ("buckets", [(64, 16)] * 4 + [(16, 64)] * 4)):
+        sub = os.path.join(tmp, name, "1_thing")
+        os.makedirs(sub, exist_ok=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(sub, f"{i}.png"))
+        folders[name] = os.path.join(tmp, name)
+    common = ["--pretrained_model_name_or_path", model, "--train_batch_size", "2", "--report_to", "none",
+              "--device_target", "CPU", "--mode", "graph", "--seed", "0", "--resolution", "32", "--center_crop",
+              "--cache_latents", "--cache_text_encoder_outputs"]
+    sides = {
+        "square 32x32": Epochs(_trainer(common + ["--train_data_dir", folders["square"], "--output_dir",
+                                                  os.path.join(tmp, "ob1")])),
+        "buckets 16x64 + 64x16": Epochs(_trainer(common + ["--train_data_dir", folders["buckets"], "--output_dir",
+                                                           os.path.join(tmp, "ob2"), "--enable_bucket",
+                                                           "--min_bucket_reso", "16", "--max_bucket_reso", "64",
+                                                           "--bucket_reso_steps", "16"]))}
+    first = {k: v.steps() for k, v in sides.items()}  # every shape's first step (compile) happens here
+    times = {k: [] for k in sides}
+    for r in range(reps):
+        for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            times[k].extend(sides[k].steps())
+    return {"times": times, "first_epoch": first}
+
+
+def run(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5, help="epochs per side after the warm-up epoch")
+    opts = ap.parse_args(argv)
+    from mindone_lora_plugin.runtime import quiet_mindone_imports, setup
+
+    quiet_mindone_imports()
+    setup("CPU", "graph", seed=0)
+    C.banner("Benchmark 7: latent/text caches and aspect-ratio buckets")
+    C.print_machine()
+    t_start = time.perf_counter()
+    tmp = C.workdir("bench7")
+    caches = bench_caches(tmp, opts.reps)
+    buckets = bench_buckets(tmp, opts.reps)
+    vae = bench_vae(tmp, max(3, opts.reps))
+    m = {k: C.median(v) for k, v in caches["times"].items()}
+    ratio = m["cached"] / m["uncached"]
+    sq, bk = C.median(buckets["times"]["square 32x32"]), C.median(buckets["times"]["buckets 16x64 + 64x16"])
+    v = {k: C.median(x) for k, x in vae["times"].items()}
+    print(f"one epoch = {caches['steps_per_epoch']} steps of batch 2 (tiny SD1.x, GRAPH_MODE, CPU); medians of "
+          f"{opts.reps} epochs per side after a warm-up epoch\n")
+    C.print_table(["measure", "A", "B", "ratio A/B", "target", "result"], [
+        ["epoch loop: cached (A) vs uncached (B)", C.fmt_s(m["cached"]), C.fmt_s(m["uncached"]), f"{ratio:.3f}",
+         "≤ 0.8", C.verdict(ratio <= 0.8)],
+        ["steps/s: bucketed 16x64+64x16 (A) vs square 32x32 (B)", f"{1 / bk:.2f}", f"{1 / sq:.2f}",
+         f"{sq / bk:.3f}", "≥ 0.9", C.verdict(sq / bk >= 0.9)],
+        ["full-size SD1.5 VAE, one 512 px image: encode (A) vs read its cached latent (B)",
+         C.fmt_s(v["encode 512 px"]), C.fmt_s(v["read cached latent"]),
+         f"{v['encode 512 px'] / v['read cached latent']:.0f}", "context", "—"]])
+    firsts = ", ".join(f"{k}: {C.fmt_s(max(x))}" for k, x in buckets["first_epoch"].items())
+    print(f"\nslowest step of the first epoch (each shape's compile): {firsts}")
+    print(f"RATIO epoch cached/uncached = {ratio:.3f} (target ≤ 0.8): {C.verdict(ratio <= 0.8)}")
+    print(f"RATIO steps/s bucketed/square = {sq / bk:.3f} (target ≥ 0.9): {C.verdict(sq / bk >= 0.9)}")
+    print(f"benchmark 7 took {time.perf_counter() - t_start:.0f} s", flush=True)
+    C.save_results("bench_7", {"caches": caches, "buckets": buckets, "vae": vae, "machine": C.machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(C.run_main(run))

@@ -1,0 +1,192 @@
+"""The trainer's data hooks: which loader and sizer to use, the batch plan, the caches and what a step reads from them.
+
+Kept apart from ``trainer.py`` so the loop itself only calls :func:`load_text_to_image`, :func:`make_plan`,
+:func:`setup_caches`, :func:`moments` and :func:`text_embeddings`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mindone_lora_plugin.errors import LoraError
+
+
+def make_sizer(args, resolution: int):
+    """A :class:`~mindone_lora_plugin.train.buckets.BucketSizer` with ``--enable_bucket``, else None (square)."""
+    if not args.enable_bucket:
+        return None
+    from mindone_lora_plugin.train.buckets import BucketSizer, make_buckets, resolve_bucket_args
+
+    low, high, steps = resolve_bucket_args(args, resolution)
+    return BucketSizer(make_buckets(resolution, low, high, steps), args.bucket_no_upscale)
+
+
+def make_masks(args):
+    """The mask source of ``--masked_loss`` (alpha channels or ``--conditioning_data_dir``), else None."""
+    if not args.masked_loss:
+        return None
+    from mindone_lora_plugin.train.masks import MaskSource
+
+    return MaskSource(args.conditioning_data_dir)
+
+
+def mask_input(trainer, batch, latent_hw) -> tuple:
+    """``(mask tensor,)`` for the loss with ``--masked_loss``, else ``()``."""
+    if batch.masks is None:
+        return ()
+    from mindone_lora_plugin.train.masks import latent_masks
+
+    return (trainer._ms.Tensor(latent_masks(batch.masks, tuple(latent_hw))),)
+
+
+def load_text_to_image(trainer):
+    """Examples of ``--train_data_dir`` (an imagefolder or kohya folders) / ``--dataset_name``, plus kohya
+    regularisation images of ``--reg_data_dir``; returns ``(examples, unreadable images skipped)``."""
+    from mindone_lora_plugin.train import data, kohya_data
+
+    args, sizer, say, masks = trainer.args, trainer.sizer, trainer._say, getattr(trainer, "masks", None)
+    trainer.dataset_info = {}
+    kohya = bool(args.train_data_dir and kohya_data.is_kohya_folder(args.train_data_dir))
+    if kohya and args.max_train_samples is not None:
+        raise LoraError("--max_train_samples applies to imagefolder/datasets data; with <repeats>_<name>/ folders "
+                        "choose the images and repeats by folder instead")
+    if not kohya and args.caption_extension != ".txt" and not args.reg_data_dir:
+        raise LoraError(f"--caption_extension {args.caption_extension} applies to <repeats>_<name>/ folders, but "
+                        f"--train_data_dir is an imagefolder (captions come from its metadata); drop the flag")
+    if kohya:
+        examples, bad, distinct = kohya_data.load_kohya_examples(args.train_data_dir, "--train_data_dir", args,
+                                                                 trainer.resolution, sizer, masks=masks)
+        trainer.dataset_info["train"] = (distinct, len(examples))
+        say(f"kohya dataset: {distinct} image(s), {len(examples)} with repeats")
+    else:
+        examples, bad = data.load_examples(args, trainer.resolution, sizer, masks)
+    if args.reg_data_dir:
+        reg, reg_bad, reg_distinct = kohya_data.load_kohya_examples(args.reg_data_dir, "--reg_data_dir", args,
+                                                                    trainer.resolution, sizer,
+                                                                    loss_weight=args.prior_loss_weight, masks=masks)
+        reg = kohya_data.balance_regularisation(reg, len(examples))
+        trainer.dataset_info["reg"] = (reg_distinct, len(reg))
+        say(f"regularisation: {reg_distinct} image(s), {len(reg)} used per epoch, loss weight {args.prior_loss_weight}")
+        examples, bad = examples + reg, bad + reg_bad
+    return examples, bad
+
+
+def make_plan(trainer, examples, prior):
+    from mindone_lora_plugin.train.captions import CaptionAugment
+    from mindone_lora_plugin.train.data import BatchPlan
+
+    args = trainer.args
+    captions = CaptionAugment.from_args(args)
+    plan = BatchPlan(examples, args.train_batch_size, trainer.resolution, trainer.seed, args.center_crop,
+                     args.random_flip, trainer.rank, trainer.world, prior=prior, bucketed=trainer.sizer is not None,
+                     captions=captions if captions.active else None, masked=bool(args.masked_loss))
+    if args.masked_loss:
+        with_mask = sum(ex.mask is not None for ex in examples)
+        if not with_mask:
+            raise LoraError("--masked_loss: no training image has an alpha channel or a mask in "
+                            "--conditioning_data_dir; add masks or drop --masked_loss")
+        trainer._say(f"masked loss: {with_mask} of {len(examples)} example(s) have a mask (the rest count fully)")
+    trainer.too_small = trainer.sizer.too_small if trainer.sizer is not None else 0
+    if trainer.sizer is not None:
+        from mindone_lora_plugin.train.buckets import log_buckets
+
+        if trainer.too_small:
+            trainer._say(f"skipped {trainer.too_small} image(s) smaller than the smallest bucket (--bucket_no_upscale)")
+        trainer.bucket_counts = log_buckets(examples + (prior or []), trainer._say)
+    if args.cache_latents or args.cache_latents_to_disk:
+        from mindone_lora_plugin.train.cache import check_crops_cacheable
+
+        check_crops_cacheable(plan)
+    return plan
+
+
+def setup_caches(trainer) -> None:
+    """Fill the latent and text caches (when asked) once the encoders are built."""
+    args = trainer.args
+    ms = trainer._ms
+    trainer.latent_cache = trainer.text_cache = None
+    if args.cache_latents or args.cache_latents_to_disk:
+        from mindone_lora_plugin.train.cache import LatentCache, cache_folder, vae_identity
+
+        folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
+        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.vae.dtype))
+
+        def encode(pixels):
+            return trainer.encode_cell(ms.Tensor(pixels, dtype=trainer.vae.dtype)).asnumpy().astype(np.float32)
+
+        cache = LatentCache(encode, vae_id, folder, args.train_batch_size)
+        cache.fill(list(trainer.plan.examples) + list(trainer.plan.prior), bool(args.random_flip))
+        s = cache.stats
+        trainer._say(f"latent cache: {s['encoded']} encoded, {s['read']} read from disk, {s['rebuilt']} rebuilt "
+                     f"(stale or unreadable)" + (f" in {folder}" if folder else ""))
+        trainer.latent_cache = cache
+        needs_vae = (args.validation_prompt or getattr(args, "sample_prompts", None)
+                     or getattr(args, "validation_split", None) or getattr(args, "validation_data_dir", None))
+        if not needs_vae:  # nothing encodes or decodes images any more: let the VAE's weights go
+            import types
+
+            trainer.encode_cell = None
+            trainer.vae = types.SimpleNamespace(config=trainer.vae.config, dtype=trainer.vae.dtype)
+    if args.cache_text_encoder_outputs and not trainer.train_text:
+        from mindone_lora_plugin.train.cache import TextCache
+
+        cache = TextCache(trainer.conditioner, trainer._tokenize, args.train_batch_size)
+        cache.fill(c for ex in list(trainer.plan.examples) + list(trainer.plan.prior) for c in ex.captions)
+        trainer._say(f"text-encoder cache: {len(cache.entries)} caption(s) encoded")
+        trainer.text_cache = cache
+
+
+def moments(trainer, batch) -> np.ndarray:
+    """The VAE moments of a batch: from the latent cache, or encoded now."""
+    if getattr(trainer, "latent_cache", None) is not None:
+        return trainer.latent_cache.moments(batch.keys)
+    ms = trainer._ms
+    return trainer.encode_cell(ms.Tensor(batch.pixels, dtype=trainer.vae.dtype)).asnumpy().astype(np.float32)
+
+
+def text_embeddings(trainer, batch):
+    """``(embeds, pooled)`` tensors of the batch's captions from the text cache, or None when there is none."""
+    if getattr(trainer, "text_cache", None) is None:
+        return None
+    ms = trainer._ms
+    embeds, pooled = trainer.text_cache.lookup(batch.captions)
+    return ms.Tensor(embeds), ms.Tensor(pooled)
+
+
+def data_metadata(trainer) -> dict[str, str]:
+    """kohya's ``ss_*`` keys for buckets, caches, captions and dataset folders (strings, as kohya writes them)."""
+    import json
+    import os
+
+    args = trainer.args
+    meta = {"ss_enable_bucket": str(bool(args.enable_bucket)),
+            "ss_bucket_no_upscale": str(bool(args.bucket_no_upscale)),
+            "ss_cache_latents": str(bool(args.cache_latents or args.cache_latents_to_disk)),
+            "ss_cache_text_encoder_outputs": str(bool(getattr(trainer, "text_cache", None) is not None)),
+            "ss_caption_dropout_rate": str(args.caption_dropout_rate),
+            "ss_keep_tokens": str(args.keep_tokens),
+            "ss_shuffle_caption": str(bool(args.shuffle_caption)),
+            "ss_flip_aug": str(bool(args.random_flip)),
+            "ss_random_crop": str(not args.center_crop),
+            "ss_caption_extension": args.caption_extension,
+            "ss_masked_loss": str(bool(args.masked_loss))}
+    if trainer.sizer is not None:
+        from mindone_lora_plugin.train.buckets import resolve_bucket_args
+
+        low, high, steps = resolve_bucket_args(args, trainer.resolution)
+        meta.update(ss_min_bucket_reso=str(low), ss_max_bucket_reso=str(high), ss_bucket_reso_steps=str(steps))
+        counts = getattr(trainer, "bucket_counts", {})
+        buckets = {str(i): {"resolution": [int(k.split("x")[1]), int(k.split("x")[0])], "count": n}
+                   for i, (k, n) in enumerate(sorted(counts.items()))}
+        meta["ss_bucket_info"] = json.dumps({"buckets": buckets, "skipped_too_small": trainer.too_small})
+    from mindone_lora_plugin.train import kohya_data
+
+    for flag, key in (("train_data_dir", "ss_dataset_dirs"), ("reg_data_dir", "ss_reg_dataset_dirs")):
+        folder = getattr(args, flag)
+        if folder and kohya_data.is_kohya_folder(folder):
+            dirs: dict[str, dict] = {}
+            for path, _, repeats in kohya_data.scan(folder, "--" + flag, args.caption_extension):
+                d = dirs.setdefault(os.path.basename(os.path.dirname(path)), {"n_repeats": repeats, "img_count": 0})
+                d["img_count"] += 1
+            meta[key] = json.dumps(dirs)
+    return meta

@@ -1,0 +1,110 @@
+"""Every flag of ``mindone-lora train`` checked before any model is loaded.
+
+A value the trainer cannot use ends in one line naming the flag and what it accepts; nothing is silently replaced by
+a default or ignored (a flag that only works together with another one says which).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mindone_lora_plugin.errors import LoraError
+
+# flag → (lowest accepted, what it accepts); None values mean "not given" and are always fine
+AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps", "lora_rank",
+                "num_class_images", "sample_batch_size", "num_validation_images", "validation_epochs",
+                "validation_steps", "num_inference_steps", "checkpoints_total_limit", "lora_conv_rank",
+                "max_train_samples", "resolution")
+NOT_NEGATIVE = ("lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers", "noise_offset", "keep_tokens",
+                "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "seed")
+POSITIVE = ("learning_rate", "text_encoder_lr", "adam_epsilon", "lora_alpha", "lora_conv_alpha")  # snr_gamma: feature_args
+FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "caption_dropout_rate": (0.0, 1.0, True)}
+NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
+             "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",
+             "pretrained_model_name_or_path", "report_to")
+EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path",
+                    "conditioning_data_dir")
+# flag → the flag it needs (or a test of args and the words saying what is needed)
+NEEDS = {
+    "min_bucket_reso": ("enable_bucket", "--enable_bucket"),
+    "max_bucket_reso": ("enable_bucket", "--enable_bucket"),
+    "bucket_reso_steps": ("enable_bucket", "--enable_bucket"),
+    "bucket_no_upscale": ("enable_bucket", "--enable_bucket"),
+    "keep_tokens": ("shuffle_caption", "--shuffle_caption (it is the number of tags left in place)"),
+    "validation_steps": ("validation_prompt", "--validation_prompt"),
+    "class_data_dir": ("with_prior_preservation", "--with_prior_preservation"),
+    "conditioning_data_dir": ("masked_loss", "--masked_loss"),
+}
+
+
+def _given(value) -> bool:
+    return value not in (None, False, 0, 0.0)
+
+
+def validate_train_args(args) -> None:
+    """Raise :class:`LoraError` (one line) for the first flag whose value cannot be used."""
+    v = vars(args)
+    for name in AT_LEAST_ONE:
+        if v.get(name) is not None and v[name] < 1:
+            raise LoraError(f"--{name} {v[name]} is out of range; it accepts a whole number of at least 1")
+    for name in NOT_NEGATIVE:
+        if v.get(name) is not None and v[name] < 0:
+            raise LoraError(f"--{name} {v[name]} is out of range; it accepts 0 or more")
+    for name in POSITIVE:
+        if v.get(name) is not None and not v[name] > 0:
+            raise LoraError(f"--{name} {v[name]} is out of range; it accepts a number greater than 0")
+    for name, (low, high, inclusive) in FRACTIONS.items():
+        x = v.get(name)
+        if x is not None and not (low <= x <= high if inclusive else low <= x < high):
+            raise LoraError(f"--{name} {x} is out of range; it accepts {low} ≤ value {'≤' if inclusive else '<'} "
+                            f"{high}")
+    for name in NOT_EMPTY:
+        x = v.get(name)
+        if isinstance(x, str) and not x.strip():
+            raise LoraError(f"--{name} is empty; give a value or leave the flag out")
+    if v.get("save_formats") is not None and not [f for f in args.save_formats.split(",") if f.strip()]:
+        raise LoraError("--save_formats names no format; it accepts a comma-separated list such as diffusers,kohya")
+    if v.get("output_name") and (os.sep in args.output_name or "/" in args.output_name):
+        raise LoraError(f"--output_name {args.output_name!r} contains a path separator; it accepts a file name "
+                        f"without folder (the file goes to --output_dir)")
+    if v.get("caption_extension") and not args.caption_extension.startswith("."):
+        raise LoraError(f"--caption_extension {args.caption_extension!r} must start with a dot, e.g. .txt")
+    for name in EXISTING_FOLDERS:
+        x = v.get(name)
+        if x and not os.path.isdir(x):
+            what = "does not exist" if not os.path.exists(x) else "is not a folder"
+            raise LoraError(f"--{name} {x} {what}; it accepts an existing folder")
+    for name in ("dataset_name",):
+        x = v.get(name)
+        if x and not os.path.exists(x):
+            raise LoraError(f"dataset {x} does not exist locally (nothing is downloaded); --{name} accepts a local "
+                            f"dataset folder or script")
+    if v.get("class_data_dir") and os.path.exists(args.class_data_dir) and not os.path.isdir(args.class_data_dir):
+        raise LoraError(f"--class_data_dir {args.class_data_dir} is not a folder; it accepts a folder (created when "
+                        f"missing)")
+    resume = v.get("resume_from_checkpoint")
+    if resume and resume != "latest" and not os.path.isdir(resume):
+        raise LoraError(f"--resume_from_checkpoint {resume} does not exist; it accepts a checkpoint-N folder or "
+                        f"'latest'")
+    for name, (other, words) in NEEDS.items():
+        if _given(v.get(name)) and not _given(v.get(other)):
+            raise LoraError(f"--{name} only works together with {words}; add it or drop --{name}")
+    _check_combinations(args)
+
+
+def _check_combinations(args) -> None:
+    from mindone_lora_plugin.train.cache import check_cache_args
+
+    if args.reg_data_dir and args.instance_data_dir:
+        raise LoraError("--reg_data_dir (kohya regularisation folders) goes with --train_data_dir kohya folders; with "
+                        "--instance_data_dir use --class_data_dir and --with_prior_preservation")
+    if args.enable_bucket and args.with_prior_preservation:
+        raise LoraError("--enable_bucket cannot be combined with --with_prior_preservation (class images are drawn "
+                        "regardless of shape); use kohya folders with --reg_data_dir, whose images join the buckets")
+    if args.shuffle_caption and args.keep_tokens is not None and args.keep_tokens < 0:
+        raise LoraError("--keep_tokens accepts 0 or more")
+    check_cache_args(args)
+    if args.enable_bucket:
+        from mindone_lora_plugin.train.buckets import check_bucket_values
+
+        check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
