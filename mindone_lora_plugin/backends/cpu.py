@@ -484,8 +484,30 @@ def swiglu_construct(self, hidden_states):
     return hidden_states * self.activation(gate)
 
 
+def gather_rows(table, ids):
+    """Rows ``ids`` of ``table`` (``Gather`` on axis 0). The CPU ``Gather`` kernel has no bfloat16 variant, so a
+    bfloat16 table is gathered in float32 and the rows cast back: exact, since every bfloat16 value is a float32 one
+    (the float32 copy is a transient of the call)."""
+    if table.dtype == mstype.bfloat16:
+        return ops.gather(table.astype(mstype.float32), ids, 0).astype(mstype.bfloat16)
+    return ops.gather(table, ids, 0)
+
+
+def embedding_construct(self, ids):
+    """``mindspore.nn.Embedding.construct`` (what mindone's CLIP embeddings use) with :func:`gather_rows`."""
+    out_shape = ids.shape + (self.embedding_size,)
+    flat_ids = ids.reshape((-1,))
+    if self.use_one_hot:
+        rows = self.array_mul(self.one_hot(flat_ids, self.vocab_size, self.on_value, self.off_value),
+                              self.embedding_table)
+    else:
+        rows = gather_rows(self.embedding_table, flat_ids)
+    return rows.reshape(out_shape)
+
+
 _CONSTRUCT_PATCHES = {
     "mindone.diffusers.models.activations": {"GEGLU": geglu_construct, "SwiGLU": swiglu_construct},
+    "mindspore.nn.layer.embedding": {"Embedding": embedding_construct},
 }
 
 # --------------------------------------------------------------------------------------------------------------------
