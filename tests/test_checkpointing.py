@@ -1,7 +1,7 @@
 """Gradient checkpointing (MindSpore recompute of the UNet's blocks) and mixed-precision checks, on the real stack.
 
-* recompute leaves the loss and every LoRA gradient equal (≤ 1e-5) in PyNative and in GRAPH_MODE;
-* in PyNative it lowers the peak RSS of a process doing one LoRA step (measured in fresh subprocesses);
+* recompute leaves the loss and every LoRA gradient equal (≤ 1e-5) in PyNative and in GRAPH_MODE, and in PyNative
+  lowers the peak RSS of a process doing one LoRA step (fresh subprocesses);
 * ``--gradient_checkpointing`` through ``mindone-lora train`` and through ``mindone-lora run`` (the script's own flag);
 * one-line refusals: a model without blocks to recompute, ``--mixed_precision bf16`` on CPU;
 * the CPU backend's bfloat16 embedding lookup against numpy.
@@ -45,22 +45,19 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-def test_recompute_keeps_gradients_and_lowers_peak_memory_pynative(tmp_path):
-    """Fresh processes, one LoRA step each: equal loss and gradients, and a lower peak RSS with recompute."""
+@pytest.mark.slow
+def test_recompute_keeps_gradients_and_lowers_peak_memory(tmp_path):
+    """Fresh processes, one LoRA step each: recompute gives the same loss and gradients in PyNative and in GRAPH_MODE,
+    and in PyNative a lower peak RSS (in GRAPH_MODE MindSpore 2.7.1's CPU runtime does not lower it: docs/benchmarks.md)."""
     plain, blocks0, peak_plain = _worker(tmp_path, "pynative", False, 48, 2)
     recomputed, blocks, peak_gc = _worker(tmp_path, "pynative", True, 48, 2)
     assert blocks0 == 0 and blocks == 18  # 12 ResNet + 6 transformer blocks in the tiny UNet
     assert any(np.abs(v).max() > 0 for k, v in plain.items() if k != "loss")
     assert _max_diff(plain, recomputed) <= 1e-5
     assert peak_gc < peak_plain - 80 * 1024, (peak_plain, peak_gc)  # at least 80 MiB less (measured: about 160)
-
-
-def test_recompute_keeps_gradients_graph_mode(tmp_path):
-    """GRAPH_MODE (one compile, with recompute) gives the gradients PyNative gives without it."""
-    plain, _, _ = _worker(tmp_path, "pynative", False, 16, 2)
-    recomputed, blocks, _ = _worker(tmp_path, "graph", True, 16, 2)
+    graph, blocks, _ = _worker(tmp_path, "graph", True, 48, 2)
     assert blocks == 18
-    assert _max_diff(plain, recomputed) <= 1e-5
+    assert _max_diff(plain, graph) <= 1e-5
 
 
 def test_enable_refuses_a_model_without_blocks_and_is_idempotent():
