@@ -48,7 +48,8 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.slow
 def test_recompute_keeps_gradients_and_lowers_peak_memory(tmp_path):
     """Fresh processes, one LoRA step each: recompute gives the same loss and gradients in PyNative and in GRAPH_MODE,
-    and in PyNative a lower peak RSS (in GRAPH_MODE MindSpore 2.7.1's CPU runtime does not lower it: docs/benchmarks.md)."""
+    and in PyNative a lower peak RSS (in GRAPH_MODE MindSpore 2.7.1's CPU runtime does not lower it; see
+    docs/benchmarks.md)."""
     plain, blocks0, peak_plain = _worker(tmp_path, "pynative", False, 48, 2)
     recomputed, blocks, peak_gc = _worker(tmp_path, "pynative", True, 48, 2)
     assert blocks0 == 0 and blocks == 18  # 12 ResNet + 6 transformer blocks in the tiny UNet
