@@ -24,6 +24,10 @@ installs, for the duration of a ``with`` block, replacements that hand those cal
     from the models — pure PEFT keys plus per-module alphas in its header — never from the dict the script built
     with ``convert_state_dict_to_diffusers``, which mixes key styles once targets go beyond attention.
 
+``enable_gradient_checkpointing`` (UNet) and ``gradient_checkpointing_enable`` (text encoders)
+    what a script's ``--gradient_checkpointing`` calls; mindone 0.5.0's versions raise, these recompute the models'
+    blocks (:mod:`mindone_lora_plugin.checkpointing`).
+
 Two compatibility fixes are installed with them: ``mindone.diffusers.optimization.get_scheduler`` appends one copy
 of its last learning rate (the scripts read ``optimizer.get_lr()`` once after the last step, one entry past the
 per-step list, which the CPU ``Gather`` kernel rejects), and ``mindone.diffusers._peft`` (and its ``tuners``,
@@ -360,6 +364,19 @@ def _scheduler_wrapper(original):
     return get_scheduler
 
 
+def _enable_gradient_checkpointing(self, gradient_checkpointing_func=None):
+    """``enable_gradient_checkpointing()`` / ``gradient_checkpointing_enable()`` as the scripts call them (their
+    ``--gradient_checkpointing``): MindSpore recompute of the model's blocks (:mod:`mindone_lora_plugin.checkpointing`),
+    where mindone 0.5.0's own method raises "does not support gradient checkpointing"."""
+    from mindone_lora_plugin.checkpointing import enable
+
+    n = enable(self, component_of(self) or type(self).__name__)
+    _say(f"gradient checkpointing: {n} blocks of {type(self).__name__} recomputed in the backward pass")
+
+
+_enable_gradient_checkpointing.__mindone_lora_patch__ = True
+
+
 class _Undo:
     def __init__(self):
         self.items: list = []
@@ -408,6 +425,11 @@ def _install(undo: _Undo) -> None:
         undo.set(mixin, "add_adapter", _add_adapter_wrapper(mixin.__dict__["add_adapter"]))
     for mixin in (lora_pipeline.StableDiffusionLoraLoaderMixin, lora_pipeline.StableDiffusionXLLoraLoaderMixin):
         undo.set(mixin, "save_lora_weights", _save_wrapper(mixin.__dict__["save_lora_weights"]))
+    from mindone.diffusers.models.modeling_utils import ModelMixin
+    from mindone.transformers.modeling_utils import PreTrainedModel
+
+    undo.set(ModelMixin, "enable_gradient_checkpointing", _enable_gradient_checkpointing)
+    undo.set(PreTrainedModel, "gradient_checkpointing_enable", _enable_gradient_checkpointing)
     train_step = training_utils.TrainStep
     undo.set(train_step, "__init__", _train_step_init_wrapper(train_step.__dict__["__init__"]))
     scheduler = _scheduler_wrapper(optimization.get_scheduler)

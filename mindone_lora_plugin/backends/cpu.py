@@ -484,8 +484,30 @@ def swiglu_construct(self, hidden_states):
     return hidden_states * self.activation(gate)
 
 
+def gather_rows(table, ids, out_shape):
+    """Rows ``ids`` (flat) of ``table`` (``Gather`` on axis 0), reshaped to ``out_shape``. The CPU ``Gather`` and
+    ``Reshape`` kernels have no bfloat16 variant, so a bfloat16 table is gathered and reshaped in float32 and the rows
+    cast back: exact, since every bfloat16 value is a float32 one (the float32 copy is a transient of the call)."""
+    if table.dtype == mstype.bfloat16:
+        rows = ops.gather(table.astype(mstype.float32), ids, 0)
+        return rows.reshape(out_shape).astype(mstype.bfloat16)
+    return ops.gather(table, ids, 0).reshape(out_shape)
+
+
+def embedding_construct(self, ids):
+    """``mindspore.nn.Embedding.construct`` (what mindone's CLIP embeddings use) with :func:`gather_rows`."""
+    out_shape = ids.shape + (self.embedding_size,)
+    flat_ids = ids.reshape((-1,))
+    if self.use_one_hot:
+        rows = self.array_mul(self.one_hot(flat_ids, self.vocab_size, self.on_value, self.off_value),
+                              self.embedding_table)
+        return rows.reshape(out_shape)
+    return gather_rows(self.embedding_table, flat_ids, out_shape)
+
+
 _CONSTRUCT_PATCHES = {
     "mindone.diffusers.models.activations": {"GEGLU": geglu_construct, "SwiGLU": swiglu_construct},
+    "mindspore.nn.layer.embedding": {"Embedding": embedding_construct},
 }
 
 # --------------------------------------------------------------------------------------------------------------------

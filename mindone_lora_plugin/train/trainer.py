@@ -121,10 +121,9 @@ class Trainer:
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                          device_num=self.world)
             self.is_main = self.rank == 0
-        if args.mixed_precision in ("fp16", "bf16"):
-            self.weight_dtype = ms.float16 if args.mixed_precision == "fp16" else ms.bfloat16
-        else:
-            self.weight_dtype = ms.float32
+        from mindone_lora_plugin.precision import weight_dtype
+
+        self.weight_dtype = weight_dtype(args.mixed_precision, ms.get_context("device_target"))
 
     def _load_models(self):
         import mindspore as ms
@@ -141,10 +140,10 @@ class Trainer:
             cell.set_train(False)
             for p in cell.get_parameters():
                 p.requires_grad = False
-        if self.args.gradient_checkpointing and hasattr(self.models["unet"], "enable_gradient_checkpointing"):
-            self.models["unet"].enable_gradient_checkpointing()
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae",
-                                                 **({"variant": self.args.variant} if self.args.variant else {}))
+        vae_kw = {"variant": self.args.variant} if self.args.variant else {}
+        if self.weight_dtype != ms.float32 and self.architecture != "sdxl":  # SDXL's VAE overflows in fp16
+            vae_kw["mindspore_dtype"] = self.weight_dtype
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
         self.vae.set_train(False)
         for p in self.vae.get_parameters():
             p.requires_grad = False
@@ -229,6 +228,11 @@ class Trainer:
         sdxl = self.architecture == "sdxl"
         te_trained = {c for c in self.adapted if c != "unet"}
         self.train_text = bool(te_trained)
+        if self.args.gradient_checkpointing:  # the UNet, and the text encoders that train
+            from mindone_lora_plugin.checkpointing import enable_for_training
+
+            counts = enable_for_training(self.models, ["unet"] + sorted(te_trained))
+            self._say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
         self.conditioner = TextConditioner(self.models.get("text_encoder"), self.models.get("text_encoder_2"))
         self.loss_cell = DenoiseLoss(self.models["unet"], self.conditioner, self.train_text,
                                      self.prediction_type == "v_prediction", sdxl)

@@ -47,6 +47,7 @@ def parse_args():
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--lora_rank", type=int, default=4, help="the dimension of the LoRA update matrices")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="as mindone's script: recompute the UNet")
     p.add_argument("--mode", choices=("graph", "pynative"), default="graph",
                    help="MindSpore mode (mindone's scripts always use GRAPH_MODE)")
     return p.parse_args()
@@ -112,6 +113,9 @@ def main():
     for m in (unet, vae, text_encoder):
         for p in m.get_parameters():
             p.requires_grad = False
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
 
     unet_lora_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                   target_modules=["to_k", "to_q", "to_v", "to_out.0"])

@@ -1,0 +1,324 @@
+"""Benchmark 5 — a full-size SD1.5 LoRA step: MindSpore (this package) versus torch + diffusers + peft.
+
+The UNet is built from the published SD1.5 config (``benchmarks/_configs.py``; random weights, nothing downloaded),
+LoRA rank 16 on the attention projections (``to_q/to_k/to_v/to_out.0``, the default ``attn`` targets), batch 1 at
+``--resolution`` pixels (latents of an eighth of that), 77-token text embeddings, the loss and update of
+``mindone-lora train`` (per-sample-weighted MSE, clipping at 1.0, AdamW). Configurations:
+
+* MindSpore GRAPH_MODE fp32; with ``--gradient_checkpointing`` (recompute of the blocks); with fp16 frozen weights;
+  PyNative fp32 with and without recompute (``--pynative``);
+* torch fp32 (default threads), and with ``unet.enable_gradient_checkpointing()``.
+
+Each configuration runs in its own fresh process, one process at a time (two full-size models do not fit next to the
+other work on a 24 GiB machine), in the order MindSpore, torch, MindSpore, torch, ...; a watchdog kills a process whose
+RSS passes ``--cap-gib`` and reports it. Reported per configuration: time of the first step (GRAPH_MODE: the compile),
+median s/step of the next ``--steps``, and the peak RSS from the first step on (``VmHWM`` reset after the model is
+built, so the fp32 initialisation of a model then cast to fp16 is not counted; the trainer loads weights in their
+dtype). Judged: peak RSS ≤ 1.5× torch's (fp32), recompute below torch's, s/step ≤ 1.5× torch's.
+
+    python benchmarks/bench_5_full_size.py [--resolution 512] [--steps 3] [--pynative] [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+RANK = 16
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the plugin's ``attn`` preset
+LR = 1e-4
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def batch(resolution: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    side = resolution // 8
+    return {"latents": rng.standard_normal((1, 4, side, side), dtype=np.float32),
+            "noise": rng.standard_normal((1, 4, side, side), dtype=np.float32),
+            "t": np.array([500], np.int32), "a": np.array([0.5], np.float32), "s": np.array([0.866], np.float32),
+            "weights": np.ones(1, np.float32), "embeds": rng.standard_normal((1, 77, 768), dtype=np.float32)}
+
+
+class MindSporeStep:
+    """The plugin's step (``DenoiseLoss`` + ``build_steps``) on the full-size UNet."""
+
+    def __init__(self, resolution, mode="graph", dtype="fp32", gc=False):
+        from mindone_lora_plugin.runtime import setup
+
+        setup("CPU", mode, seed=0)
+        import mindspore as ms
+        from mindspore import nn
+        from mindone.diffusers import UNet2DConditionModel
+
+        from _configs import SD15_UNET
+        from mindone_lora_plugin import checkpointing
+        from mindone_lora_plugin.models import Models
+        from mindone_lora_plugin.options import LoraOptions
+        from mindone_lora_plugin.plugins import get_plugin_manager
+        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner, build_steps
+
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel(**SD15_UNET)
+        if dtype == "fp16":
+            unet.to(ms.float16)
+        unet.set_train(False)
+        for p in unet.get_parameters():
+            p.requires_grad = False
+        models = Models(unet=unet, architecture="sd1")
+        options = LoraOptions(strategy="unet", rank=RANK, alpha=RANK, targets="attn", init="gaussian",
+                              learning_rate=LR)
+        pm = get_plugin_manager()
+        pm.add_adapters(models, options)
+        groups = pm.trainable_parameters(models, options)
+        if gc:
+            checkpointing.enable(unet, "unet")
+        optimizer = nn.AdamWeightDecay(groups[0]["params"], learning_rate=LR, weight_decay=1e-2)
+        loss = DenoiseLoss(unet, TextConditioner(None), False, False, False)
+        loss.set_train(True)
+        _, self.train_step = build_steps(loss, optimizer, 1.0, 1)
+        b = batch(resolution)
+        self.inputs = tuple(ms.Tensor(b[k]) for k in ("latents", "noise", "t", "a", "s", "weights", "embeds"))
+        self.trainable = sum(int(p.size) for g in groups for p in g["params"])
+        self.build_s = time.perf_counter() - t0
+        self.lora_dtypes = sorted({str(p.dtype) for g in groups for p in g["params"]})
+        import gc as _gc
+
+        _gc.collect()
+        _reset_peak()
+        t0 = time.perf_counter()
+        self.first_loss = float(self.train_step(*self.inputs).asnumpy())
+        self.first_step_s = time.perf_counter() - t0
+
+    def step(self) -> None:
+        float(self.train_step(*self.inputs).asnumpy())
+
+    def info(self) -> dict:
+        return {"trainable": self.trainable, "first_step_s": self.first_step_s, "loss": self.first_loss,
+                "build_s": self.build_s, "lora_dtypes": self.lora_dtypes}
+
+
+class TorchStep:
+    """torch + diffusers + peft: the same UNet config, targets, rank, batch and update."""
+
+    def __init__(self, resolution, gc=False):
+        import torch
+        from diffusers import UNet2DConditionModel
+        from peft import LoraConfig
+
+        from _configs import SD15_UNET
+
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel(**SD15_UNET)
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+        if gc:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=1e-2)
+        self.unet, self.torch = unet, torch
+        self.b = {k: torch.from_numpy(v) for k, v in batch(resolution).items()}
+        self.b["t"] = self.b["t"].long()
+        self.build_s = time.perf_counter() - t0
+        import gc as _gc
+
+        _gc.collect()
+        _reset_peak()
+        t0 = time.perf_counter()
+        self.first_loss = self._run()
+        self.first_step_s = time.perf_counter() - t0
+
+    def _run(self) -> float:
+        b = self.b
+        noisy = b["a"].reshape(-1, 1, 1, 1) * b["latents"] + b["s"].reshape(-1, 1, 1, 1) * b["noise"]
+        pred = self.unet(noisy, b["t"], encoder_hidden_states=b["embeds"], return_dict=False)[0]
+        loss = (((pred.float() - b["noise"]) ** 2).mean(dim=(1, 2, 3)) * b["weights"]).mean()
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.item())
+
+    def step(self) -> None:
+        self._run()
+
+    def info(self) -> dict:
+        return {"trainable": sum(p.numel() for p in self.params), "first_step_s": self.first_step_s,
+                "loss": self.first_loss, "build_s": self.build_s, "threads": self.torch.get_num_threads()}
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+MIN_AVAILABLE_KIB = 1 << 20  # the watchdog also stops a worker when the machine has less than 1 GiB available
+
+
+def _mem_available_kib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 1 << 40
+
+
+class Watchdog:
+    """Polls a process's RSS every 0.2 s; kills it above ``cap_kib``, or when the machine's available memory falls
+    under 1 GiB (other work shares the machine), and remembers that it did."""
+
+    def __init__(self, pid: int, cap_kib: int):
+        self.pid, self.cap, self.killed, self.max_seen = pid, cap_kib, False, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.2):
+            rss = _status_kib(self.pid, "VmRSS")
+            self.max_seen = max(self.max_seen, rss)
+            if rss > self.cap or _mem_available_kib() < MIN_AVAILABLE_KIB:
+                self.killed = True
+                try:
+                    os.kill(self.pid, 9)
+                except OSError:
+                    pass
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_config(name: str, factory: str, args: list, steps: int, cap_gib: float) -> dict:
+    """One configuration in a fresh worker process: first step, ``steps`` timed steps, peak RSS; never raises."""
+    t0 = time.perf_counter()
+    worker, dog = None, None
+    try:
+        worker = C.Worker.__new__(C.Worker)  # start the process, then arm the watchdog before the model is built
+        code = C.Worker._LOOP % (C.ROOT, os.path.dirname(os.path.abspath(__file__)), "bench_5_full_size", factory)
+        import json
+        import subprocess
+        import tempfile
+
+        worker.name = name
+        worker._err = tempfile.TemporaryFile(mode="w+")
+        worker.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(list(args))], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=worker._err, text=True, bufsize=1)
+        dog = Watchdog(worker.proc.pid, int(cap_gib * (1 << 20)))
+        worker.info = worker._read()["info"]
+        times = [worker.step() for _ in range(steps)]
+        peak = _status_kib(worker.proc.pid, "VmHWM")
+        return {"name": name, "ok": True, "times": times, "peak_kib": peak, "info": worker.info,
+                "wall_s": time.perf_counter() - t0}
+    except (RuntimeError, OSError, ValueError) as e:
+        over = dog is not None and dog.killed
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return {"name": name, "ok": False, "over_cap": over, "max_rss_kib": dog.max_seen if dog else 0,
+                "error": (f"killed above the {cap_gib:g} GiB cap or under 1 GiB available" if over
+                          else (lines[-1] if lines else "failed")[:200]),
+                "wall_s": time.perf_counter() - t0}
+    finally:
+        if dog is not None:
+            dog.stop()
+        if worker is not None and getattr(worker, "proc", None) is not None:
+            worker.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration after the first")
+    ap.add_argument("--cap-gib", type=float, default=14.0, help="RSS above which a configuration is killed")
+    ap.add_argument("--pynative", action="store_true", help="also run MindSpore PyNative (slow at full size)")
+    ap.add_argument("--only", type=str, default=None, help="comma-separated configuration names to run")
+    args = ap.parse_args(argv)
+
+    C.banner(f"Benchmark 5: full-size SD1.5 LoRA step at {args.resolution} px, batch 1, rank {RANK} "
+             f"(MindSpore CPU vs torch)")
+    C.print_machine()
+    if not C.have_interop():
+        print("SKIPPED: the interop extra (torch, diffusers, peft) is not installed: pip install -e '.[interop]'")
+        return 0
+    r = args.resolution
+    configs = [("mindspore graph fp32", "MindSporeStep", [r, "graph", "fp32", False]),
+               ("torch fp32", "TorchStep", [r, False]),
+               ("mindspore graph fp32 + recompute", "MindSporeStep", [r, "graph", "fp32", True]),
+               ("torch fp32 + checkpointing", "TorchStep", [r, True]),
+               ("mindspore graph fp16", "MindSporeStep", [r, "graph", "fp16", False])]
+    if args.pynative:
+        configs += [("mindspore pynative fp32", "MindSporeStep", [r, "pynative", "fp32", False]),
+                    ("mindspore pynative fp32 + recompute", "MindSporeStep", [r, "pynative", "fp32", True])]
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        configs = [c for c in configs if c[0] in wanted]
+    t_start = time.perf_counter()
+    results = {}
+    for name, factory, cargs in configs:
+        print(f"running {name} ...", flush=True)
+        results[name] = run_config(name, factory, cargs, args.steps, args.cap_gib)
+    gib = 1 << 20
+    rows = []
+    for name, res in results.items():
+        if res["ok"]:
+            rows.append([name, C.fmt_s(res["info"]["first_step_s"]), C.fmt_s(C.median(res["times"])),
+                         f"{res['peak_kib'] / gib:.1f} GiB", C.fmt_s(res["info"]["build_s"])])
+        else:
+            rows.append([name, "—", "—", f"> {res['max_rss_kib'] / gib:.1f} GiB" if res.get("over_cap") else "—",
+                         res["error"]])
+    C.print_table(["configuration", "first step", "median s/step", "peak RSS (steps)", "build / note"], rows)
+
+    def ok(n):
+        return n in results and results[n]["ok"]
+
+    print()
+    verdicts = {}
+    if ok("torch fp32"):
+        tp, ts = results["torch fp32"]["peak_kib"], C.median(results["torch fp32"]["times"])
+        for name, limit, what in (("mindspore graph fp32", 1.5, "peak RSS ≤ 1.5× torch's"),
+                                  ("mindspore graph fp16", 1.5, "peak RSS ≤ 1.5× torch's"),
+                                  ("mindspore graph fp32 + recompute", 1.0, "peak RSS below torch's")):
+            if name in results:
+                if ok(name):
+                    ratio = results[name]["peak_kib"] / tp
+                    verdicts[name + " memory"] = ratio <= limit
+                    print(f"RATIO peak RSS {name} / torch fp32 = {ratio:.2f} ({what}): {C.verdict(ratio <= limit)}")
+                else:
+                    verdicts[name + " memory"] = False
+                    print(f"RATIO peak RSS {name} / torch fp32: {results[name]['error']} ({what}): MISS")
+        if ok("mindspore graph fp32"):
+            ratio = C.median(results["mindspore graph fp32"]["times"]) / ts
+            verdicts["speed"] = ratio <= 1.5
+            print(f"RATIO s/step mindspore graph fp32 / torch fp32 = {ratio:.2f} (≤ 1.5): {C.verdict(ratio <= 1.5)}")
+    print(f"benchmark 5 took {time.perf_counter() - t_start:.0f} s", flush=True)
+    C.save_results("bench_5", {"results": results, "resolution": r, "machine": C.machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(C.run_main(main))
