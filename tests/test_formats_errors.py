@@ -165,9 +165,9 @@ def test_lycoris_and_dora_refused(tmp_path, capsys, variant):
     tensors, name = VARIANTS[variant]
     p = _variant_file(tmp_path, variant, tensors)
     line = convert_fails(capsys, tmp_path, p, match=name)
-    assert "not plain LoRA" in line
+    assert "no installed plugin" in line
     assert main(["inspect", str(p)]) == 2
-    assert "not plain LoRA" in capsys.readouterr().err
+    assert "no installed plugin" in capsys.readouterr().err
 
 
 def test_unknown_key_prefixes(tmp_path, capsys):

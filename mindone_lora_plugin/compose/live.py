@@ -19,6 +19,10 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
     (``weight * alpha / rank``), as mindone's ``set_adapters(names, weights)`` does. Text-encoder LoRAs are applied to
     the text encoders. Adapters already active stay active. Returns the adapter names (``lora0``, ``lora1``, …; the
     next free numbers when some exist). Change weights later with :func:`set_lora_weights`.
+
+    Modules of other algorithms (LoHa, LoKr, ...; PEFT adapters hold only plain LoRA) are fused into the base weights
+    at their weight instead (:func:`merge_into_models`), so files of mixed algorithms generate together;
+    :func:`set_lora_weights` does not reach those.
     """
     import mindspore as ms
 
@@ -32,6 +36,9 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             if comp not in models:
                 raise LoraError(f"the LoRA has weights for {comp} but the model has no {comp}: it was made for "
                                 f"another architecture ({state.architecture or 'unknown'} vs {models.architecture})")
+    pairs, fused = _split_plain(pairs)
+    if fused:
+        merge_into_models(models, fused)
     used = set()
     for cell in models.values():
         used |= set(getattr(cell, "peft_config", None) or {})
@@ -78,6 +85,25 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
                     layer.lora_A[n].weight.requires_grad = False
                     layer.lora_B[n].weight.requires_grad = False
     return names
+
+
+def _split_plain(pairs):
+    """``(plain-LoRA parts, other algorithms' parts)`` of weighted states, each a list of ``(state, weight)``."""
+    from mindone_lora_plugin.state import LoraState
+
+    plain, other = [], []
+    for state, weight in pairs:
+        parts = {}
+        for comp, path, mod in state.modules():
+            key = "lora" if mod.algorithm == "lora" and not mod.algo.needs_base_weight(mod) else "other"
+            if key not in parts:
+                parts[key] = LoraState(architecture=state.architecture,
+                                       unet_layers_per_block=state.unet_layers_per_block, metadata=state.metadata)
+            parts[key].add(comp, path, mod)
+        plain.append((parts.get("lora", LoraState(architecture=state.architecture)), weight))
+        if "other" in parts:
+            other.append((parts["other"], weight))
+    return plain, other
 
 
 def _fit(arr, shape, comp, path) -> np.ndarray:
@@ -145,9 +171,14 @@ def merge_into_models(models, loras) -> None:
         if comp not in models:
             raise LoraError(f"the LoRA has weights for {comp} but the model has no {comp}: it was made for another "
                             f"architecture ({_arch_of(pairs) or 'unknown'} vs {models.architecture})")
-    deltas = combined_deltas(pairs)
-    cells = {comp: dict(cell.cells_and_names()) for comp, cell in models.items()
-             if any(c == comp for c, _ in deltas)}
+    cells = {comp: dict(cell.cells_and_names()) for comp, cell in models.items()}
+    bases = {}
+    for state, _ in pairs:
+        for comp, path, mod in state.modules():
+            layer = cells.get(comp, {}).get(path)
+            if mod.algo.needs_base_weight(mod) and layer is not None:
+                bases[(comp, path)] = _f64(base_layer_of(layer).weight.asnumpy())
+    deltas = combined_deltas(pairs, bases)
     for (comp, path), delta in deltas.items():
         layer = cells[comp].get(path)
         weight = getattr(base_layer_of(layer), "weight", None) if layer is not None else None

@@ -18,19 +18,30 @@ def _f64(arr) -> np.ndarray:
     return as_dtype(np.asarray(arr), np.float64)
 
 
-def module_delta(mod: LoraModule) -> np.ndarray:
-    """``scale * up @ down`` in the base weight's layout, in float64 (exact up to rounding)."""
-    up = _f64(mod.up).reshape(mod.up.shape[0], -1)
-    down = _f64(mod.down).reshape(mod.rank, -1)
-    return ((up @ down) * float(mod.scale)).reshape(mod.base_shape())
+def module_delta(mod: LoraModule, base_weight=None) -> np.ndarray:
+    """The module's weight change (its algorithm's: ``scale * up @ down`` for plain LoRA) in the base weight's
+    layout, in float64 (exact up to rounding). ``base_weight`` is needed by algorithms whose change depends on it."""
+    return mod.algo.delta(mod, base_weight).reshape(mod.base_shape())
 
 
-def combined_deltas(loras) -> dict[tuple[str, str], np.ndarray]:
-    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64."""
+def combined_deltas(loras, base_weights=None) -> dict[tuple[str, str], np.ndarray]:
+    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64.
+
+    ``base_weights`` (``(component, path) → array``) serves algorithms whose change depends on the base weight (DoRA):
+    such a module's delta is ``merged_weight(base, weight) - base``.
+    """
     out: dict[tuple[str, str], np.ndarray] = {}
     for state, weight in _pairs(loras):
         for comp, path, mod in state.modules():
-            d = module_delta(mod) * weight
+            algo = mod.algo
+            if algo.needs_base_weight(mod):
+                base = (base_weights or {}).get((comp, path))
+                if base is None:
+                    raise LoraError(f"{comp}.{path} is a {mod.algorithm} module whose change depends on the base "
+                                    "weight; merge it into a model (pass the base model)")
+                d = algo.merged_weight(mod, base, weight) - _f64(base)
+            else:
+                d = module_delta(mod) * weight
             key = (comp, path)
             if key in out:
                 prev = out[key]
@@ -53,6 +64,10 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
     pairs = _pairs(loras)
     if not pairs:
         raise LoraError("no LoRA to combine")
+    others = sorted({m.algorithm for s, _ in pairs for _, _, m in s.modules()} - {"lora"})
+    if others:
+        raise LoraError(f"only plain LoRA concatenates exactly into a LoRA, but these hold {', '.join(others)} "
+                        "modules; pass --rank N to reduce the merged weight changes to a LoRA of rank N by SVD")
     arch = _arch_of(pairs)
     groups: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
     for state, weight in pairs:

@@ -14,6 +14,8 @@ def options_from_args(args, architecture: str, pm):
 
     strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
     pm.get_strategy(strategy)  # unknown names list the valid ones
+    algorithm = getattr(args, "lora_algo", None) or "lora"
+    pm.get_algorithm(algorithm)
     extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
     extra["train_text_encoder"] = bool(args.train_text_encoder)
     lrs = {}
@@ -24,7 +26,7 @@ def options_from_args(args, architecture: str, pm):
     return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
                        targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
                        conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
-                       learning_rates=lrs, save_dtype=args.save_dtype, extra=extra)
+                       learning_rates=lrs, save_dtype=args.save_dtype, algorithm=algorithm, extra=extra)
 
 
 def check_args(args):
