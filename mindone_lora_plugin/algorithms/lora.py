@@ -55,6 +55,14 @@ class PlainLora(LoraAlgorithm):
     def metadata(self, modules) -> dict[str, str]:
         return {}
 
+    def check_options(self, options) -> None:
+        extra = getattr(options, "extra", None) or {}
+        asked = [f"--{k}" for k in ("network_dropout", "rank_dropout", "module_dropout") if extra.get(k)]
+        if asked:
+            raise LoraError(f"{', '.join(asked)}: plain lora trains through mindone.peft layers, whose dropout has no "
+                            "MindSpore CPU kernel and no rank/module dropout; use --lora_algo loha or lokr for adapter "
+                            "dropout, or leave these flags out")
+
     def init_tensors(self, base_shape, rank, settings, rng):
         from mindone_lora_plugin.algorithms.base import kaiming_uniform
 

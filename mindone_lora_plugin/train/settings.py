@@ -18,6 +18,12 @@ def options_from_args(args, architecture: str, pm):
     pm.get_algorithm(algorithm)
     extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
     extra["train_text_encoder"] = bool(args.train_text_encoder)
+    for flag in ("network_dropout", "rank_dropout", "module_dropout"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if not 0.0 <= value < 1.0:
+                raise LoraError(f"--{flag} must be in [0, 1), got {value}")
+            extra[flag] = float(value)
     lrs = {}
     if args.text_encoder_lr is not None:
         lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}

@@ -24,7 +24,7 @@ NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """``(m, n)`` with ``m·n = dimension`` and ``m ≤ n``: ``m = factor`` when it divides, else the most square split
-    with ``m ≤ factor`` (LyCORIS's rule, e.g. 128 → (8, 16), 127 → (1, 127))."""
+    with ``m ≤ factor`` (LyCORIS's rule, e.g. 128 → (8, 16), 127 → (1, 127), 360 → (18, 20))."""
     if factor > 0 and dimension % factor == 0:
         m, n = factor, dimension // factor
         return (n, m) if m > n else (m, n)
