@@ -201,6 +201,21 @@ def test_scaled_and_merge_to_lora(pm, tmp_path, capsys):
     line = one_line_error(capsys, ["merge", "--to-lora", "--lora", src, "--out", str(tmp_path / "m.safetensors")])
     assert "--rank" in line and not (tmp_path / "m.safetensors").exists()
 
+    lora = KohyaFormat().write(state_of(pm, "lora", seed=5), str(tmp_path / "plain.safetensors"))
+    out = str(tmp_path / "m.safetensors")
+    assert main(["merge", "--to-lora", "--lora", f"{src}:0.7", "--lora", f"{lora}:-1", "--out", out,
+                 "--rank", "64"]) == 0
+    printed = capsys.readouterr().out
+    err = float(re.search(r"relative approximation error ([0-9.e+-]+)", printed).group(1))
+    assert err < 1e-6, printed  # rank 64 holds every module here exactly
+    merged, plain = read_lora(out), read_lora(lora)
+    assert set(merged.algorithms()) == {"lora"}
+    for comp, p, m in merged.modules():
+        want = 0.7 * st.components[comp][p].delta() - plain.components[comp][p].delta()
+        np.testing.assert_allclose(m.delta(), want, rtol=0, atol=1e-5)
+    assert main(["merge", "--to-lora", "--lora", src, "--out", out, "--rank", "2", "--overwrite"]) == 0
+    assert 0.01 < float(re.search(r"error ([0-9.e+-]+)", capsys.readouterr().out).group(1)) < 1
+
 
 # ------------------------------------------------------------------------------------------------ training
 

@@ -102,3 +102,36 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
 
 def _as_list(loras) -> list:
     return [loras] if isinstance(loras, (LoraState, WeightedLora)) else list(loras)
+
+
+def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[LoraState, float]:
+    """One plain LoRA of rank ``rank`` approximating the weighted sum of ``loras`` (any algorithms), and the relative
+    approximation error ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` over all modules.
+
+    As kohya's ``networks/svd_merge_lora.py``: each module's merged weight change (convs flattened to
+    ``[out, in·k·k]``) is factored by SVD and cut to ``rank`` (or less where the matrix is smaller); ``up = U_r S_r``,
+    ``down = V_r^T`` (reshaped to ``[r, in, k, k]`` for convs, up ``[out, r, 1, 1]``) and ``alpha = r`` (scale 1).
+    """
+    if rank < 1:
+        raise LoraError(f"--rank must be at least 1, got {rank}")
+    pairs = _pairs(loras)
+    if not pairs:
+        raise LoraError("no LoRA to combine")
+    arch = _arch_of(pairs)
+    lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
+    out = LoraState(architecture=arch, unet_layers_per_block=lpb)
+    shapes = {(c, p): m.base_shape() for s, _ in pairs for c, p, m in s.modules()}
+    err2 = tot2 = 0.0
+    for (comp, path), delta in sorted(combined_deltas(pairs, base_weights).items()):
+        shape = shapes[(comp, path)]
+        mat = delta.reshape(shape[0], -1)
+        u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+        r = min(rank, len(sv))
+        up, down = u[:, :r] * sv[:r], vt[:r]
+        err2 += float(np.sum(sv[r:] ** 2))
+        tot2 += float(np.sum(sv ** 2))
+        if len(shape) == 4:
+            down, up = down.reshape((r,) + tuple(shape[1:])), up.reshape(shape[0], r, 1, 1)
+        out.add(comp, path, LoraModule(down.astype(dtype), up.astype(dtype), float(r)))
+    out.metadata["mindone_lora_svd_rank"] = str(rank)
+    return out, (err2 / tot2) ** 0.5 if tot2 > 0 else 0.0
