@@ -296,3 +296,14 @@ def test_adapter_dropouts_act_in_training_only(pm):
     skip = algo.make_layer(base, tensors, 4.0, {"module_dropout": 0.999})
     skip.set_train(True)
     np.testing.assert_allclose(skip(x).asnumpy(), base(x).asnumpy(), rtol=1e-6)
+
+
+def test_written_files_get_the_usual_permissions(pm, tmp_path):
+    """Every format's file is created like ``open()`` would (0666 less the umask), not 0600."""
+    mask = os.umask(0o022)
+    try:
+        st = state_of(pm, "lora")
+        paths = [DiffusersFormat().write(st, str(tmp_path / "d")), KohyaFormat().write(st, str(tmp_path / "k"))]
+    finally:
+        os.umask(mask)
+    assert [oct(os.stat(p).st_mode & 0o777) for p in paths] == ["0o644", "0o644"]
