@@ -307,3 +307,25 @@ def test_written_files_get_the_usual_permissions(pm, tmp_path):
     finally:
         os.umask(mask)
     assert [oct(os.stat(p).st_mode & 0o777) for p in paths] == ["0o644", "0o644"]
+
+
+def test_generate_applies_mixed_algorithms_each_at_its_weight(pm, tiny_sd1):
+    """``apply_loras`` (what ``generate`` uses) with a LoHa and a plain LoRA: the LoHa is fused into the base weights
+    at its weight, the plain LoRA becomes a PEFT adapter; together they add exactly 0.5·ΔW_loha − ΔW_lora."""
+    from mindone_lora_plugin.compose import WeightedLora, active_deltas, apply_loras
+    from mindone_lora_plugin.models import load_models
+
+    loha, plain = state_of(pm, "loha", seed=1), state_of(pm, "lora", seed=2)
+    models = load_models(tiny_sd1, components=("unet",))
+    cells = dict(models["unet"].cells_and_names())
+    before = {p: cells[p].weight.asnumpy().astype(np.float64) for p in (ATTN, CONV)}
+    apply_loras(models, [WeightedLora(loha, 0.5), WeightedLora(plain, -1.0)])
+    from mindone_lora_plugin.models import base_layer_of
+
+    cells = dict(models["unet"].cells_and_names())
+    adapters = active_deltas(models)
+    for p in (ATTN, CONV):
+        fused = base_layer_of(cells[p]).weight.asnumpy().astype(np.float64) - before[p]
+        got = fused + adapters[("unet", p)]
+        want = 0.5 * loha.components["unet"][p].delta() - plain.components["unet"][p].delta()
+        np.testing.assert_allclose(got, want.reshape(got.shape), rtol=0, atol=1e-5)

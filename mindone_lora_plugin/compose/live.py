@@ -26,7 +26,6 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
     """
     import mindspore as ms
 
-    from mindone_lora_plugin.models import lora_layers
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.strategies.base import LoraStrategy, adaptable_layers
 
@@ -48,7 +47,8 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             i += 1
         names.append(f"{prefix}{i}")
         used.add(names[-1])
-    before = {comp: {p: list(layer.active_adapters) for p, layer in lora_layers(cell)} for comp, cell in models.items()}
+    before = {comp: {p: list(layer.active_adapters) for p, layer in peft_layers(cell)}
+              for comp, cell in models.items()}
     strategy = LoraStrategy()
     for name, (state, weight) in zip(names, pairs):
         for comp, modules in state.components.items():
@@ -63,7 +63,7 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             with warnings.catch_warnings():  # "Already found a peft_config": several adapters is the point here
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
                 cell.add_adapter(strategy.lora_config(targets, LoraOptions(init="default")), adapter_name=name)
-            layers = dict(lora_layers(cell))
+            layers = dict(peft_layers(cell))
             for path, mod in modules.items():
                 layer = layers.get(path)
                 if layer is None or name not in layer.lora_A:
@@ -77,7 +77,7 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
                 layer.lora_alpha[name] = float(mod.alpha)
                 layer.scaling[name] = float(weight) * float(mod.alpha) / mod.rank
     for comp, cell in models.items():
-        for path, layer in lora_layers(cell):
+        for path, layer in peft_layers(cell):
             keep = [n for n in before[comp].get(path, []) if n in layer.lora_A]
             layer.set_adapter(keep + [n for n in names if n in layer.lora_A and n not in keep])
             for n in names:  # set_adapter marks active adapters trainable; these are for inference
@@ -85,6 +85,14 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
                     layer.lora_A[n].weight.requires_grad = False
                     layer.lora_B[n].weight.requires_grad = False
     return names
+
+
+def peft_layers(cell):
+    """``(path, layer)`` of the mindone.peft LoRA layers of ``cell`` (named adapters live there; other algorithms'
+    layers hold one adapter each and are left alone)."""
+    from mindone_lora_plugin.models import is_peft_lora_layer, lora_layers
+
+    return [(p, layer) for p, layer in lora_layers(cell) if is_peft_lora_layer(layer)]
 
 
 def _split_plain(pairs):
@@ -122,11 +130,10 @@ def _fit(arr, shape, comp, path) -> np.ndarray:
 
 def set_lora_weights(models, weights: dict[str, float]) -> None:
     """Change the weight of adapters added by :func:`apply_loras` (``{"lora0": 0.5, "lora1": -1.0}``)."""
-    from mindone_lora_plugin.models import lora_layers
 
     found = set()
     for cell in models.values():
-        for _, layer in lora_layers(cell):
+        for _, layer in peft_layers(cell):
             for name, w in weights.items():
                 if name in layer.lora_A:
                     layer.scaling[name] = float(w) * float(layer.lora_alpha[name]) / int(layer.r[name])
@@ -139,11 +146,11 @@ def set_lora_weights(models, weights: dict[str, float]) -> None:
 def active_deltas(models) -> dict[tuple[str, str], np.ndarray]:
     """``(component, module path) → sum over the active adapters of scaling * B @ A`` as the models hold them
     (float64): what the adapters add to each base weight."""
-    from mindone_lora_plugin.models import base_layer_of, lora_layers
+    from mindone_lora_plugin.models import base_layer_of
 
     out = {}
     for comp, cell in models.items():
-        for path, layer in lora_layers(cell):
+        for path, layer in peft_layers(cell):
             shape = tuple(base_layer_of(layer).weight.shape)
             total = np.zeros(shape, np.float64)
             for name in layer.active_adapters:
