@@ -66,8 +66,10 @@ def mindone_lora_strategies() -> Iterable["LoraStrategy"]:
             name = "ff"
             description = "LoRA on the UNet feed-forward layers only"
             components = ("unet",)
-            def target_modules(self, component, model, options):
-                return [p for p in self.linear_paths(model) if ".ff." in p]
+
+            def target_modules(self, component, cell, options):
+                every = super().target_modules(component, cell, options)  # path -> (rank, alpha)
+                return {p: ra for p, ra in every.items() if ".ff." in p}
 
         @hookimpl
         def mindone_lora_strategies():

@@ -329,3 +329,19 @@ def test_generate_applies_mixed_algorithms_each_at_its_weight(pm, tiny_sd1):
         got = fused + adapters[("unet", p)]
         want = 0.5 * loha.components["unet"][p].delta() - plain.components["unet"][p].delta()
         np.testing.assert_allclose(got, want.reshape(got.shape), rtol=0, atol=1e-5)
+
+
+def test_strategy_hookspec_example_runs(plugin_manager, tiny_sd1):
+    """The ``mindone_lora_strategies`` docstring example registers and picks only feed-forward layers."""
+    from mindone_lora_plugin import hookspecs
+    from mindone_lora_plugin.models import load_models
+    from mindone_lora_plugin.options import LoraOptions
+
+    ns: dict = {}
+    exec(compile(textwrap.dedent(hookspecs.mindone_lora_strategies.__doc__.split("Example::", 1)[1]), "<example>",
+                 "exec"), ns)
+    plugin_manager.register_plugin(type("P", (), {"mindone_lora_strategies": staticmethod(
+        ns["mindone_lora_strategies"])}), name="ff")
+    unet = load_models(tiny_sd1, components=("unet",))["unet"]
+    targets = plugin_manager.get_strategy("ff").target_modules("unet", unet, LoraOptions(targets="kohya"))
+    assert targets and all(".ff." in p for p in targets)
