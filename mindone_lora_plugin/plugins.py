@@ -26,16 +26,18 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 ENV_PLUGINS = "MINDONE_LORA_PLUGINS"
 THIS_DIST = "mindone-lora-plugin"
-# Used only when this package runs from a source tree that was never installed (no entry-point metadata).
-_SOURCE_TREE_PLUGINS = {
-    "core": "mindone_lora_plugin.operations",
-    "unet": "mindone_lora_plugin.strategies.unet",
-    "text_encoder": "mindone_lora_plugin.strategies.text_encoder",
-    "sdxl": "mindone_lora_plugin.strategies.sdxl",
-    "diffusers": "mindone_lora_plugin.formats.diffusers",
-    "kohya": "mindone_lora_plugin.formats.kohya",
-    "lora": "mindone_lora_plugin.algorithms.lora",
-}
+
+
+def _source_tree_plugins() -> dict[str, str]:
+    """The built-in entry points as ``setup.cfg`` declares them (the one list of built-in plugins), for a source tree
+    that was never installed (no entry-point metadata)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+    raw = cfg.get("options.entry_points", ENTRY_POINT_GROUP, fallback="")
+    pairs = (line.split("=", 1) for line in raw.splitlines() if "=" in line)
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class LoraPluginManager(pluggy.PluginManager):
         allow = _allowlist()
         eps = list(importlib_metadata.entry_points(group=group))
         if not any(_dist_name(ep) == THIS_DIST for ep in eps):
-            eps += [importlib_metadata.EntryPoint(n, v, group) for n, v in _SOURCE_TREE_PLUGINS.items()]
+            eps += [importlib_metadata.EntryPoint(n, v, group) for n, v in _source_tree_plugins().items()]
         for ep in sorted(eps, key=lambda e: (_dist_name(e) != THIS_DIST, e.name)):
             dist = _dist_name(ep) or THIS_DIST
             builtin = dist == THIS_DIST

@@ -345,3 +345,13 @@ def test_strategy_hookspec_example_runs(plugin_manager, tiny_sd1):
     unet = load_models(tiny_sd1, components=("unet",))["unet"]
     targets = plugin_manager.get_strategy("ff").target_modules("unet", unet, LoraOptions(targets="kohya"))
     assert targets and all(".ff." in p for p in targets)
+
+
+def test_builtin_plugin_list_is_setup_cfg():
+    """The source-tree fallback reads the built-in plugins from setup.cfg, which the installed entry points match."""
+    from importlib import metadata
+
+    from mindone_lora_plugin.plugins import THIS_DIST, _dist_name, _source_tree_plugins
+
+    installed = {ep.name: ep.value for ep in metadata.entry_points(group="mindone_lora") if _dist_name(ep) == THIS_DIST}
+    assert _source_tree_plugins() == installed and "lora" in installed
