@@ -206,13 +206,13 @@ class LoraIntegration:
         """
         extra = dict(self.extra)
         tte = self.train_text_encoder if train_text_encoder is None else bool(train_text_encoder)
-        extra["train_text_encoder"] = tte
         lrs = {c: self.text_encoder_lr for c in TEXT_ENCODERS} if self.text_encoder_lr is not None else {}
         return LoraOptions(strategy=self.strategy_for(architecture), rank=int(rank or self.rank),
                            alpha=self.alpha if self.alpha is not None else (None if alpha is None else float(alpha)),
                            targets=self.targets, init=init or self.init,
                            components=tuple(components) if components else None, learning_rate=self.learning_rate,
-                           learning_rates=lrs, save_dtype=self.save_dtype, algorithm=self.algorithm, extra=extra)
+                           learning_rates=lrs, save_dtype=self.save_dtype, algorithm=self.algorithm,
+                           train_text_encoder=tte, extra=extra)
 
     # ------------------------------------------------------------------ the four seams
 

@@ -50,7 +50,7 @@ class LoraStrategy:
             wanted = list(options.components)
         else:
             wanted = list(self.default_components)
-            if options.extra.get("train_text_encoder"):
+            if options.trains_text_encoder:
                 wanted += [c for c in self.adaptable_components(models) if c in TEXT_ENCODERS and c not in wanted]
         return wanted
 
@@ -79,7 +79,7 @@ class LoraStrategy:
             if comp not in models:
                 raise LoraError(f"strategy '{self.name}' needs a {comp} but the model has none "
                                 f"(it has {', '.join(models) or 'nothing'})")
-        if (options.extra.get("train_text_encoder") and not options.components
+        if (options.trains_text_encoder and not options.components
                 and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
             # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
             hint = ("use --lora_strategy sdxl to train the SDXL text encoders" if models.architecture == "sdxl"
