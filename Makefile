@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
+STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py plugins/*/setup.cfg plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(STAMP_KEY)
 PYTEST_ARGS ?=
 
@@ -16,7 +16,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev,interop]'
-	@for p in examples/plugins/*/; do [ -f $$p/setup.cfg ] && $(PY) -m pip install -q $$p || true; done
+	@for p in plugins/*/ examples/plugins/*/; do [ -f $$p/setup.cfg ] && $(PY) -m pip install -q $$p || true; done
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "set-up done: $(VENV)"

@@ -74,13 +74,17 @@ class BaseModelInfo:
             if tuple(want) != tuple(got):
                 raise LoraError(
                     f"shape mismatch at {comp}.{path}: the base weight is {list(want)} but the LoRA implies "
-                    f"{list(got)} (down {list(mod.down.shape)}, up {list(mod.up.shape)}); the LoRA was made for another "
+                    f"{list(got)} ({_shapes(mod)}); the LoRA was made for another "
                     f"base model")
         if missing:
             first = ", ".join(missing[:3])
             raise LoraError(
                 f"{len(missing)} LoRA module(s) match no module of the {self.architecture} base model, e.g. {first}; "
                 f"the LoRA was made for another model or architecture")
+
+
+def _shapes(mod) -> str:
+    return ", ".join(f"{k} {list(v.shape)}" for k, v in mod.tensors.items())
 
 
 def detect_architecture(index: dict, configs: dict[str, dict]) -> str:

@@ -9,9 +9,10 @@ below, registered through the setuptools entry-point group ``mindone_lora``::
 
 There are two kinds of hooks.
 
-*Discovery hooks* (``mindone_lora_strategies``, ``mindone_lora_formats``, ``mindone_lora_add_arguments``) are called by
-the plugin manager; they yield named, typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
-:class:`~mindone_lora_plugin.formats.base.LoraFormat`) or add command-line arguments. Names must be unique across all
+*Discovery hooks* (``mindone_lora_strategies``, ``mindone_lora_formats``, ``mindone_lora_algorithms``,
+``mindone_lora_add_arguments``) are called by the plugin manager; they yield named, typed objects
+(:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`, :class:`~mindone_lora_plugin.formats.base.LoraFormat`,
+:class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`) or add command-line arguments. Names must be unique across all
 installed plugins.
 
 *Operation hooks* (``mindone_lora_add_adapters``, ``mindone_lora_trainable_parameters``, ``mindone_lora_save_weights``,
@@ -32,6 +33,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
 
+    from mindone_lora_plugin.algorithms.base import LoraAlgorithm
     from mindone_lora_plugin.formats.base import LoraFormat
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
@@ -64,8 +66,10 @@ def mindone_lora_strategies() -> Iterable["LoraStrategy"]:
             name = "ff"
             description = "LoRA on the UNet feed-forward layers only"
             components = ("unet",)
-            def target_modules(self, component, model, options):
-                return [p for p in self.linear_paths(model) if ".ff." in p]
+
+            def target_modules(self, component, cell, options):
+                every = super().target_modules(component, cell, options)  # path -> (rank, alpha)
+                return {p: ra for p, ra in every.items() if ".ff." in p}
 
         @hookimpl
         def mindone_lora_strategies():
@@ -79,7 +83,8 @@ def mindone_lora_formats() -> Iterable["LoraFormat"]:
 
     Example::
 
-        from mindone_lora_plugin.formats.base import LoraFormat
+        from mindone_lora_plugin.algorithms.base import LoraAlgorithm
+    from mindone_lora_plugin.formats.base import LoraFormat
 
         class NpzFormat(LoraFormat):
             name = "npz"
@@ -89,6 +94,44 @@ def mindone_lora_formats() -> Iterable["LoraFormat"]:
         @hookimpl
         def mindone_lora_formats():
             yield NpzFormat()
+    """
+
+
+@hookspec
+def mindone_lora_algorithms() -> Iterable["LoraAlgorithm"]:
+    """Yield the adapter algorithms this plugin offers (what ``--lora_algo`` chooses).
+
+    An algorithm decides *what* an adapter is: its tensors and their initialisation, the MindSpore layer around a
+    Linear/Conv2d, the weight change it gives, shape checks, and its tensor names in kohya/LyCORIS files (and in
+    PEFT/diffusers files where PEFT has a layout). Strategies keep deciding *where* adapters go.
+
+    Example::
+
+        import numpy as np
+
+        from mindone_lora_plugin.algorithms.base import LoraAlgorithm, as_f64
+        from mindone_lora_plugin.hookspecs import hookimpl
+
+        class ScaledIdentity(LoraAlgorithm):
+            name = "diag"
+            description = "a learned diagonal weight change (square Linear layers only)"
+            roles = ("diag",)
+            kohya_names = {"diag": "diag_w"}
+            up_roles = ("diag",)
+
+            def rank(self, mod):
+                return 1
+
+            def base_shape(self, mod):
+                n = mod.tensors["diag"].shape[0]
+                return (n, n)
+
+            def delta(self, mod, base_weight=None):
+                return np.diag(as_f64(mod.tensors["diag"])) * self.scale(mod)
+
+        @hookimpl
+        def mindone_lora_algorithms():
+            yield ScaledIdentity()
     """
 
 

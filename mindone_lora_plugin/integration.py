@@ -38,7 +38,7 @@ __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "Lor
 
 DEFAULT_FORMATS = "diffusers,kohya"
 #: The ``dest`` of every flag :func:`add_lora_arguments` adds itself (plugins add more, see ``_lora_plugin_dests``).
-FLAG_DESTS = ("lora_strategy", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
+FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
               "lora_output_name")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint[-_]?\d+$")
@@ -53,6 +53,8 @@ def add_lora_arguments(parser, *, plugins: bool = True):
     group = parser.add_argument_group("LoRA (mindone-lora-plugin)")
     group.add_argument("--lora_strategy", type=str, default=None,
                        help="LoRA strategy: unet, text_encoder, sdxl or a plugin's (default: unet, or sdxl on SDXL)")
+    group.add_argument("--lora_algo", type=str, default="lora",
+                       help="adapter algorithm: lora (default) or a plugin's (loha, lokr from mindone-lora-lycoris)")
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="LoRA alpha (default: the rank, i.e. scale 1, as mindone's scripts hard-code)")
     group.add_argument("--lora_targets", type=str, default="attn",
@@ -133,13 +135,15 @@ class LoraIntegration:
                  targets="attn", save_formats=DEFAULT_FORMATS, resume_from: str | None = None,
                  output_name: str | None = None, train_text_encoder: bool = False, learning_rate: float = 1e-4,
                  text_encoder_lr: float | None = None, init: str = "gaussian", save_dtype: str | None = None,
-                 extra: dict | None = None, manager=None):
+                 extra: dict | None = None, manager=None, algorithm: str = "lora"):
         from mindone_lora_plugin.plugins import get_plugin_manager
 
         self.pm = manager or get_plugin_manager()
         self.strategy = strategy or None
         if self.strategy:
             self.pm.get_strategy(self.strategy)  # an unknown name lists the valid ones
+        self.algorithm = algorithm or "lora"
+        self.pm.get_algorithm(self.algorithm)  # an unknown name lists the installed ones
         self.rank = int(rank)
         if self.rank < 1:
             raise LoraError(f"LoRA rank must be at least 1, got {rank}")
@@ -148,8 +152,9 @@ class LoraIntegration:
         self.alpha = None if alpha is None else float(alpha)
         self.targets = parse_targets(targets) if isinstance(targets, str) else list(targets)
         self.save_formats = _formats_list(save_formats)
-        for name in self.save_formats:
-            self.pm.get_format(name)  # unknown formats fail before training
+        from mindone_lora_plugin.operations import check_save_formats
+
+        check_save_formats(self.pm, self.save_formats, self)  # unknown formats, or ones that cannot hold the algo
         if resume_from is not None and not os.path.isfile(resume_from):
             raise LoraError(f"--lora_resume_from {resume_from}: no such file; give a LoRA .safetensors file")
         self.resume_from = resume_from
@@ -178,7 +183,8 @@ class LoraIntegration:
         if rank is None:
             rank = get("lora_rank") or get("rank") or 4
         extra = {d: get(d) for d in (get("_lora_plugin_dests") or []) if hasattr(args, d)}
-        return cls(strategy=get("lora_strategy"), rank=rank, alpha=get("lora_alpha"),
+        return cls(strategy=get("lora_strategy"), algorithm=get("lora_algo") or "lora", rank=rank,
+                   alpha=get("lora_alpha"),
                    targets=get("lora_targets") or "attn", save_formats=get("lora_save_formats") or DEFAULT_FORMATS,
                    resume_from=get("lora_resume_from"), output_name=get("lora_output_name"),
                    train_text_encoder=bool(get("train_text_encoder", False) if train_text_encoder is None
@@ -200,13 +206,13 @@ class LoraIntegration:
         """
         extra = dict(self.extra)
         tte = self.train_text_encoder if train_text_encoder is None else bool(train_text_encoder)
-        extra["train_text_encoder"] = tte
         lrs = {c: self.text_encoder_lr for c in TEXT_ENCODERS} if self.text_encoder_lr is not None else {}
         return LoraOptions(strategy=self.strategy_for(architecture), rank=int(rank or self.rank),
                            alpha=self.alpha if self.alpha is not None else (None if alpha is None else float(alpha)),
                            targets=self.targets, init=init or self.init,
                            components=tuple(components) if components else None, learning_rate=self.learning_rate,
-                           learning_rates=lrs, save_dtype=self.save_dtype, extra=extra)
+                           learning_rates=lrs, save_dtype=self.save_dtype, algorithm=self.algorithm,
+                           train_text_encoder=tte, extra=extra)
 
     # ------------------------------------------------------------------ the four seams
 

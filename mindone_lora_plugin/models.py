@@ -57,10 +57,18 @@ def guess_architecture(cells: dict) -> str:
     return "sd1"
 
 
-def is_lora_layer(cell) -> bool:
+def is_peft_lora_layer(cell) -> bool:
+    """True for a mindone.peft LoRA layer (the built-in ``lora`` algorithm's layers)."""
     from mindone.peft.tuners.lora.layer import LoraLayer
 
     return isinstance(cell, LoraLayer)
+
+
+def is_lora_layer(cell) -> bool:
+    """True for an adapter layer of any algorithm (mindone.peft LoRA, or an ``AdapterLayer``)."""
+    from mindone_lora_plugin.algorithms.layers import is_adapter_layer
+
+    return is_peft_lora_layer(cell) or is_adapter_layer(cell)
 
 
 def base_layer_of(cell):
@@ -69,7 +77,7 @@ def base_layer_of(cell):
 
 
 def lora_layers(cell) -> Iterator[tuple[str, object]]:
-    """Yield ``(module path, LoRA layer)`` for every LoRA-adapted module of ``cell``."""
+    """Yield ``(module path, adapter layer)`` for every adapted module of ``cell`` (any algorithm)."""
     for name, sub in cell.cells_and_names():
         if is_lora_layer(sub):
             yield name, sub

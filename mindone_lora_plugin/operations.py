@@ -11,6 +11,27 @@ import os
 from mindone_lora_plugin.hookspecs import hookimpl
 
 
+def exact_format(manager, options):
+    """The format checkpoints hold a run's weights in (what a resume reads): diffusers when it can hold the run's
+    algorithm, else kohya (which holds every algorithm)."""
+    algo = manager.get_algorithm(getattr(options, "algorithm", "lora") or "lora")
+    diffusers = manager.get_format("diffusers")
+    return diffusers if diffusers.supports(algo) else manager.get_format("kohya")
+
+
+def check_save_formats(manager, formats, options) -> None:
+    """One clear line, before any work, when a requested format is unknown or cannot hold the run's algorithm."""
+    from mindone_lora_plugin.errors import LoraError
+
+    algo = manager.get_algorithm(getattr(options, "algorithm", "lora") or "lora")
+    for name in formats:
+        fmt = manager.get_format(name)
+        if not fmt.supports(algo):
+            able = [n for n, f in manager.formats().items() if f.supports(algo)]
+            raise LoraError(f"the {name} format cannot hold {algo.name} adapters; formats that can: "
+                            f"{', '.join(able) or 'none installed'} (e.g. --save_formats {','.join(able[:1])})")
+
+
 @hookimpl
 def mindone_lora_add_adapters(manager, models, options):
     return manager.get_strategy(options.strategy).add_adapters(models, options)

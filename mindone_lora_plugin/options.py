@@ -17,7 +17,9 @@ class LoraOptions:
     against the end of a module path, as PEFT's ``target_modules`` does). ``alpha`` defaults to ``rank``;
     ``conv_rank``/``conv_alpha`` (kohya's ``conv_dim``/``conv_alpha``) apply to 3×3 convs with ``kohya-conv`` and
     default to ``rank``/``alpha``. ``components`` switches components on or off (``None`` = the strategy's default).
-    ``learning_rates`` maps a component to its own learning rate. ``extra`` carries plugin-added arguments.
+    ``learning_rates`` maps a component to its own learning rate. ``algorithm`` names the adapter algorithm
+(``--lora_algo``: ``lora`` or a plugin's). ``train_text_encoder`` adds the text encoders to a strategy's default
+components. ``extra`` carries plugin-added arguments.
     """
 
     strategy: str = "unet"
@@ -31,7 +33,15 @@ class LoraOptions:
     learning_rate: float = 1e-4
     learning_rates: dict[str, float] = field(default_factory=dict)
     save_dtype: str | None = None
+    algorithm: str = "lora"
+    train_text_encoder: bool = False
     extra: dict = field(default_factory=dict)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """``train_text_encoder`` (``--train_text_encoder``); an older caller's ``extra["train_text_encoder"]`` counts
+        too."""
+        return bool(self.train_text_encoder or self.extra.get("train_text_encoder"))
 
     @property
     def effective_alpha(self) -> float:
@@ -54,7 +64,7 @@ class LoraOptions:
         return {"strategy": self.strategy, "rank": str(self.rank), "alpha": str(self.effective_alpha),
                 "targets": self.targets if isinstance(self.targets, str) else ",".join(self.targets),
                 "conv_rank": str(self.effective_conv_rank), "conv_alpha": str(self.effective_conv_alpha),
-                "init": self.init}
+                "init": self.init, "algorithm": self.algorithm}
 
 
 def parse_targets(value: str) -> str | list[str]:

@@ -1,4 +1,4 @@
-"""The plugin manager: loads the ``mindone_lora`` entry-point group and finds strategies and formats by name.
+"""The plugin manager: loads the ``mindone_lora`` entry-point group; finds strategies, formats and algorithms by name.
 
 Built-in strategies and formats are ordinary entry points of this distribution, loaded like any third-party plugin.
 A third-party plugin that fails to import, or raises while registering, is reported in one warning line and skipped;
@@ -26,15 +26,18 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 ENV_PLUGINS = "MINDONE_LORA_PLUGINS"
 THIS_DIST = "mindone-lora-plugin"
-# Used only when this package runs from a source tree that was never installed (no entry-point metadata).
-_SOURCE_TREE_PLUGINS = {
-    "core": "mindone_lora_plugin.operations",
-    "unet": "mindone_lora_plugin.strategies.unet",
-    "text_encoder": "mindone_lora_plugin.strategies.text_encoder",
-    "sdxl": "mindone_lora_plugin.strategies.sdxl",
-    "diffusers": "mindone_lora_plugin.formats.diffusers",
-    "kohya": "mindone_lora_plugin.formats.kohya",
-}
+
+
+def _source_tree_plugins() -> dict[str, str]:
+    """The built-in entry points as ``setup.cfg`` declares them (the one list of built-in plugins), for a source tree
+    that was never installed (no entry-point metadata)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+    raw = cfg.get("options.entry_points", ENTRY_POINT_GROUP, fallback="")
+    pairs = (line.split("=", 1) for line in raw.splitlines() if "=" in line)
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class LoraPluginManager(pluggy.PluginManager):
         self.broken: dict[str, str] = {}
         self._strategies = None
         self._formats = None
+        self._algorithms = None
 
     # ------------------------------------------------------------------ loading
 
@@ -63,7 +67,7 @@ class LoraPluginManager(pluggy.PluginManager):
         allow = _allowlist()
         eps = list(importlib_metadata.entry_points(group=group))
         if not any(_dist_name(ep) == THIS_DIST for ep in eps):
-            eps += [importlib_metadata.EntryPoint(n, v, group) for n, v in _SOURCE_TREE_PLUGINS.items()]
+            eps += [importlib_metadata.EntryPoint(n, v, group) for n, v in _source_tree_plugins().items()]
         for ep in sorted(eps, key=lambda e: (_dist_name(e) != THIS_DIST, e.name)):
             dist = _dist_name(ep) or THIS_DIST
             builtin = dist == THIS_DIST
@@ -81,16 +85,16 @@ class LoraPluginManager(pluggy.PluginManager):
                 continue
             version = _dist_version(ep) if not builtin else _own_version()
             self.infos[ep.name] = PluginInfo(ep.name, dist, version, ep.value, builtin)
-        self._strategies = self._formats = None
+        self._strategies = self._formats = self._algorithms = None
 
     def register_plugin(self, plugin, name: str, dist: str = "<local>", version: str = "") -> None:
         """Register an in-process plugin object (for tests and scripts), as the entry-point loader would."""
         self.register(plugin, name=name)
         self.infos[name] = PluginInfo(name, dist, version, getattr(plugin, "__name__", repr(plugin)), False)
-        self._strategies = self._formats = None
+        self._strategies = self._formats = self._algorithms = None
 
     def unregister(self, plugin=None, name=None):  # keep the caches truthful
-        self._strategies = self._formats = None
+        self._strategies = self._formats = self._algorithms = None
         if name:
             self.infos.pop(name, None)
         return super().unregister(plugin=plugin, name=name)
@@ -116,7 +120,7 @@ class LoraPluginManager(pluggy.PluginManager):
                 if info is not None and info.builtin:
                     raise
                 self._report_broken(plugin_name, info.dist if info else "?",
-                                    f"raised while registering {'strategies' if kind == 'strategy' else kind + 's'}: "
+                                    f"raised while registering {_plural(kind)}: "
                                     f"{type(e).__name__}: {e}")
                 self.unregister(name=plugin_name)  # "continuing without it": none of its hooks run any more
                 continue
@@ -139,6 +143,28 @@ class LoraPluginManager(pluggy.PluginManager):
         if self._formats is None:
             self._formats = self._collect("mindone_lora_formats", "format")
         return {k: v[0] for k, v in self._formats.items()}
+
+    def algorithms(self) -> dict:
+        """Name → algorithm object for every registered adapter algorithm."""
+        if self._algorithms is None:
+            self._algorithms = self._collect("mindone_lora_algorithms", "algorithm")
+        return {k: v[0] for k, v in self._algorithms.items()}
+
+    def algorithm_plugin(self, name: str) -> str:
+        self.algorithms()
+        return self._algorithms[name][1]
+
+    def get_algorithm(self, name: str):
+        if self._algorithms is None:
+            self.algorithms()
+        hit = self._algorithms.get(name)
+        if hit is None:
+            from mindone_lora_plugin.formats.variants import plugin_for_algorithm
+
+            hint = plugin_for_algorithm(name)
+            raise PluginError(f"unknown LoRA algorithm '{name}'; choose one of: "
+                              f"{', '.join(self._algorithms) or '(none installed)'}" + (f" ({hint})" if hint else ""))
+        return hit[0]
 
     def strategy_plugin(self, name: str) -> str:
         self.strategies()
@@ -202,7 +228,7 @@ class LoraPluginManager(pluggy.PluginManager):
 
     def describe(self) -> dict:
         """What ``mindone-lora plugins --json`` prints."""
-        strategies, formats = self.strategies(), self.formats()
+        strategies, formats, algorithms = self.strategies(), self.formats(), self.algorithms()
         return {
             "plugins": [{"name": i.name, "version": i.version, "distribution": i.dist, "module": i.module,
                          "builtin": i.builtin, "hooks": self._hook_names(i.name)}
@@ -211,7 +237,12 @@ class LoraPluginManager(pluggy.PluginManager):
             "strategies": [dict(s.describe(), plugin=self.strategy_plugin(n)) for n, s in strategies.items()],
             "formats": [{"name": n, "plugin": self.format_plugin(n), "description": f.description,
                          "filename": f.default_filename("<output_name>")} for n, f in formats.items()],
+            "algorithms": [dict(a.describe(), plugin=self.algorithm_plugin(n)) for n, a in algorithms.items()],
         }
+
+
+def _plural(kind: str) -> str:
+    return "strategies" if kind == "strategy" else kind + "s"
 
 
 def _allowlist() -> set[str] | None:

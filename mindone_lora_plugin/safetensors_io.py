@@ -151,6 +151,7 @@ def atomic_path(path: str):
         raise LoraError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
     try:
         yield tmp
+        os.chmod(tmp, _default_mode())  # some writers (safetensors' save_file) create 0600 files: use the umask
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
@@ -158,6 +159,13 @@ def atomic_path(path: str):
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _default_mode() -> int:
+    """``0666`` less the process umask: the permissions ``open()`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _unlink(p: str) -> None:

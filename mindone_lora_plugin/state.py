@@ -9,7 +9,8 @@ whatever naming the file on disk used. Components are ``unet``, ``text_encoder``
 
 Tensor layouts are kohya's and PEFT's (they agree): for a Linear ``[out, in]`` the down (A) matrix is ``[r, in]`` and
 the up (B) matrix ``[out, r]``; for a Conv2d ``[out, in, k, k]`` down is ``[r, in, k, k]`` and up ``[out, r, 1, 1]``.
-The scale a module applies is ``alpha / rank``.
+The scale a module applies is ``alpha / rank``. Other algorithms (LoHa, LoKr, ...) keep their own named tensors;
+what they mean is the business of their algorithm object (:mod:`mindone_lora_plugin.algorithms`).
 """
 
 from __future__ import annotations
@@ -23,45 +24,92 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
 
-@dataclass
 class LoraModule:
-    """One adapted module: ``delta W = up @ down * alpha / rank``."""
+    """One adapted module: its algorithm's name, the algorithm's named tensors, ``alpha`` and the algorithm's settings.
 
-    down: np.ndarray
-    up: np.ndarray
-    alpha: float
+    ``LoraModule(down, up, alpha)`` is a plain-LoRA module (``delta W = up @ down * alpha / rank``); any algorithm's
+    module is ``LoraModule(algorithm="loha", tensors={...}, alpha=..., settings={...})``. Rank, scale, shapes and the
+    weight change come from the algorithm (:mod:`mindone_lora_plugin.algorithms`), never from the tensors directly.
+    ``down``/``up`` are shorthands for plain LoRA's two tensors.
+    """
+
+    __slots__ = ("algorithm", "tensors", "alpha", "settings")
+
+    def __init__(self, down=None, up=None, alpha=None, *, algorithm: str = "lora", tensors: dict | None = None,
+                 settings: dict | None = None):
+        if tensors is None:
+            tensors = {"down": down, "up": up}
+        self.algorithm = algorithm
+        self.tensors = dict(tensors)
+        self.alpha = float(alpha) if alpha is not None else None
+        self.settings = dict(settings or {})
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+
+    @property
+    def algo(self):
+        """The algorithm object (looked up among the installed ones by name)."""
+        from mindone_lora_plugin.algorithms import get_algorithm
+
+        return get_algorithm(self.algorithm)
+
+    # plain-LoRA shorthands (the lora algorithm's roles)
+    @property
+    def down(self) -> np.ndarray:
+        return self.tensors["down"]
+
+    @down.setter
+    def down(self, value) -> None:
+        self.tensors["down"] = value
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.tensors["up"]
+
+    @up.setter
+    def up(self, value) -> None:
+        self.tensors["up"] = value
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        return self.algo.rank(self)
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.algo.scale(self)
 
     @property
     def is_conv(self) -> bool:
-        return self.down.ndim == 4
+        return len(self.base_shape()) == 4
 
     @property
     def kernel_size(self) -> tuple[int, int] | None:
-        return tuple(self.down.shape[2:]) if self.is_conv else None
+        return tuple(self.base_shape()[2:]) if self.is_conv else None
 
-    def delta(self) -> np.ndarray:
-        """The full weight update ``scale * up @ down`` in the base weight's layout, in float32."""
-        up = self.up.astype(np.float32).reshape(self.up.shape[0], -1)
-        down = self.down.astype(np.float32).reshape(self.rank, -1)
-        out = (up @ down) * self.scale
-        if self.is_conv:
-            return out.reshape(self.up.shape[0], *self.down.shape[1:])
-        return out
+    def delta(self, base_weight: np.ndarray | None = None) -> np.ndarray:
+        """The full weight change in the base weight's layout, in float32 (``base_weight`` for DoRA)."""
+        return self.algo.delta(self, base_weight).astype(np.float32)
 
     def base_shape(self) -> tuple[int, ...]:
         """The shape of the weight this module adapts (``[out, in]`` or ``[out, in, k, k]``)."""
-        return (int(self.up.shape[0]),) + tuple(int(s) for s in self.down.shape[1:])
+        return tuple(int(s) for s in self.algo.base_shape(self))
+
+    def dtypes(self) -> set[str]:
+        return {str(np.asarray(t).dtype) for t in self.tensors.values()}
 
     def astype(self, dtype) -> "LoraModule":
-        return LoraModule(self.down.astype(dtype), self.up.astype(dtype), self.alpha)
+        from mindone_lora_plugin.formats.hashes import as_dtype
+
+        return LoraModule(algorithm=self.algorithm, alpha=self.alpha, settings=self.settings,
+                          tensors={k: as_dtype(np.asarray(v), dtype) for k, v in self.tensors.items()})
+
+    def scaled(self, weight: float) -> "LoraModule":
+        """The same module with its effect multiplied by ``weight``."""
+        return self.algo.scaled(self, weight)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={list(np.shape(v))}" for k, v in sorted(self.tensors.items()))
+        return f"LoraModule({self.algorithm}: {shapes}, alpha={self.alpha:g})"
 
 
 @dataclass
@@ -97,8 +145,13 @@ class LoraState:
         return Counter(float(m.alpha) for m in self.components.get(component, {}).values())
 
     def dtype(self) -> str | None:
-        names = {str(m.down.dtype) for _, _, m in self.modules()} | {str(m.up.dtype) for _, _, m in self.modules()}
+        names = set().union(*(m.dtypes() for _, _, m in self.modules())) if len(self) else set()
         return ",".join(sorted(names)) if names else None
+
+    def algorithms(self, component: str | None = None) -> Counter:
+        """How many modules use each algorithm (of one component, or all)."""
+        comps = [component] if component else list(self.components)
+        return Counter(m.algorithm for c in comps for m in self.components.get(c, {}).values())
 
     def astype(self, dtype) -> "LoraState":
         out = LoraState(architecture=self.architecture, unet_layers_per_block=self.unet_layers_per_block,
@@ -112,8 +165,7 @@ class LoraState:
         out = LoraState(architecture=self.architecture, unet_layers_per_block=self.unet_layers_per_block,
                         metadata=dict(self.metadata))
         for comp, path, mod in self.modules():
-            out.add(comp, path, LoraModule(mod.down, (mod.up.astype(np.float32) * weight).astype(mod.up.dtype),
-                                           mod.alpha))
+            out.add(comp, path, mod.scaled(weight))
         return out
 
 

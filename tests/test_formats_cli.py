@@ -102,7 +102,7 @@ def test_inspect_json(capsys, sdxl_kohya, sdxl_state):
     assert list(out["components"]) == ["unet", "text_encoder", "text_encoder_2"]
     for comp, info in out["components"].items():
         mods = sdxl_state.components[comp]
-        assert set(info) == {"modules", "ranks", "alphas"}
+        assert set(info) == {"modules", "algorithms", "ranks", "alphas"}
         assert info["modules"] == len(mods)
         assert info["ranks"] == sorted({m.rank for m in mods.values()})
         assert info["alphas"] == sorted({float(m.alpha) for m in mods.values()})

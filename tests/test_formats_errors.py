@@ -161,13 +161,19 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_lycoris_and_dora_refused(tmp_path, capsys, variant):
+def test_lycoris_and_dora_refused(tmp_path, capsys, monkeypatch, variant):
+    """Algorithms no installed plugin reads are refused by name (LoHa/LoKr: without the lycoris plugin)."""
+    from mindone_lora_plugin.plugins import reset_plugin_manager
+
+    monkeypatch.setenv("MINDONE_LORA_PLUGINS", "none")
+    reset_plugin_manager()
+    monkeypatch.setattr("mindone_lora_plugin.plugins._MANAGER", None)
     tensors, name = VARIANTS[variant]
     p = _variant_file(tmp_path, variant, tensors)
     line = convert_fails(capsys, tmp_path, p, match=name)
-    assert "not plain LoRA" in line
+    assert "no installed plugin" in line
     assert main(["inspect", str(p)]) == 2
-    assert "not plain LoRA" in capsys.readouterr().err
+    assert "no installed plugin" in capsys.readouterr().err
 
 
 def test_unknown_key_prefixes(tmp_path, capsys):

@@ -147,7 +147,7 @@ def test_add_lora_arguments_to_a_script_parser(plugin_manager):
     lora = LoraIntegration.from_args(args)
     options = lora.make_options("sd1")
     assert (options.strategy, options.rank, options.effective_alpha) == ("unet", 8, 4.0)
-    assert options.targets == ["to_q", "ff.net.2"] and options.extra["train_text_encoder"] is True
+    assert options.targets == ["to_q", "ff.net.2"] and options.train_text_encoder is True
     assert lora.save_formats == ["kohya"] and lora.make_options("sdxl").strategy == "sdxl"
 
 

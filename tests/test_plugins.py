@@ -30,7 +30,7 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "plugins", "mindone-lora-fa")
-BUILTINS = ("core", "diffusers", "kohya", "sdxl", "text_encoder", "unet")
+BUILTINS = ("core", "diffusers", "kohya", "lora", "sdxl", "text_encoder", "unet")
 LOGGER = "mindone_lora_plugin.plugins"
 
 

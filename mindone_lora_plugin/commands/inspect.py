@@ -2,7 +2,8 @@
 
 Format, architecture guess (and why), components with module counts, ranks and alphas (and whether they vary per
 module), the kinds of modules targeted, dtype and a metadata summary. ``--json`` prints an object with exactly the keys
-``format``, ``architecture``, ``components`` (name → ``modules``, ``ranks``, ``alphas``), ``dtype`` and ``metadata``.
+``format``, ``architecture``, ``components`` (name → ``modules``, ``algorithms`` (name → module count), ``ranks``,
+``alphas``), ``dtype`` and ``metadata``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def summary(lf) -> dict:
     for comp in ordered_components(state):
         mods = state.components[comp]
         comps[comp] = {"modules": len(mods),
+                       "algorithms": dict(sorted(state.algorithms(comp).items())),
                        "ranks": sorted({m.rank for m in mods.values()}),
                        "alphas": sorted({float(m.alpha) for m in mods.values()})}
     return {"format": lf.format.name, "architecture": state.architecture or "unknown", "components": comps,
@@ -106,7 +108,10 @@ def render(lf) -> str:
         mods = state.components[comp]
         kinds = Counter(module_kind(comp, p, m) for p, m in mods.items())
         kinds_s = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-        lines.append(f"  {comp:<15} {len(mods):>5} modules  rank {_values(state.ranks(comp), str)}  "
+        algos = ", ".join(f"{a} {n}" if len(state.algorithms(comp)) > 1 else a
+                          for a, n in sorted(state.algorithms(comp).items()))
+        lines.append(f"  {comp:<15} {len(mods):>5} modules  algorithm {algos}  "
+                     f"rank {_values(state.ranks(comp), str)}  "
                      f"alpha {_values(state.alphas(comp), lambda a: str(_num(a)))}  kinds: {kinds_s}")
     meta = state.metadata
     lines.append(f"metadata:      {len(meta)} keys" + ("" if meta else " (none)"))

@@ -6,7 +6,8 @@
   the folder is written under a temporary name and renamed into place.
 * ``merge --to-lora --lora FILE[:WEIGHT] ... --out FILE [--format {kohya,diffusers}] [--model MODEL_DIR]`` writes one
   LoRA equal to the weighted LoRAs together: ranks are concatenated, each LoRA's weight and scale folded into its up
-  matrices (exact, no SVD). The format is ``--format``, else diffusers for a folder, kohya for a ``.safetensors`` file.
+  matrices (exact, no SVD; plain LoRA only). With ``--rank N`` (needed for LoHa/LoKr) the merged weight changes are
+  reduced to a rank-N plain LoRA by SVD, as kohya's ``svd_merge_lora.py`` does, and the relative error is printed. The format is ``--format``, else diffusers for a folder, kohya for a ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def add_parser(subparsers):
     p.add_argument("--format", default=None,
                    help="with --to-lora: the LoRA format (kohya, diffusers or a plugin's; default: kohya for a "
                         ".safetensors file, diffusers for a folder)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="with --to-lora: reduce the merged weight changes to a plain LoRA of this rank by SVD (as "
+                        "kohya's svd_merge_lora.py; needed for LoHa/LoKr/DoRA, whose sums are no LoRA); prints the "
+                        "relative approximation error")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     return p
 
@@ -42,6 +47,8 @@ def run(args) -> int:
     from mindone_lora_plugin import compose
     from mindone_lora_plugin.basemodel import BaseModelInfo
 
+    if args.rank is not None and not args.to_lora:
+        raise LoraError("--rank only applies with --to-lora (it sets the rank of the combined LoRA)")
     if args.format and not args.to_lora:
         raise LoraError("--format only applies with --to-lora (a merged model is a diffusers folder)")
     if not args.to_lora and not args.model:
@@ -59,11 +66,18 @@ def run(args) -> int:
         return 0
     fmt = compose.pick_format(args.out, args.format)
     loras = compose.load_loras(args.lora, base=info)
-    state = compose.concat_loras(loras)
+    if args.rank is not None:
+        from mindone_lora_plugin.compose.maths import svd_reduce
+
+        state, error = svd_reduce(loras, args.rank)
+        how = f"reduced by SVD to rank {args.rank} (relative approximation error {error:.3e})"
+    else:
+        state = compose.concat_loras(loras)
+        how = "concatenated exactly"
     written = compose.write_lora(state, args.out, format=fmt.name, dtype=args.dtype, overwrite=args.overwrite)
     ranks = sorted({m.rank for _, _, m in state.modules()})
     print(f"wrote {written} ({fmt.name}): {_describe(loras)} combined into one LoRA of {len(state)} modules "
-          f"(ranks {ranks[0]}-{ranks[-1]})")
+          f"(ranks {ranks[0]}-{ranks[-1]}), {how}")
     return 0
 
 

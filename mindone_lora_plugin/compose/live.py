@@ -19,10 +19,13 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
     (``weight * alpha / rank``), as mindone's ``set_adapters(names, weights)`` does. Text-encoder LoRAs are applied to
     the text encoders. Adapters already active stay active. Returns the adapter names (``lora0``, ``lora1``, …; the
     next free numbers when some exist). Change weights later with :func:`set_lora_weights`.
+
+    Modules of other algorithms (LoHa, LoKr, ...; PEFT adapters hold only plain LoRA) are fused into the base weights
+    at their weight instead (:func:`merge_into_models`), so files of mixed algorithms generate together;
+    :func:`set_lora_weights` does not reach those.
     """
     import mindspore as ms
 
-    from mindone_lora_plugin.models import lora_layers
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.strategies.base import LoraStrategy, adaptable_layers
 
@@ -32,6 +35,9 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             if comp not in models:
                 raise LoraError(f"the LoRA has weights for {comp} but the model has no {comp}: it was made for "
                                 f"another architecture ({state.architecture or 'unknown'} vs {models.architecture})")
+    pairs, fused = _split_plain(pairs)
+    if fused:
+        merge_into_models(models, fused)
     used = set()
     for cell in models.values():
         used |= set(getattr(cell, "peft_config", None) or {})
@@ -41,7 +47,8 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             i += 1
         names.append(f"{prefix}{i}")
         used.add(names[-1])
-    before = {comp: {p: list(layer.active_adapters) for p, layer in lora_layers(cell)} for comp, cell in models.items()}
+    before = {comp: {p: list(layer.active_adapters) for p, layer in peft_layers(cell)}
+              for comp, cell in models.items()}
     strategy = LoraStrategy()
     for name, (state, weight) in zip(names, pairs):
         for comp, modules in state.components.items():
@@ -56,7 +63,7 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
             with warnings.catch_warnings():  # "Already found a peft_config": several adapters is the point here
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
                 cell.add_adapter(strategy.lora_config(targets, LoraOptions(init="default")), adapter_name=name)
-            layers = dict(lora_layers(cell))
+            layers = dict(peft_layers(cell))
             for path, mod in modules.items():
                 layer = layers.get(path)
                 if layer is None or name not in layer.lora_A:
@@ -70,7 +77,7 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
                 layer.lora_alpha[name] = float(mod.alpha)
                 layer.scaling[name] = float(weight) * float(mod.alpha) / mod.rank
     for comp, cell in models.items():
-        for path, layer in lora_layers(cell):
+        for path, layer in peft_layers(cell):
             keep = [n for n in before[comp].get(path, []) if n in layer.lora_A]
             layer.set_adapter(keep + [n for n in names if n in layer.lora_A and n not in keep])
             for n in names:  # set_adapter marks active adapters trainable; these are for inference
@@ -78,6 +85,33 @@ def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:
                     layer.lora_A[n].weight.requires_grad = False
                     layer.lora_B[n].weight.requires_grad = False
     return names
+
+
+def peft_layers(cell):
+    """``(path, layer)`` of the mindone.peft LoRA layers of ``cell`` (named adapters live there; other algorithms'
+    layers hold one adapter each and are left alone)."""
+    from mindone_lora_plugin.models import is_peft_lora_layer, lora_layers
+
+    return [(p, layer) for p, layer in lora_layers(cell) if is_peft_lora_layer(layer)]
+
+
+def _split_plain(pairs):
+    """``(plain-LoRA parts, other algorithms' parts)`` of weighted states, each a list of ``(state, weight)``."""
+    from mindone_lora_plugin.state import LoraState
+
+    plain, other = [], []
+    for state, weight in pairs:
+        parts = {}
+        for comp, path, mod in state.modules():
+            key = "lora" if mod.algorithm == "lora" and not mod.algo.needs_base_weight(mod) else "other"
+            if key not in parts:
+                parts[key] = LoraState(architecture=state.architecture,
+                                       unet_layers_per_block=state.unet_layers_per_block, metadata=state.metadata)
+            parts[key].add(comp, path, mod)
+        plain.append((parts.get("lora", LoraState(architecture=state.architecture)), weight))
+        if "other" in parts:
+            other.append((parts["other"], weight))
+    return plain, other
 
 
 def _fit(arr, shape, comp, path) -> np.ndarray:
@@ -96,11 +130,10 @@ def _fit(arr, shape, comp, path) -> np.ndarray:
 
 def set_lora_weights(models, weights: dict[str, float]) -> None:
     """Change the weight of adapters added by :func:`apply_loras` (``{"lora0": 0.5, "lora1": -1.0}``)."""
-    from mindone_lora_plugin.models import lora_layers
 
     found = set()
     for cell in models.values():
-        for _, layer in lora_layers(cell):
+        for _, layer in peft_layers(cell):
             for name, w in weights.items():
                 if name in layer.lora_A:
                     layer.scaling[name] = float(w) * float(layer.lora_alpha[name]) / int(layer.r[name])
@@ -113,11 +146,11 @@ def set_lora_weights(models, weights: dict[str, float]) -> None:
 def active_deltas(models) -> dict[tuple[str, str], np.ndarray]:
     """``(component, module path) → sum over the active adapters of scaling * B @ A`` as the models hold them
     (float64): what the adapters add to each base weight."""
-    from mindone_lora_plugin.models import base_layer_of, lora_layers
+    from mindone_lora_plugin.models import base_layer_of
 
     out = {}
     for comp, cell in models.items():
-        for path, layer in lora_layers(cell):
+        for path, layer in peft_layers(cell):
             shape = tuple(base_layer_of(layer).weight.shape)
             total = np.zeros(shape, np.float64)
             for name in layer.active_adapters:
@@ -145,9 +178,14 @@ def merge_into_models(models, loras) -> None:
         if comp not in models:
             raise LoraError(f"the LoRA has weights for {comp} but the model has no {comp}: it was made for another "
                             f"architecture ({_arch_of(pairs) or 'unknown'} vs {models.architecture})")
-    deltas = combined_deltas(pairs)
-    cells = {comp: dict(cell.cells_and_names()) for comp, cell in models.items()
-             if any(c == comp for c, _ in deltas)}
+    cells = {comp: dict(cell.cells_and_names()) for comp, cell in models.items()}
+    bases = {}
+    for state, _ in pairs:
+        for comp, path, mod in state.modules():
+            layer = cells.get(comp, {}).get(path)
+            if mod.algo.needs_base_weight(mod) and layer is not None:
+                bases[(comp, path)] = _f64(base_layer_of(layer).weight.asnumpy())
+    deltas = combined_deltas(pairs, bases)
     for (comp, path), delta in deltas.items():
         layer = cells[comp].get(path)
         weight = getattr(base_layer_of(layer), "weight", None) if layer is not None else None

@@ -18,19 +18,30 @@ def _f64(arr) -> np.ndarray:
     return as_dtype(np.asarray(arr), np.float64)
 
 
-def module_delta(mod: LoraModule) -> np.ndarray:
-    """``scale * up @ down`` in the base weight's layout, in float64 (exact up to rounding)."""
-    up = _f64(mod.up).reshape(mod.up.shape[0], -1)
-    down = _f64(mod.down).reshape(mod.rank, -1)
-    return ((up @ down) * float(mod.scale)).reshape(mod.base_shape())
+def module_delta(mod: LoraModule, base_weight=None) -> np.ndarray:
+    """The module's weight change (its algorithm's: ``scale * up @ down`` for plain LoRA) in the base weight's
+    layout, in float64 (exact up to rounding). ``base_weight`` is needed by algorithms whose change depends on it."""
+    return mod.algo.delta(mod, base_weight).reshape(mod.base_shape())
 
 
-def combined_deltas(loras) -> dict[tuple[str, str], np.ndarray]:
-    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64."""
+def combined_deltas(loras, base_weights=None) -> dict[tuple[str, str], np.ndarray]:
+    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64.
+
+    ``base_weights`` (``(component, path) → array``) serves algorithms whose change depends on the base weight (DoRA):
+    such a module's delta is ``merged_weight(base, weight) - base``.
+    """
     out: dict[tuple[str, str], np.ndarray] = {}
     for state, weight in _pairs(loras):
         for comp, path, mod in state.modules():
-            d = module_delta(mod) * weight
+            algo = mod.algo
+            if algo.needs_base_weight(mod):
+                base = (base_weights or {}).get((comp, path))
+                if base is None:
+                    raise LoraError(f"{comp}.{path} is a {mod.algorithm} module whose change depends on the base "
+                                    "weight; merge it into a model (pass the base model)")
+                d = algo.merged_weight(mod, base, weight) - _f64(base)
+            else:
+                d = module_delta(mod) * weight
             key = (comp, path)
             if key in out:
                 prev = out[key]
@@ -53,6 +64,10 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
     pairs = _pairs(loras)
     if not pairs:
         raise LoraError("no LoRA to combine")
+    others = sorted({m.algorithm for s, _ in pairs for _, _, m in s.modules()} - {"lora"})
+    if others:
+        raise LoraError(f"only plain LoRA concatenates exactly into a LoRA, but these hold {', '.join(others)} "
+                        "modules; pass --rank N to reduce the merged weight changes to a LoRA of rank N by SVD")
     arch = _arch_of(pairs)
     groups: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
     for state, weight in pairs:
@@ -87,3 +102,36 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
 
 def _as_list(loras) -> list:
     return [loras] if isinstance(loras, (LoraState, WeightedLora)) else list(loras)
+
+
+def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[LoraState, float]:
+    """One plain LoRA of rank ``rank`` approximating the weighted sum of ``loras`` (any algorithms), and the relative
+    approximation error ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` over all modules.
+
+    As kohya's ``networks/svd_merge_lora.py``: each module's merged weight change (convs flattened to
+    ``[out, in·k·k]``) is factored by SVD and cut to ``rank`` (or less where the matrix is smaller); ``up = U_r S_r``,
+    ``down = V_r^T`` (reshaped to ``[r, in, k, k]`` for convs, up ``[out, r, 1, 1]``) and ``alpha = r`` (scale 1).
+    """
+    if rank < 1:
+        raise LoraError(f"--rank must be at least 1, got {rank}")
+    pairs = _pairs(loras)
+    if not pairs:
+        raise LoraError("no LoRA to combine")
+    arch = _arch_of(pairs)
+    lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
+    out = LoraState(architecture=arch, unet_layers_per_block=lpb)
+    shapes = {(c, p): m.base_shape() for s, _ in pairs for c, p, m in s.modules()}
+    err2 = tot2 = 0.0
+    for (comp, path), delta in sorted(combined_deltas(pairs, base_weights).items()):
+        shape = shapes[(comp, path)]
+        mat = delta.reshape(shape[0], -1)
+        u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+        r = min(rank, len(sv))
+        up, down = u[:, :r] * sv[:r], vt[:r]
+        err2 += float(np.sum(sv[r:] ** 2))
+        tot2 += float(np.sum(sv ** 2))
+        if len(shape) == 4:
+            down, up = down.reshape((r,) + tuple(shape[1:])), up.reshape(shape[0], r, 1, 1)
+        out.add(comp, path, LoraModule(down.astype(dtype), up.astype(dtype), float(r)))
+    out.metadata["mindone_lora_svd_rank"] = str(rank)
+    return out, (err2 / tot2) ** 0.5 if tot2 > 0 else 0.0

@@ -33,6 +33,28 @@ class LoraFormat:
             return os.path.join(out, self.default_filename(output_name))
         return out
 
+    def supports(self, algorithm) -> bool:
+        """True when this format can hold modules of ``algorithm`` (a
+        :class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`); default: plain LoRA only."""
+        return algorithm.name == "lora"
+
+    def check_algorithms(self, state: LoraState) -> None:
+        """Raise one :class:`LoraError` line when ``state`` holds an algorithm this format cannot hold, naming the
+        installed formats that can."""
+        from mindone_lora_plugin.errors import LoraError
+
+        for name in sorted(state.algorithms()):
+            from mindone_lora_plugin.algorithms import get_algorithm
+
+            algo = get_algorithm(name)
+            if self.supports(algo):
+                continue
+            from mindone_lora_plugin.plugins import get_plugin_manager
+
+            able = [n for n, f in get_plugin_manager().formats().items() if f.supports(algo)]
+            raise LoraError(f"the {self.name} format cannot hold {name} modules; formats that can: "
+                            f"{', '.join(able) or 'none installed'} (e.g. --save_formats/--to {able[0] if able else 'kohya'})")
+
     def sniff(self, keys: list[str], metadata: dict[str, str]) -> bool:
         """True when a file with these tensor keys and header metadata is in this format (used by readers)."""
         raise NotImplementedError

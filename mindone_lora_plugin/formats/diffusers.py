@@ -86,11 +86,16 @@ class DiffusersFormat(LoraFormat):
         state, _ = read_plain_lora(path, base)
         return state
 
+    def supports(self, algorithm) -> bool:
+        return algorithm.peft_names is not None
+
     def state_dict(self, state: LoraState, dtype=None) -> dict:
+        self.check_algorithms(state)
         tensors = {}
         for comp, path, mod in state.modules():
-            tensors[f"{comp}.{path}.lora_A.weight"] = cast(mod.down, dtype)
-            tensors[f"{comp}.{path}.lora_B.weight"] = cast(mod.up, dtype)
+            names = mod.algo.peft_names
+            for role, value in mod.tensors.items():
+                tensors[f"{comp}.{path}.{names[role]}"] = cast(value, dtype)
         return tensors
 
     def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:
@@ -111,6 +116,7 @@ class DiffusersFormat(LoraFormat):
               metadata: dict[str, str] | None = None, output_name: str = "lora") -> str:
         if not len(state):
             raise LoraError("the LoRA has no modules; nothing to write")
+        self.check_algorithms(state)
         np_dtype = resolve_dtype(dtype)
         tensors = self.state_dict(state, np_dtype)
         meta = self.metadata_for(state, metadata, output_name)

@@ -1,7 +1,8 @@
 """The kohya-ss (sd-scripts) LoRA format: what A1111-family web UIs, ComfyUI and kohya's own tools load.
 
 One ``.safetensors`` file. Each module ``M`` has ``M.lora_down.weight``, ``M.lora_up.weight`` and ``M.alpha`` (a 0-dim
-float: the module's true alpha, scale = alpha / rank). ``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
+float: the module's true alpha, scale = alpha / rank); modules of other algorithms carry their algorithm's LyCORIS
+tensor names instead (``M.hada_w1_a``, ``M.lokr_w1``, ...) and the file says ``ss_network_module=lycoris.kohya``. ``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
 ``lora_te2_``) followed by the module path with every ``.`` as ``_``. SD1.x/2.x UNet paths are diffusers paths;
 SDXL UNet paths are SGM paths (``input_blocks``/``middle_block``/``output_blocks``, see :mod:`.sgm`).
 
@@ -75,10 +76,26 @@ def network_metadata(state: LoraState) -> tuple[dict[str, str], dict[str, str]]:
     return net, args
 
 
+def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
+    """``ss_network_module`` and the algorithm's ``ss_network_args`` (LyCORIS's ``algo``...) for ``state``: plain LoRA
+    gives ``networks.lora``; any other algorithm its own module (``lycoris.kohya``) and arguments."""
+    names = sorted(set(state.algorithms()) - {"lora"})
+    if not names:
+        return NETWORK_MODULE, {}
+    from mindone_lora_plugin.algorithms import get_algorithm
+
+    algo = get_algorithm(names[0])
+    mods = [m for _, _, m in state.modules() if m.algorithm == algo.name]
+    return algo.network_module, dict(algo.metadata(mods))
+
+
 class KohyaFormat(LoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
                    "SDXL UNet in SGM names, ss_*/modelspec metadata")
+
+    def supports(self, algorithm) -> bool:
+        return bool(algorithm.kohya_names)
 
     def sniff(self, keys, metadata) -> bool:
         from mindone_lora_plugin.formats.names import parse_key
@@ -103,10 +120,16 @@ class KohyaFormat(LoraFormat):
             if name in owner:
                 raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
             owner[name] = f"{comp}.{path}"
-            alpha_dtype = dtype if dtype is not None else (standard_dtype(mod.down.dtype)
-                                                           if mod.down.dtype.kind in "fV" else np.dtype(np.float32))
-            tensors[f"{name}.lora_down.weight"] = mod.down
-            tensors[f"{name}.lora_up.weight"] = mod.up
+            algo = mod.algo
+            first = np.asarray(next(iter(mod.tensors.values())))
+            alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
+                                                           if first.dtype.kind in "fV" else np.dtype(np.float32))
+            for role, value in mod.tensors.items():
+                suffix = algo.kohya_names.get(role)
+                if suffix is None:
+                    raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
+                                    f"({comp}.{path}); it cannot be written in the kohya format")
+                tensors[f"{name}.{suffix}"] = value
             tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
         return tensors, arch
 
@@ -120,7 +143,9 @@ class KohyaFormat(LoraFormat):
         v_pred = version.endswith("_v") or is_v_prediction(meta)
         net, conv_args = network_metadata(state)
         meta.update(net)
-        meta.update({"ss_network_module": NETWORK_MODULE, "ss_v2": str(arch == "sd2"),
+        module, algo_args = network_module(state)
+        conv_args.update(algo_args)
+        meta.update({"ss_network_module": module, "ss_v2": str(arch == "sd2"),
                      "ss_base_model_version": version, "ss_output_name": output_name})
         if conv_args:
             try:

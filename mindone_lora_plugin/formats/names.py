@@ -119,9 +119,41 @@ class ParsedKey:
     style: str  # kohya, peft, peft_model, peft_bare, diffusers, lora_linear_layer, attn_processor, comfy
 
 
-def parse_key(key: str) -> ParsedKey | None:
-    """Parse one tensor key of a plain-LoRA file; None when it follows no known style."""
-    for suffix, role, style in _SUFFIXES:
+@functools.lru_cache(maxsize=8)
+def _suffix_table(names: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
+    """The tensor-name suffixes of the installed algorithms other than plain LoRA: ``(suffix, "algo:role", style)``."""
+    from mindone_lora_plugin.algorithms import get_algorithm
+
+    out = []
+    for name in names:
+        algo = get_algorithm(name)
+        for table, style in ((algo.kohya_names, "kohya"), (algo.peft_names or {}, "peft")):
+            for role, suffix in table.items():
+                if name == "lora" and role in (DOWN, UP):
+                    continue  # plain LoRA's own namings are the fixed table above
+                out.append(("." + suffix, f"{name}:{role}", style))
+    return tuple(sorted(out, key=lambda t: -len(t[0])))
+
+
+def algorithm_suffixes() -> tuple[tuple[str, str, str], ...]:
+    """The suffix table of the installed algorithms (see :func:`_suffix_table`)."""
+    from mindone_lora_plugin.algorithms import installed_algorithms
+
+    return _suffix_table(tuple(sorted(installed_algorithms())))
+
+
+def split_role(role: str) -> tuple[str, str]:
+    """``"loha:hada_w1_a"`` → ``("loha", "hada_w1_a")``; plain LoRA's ``down``/``up`` → ``("lora", role)``."""
+    algo, sep, name = role.partition(":")
+    return (algo, name) if sep else ("lora", role)
+
+
+def parse_key(key: str, suffixes=None) -> ParsedKey | None:
+    """Parse one tensor key of an adapter file; None when it follows no known style.
+
+    ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default).
+    """
+    for suffix, role, style in _SUFFIXES + (algorithm_suffixes() if suffixes is None else tuple(suffixes)):
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
             break
@@ -372,8 +404,9 @@ def _example(keys, n=3) -> str:
 
 def parse_keys(keys, where: str) -> list[ParsedKey]:
     parsed, unknown = [], []
+    suffixes = algorithm_suffixes()
     for k in keys:
-        pk = parse_key(k)
+        pk = parse_key(k, suffixes)
         (parsed if pk is not None else unknown).append(pk or k)
     if unknown:
         raise LoraError(f"{where}: {len(unknown)} key(s) are not plain-LoRA weights of a known naming (unknown prefix "
@@ -437,27 +470,21 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
             raise LoraError(f"{where}: keys '{other}' and '{next(iter(roles.values())).key}' name the same module "
                             f"{comp}.{target}; the file mixes two namings of one module")
         seen[(comp, target)] = next(iter(roles.values())).key
-        if DOWN not in roles or UP not in roles:
-            have = next(iter(roles.values())).key
-            missing = "lora_down/lora_A" if DOWN not in roles else "lora_up/lora_B"
-            raise LoraError(f"{where}: module {comp}.{target} has '{have}' but no {missing} weight; the file is "
-                            "incomplete")
-        down, up = as_dtype(tensors[roles[DOWN].key]), as_dtype(tensors[roles[UP].key])
-        _check_pair(down, up, comp, target, where)
-        rank = int(down.shape[0])
+        mod = _module_from_roles(roles, tensors, comp, target, where)
         if ALPHA in roles:
             alpha = alpha_value(tensors[roles[ALPHA].key], roles[ALPHA].key, where)
             alpha_sources.add("keys")
         elif comp in configs:
-            alpha = configs[comp].alpha_for(target, rank)
+            alpha = configs[comp].alpha_for(target, mod.rank)
             alpha_sources.add("lora_adapter_metadata")
         elif peft_cfg is not None:
-            alpha = peft_cfg.alpha_for(target, rank)
+            alpha = peft_cfg.alpha_for(target, mod.rank)
             alpha_sources.add("adapter_config.json")
         else:
-            alpha = float(rank)
+            alpha = float(mod.rank)
             alpha_sources.add("rank")
-        state.add(comp, target, LoraModule(down, up, alpha))
+        mod.alpha = alpha
+        state.add(comp, target, mod)
     if unresolved:
         if base is not None:
             raise LoraError(f"{where}: {len(unresolved)} LoRA module(s) match no module of the {base.architecture} "
@@ -466,6 +493,10 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                         f"modules, e.g. {_example(unresolved)}; pass --base MODEL_DIR if the model has other modules")
     info.alpha_source = "+".join(sorted(alpha_sources))
     if base is not None:
+        for comp, path, mod in state.modules():
+            shape = base.modules.get(comp, {}).get(path)
+            if shape is not None:
+                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
         base.check_shapes(state)
         state.architecture = base.architecture
         state.unet_layers_per_block = base.unet_layers_per_block
@@ -475,10 +506,30 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     return state, info
 
 
-def _check_pair(down: np.ndarray, up: np.ndarray, comp: str, path: str, where: str) -> None:
-    ok = down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[1] == down.shape[0]
-    if ok and down.ndim == 4:
-        ok = tuple(up.shape[2:]) == (1, 1)
-    if not ok or down.dtype.kind not in "fV" and str(down.dtype) != "bfloat16":
-        raise LoraError(f"{where}: module {comp}.{path} has down {list(down.shape)} and up {list(up.shape)} "
-                        f"({down.dtype}), which are not a LoRA pair (down [r, in(, k, k)], up [out, r(, 1, 1)])")
+def _module_from_roles(roles: dict, tensors: dict, comp: str, path: str, where: str) -> LoraModule:
+    """The module one group of keys forms: its algorithm from the roles, its tensors, checked by the algorithm."""
+    from mindone_lora_plugin.algorithms import get_algorithm
+
+    named = {r: pk for r, pk in roles.items() if r != ALPHA}
+    algos = {split_role(r)[0] for r in named}
+    have = next(iter(roles.values())).key
+    if not named:
+        raise LoraError(f"{where}: module {comp}.{path} has '{have}' but no lora_down/lora_A weight; the file is "
+                        "incomplete")
+    if len(algos) > 1:
+        raise LoraError(f"{where}: module {comp}.{path} mixes tensors of the {' and '.join(sorted(algos))} algorithms "
+                        f"(e.g. '{have}'); the file is corrupted")
+    name = algos.pop()
+    algo = get_algorithm(name)
+    if name == "lora" and (DOWN not in named or UP not in named):
+        missing = "lora_down/lora_A" if DOWN not in named else "lora_up/lora_B"
+        raise LoraError(f"{where}: module {comp}.{path} has '{have}' but no {missing} weight; the file is "
+                        "incomplete")
+    mod_tensors = {split_role(r)[1]: as_dtype(tensors[pk.key]) for r, pk in named.items()}
+    mod = LoraModule(algorithm=name, tensors=mod_tensors, alpha=1.0)
+    if not algo.claims(set(mod_tensors)):
+        raise LoraError(f"{where}: module {comp}.{path} has the {name} tensors {sorted(mod_tensors)}, which are not a "
+                        f"complete {name} module; the file is incomplete")
+    algo.validate(mod, f"{where}: module {comp}.{path}")
+    mod.settings = algo.settings_from_tensors(mod)
+    return mod

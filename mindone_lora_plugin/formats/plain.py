@@ -114,6 +114,9 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     keys = [k for k in header if k != "__metadata__"]
     refuse_variants(keys, metadata, where=path)
     tensors, metadata = safetensors_io.load(path)
+    from mindone_lora_plugin.algorithms.base import check_finite
+
+    check_finite(tensors, path)
     return build_state(tensors, metadata, base=base, path=path, where=path)
 
 

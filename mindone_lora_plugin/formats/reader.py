@@ -1,7 +1,8 @@
 """Read any LoRA file into a :class:`~mindone_lora_plugin.state.LoraState`, picking its format by sniffing.
 
-Only safetensors is read (pickles are refused before they are opened), and only plain LoRA: LyCORIS algorithms, DoRA and
-the like are refused with an error that names them. The formats to choose from are passed in (the plugin manager's);
+Only safetensors is read (pickles are refused before they are opened); a tensor holding NaN or Inf is refused with
+one line naming it; modules of an algorithm no installed plugin provides are refused with an error naming the algorithm
+and the plugin that reads it. The formats to choose from are passed in (the plugin manager's);
 without them the two built-in formats are used. The built-ins are asked first (they read every plain-LoRA naming, so
 results do not depend on which plugins are installed); a third-party format gets the files they do not claim, or is
 chosen explicitly with ``format=``. A folder is offered first to formats with a ``sniff_folder(path)`` method
@@ -111,12 +112,12 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
         base = BaseModelInfo.from_folder(base)
     if format is not None and get_format(format, formats).name not in BUILTIN_NAMES:
         fmt = get_format(format, formats)
-        return LoraFile(path, fmt, fmt.read(path, base), None)
+        return LoraFile(path, fmt, _finite(fmt.read(path, base), path), None)
     if os.path.isdir(path):
         for fmt in _ordered(formats):
             sniff_folder = getattr(fmt, "sniff_folder", None)
             if sniff_folder is not None and _safe(sniff_folder, path):
-                return LoraFile(path, fmt, fmt.read(path, base), None)
+                return LoraFile(path, fmt, _finite(fmt.read(path, base), path), None)
     safetensors_io.refuse_pickle(path)
     path = find_weights_file(path)
     try:
@@ -128,7 +129,7 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         raise LoraError(f"{path} holds no tensors; it is not a LoRA file")
-    refuse_variants(keys, metadata, where=path)
+    refuse_variants(keys, metadata, where=path, installed=set(_algorithm_names()))
     if format is not None:
         fmt = get_format(format, formats)
     else:
@@ -141,8 +142,22 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     if fmt.name in BUILTIN_NAMES and type(fmt).read in _builtin_reads():
         state, info = read_plain_lora(path, base)
         return LoraFile(path, fmt, state, info)
-    state = fmt.read(path, base)
+    state = _finite(fmt.read(path, base), path)
     return LoraFile(path, fmt, state, None)
+
+
+def _finite(state: LoraState, path: str) -> LoraState:
+    """``state``, after refusing NaN/Inf in any tensor (named ``component.module.tensor``) of a plugin format's read."""
+    from mindone_lora_plugin.algorithms.base import check_finite
+
+    check_finite({f"{c}.{p}.{r}": t for c, p, m in state.modules() for r, t in m.tensors.items()}, path)
+    return state
+
+
+def _algorithm_names():
+    from mindone_lora_plugin.algorithms import installed_algorithms
+
+    return installed_algorithms()
 
 
 def _refuse_pickle_content(path: str) -> None:

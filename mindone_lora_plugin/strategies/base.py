@@ -1,22 +1,20 @@
 """The strategy plugin object: which modules get LoRA, how they train, and model ⇄ :class:`LoraState`.
 
 A plugin offers strategies by yielding instances of a :class:`LoraStrategy` subclass from its
-``mindone_lora_strategies()`` hook implementation. The base class does the work through mindone.peft
-(``LoraConfig`` + ``add_adapter``); a subclass usually only chooses targets (:meth:`target_modules`) or trainable
-parameters (:meth:`trainable_parameters`).
+``mindone_lora_strategies()`` hook implementation. A strategy decides *where* adapters go (components, modules, rank
+and alpha per module); the run's algorithm (``options.algorithm``: plain ``lora`` through mindone.peft, or a plugin's
+LoHa/LoKr/...) decides *what* they are. A subclass usually only chooses targets (:meth:`target_modules`) or trainable
+parameters (:meth:`layer_parameters`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import ClassVar
 
-import numpy as np
-
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.models import ADAPTER, base_layer_of, lora_layers
+from mindone_lora_plugin.models import base_layer_of, lora_layers
 from mindone_lora_plugin.options import PRESETS, LoraOptions
-from mindone_lora_plugin.state import LoraModule, LoraState, most_common
+from mindone_lora_plugin.state import LoraState
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -52,7 +50,7 @@ class LoraStrategy:
             wanted = list(options.components)
         else:
             wanted = list(self.default_components)
-            if options.extra.get("train_text_encoder"):
+            if options.trains_text_encoder:
                 wanted += [c for c in self.adaptable_components(models) if c in TEXT_ENCODERS and c not in wanted]
         return wanted
 
@@ -81,7 +79,7 @@ class LoraStrategy:
             if comp not in models:
                 raise LoraError(f"strategy '{self.name}' needs a {comp} but the model has none "
                                 f"(it has {', '.join(models) or 'nothing'})")
-        if (options.extra.get("train_text_encoder") and not options.components
+        if (options.trains_text_encoder and not options.components
                 and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
             # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
             hint = ("use --lora_strategy sdxl to train the SDXL text encoders" if models.architecture == "sdxl"
@@ -124,41 +122,44 @@ class LoraStrategy:
                 out[path] = (rank, alpha)
         return out
 
-    # ------------------------------------------------------------------ operations
+    # ------------------------------------------------------------------ operations (the algorithm decides *what*)
+
+    def algorithm(self, options: LoraOptions | None):
+        """The adapter algorithm of a run (``options.algorithm``, default plain ``lora``)."""
+        from mindone_lora_plugin.algorithms import get_algorithm
+
+        return get_algorithm(getattr(options, "algorithm", None) or "lora")
 
     def lora_config(self, targets: dict[str, tuple[int, float]], options: LoraOptions):
-        """A mindone.peft ``LoraConfig`` adapting exactly ``targets`` with their per-module rank and alpha."""
-        from mindone.peft import LoraConfig
+        """A mindone.peft ``LoraConfig`` adapting exactly ``targets`` (plain LoRA; see the ``lora`` algorithm)."""
+        from mindone_lora_plugin.algorithms.lora import PlainLora
 
-        r = most_common(Counter(rk for rk, _ in targets.values()))
-        a = most_common(Counter(al for _, al in targets.values()))
-        init = "gaussian" if options.init == "gaussian" else True
-        return LoraConfig(r=int(r), lora_alpha=a, init_lora_weights=init, target_modules=sorted(targets),
-                          rank_pattern={p: rk for p, (rk, _) in targets.items() if rk != r},
-                          alpha_pattern={p: al for p, (_, al) in targets.items() if al != a})
+        return PlainLora().lora_config(targets, options)
 
     def add_adapters(self, models, options: LoraOptions) -> dict[str, list[str]]:
         """Add adapters to the enabled components; return the adapted module paths per component."""
         self.check(models, options)
+        algo = self.algorithm(options)
+        algo.check_options(options)
         plan = {c: self.target_modules(c, models[c], options) for c in self.enabled_components(models, options)}
         adapted = {}
         for comp, targets in plan.items():
             cell = models[comp]
             for p in cell.get_parameters():
                 p.requires_grad = False
-            cell.add_adapter(self.lora_config(targets, options), adapter_name=ADAPTER)
+            algo.add_adapters(cell, targets, options)
             adapted[comp] = sorted(p for p, _ in lora_layers(cell))
         return adapted
 
     def trainable_parameters(self, models, options: LoraOptions) -> list[dict]:
-        """Parameter groups of exactly the LoRA parameters of the enabled components, unique names, fp32."""
+        """Parameter groups of exactly the adapter parameters of the enabled components, unique names, fp32."""
         import mindspore as ms
 
         groups = []
         for comp in self.enabled_components(models, options):
             params = []
             for path, layer in lora_layers(models[comp]):
-                for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
+                for p in algorithm_of_layer(layer).layer_parameters(layer).values():
                     p.requires_grad = False
                 for role, p in self.layer_parameters(layer).items():
                     if p.dtype != ms.float32:
@@ -171,29 +172,27 @@ class LoraStrategy:
         return groups
 
     def layer_parameters(self, layer) -> dict:
-        """The trainable parameters of one LoRA layer by role (A and B; a LoRA-FA strategy returns only B)."""
-        return {"lora_A": layer.lora_A[ADAPTER].weight, "lora_B": layer.lora_B[ADAPTER].weight}
+        """The trainable parameters of one adapter layer by role (its algorithm's; a LoRA-FA strategy returns only
+        B). Plain LoRA's roles are ``lora_A``/``lora_B``."""
+        return algorithm_of_layer(layer).layer_parameters(layer)
 
     def extract(self, models) -> LoraState:
-        """The adapted models' LoRA weights as a :class:`LoraState` (all components that carry adapters)."""
+        """The adapted models' weights as a :class:`LoraState` (all components that carry adapters)."""
         state = LoraState(architecture=models.architecture, unet_layers_per_block=models.unet_layers_per_block)
         for comp, cell in models.items():
             for path, layer in lora_layers(cell):
-                if ADAPTER not in layer.lora_A:
-                    continue
-                down = layer.lora_A[ADAPTER].weight.asnumpy().astype(np.float32)
-                up = layer.lora_B[ADAPTER].weight.asnumpy().astype(np.float32)
-                if up.ndim == 2 and down.ndim == 4:  # keep kohya/PEFT layouts
-                    up = up[:, :, None, None]
-                state.add(comp, path, LoraModule(down, up, float(layer.lora_alpha[ADAPTER])))
+                algo = algorithm_of_layer(layer, missing_ok=True)
+                if algo is not None:
+                    state.add(comp, path, algo.read_layer(layer))
         return state
 
     def apply(self, models, state: LoraState, options: LoraOptions | None = None) -> None:
         """Put ``state``'s weights into ``models``, adding adapters where there are none yet.
 
-        Where adapters exist, every module of ``state`` must be adapted with the same rank; its alpha is restored.
+        Where adapters exist, every module of ``state`` must be adapted with the same algorithm and shapes; its
+        alpha is restored.
         """
-        import mindspore as ms
+        from mindone_lora_plugin.algorithms import get_algorithm
 
         for comp in state.components:
             if comp not in models:
@@ -203,31 +202,30 @@ class LoraStrategy:
             cell = models[comp]
             layers = dict(lora_layers(cell))
             if not layers:
-                targets = {p: (m.rank, float(m.alpha)) for p, m in modules.items()}
                 known = dict(adaptable_layers(cell))
-                unknown = sorted(set(targets) - set(known))
+                unknown = sorted(set(modules) - set(known))
                 if unknown:
                     raise LoraError(f"{len(unknown)} LoRA module(s) match no module of the {comp}, e.g. "
                                     f"{', '.join(unknown[:3])}; the LoRA was made for another model")
-                cell.add_adapter(self.lora_config(targets, options or LoraOptions()), adapter_name=ADAPTER)
+                by_algo: dict[str, dict] = {}
+                for p, m in modules.items():
+                    by_algo.setdefault(m.algorithm, {})[p] = m
+                for name, mods in sorted(by_algo.items()):
+                    algo = get_algorithm(name)
+                    algo.add_adapters(cell, {p: (m.rank, float(m.alpha)) for p, m in mods.items()},
+                                      options or LoraOptions(), modules=mods)
                 layers = dict(lora_layers(cell))
             for path, mod in modules.items():
                 layer = layers.get(path)
                 if layer is None:
                     raise LoraError(f"{comp}.{path} has no LoRA adapter in this run; the file was trained with other "
                                     f"targets (use the same --lora_targets/--lora_strategy)")
-                if int(layer.r[ADAPTER]) != mod.rank:
-                    raise LoraError(f"{comp}.{path} has rank {mod.rank} in the file but {layer.r[ADAPTER]} here; use "
-                                    f"--lora_rank {mod.rank} (and the same targets) to load it")
-                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                up = mod.up.reshape(b.shape) if mod.up.size == int(np.prod(b.shape)) else mod.up
-                if tuple(mod.down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
-                    raise LoraError(f"shape mismatch at {comp}.{path}: the file has down {list(mod.down.shape)} / up "
-                                    f"{list(mod.up.shape)} but the model expects {list(a.shape)} / {list(b.shape)}")
-                a.set_data(ms.Tensor(np.asarray(mod.down, dtype=np.float32), dtype=a.dtype))
-                b.set_data(ms.Tensor(np.asarray(up, dtype=np.float32), dtype=b.dtype))
-                layer.lora_alpha[ADAPTER] = float(mod.alpha)
-                layer.scaling[ADAPTER] = float(mod.alpha) / mod.rank
+                algo = get_algorithm(mod.algorithm)
+                if not algo.owns_layer(layer):
+                    here = getattr(algorithm_of_layer(layer, missing_ok=True), "name", "another algorithm")
+                    raise LoraError(f"{comp}.{path} is a {mod.algorithm} module in the file but the adapter here is "
+                                    f"{here}; use --lora_algo {mod.algorithm} to load it")
+                algo.write_layer(layer, mod, f"{comp}.{path}")
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description, "components": list(self.components),
@@ -236,6 +234,18 @@ class LoraStrategy:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def algorithm_of_layer(layer, missing_ok: bool = False):
+    """The installed algorithm whose layer ``layer`` is (None with ``missing_ok`` when none claims it)."""
+    from mindone_lora_plugin.algorithms import installed_algorithms
+
+    for algo in installed_algorithms().values():
+        if algo.owns_layer(layer):
+            return algo
+    if missing_ok:
+        return None
+    raise LoraError(f"no installed algorithm owns the adapter layer {type(layer).__name__}; is its plugin installed?")
 
 
 def is_linear(cell) -> bool:

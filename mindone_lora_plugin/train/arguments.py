@@ -113,7 +113,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
+    for flag, what in (("network_dropout", "drop input elements of each adapter"),
+                       ("rank_dropout", "drop rows of each adapter's weight change"),
+                       ("module_dropout", "skip each adapter for a step")):
+        g.add_argument(f"--{flag}", type=float, default=None,
+                       help=f"kohya's {flag}: {what} with this probability, in training only (LoHa/LoKr layers)")
     g.add_argument("--lora_strategy", type=str, default=None, help="default: unet, or sdxl on SDXL models")
+    g.add_argument("--lora_algo", type=str, default="lora",
+                   help="adapter algorithm: lora (default; LoCon on convs) or a plugin's (loha, lokr from "
+                        "mindone-lora-lycoris); see mindone-lora plugins")
     g.add_argument("--lora_targets", type=str, default="attn",
                    help=f"a preset ({', '.join(PRESETS)}) or a comma-separated list of module names")
     g.add_argument("--lora_conv_rank", type=int, default=None, help="rank of 3x3 convs with kohya-conv (conv_dim)")

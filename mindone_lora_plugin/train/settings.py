@@ -14,8 +14,15 @@ def options_from_args(args, architecture: str, pm):
 
     strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
     pm.get_strategy(strategy)  # unknown names list the valid ones
+    algorithm = getattr(args, "lora_algo", None) or "lora"
+    pm.get_algorithm(algorithm)
     extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
-    extra["train_text_encoder"] = bool(args.train_text_encoder)
+    for flag in ("network_dropout", "rank_dropout", "module_dropout"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if not 0.0 <= value < 1.0:
+                raise LoraError(f"--{flag} must be in [0, 1), got {value}")
+            extra[flag] = float(value)
     lrs = {}
     if args.text_encoder_lr is not None:
         lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}
@@ -24,7 +31,8 @@ def options_from_args(args, architecture: str, pm):
     return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
                        targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
                        conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
-                       learning_rates=lrs, save_dtype=args.save_dtype, extra=extra)
+                       learning_rates=lrs, save_dtype=args.save_dtype, algorithm=algorithm,
+                       train_text_encoder=bool(args.train_text_encoder), extra=extra)
 
 
 def check_args(args):

@@ -49,6 +49,7 @@ class Trainer:
     def run(self) -> TrainResult:
         args = self.args
         from mindone_lora_plugin.basemodel import BaseModelInfo
+        from mindone_lora_plugin.operations import check_save_formats, exact_format
         from mindone_lora_plugin.plugins import get_plugin_manager
 
         if not args.pretrained_model_name_or_path:
@@ -73,8 +74,8 @@ class Trainer:
         self.pm = get_plugin_manager()
         self.options = options_from_args(args, info.architecture, self.pm)
         self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
-        for name in self.formats:
-            self.pm.get_format(name)  # unknown format names fail before any work
+        check_save_formats(self.pm, self.formats, self.options)  # unknown names, or formats that cannot hold the algo
+        self.exact_format = exact_format(self.pm, self.options)  # what checkpoints hold and a resume reads
         strategy = self.pm.get_strategy(self.options.strategy)
         self._setup_runtime()
         if self.is_main:
@@ -250,7 +251,7 @@ class Trainer:
 
     def _lora_settings(self) -> dict:
         o = self.options
-        return {"strategy": o.strategy, "rank": o.rank, "alpha": o.effective_alpha,
+        return {"strategy": o.strategy, "algorithm": o.algorithm, "rank": o.rank, "alpha": o.effective_alpha,
                 "targets": o.targets if isinstance(o.targets, str) else sorted(o.targets),
                 "conv_rank": o.effective_conv_rank, "conv_alpha": o.effective_conv_alpha,
                 "components": sorted(self.adapted), "architecture": self.architecture}
@@ -267,7 +268,8 @@ class Trainer:
             return start
         state = checkpoint.read_state(folder)
         checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
-        self.pm.load_weights(self.models, self.options, os.path.join(folder, "pytorch_lora_weights.safetensors"))
+        self.pm.load_weights(self.models, self.options,
+                             os.path.join(folder, self.exact_format.default_filename(self.output_name)))
         self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
         self.features.resume(folder, state)
         self._say(f"resumed from {folder} at step {state['global_step']}")
@@ -299,14 +301,16 @@ class Trainer:
         from mindone_lora_plugin.train import checkpoint
 
         def fill(tmp):
-            # the diffusers file is what a resume reads, so it is always there and always exact (fp32)
+            # the exact file (diffusers; kohya for algorithms diffusers cannot hold) is what a resume reads, so it is
+            # always there and always exact (fp32)
             metadata = training_metadata(self, global_step)
-            others = [f for f in self.formats if f != "diffusers"]
+            first = self.exact_format.name
+            others = [f for f in self.formats if f != first]
             if self.options.save_dtype is None:
-                self.pm.save_weights(self.models, self.options, tmp, ["diffusers"] + others, self.output_name, metadata)
+                self.pm.save_weights(self.models, self.options, tmp, [first] + others, self.output_name, metadata)
             else:
                 exact = replace_options(self.options, save_dtype=None)
-                self.pm.save_weights(self.models, exact, tmp, ["diffusers"], self.output_name, metadata)
+                self.pm.save_weights(self.models, exact, tmp, [first], self.output_name, metadata)
                 if others:
                     self.pm.save_weights(self.models, self.options, tmp, others, self.output_name, metadata)
             safetensors_io.save({k: p.asnumpy() for k, p in self._optimizer_state().items()},
