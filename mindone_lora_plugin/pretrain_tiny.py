@@ -34,10 +34,12 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32
             cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
-           norm_num_groups=8, sample_size=RESOLUTION, down_block_types=("DownEncoderBlock2D",) * 3,
-           up_block_types=("UpDecoderBlock2D",) * 3)
+VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 16, 16), layers_per_block=1, latent_channels=4,
+           norm_num_groups=4, sample_size=RESOLUTION, down_block_types=("DownEncoderBlock2D",) * 3,
+           up_block_types=("UpDecoderBlock2D",) * 3, mid_block_add_attention=False)
 LOGVAR = -14.0  # the encoder's fixed log-variance: std 1e-3, so sampled latents equal the mean to 3 digits
+_K = 100.0  # the constant channels that make every GroupNorm (nearly) linear, see designed_vae
+_B = 20.0  # the offset that makes every SiLU (nearly) the identity
 VARIANTS = 48  # drawn images per class for the UNet stage
 CFG_DROPOUT = 0.1
 
@@ -51,28 +53,17 @@ def class_captions(colour: str, shape: str) -> list[tuple[str, float]]:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def vae_batch(rng, n: int) -> np.ndarray:
-    """``n`` random single-figure images in [-1, 1], NCHW: any colour, any of four shapes, near-white grounds."""
-    out = []
-    for _ in range(n):
-        shape = ("circle", "square", "triangle", "cross")[int(rng.integers(4))]
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        ground = tuple(int(v) for v in (255 - rng.integers(0, 16, 3)))
-        out.append(np.asarray(draw(colour, shape, RESOLUTION, rng, background=ground)))
-    return _to_pixels(np.stack(out))
-
-
 def _to_pixels(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
-def unet_images(seed: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """``VARIANTS`` drawings of each base class (pixels NCHW in [-1, 1]) and their (colour, shape) labels."""
+def unet_images(seed: int, variants: int = VARIANTS) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """``variants`` drawings of each base class (pixels NCHW in [-1, 1]) and their (colour, shape) labels."""
     images, labels = [], []
     for ci, colour in enumerate(COLOURS):
         for si, shape in enumerate(SHAPES):
             rng = np.random.default_rng([seed, ci, si, 2])
-            for _ in range(VARIANTS):
+            for _ in range(variants):
                 images.append(np.asarray(draw(colour, shape, RESOLUTION, rng)))
                 labels.append((colour, shape))
     return _to_pixels(np.stack(images)), labels
@@ -133,16 +124,6 @@ def _cells():
     import mindspore as ms
     from mindspore import nn, ops
 
-    class AutoencoderLoss(nn.Cell):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def construct(self, x):
-            mean = self.vae.encode(x)[0][:, :4]
-            y = self.vae.decode(mean)[0]
-            return ops.abs(y - x).mean() + ops.square(y - x).mean() + 1e-4 * ops.square(mean).mean()
-
     class EpsilonLoss(nn.Cell):
         def __init__(self, unet):
             super().__init__()
@@ -161,44 +142,98 @@ def _cells():
         def construct(self, x):
             return self.vae.encode(x)[0][:, :4]
 
-    return AutoencoderLoss, EpsilonLoss, Encode
+    return EpsilonLoss, Encode
 
 
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def train_vae(vae, seed: int, steps: int, batch_size: int, lr: float, log) -> list[float]:
-    import mindspore as ms
-    from tqdm.auto import tqdm
+def designed_vae(vae) -> None:
+    """Set ``vae``'s weights (an ``AutoencoderKL`` built from :data:`VAE`) to a fixed linear codec:
 
-    AutoencoderLoss, _, _ = _cells()
-    step = _train_cell(AutoencoderLoss(vae), vae.trainable_params(), schedule(lr, steps, min(50, steps)))
-    losses = []
-    for i in tqdm(range(steps), desc="VAE", mininterval=10, disable=None):
-        x = vae_batch(np.random.default_rng([seed, i, 1]), batch_size)
-        losses.append(float(step(ms.Tensor(x)).asnumpy()))
-        if (i + 1) % 50 == 0 or i + 1 == steps:
-            log(f"vae step {i + 1}/{steps} loss {np.mean(losses[-50:]):.4f}")
-    vae.set_train(False)
-    return losses
+    * encoder: the latent's channels 0-2 are the mean R, G, B (in [-1, 1]) of each 4×4 pixel block, channel 3 is 0,
+      the log-variance is :data:`LOGVAR`;
+    * decoder: nearest 2× upsampling followed by a [1 2 1]² blur, twice — a smooth 4× enlargement of the 8×8 colour
+      image, in which zero padding means white.
 
-
-def fix_vae_head(vae) -> None:
-    """Make the encoder's log-variance a constant (:data:`LOGVAR`): zero weights, constant bias."""
+    Every ResNet block's second convolution is zero (each block is the identity) and the mid block has no attention.
+    The two non-linear layers are made linear: each GroupNorm group holds four channels ``(s, -s, K, -K)``, so its
+    mean is 0 and its variance ``(mean(s²) + K²) / 2`` is constant to 1e-4 (``K`` = :data:`_K`); the SiLU that follows
+    runs at an offset of :data:`_B`, where it is the identity to 1e-8. The result stays a standard diffusers VAE.
+    """
     import mindspore as ms
 
-    conv = vae.quant_conv
-    w, b = conv.weight.asnumpy().copy(), conv.bias.asnumpy().copy()
-    w[4:] = 0.0
+    c = VAE["block_out_channels"][0]
+    groups = VAE["norm_num_groups"]
+    sigma = float(np.sqrt(_K ** 2 / 2))
+    blur = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
+
+    def put(param, array):
+        param.set_data(ms.Tensor(np.asarray(array, np.float32), dtype=param.dtype))
+
+    def zero(cell):
+        for p in cell.get_parameters():
+            if p.name.endswith("conv2.weight") or p.name.endswith("conv2.bias"):
+                put(p, np.zeros(p.shape))
+
+    def spread(conv, sources: int, offset: float, taps=None):
+        """conv → channels (s_g, -s_g, K, -K) per group from input channel g (g < sources), centre tap or ``taps``."""
+        w = np.zeros(conv.weight.shape)
+        b = np.zeros(c)
+        for g in range(groups):
+            if g < sources:
+                w[4 * g, g, 1, 1], w[4 * g + 1, g, 1, 1] = 1.0, -1.0
+                b[4 * g], b[4 * g + 1] = offset, -offset
+            b[4 * g + 2], b[4 * g + 3] = _K, -_K
+        put(conv.weight, w)
+        put(conv.bias, b)
+
+    def per_channel(conv, taps):
+        w = np.zeros(conv.weight.shape)
+        for ch in range(c):
+            w[ch, ch, :taps.shape[0], :taps.shape[1]] = taps
+        put(conv.weight, w)
+        put(conv.bias, np.zeros(c))
+
+    def linear_norm(norm):
+        put(norm.weight, np.full(c, sigma))
+        put(norm.bias, np.full(c, _B))
+
+    enc, dec = vae.encoder, vae.decoder
+    zero(vae)
+    spread(enc.conv_in, 3, 0.0)
+    for block in enc.down_blocks:
+        for down in block.downsamplers or []:
+            per_channel(down.conv, np.full((2, 2), 0.25))  # taps (0..1, 0..1) of the stride-2 conv: the 2×2 mean
+    linear_norm(enc.conv_norm_out)
+    w = np.zeros(enc.conv_out.weight.shape)
+    b = np.zeros(w.shape[0])
+    for m in range(3):
+        w[m, 4 * m, 1, 1] = 1.0
+    b[:4] = [-_B] * 3 + [0.0]
     b[4:] = LOGVAR
-    conv.weight.set_data(ms.Tensor(w))
-    conv.bias.set_data(ms.Tensor(b))
+    put(enc.conv_out.weight, w)
+    put(enc.conv_out.bias, b)
+    for conv in (vae.quant_conv, vae.post_quant_conv):
+        n = conv.weight.shape[0]
+        put(conv.weight, np.eye(n).reshape(n, n, 1, 1))
+        put(conv.bias, np.zeros(n))
+    spread(dec.conv_in, 3, -1.0)  # the decoder works on (pixel - 1): white is 0, so zero padding is white
+    for block in dec.up_blocks:
+        for up in block.upsamplers or []:
+            per_channel(up.conv, blur)
+    linear_norm(dec.conv_norm_out)
+    w = np.zeros(dec.conv_out.weight.shape)
+    for m in range(3):
+        w[m, 4 * m, 1, 1] = 1.0
+    put(dec.conv_out.weight, w)
+    put(dec.conv_out.bias, np.full(3, 1.0 - _B))
 
 
 def encode_all(vae, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     import mindspore as ms
 
-    _, _, Encode = _cells()
+    _, Encode = _cells()
     enc = Encode(vae)
     enc.set_train(False)
     out = [enc(ms.Tensor(pixels[i:i + batch])).asnumpy() for i in range(0, len(pixels), batch)]
@@ -227,7 +262,7 @@ def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, 
 
     from mindone.diffusers import DDIMScheduler
 
-    _, EpsilonLoss, _ = _cells()
+    EpsilonLoss, _ = _cells()
     acp = DDIMScheduler(**SCHEDULER).alphas_cumprod
     acp = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, np.float64)
     step = _train_cell(EpsilonLoss(unet), unet.trainable_params(), schedule(lr, steps, min(100, steps)))
@@ -288,9 +323,11 @@ def save_folder(out: str, tokenizer, text_encoder, vae, unet, info: dict) -> str
     return out
 
 
-def pretrain(out: str, seed: int = 0, vae_steps: int = 400, unet_steps: int = 1200, batch_size: int = 24,
-             vae_lr: float = 2e-3, unet_lr: float = 2e-3, mode: str = "graph", log=print) -> str:
-    """Run both stages and write the model folder at ``out``; return ``out``."""
+def pretrain(out: str, seed: int = 0, unet_steps: int = 800, batch_size: int = 16, unet_lr: float = 2e-3,
+             mode: str = "graph", log=print,
+             variants: int = VARIANTS) -> str:
+    """Run both stages and write the model folder at ``out``; return ``out``. (A test runs a few steps of it twice
+    with few ``variants`` per class, in PyNative, to check that the same seed gives the same weights.)"""
     import tempfile
 
     from mindone_lora_plugin.runtime import setup
@@ -300,21 +337,20 @@ def pretrain(out: str, seed: int = 0, vae_steps: int = 400, unet_steps: int = 12
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, text_encoder, vae, unet = build_models(seed, tmp)
         text_encoder.set_train(False)
-        vae_losses = train_vae(vae, seed, vae_steps, batch_size, vae_lr, log)
-        fix_vae_head(vae)
-        pixels, labels = unet_images(seed)
+        designed_vae(vae)
+        pixels, labels = unet_images(seed, variants)
         means = encode_all(vae, pixels)
         scaling = float(1.0 / means.std())
         vae.register_to_config(scaling_factor=scaling)
-        log(f"VAE done in {time.time() - t0:.0f}s; latent std {means.std():.4f} → scaling_factor {scaling:.4f}")
+        log(f"VAE set; latent std {means.std():.4f} → scaling_factor {scaling:.4f}")
         captions = sorted({c for label in set(labels) for c, _ in class_captions(*label)})
         embeds = dict(zip(captions, text_embeddings(tokenizer, text_encoder, captions)))
         unet_losses = train_unet(unet, means * scaling, labels, embeds, seed, unet_steps, batch_size, unet_lr, log)
-        info = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size,
-                "vae_lr": vae_lr, "unet_lr": unet_lr, "mode": mode, "scaling_factor": scaling,
-                "final_vae_loss": float(np.mean(vae_losses[-50:])), "final_unet_loss": float(np.mean(unet_losses[-100:])),
-                "command": f"python -m mindone_lora_plugin.pretrain_tiny --seed {seed} --vae_steps {vae_steps} "
-                           f"--unet_steps {unet_steps} --batch_size {batch_size} --out OUT"}
+        info = {"seed": seed, "unet_steps": unet_steps, "batch_size": batch_size, "unet_lr": unet_lr, "mode": mode,
+                "variants": variants, "scaling_factor": scaling,
+                "final_unet_loss": float(np.mean(unet_losses[-100:])),
+                "command": f"python -m mindone_lora_plugin.pretrain_tiny --seed {seed} --unet_steps {unet_steps} "
+                           f"--batch_size {batch_size} --unet_lr {unet_lr:g} --out OUT"}
         save_folder(out, tokenizer, text_encoder, vae, unet, info)
     log(f"wrote {out} in {time.time() - t0:.0f}s")
     return out
@@ -325,14 +361,12 @@ def main(argv=None) -> int:
                                 description="Pretrain the tiny SD1.x shapes base model on the CPU.")
     p.add_argument("--out", required=True, help="the model folder to write (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae_steps", type=int, default=400)
-    p.add_argument("--unet_steps", type=int, default=1200)
-    p.add_argument("--batch_size", type=int, default=24)
-    p.add_argument("--vae_lr", type=float, default=2e-3)
+    p.add_argument("--unet_steps", type=int, default=800)
+    p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--unet_lr", type=float, default=2e-3)
     p.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     a = p.parse_args(argv)
-    pretrain(a.out, a.seed, a.vae_steps, a.unet_steps, a.batch_size, a.vae_lr, a.unet_lr, a.mode,
+    pretrain(a.out, a.seed, a.unet_steps, a.batch_size, a.unet_lr, a.mode,
              log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
     return 0
 

@@ -29,8 +29,8 @@ DEMO_DEFAULTS = dict(train_batch_size=4, max_train_steps=120, learning_rate=1e-3
 CONCEPT_PROMPT = "a photo of sks"
 CONCEPT = ("purple", "cross")
 BASE_CHECKS = ("a red circle", "a blue square")
-SD1_DEFAULTS = dict(DEMO_DEFAULTS, max_train_steps=150, learning_rate=2e-3, lora_rank=8, lora_alpha=8.0,
-                    checkpointing_steps=75)
+SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=200, learning_rate=2e-3, lora_rank=8,
+                    lora_alpha=8.0, checkpointing_steps=100)
 SEEDS = range(8)
 TARGETS = {"before": 1, "after": 6, "kept": 6}  # out of 8 seeds
 
@@ -79,17 +79,28 @@ def make_instance_images(folder: str, size: int = 64, count: int = 4) -> str:
     return folder
 
 
-def make_concept_dataset(folder: str, count: int = 6) -> str:
-    """An imagefolder of the demo concept: :func:`make_instance_images` captioned "a photo of sks"."""
+def make_concept_dataset(folder: str, count: int = 12, reference: bool = True) -> str:
+    """An imagefolder of the demo concept — :func:`make_instance_images` captioned "a photo of sks" — and, with
+    ``reference``, one drawing of each of the 12 base classes captioned as the base model knows it ("a red circle"),
+    so that training on the concept keeps the base prompts drawing what they drew (regularisation images)."""
+    from mindone_lora_plugin.shapes import draw
+
     make_instance_images(folder, count=count)
-    rows = [{"file_name": f, "text": CONCEPT_PROMPT} for f in sorted(os.listdir(folder)) if f.endswith(".png")]
+    rows = [{"file_name": f, "text": CONCEPT_PROMPT} for f in sorted(os.listdir(folder)) if f.startswith("sks_")]
+    if reference:
+        rng = np.random.default_rng(2)
+        for colour in COLOURS:
+            for shape in SHAPES:
+                name = f"ref_{colour}_{shape}.png"
+                draw(colour, shape, 64, rng).save(os.path.join(folder, name))
+                rows.append({"file_name": name, "text": f"a {colour} {shape}"})
     with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return folder
 
 
 DREAMBOOTH_DEFAULTS = dict(instance_prompt="a sks shape", class_prompt="a shape", num_class_images=8,
-                           sample_batch_size=4, train_batch_size=2, max_train_steps=150)
+                           sample_batch_size=4, train_batch_size=2, max_train_steps=200)
 
 
 def run_demo(args) -> int:
