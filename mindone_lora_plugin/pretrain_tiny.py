@@ -8,7 +8,7 @@ Full-parameter training on MindSpore's CPU backend, in GRAPH_MODE, deterministic
    a small latent penalty) on random figures — ellipses, boxes, triangles, plus signs — in random colours, drawn
    fresh every step. It is a generic codec for this flat-colour world; the encoder's log-variance head is then fixed
    at a tiny constant (a near-deterministic encoder) and ``scaling_factor`` set so that latents have unit variance.
-2. **UNet** (``UNet2DConditionModel``, cross-attention at both levels) with the epsilon objective and min-SNR-5
+2. **UNet** (``UNet2DConditionModel``, cross-attention at both levels) with the v-prediction objective and min-SNR-5
    weights on the latents of the 12 base classes (red, green, blue, yellow × circle, square, triangle), captioned
    "a red circle", and sometimes only "a circle", "a red shape", "a shape" or "" (for classifier-free guidance).
 3. The **CLIP text encoder** stays as built (random, frozen): the UNet learns to read its embeddings.
@@ -37,6 +37,10 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 16, 16), layers_per_block=1, latent_channels=4,
            norm_num_groups=4, sample_size=RESOLUTION, down_block_types=("DownEncoderBlock2D",) * 3,
            up_block_types=("UpDecoderBlock2D",) * 3, mid_block_add_attention=False)
+#: DDPM's linear schedule: its terminal signal (sqrt(ᾱ) ≈ 0.01 at t = 950) is small enough that a sample's start
+#: noise does not pass for a colour — with SD's scaled-linear schedule (0.07) the mean of 8×8 start noise did
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 LOGVAR = -14.0  # the encoder's fixed log-variance: std 1e-3, so sampled latents equal the mean to 3 digits
 _K = 100.0  # the constant channels that make every GroupNorm (nearly) linear, see designed_vae
 _B = 20.0  # the offset that makes every SiLU (nearly) the identity
@@ -124,7 +128,7 @@ def _cells():
     import mindspore as ms
     from mindspore import nn, ops
 
-    class EpsilonLoss(nn.Cell):
+    class VLoss(nn.Cell):
         def __init__(self, unet):
             super().__init__()
             self.unet = unet
@@ -132,7 +136,8 @@ def _cells():
         def construct(self, latents, noise, timesteps, a, s, weights, embeds):
             noisy = a.reshape((-1, 1, 1, 1)) * latents + s.reshape((-1, 1, 1, 1)) * noise
             pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
-            return (ops.square(pred.astype(ms.float32) - noise).mean(axis=(1, 2, 3)) * weights).mean()
+            target = a.reshape((-1, 1, 1, 1)) * noise - s.reshape((-1, 1, 1, 1)) * latents  # v
+            return (ops.square(pred.astype(ms.float32) - target).mean(axis=(1, 2, 3)) * weights).mean()
 
     class Encode(nn.Cell):
         def __init__(self, vae):
@@ -142,7 +147,7 @@ def _cells():
         def construct(self, x):
             return self.vae.encode(x)[0][:, :4]
 
-    return EpsilonLoss, Encode
+    return VLoss, Encode
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -258,14 +263,12 @@ def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, 
     import mindspore as ms
     from tqdm.auto import tqdm
 
-    from mindone_lora_plugin.tiny import SCHEDULER
-
     from mindone.diffusers import DDIMScheduler
 
-    EpsilonLoss, _ = _cells()
+    VLoss, _ = _cells()
     acp = DDIMScheduler(**SCHEDULER).alphas_cumprod
     acp = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, np.float64)
-    step = _train_cell(EpsilonLoss(unet), unet.trainable_params(), schedule(lr, steps, min(100, steps)))
+    step = _train_cell(VLoss(unet), unet.trainable_params(), schedule(lr, steps, min(100, steps)))
     options = {label: class_captions(*label) for label in set(labels)}
     losses = []
     for i in tqdm(range(steps), desc="UNet", mininterval=10, disable=None):
@@ -279,7 +282,7 @@ def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, 
         noise = rng.standard_normal(x.shape, dtype=np.float32)
         t = rng.integers(0, len(acp), size=batch_size)
         snr = acp[t] / (1 - acp[t])
-        weights = np.minimum(snr, 5.0) / snr
+        weights = np.minimum(snr, 5.0) / (snr + 1.0)  # min-SNR-5 for v-prediction
         f = lambda v: ms.Tensor(np.asarray(v, np.float32))  # noqa: E731
         loss = step(f(x), f(noise), ms.Tensor(t.astype(np.int32)), f(np.sqrt(acp[t])), f(np.sqrt(1 - acp[t])),
                     f(weights), f(np.stack([embeds[c] for c in caps])))
@@ -300,7 +303,7 @@ def save_folder(out: str, tokenizer, text_encoder, vae, unet, info: dict) -> str
     from mindone.diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from mindone_lora_plugin import safetensors_io
-    from mindone_lora_plugin.tiny import SCHEDULER, _to_transformers_names
+    from mindone_lora_plugin.tiny import _to_transformers_names
 
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)

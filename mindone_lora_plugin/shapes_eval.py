@@ -71,6 +71,7 @@ class Sampler:
         self.acp = as_np(scheduler.alphas_cumprod)
         self.final_acp = float(as_np(scheduler.final_alpha_cumprod))
         self.stride = scheduler.config.num_train_timesteps // steps
+        self.v_prediction = scheduler.config.prediction_type == "v_prediction"
         self.latent_shape = (unet.config.in_channels, resolution // 2 ** (len(vae.config.block_out_channels) - 1),
                              resolution // 2 ** (len(vae.config.block_out_channels) - 1))
         self._embeds: dict[str, np.ndarray] = {}
@@ -129,12 +130,17 @@ class Sampler:
         for t in self.timesteps:
             tt = ms.Tensor(np.full(2 * self.batch, t, np.int32))
             xin = ms.Tensor(np.concatenate([x, x]).astype(np.float32))
-            eps = self.unet_cell(xin, tt, emb_t).asnumpy().astype(np.float64)
-            eps = eps[self.batch:] * self.guidance + eps[:self.batch] * (1.0 - self.guidance)
+            out = self.unet_cell(xin, tt, emb_t).asnumpy().astype(np.float64)
+            out = out[self.batch:] * self.guidance + out[:self.batch] * (1.0 - self.guidance)
             a_t = self.acp[t]
             prev = t - self.stride
             a_prev = self.acp[prev] if prev >= 0 else self.final_acp
-            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            if self.v_prediction:
+                x0 = np.sqrt(a_t) * x - np.sqrt(1 - a_t) * out
+                eps = np.sqrt(a_t) * out + np.sqrt(1 - a_t) * x
+            else:
+                eps = out
+                x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
             x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
         z = ms.Tensor((x / self.vae.config.scaling_factor).astype(np.float32))
         pixels = self.decode_cell(z).asnumpy()[:n]
