@@ -74,7 +74,7 @@ def test_pretraining_reproduces_its_weights(tmp_path):
     from mindone_lora_plugin.pretrain_tiny import pretrain
 
     def run(name, seed):
-        out = pretrain(str(tmp_path / name), seed=seed, vae_steps=2, unet_steps=2, batch_size=2, mode="pynative",
+        out = pretrain(str(tmp_path / name), seed=seed, unet_steps=2, batch_size=2, mode="pynative",
                        log=lambda m: None, variants=1)
         return {os.path.relpath(os.path.join(r, f), out): hashlib.sha256(open(os.path.join(r, f), "rb").read())
                 .hexdigest() for r, _, fs in os.walk(out) for f in fs if f.endswith(".safetensors")}
