@@ -1,8 +1,14 @@
-"""``mindone-lora train --demo [sd1|sdxl]``: the whole job on the built-in tiny model, on CPU, in a few minutes.
+"""``mindone-lora train --demo [sd1|sdxl|dreambooth]``: the whole job on a tiny model, on CPU, in a few minutes.
 
-It builds the tiny model and a small captioned dataset of coloured shapes, trains a LoRA in GRAPH_MODE, writes both
-formats, a sample grid before and after, and the loss curve, checks that every saved file loads back to the same
-outputs, and prints what it wrote where. Flags given on the command line override the demo's defaults.
+``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/assets/shapes-sd1``, made
+by :mod:`mindone_lora_plugin.pretrain_tiny`), which draws red/green/blue/yellow circles, squares and triangles from
+captions. It trains a LoRA in GRAPH_MODE on six images of a concept the base never saw — "a photo of sks", a purple
+cross — writes both formats, checkpoints, the loss curve and the hparams, checks that every saved file loads back to
+the same outputs, and then *measures* what the LoRA did: over 8 seeds, how often the concept prompt draws a purple
+cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.shapes`).
+``dreambooth`` does the same as DreamBooth with prior preservation ("a sks shape", class "a shape"). ``sdxl`` keeps
+the randomly initialised tiny SDXL model: its pictures are noise, it shows the job running end to end.
+Flags given on the command line override the demo's defaults.
 """
 
 from __future__ import annotations
@@ -12,13 +18,21 @@ import os
 
 import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.shapes import COLOURS, SHAPES  # noqa: F401  (re-exported: tests and benchmarks use them)
+
 DEMO_DEFAULTS = dict(train_batch_size=4, max_train_steps=120, learning_rate=1e-3, lr_scheduler="constant",
                      lr_warmup_steps=0, lora_rank=4, lora_alpha=4.0, lora_targets="kohya", checkpointing_steps=60,
                      checkpoints_total_limit=1, num_validation_images=4, validation_epochs=1000, seed=0,
                      num_inference_steps=8, report_to="none")
-
+#: the pretrained sd1 demo: a LoRA on the concept images only
+CONCEPT_PROMPT = "a photo of sks"
+CONCEPT = ("purple", "cross")
+BASE_CHECKS = ("a red circle", "a blue square")
+SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=200, learning_rate=2e-3, lora_rank=8,
+                    lora_alpha=8.0, checkpointing_steps=100)
+SEEDS = range(8)
+TARGETS = {"before": 1, "after": 6, "kept": 6}  # out of 8 seeds
 
 def make_shapes_dataset(folder: str, size: int = 64, repeats: int = 2) -> str:
     """Write an imagefolder of coloured shapes on white, captions naming colour and shape (``metadata.jsonl``)."""
@@ -65,8 +79,28 @@ def make_instance_images(folder: str, size: int = 64, count: int = 4) -> str:
     return folder
 
 
-DREAMBOOTH_DEFAULTS = dict(instance_prompt="a photo of sks toy", class_prompt="a photo of a toy",
-                           num_class_images=8, sample_batch_size=4, train_batch_size=2, max_train_steps=80)
+def make_concept_dataset(folder: str, count: int = 12, reference: bool = True) -> str:
+    """An imagefolder of the demo concept — :func:`make_instance_images` captioned "a photo of sks" — and, with
+    ``reference``, one drawing of each of the 12 base classes captioned as the base model knows it ("a red circle"),
+    so that training on the concept keeps the base prompts drawing what they drew (regularisation images)."""
+    from mindone_lora_plugin.shapes import draw
+
+    make_instance_images(folder, count=count)
+    rows = [{"file_name": f, "text": CONCEPT_PROMPT} for f in sorted(os.listdir(folder)) if f.startswith("sks_")]
+    if reference:
+        rng = np.random.default_rng(2)
+        for colour in COLOURS:
+            for shape in SHAPES:
+                name = f"ref_{colour}_{shape}.png"
+                draw(colour, shape, 64, rng).save(os.path.join(folder, name))
+                rows.append({"file_name": name, "text": f"a {colour} {shape}"})
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+DREAMBOOTH_DEFAULTS = dict(instance_prompt="a sks shape", class_prompt="a shape", num_class_images=8,
+                           sample_batch_size=4, train_batch_size=2, max_train_steps=200)
 
 
 def run_demo(args) -> int:
@@ -74,31 +108,176 @@ def run_demo(args) -> int:
     from mindone_lora_plugin.train.arguments import add_train_arguments
     from mindone_lora_plugin.train.trainer import Trainer
 
+    pretrained = args.demo in ("sd1", "dreambooth")
     kind = "sd1" if args.demo == "dreambooth" else args.demo
     root = os.path.abspath("demo-output")
     parser_defaults = _parser_defaults(add_train_arguments)
-    defaults = dict(DEMO_DEFAULTS, **(DREAMBOOTH_DEFAULTS if args.demo == "dreambooth" else {}))
+    defaults = {"sd1": SD1_DEFAULTS, "sdxl": DEMO_DEFAULTS,
+                "dreambooth": dict(SD1_DEFAULTS, **DREAMBOOTH_DEFAULTS)}[args.demo]
+    given = {k for k in defaults if getattr(args, k) != parser_defaults.get(k)}
     for key, value in defaults.items():  # the demo's defaults, unless the user gave the flag
-        if getattr(args, key) == parser_defaults.get(key):
+        if key not in given:
             setattr(args, key, value)
     if args.pretrained_model_name_or_path is None:
-        print(f"building the tiny {kind} model …", flush=True)
-        args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
-    if args.demo == "dreambooth":
-        args.instance_data_dir = args.instance_data_dir or make_instance_images(os.path.join(root, "sks-instance"))
-        args.class_data_dir = args.class_data_dir or os.path.join(root, "class-toy")
-        args.with_prior_preservation = True
-        args.validation_prompt = args.validation_prompt or args.instance_prompt
-    elif args.train_data_dir is None and args.dataset_name is None:
-        args.train_data_dir = make_shapes_dataset(os.path.join(root, "shapes"))
+        if pretrained:
+            from mindone_lora_plugin.shapes_eval import shipped_model
+
+            args.pretrained_model_name_or_path = shipped_model()
+            if not os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
+                raise LoraError(f"the shipped shapes base model is missing ({args.pretrained_model_name_or_path}); "
+                                f"reinstall the package or rebuild it with python -m mindone_lora_plugin.pretrain_tiny "
+                                f"--seed 0 --out {args.pretrained_model_name_or_path}")
+            print(f"base model: the pretrained shapes model {args.pretrained_model_name_or_path}", flush=True)
+        else:
+            print(f"building the tiny {kind} model (random weights) …", flush=True)
+            args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
     if args.output_dir == parser_defaults["output_dir"]:
         args.output_dir = os.path.join(root, f"lora-{args.demo}")
     args.resolution = args.resolution or RESOLUTION
-    args.validation_prompt = args.validation_prompt or "a red circle"
     args.device_target = args.device_target or "CPU"
-    args._validate_before = True
+    if not pretrained:
+        if args.train_data_dir is None and args.dataset_name is None:
+            args.train_data_dir = make_shapes_dataset(os.path.join(root, "shapes"))
+        args.validation_prompt = args.validation_prompt or "a red circle"
+        args._validate_before = True
+        result = Trainer(args).run()
+        return _report_files(result, args, verify_saved_files(result, args))
+
+    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.shapes_eval import Sampler
+
+    setup(args.device_target, args.mode, seed=args.seed)
+    args._validate_before = bool(args.validation_prompt)  # the trainer's own validation only when asked for
+    print("measuring the base model …", flush=True)
+    sampler = Sampler.from_folder(args.pretrained_model_name_or_path)
+    if args.demo == "dreambooth":
+        args.instance_data_dir = args.instance_data_dir or make_instance_images(os.path.join(root, "sks-instance"))
+        args.class_data_dir = args.class_data_dir or os.path.join(root, "class-shape")
+        args.with_prior_preservation = True
+        _fill_class_images(sampler, args.class_data_dir, args.class_prompt, args.num_class_images)
+        checks = [(args.instance_prompt, CONCEPT, "concept"), (args.class_prompt, _is_base_figure, "class kept")]
+    else:
+        if args.train_data_dir is None and args.dataset_name is None:
+            args.train_data_dir = make_concept_dataset(os.path.join(root, "sks-concept"))
+        checks = [(CONCEPT_PROMPT, CONCEPT, "concept")] + [(p, None, "prior kept") for p in BASE_CHECKS]
+    before = _measure(sampler, checks)
     result = Trainer(args).run()
-    checks = verify_saved_files(result, args)
+    reloaded = verify_saved_files(result, args)
+    lora_file = next(f for f in result.files if f.endswith("pytorch_lora_weights.safetensors"))
+    by_weight = _measure_weights(sampler, args.pretrained_model_name_or_path, lora_file, checks, (0.0, 0.5, 1.0))
+    after = by_weight[1.0]
+    folder = os.path.join(args.output_dir, "validation")
+    result.validation_images += _write_pictures(folder, checks, before, after, by_weight)
+    code = _report_files(result, args, reloaded)
+    same = all(np.array_equal(np.asarray(b), np.asarray(z)) for r0, rz in zip(before, by_weight[0.0])
+               for b, z in zip(r0.images, rz.images))
+    _print_scores(checks, before, after, same)
+    return code
+
+
+def _is_base_figure(reading) -> bool:
+    from mindone_lora_plugin.shapes_eval import is_base_figure
+
+    return is_base_figure(reading)
+
+
+def _measure(sampler, checks):
+    from mindone_lora_plugin.shapes_eval import score_prompt
+
+    return [score_prompt(sampler, prompt, SEEDS, want) for prompt, want, _ in checks]
+
+
+def _measure_weights(sampler, model: str, lora_file: str, checks, weights) -> dict:
+    """Scores with the saved LoRA fused into the sampler's base weights at each weight (restored afterwards)."""
+    from mindone_lora_plugin import compose
+    from mindone_lora_plugin.models import Models
+
+    models = Models(unet=sampler.unet, text_encoder=sampler.text_encoder, architecture="sd1")
+    saved = {(c, p.name): p.asnumpy().copy() for c, cell in models.items() for p in cell.get_parameters()}
+    out = {}
+    try:
+        for w in weights:
+            compose.merge_into_models(models, compose.load_loras([f"{lora_file}:{w}"], base=model))
+            sampler.clear_text_cache()
+            out[w] = _measure(sampler, checks)
+            _restore(models, saved)
+    finally:
+        _restore(models, saved)
+        sampler.clear_text_cache()
+    return out
+
+
+def _restore(models, saved) -> None:
+    import mindspore as ms
+
+    for c, cell in models.items():
+        for p in cell.get_parameters():
+            p.set_data(ms.Tensor(saved[(c, p.name)], dtype=p.dtype))
+
+
+def _write_pictures(folder: str, checks, before, after, by_weight) -> list[str]:
+    from mindone_lora_plugin.train.visuals import save_rows
+
+    def label(score, when):
+        return f"{when}: {score.prompt}\n{score.hits}/{score.total} {checks_label(score)}"
+
+    def checks_label(score):
+        want = next(w for p, w, _ in checks if p == score.prompt)
+        return " ".join(want) if isinstance(want, tuple) else ("base shape" if callable(want) else
+                                                               " ".join(str(x) for x in _asked(score.prompt)))
+
+    paths = [save_rows([(label(b, "base"), b.images) for b in before], os.path.join(folder, "before.png"),
+                       "before training (base model)"),
+             save_rows([(label(a, "LoRA"), a.images) for a in after], os.path.join(folder, "final.png"),
+                       "after training (LoRA weight 1.0)")]
+    rows = []
+    for b, a in zip(before, after):
+        rows += [(label(b, "before"), b.images), (label(a, "after"), a.images)]
+    paths.append(save_rows(rows, os.path.join(folder, "before_after.png"), "before / after the LoRA, 8 seeds"))
+    rows = [(f"LoRA weight {w:g}\n{s[0].prompt}\n{s[0].hits}/{s[0].total} {checks_label(s[0])}", s[0].images)
+            for w, s in sorted(by_weight.items())]
+    paths.append(save_rows(rows, os.path.join(folder, "lora_weights.png"), "one LoRA at weights 0, 0.5 and 1.0"))
+    return paths
+
+
+def _asked(prompt):
+    from mindone_lora_plugin.shapes import asked
+
+    return asked(prompt)
+
+
+def _print_scores(checks, before, after, same_at_zero: bool) -> None:
+    print("\nMeasured in this run (8 seeds per prompt, colour-and-shape scorer, mindone_lora_plugin.shapes):")
+    print(f"  {'prompt':22s} {'looking for':16s} {'before':>7s} {'after':>7s}  target")
+    for (prompt, want, role), b, a in zip(checks, before, after):
+        what = " ".join(want) if isinstance(want, tuple) else ("any base shape" if callable(want) else
+                                                               " ".join(str(x) for x in _asked(prompt)))
+        if role == "concept":
+            ok = b.hits <= TARGETS["before"] and a.hits >= TARGETS["after"]
+            target = f"before ≤ {TARGETS['before']}/8, after ≥ {TARGETS['after']}/8"
+        else:
+            ok = a.hits >= TARGETS["kept"]
+            target = f"{role}: after ≥ {TARGETS['kept']}/8"
+        print(f"  {prompt:22s} {what:16s} {b.hits:>5d}/8 {a.hits:>5d}/8  {target}  {'met' if ok else 'MISSED'}")
+    print(f"  LoRA weight 0 reproduces the base images exactly: {'yes' if same_at_zero else 'NO'}")
+
+
+def _fill_class_images(sampler, folder: str, prompt: str, wanted: int) -> None:
+    """Class images for prior preservation, drawn by the base model with the fast sampler (the trainer would make
+    the same kind of images with the slower PyNative pipeline)."""
+    from mindone_lora_plugin.safetensors_io import atomic_path
+    from mindone_lora_plugin.train.data import IMAGE_SUFFIXES
+
+    os.makedirs(folder, exist_ok=True)
+    have = len([f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES)])
+    if have >= wanted:
+        return
+    for i, im in enumerate(sampler.sample(prompt, range(1000 + have, 1000 + wanted))):
+        with atomic_path(os.path.join(folder, f"{have + i:05d}-base.png")) as tmp:
+            im.save(tmp, format="PNG")
+
+
+def _report_files(result, args, checks) -> int:
     print("\nDemo finished. Wrote:")
     for path in result.files:
         print(f"  {path}  (loads back: {checks[path]})")

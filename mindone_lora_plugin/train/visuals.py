@@ -28,6 +28,30 @@ def save_grid(images, path: str, title: str = "", metadata: dict | None = None, 
     return path
 
 
+def save_rows(rows, path: str, title: str = "", cell: int = 64, label_width: int = 150,
+              metadata: dict | None = None) -> str:
+    """One PNG with a labelled row of images per ``(label, images)`` in ``rows``; ``title`` above; return ``path``."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    cols = max(1, max(len(ims) for _, ims in rows))
+    top = 16 if title else 0
+    grid = Image.new("RGB", (label_width + cols * cell, top + len(rows) * cell), "white")
+    d = ImageDraw.Draw(grid)
+    if title:
+        d.text((3, 2), title[: (label_width + cols * cell) // 6], fill="black")
+    for r, (label, ims) in enumerate(rows):
+        y = top + r * cell
+        for i, line in enumerate(str(label).split("\n")[:4]):
+            d.text((3, y + 4 + 12 * i), line[: label_width // 6], fill="black")
+        for c, im in enumerate(ims):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_width + c * cell, y))
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), str(v))
+    _save_png(grid, path, info)
+    return path
+
+
 def save_loss_curve(losses: list[float], path: str, title: str = "training loss", validation=None) -> str:
     """Plot per-step losses (thin grey), their moving average (blue) and ``validation`` ``(step, loss)`` points
     (orange, joined) as a PNG."""
