@@ -49,6 +49,8 @@ def adapter_config(modules: dict) -> dict:
         "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
     }
     cfg.update(_FIXED_FIELDS)
+    if any("magnitude" in m.tensors for m in modules.values()):
+        cfg["use_dora"] = True  # DoRA: diffusers/peft then inject every lora_magnitude_vector
     return cfg
 
 
@@ -95,7 +97,7 @@ class DiffusersFormat(LoraFormat):
         for comp, path, mod in state.modules():
             names = mod.algo.peft_names
             for role, value in mod.tensors.items():
-                tensors[f"{comp}.{path}.{names[role]}"] = cast(value, dtype)
+                tensors[f"{comp}.{path}.{names[role]}"] = cast(mod.algo.file_tensor(mod, role, value, "peft"), dtype)
         return tensors
 
     def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:

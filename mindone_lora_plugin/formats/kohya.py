@@ -79,10 +79,13 @@ def network_metadata(state: LoraState) -> tuple[dict[str, str], dict[str, str]]:
 def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     """``ss_network_module`` and the algorithm's ``ss_network_args`` (LyCORIS's ``algo``...) for ``state``: plain LoRA
     gives ``networks.lora``; any other algorithm its own module (``lycoris.kohya``) and arguments."""
+    from mindone_lora_plugin.algorithms import get_algorithm
+
     names = sorted(set(state.algorithms()) - {"lora"})
     if not names:
-        return NETWORK_MODULE, {}
-    from mindone_lora_plugin.algorithms import get_algorithm
+        mods = [m for _, _, m in state.modules()]
+        args = dict(get_algorithm("lora").metadata(mods)) if mods else {}
+        return ("lycoris.kohya" if args else NETWORK_MODULE), args  # DoRA: LyCORIS's dora_wd
 
     algo = get_algorithm(names[0])
     mods = [m for _, _, m in state.modules() if m.algorithm == algo.name]
@@ -129,7 +132,7 @@ class KohyaFormat(LoraFormat):
                 if suffix is None:
                     raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
                                     f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = value
+                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
             tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
         return tensors, arch
 

@@ -1,0 +1,137 @@
+"""DoRA on the built-in ``lora`` algorithm: maths (both norm axes), file layouts, reading, converting, inspecting.
+
+Numpy only (no MindSpore model): the MindSpore and torch sides are in ``test_interop_dora.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from formats_helpers import random_state, tiny_sd1
+from mindone_lora_plugin.cli import main
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.diffusers import DiffusersFormat
+from mindone_lora_plugin.formats.kohya import KohyaFormat
+from mindone_lora_plugin.formats.reader import read_lora
+from mindone_lora_plugin.state import LoraModule, LoraState
+
+
+def _dora_state(axis: str, seed: int = 3) -> tuple[LoraState, dict]:
+    """A random SD1 LoRA whose linear modules carry a DoRA magnitude (``axis`` "out": [out]; "in": [1, in]), and
+    random base weights for them."""
+    base = tiny_sd1()
+    plain = random_state(base, np.random.default_rng(seed), conv=False)
+    rng = np.random.default_rng(seed + 1)
+    out, weights = LoraState(architecture="sd1", unet_layers_per_block=base.unet_layers_per_block), {}
+    for comp, path, mod in plain.modules():
+        shape = mod.base_shape()
+        if len(shape) != 2:
+            continue  # linear modules only (1x1 proj convs of SD1 are left out)
+        mag = rng.uniform(0.5, 2.0, shape[0] if axis == "out" else (1, shape[1])).astype(np.float32)
+        out.add(comp, path, LoraModule(algorithm="lora", alpha=mod.alpha, settings={"dora_axis": axis},
+                                       tensors={"down": mod.down, "up": mod.up, "magnitude": mag}))
+        weights[(comp, path)] = rng.standard_normal(shape)
+    return out, weights
+
+
+def _hand_dora(mod: LoraModule, w: np.ndarray, axis: str) -> np.ndarray:
+    """``m * (W + dW) / ||W + dW||`` written out: peft's row norm, or LyCORIS's ``wd_on_out=False`` column norm."""
+    v = w + (mod.up.astype(np.float64) @ mod.down.astype(np.float64)) * mod.alpha / mod.down.shape[0]
+    m = mod.tensors["magnitude"].astype(np.float64).reshape(-1)
+    if axis == "out":
+        return v * (m / np.sqrt((v ** 2).sum(axis=1)))[:, None]
+    return v * (m / np.sqrt((v ** 2).sum(axis=0)))[None, :]
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_dora_merged_weight_matches_the_formula_of_each_axis(axis):
+    state, weights = _dora_state(axis)
+    other = "in" if axis == "out" else "out"
+    for comp, path, mod in state.modules():
+        w = weights[(comp, path)]
+        assert mod.algo.needs_base_weight(mod) and mod.algo.label(mod) == "lora+dora"
+        got = mod.algo.merged_weight(mod, w)
+        np.testing.assert_allclose(got, _hand_dora(mod, w, axis), rtol=1e-12, atol=1e-12)
+        if w.shape[0] == w.shape[1]:  # the two axes really differ
+            assert np.abs(got - _hand_dora(mod, w, other)).max() > 1e-3
+    with pytest.raises(LoraError, match="depends on the base weight"):
+        mod.delta()
+
+
+def _file_tensors(path):
+    return load_file(path)
+
+
+def test_dora_files_hold_each_tools_layout_and_convert_exactly(tmp_path):
+    state, weights = _dora_state("out")
+    dpath = DiffusersFormat().write(state, str(tmp_path / "d"))
+    kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora")
+    d, k = _file_tensors(dpath), _file_tensors(kpath)
+    mags_d = {key: v for key, v in d.items() if key.endswith(".lora_magnitude_vector")}
+    mags_k = {key: v for key, v in k.items() if key.endswith(".dora_scale")}
+    assert len(mags_d) == len(mags_k) == len(state)
+    assert all(v.ndim == 1 for v in mags_d.values())  # peft: [out]
+    assert all(v.ndim == 2 and v.shape[1] == 1 for v in mags_k.values())  # LyCORIS wd_on_out: [out, 1]
+    from safetensors import safe_open
+
+    with safe_open(dpath, framework="numpy") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.use_dora"] is True and meta["text_encoder.use_dora"] is True
+    with safe_open(kpath, framework="numpy") as f:
+        args = json.loads(f.metadata()["ss_network_args"])
+    assert args["dora_wd"] == "True" and args["wd_on_out"] == "True"
+
+    # diffusers → kohya → diffusers through the CLI: the same merged weights, bit for bit
+    k2 = str(tmp_path / "k2.safetensors")
+    assert main(["convert", dpath, k2, "--to", "kohya"]) == 0
+    d2 = str(tmp_path / "d2")
+    assert main(["convert", k2, d2, "--to", "diffusers"]) == 0
+    for path in (dpath, kpath, k2, d2):
+        back = read_lora(path)
+        assert len(back) == len(state)
+        for comp, p, mod in state.modules():
+            got = back.components[comp][p]
+            assert got.settings == {"dora_axis": "out"}
+            assert np.array_equal(got.algo.merged_weight(got, weights[(comp, p)]),
+                                  mod.algo.merged_weight(mod, weights[(comp, p)])), (path, comp, p)
+
+
+def test_input_side_dora_stays_kohya(tmp_path, capsys):
+    state, weights = _dora_state("in")
+    kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora_in")
+    mags = [v for key, v in _file_tensors(kpath).items() if key.endswith(".dora_scale")]
+    assert mags and all(v.ndim == 2 and v.shape[0] == 1 for v in mags)  # LyCORIS wd_on_out=False: [1, in]
+    back = read_lora(kpath)
+    for comp, p, mod in state.modules():
+        got = back.components[comp][p]
+        assert got.settings == {"dora_axis": "in"}
+        np.testing.assert_array_equal(got.algo.merged_weight(got, weights[(comp, p)]),
+                                      mod.algo.merged_weight(mod, weights[(comp, p)]))
+    assert main(["convert", kpath, str(tmp_path / "d"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "input side" in err and "kohya" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "d" / "pytorch_lora_weights.safetensors")
+
+
+def test_dora_inspect_and_bad_magnitude(tmp_path, capsys):
+    state, _ = _dora_state("out")
+    path = KohyaFormat().write(state, str(tmp_path), output_name="dora")
+    assert main(["inspect", path]) == 0
+    assert "lora+dora" in capsys.readouterr().out
+    assert main(["inspect", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["components"]["unet"]["algorithms"] == {"lora+dora": len(state.components["unet"])}
+
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith(".dora_scale"))
+    tensors[key] = np.ones((3, 5), np.float32)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad)
+    assert main(["inspect", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DoRA magnitude" in err and "[3, 5]" in err and len(err.splitlines()) == 1
