@@ -135,3 +135,47 @@ def test_dora_inspect_and_bad_magnitude(tmp_path, capsys):
     assert main(["inspect", bad]) == 2
     err = capsys.readouterr().err.strip()
     assert "DoRA magnitude" in err and "[3, 5]" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ MindSpore layers
+
+
+def test_dora_layers_match_the_merged_weight_and_refuse_convs(plugin_manager, tiny_sd1):
+    """``--lora_dora`` layers: W' = W at the start; with random tensors, the layer's outputs equal the numpy merge of
+    what it holds; convs are refused in one line."""
+    import mindspore as ms
+
+    from mindone_lora_plugin.compose import apply_loras
+    from mindone_lora_plugin.models import load_models, lora_layers
+    from mindone_lora_plugin.options import LoraOptions
+    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.train.demo import _outputs
+
+    setup("CPU", "pynative", seed=0)
+    pm = plugin_manager
+    base = _outputs(load_models(tiny_sd1))
+    models = load_models(tiny_sd1)
+    options = LoraOptions(strategy="unet", rank=4, alpha=2, targets="attn", dora=True)
+    pm.add_adapters(models, options)
+    layers = [layer for _, layer in lora_layers(models["unet"])]
+    assert layers and all(type(layer).__name__ == "DoraLayer" for layer in layers)
+    start = _outputs(models)
+    assert max(float(np.abs(start[k] - base[k]).max()) for k in base) < 1e-5  # m = ||W||, up = 0
+    rng = np.random.default_rng(1)
+    for layer in layers:
+        for p in (layer.down, layer.up):
+            p.set_data(ms.Tensor((0.15 * rng.standard_normal(p.shape)).astype(np.float32)))
+        layer.magnitude.set_data(ms.Tensor((layer.magnitude.asnumpy() * rng.uniform(0.5, 1.5, layer.magnitude.shape))
+                                           .astype(np.float32)))
+    got = _outputs(models)
+    state = pm.get_strategy("unet").extract(models)
+    assert set(state.labels()) == {"lora+dora"} and len(state) == len(layers)
+    fresh = load_models(tiny_sd1)
+    apply_loras(fresh, [state])
+    want = _outputs(fresh)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4
+    assert max(float(np.abs(got[k] - base[k]).max()) for k in base) > 1e-2
+
+    with pytest.raises(LoraError, match=r"--lora_dora adapts Linear layers only.*conv") as err:
+        pm.add_adapters(load_models(tiny_sd1), LoraOptions(strategy="unet", targets="kohya-conv", dora=True))
+    assert "\n" not in str(err.value)
