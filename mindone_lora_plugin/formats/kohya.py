@@ -101,13 +101,16 @@ class KohyaFormat(LoraFormat):
         return bool(algorithm.kohya_names)
 
     def sniff(self, keys, metadata) -> bool:
+        return self.claim(keys, metadata) > 0
+
+    def claim(self, keys, metadata) -> int:
+        """By the share of kohya (``lora_unet_…``) and ComfyUI (``diffusion_model.…``) keys."""
+        from mindone_lora_plugin.formats.base import share_claim
         from mindone_lora_plugin.formats.names import parse_key
 
-        for k in keys:
-            pk = parse_key(k)
-            if pk is not None and (pk.style in ("kohya", "comfy") or pk.flat):
-                return True
-        return False
+        parsed = [parse_key(k) for k in keys]
+        mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
+        return share_claim(mine, len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
