@@ -217,3 +217,21 @@ def test_dora_trains_and_resumes_exactly(plugin_manager, tiny_sd1, tmp_path):
             np.testing.assert_array_equal(t, b.components[comp][p].tensors[r])
         moved = max(moved, float(np.abs(m.up).max()))
     assert moved > 0
+
+
+def test_lora_dora_flag_in_the_integration_api(plugin_manager):
+    import argparse
+
+    from mindone_lora_plugin.integration import FLAG_DESTS, LoraIntegration, add_lora_arguments
+
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    parser.add_argument("--rank", type=int, default=4)
+    lora = LoraIntegration.from_args(parser.parse_args(["--lora_dora"]), manager=plugin_manager)
+    options = lora.make_options("sd1")
+    assert options.dora and options.to_metadata()["dora"] == "True" and "lora_dora" in FLAG_DESTS
+    assert options.algorithm == "lora" and plugin_manager.get_algorithm("lora").settings_from(options) == {
+        "dora_axis": "out"}
+    assert not LoraIntegration.from_args(parser.parse_args([]), manager=plugin_manager).make_options("sd1").dora
+    with pytest.raises(LoraError, match="--lora_dora applies to --lora_algo lora, not loha"):
+        LoraIntegration.from_args(parser.parse_args(["--lora_dora", "--lora_algo", "loha"]), manager=plugin_manager)
