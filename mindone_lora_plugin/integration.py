@@ -38,7 +38,7 @@ __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "Lor
 
 DEFAULT_FORMATS = "diffusers,kohya"
 #: The ``dest`` of every flag :func:`add_lora_arguments` adds itself (plugins add more, see ``_lora_plugin_dests``).
-FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
+FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_dora", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
               "lora_output_name")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint[-_]?\d+$")
@@ -55,6 +55,8 @@ def add_lora_arguments(parser, *, plugins: bool = True):
                        help="LoRA strategy: unet, text_encoder, sdxl or a plugin's (default: unet, or sdxl on SDXL)")
     group.add_argument("--lora_algo", type=str, default="lora",
                        help="adapter algorithm: lora (default) or a plugin's (loha, lokr from mindone-lora-lycoris)")
+    group.add_argument("--lora_dora", action="store_true",
+                       help="DoRA (weight-decomposed LoRA) on the lora algorithm; Linear layers only")
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="LoRA alpha (default: the rank, i.e. scale 1, as mindone's scripts hard-code)")
     group.add_argument("--lora_targets", type=str, default="attn",
@@ -135,7 +137,7 @@ class LoraIntegration:
                  targets="attn", save_formats=DEFAULT_FORMATS, resume_from: str | None = None,
                  output_name: str | None = None, train_text_encoder: bool = False, learning_rate: float = 1e-4,
                  text_encoder_lr: float | None = None, init: str = "gaussian", save_dtype: str | None = None,
-                 extra: dict | None = None, manager=None, algorithm: str = "lora"):
+                 extra: dict | None = None, manager=None, algorithm: str = "lora", dora: bool = False):
         from mindone_lora_plugin.plugins import get_plugin_manager
 
         self.pm = manager or get_plugin_manager()
@@ -144,6 +146,9 @@ class LoraIntegration:
             self.pm.get_strategy(self.strategy)  # an unknown name lists the valid ones
         self.algorithm = algorithm or "lora"
         self.pm.get_algorithm(self.algorithm)  # an unknown name lists the installed ones
+        self.dora = bool(dora)
+        if self.dora and self.algorithm != "lora":
+            raise LoraError(f"--lora_dora applies to --lora_algo lora, not {self.algorithm}; leave one of them out")
         self.rank = int(rank)
         if self.rank < 1:
             raise LoraError(f"LoRA rank must be at least 1, got {rank}")
@@ -184,6 +189,7 @@ class LoraIntegration:
             rank = get("lora_rank") or get("rank") or 4
         extra = {d: get(d) for d in (get("_lora_plugin_dests") or []) if hasattr(args, d)}
         return cls(strategy=get("lora_strategy"), algorithm=get("lora_algo") or "lora", rank=rank,
+                   dora=bool(get("lora_dora", False)),
                    alpha=get("lora_alpha"),
                    targets=get("lora_targets") or "attn", save_formats=get("lora_save_formats") or DEFAULT_FORMATS,
                    resume_from=get("lora_resume_from"), output_name=get("lora_output_name"),
@@ -212,7 +218,7 @@ class LoraIntegration:
                            targets=self.targets, init=init or self.init,
                            components=tuple(components) if components else None, learning_rate=self.learning_rate,
                            learning_rates=lrs, save_dtype=self.save_dtype, algorithm=self.algorithm,
-                           train_text_encoder=tte, extra=extra)
+                           dora=self.dora, train_text_encoder=tte, extra=extra)
 
     # ------------------------------------------------------------------ the four seams
 

@@ -18,7 +18,8 @@ class LoraOptions:
     ``conv_rank``/``conv_alpha`` (kohya's ``conv_dim``/``conv_alpha``) apply to 3×3 convs with ``kohya-conv`` and
     default to ``rank``/``alpha``. ``components`` switches components on or off (``None`` = the strategy's default).
     ``learning_rates`` maps a component to its own learning rate. ``algorithm`` names the adapter algorithm
-(``--lora_algo``: ``lora`` or a plugin's). ``train_text_encoder`` adds the text encoders to a strategy's default
+(``--lora_algo``: ``lora`` or a plugin's); ``dora`` (``--lora_dora``) makes plain LoRA weight-decomposed (DoRA, Linear
+layers only). ``train_text_encoder`` adds the text encoders to a strategy's default
 components. ``extra`` carries plugin-added arguments.
     """
 
@@ -34,6 +35,7 @@ components. ``extra`` carries plugin-added arguments.
     learning_rates: dict[str, float] = field(default_factory=dict)
     save_dtype: str | None = None
     algorithm: str = "lora"
+    dora: bool = False
     train_text_encoder: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -64,7 +66,7 @@ components. ``extra`` carries plugin-added arguments.
         return {"strategy": self.strategy, "rank": str(self.rank), "alpha": str(self.effective_alpha),
                 "targets": self.targets if isinstance(self.targets, str) else ",".join(self.targets),
                 "conv_rank": str(self.effective_conv_rank), "conv_alpha": str(self.effective_conv_alpha),
-                "init": self.init, "algorithm": self.algorithm}
+                "init": self.init, "algorithm": self.algorithm, **({"dora": "True"} if self.dora else {})}
 
 
 def parse_targets(value: str) -> str | list[str]:

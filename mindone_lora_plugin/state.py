@@ -153,6 +153,11 @@ class LoraState:
         comps = [component] if component else list(self.components)
         return Counter(m.algorithm for c in comps for m in self.components.get(c, {}).values())
 
+    def labels(self, component: str | None = None) -> Counter:
+        """Like :meth:`algorithms`, with each algorithm's own label (``lora+dora`` for DoRA modules)."""
+        comps = [component] if component else list(self.components)
+        return Counter(m.algo.label(m) for c in comps for m in self.components.get(c, {}).values())
+
     def astype(self, dtype) -> "LoraState":
         out = LoraState(architecture=self.architecture, unet_layers_per_block=self.unet_layers_per_block,
                         metadata=dict(self.metadata))

@@ -90,6 +90,15 @@ class LoraAlgorithm:
         """True when :meth:`delta` depends on the base weight (DoRA)."""
         return False
 
+    def label(self, mod) -> str:
+        """How ``inspect`` names the module's algorithm (``lora+dora`` for a DoRA module; default :attr:`name`)."""
+        return self.name
+
+    def file_tensor(self, mod, role: str, value, style: str):
+        """``value`` (the module's ``role`` tensor) in the layout a ``style`` file (``kohya`` or ``peft``) holds;
+        default unchanged. Raise :class:`LoraError` when that format cannot hold it."""
+        return value
+
     def scaled(self, mod, weight: float):
         """The same module with its effect multiplied by ``weight`` (default: the first up tensor is scaled)."""
         role = self.up_roles[0]

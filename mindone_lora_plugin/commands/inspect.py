@@ -68,7 +68,7 @@ def summary(lf) -> dict:
     for comp in ordered_components(state):
         mods = state.components[comp]
         comps[comp] = {"modules": len(mods),
-                       "algorithms": dict(sorted(state.algorithms(comp).items())),
+                       "algorithms": dict(sorted(state.labels(comp).items())),
                        "ranks": sorted({m.rank for m in mods.values()}),
                        "alphas": sorted({float(m.alpha) for m in mods.values()})}
     return {"format": lf.format.name, "architecture": state.architecture or "unknown", "components": comps,
@@ -108,8 +108,8 @@ def render(lf) -> str:
         mods = state.components[comp]
         kinds = Counter(module_kind(comp, p, m) for p, m in mods.items())
         kinds_s = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-        algos = ", ".join(f"{a} {n}" if len(state.algorithms(comp)) > 1 else a
-                          for a, n in sorted(state.algorithms(comp).items()))
+        algos = ", ".join(f"{a} {n}" if len(state.labels(comp)) > 1 else a
+                          for a, n in sorted(state.labels(comp).items()))
         lines.append(f"  {comp:<15} {len(mods):>5} modules  algorithm {algos}  "
                      f"rank {_values(state.ranks(comp), str)}  "
                      f"alpha {_values(state.alphas(comp), lambda a: str(_num(a)))}  kinds: {kinds_s}")

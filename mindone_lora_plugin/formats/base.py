@@ -13,6 +13,15 @@ from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.state import LoraState
 
 
+CLAIM_WEAK = 1  # the default claim of a format that only sniffs
+CLAIM_SURE = 100  # a marker only this format writes (diffusers' lora_adapter_metadata header entry)
+
+
+def share_claim(mine: int, total: int) -> int:
+    """A claim from the share of keys in a format's naming: 0 for none, else 10 (a few) to 99 (all of them)."""
+    return 0 if not mine or not total else 10 + (89 * mine) // total
+
+
 class LoraFormat:
     """Base class of a LoRA file format.
 
@@ -56,8 +65,18 @@ class LoraFormat:
                             f"{', '.join(able) or 'none installed'} (e.g. --save_formats/--to {able[0] if able else 'kohya'})")
 
     def sniff(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        """True when a file with these tensor keys and header metadata is in this format (used by readers)."""
+        """True when a file with these tensor keys and header metadata is in this format."""
         raise NotImplementedError
+
+    def claim(self, keys: list[str], metadata: dict[str, str]) -> int:
+        """How strongly this format claims a file with these keys and metadata: 0 = not mine, higher = surer.
+
+        The reader picks the strongest claim among all installed formats, whoever provides them; equal top claims are
+        an error naming both. Scale: :data:`CLAIM_WEAK` (the default: :meth:`sniff` accepts it, nothing more),
+        up to :data:`CLAIM_SURE` (a marker only this format writes). The built-ins claim between 10 and 100 by the
+        share of keys in their naming, so a plugin outbids them only with a claim of its own.
+        """
+        return CLAIM_WEAK if self.sniff(keys, metadata) else 0
 
     def sniff_folder(self, path: str) -> bool:
         """True when the folder ``path`` is a LoRA in this format (formats stored as folders override this)."""

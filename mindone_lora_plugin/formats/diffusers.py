@@ -49,6 +49,8 @@ def adapter_config(modules: dict) -> dict:
         "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
     }
     cfg.update(_FIXED_FIELDS)
+    if any("magnitude" in m.tensors for m in modules.values()):
+        cfg["use_dora"] = True  # DoRA: diffusers/peft then inject every lora_magnitude_vector
     return cfg
 
 
@@ -72,15 +74,18 @@ class DiffusersFormat(LoraFormat):
         return WEIGHT_NAME
 
     def sniff(self, keys, metadata) -> bool:
+        return self.claim(keys, metadata) > 0
+
+    def claim(self, keys, metadata) -> int:
+        """Sure with a ``lora_adapter_metadata`` entry; else by the share of dotted diffusers/PEFT keys."""
+        from mindone_lora_plugin.formats.base import CLAIM_SURE, share_claim
         from mindone_lora_plugin.formats.names import parse_key
 
         if METADATA_KEY in (metadata or {}):
-            return True
-        for k in keys:
-            pk = parse_key(k)
-            if pk is not None and not pk.flat and pk.style not in ("kohya", "comfy"):
-                return True
-        return False
+            return CLAIM_SURE
+        parsed = [parse_key(k) for k in keys]
+        mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
+        return share_claim(mine, len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -95,7 +100,7 @@ class DiffusersFormat(LoraFormat):
         for comp, path, mod in state.modules():
             names = mod.algo.peft_names
             for role, value in mod.tensors.items():
-                tensors[f"{comp}.{path}.{names[role]}"] = cast(value, dtype)
+                tensors[f"{comp}.{path}.{names[role]}"] = cast(mod.algo.file_tensor(mod, role, value, "peft"), dtype)
         return tensors
 
     def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:

@@ -79,10 +79,13 @@ def network_metadata(state: LoraState) -> tuple[dict[str, str], dict[str, str]]:
 def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     """``ss_network_module`` and the algorithm's ``ss_network_args`` (LyCORIS's ``algo``...) for ``state``: plain LoRA
     gives ``networks.lora``; any other algorithm its own module (``lycoris.kohya``) and arguments."""
+    from mindone_lora_plugin.algorithms import get_algorithm
+
     names = sorted(set(state.algorithms()) - {"lora"})
     if not names:
-        return NETWORK_MODULE, {}
-    from mindone_lora_plugin.algorithms import get_algorithm
+        mods = [m for _, _, m in state.modules()]
+        args = dict(get_algorithm("lora").metadata(mods)) if mods else {}
+        return ("lycoris.kohya" if args else NETWORK_MODULE), args  # DoRA: LyCORIS's dora_wd
 
     algo = get_algorithm(names[0])
     mods = [m for _, _, m in state.modules() if m.algorithm == algo.name]
@@ -98,13 +101,16 @@ class KohyaFormat(LoraFormat):
         return bool(algorithm.kohya_names)
 
     def sniff(self, keys, metadata) -> bool:
+        return self.claim(keys, metadata) > 0
+
+    def claim(self, keys, metadata) -> int:
+        """By the share of kohya (``lora_unet_…``) and ComfyUI (``diffusion_model.…``) keys."""
+        from mindone_lora_plugin.formats.base import share_claim
         from mindone_lora_plugin.formats.names import parse_key
 
-        for k in keys:
-            pk = parse_key(k)
-            if pk is not None and (pk.style in ("kohya", "comfy") or pk.flat):
-                return True
-        return False
+        parsed = [parse_key(k) for k in keys]
+        mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
+        return share_claim(mine, len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -129,7 +135,7 @@ class KohyaFormat(LoraFormat):
                 if suffix is None:
                     raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
                                     f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = value
+                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
             tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
         return tensors, arch
 

@@ -46,6 +46,7 @@ _SUFFIXES = (
     (".lora.up.weight", UP, "diffusers"),
     ("_lora.down.weight", DOWN, "attn_processor"),
     ("_lora.up.weight", UP, "attn_processor"),
+    (".lora_magnitude_vector.weight", "lora:magnitude", "peft"),  # DoRA, as peft's modules name it
     (".alpha", ALPHA, None),
 )
 # flat (kohya) prefixes → component; longest first

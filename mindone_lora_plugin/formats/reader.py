@@ -3,9 +3,10 @@
 Only safetensors is read (pickles are refused before they are opened); a tensor holding NaN or Inf is refused with
 one line naming it; modules of an algorithm no installed plugin provides are refused with an error naming the algorithm
 and the plugin that reads it. The formats to choose from are passed in (the plugin manager's);
-without them the two built-in formats are used. The built-ins are asked first (they read every plain-LoRA naming, so
-results do not depend on which plugins are installed); a third-party format gets the files they do not claim, or is
-chosen explicitly with ``format=``. A folder is offered first to formats with a ``sniff_folder(path)`` method
+without them the two built-in formats are used. Every format says how strongly it claims a file
+(:meth:`~.base.LoraFormat.claim`, 0 = not mine); the strongest claim wins whichever plugin offers the format, a tie is
+an error naming both, and ``format=`` chooses explicitly. A format that only sniffs claims weakly, so the built-ins keep
+the plain-LoRA namings they read unless a plugin claims a file more strongly. A folder is offered first to formats with a ``sniff_folder(path)`` method
 (formats whose files are folders); otherwise the LoRA file inside it is read.
 """
 
@@ -72,12 +73,38 @@ def find_weights_file(path: str) -> str:
     raise LoraError(f"{path} is a folder with no LoRA weights file (.safetensors); pass the LoRA file or its folder")
 
 
-def detect_format(keys, metadata: dict[str, str], formats=None) -> LoraFormat | None:
-    """The first format whose ``sniff`` accepts the file (the built-ins first, then third-party formats)."""
+def format_claims(keys, metadata: dict[str, str], formats=None) -> list[tuple[int, LoraFormat]]:
+    """``(claim, format)`` for every format claiming the file (``claim > 0``), strongest first."""
+    out = []
     for fmt in _ordered(formats):
-        if _safe(fmt.sniff, list(keys), dict(metadata)):
-            return fmt
-    return None
+        strength = _claim(fmt, list(keys), dict(metadata))
+        if strength > 0:
+            out.append((strength, fmt))
+    return sorted(out, key=lambda c: -c[0])
+
+
+def detect_format(keys, metadata: dict[str, str], formats=None, where: str = "the LoRA file") -> LoraFormat | None:
+    """The format with the strongest :meth:`~.base.LoraFormat.claim` on the file, whichever plugin offers it; None
+    when no format claims it. Equal top claims raise one :class:`LoraError` line naming both formats."""
+    claims = format_claims(keys, metadata, formats)
+    if not claims:
+        return None
+    top = [fmt for strength, fmt in claims if strength == claims[0][0]]
+    if len(top) > 1:
+        names = " and ".join(f"'{f.name}'" for f in top)
+        raise LoraError(f"{where}: the formats {names} claim it equally (strength {claims[0][0]}); pass the format "
+                        f"to read it with (format=NAME), or uninstall one of the plugins")
+    return top[0]
+
+
+def _claim(fmt, keys, metadata) -> int:
+    """``fmt.claim(...)`` as an int (a broken third-party claim counts as 0, never stops reading)."""
+    try:
+        return max(0, int(fmt.claim(keys, metadata)))
+    except LoraError:
+        raise
+    except Exception:
+        return 0
 
 
 def _ordered(formats) -> list[LoraFormat]:
@@ -133,7 +160,7 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     if format is not None:
         fmt = get_format(format, formats)
     else:
-        fmt = detect_format(keys, metadata, formats)
+        fmt = detect_format(keys, metadata, formats, where=path)
         if fmt is None:
             shown = ", ".join(f"'{k}'" for k in keys[:3])
             raise LoraError(f"{path}: no known LoRA format matches its keys (unknown prefixes), e.g. {shown}; "

@@ -4,6 +4,7 @@ A module's tensors decide its algorithm; reading a file as plain LoRA when it is
 different model (mindone 0.5.0, for example, drops DoRA's ``dora_scale`` with a warning). Each signature below names
 the algorithm (as ``--lora_algo`` spells it, when a plugin provides one) and the distribution that provides it, so
 the error says what to install. Signatures of installed algorithms are not refused: their algorithm reads them.
+DoRA (``dora_scale``, ``lora_magnitude_vector``) is read by the built-in ``lora`` algorithm, so it has no signature.
 """
 
 from __future__ import annotations
@@ -16,15 +17,8 @@ LYCORIS_DIST = "mindone-lora-lycoris"
 # algorithm → the distribution that provides it (for "install ..." hints)
 PROVIDERS = {"loha": LYCORIS_DIST, "lokr": LYCORIS_DIST}
 
-LYCORIS_DIST = "mindone-lora-lycoris"
-# algorithm → the distribution that provides it (for "install ..." hints)
-PROVIDERS = {"loha": LYCORIS_DIST, "lokr": LYCORIS_DIST}
-
 # (variant name, the algorithm reading it or None, regex on a tensor key), most specific first
 _SIGNATURES = (
-    ("DoRA (weight-decomposed LoRA: dora_scale)", "dora", re.compile(r"\.dora_scale$")),
-    ("DoRA (weight-decomposed LoRA: PEFT lora_magnitude_vector)", "dora",
-     re.compile(r"\.lora_magnitude_vector(?:\.|$)")),
     ("LyCORIS LoHa (hada_w1_a/hada_w2_a)", "loha", re.compile(r"\.hada_(?:w[12]_[ab]|t[12])(?:\.|$)")),
     ("LyCORIS LoKr (lokr_w1/lokr_w2)", "lokr", re.compile(r"\.lokr_(?:w[12](?:_[ab])?|t[12])(?:\.|$)")),
     ("LyCORIS LoCon with CP/Tucker decomposition (lora_mid)", None, re.compile(r"\.lora_mid\.weight$")),

@@ -122,6 +122,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_algo", type=str, default="lora",
                    help="adapter algorithm: lora (default; LoCon on convs) or a plugin's (loha, lokr from "
                         "mindone-lora-lycoris); see mindone-lora plugins")
+    g.add_argument("--lora_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA, as peft's use_dora) on --lora_algo lora; Linear layers only")
     g.add_argument("--lora_targets", type=str, default="attn",
                    help=f"a preset ({', '.join(PRESETS)}) or a comma-separated list of module names")
     g.add_argument("--lora_conv_rank", type=int, default=None, help="rank of 3x3 convs with kohya-conv (conv_dim)")

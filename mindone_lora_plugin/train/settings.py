@@ -16,6 +16,9 @@ def options_from_args(args, architecture: str, pm):
     pm.get_strategy(strategy)  # unknown names list the valid ones
     algorithm = getattr(args, "lora_algo", None) or "lora"
     pm.get_algorithm(algorithm)
+    dora = bool(getattr(args, "lora_dora", False))
+    if dora and algorithm != "lora":
+        raise LoraError(f"--lora_dora applies to --lora_algo lora, not {algorithm}; leave one of them out")
     extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
     for flag in ("network_dropout", "rank_dropout", "module_dropout"):
         value = getattr(args, flag, None)
@@ -31,7 +34,7 @@ def options_from_args(args, architecture: str, pm):
     return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
                        targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
                        conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
-                       learning_rates=lrs, save_dtype=args.save_dtype, algorithm=algorithm,
+                       learning_rates=lrs, save_dtype=args.save_dtype, algorithm=algorithm, dora=dora,
                        train_text_encoder=bool(args.train_text_encoder), extra=extra)
 
 
