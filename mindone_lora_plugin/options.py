@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES  # noqa: F401  (re-exported: what --save_dtype / --dtype accept)
+
 PRESETS = ("attn", "kohya", "kohya-conv")
-SAVE_DTYPES = ("fp32", "fp16", "bf16")  # what --save_dtype / --dtype accept everywhere
 INITS = ("gaussian", "default")
 
 

@@ -31,6 +31,7 @@ from collections import Counter
 import numpy as np
 
 from mindone_lora_plugin import safetensors_io
+from mindone_lora_plugin.dtypes import as_dtype, numpy_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.state import COMPONENTS, LoraModule, LoraState, most_common
@@ -259,19 +260,11 @@ def _pattern_value(pattern: dict, path: str, default):
 
 
 def _caster(dtype: str | None):
+    """``--save_dtype`` → a function casting one array (the core's dtype table; None/"keep": no cast)."""
     if dtype in (None, "", "keep"):
-        return lambda a: np.asarray(a)
-    if dtype in ("fp32", "float32", "float"):
-        target = np.float32
-    elif dtype in ("fp16", "float16", "half"):
-        target = np.float16
-    elif dtype in ("bf16", "bfloat16"):
-        import ml_dtypes
-
-        target = ml_dtypes.bfloat16
-    else:
-        raise LoraError(f"unknown save dtype '{dtype}': choose fp32, fp16 or bf16")
-    return lambda a: np.asarray(a, dtype=np.float32).astype(target) if np.asarray(a).dtype != target else np.asarray(a)
+        return np.asarray
+    target = numpy_dtype(dtype)
+    return lambda a: as_dtype(a, target)
 
 
 def _swap_in(tmp: str, target: str) -> None:
