@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import uuid
-from collections import Counter
 
 import numpy as np
 
@@ -34,7 +33,8 @@ from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.dtypes import as_dtype, numpy_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.state import COMPONENTS, LoraModule, LoraState, most_common
+from mindone_lora_plugin.formats.diffusers import adapter_config as core_adapter_config
+from mindone_lora_plugin.state import COMPONENTS, LoraModule, LoraState
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -168,27 +168,21 @@ class PeftFormat(LoraFormat):
 
 
 def adapter_config(modules: dict[str, LoraModule]) -> dict:
-    """The ``adapter_config.json`` of one component: every module listed, ranks/alphas that differ in the patterns."""
-    r = most_common(Counter(m.rank for m in modules.values()))
-    alpha = most_common(Counter(float(m.alpha) for m in modules.values()))
+    """The ``adapter_config.json`` of one component: the core's ``LoraConfig`` fields (every module listed, ranks and
+    alphas that differ in the patterns) plus the fields of peft's saved config, with the pattern keys escaped."""
+    cfg = core_adapter_config(modules)
     return {
+        **cfg,
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": None,
         "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
+        "lora_alpha": float(cfg["lora_alpha"]),
         "use_dora": False,
         "modules_to_save": None,
-        "target_modules": sorted(modules),
         # peft matches pattern keys as regular expressions: escape the dots of the module paths
-        "rank_pattern": {re.escape(p): m.rank for p, m in sorted(modules.items()) if m.rank != r},
-        "alpha_pattern": {re.escape(p): float(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
+        "rank_pattern": {re.escape(p): r for p, r in cfg["rank_pattern"].items()},
+        "alpha_pattern": {re.escape(p): float(a) for p, a in cfg["alpha_pattern"].items()},
     }
 
 
