@@ -88,14 +88,11 @@ def _shapes(mod) -> str:
 
 
 def detect_architecture(index: dict, configs: dict[str, dict]) -> str:
-    if "text_encoder_2" in configs or "XL" in str(index.get("_class_name", "")):
-        return "sdxl"
-    unet = configs.get("unet", {})
-    cross = unet.get("cross_attention_dim")
-    te_hidden = configs.get("text_encoder", {}).get("hidden_size")
-    if cross == 1024 or te_hidden == 1024:
-        return "sd2"
-    return "sd1"
+    """The architecture of a model folder from its ``model_index.json`` and component configs."""
+    from mindone_lora_plugin.formats.arch import from_configs
+
+    return from_configs(configs.get("unet"), configs.get("text_encoder"),
+                        has_text_encoder_2="text_encoder_2" in configs, class_name=index.get("_class_name", ""))
 
 
 def _read_model_index(path: str) -> dict:

@@ -31,7 +31,8 @@ import re
 from dataclasses import replace
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import PRESETS, LoraOptions, parse_targets
+from mindone_lora_plugin.options import (PRESETS, TEXT_ENCODERS, LoraOptions, build_options,  # noqa: F401
+                                         default_strategy, parse_targets)
 
 __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "LoraIntegration", "DEFAULT_FORMATS",
            "FLAG_DESTS"]
@@ -40,7 +41,6 @@ DEFAULT_FORMATS = "diffusers,kohya"
 #: The ``dest`` of every flag :func:`add_lora_arguments` adds itself (plugins add more, see ``_lora_plugin_dests``).
 FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_dora", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
               "lora_output_name")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint[-_]?\d+$")
 
 
@@ -202,7 +202,7 @@ class LoraIntegration:
     # ------------------------------------------------------------------ options
 
     def strategy_for(self, architecture: str) -> str:
-        return self.strategy or ("sdxl" if architecture == "sdxl" else "unet")
+        return default_strategy(self.strategy, architecture)
 
     def make_options(self, architecture: str, *, rank: int | None = None, alpha: float | None = None,
                      init: str | None = None, components=None, train_text_encoder: bool | None = None) -> LoraOptions:
@@ -210,15 +210,13 @@ class LoraIntegration:
 
         ``alpha`` is used only when ``--lora_alpha`` was not given (default: the rank).
         """
-        extra = dict(self.extra)
         tte = self.train_text_encoder if train_text_encoder is None else bool(train_text_encoder)
-        lrs = {c: self.text_encoder_lr for c in TEXT_ENCODERS} if self.text_encoder_lr is not None else {}
-        return LoraOptions(strategy=self.strategy_for(architecture), rank=int(rank or self.rank),
-                           alpha=self.alpha if self.alpha is not None else (None if alpha is None else float(alpha)),
-                           targets=self.targets, init=init or self.init,
-                           components=tuple(components) if components else None, learning_rate=self.learning_rate,
-                           learning_rates=lrs, save_dtype=self.save_dtype, algorithm=self.algorithm,
-                           dora=self.dora, train_text_encoder=tte, extra=extra)
+        return build_options(self.pm, architecture, strategy=self.strategy, algorithm=self.algorithm,
+                             rank=int(rank or self.rank),
+                             alpha=self.alpha if self.alpha is not None else (None if alpha is None else float(alpha)),
+                             targets=self.targets, init=init or self.init, components=components,
+                             learning_rate=self.learning_rate, text_encoder_lr=self.text_encoder_lr,
+                             save_dtype=self.save_dtype, dora=self.dora, train_text_encoder=tte, extra=self.extra)
 
     # ------------------------------------------------------------------ the four seams
 

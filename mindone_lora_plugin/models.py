@@ -43,18 +43,11 @@ class Models(Mapping):
 
 
 def guess_architecture(cells: dict) -> str:
-    if "text_encoder_2" in cells:
-        return "sdxl"
-    unet = cells.get("unet")
-    config = getattr(unet, "config", None)
-    if config is not None and getattr(config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    cross = getattr(config, "cross_attention_dim", None) if config is not None else None
-    te = cells.get("text_encoder")
-    te_hidden = getattr(getattr(te, "config", None), "hidden_size", None)
-    if cross == 1024 or te_hidden == 1024:
-        return "sd2"
-    return "sd1"
+    """The architecture of live models (``{component: cell}``), from their configs."""
+    from mindone_lora_plugin.formats.arch import from_configs
+
+    return from_configs(getattr(cells.get("unet"), "config", None), getattr(cells.get("text_encoder"), "config", None),
+                        has_text_encoder_2="text_encoder_2" in cells)
 
 
 def is_peft_lora_layer(cell) -> bool:

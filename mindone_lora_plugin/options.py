@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES  # noqa: F401  (re-exported: what --save_dtype / --dtype accept)
+
 PRESETS = ("attn", "kohya", "kohya-conv")
-SAVE_DTYPES = ("fp32", "fp16", "bf16")  # what --save_dtype / --dtype accept everywhere
 INITS = ("gaussian", "default")
 
 
@@ -81,3 +82,42 @@ def parse_targets(value: str) -> str | list[str]:
         raise LoraError(f"--lora_targets is empty: give a preset ({', '.join(PRESETS)}) or module names such as "
                         f"to_q,to_v")
     return names
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def default_strategy(strategy: str | None, architecture: str | None) -> str:
+    """The strategy asked for, else ``sdxl`` on an SDXL model and ``unet`` otherwise."""
+    return strategy or ("sdxl" if architecture == "sdxl" else "unet")
+
+
+def build_options(pm, architecture: str | None, *, strategy: str | None = None, algorithm: str | None = None,
+                  rank: int = 4, alpha: float | None = None, targets="attn", conv_rank: int | None = None,
+                  conv_alpha: float | None = None, init: str = "gaussian", components=None,
+                  learning_rate: float = 1e-4, text_encoder_lr: float | None = None, save_dtype: str | None = None,
+                  dora: bool = False, train_text_encoder: bool = False, extra: dict | None = None) -> LoraOptions:
+    """The one builder from flag values to :class:`LoraOptions`, shared by ``mindone-lora train``
+    (``train.settings.options_from_args``) and the integration API (``LoraIntegration.make_options``).
+
+    Checks the strategy and algorithm names against the plugin manager ``pm`` (unknown names list the installed
+    ones) and the rank; ``targets`` may be a flag string (parsed) or a list; ``text_encoder_lr`` applies to every
+    text encoder.
+    """
+    from mindone_lora_plugin.errors import LoraError
+
+    strategy = default_strategy(strategy, architecture)
+    pm.get_strategy(strategy)  # unknown names list the valid ones
+    algorithm = algorithm or "lora"
+    pm.get_algorithm(algorithm)
+    if dora and algorithm != "lora":
+        raise LoraError(f"--lora_dora applies to --lora_algo lora, not {algorithm}; leave one of them out")
+    if int(rank) < 1:
+        raise LoraError(f"--lora_rank must be at least 1, got {rank}")
+    lrs = {c: text_encoder_lr for c in TEXT_ENCODERS} if text_encoder_lr is not None else {}
+    return LoraOptions(strategy=strategy, rank=int(rank), alpha=alpha,
+                       targets=parse_targets(targets) if isinstance(targets, str) else targets,
+                       conv_rank=conv_rank, conv_alpha=conv_alpha, init=init,
+                       components=tuple(components) if components else None, learning_rate=learning_rate,
+                       learning_rates=lrs, save_dtype=save_dtype, algorithm=algorithm, dora=bool(dora),
+                       train_text_encoder=bool(train_text_encoder), extra=dict(extra or {}))

@@ -51,10 +51,10 @@ import threading
 from dataclasses import replace
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.options import TEXT_ENCODERS
 
 log = logging.getLogger("mindone_lora.run")
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _LAYER_ARGS = {"unet": "unet_lora_layers", "text_encoder": "text_encoder_lora_layers",
                "text_encoder_2": "text_encoder_2_lora_layers"}
 _PEFT_ALIASES = ("", ".tuners", ".tuners.tuners_utils", ".utils")

@@ -25,7 +25,7 @@ def check(mixed_precision: str | None, device_target: str) -> None:
 
 def weight_dtype(mixed_precision: str | None, device_target: str):
     """The MindSpore dtype of the frozen weights for ``--mixed_precision`` on ``device_target`` (checked)."""
-    import mindspore as ms
+    from mindone_lora_plugin.dtypes import mindspore_dtype
 
     check(mixed_precision, device_target)
-    return {"fp16": ms.float16, "bf16": ms.bfloat16}.get(mixed_precision or "no", ms.float32)
+    return mindspore_dtype(mixed_precision if mixed_precision in ("fp16", "bf16") else "fp32")

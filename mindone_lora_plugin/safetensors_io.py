@@ -17,14 +17,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from mindone_lora_plugin.dtypes import CODE_SIZES, from_code
 from mindone_lora_plugin.errors import LoraError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024
-_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-                 "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def refuse_pickle(path: str) -> None:
@@ -66,7 +63,7 @@ def read_header(path: str) -> tuple[dict, int]:
             continue
         try:
             begin, end = info["data_offsets"]
-            expected = math.prod(int(d) for d in info["shape"]) * _DTYPE_SIZES[info["dtype"]]
+            expected = math.prod(int(d) for d in info["shape"]) * CODE_SIZES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise LoraError(f"{path} has a malformed entry for '{key}' in its header: the file is corrupted") from None
         if end > data_len or end - begin != expected:
@@ -109,14 +106,10 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _numpy_dtype(code: str, key: str, path: str) -> np.dtype:
-    if code == "BF16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    found = _NUMPY_DTYPES.get(code)
+    found = from_code(code)
     if found is None:
         raise LoraError(f"{path}: tensor '{key}' has dtype {code}, which LoRA weights never use; the file is not a LoRA")
-    return np.dtype(found)
+    return found
 
 
 def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> str:

@@ -98,7 +98,7 @@ class LoraModule:
         return {str(np.asarray(t).dtype) for t in self.tensors.values()}
 
     def astype(self, dtype) -> "LoraModule":
-        from mindone_lora_plugin.formats.hashes import as_dtype
+        from mindone_lora_plugin.dtypes import as_dtype
 
         return LoraModule(algorithm=self.algorithm, alpha=self.alpha, settings=self.settings,
                           tensors={k: as_dtype(np.asarray(v), dtype) for k, v in self.tensors.items()})

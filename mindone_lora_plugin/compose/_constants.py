@@ -1,10 +1,10 @@
 """Names and limits shared by the compose modules."""
 
-from mindone_lora_plugin.options import SAVE_DTYPES as DTYPES  # noqa: F401  (re-exported)
+from mindone_lora_plugin.dtypes import FLOAT_CODES as _FLOAT_CODES  # noqa: F401  (re-exported)
+from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPES  # noqa: F401  (re-exported)
 
 ADAPTER_PREFIX = "lora"  # apply_loras names the adapters lora0, lora1, ...
 MERGE_RECORD = "mindone_lora_merge.json"  # written at the root of a merged model folder
-_FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 # pickled or foreign weight files; left out of a merged component because they would still hold the unmerged weights
 _STALE_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb",
                           ".bin.index.json", ".msgpack.index.json", ".h5.index.json")

@@ -27,10 +27,10 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
     renamed into place, so ``out`` is either complete or absent. An ``out`` that exists and is not empty is refused
     unless ``overwrite``. Pickled weight files in merged components (they would keep the unmerged weights) are left out.
     """
-    from mindone_lora_plugin.formats.plain import resolve_dtype
+    from mindone_lora_plugin.dtypes import numpy_dtype
 
     info = BaseModelInfo.from_folder(model_dir)
-    np_dtype = resolve_dtype(dtype) if dtype else None
+    np_dtype = numpy_dtype(dtype) if dtype else None
     pairs = _pairs(loras)
     for state, _ in pairs:
         info.check_shapes(state)
@@ -125,23 +125,19 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 
 def _np_dtype(code: str):
-    if code == "BF16":
-        import ml_dtypes
+    from mindone_lora_plugin.dtypes import from_code
 
-        return np.dtype(ml_dtypes.bfloat16)
-    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
-             "BOOL": np.bool_}
-    if code not in table:
+    found = from_code(code)
+    if found is None:
         raise LoraError(f"tensor dtype {code} is not supported when merging")
-    return np.dtype(table[code])
+    return found
 
 
 def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -> set[str]:
     """Copy the safetensors file ``src`` to ``dst`` adding ``deltas`` (weight name → float64 array) to the weights they
     name and casting floating tensors to ``dtype`` (None: keep). One tensor is in memory at a time. Returns the names
     changed."""
-    from mindone_lora_plugin.formats.hashes import as_dtype, safetensors_dtype
+    from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype
     from mindone_lora_plugin.safetensors_io import read_header
 
     header, offset = read_header(src)

@@ -36,9 +36,9 @@ def load_pipeline(model_dir: str, loras=(), dtype: str | None = None):
 
     kw = {}
     if dtype:
-        import mindspore as ms
+        from mindone_lora_plugin.dtypes import mindspore_dtype
 
-        kw["mindspore_dtype"] = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype]
+        kw["mindspore_dtype"] = mindspore_dtype(dtype)
     if info.architecture == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, **kw)
     else:

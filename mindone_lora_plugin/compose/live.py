@@ -117,7 +117,7 @@ def _split_plain(pairs):
 def _fit(arr, shape, comp, path) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.dtype.kind == "V" or arr.dtype.name == "bfloat16":
-        from mindone_lora_plugin.formats.hashes import as_dtype
+        from mindone_lora_plugin.dtypes import as_dtype
 
         arr = as_dtype(arr, np.float32)
     if tuple(arr.shape) != tuple(shape):

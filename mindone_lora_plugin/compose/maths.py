@@ -13,7 +13,7 @@ from mindone_lora_plugin.compose.specs import WeightedLora, _arch_of, _pairs
 
 def _f64(arr) -> np.ndarray:
     """``arr`` as float64; bfloat16 arrays of any origin (ml_dtypes' or MindSpore's numpy type) included."""
-    from mindone_lora_plugin.formats.hashes import as_dtype
+    from mindone_lora_plugin.dtypes import as_dtype
 
     return as_dtype(np.asarray(arr), np.float64)
 

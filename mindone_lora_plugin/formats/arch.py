@@ -17,6 +17,7 @@ shown by ``inspect`` and decide names only when nothing else is known.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from mindone_lora_plugin.errors import LoraError
 
@@ -53,6 +54,28 @@ def from_metadata(metadata: dict[str, str]) -> tuple[str | None, str]:
     if metadata.get("ss_v2") == "True":
         return "sd2", "ss_v2=True"
     return None, ""
+
+
+def from_configs(unet_config, text_encoder_config=None, *, has_text_encoder_2: bool = False,
+                 class_name: str = "") -> str:
+    """The architecture of a base model from its component configs (dicts or config objects; None when absent).
+
+    A second text encoder, an SDXL pipeline class or the UNet's ``text_time`` added embedding → SDXL; a 1024-wide
+    cross-attention or text encoder → SD2.x; otherwise SD1.x. Used for model folders and for live models alike.
+    """
+    if has_text_encoder_2 or "XL" in str(class_name or "") or _get(unet_config, "addition_embed_type") == "text_time":
+        return "sdxl"
+    if _get(unet_config, "cross_attention_dim") == 1024 or _get(text_encoder_config, "hidden_size") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def _get(config, key: str):
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
 
 
 def guess_architecture(parsed, tensors, metadata: dict[str, str], sgm_used: bool = False

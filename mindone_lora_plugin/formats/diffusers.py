@@ -20,7 +20,7 @@ from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.plain import cast, merged_metadata, modelspec, read_plain_lora, resolve_dtype
+from mindone_lora_plugin.formats.common import cast, merged_metadata, modelspec, read_plain_lora, resolve_dtype
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState, most_common
 
@@ -104,7 +104,7 @@ class DiffusersFormat(LoraFormat):
         return tensors
 
     def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:
-        from mindone_lora_plugin.formats.plain import is_v_prediction, names_for, writer_architecture
+        from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
         arch = None

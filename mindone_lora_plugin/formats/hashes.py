@@ -18,7 +18,6 @@ digests have a fixed length, so the header does not move). Memory stays at the t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ import threading
 
 import numpy as np
 
+from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype, standard_dtype  # noqa: F401  (re-exported)
 from mindone_lora_plugin.safetensors_io import atomic_path
 
 _BATCH_BYTES = 4 << 20
@@ -42,42 +42,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ENUM_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
                "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
 _RANK = {code: i for i, code in enumerate(_ENUM_ORDER)}
-_NUMPY_CODES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
-                "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
-                "int64": "I64", "uint64": "U64", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
-
-
-@functools.lru_cache(maxsize=None)
-def safetensors_dtype(dtype) -> str:
-    name = np.dtype(dtype).name
-    if name not in _NUMPY_CODES:
-        raise ValueError(f"dtype {name} cannot be stored in safetensors")
-    return _NUMPY_CODES[name]
-
-
-@functools.lru_cache(maxsize=None)
-def standard_dtype(dtype) -> np.dtype:
-    """``dtype``, with any bfloat16 as ml_dtypes' (MindSpore registers a second numpy bfloat16 that numpy cannot cast
-    to or from ml_dtypes' one; the bytes are the same)."""
-    dtype = np.dtype(dtype)
-    if dtype.name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return dtype
-
-
-def as_dtype(arr: np.ndarray, dtype=None) -> np.ndarray:
-    """``arr`` cast to ``dtype`` (None: kept), with bfloat16 arrays of any origin handled."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind == "V":
-        std = standard_dtype(arr.dtype)
-        if std is not arr.dtype and std != arr.dtype:
-            arr = arr.view(std)
-    if dtype is None:
-        return arr
-    dtype = standard_dtype(dtype)
-    return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
 def data_order(specs: dict[str, str]) -> list[str]:

@@ -16,12 +16,13 @@ import json
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.dtypes import standard_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats import sgm
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.hashes import save_with_sshs, standard_dtype
-from mindone_lora_plugin.formats.plain import (SGM_IMPLEMENTATION, is_v_prediction, merged_metadata, modelspec,
-                                               names_for, read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (SGM_IMPLEMENTATION, is_v_prediction, merged_metadata, modelspec,
+                                                names_for, read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState
 

@@ -29,7 +29,7 @@ import numpy as np
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats import sgm
-from mindone_lora_plugin.formats.hashes import as_dtype
+from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.state import LoraModule, LoraState
 
 DOWN, UP, ALPHA = "down", "up", "alpha"

@@ -132,7 +132,7 @@ class LoraFile:
 
 def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     """Read ``path`` (a file, or a folder holding one) — see :func:`read_lora`; also returns the format used."""
-    from mindone_lora_plugin.formats.plain import read_plain_lora
+    from mindone_lora_plugin.formats.common import read_plain_lora
     from mindone_lora_plugin.formats.variants import refuse_variants
 
     if isinstance(base, str):

@@ -13,10 +13,9 @@ from typing import ClassVar
 
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.models import base_layer_of, lora_layers
-from mindone_lora_plugin.options import PRESETS, LoraOptions
+from mindone_lora_plugin.options import PRESETS, TEXT_ENCODERS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 TE_MLP = ("fc1", "fc2")

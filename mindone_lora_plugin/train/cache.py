@@ -78,12 +78,11 @@ class LatentCache:
         path = self._path(key, flipped)
         if not os.path.exists(path):
             return None
-        from safetensors.numpy import load_file, safe_open  # noqa: F401 - safe_open reads the header only
+        from mindone_lora_plugin import safetensors_io
 
         try:
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-            moments = load_file(path)["moments"]
+            tensors, meta = safetensors_io.load(path)
+            moments = tensors["moments"]
         except Exception:  # a truncated or garbled file: rebuild it
             self.stats["rebuilt"] += 1
             return None
@@ -95,12 +94,10 @@ class LatentCache:
         return moments
 
     def _write(self, key: str, flipped: bool, shape, moments: np.ndarray) -> None:
-        from safetensors.numpy import save
-
-        from mindone_lora_plugin.safetensors_io import write_bytes_atomic
+        from mindone_lora_plugin import safetensors_io
 
         meta = {"format": FORMAT, "vae": self.vae_id, "flipped": str(flipped), "crop": json.dumps(list(shape))}
-        write_bytes_atomic(self._path(key, flipped), save({"moments": np.ascontiguousarray(moments)}, metadata=meta))
+        safetensors_io.save({"moments": moments}, self._path(key, flipped), meta)
 
     def fill(self, examples, flips: bool) -> None:
         """Encode (or read) every distinct example's fixed centre crop, and its mirror image with ``flips``."""

@@ -9,16 +9,10 @@ from mindone_lora_plugin.errors import LoraError
 
 
 def options_from_args(args, architecture: str, pm):
-    """Translate parsed flags into :class:`LoraOptions` (plugin-added arguments go to ``extra``)."""
-    from mindone_lora_plugin.options import LoraOptions, parse_targets
+    """Translate parsed flags into :class:`LoraOptions` (plugin-added arguments go to ``extra``) with
+    :func:`~mindone_lora_plugin.options.build_options`, the builder the integration API uses too."""
+    from mindone_lora_plugin.options import build_options
 
-    strategy = args.lora_strategy or ("sdxl" if architecture == "sdxl" else "unet")
-    pm.get_strategy(strategy)  # unknown names list the valid ones
-    algorithm = getattr(args, "lora_algo", None) or "lora"
-    pm.get_algorithm(algorithm)
-    dora = bool(getattr(args, "lora_dora", False))
-    if dora and algorithm != "lora":
-        raise LoraError(f"--lora_dora applies to --lora_algo lora, not {algorithm}; leave one of them out")
     extra = {d: getattr(args, d) for d in getattr(args, "_plugin_dests", []) if hasattr(args, d)}
     for flag in ("network_dropout", "rank_dropout", "module_dropout"):
         value = getattr(args, flag, None)
@@ -26,16 +20,12 @@ def options_from_args(args, architecture: str, pm):
             if not 0.0 <= value < 1.0:
                 raise LoraError(f"--{flag} must be in [0, 1), got {value}")
             extra[flag] = float(value)
-    lrs = {}
-    if args.text_encoder_lr is not None:
-        lrs = {"text_encoder": args.text_encoder_lr, "text_encoder_2": args.text_encoder_lr}
-    if args.lora_rank < 1:
-        raise LoraError(f"--lora_rank must be at least 1, got {args.lora_rank}")
-    return LoraOptions(strategy=strategy, rank=args.lora_rank, alpha=args.lora_alpha,
-                       targets=parse_targets(args.lora_targets), conv_rank=args.lora_conv_rank,
-                       conv_alpha=args.lora_conv_alpha, init=args.lora_init, learning_rate=args.learning_rate,
-                       learning_rates=lrs, save_dtype=args.save_dtype, algorithm=algorithm, dora=dora,
-                       train_text_encoder=bool(args.train_text_encoder), extra=extra)
+    return build_options(pm, architecture, strategy=args.lora_strategy, algorithm=getattr(args, "lora_algo", None),
+                         rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+                         conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha, init=args.lora_init,
+                         learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
+                         save_dtype=args.save_dtype, dora=bool(getattr(args, "lora_dora", False)),
+                         train_text_encoder=args.train_text_encoder, extra=extra)
 
 
 def check_args(args):

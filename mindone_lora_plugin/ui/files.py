@@ -69,9 +69,18 @@ def inspect(guard, path: str) -> dict:
 
 
 def _call(run, **fields) -> str:
+    """Run a command's ``run`` with its own parser's defaults overlaid by ``fields`` (so a flag added to the command
+    later gets its default here too), capturing what it prints."""
+    import sys
+
+    cmd = sys.modules[run.__module__]
+    sub = argparse.ArgumentParser().add_subparsers()
+    cmd.add_parser(sub)
+    defaults = {a.dest: a.default for p in sub.choices.values() for a in p._actions
+                if a.dest not in ("help", argparse.SUPPRESS)}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        run(argparse.Namespace(**fields))
+        run(argparse.Namespace(**dict(defaults, **fields)))
     return " ".join(buf.getvalue().split()) or "done"
 
 

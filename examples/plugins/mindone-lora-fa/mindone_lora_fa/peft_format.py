@@ -26,14 +26,15 @@ import os
 import re
 import shutil
 import uuid
-from collections import Counter
 
 import numpy as np
 
 from mindone_lora_plugin import safetensors_io
+from mindone_lora_plugin.dtypes import as_dtype, numpy_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.state import COMPONENTS, LoraModule, LoraState, most_common
+from mindone_lora_plugin.formats.diffusers import adapter_config as core_adapter_config
+from mindone_lora_plugin.state import COMPONENTS, LoraModule, LoraState
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -167,27 +168,21 @@ class PeftFormat(LoraFormat):
 
 
 def adapter_config(modules: dict[str, LoraModule]) -> dict:
-    """The ``adapter_config.json`` of one component: every module listed, ranks/alphas that differ in the patterns."""
-    r = most_common(Counter(m.rank for m in modules.values()))
-    alpha = most_common(Counter(float(m.alpha) for m in modules.values()))
+    """The ``adapter_config.json`` of one component: the core's ``LoraConfig`` fields (every module listed, ranks and
+    alphas that differ in the patterns) plus the fields of peft's saved config, with the pattern keys escaped."""
+    cfg = core_adapter_config(modules)
     return {
+        **cfg,
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": None,
         "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
+        "lora_alpha": float(cfg["lora_alpha"]),
         "use_dora": False,
         "modules_to_save": None,
-        "target_modules": sorted(modules),
         # peft matches pattern keys as regular expressions: escape the dots of the module paths
-        "rank_pattern": {re.escape(p): m.rank for p, m in sorted(modules.items()) if m.rank != r},
-        "alpha_pattern": {re.escape(p): float(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
+        "rank_pattern": {re.escape(p): r for p, r in cfg["rank_pattern"].items()},
+        "alpha_pattern": {re.escape(p): float(a) for p, a in cfg["alpha_pattern"].items()},
     }
 
 
@@ -259,19 +254,11 @@ def _pattern_value(pattern: dict, path: str, default):
 
 
 def _caster(dtype: str | None):
+    """``--save_dtype`` → a function casting one array (the core's dtype table; None/"keep": no cast)."""
     if dtype in (None, "", "keep"):
-        return lambda a: np.asarray(a)
-    if dtype in ("fp32", "float32", "float"):
-        target = np.float32
-    elif dtype in ("fp16", "float16", "half"):
-        target = np.float16
-    elif dtype in ("bf16", "bfloat16"):
-        import ml_dtypes
-
-        target = ml_dtypes.bfloat16
-    else:
-        raise LoraError(f"unknown save dtype '{dtype}': choose fp32, fp16 or bf16")
-    return lambda a: np.asarray(a, dtype=np.float32).astype(target) if np.asarray(a).dtype != target else np.asarray(a)
+        return np.asarray
+    target = numpy_dtype(dtype)
+    return lambda a: as_dtype(a, target)
 
 
 def _swap_in(tmp: str, target: str) -> None:

@@ -9,11 +9,10 @@ import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import SAVE_DTYPES as DTYPES
+from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPES  # noqa: F401  (re-exported)
+from mindone_lora_plugin.dtypes import as_dtype as cast  # noqa: F401  (re-exported for the writers)
+from mindone_lora_plugin.dtypes import numpy_dtype as resolve_dtype  # noqa: F401  (re-exported for the writers)
 from mindone_lora_plugin.state import LoraState
-
-_DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
-                  "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 # header entries that describe one particular file and must not be copied into another
 FILE_SPECIFIC_KEYS = frozenset({"format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash",
@@ -23,26 +22,6 @@ FILE_SPECIFIC_KEYS = frozenset({"format", "lora_adapter_metadata", "sshs_model_h
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                   "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-
-
-def resolve_dtype(name: str | None):
-    """``fp32``/``fp16``/``bf16`` (or None: keep) → a numpy dtype (bf16 through ml_dtypes)."""
-    if name is None:
-        return None
-    key = _DTYPE_ALIASES.get(str(name).lower())
-    if key is None:
-        raise LoraError(f"unknown save dtype '{name}'; choose one of: {', '.join(DTYPES)}")
-    if key == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(key)
-
-
-def cast(arr: np.ndarray, dtype) -> np.ndarray:
-    from mindone_lora_plugin.formats.hashes import as_dtype
-
-    return as_dtype(arr, dtype)
 
 
 def merged_metadata(state: LoraState, metadata: dict[str, str] | None) -> dict[str, str]:
