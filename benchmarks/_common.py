@@ -322,3 +322,15 @@ def save_results(name: str, data: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
+
+
+def torch_lora_step(torch, unet, b: dict, params, optimizer) -> float:
+    """One torch LoRA step as the benchmarks time it: noised latents, UNet, weighted MSE, backward, clip, update."""
+    noisy = b["a"].reshape(-1, 1, 1, 1) * b["latents"] + b["s"].reshape(-1, 1, 1, 1) * b["noise"]
+    pred = unet(noisy, b["t"], encoder_hidden_states=b["embeds"], return_dict=False)[0]
+    loss = (((pred.float() - b["noise"]) ** 2).mean(dim=(1, 2, 3)) * b["weights"]).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.item())

@@ -145,15 +145,7 @@ class TorchStep:
         self.first_step_s = time.perf_counter() - t0
 
     def _run(self) -> float:
-        b = self.b
-        noisy = b["a"].reshape(-1, 1, 1, 1) * b["latents"] + b["s"].reshape(-1, 1, 1, 1) * b["noise"]
-        pred = self.unet(noisy, b["t"], encoder_hidden_states=b["embeds"], return_dict=False)[0]
-        loss = (((pred.float() - b["noise"]) ** 2).mean(dim=(1, 2, 3)) * b["weights"]).mean()
-        loss.backward()
-        self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.item())
+        return C.torch_lora_step(self.torch, self.unet, self.b, self.params, self.optimizer)
 
     def step(self) -> None:
         self._run()
