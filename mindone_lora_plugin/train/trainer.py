@@ -362,6 +362,7 @@ class Trainer:
             global_step += 1
             if not np.isfinite(loss):
                 bar.close()
+                events.uninstall()  # the signal handlers go with the loop, also when it fails
                 kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise LoraError(f"the loss became {loss} at step {global_step}; training stopped and nothing more was "
                                 f"saved ({kept}); lower --learning_rate or check the data")
@@ -385,6 +386,7 @@ class Trainer:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
                 if not self._weights_finite():  # never write a poisoned checkpoint over a good one
                     bar.close()
+                    events.uninstall()  # the signal handlers go with the loop, also when it fails
                     raise LoraError(f"the LoRA weights became non-finite at step {global_step}; training stopped "
                                     f"(the last good checkpoint is {last_ckpt or 'none'}); lower --learning_rate")
                 last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
