@@ -29,6 +29,9 @@ _NUMPY_TO_CODE = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "
                   "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
                   "int64": "I64", "uint64": "U64", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+# safetensors' Rust Dtype enum in declaration order: a file's data is laid out by descending enum value, then by name
+SAFETENSORS_ENUM_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+                          "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
 
 
 def canonical(name: str) -> str | None:

@@ -4,6 +4,10 @@ Only safetensors is ever read: pickle-based files (``.ckpt``, ``.bin``, ``.pt``,
 are refused. Headers are checked before the ``safetensors`` library sees the file, so an empty, truncated or garbage
 file ends in one clear :class:`LoraError` instead of a Rust panic. Writes go to a temporary file in the same folder and
 are renamed into place, so a crash never leaves a half-written file where a good one was.
+
+This module holds the package's one safetensors writer (:class:`StreamWriter`): it writes the header safetensors
+itself would write, then the tensors one at a time, so a file is never built in memory. :func:`save` (LoRA files,
+checkpoints, caches), kohya's hashing writer (``formats/hashes.py``) and ``merge``'s weight rewrite all use it.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
+import re
 import struct
+import sys
+import uuid
 from contextlib import contextmanager
 
 import numpy as np
 
-from mindone_lora_plugin.dtypes import CODE_SIZES, from_code
+from mindone_lora_plugin.dtypes import CODE_SIZES, SAFETENSORS_ENUM_ORDER, as_dtype, from_code, safetensors_dtype
 from mindone_lora_plugin.errors import LoraError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -112,14 +118,133 @@ def _numpy_dtype(code: str, key: str, path: str) -> np.dtype:
     return found
 
 
-def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> str:
-    """Write ``tensors`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    from safetensors.numpy import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None, dtype=None) -> str:
+    """Write ``tensors`` to ``path`` atomically, byte for byte as ``safetensors.numpy.save_file`` would (``dtype``: a
+    numpy dtype every tensor is cast to, one at a time, while writing; None keeps each tensor's own)."""
+    metadata = {k: str(v) for k, v in metadata.items()} if metadata else None
+    entries = layout(tensors, dtype)
+    with StreamWriter(path, entries, metadata) as w:
+        for name, *_ in entries:
+            w.write(as_bytes(as_dtype(tensors[name], dtype)))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- the one writer
+
+_RANK = {code: i for i, code in enumerate(SAFETENSORS_ENUM_ORDER)}
+
+
+def layout(tensors: dict, dtype=None) -> list[tuple[str, str, tuple, int]]:
+    """``[(name, dtype code, shape, nbytes)]`` in safetensors' data order (descending dtype, then name) for
+    ``tensors`` saved in ``dtype`` (None: each tensor's own dtype)."""
+    specs = {}
+    for k, v in tensors.items():
+        dt = np.dtype(dtype if dtype is not None else v.dtype)
+        specs[k] = (safetensors_dtype(dt), tuple(int(s) for s in np.shape(v)), dt.itemsize)
+    order = sorted(specs, key=lambda n: (-_RANK[specs[n][0]], n))
+    return [(k, specs[k][0], specs[k][1], math.prod(specs[k][1]) * specs[k][2]) for k in order]
+
+
+def tensor_json(entries) -> str:
+    """The tensor part of a header for ``entries`` (in the order their data is written)."""
+    out, offset = [], 0
+    for name, code, shape, nbytes in entries:
+        shape_s = ",".join(str(int(s)) for s in shape)
+        out.append(f'{_js(name)}:{{"dtype":"{code}","shape":[{shape_s}],"data_offsets":[{offset},{offset + nbytes}]}}')
+        offset += nbytes
+    return ",".join(out)
+
+
+def header_bytes(entries, metadata: dict[str, str] | None, tensor_part: str | None = None) -> bytes:
+    """The padded JSON header safetensors writes for ``entries`` and ``metadata`` (None: no ``__metadata__``).
+
+    ``tensor_part`` (from :func:`tensor_json`) saves rebuilding the tensor part when only the metadata changes.
+    """
+    parts = []
+    if metadata is not None:
+        inner = ",".join(f"{_js(k)}:{_js(v)}" for k, v in sorted(metadata.items()))
+        parts.append(f'"__metadata__":{{{inner}}}')
+    tj = tensor_part if tensor_part is not None else tensor_json(entries)
+    if tj:
+        parts.append(tj)
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': JSON needs no escapes
+
+
+def _js(s: str) -> str:
+    if not isinstance(s, str):
+        raise TypeError(f"safetensors metadata must be strings, got {type(s).__name__}")
+    if _PLAIN.fullmatch(s):
+        return f'"{s}"'
+    return json.dumps(s, ensure_ascii=False)
+
+
+def as_bytes(arr: np.ndarray) -> np.ndarray:
+    """``arr``'s little-endian bytes as a flat uint8 view (a copy only when the byte order must change)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.reshape(-1).view(np.uint8)
+
+
+class StreamWriter:
+    """An atomic safetensors file written tensor by tensor::
+
+        with StreamWriter(path, entries, metadata) as w:   # entries from layout(), or any order of your own
+            for name, *_ in entries:
+                w.write(as_bytes(tensor_of(name)))
+            w.rewrite_metadata(final)                      # optional: same header length, patched in place
+
+    The header is written first; the data must come in the order of ``entries`` and add up to their sizes (checked on
+    exit). On any error the temporary file is removed and ``path`` is untouched.
+    """
+
+    def __init__(self, path: str, entries, metadata: dict[str, str] | None):
+        self.path, self.entries = path, list(entries)
+        self._tensor_part = tensor_json(self.entries)
+        self.header = header_bytes(self.entries, metadata, self._tensor_part)
+        self._expected = sum(e[3] for e in self.entries)
+        self._written = 0
+
+    def __enter__(self) -> "StreamWriter":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._f = open(tmp, "wb")
+            self._f.write(struct.pack("<Q", len(self.header)))
+            self._f.write(self.header)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, buf: np.ndarray) -> None:
+        self._f.write(memoryview(buf))
+        self._written += buf.size
+
+    def rewrite_metadata(self, metadata: dict[str, str] | None) -> None:
+        header = header_bytes(self.entries, metadata, self._tensor_part)
+        if len(header) != len(self.header):
+            raise ValueError("rewrite_metadata must keep the header's length")
+        pos = self._f.tell()
+        self._f.seek(8)
+        self._f.write(header)
+        self._f.seek(pos)
+        self.header = header
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._f.close()
+            if exc_type is None and self._written != self._expected:
+                raise AssertionError(f"{self.path}: wrote {self._written} bytes of tensor data, the header says "
+                                     f"{self._expected}")
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())  # removes the temporary file (and may turn OSError into LoraError)
+            raise
+        return self._atomic.__exit__(exc_type, exc, tb)
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from formats_helpers import random_state, tiny_sdxl
-from mindone_lora_plugin.formats.hashes import (EMPTY_SHA256, _entries, header_bytes, save_with_sshs,
-                                                sshs_hashes)
+from mindone_lora_plugin.formats.hashes import EMPTY_SHA256, save_with_sshs, sshs_hashes
+from mindone_lora_plugin.safetensors_io import header_bytes, layout
 
 
 def reference_hashes(tensors, metadata):
@@ -40,7 +40,7 @@ def test_matches_reference(seed):
     meta = {"ss_network_dim": "4", "ss_tag_frequency": '{"a": {"é\\n": 3}}' * int(rng.integers(1, 50)),
             "modelspec.title": "not hashed", "ss_output_name": "x\u2028\"y\x01"}
     assert sshs_hashes(tensors, meta) == reference_hashes(tensors, meta)
-    entries = _entries(tensors)
+    entries = layout(tensors)
     ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
     assert len(header_bytes(entries, ss)) == struct.unpack("<Q", save(tensors, metadata=ss)[:8])[0]
 
@@ -94,7 +94,7 @@ def test_save_with_sshs_writes_a_valid_file(tmp_path, monkeypatch, dtype, thread
     raw = open(path, "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
     assert hashlib.sha256(raw[8 + n:]).hexdigest() == model_hash
-    assert raw[8:8 + n] == header_bytes(_entries(saved), dict(meta, sshs_model_hash=model_hash,
+    assert raw[8:8 + n] == header_bytes(layout(saved), dict(meta, sshs_model_hash=model_hash,
                                                                sshs_legacy_hash=legacy))
 
 
@@ -134,3 +134,32 @@ def test_save_with_sshs_failure_leaves_nothing(tmp_path, monkeypatch):
         save_with_sshs(tensors, str(tmp_path / "f.safetensors"), {})
     assert list(tmp_path.iterdir()) == []
     assert not any(t.name == "sshs-hash" for t in threading.enumerate())
+
+
+def test_the_one_writer_matches_safetensors_byte_for_byte(tmp_path):
+    """safetensors_io.save (used for diffusers files, checkpoints and caches) writes what safetensors itself writes,
+    for every dtype mix and with or without metadata, and casts on the way when asked."""
+    from mindone_lora_plugin import safetensors_io
+    from mindone_lora_plugin.dtypes import bfloat16
+
+    rng = np.random.default_rng(3)
+    tensors = {"b.w": rng.standard_normal((3, 5)).astype(np.float32), "a.w": rng.standard_normal(7).astype(np.float16),
+               "c": rng.integers(0, 9, (2, 2)).astype(np.int64), "z": rng.standard_normal(4).astype(bfloat16()),
+               "e": np.zeros((0, 3), np.float32)}
+    for meta in (None, {"format": "pt", "ünï": "ç\"\\"}):
+        path = safetensors_io.save(tensors, str(tmp_path / "f.safetensors"), meta)
+        assert open(path, "rb").read() == save(tensors, metadata=meta)
+    cast = safetensors_io.save(tensors, str(tmp_path / "h.safetensors"), dtype=np.dtype(np.float16))
+    back, _ = safetensors_io.load(cast)
+    assert {k: v.dtype for k, v in back.items()} == {k: np.dtype(np.float16) for k in tensors}
+    np.testing.assert_array_equal(back["b.w"], tensors["b.w"].astype(np.float16))
+
+
+def test_stream_writer_refuses_short_data_and_leaves_nothing(tmp_path):
+    from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, layout
+
+    tensors = {"a": np.ones(8, np.float32), "b": np.ones(4, np.float32)}
+    with pytest.raises(AssertionError, match="header says"):
+        with StreamWriter(str(tmp_path / "f.safetensors"), layout(tensors), None) as w:
+            w.write(as_bytes(tensors["a"]))
+    assert list(tmp_path.iterdir()) == []

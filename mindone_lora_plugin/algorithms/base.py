@@ -31,7 +31,7 @@ from mindone_lora_plugin.errors import LoraError
 
 def as_f64(arr) -> np.ndarray:
     """``arr`` as float64 (bfloat16 of any origin included)."""
-    from mindone_lora_plugin.formats.hashes import as_dtype
+    from mindone_lora_plugin.dtypes import as_dtype
 
     return as_dtype(np.asarray(arr), np.float64)
 

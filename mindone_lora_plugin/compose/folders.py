@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 
 import numpy as np
 
@@ -138,30 +137,19 @@ def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -
     name and casting floating tensors to ``dtype`` (None: keep). One tensor is in memory at a time. Returns the names
     changed."""
     from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype
-    from mindone_lora_plugin.safetensors_io import read_header
+    from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, read_header
 
     header, offset = read_header(src)
-    metadata = header.get("__metadata__")
     names = [k for k in header if k != "__metadata__"]
-    order = sorted(names, key=lambda k: header[k]["data_offsets"][0])
+    order = sorted(names, key=lambda k: header[k]["data_offsets"][0])  # the source's own order: one forward pass
     out_codes = {k: (safetensors_dtype(dtype) if dtype is not None and header[k]["dtype"] in _FLOAT_CODES
                      else header[k]["dtype"]) for k in names}
-    new_header: dict = {}
-    if metadata is not None:
-        new_header["__metadata__"] = metadata
-    pos = 0
-    for k in order:
-        n = int(np.prod(header[k]["shape"], dtype=np.int64)) * _np_dtype(out_codes[k]).itemsize
-        new_header[k] = {"dtype": out_codes[k], "shape": header[k]["shape"], "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    entries = [(k, out_codes[k], tuple(header[k]["shape"]),
+                int(np.prod(header[k]["shape"], dtype=np.int64)) * _np_dtype(out_codes[k]).itemsize) for k in order]
     changed = set()
     data = np.memmap(src, dtype=np.uint8, mode="r")
     try:
-        with open(dst, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+        with StreamWriter(dst, entries, header.get("__metadata__")) as w:
             for k in order:
                 info = header[k]
                 begin, end = info["data_offsets"]
@@ -174,10 +162,7 @@ def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -
                                         f"LoRA implies {list(d.shape)}")
                     arr = as_dtype(_f64(arr) + d.reshape(arr.shape), src_dt)
                     changed.add(k)
-                target = _np_dtype(out_codes[k])
-                if arr.dtype != target:
-                    arr = as_dtype(arr, target)
-                f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+                w.write(as_bytes(as_dtype(arr, _np_dtype(out_codes[k]))))
     finally:
         del data
     return changed

@@ -11,85 +11,30 @@ dtype cast — together with only the ``ss_*`` metadata into an in-memory safete
 
 Neither needs the buffer: the data section is hashed straight from the tensors in safetensors' data order (dtype
 alignment, then name), and the ``ss_*``-only header is built here only to learn its length (and its bytes, in the
-unlikely case the 1 MiB window reaches into it). :func:`save_with_sshs` writes the final file itself in one pass over
-the tensors, hashing in a second thread while writing, and patches the two hashes into the header at the end (hex
-digests have a fixed length, so the header does not move). Memory stays at the tensors plus the one being cast.
+unlikely case the 1 MiB window reaches into it). :func:`save_with_sshs` writes the final file with the package's one
+writer (:class:`~mindone_lora_plugin.safetensors_io.StreamWriter`) in one pass over the tensors, hashing in a second
+thread while writing, and patches the two hashes into the header at the end (hex digests have a fixed length, so the
+header does not move). Memory stays at the tensors plus the one being cast.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import queue
-import re
 import struct
-import sys
 import threading
 
 import numpy as np
 
 from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype, standard_dtype  # noqa: F401  (re-exported)
-from mindone_lora_plugin.safetensors_io import atomic_path
+from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, header_bytes, layout, tensor_json
 
 _BATCH_BYTES = 4 << 20
 _THREAD_BYTES = 16 << 20
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-# safetensors' Rust Dtype enum, in declaration order; data is laid out by descending enum value, then by name
-_ENUM_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
-               "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
-_RANK = {code: i for i, code in enumerate(_ENUM_ORDER)}
-
-
-def data_order(specs: dict[str, str]) -> list[str]:
-    """Tensor names in the order safetensors lays out their data (``specs``: name → dtype code)."""
-    return sorted(specs, key=lambda n: (-_RANK[specs[n]], n))
-
-
-def header_bytes(entries, metadata: dict[str, str] | None, tensor_json: str | None = None) -> bytes:
-    """The padded JSON header safetensors writes for ``entries`` = [(name, dtype code, shape, nbytes)] in data order.
-
-    ``tensor_json`` (from :func:`tensor_json`) saves rebuilding the tensor part when only the metadata changes.
-    """
-    parts = []
-    if metadata is not None:
-        inner = ",".join(f"{_js(k)}:{_js(v)}" for k, v in sorted(metadata.items()))
-        parts.append(f'"__metadata__":{{{inner}}}')
-    tj = tensor_json if tensor_json is not None else _tensor_json(entries)
-    if tj:
-        parts.append(tj)
-    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)
-
-
-def _tensor_json(entries) -> str:
-    out, offset = [], 0
-    for name, code, shape, nbytes in entries:
-        shape_s = ",".join(str(int(s)) for s in shape)
-        out.append(f'{_js(name)}:{{"dtype":"{code}","shape":[{shape_s}],"data_offsets":[{offset},{offset + nbytes}]}}')
-        offset += nbytes
-    return ",".join(out)
-
-
-_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': JSON needs no escapes
-
-
-def _js(s: str) -> str:
-    if not isinstance(s, str):
-        raise TypeError(f"safetensors metadata must be strings, got {type(s).__name__}")
-    if _PLAIN.fullmatch(s):
-        return f'"{s}"'
-    return json.dumps(s, ensure_ascii=False)
-
-
-def _as_bytes(arr: np.ndarray) -> np.ndarray:
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return arr.reshape(-1).view(np.uint8)
+_as_bytes = as_bytes  # module attribute: the failure test replaces it
 
 
 class _SshsHasher:
@@ -116,23 +61,13 @@ class _SshsHasher:
         return self.sha.hexdigest(), hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]
 
 
-def _entries(tensors: dict, dtype=None):
-    """[(name, dtype code, shape, nbytes)] in safetensors' data order (``dtype``: the dtype they will be saved in)."""
-    specs = {}
-    for k, v in tensors.items():
-        dt = dtype if dtype is not None else v.dtype
-        specs[k] = (safetensors_dtype(dt), tuple(int(s) for s in np.shape(v)), dt.itemsize)
-    order = sorted(specs, key=lambda n: (-_RANK[specs[n][0]], n))
-    return [(k, specs[k][0], specs[k][1], math.prod(specs[k][1]) * specs[k][2]) for k in order]
-
-
 def ss_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
 
 
 def sshs_hashes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> tuple[str, str]:
     """``(sshs_model_hash, sshs_legacy_hash)`` of ``tensors`` (already in their save dtype), as kohya computes them."""
-    entries = _entries(tensors)
+    entries = layout(tensors)
     hasher = _SshsHasher(header_bytes(entries, ss_metadata(metadata)))
     for name, *_ in entries:
         hasher.update(_as_bytes(tensors[name]))
@@ -144,12 +79,10 @@ def save_with_sshs(tensors: dict[str, np.ndarray], path: str, metadata: dict[str
 
     ``dtype`` (a numpy dtype or None) casts every tensor, one at a time, while writing. Returns the two hashes.
     """
-    entries = _entries(tensors, dtype)
-    tj = _tensor_json(entries)
+    entries = layout(tensors, dtype)
     meta = {k: str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
-    hasher = _SshsHasher(header_bytes(entries, ss_metadata(meta), tj))
+    hasher = _SshsHasher(header_bytes(entries, ss_metadata(meta), tensor_json(entries)))
     placeholder = dict(meta, sshs_model_hash="0" * 64, sshs_legacy_hash="0" * 8)
-    header = header_bytes(entries, placeholder, tj)
 
     # the hashing thread gets the written buffers in batches of ~4 MiB (few hand-overs, little memory held)
     work: queue.Queue = queue.Queue(maxsize=8)
@@ -170,42 +103,35 @@ def save_with_sshs(tensors: dict[str, np.ndarray], path: str, metadata: dict[str
 
     threaded = sum(e[3] for e in entries) >= _THREAD_BYTES  # small files: a thread costs more than it saves
     worker = threading.Thread(target=consume, name="sshs-hash", daemon=True)
-    with atomic_path(path) as tmp:
-        if threaded:
-            worker.start()
-        done = not threaded
-        try:
-            with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(header)))
-                f.write(header)
-                batch, batch_bytes = [], 0
-                for name, *_ in entries:
-                    buf = _as_bytes(as_dtype(tensors[name], dtype))
-                    f.write(memoryview(buf))
-                    if not threaded:
-                        hasher.update(buf)
-                        continue
-                    batch.append(buf)
-                    batch_bytes += buf.size
-                    if batch_bytes >= _BATCH_BYTES:
-                        work.put(batch)
-                        batch, batch_bytes = [], 0
-                if threaded:
+    if threaded:
+        worker.start()
+    done = not threaded
+    try:
+        with StreamWriter(path, entries, placeholder) as w:
+            batch, batch_bytes = [], 0
+            for name, *_ in entries:
+                buf = _as_bytes(as_dtype(tensors[name], dtype))
+                w.write(buf)
+                if not threaded:
+                    hasher.update(buf)
+                    continue
+                batch.append(buf)
+                batch_bytes += buf.size
+                if batch_bytes >= _BATCH_BYTES:
                     work.put(batch)
-                    work.put(None)
-                    done = True
-                    worker.join()
-                if failure:
-                    raise failure[0]
-                model_hash, legacy_hash = hasher.digests()
-                final = header_bytes(entries, dict(meta, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash),
-                                     tj)
-                assert len(final) == len(header)
-                f.seek(8)
-                f.write(final)
-        finally:
-            if not done:
-                work.put(None)
+                    batch, batch_bytes = [], 0
             if threaded:
+                work.put(batch)
+                work.put(None)
+                done = True
                 worker.join()
+            if failure:
+                raise failure[0]
+            model_hash, legacy_hash = hasher.digests()
+            w.rewrite_metadata(dict(meta, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash))
+    finally:
+        if not done:
+            work.put(None)
+        if threaded:
+            worker.join()
     return model_hash, legacy_hash
