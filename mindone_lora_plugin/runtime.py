@@ -10,6 +10,7 @@ import os
 import warnings
 
 _QUIETED = False
+MAX_CALL_DEPTH = 20000
 
 
 def quiet_mindone_imports() -> None:
@@ -52,6 +53,9 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
             ms.set_context(device_target=device_target)
     target = ms.get_context("device_target")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    # MindSpore's optimizers unroll one call per parameter when compiled: SDXL with LoHa on the UNet and both text
+    # encoders (544 tensors) passes the default depth of 1000
+    ms.set_context(max_call_depth=max(MAX_CALL_DEPTH, ms.get_context("max_call_depth") or 0))
     if mode == "graph":
         ms.set_context(jit_syntax_level=ms.STRICT)
     backends.activate(target)

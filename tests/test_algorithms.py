@@ -266,6 +266,31 @@ def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path):
     assert max(diffs.values()) < 1e-5, diffs
 
 
+@pytest.mark.slow
+def test_loha_on_sdxl_trains_the_unet_and_both_text_encoders(pm, tiny_sdxl, tmp_path):
+    """SDXL with LoHa on the UNet and both text encoders: the kohya file holds LoHa for all three (SGM names,
+    lora_te1_/lora_te2_ prefixes) and loads back into fresh models to the trained outputs."""
+    from mindone_lora_plugin.safetensors_io import read_header
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from train_helpers import load_back, train
+
+    data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
+    result = train(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", data, "--output_dir",
+                    str(tmp_path / "xl"), "--max_train_steps", "1", "--train_batch_size", "2", "--learning_rate",
+                    "1e-2", "--lr_warmup_steps", "0", "--seed", "2", "--report_to", "none", "--device_target", "CPU",
+                    "--mode", "pynative", "--lora_algo", "loha", "--train_text_encoder", "--lora_targets", "attn",
+                    "--save_formats", "kohya", "--output_name", "xl", "--checkpointing_steps", "0"])
+    [path] = result.files
+    state = read_lora(path)
+    assert set(state.algorithms()) == {"loha"}
+    assert set(state.components) == {"unet", "text_encoder", "text_encoder_2"}
+    keys = [k for k in read_header(path)[0] if k != "__metadata__"]
+    for prefix in ("lora_unet_input_blocks_", "lora_te1_text_model_", "lora_te2_text_model_"):
+        assert any(k.startswith(prefix) and k.endswith(".hada_w1_a") for k in keys), prefix
+    [(loaded, diffs)] = load_back(tiny_sdxl, result.files, "sdxl", result.models)
+    assert len(loaded) == len(state) and max(diffs.values()) < 1e-5, diffs
+
+
 def test_adapter_dropouts_act_in_training_only(pm):
     """kohya's network/rank/module dropout inside a LoHa layer: training outputs change from call to call, eval
     outputs are exactly base + ΔW, and the layer's tensors (what files hold) are untouched."""

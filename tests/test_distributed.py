@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_keep_identical_weights_and_only_rank0_writes(tiny_sd1, tmp_path):
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_two_workers_keep_identical_weights_and_only_rank0_writes(algo, tiny_sd1, tmp_path):
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     bindir = os.path.dirname(sys.executable)
@@ -28,14 +29,21 @@ def test_two_workers_keep_identical_weights_and_only_rank0_writes(tiny_sd1, tmp_
            "--join=True", entry, "train", "--distributed", "--pretrained_model_name_or_path", tiny_sd1,
            "--train_data_dir", data, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2",
            "--mode", "pynative", "--report_to", "none", "--checkpointing_steps", "1", "--device_target", "CPU",
-           "--seed", "1", "--learning_rate", "1e-2"]
+           "--seed", "1", "--learning_rate", "1e-2", "--lora_algo", algo]
+    if algo != "lora":  # the diffusers layout holds plain LoRA only
+        cmd += ["--save_formats", "kohya"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     worker_logs = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker_*.log")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + worker_logs[-3000:]
     digests = dict(re.findall(r"worker (\d)/2: LoRA weights sha256 ([0-9a-f]{64})", worker_logs))
     assert set(digests) == {"0", "1"}, worker_logs[-2000:]
     assert digests["0"] == digests["1"]
-    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "hparams.yml", "loss_curve.png", "out.safetensors",
-                                       "pytorch_lora_weights.safetensors", "train_log.jsonl"]
+    files = ["out.safetensors"] + (["pytorch_lora_weights.safetensors"] if algo == "lora" else [])
+    assert sorted(os.listdir(out)) == sorted(["checkpoint-1", "checkpoint-2", "hparams.yml", "loss_curve.png",
+                                              "train_log.jsonl", *files])
+    from mindone_lora_plugin.formats.reader import read_lora
+
+    state = read_lora(str(out / "out.safetensors"))
+    assert set(state.algorithms()) == {algo} and len(state) > 10
     first = re.findall(r"training 2 steps .* 2 worker\(s\)", worker_logs)
     assert len(first) == 1  # only rank 0 talks
