@@ -92,7 +92,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """
     header, offset = read_header(path)
     size = os.path.getsize(path) - offset
-    buf = bytearray(size)
+    buf = np.empty(size, np.uint8)  # not zeroed: every byte is read into it
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -107,7 +107,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         begin, end = info["data_offsets"]
         dtype = _numpy_dtype(info["dtype"], key, path)
         count = (end - begin) // dtype.itemsize
-        tensors[key] = np.frombuffer(buf, dtype=dtype, count=count, offset=begin).reshape(info["shape"])
+        tensors[key] = buf[begin:begin + count * dtype.itemsize].view(dtype).reshape(info["shape"])
     return tensors, dict(header.get("__metadata__") or {})
 
 
