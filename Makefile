@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py plugins/*/setup.cfg plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(STAMP_KEY)
 PYTEST_ARGS ?=
+# the suite runs on every core (at most 4: each worker may hold a few GiB), one test file per worker at a time so
+# module-scoped training runs are shared; JOBS=1 runs it serially
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup test demo bench clean lint browser
 
@@ -30,7 +33,7 @@ browser:
 	else echo "note: the UI browser tests will be skipped; install chromium and chromium-driver (as root: make browser)"; fi
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/mindone-lora train --demo
