@@ -56,15 +56,13 @@ class Trainer:
             raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
                             "--demo")
         from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.validate import validate_train_args
+        from mindone_lora_plugin.train.validate import check_resolution, validate_train_args
 
         validate_train_args(args)  # every flag, before any model is loaded
         info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
         self.architecture = info.architecture
-        self.resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
-        if self.resolution % 8:
-            raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
-                            f"{self.resolution - self.resolution % 8 or 8}")
+        self.resolution = check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path,
+                                                                                 info))
         check_args(args)
         from mindone_lora_plugin.train.features import TrainingFeatures
 

@@ -37,6 +37,13 @@ NEEDS = {
 }
 
 
+def check_resolution(resolution: int) -> int:
+    """The training resolution (given or the model's default) must be a multiple of 8 (the VAE's downscale)."""
+    if resolution % 8:
+        raise LoraError(f"--resolution {resolution} is not divisible by 8; use e.g. {resolution - resolution % 8 or 8}")
+    return resolution
+
+
 def _given(value) -> bool:
     return value not in (None, False, 0, 0.0)
 

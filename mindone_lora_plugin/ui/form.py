@@ -181,6 +181,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     from mindone_lora_plugin.basemodel import BaseModelInfo
     from mindone_lora_plugin.plugins import get_plugin_manager
     from mindone_lora_plugin.train.settings import check_args, default_resolution, options_from_args
+    from mindone_lora_plugin.train.validate import check_resolution
 
     parser = train_parser()
     actions = _actions(parser)
@@ -238,11 +239,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)
-        resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
-        if resolution % 8:
-            # the trainer's own check (Trainer.run), before any model loads
-            raise LoraError(f"--resolution {resolution} is not divisible by 8; use e.g. "
-                            f"{resolution - resolution % 8 or 8}")
+        check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info))
         check_args(args)
         pm = get_plugin_manager()
         options = options_from_args(args, info.architecture, pm)
