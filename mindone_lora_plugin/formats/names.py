@@ -149,11 +149,30 @@ def split_role(role: str) -> tuple[str, str]:
     return (algo, name) if sep else ("lora", role)
 
 
-def parse_key(key: str, suffixes=None) -> ParsedKey | None:
+def dotted_prefixes() -> tuple[tuple[str, str | None], ...]:
+    """The dotted key prefixes → component: the fixed SD/PEFT/ComfyUI ones and every installed architecture's
+    component prefix (``transformer.``)."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    return _with_architecture_prefixes(tuple(
+        (c.key_prefix + ".", c.name) for a in installed_architectures().values() for c in a.components))
+
+
+@functools.lru_cache(maxsize=8)
+def _with_architecture_prefixes(extra: tuple) -> tuple:
+    known = {p for p, _ in _DOTTED_PREFIXES}
+    added = tuple(dict.fromkeys((p, c) for p, c in extra if p not in known))
+    return _DOTTED_PREFIXES + added
+
+
+def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
     """Parse one tensor key of an adapter file; None when it follows no known style.
 
-    ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default).
+    ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default); ``prefixes`` the
+    dotted prefixes (:func:`dotted_prefixes`, the default).
     """
+    if prefixes is None:
+        prefixes = dotted_prefixes()
     for suffix, role, style in _SUFFIXES + (algorithm_suffixes() if suffixes is None else tuple(suffixes)):
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
@@ -169,7 +188,7 @@ def parse_key(key: str, suffixes=None) -> ParsedKey | None:
             name = stem[len(prefix):]
             return ParsedKey(key, comp, name, role, True, "kohya") if name else None
     comp = None
-    for prefix, pcomp in _DOTTED_PREFIXES:
+    for prefix, pcomp in (_DOTTED_PREFIXES if prefixes is None else prefixes):
         if stem.startswith(prefix):
             rest = stem[len(prefix):]
             if pcomp is None:
@@ -224,33 +243,31 @@ def _normalise_dotted(component: str, stem: str) -> str:
 
 
 class NameResolver:
-    """Resolves parsed names to diffusers module paths, from the base model's module list or the grammar."""
+    """Resolves parsed names to module paths: from the base model's module list (plus the spellings its architecture
+    knows for them, :meth:`~mindone_lora_plugin.architectures.base.Architecture.base_aliases`), or without a base
+    model with the architecture's grammar (:meth:`~mindone_lora_plugin.architectures.base.Architecture.resolve_name`;
+    every installed architecture's in turn when the architecture is unknown)."""
 
-    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None):
+    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None,
+                 architecture: str | None = None):
+        from mindone_lora_plugin.architectures import find_architecture, installed_architectures
+
         self.base = base
         self.layers_per_block = (base.unet_layers_per_block if base is not None else None) or layers_per_block
+        arch = find_architecture(base.architecture if base is not None else architecture)
+        self.grammars = [arch] if arch is not None else list(installed_architectures().values())
         self._flat: dict[str, dict[str, str]] = {}
-        self._sgm: dict[str, str] = {}
+        self._alias: dict[str, dict[str, str]] = {}
         if base is not None:
             for comp, mods in base.modules.items():
                 table = {}
                 for path in mods:
                     table.setdefault(path.replace(".", "_"), path)
+                aliases = arch.base_aliases(comp, mods, self.layers_per_block) if arch is not None else {}
+                for spelling, path in aliases.items():
+                    table.setdefault(spelling.replace(".", "_"), path)
                 self._flat[comp] = table
-            unet = base.modules.get("unet", {})
-            attn_blocks = {int(m[1]) for p in unet for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", p)] if m}
-            for path in unet:
-                try:
-                    s = sgm.diffusers_to_sgm(path, self.layers_per_block, lambda b: b in attn_blocks)
-                except ValueError:
-                    continue
-                spellings = [s]
-                if s.startswith("output_blocks.") and s.endswith(".conv"):  # an upsampler: inner index 1 or 2
-                    head, inner, _ = s.rsplit(".", 2)
-                    spellings.append(f"{head}.{'1' if inner == '2' else '2'}.conv")
-                for spelling in spellings:
-                    self._sgm.setdefault(spelling, path)
-                    self._flat["unet"].setdefault(spelling.replace(".", "_"), path)
+                self._alias[comp] = aliases
 
     def resolve(self, component: str, name: str, flat: bool) -> str | None:
         if self.base is not None:
@@ -261,18 +278,13 @@ class NameResolver:
                 return self._flat[component].get(name)
             if name in mods:
                 return name
-            if component == "unet" and name in self._sgm:
-                return self._sgm[name]
-            return None
-        path = flat_to_dotted(name) if flat else name
-        if path is None:
-            return None
-        if component == "unet" and sgm.is_sgm_path(path):
-            try:
-                path = sgm.sgm_to_diffusers(path, self.layers_per_block)
-            except ValueError:
-                return None
-        return path if is_known_path(component, path) else None
+            return self._alias[component].get(name)
+        for arch in self.grammars:
+            if arch.has_component(component):
+                path = arch.resolve_name(component, name, flat, self.layers_per_block)
+                if path is not None:
+                    return path
+        return None
 
 
 def sgm_names(parsed: list[ParsedKey]) -> list[str]:
@@ -405,9 +417,9 @@ def _example(keys, n=3) -> str:
 
 def parse_keys(keys, where: str) -> list[ParsedKey]:
     parsed, unknown = [], []
-    suffixes = algorithm_suffixes()
+    suffixes, prefixes = algorithm_suffixes(), dotted_prefixes()
     for k in keys:
-        pk = parse_key(k, suffixes)
+        pk = parse_key(k, suffixes, prefixes)
         (parsed if pk is not None else unknown).append(pk or k)
     if unknown:
         raise LoraError(f"{where}: {len(unknown)} key(s) are not plain-LoRA weights of a known naming (unknown prefix "
@@ -451,7 +463,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                     f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
                     f"was made for another architecture; use a LoRA made for {base.architecture}")
     lpb = None if base is not None else sgm.infer_layers_per_block(sgm_paths)
-    resolver = NameResolver(base, lpb)
+    resolver = NameResolver(base, lpb, architecture=guess)
 
     configs = configs_from_metadata(metadata, where) or {}
     peft_cfg = None
