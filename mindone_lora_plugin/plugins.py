@@ -299,9 +299,12 @@ def get_plugin_manager() -> LoraPluginManager:
     """The process-wide plugin manager, loaded on first use."""
     global _MANAGER
     if _MANAGER is None:
-        pm = LoraPluginManager()
-        pm.load_entrypoints()
-        _MANAGER = pm
+        pm = _MANAGER = LoraPluginManager()  # a plugin that asks for the manager while being imported gets this one
+        try:
+            pm.load_entrypoints()
+        except BaseException:
+            _MANAGER = None
+            raise
     return _MANAGER
 
 

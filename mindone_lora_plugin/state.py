@@ -173,6 +173,14 @@ class LoraState:
         return out
 
 
+def __getattr__(name: str):
+    if name == "COMPONENTS":  # every installed architecture's component names, asked when used (plugins import it)
+        from mindone_lora_plugin.architectures import known_components
+
+        return known_components()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def component_order(name: str) -> tuple[int, str]:
     """Sort key of component names: the installed architectures' declared order, then by name."""
     from mindone_lora_plugin.architectures import known_components

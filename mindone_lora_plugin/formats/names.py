@@ -149,30 +149,34 @@ def split_role(role: str) -> tuple[str, str]:
     return (algo, name) if sep else ("lora", role)
 
 
-def dotted_prefixes() -> tuple[tuple[str, str | None], ...]:
-    """The dotted key prefixes → component: the fixed SD/PEFT/ComfyUI ones and every installed architecture's
-    component prefix (``transformer.``)."""
+def key_prefixes() -> tuple[tuple, tuple]:
+    """``(flat, dotted)`` key prefixes → component: the fixed SD/PEFT/ComfyUI ones, then every installed
+    architecture's component prefixes (kohya ``lora_x_``, diffusers ``x.``) that are not among them. A prefix two
+    families share (``lora_unet_``) parses as the first one's component; :func:`build_state` renames it to the
+    detected architecture's."""
     from mindone_lora_plugin.architectures import installed_architectures
 
-    return _with_architecture_prefixes(tuple(
-        (c.key_prefix + ".", c.name) for a in installed_architectures().values() for c in a.components))
+    comps = tuple((c.kohya_prefix, c.key_prefix, c.name) for a in installed_architectures().values()
+                  for c in a.components)
+    return _with_architecture_prefixes(comps)
 
 
 @functools.lru_cache(maxsize=8)
-def _with_architecture_prefixes(extra: tuple) -> tuple:
-    known = {p for p, _ in _DOTTED_PREFIXES}
-    added = tuple(dict.fromkeys((p, c) for p, c in extra if p not in known))
-    return _DOTTED_PREFIXES + added
+def _with_architecture_prefixes(comps: tuple) -> tuple[tuple, tuple]:
+    flat_known, dotted_known = {p for p, _ in FLAT_PREFIXES}, {p for p, _ in _DOTTED_PREFIXES}
+    flat = tuple(dict.fromkeys((k + "_", n) for k, _, n in comps if k + "_" not in flat_known))
+    dotted = tuple(dict.fromkeys((d + ".", n) for _, d, n in comps if d + "." not in dotted_known))
+    longest_first = sorted(FLAT_PREFIXES + flat, key=lambda t: -len(t[0]))
+    return tuple(longest_first), _DOTTED_PREFIXES + dotted
 
 
 def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
     """Parse one tensor key of an adapter file; None when it follows no known style.
 
     ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default); ``prefixes`` the
-    dotted prefixes (:func:`dotted_prefixes`, the default).
+    ``(flat, dotted)`` key prefixes (:func:`key_prefixes`, the default).
     """
-    if prefixes is None:
-        prefixes = dotted_prefixes()
+    flat_prefixes, dotted = key_prefixes() if prefixes is None else prefixes
     for suffix, role, style in _SUFFIXES + (algorithm_suffixes() if suffixes is None else tuple(suffixes)):
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
@@ -183,12 +187,12 @@ def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
         return None
     if style == "attn_processor":
         stem += "_lora"  # the suffix took it: "…to_q_lora.down.weight"
-    for prefix, comp in FLAT_PREFIXES:
+    for prefix, comp in flat_prefixes:
         if stem.startswith(prefix) and "." not in stem:
             name = stem[len(prefix):]
             return ParsedKey(key, comp, name, role, True, "kohya") if name else None
     comp = None
-    for prefix, pcomp in (_DOTTED_PREFIXES if prefixes is None else prefixes):
+    for prefix, pcomp in dotted:
         if stem.startswith(prefix):
             rest = stem[len(prefix):]
             if pcomp is None:
@@ -361,11 +365,17 @@ def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, Ada
                         "is corrupted") from None
     per: dict[str, dict] = {}
     for k, v in data.items():
-        for comp in ("text_encoder_2", "text_encoder", "unet"):
+        for comp in _longest_first_components():
             if k.startswith(comp + "."):
                 per.setdefault(comp, {})[k[len(comp) + 1:]] = v
                 break
     return {comp: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {comp})") for comp, d in per.items()}
+
+
+def _longest_first_components() -> list[str]:
+    from mindone_lora_plugin.architectures import known_components
+
+    return sorted(known_components(), key=lambda c: (-len(c), c))
 
 
 def adapter_config_next_to(path: str) -> AdapterConfig | None:
@@ -417,7 +427,7 @@ def _example(keys, n=3) -> str:
 
 def parse_keys(keys, where: str) -> list[ParsedKey]:
     parsed, unknown = [], []
-    suffixes, prefixes = algorithm_suffixes(), dotted_prefixes()
+    suffixes, prefixes = algorithm_suffixes(), key_prefixes()
     for k in keys:
         pk = parse_key(k, suffixes, prefixes)
         (parsed if pk is not None else unknown).append(pk or k)
@@ -428,6 +438,27 @@ def parse_keys(keys, where: str) -> list[ParsedKey]:
     if not parsed:
         raise LoraError(f"{where} holds no LoRA weights (no tensors); it is not a LoRA file")
     return parsed
+
+
+def with_family_components(parsed: list[ParsedKey], architecture: str | None) -> list[ParsedKey]:
+    """``parsed`` with each kohya key's component renamed to the one ``architecture`` gives its prefix (a prefix two
+    families share, like ``lora_unet_``, parses as the first family's component)."""
+    import dataclasses
+
+    from mindone_lora_plugin.architectures import find_architecture
+
+    arch = find_architecture(architecture)
+    if arch is None:
+        return parsed
+    prefixes = sorted(((c.kohya_prefix + "_", c.name) for c in arch.components), key=lambda t: -len(t[0]))
+    out = []
+    for pk in parsed:
+        if pk.flat:
+            comp = next((name for prefix, name in prefixes if pk.key.startswith(prefix)), pk.component)
+            if comp != pk.component:
+                pk = dataclasses.replace(pk, component=comp)
+        out.append(pk)
+    return out
 
 
 def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
@@ -443,6 +474,12 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     parsed = parse_keys(tensors.keys(), where)
     info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
 
+    sgm_paths = sgm_names(parsed)
+    info.sgm = bool(sgm_paths)
+    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
+    info.architecture_reason, info.architecture_strong = why, strong
+    parsed = with_family_components(parsed, base.architecture if base is not None else guess)
+
     groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
     for pk in parsed:
         roles = groups.setdefault((pk.component, pk.name, pk.flat), {})
@@ -451,10 +488,6 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                             "mixes two namings of one module")
         roles[pk.role] = pk
 
-    sgm_paths = sgm_names(parsed)
-    info.sgm = bool(sgm_paths)
-    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
-    info.architecture_reason, info.architecture_strong = why, strong
     if base is not None:
         check_architecture(guess, strong, why, base, where)
         for comp in sorted({c for c, _, _ in groups}):
