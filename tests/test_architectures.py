@@ -211,7 +211,8 @@ def toy_folder(tmp_path) -> str:
 
 def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manager, tmp_path, capsys):
     register(plugin_manager, "toy_plugin", Toy())
-    info = BaseModelInfo.from_folder(toy_folder(tmp_path))
+    folder = toy_folder(tmp_path)
+    info = BaseModelInfo.from_folder(folder)
     assert info.architecture == "toy" and info.modules == {"denoiser": {"blocks.0.attn.qkv": (12, 4)}}
     assert "denoiser" in known_components()
     # its component's key prefix is understood, and its files are read against its folders
@@ -236,9 +237,18 @@ def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manage
     sd = KohyaFormat().write(random_state(tiny_sd1(), rng), str(tmp_path / "sd.safetensors"))
     with pytest.raises(LoraError, match=r"is a LoRA for SD1.x .* but the base model .* is Toy-1"):
         read_lora(sd, base=info)
+    # inspect names it; merge fuses it into its own folder layout
+    capsys.readouterr()
+    assert main(["inspect", kohya]) == 0
+    assert "Toy-1 (it has weights for a toy denoiser)" in capsys.readouterr().out
+    assert main(["merge", "--model", folder, "--lora", kohya, "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = safetensors_io.load(str(tmp_path / "merged" / "denoiser" / "diffusion_pytorch_model.safetensors"))
+    np.testing.assert_allclose(merged["blocks.0.attn.qkv.weight"].astype(np.float32),
+                               state.components["denoiser"]["blocks.0.attn.qkv"].delta(), rtol=2e-3, atol=2e-3)
     # live cells are named by its component classes; listed by mindone-lora plugins
     ToyDenoiser = type("ToyDenoiser", (), {})
     assert component_of(ToyDenoiser()) == "denoiser"
+    capsys.readouterr()
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
     assert listed["toy"]["plugin"] == "toy_plugin" and listed["toy"]["presets"] == ["attn", "everything"]
