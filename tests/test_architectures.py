@@ -246,8 +246,11 @@ def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manage
     np.testing.assert_allclose(merged["blocks.0.attn.qkv.weight"].astype(np.float32),
                                state.components["denoiser"]["blocks.0.attn.qkv"].delta(), rtol=2e-3, atol=2e-3)
     # live cells are named by its component classes; listed by mindone-lora plugins
-    ToyDenoiser = type("ToyDenoiser", (), {})
+    ToyDenoiser = type("ToyDenoiser", (), {"config": {"_class_name": "ToyDenoiser"}})
     assert component_of(ToyDenoiser()) == "denoiser"
+    from mindone_lora_plugin.models import Models
+
+    assert Models(denoiser=ToyDenoiser()).architecture == "toy"  # live models: detected from their configs
     capsys.readouterr()
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
