@@ -79,11 +79,12 @@ class DiffusersFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """Sure with a ``lora_adapter_metadata`` entry; else by the share of dotted diffusers/PEFT keys."""
         from mindone_lora_plugin.formats.base import CLAIM_SURE, share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
         if METADATA_KEY in (metadata or {}):
             return CLAIM_SURE
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
         return share_claim(mine, len(keys))
 

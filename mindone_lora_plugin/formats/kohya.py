@@ -91,9 +91,10 @@ class KohyaFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """By the share of kohya (``lora_unet_…``) and ComfyUI (``diffusion_model.…``) keys."""
         from mindone_lora_plugin.formats.base import share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
         return share_claim(mine, len(keys))
 
