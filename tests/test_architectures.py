@@ -165,6 +165,15 @@ def test_lora_metadata_names_the_architecture():
     assert detect_lora(parsed, keys, {}) is None
 
 
+def test_only_a_clip_second_text_encoder_makes_a_file_sdxl():
+    """SDXL's structural evidence is a second *CLIP* encoder: another family's second encoder (FLUX's T5) is not it."""
+    clip = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((2, 8), np.float32)}
+    found = detect_lora(parse_keys(clip, "f"), clip, {})
+    assert (found.architecture, found.score) == ("sdxl", STRUCTURE)
+    t5 = {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": np.zeros((2, 8), np.float32)}
+    assert detect_lora(parse_keys(t5, "f"), t5, {}) is None
+
+
 # ---------------------------------------------------------------------------------------------- a third-party family
 
 
