@@ -317,3 +317,47 @@ def test_live_cells_are_named_by_the_sd_component_classes():
     assert component_of(bare(CLIPTextModel)) == "text_encoder"
     assert component_of(bare(CLIPTextModelWithProjection)) == "text_encoder_2"  # the longest class name wins
     assert component_of(object()) is None
+
+
+class FusedToy(Toy):
+    """The toy family with its own kohya layout: the module is written as ``toy_fused`` (a name the core's key parser
+    does not know), read back by the family itself."""
+
+    kohya_network_module = "networks.lora_toy"
+
+    def kohya_modules(self, state):
+        return {"toy_fused": (state.components["denoiser"]["blocks.0.attn.qkv"], "denoiser.blocks.0.attn.qkv")}
+
+    def count_file_keys(self, keys, kohya):
+        return sum(k.startswith("toy_fused.") for k in keys) if kohya else 0
+
+    def read_file(self, tensors, metadata, base, where):
+        from mindone_lora_plugin.formats.names import ReadInfo
+
+        if not any(k.startswith("toy_fused.") for k in tensors):
+            return None
+        state = LoraState(architecture=self.name, metadata=dict(metadata))
+        state.add("denoiser", "blocks.0.attn.qkv", LoraModule(tensors["toy_fused.lora_down.weight"],
+                                                              tensors["toy_fused.lora_up.weight"],
+                                                              float(tensors["toy_fused.alpha"])))
+        return state, ReadInfo(styles={"kohya"})
+
+
+def test_a_family_with_its_own_kohya_layout_writes_claims_and_reads_it(plugin_manager, tmp_path, capsys):
+    register(plugin_manager, "toy_plugin", FusedToy())
+    info = BaseModelInfo.from_folder(toy_folder(tmp_path))
+    rng = np.random.default_rng(5)
+    state = LoraState(architecture="toy")
+    state.add("denoiser", "blocks.0.attn.qkv", LoraModule(rng.standard_normal((2, 4)).astype(np.float32),
+                                                          rng.standard_normal((12, 2)).astype(np.float32), 3.0))
+    path = KohyaFormat().write(state, str(tmp_path / "fused.safetensors"))
+    tensors, meta = safetensors_io.load(path)
+    assert sorted(tensors) == ["toy_fused.alpha", "toy_fused.lora_down.weight", "toy_fused.lora_up.weight"]
+    assert meta["ss_network_module"] == "networks.lora_toy" and meta["modelspec.architecture"] == "toy-1/lora"
+    for base in (None, info):
+        back = read_lora(path, base=base)  # claimed by kohya through the family's key count, read by the family
+        mod = back.components["denoiser"]["blocks.0.attn.qkv"]
+        assert back.architecture == "toy" and mod.alpha == 3.0
+        np.testing.assert_array_equal(mod.up, state.components["denoiser"]["blocks.0.attn.qkv"].up)
+    assert main(["convert", path, str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert read_lora(str(tmp_path / "d.safetensors")).architecture == "toy"

@@ -86,7 +86,9 @@ class DiffusersFormat(LoraFormat):
         suffixes, prefixes = algorithm_suffixes(), key_prefixes()
         parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
-        return share_claim(mine, len(keys))
+        from mindone_lora_plugin.formats.kohya import family_keys
+
+        return share_claim(max(mine, family_keys(keys, False)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -111,7 +113,7 @@ class DiffusersFormat(LoraFormat):
         arch = writer_architecture(state, "the metadata", required=False)
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
-            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))
+            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta), state))
         meta["format"] = "np"
         meta[METADATA_KEY] = json.dumps(adapter_metadata(state), indent=2, sort_keys=True)
         return meta

@@ -77,6 +77,33 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     return algo.network_module, dict(algo.metadata(mods))
 
 
+def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
+    """The kohya tensors of one file module ``name`` (``held``: the module path(s) it holds, for errors); the alpha
+    is a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+    algo = mod.algo
+    first = np.asarray(next(iter(mod.tensors.values())))
+    alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
+                                                   if first.dtype.kind in "fV" else np.dtype(np.float32))
+    out = {}
+    for role, value in mod.tensors.items():
+        suffix = algo.kohya_names.get(role)
+        if suffix is None:
+            raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
+                            f"({held}); it cannot be written in the kohya format")
+        out[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
+    out[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+    return out
+
+
+def family_keys(keys, kohya: bool) -> int:
+    """The most keys any installed architecture counts as its own in this style
+    (:meth:`~mindone_lora_plugin.architectures.base.Architecture.count_file_keys`)."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    keys = list(keys)
+    return max((a.count_file_keys(keys, kohya) for a in installed_architectures().values()), default=0)
+
+
 class KohyaFormat(LoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
@@ -96,7 +123,7 @@ class KohyaFormat(LoraFormat):
         suffixes, prefixes = algorithm_suffixes(), key_prefixes()
         parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
-        return share_claim(mine, len(keys))
+        return share_claim(max(mine, family_keys(keys, True)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -106,26 +133,20 @@ class KohyaFormat(LoraFormat):
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
         from mindone_lora_plugin.architectures import get_architecture
 
-        arch = writer_architecture(state, "kohya's UNet naming and metadata")
-        namer = get_architecture(arch)
-        lpb = state.unet_layers_per_block
-        tensors, owner = {}, {}
-        for comp, path, mod in state.modules():
-            name = namer.kohya_name(comp, path, lpb)
-            if name in owner:
-                raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
-            owner[name] = f"{comp}.{path}"
-            algo = mod.algo
-            first = np.asarray(next(iter(mod.tensors.values())))
-            alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
-                                                           if first.dtype.kind in "fV" else np.dtype(np.float32))
-            for role, value in mod.tensors.items():
-                suffix = algo.kohya_names.get(role)
-                if suffix is None:
-                    raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
-                                    f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
-            tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+        arch = writer_architecture(state, "kohya's module naming and metadata")
+        family = get_architecture(arch)
+        modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
+        if modules is None:
+            lpb = state.unet_layers_per_block
+            modules = {}
+            for comp, path, mod in state.modules():
+                name = family.kohya_name(comp, path, lpb)
+                if name in modules:
+                    raise LoraError(f"modules {modules[name][1]} and {comp}.{path} get the same kohya name {name}")
+                modules[name] = (mod, f"{comp}.{path}")
+        tensors = {}
+        for name, (mod, held) in modules.items():
+            tensors.update(module_tensors(name, mod, held, dtype))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
@@ -142,6 +163,8 @@ class KohyaFormat(LoraFormat):
         module, algo_args = network_module(state)
         conv_args.update(algo_args)
         meta.update(names)
+        if module == NETWORK_MODULE:
+            module = family.kohya_network_module
         meta.update({"ss_network_module": module, "ss_output_name": output_name})
         if conv_args:
             try:
@@ -151,7 +174,7 @@ class KohyaFormat(LoraFormat):
             args = args if isinstance(args, dict) else {}
             args.update(conv_args)
             meta["ss_network_args"] = json.dumps(args)
-        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred))
+        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred, state))
         return meta
 
     def write(self, state: LoraState, out: str, *, dtype: str | None = None,
