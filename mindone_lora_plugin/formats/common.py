@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import re
-
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -19,9 +16,6 @@ FILE_SPECIFIC_KEYS = frozenset({"format", "lora_adapter_metadata", "sshs_model_h
                                 "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
                                 "modelspec.hash_sha256"})
 
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                  "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def merged_metadata(state: LoraState, metadata: dict[str, str] | None) -> dict[str, str]:
@@ -52,34 +46,14 @@ def names_for(state: LoraState, metadata: dict[str, str] | None, output_name: st
     return output_name, (metadata or {}).get("modelspec.title") or title
 
 
-def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool) -> dict[str, str]:
-    """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA, keeping the date/resolution already in ``meta``."""
-    if arch == "sdxl":
-        default_res = "1024x1024"
-    elif arch == "sd2" and v_pred:
-        default_res = "768x768"
-    else:
-        default_res = "512x512"
-    res = meta.get("modelspec.resolution") or _resolution_from_ss(meta.get("ss_resolution", "")) or default_res
-    arch_key = "sd2_v" if arch == "sd2" and v_pred else arch
-    return {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCH[arch_key],
-        "modelspec.implementation": implementation,
-        "modelspec.title": title,
-        "modelspec.resolution": res,
-        "modelspec.date": meta.get("modelspec.date") or datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-    }
+def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool,
+              state: LoraState | None = None) -> dict[str, str]:
+    """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA for the architecture ``arch`` (its
+    :meth:`~mindone_lora_plugin.architectures.base.Architecture.modelspec`), keeping the date/resolution already in
+    ``meta``."""
+    from mindone_lora_plugin.architectures import get_architecture
 
-
-def _resolution_from_ss(value: str) -> str | None:
-    nums = re.findall(r"\d+", value or "")
-    if len(nums) == 1:
-        return f"{nums[0]}x{nums[0]}"
-    if len(nums) == 2:
-        return f"{nums[0]}x{nums[1]}"
-    return None
+    return get_architecture(arch).modelspec(state, meta, title, implementation, v_pred)
 
 
 def read_plain_lora(path: str, base: BaseModelInfo | None = None):
@@ -96,17 +70,37 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     from mindone_lora_plugin.algorithms.base import check_finite
 
     check_finite(tensors, path)
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    families = installed_architectures()
+    first = families.get(base.architecture) if base is not None else None
+    for family in ([first] if first is not None else []) + [a for a in families.values() if a is not first]:
+        done = family.read_file(tensors, metadata, base, path)  # a family with its own key layout
+        if done is not None:
+            return done
     return build_state(tensors, metadata, base=base, path=path, where=path)
 
 
-def writer_architecture(state: LoraState, what: str) -> str:
-    """The architecture a writer must know; SDXL when a second text encoder is present."""
-    if "text_encoder_2" in state.components:
-        if state.architecture not in (None, "sdxl"):
-            raise LoraError(f"the LoRA has text_encoder_2 weights but is marked {state.architecture}; only SDXL has "
-                            "a second text encoder")
-        return "sdxl"
-    if state.architecture in ("sd1", "sd2", "sdxl"):
-        return state.architecture
-    raise LoraError(f"cannot tell whether this LoRA is for SD1.x, SD2.x or SDXL, and {what} depends on it; pass "
+def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:
+    """The architecture a writer must know: the state's, else the only installed one that has all its components
+    (SDXL for a LoRA with a second text encoder). When it cannot be told: an error, or None unless ``required``."""
+    from mindone_lora_plugin.architectures import find_architecture, installed_architectures
+
+    comps = set(state.components)
+    fits = {n: a for n, a in installed_architectures().items() if comps <= set(a.component_names())}
+    arch = find_architecture(state.architecture)
+    if arch is not None:
+        missing = sorted(comps - set(arch.component_names()))
+        if missing:
+            owners = " / ".join(a.label for a in fits.values()) or "no installed architecture"
+            raise LoraError(f"the LoRA has {missing[0]} weights but is marked {state.architecture}; only {owners} has "
+                            f"a {missing[0]}")
+        return arch.name
+    if len(fits) == 1:
+        return next(iter(fits))
+    if not required:
+        return None
+    labels = [a.label for a in (fits or installed_architectures()).values()]
+    choices = ", ".join(labels[:-1]) + (" or " if len(labels) > 1 else "") + labels[-1] if labels else "any model"
+    raise LoraError(f"cannot tell whether this LoRA is for {choices}, and {what} depends on it; pass "
                     "--base MODEL_DIR (the base model folder)")

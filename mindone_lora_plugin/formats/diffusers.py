@@ -79,13 +79,16 @@ class DiffusersFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """Sure with a ``lora_adapter_metadata`` entry; else by the share of dotted diffusers/PEFT keys."""
         from mindone_lora_plugin.formats.base import CLAIM_SURE, share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
         if METADATA_KEY in (metadata or {}):
             return CLAIM_SURE
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
-        return share_claim(mine, len(keys))
+        from mindone_lora_plugin.formats.kohya import family_keys
+
+        return share_claim(max(mine, family_keys(keys, False)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -107,12 +110,10 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
-        arch = None
-        if "text_encoder_2" in state.components or state.architecture:
-            arch = writer_architecture(state, "the metadata")
+        arch = writer_architecture(state, "the metadata", required=False)
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
-            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))
+            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta), state))
         meta["format"] = "np"
         meta[METADATA_KEY] = json.dumps(adapter_metadata(state), indent=2, sort_keys=True)
         return meta

@@ -18,38 +18,22 @@ import numpy as np
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.dtypes import standard_dtype
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats import sgm
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.common import (SGM_IMPLEMENTATION, is_v_prediction, merged_metadata, modelspec,
-                                                names_for, read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (is_v_prediction, merged_metadata, modelspec, names_for,
+                                                read_plain_lora, resolve_dtype, writer_architecture)
 from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_FAMILY = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_"}
 NETWORK_MODULE = "networks.lora"
 
 
-def kohya_prefix(component: str, architecture: str) -> str:
-    if component == "unet":
-        return "lora_unet"
-    if architecture == "sdxl":
-        return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
-    if component == "text_encoder_2":
-        raise LoraError(f"a {architecture} model has one text encoder; the LoRA's text_encoder_2 weights cannot be "
-                        "written for it")
-    return "lora_te"
-
-
 def kohya_module_name(component: str, path: str, architecture: str, layers_per_block: int | None = None) -> str:
-    """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture``."""
-    if component == "unet" and architecture == "sdxl":
-        try:
-            path = sgm.diffusers_to_sgm(path, layers_per_block)
-        except ValueError as e:
-            raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
-    return kohya_prefix(component, architecture) + "_" + path.replace(".", "_")
+    """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture`` (its
+    :meth:`~mindone_lora_plugin.architectures.base.Architecture.kohya_name`)."""
+    from mindone_lora_plugin.architectures import get_architecture
+
+    return get_architecture(architecture).kohya_name(component, path, layers_per_block)
 
 
 def _is_conv3x3(mod) -> bool:
@@ -93,6 +77,33 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     return algo.network_module, dict(algo.metadata(mods))
 
 
+def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
+    """The kohya tensors of one file module ``name`` (``held``: the module path(s) it holds, for errors); the alpha
+    is a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+    algo = mod.algo
+    first = np.asarray(next(iter(mod.tensors.values())))
+    alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
+                                                   if first.dtype.kind in "fV" else np.dtype(np.float32))
+    out = {}
+    for role, value in mod.tensors.items():
+        suffix = algo.kohya_names.get(role)
+        if suffix is None:
+            raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
+                            f"({held}); it cannot be written in the kohya format")
+        out[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
+    out[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+    return out
+
+
+def family_keys(keys, kohya: bool) -> int:
+    """The most keys any installed architecture counts as its own in this style
+    (:meth:`~mindone_lora_plugin.architectures.base.Architecture.count_file_keys`)."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    keys = list(keys)
+    return max((a.count_file_keys(keys, kohya) for a in installed_architectures().values()), default=0)
+
+
 class KohyaFormat(LoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
@@ -107,11 +118,12 @@ class KohyaFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """By the share of kohya (``lora_unet_…``) and ComfyUI (``diffusion_model.…``) keys."""
         from mindone_lora_plugin.formats.base import share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
-        return share_claim(mine, len(keys))
+        return share_claim(max(mine, family_keys(keys, True)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -119,41 +131,41 @@ class KohyaFormat(LoraFormat):
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
-        arch = writer_architecture(state, "kohya's UNet naming and metadata")
-        lpb = state.unet_layers_per_block
-        tensors, owner = {}, {}
-        for comp, path, mod in state.modules():
-            name = kohya_module_name(comp, path, arch, lpb)
-            if name in owner:
-                raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
-            owner[name] = f"{comp}.{path}"
-            algo = mod.algo
-            first = np.asarray(next(iter(mod.tensors.values())))
-            alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
-                                                           if first.dtype.kind in "fV" else np.dtype(np.float32))
-            for role, value in mod.tensors.items():
-                suffix = algo.kohya_names.get(role)
-                if suffix is None:
-                    raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
-                                    f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
-            tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+        from mindone_lora_plugin.architectures import get_architecture
+
+        arch = writer_architecture(state, "kohya's module naming and metadata")
+        family = get_architecture(arch)
+        modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
+        if modules is None:
+            lpb = state.unet_layers_per_block
+            modules = {}
+            for comp, path, mod in state.modules():
+                name = family.kohya_name(comp, path, lpb)
+                if name in modules:
+                    raise LoraError(f"modules {modules[name][1]} and {comp}.{path} get the same kohya name {name}")
+                modules[name] = (mod, f"{comp}.{path}")
+        tensors = {}
+        for name, (mod, held) in modules.items():
+            tensors.update(module_tensors(name, mod, held, dtype))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
                      output_name: str) -> dict[str, str]:
+        from mindone_lora_plugin.architectures import get_architecture
+
+        family = get_architecture(arch)
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
-        version = meta.get("ss_base_model_version", "")
-        if not version.startswith(_FAMILY[arch]):
-            version = BASE_MODEL_VERSION[arch]
-        v_pred = version.endswith("_v") or is_v_prediction(meta)
+        v_pred = is_v_prediction(meta)
+        names = family.kohya_metadata(meta, v_pred)
         net, conv_args = network_metadata(state)
         meta.update(net)
         module, algo_args = network_module(state)
         conv_args.update(algo_args)
-        meta.update({"ss_network_module": module, "ss_v2": str(arch == "sd2"),
-                     "ss_base_model_version": version, "ss_output_name": output_name})
+        meta.update(names)
+        if module == NETWORK_MODULE:
+            module = family.kohya_network_module
+        meta.update({"ss_network_module": module, "ss_output_name": output_name})
         if conv_args:
             try:
                 args = json.loads(meta.get("ss_network_args") or "{}")
@@ -162,8 +174,7 @@ class KohyaFormat(LoraFormat):
             args = args if isinstance(args, dict) else {}
             args.update(conv_args)
             meta["ss_network_args"] = json.dumps(args)
-        impl = SGM_IMPLEMENTATION if arch == "sdxl" else "diffusers"
-        meta.update(modelspec(arch, meta, title, impl, v_pred))
+        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred, state))
         return meta
 
     def write(self, state: LoraState, out: str, *, dtype: str | None = None,
