@@ -93,6 +93,33 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     return algo.network_module, dict(algo.metadata(mods))
 
 
+def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
+    """The kohya tensors of one file module ``name`` (``held``: the module paths it holds, for errors); the alpha is
+    a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+    algo = mod.algo
+    first = np.asarray(next(iter(mod.tensors.values())))
+    alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
+                                                   if first.dtype.kind in "fV" else np.dtype(np.float32))
+    out = {}
+    for role, value in mod.tensors.items():
+        suffix = algo.kohya_names.get(role)
+        if suffix is None:
+            raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
+                            f"({held}); it cannot be written in the kohya format")
+        out[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
+    out[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+    return out
+
+
+def flux_claimed(keys, kohya: bool) -> int:
+    """How many keys are FLUX keys in kohya/ComfyUI/XLabs style (``kohya``: original-model names or ``lora_…``
+    flat names) or else in diffusers/PEFT style (dotted diffusers paths)."""
+    from mindone_lora_plugin.architectures.flux.keys import parse_key
+
+    parsed = [pk for pk in map(parse_key, keys) if pk is not None]
+    return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
+
+
 class KohyaFormat(LoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
@@ -111,7 +138,7 @@ class KohyaFormat(LoraFormat):
 
         parsed = [parse_key(k) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
-        return share_claim(mine, len(keys))
+        return share_claim(max(mine, flux_claimed(keys, True)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -119,6 +146,13 @@ class KohyaFormat(LoraFormat):
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
+        if state.architecture == "flux":
+            from mindone_lora_plugin.architectures.flux.files import kohya_modules
+
+            tensors = {}
+            for name, (mod, held) in kohya_modules(state).items():
+                tensors.update(module_tensors(name, mod, held, dtype))
+            return tensors, "flux"
         arch = writer_architecture(state, "kohya's UNet naming and metadata")
         lpb = state.unet_layers_per_block
         tensors, owner = {}, {}
@@ -127,23 +161,21 @@ class KohyaFormat(LoraFormat):
             if name in owner:
                 raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
             owner[name] = f"{comp}.{path}"
-            algo = mod.algo
-            first = np.asarray(next(iter(mod.tensors.values())))
-            alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
-                                                           if first.dtype.kind in "fV" else np.dtype(np.float32))
-            for role, value in mod.tensors.items():
-                suffix = algo.kohya_names.get(role)
-                if suffix is None:
-                    raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
-                                    f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
-            tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+            tensors.update(module_tensors(name, mod, f"{comp}.{path}", dtype))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
                      output_name: str) -> dict[str, str]:
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
+        if arch == "flux":
+            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, kohya_modules
+
+            fused = LoraState(architecture="flux")
+            for name, (mod, _) in kohya_modules(state).items():
+                fused.add("transformer", name, mod)
+            meta["ss_output_name"] = output_name
+            return kohya_metadata(fused, meta, title)
         version = meta.get("ss_base_model_version", "")
         if not version.startswith(_FAMILY[arch]):
             version = BASE_MODEL_VERSION[arch]
