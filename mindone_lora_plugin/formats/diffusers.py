@@ -118,9 +118,10 @@ class DiffusersFormat(LoraFormat):
         meta = merged_metadata(state, metadata)
         arch = None
         if state.architecture == "flux":
-            from mindone_lora_plugin.architectures.flux.files import modelspec as flux_modelspec
+            from mindone_lora_plugin.architectures.flux.files import modelspec as flux_modelspec, variant
 
-            meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers"))
+            meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers",
+                                       variant(state, metadata)))
         elif "text_encoder_2" in state.components or state.architecture:
             arch = writer_architecture(state, "the metadata")
         if arch is not None:

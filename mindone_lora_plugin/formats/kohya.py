@@ -114,9 +114,11 @@ def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarra
 def flux_claimed(keys, kohya: bool) -> int:
     """How many keys are FLUX keys in kohya/ComfyUI/XLabs style (``kohya``: original-model names or ``lora_…``
     flat names) or else in diffusers/PEFT style (dotted diffusers paths)."""
+    from mindone_lora_plugin.architectures.flux.files import suffixes
     from mindone_lora_plugin.architectures.flux.keys import parse_key
 
-    parsed = [pk for pk in map(parse_key, keys) if pk is not None]
+    extra = suffixes()
+    parsed = [pk for pk in (parse_key(k, extra) for k in keys) if pk is not None]
     return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
 
 
@@ -169,13 +171,13 @@ class KohyaFormat(LoraFormat):
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
         if arch == "flux":
-            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, kohya_modules
+            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, kohya_modules, variant
 
             fused = LoraState(architecture="flux")
             for name, (mod, _) in kohya_modules(state).items():
                 fused.add("transformer", name, mod)
             meta["ss_output_name"] = output_name
-            return kohya_metadata(fused, meta, title)
+            return kohya_metadata(fused, meta, title, variant(state, metadata))
         version = meta.get("ss_base_model_version", "")
         if not version.startswith(_FAMILY[arch]):
             version = BASE_MODEL_VERSION[arch]

@@ -49,7 +49,8 @@ def _example(items, n=3) -> str:
     return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
-def _suffixes():
+def suffixes():
+    """``(suffix, "algo:role")`` of the installed algorithms other than plain LoRA (LoHa, LoKr, DoRA ...)."""
     from mindone_lora_plugin.formats.names import algorithm_suffixes
 
     return tuple((suffix, role) for suffix, role, _ in algorithm_suffixes())
@@ -57,7 +58,7 @@ def _suffixes():
 
 def parse_keys(names, where: str) -> list[keys.FluxKey]:
     """Every key parsed, or one :class:`LoraError` line naming the keys of no FLUX naming."""
-    extra = _suffixes()
+    extra = suffixes()
     parsed, unknown = [], []
     for k in names:
         pk = keys.parse_key(k, extra)
@@ -248,11 +249,16 @@ def _write_sizes(parts, mods) -> list[int]:
     return sizes
 
 
-def modelspec(meta: dict[str, str], title: str, implementation: str) -> dict[str, str]:
-    """The SAI ModelSpec 1.0.1 keys sd-scripts writes for a FLUX.1 LoRA (dev unless the header says schnell)."""
+def variant(state: LoraState, metadata: dict[str, str] | None = None) -> str:
+    """``dev`` or ``schnell``: what the LoRA's own header (or the given metadata) says; dev by default."""
+    return keys.variant_from_metadata({**(state.metadata or {}), **(metadata or {})})
+
+
+def modelspec(meta: dict[str, str], title: str, implementation: str, flux_variant: str = "dev") -> dict[str, str]:
+    """The SAI ModelSpec 1.0.1 keys sd-scripts writes for a FLUX.1 LoRA of ``flux_variant`` (dev/schnell)."""
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC[keys.variant_from_metadata(meta)],
+        "modelspec.architecture": MODELSPEC[flux_variant],
         "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.resolution": meta.get("modelspec.resolution") or DEFAULT_RESOLUTION,
@@ -260,7 +266,8 @@ def modelspec(meta: dict[str, str], title: str, implementation: str) -> dict[str
     }
 
 
-def kohya_metadata(file_state: LoraState, meta: dict[str, str], title: str) -> dict[str, str]:
+def kohya_metadata(file_state: LoraState, meta: dict[str, str], title: str, flux_variant: str = "dev"
+                   ) -> dict[str, str]:
     """sd-scripts' FLUX entries: ``ss_base_model_version=flux1``, ``ss_network_module``, dims/alphas of the file's
     (fused) modules, ``modelspec.*``."""
     from mindone_lora_plugin.formats.kohya import network_metadata, network_module
@@ -278,7 +285,7 @@ def kohya_metadata(file_state: LoraState, meta: dict[str, str], title: str) -> d
         old.update(args)
         out["ss_network_args"] = json.dumps(old)
     out.update({"ss_base_model_version": keys.KOHYA_BASE_MODEL_VERSION, "ss_v2": "False"})
-    out.update(modelspec(meta, title, KOHYA_IMPLEMENTATION))
+    out.update(modelspec(meta, title, KOHYA_IMPLEMENTATION, flux_variant))
     return out
 
 

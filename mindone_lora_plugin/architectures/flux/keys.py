@@ -288,7 +288,7 @@ def parse_key(key: str, extra_suffixes=()) -> FluxKey | None:
 
 _STRUCTURE_RE = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d+|"
                            r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn[._](?:add_[qkv]_proj|to_add_out)|"
-                           r"norm1_context|ff_context)|^lora_te3_|^text_encoders\.t5xxl\.|"
+                           r"norm1_context|ff_context)|^lora_te3_|^text_encoders\.t5xxl\.|^transformer\.|^lora_transformer_|"
                            r"(?:^|[._])(?:x_embedder|context_embedder|time_text_embed)[._]")
 MODELSPEC_FAMILY = "flux-1"
 KOHYA_BASE_MODEL_VERSION = "flux1"
