@@ -122,8 +122,8 @@ class DiffusersFormat(LoraFormat):
 
             meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers",
                                        variant(state, metadata)))
-        elif "text_encoder_2" in state.components or state.architecture:
-            arch = writer_architecture(state, "the metadata")
+        else:
+            arch = writer_architecture(state, "the metadata", required=False)
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
             meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))

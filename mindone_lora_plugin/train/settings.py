@@ -77,7 +77,9 @@ def default_resolution(folder: str, info) -> int:
             return size
     except (OSError, ValueError):
         pass
-    return {"sdxl": 1024, "sd2": 768}.get(info.architecture, 512)
+    from mindone_lora_plugin.architectures import get_architecture
+
+    return get_architecture(info.architecture).default_resolution
 
 
 def plain_args(args) -> dict:
