@@ -380,3 +380,46 @@ def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
     with pytest.raises(LoraError, match="--base"):
         files._part_sizes(keys.bfl_parts("double_blocks_0_img_attn_qkv"), LoraModule(rand(2, 16), rand(50, 2), 1.0),
                           None)
+
+
+# ----------------------------------------------------------------------------- as an installed architecture
+
+
+def test_the_grammar_serves_a_registered_flux_architecture(plugin_manager, tmp_path, shapes, capsys):
+    from mindone_lora_plugin.architectures import Architecture, Component, detect_lora, label
+    from mindone_lora_plugin.cli import main
+    from mindone_lora_plugin.formats.names import parse_key as sd_parse_key
+    from mindone_lora_plugin.hookspecs import hookimpl
+
+    class Flux(keys.FluxKeyGrammar, Architecture):
+        name, label, description = "flux", "FLUX.1", "FLUX.1 dev/schnell (format tests)"
+        components = (Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet"),
+                      Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder"),
+                      Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3",
+                                kind="text_encoder"))
+        denoiser = "transformer"
+        kohya_base_model_version = kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
+        modelspec_architecture, modelspec_prefix = "flux-1-dev/lora", "flux-1"
+
+    class Plugin:
+        @hookimpl
+        def mindone_lora_architectures(self):
+            yield Flux()
+
+    plugin_manager.register_plugin(Plugin(), name="flux_test")
+    assert label("flux") == "FLUX.1"
+    state = random_state(shapes, seed=5, paths=[p for p in shapes if p.startswith("single_transformer_blocks.0.")])
+    state.architecture = None  # the writers tell FLUX from the components alone now
+    kohya = KohyaFormat().write(state, str(tmp_path / "k.safetensors"))
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in safetensors_io.load(kohya)[0]
+    tensors = safetensors_io.load(kohya)[0]
+    tensors["text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"] = rand(2, 8)  # a T5 LoRA too
+    parsed = [sd_parse_key(k) for k in tensors]
+    found = detect_lora([p for p in parsed if p is not None], tensors, {})
+    assert found.architecture == "flux" and found.strong
+    back = read_lora(kohya)
+    assert back.architecture == "flux" and len(back) == 6
+    with pytest.raises(LoraError, match=r"is a LoRA for FLUX.1 .* but the base model .* is SD1.x"):
+        read_lora(kohya, base=BaseModelInfo("sd1", 2, {"unet": {}}, source="/sd15"))
+    assert main(["inspect", kohya]) == 0
+    assert "architecture:  FLUX.1" in capsys.readouterr().out

@@ -116,14 +116,13 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
-        arch = None
-        if state.architecture == "flux":
+        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "the metadata", required=False)
+        if arch == "flux":
             from mindone_lora_plugin.architectures.flux.files import modelspec as flux_modelspec, variant
 
             meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers",
                                        variant(state, metadata)))
-        else:
-            arch = writer_architecture(state, "the metadata", required=False)
+            arch = None
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
             meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))

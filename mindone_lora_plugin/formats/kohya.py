@@ -132,16 +132,16 @@ class KohyaFormat(LoraFormat):
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
-        if state.architecture == "flux":
+        from mindone_lora_plugin.architectures import get_architecture
+
+        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "kohya's module naming and metadata")
+        if arch == "flux":  # q/k/v fused into the original model's modules
             from mindone_lora_plugin.architectures.flux.files import kohya_modules
 
             tensors = {}
             for name, (mod, held) in kohya_modules(state).items():
                 tensors.update(module_tensors(name, mod, held, dtype))
             return tensors, "flux"
-        from mindone_lora_plugin.architectures import get_architecture
-
-        arch = writer_architecture(state, "kohya's UNet naming and metadata")
         namer = get_architecture(arch)
         lpb = state.unet_layers_per_block
         tensors, owner = {}, {}
@@ -160,13 +160,10 @@ class KohyaFormat(LoraFormat):
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
         if arch == "flux":
-            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, kohya_modules, variant
+            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, variant
 
-            fused = LoraState(architecture="flux")
-            for name, (mod, _) in kohya_modules(state).items():
-                fused.add("transformer", name, mod)
             meta["ss_output_name"] = output_name
-            return kohya_metadata(fused, meta, title, variant(state, metadata))
+            return kohya_metadata(state, meta, title, variant(state, metadata))
         family = get_architecture(arch)
         v_pred = is_v_prediction(meta)
         names = family.kohya_metadata(meta, v_pred)

@@ -266,15 +266,15 @@ def modelspec(meta: dict[str, str], title: str, implementation: str, flux_varian
     }
 
 
-def kohya_metadata(file_state: LoraState, meta: dict[str, str], title: str, flux_variant: str = "dev"
-                   ) -> dict[str, str]:
-    """sd-scripts' FLUX entries: ``ss_base_model_version=flux1``, ``ss_network_module``, dims/alphas of the file's
-    (fused) modules, ``modelspec.*``."""
+def kohya_metadata(state: LoraState, meta: dict[str, str], title: str, flux_variant: str = "dev") -> dict[str, str]:
+    """sd-scripts' FLUX entries: ``ss_base_model_version=flux1``, ``ss_network_module``, ``ss_network_dim``/
+    ``ss_network_alpha`` of the modules as trained (``state``'s: a fused qkv module of rank-``r`` parts has rank
+    ``3r`` in the file, as in sd-scripts' ``split_qkv`` files, whose ``ss_network_dim`` is also ``r``), ``modelspec.*``."""
     from mindone_lora_plugin.formats.kohya import network_metadata, network_module
 
     out = dict(meta)
-    out.update(network_metadata(file_state)[0])
-    module, args = network_module(file_state)
+    out.update(network_metadata(state)[0])
+    module, args = network_module(state)
     out["ss_network_module"] = NETWORK_MODULE if module == "networks.lora" else module
     if args:
         try:

@@ -328,3 +328,48 @@ def variant_from_metadata(metadata: dict[str, str] | None) -> str:
     """``schnell`` or ``dev`` (the default) from a header's ``modelspec.architecture``."""
     spec = ((metadata or {}).get("modelspec.architecture") or "").strip()
     return "schnell" if spec.startswith("flux-1-schnell") else "dev"
+
+
+# ----------------------------------------------------------------------------- the architecture's key-grammar methods
+
+
+class FluxKeyGrammar:
+    """The key-grammar and detection methods of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture`
+    (mix it in: ``class Flux(FluxKeyGrammar, Architecture)``). Whole files — fused modules included — are read and
+    written by :mod:`.files`; these methods answer the per-name questions the generic code asks."""
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Evidence
+
+        why = detect_keys(getattr(pk, "key", pk) for pk in parsed)
+        if why:  # names only FLUX has outweigh SD's "a second text encoder" (FLUX's T5 is one too)
+            return Evidence("flux", STRUCTURE + 1, why)
+        why = detect_metadata(metadata or {})
+        return Evidence("flux", METADATA, why) if why else None
+
+    def detect_metadata(self, metadata) -> str:
+        return detect_metadata(metadata or {})
+
+    def kohya_name(self, component: str, path: str, layers_per_block=None) -> str:
+        """The kohya name of the file module holding ``component.path`` (q/k/v share their fused module's name)."""
+        from mindone_lora_plugin.errors import LoraError
+
+        try:
+            return kohya_module_name(component, path)
+        except (ValueError, KeyError):
+            raise LoraError(f"{component}.{path} has no kohya name in FLUX.1's layout") from None
+
+    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block=None) -> str | None:
+        """The one module path a name means (None for a fused or reordered module: :func:`bfl_parts` lists a fused
+        module's parts, :mod:`.files` splits it)."""
+        if component not in PATH_RES:
+            return None
+        if component == "transformer":
+            found = _transformer_name(name)
+            if found is None:
+                return None
+            if found[0] != "diffusers" and is_swapped(found[1]):
+                return None  # its rows are reordered: only the file reader (files.build_state) maps it
+            parts = (found[1],) if found[0] == "diffusers" else bfl_parts(found[1])
+            return parts[0] if parts and len(parts) == 1 else None
+        return _encoder_name(component, name)
