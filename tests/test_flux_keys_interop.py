@@ -1,8 +1,8 @@
 """FLUX.1 files against Hugging Face diffusers 0.39 + peft (torch): files written here load there with every pair
 injected and give the transformer outputs of this package's weight changes (<= 1e-4); files diffusers/peft write load
-here exactly.
+here exactly. mindone 0.5.0's ``FluxPipeline.load_lora_weights`` injects every pair of both layouts with exact scales.
 
-Two limits of diffusers 0.39's kohya FLUX converter (``_convert_kohya_flux_lora_to_diffusers``) shape these tests:
+Two limits of diffusers 0.39's (and mindone 0.5.0's) kohya FLUX converter (``_convert_kohya_flux_lora_to_diffusers``) shape these tests:
 it splits ``single_blocks.N.linear1`` with the full model's widths written into it (3 × 3072 + 12288 rows), so on the
 tiny model the single blocks' q/k/v/proj_mlp are checked with full-width tensors through the converter alone; and it
 returns the embedder and final-layer modules (``img_in``, ``time_in``, ``final_layer`` ...) without the
@@ -197,3 +197,35 @@ def test_diffusers_converter_agrees_on_full_width_linear1(tmp_path, layout):
         a, b = (sd[f"transformer.{p}.lora_{x}.weight"].double().numpy() for x in "AB")
         np.testing.assert_allclose(b @ (a @ probe), mod.up.astype(np.float64) @ (mod.down @ probe) * mod.scale,
                                    atol=1e-6, err_msg=p)
+
+
+def test_mindone_loads_both_layouts_with_every_pair_and_scale(tmp_path):
+    """mindone 0.5.0's ``FluxPipeline.load_lora_weights`` (MindSpore, injection only: no forward pass on CPU here)."""
+    pytest.importorskip("mindspore")
+    from flux_keys_helpers import TINY
+    from mindone.diffusers import FluxPipeline as MsFluxPipeline
+    from mindone.diffusers import FluxTransformer2DModel as MsFlux
+
+    for fmt in (DiffusersFormat(), KohyaFormat()):
+        model = MsFlux(**TINY)
+        cells = dict(model.cells_and_names())
+        shapes = {n: tuple(c.weight.shape) for n, c in cells.items() if type(c).__name__ in ("Dense", "Linear")}
+        if fmt.name == "kohya":  # mindone's converter has diffusers' two limits (module docstring)
+            paths = [p for p in shapes if not p.startswith(OUTSIDE_BLOCKS) and not _linear1_part(p)]
+            state = random_state(shapes, seed=21, paths=paths, ranks=(2,))
+        else:  # every module, ranks and alphas varying
+            state = random_state(shapes, seed=22)
+        path = fmt.write(state, str(tmp_path / fmt.name))
+        MsFluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                       tokenizer_2=None, transformer=model).load_lora_weights(path, adapter_name="x")
+        cells = dict(model.cells_and_names())  # the adapted cells replaced the Dense ones
+        missing, wrong = [], []
+        for _, p, mod in state.modules():
+            cell = cells[p]
+            if not hasattr(cell, "lora_A") or "x" not in cell.lora_A:
+                missing.append(p)
+                continue
+            delta = cell.lora_B["x"].weight.asnumpy() @ cell.lora_A["x"].weight.asnumpy() * cell.scaling["x"]
+            if not np.allclose(delta, mod.delta(), atol=1e-5):
+                wrong.append(p)
+        assert not missing and not wrong, (fmt.name, missing[:3], wrong[:3])
