@@ -133,15 +133,29 @@ def test_kohya_split_qkv_layout_reads_with_the_files_scale():
         np.testing.assert_allclose(p.delta(), ups[i] @ downs[i] * 4.0 / 6, atol=1e-6)
 
 
-def test_non_lora_modules_cannot_be_split_or_fused():
-    dora = LoraModule(algorithm="lora", tensors={"down": rand(2, 8), "up": rand(24, 2), "magnitude": rand(24)},
-                      alpha=2.0)
-    with pytest.raises(LoraError, match="fused qkv.*lora\\+dora.*cannot be split"):
-        fuse.split(dora, [8, 8, 8], "fused qkv")
+def _dora(down, up, magnitude):
+    return LoraModule(algorithm="lora", tensors={"down": down, "up": up, "magnitude": magnitude}, alpha=2.0)
+
+
+def test_output_row_dora_splits_and_fuses_exactly():
+    base = rand(24, 8)
+    fused = _dora(rand(2, 8), rand(24, 2), np.abs(rand(24)) + 0.5)
+    parts = fuse.split(fused, [8, 8, 8], "qkv")
+    for i, part in enumerate(parts):
+        assert part.tensors["magnitude"].shape == (8,)
+        np.testing.assert_allclose(part.delta(base[8 * i:8 * i + 8]), fused.delta(base)[8 * i:8 * i + 8], atol=1e-5)
+    again = fuse.fuse(parts, [8, 8, 8], "qkv")
+    np.testing.assert_allclose(again.delta(base), fused.delta(base), atol=1e-5)
+    with pytest.raises(LoraError, match="qkv: a part is missing.*DoRA"):
+        fuse.fuse([parts[0], None, parts[2]], [8, 8, 8], "qkv")
+
+
+def test_non_separable_modules_cannot_be_split_or_fused():
+    column_dora = _dora(rand(2, 8), rand(24, 2), np.abs(rand(1, 8)) + 0.5)  # LyCORIS wd_on_out=False
+    with pytest.raises(LoraError, match="fused qkv.*lora\\+dora \\(input-column magnitude\\).*cannot be split"):
+        fuse.split(column_dora, [8, 8, 8], "fused qkv")
     with pytest.raises(LoraError, match="part 1 of 3"):
-        fuse.fuse([LoraModule(algorithm="lora", tensors={"down": rand(2, 8), "up": rand(8, 2),
-                                                         "magnitude": rand(8)}, alpha=1.0), None, None],
-                  [8, 8, 8], "qkv")
+        fuse.fuse([_dora(rand(2, 8), rand(8, 2), np.abs(rand(1, 8))), None, None], [8, 8, 8], "qkv")
     with pytest.raises(LoraError, match="24 rows"):
         fuse.split(LoraModule(rand(2, 8), rand(24, 2), 1.0), [8, 8, 4], "m")
 
@@ -423,3 +437,18 @@ def test_the_grammar_serves_a_registered_flux_architecture(plugin_manager, tmp_p
         read_lora(kohya, base=BaseModelInfo("sd1", 2, {"unet": {}}, source="/sd15"))
     assert main(["inspect", kohya]) == 0
     assert "architecture:  FLUX.1" in capsys.readouterr().out
+
+
+def test_dora_qkv_round_trips_through_the_kohya_layout(tmp_path):
+    parts = ("to_q", "to_k", "to_v")
+    state = LoraState(architecture="flux")
+    for p in parts:
+        state.add("transformer", f"transformer_blocks.0.attn.{p}", _dora(rand(2, 16), rand(16, 2), np.abs(rand(16)) + 1))
+    path = KohyaFormat().write(state, str(tmp_path / "dora.safetensors"))
+    tensors = safetensors_io.load(path)[0]
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"].shape == (48, 1)  # LyCORIS's output-row shape
+    back = read_lora(path).components["transformer"]
+    for p in parts:
+        base = rand(16, 16)
+        want = state.components["transformer"][f"transformer_blocks.0.attn.{p}"].delta(base)
+        np.testing.assert_allclose(back[f"transformer_blocks.0.attn.{p}"].delta(base), want, atol=1e-5, err_msg=p)

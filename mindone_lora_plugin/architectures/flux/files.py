@@ -128,12 +128,6 @@ def _part_sizes(parts, mod: LoraModule, base) -> list[int]:
     return sizes
 
 
-def swap_halves(up: np.ndarray) -> np.ndarray:
-    """``up`` with its two output halves swapped (BFL's shift/scale ⇄ diffusers' scale/shift)."""
-    half = up.shape[0] // 2
-    return np.concatenate([up[half:], up[:half]], axis=0)
-
-
 def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str = "the LoRA file"):
     """``(LoraState, ReadInfo)`` of a FLUX LoRA file's tensors, every fused module split exactly.
 
@@ -172,8 +166,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
             sources.add("rank")
         if len(parts) == 1:
             if naming != "diffusers" and keys.is_swapped(name):
-                fuse._plain(mod, f"{where}: module {first.rsplit('.', 2)[0]}", "reordered (shift/scale swapped)")
-                mod.up = swap_halves(np.asarray(mod.up))
+                mod = fuse.swap_halves(mod, f"{where}: module '{first.split('.')[0]}'")
             pieces = [(parts[0], mod)]
         else:
             where_mod = f"{where}: fused module '{first.split('.')[0] if naming == 'bfl' else name}'"
@@ -227,8 +220,7 @@ def kohya_modules(state: LoraState) -> dict[str, tuple[LoraModule, str]]:
         if len(parts) == 1:
             mod = members[0][1]
             if keys.is_swapped(bfl):
-                fuse._plain(mod, f"transformer.{parts[0]}", "reordered for the original model (shift/scale)")
-                mod = LoraModule(mod.down, swap_halves(np.asarray(mod.up)), mod.alpha)
+                mod = fuse.swap_halves(mod, f"transformer.{parts[0]}")
             out[name] = (mod, f"transformer.{parts[0]}")
             continue
         mods = [members[i][1] if i in members else None for i in range(len(parts))]

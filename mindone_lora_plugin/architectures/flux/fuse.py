@@ -23,9 +23,11 @@ Either way ``part_i.delta == fused.delta[rows of part i]`` exactly (the same pro
   the most common part scale, and a part whose scale differs has ``s_i / s`` folded into its ``up`` block (the
   product stays exact; its tensors are not the part's any more). A missing part is a block of zero rows.
 
-Modules of other algorithms (LoHa, LoKr, DoRA's magnitude ...) have weight changes that are not a stack of
-separable parts here: both directions refuse them with one :class:`~mindone_lora_plugin.errors.LoraError` line
-naming the module.
+DoRA modules whose magnitude normalises output rows (peft's ``lora_magnitude_vector``, LyCORIS ``dora_scale``
+``[out, 1]``) are row-separable too: ``W'_rows = m_rows * (W + dW)_rows / ||(W + dW)_rows||`` row by row, so each
+part takes its rows of the magnitude and fusing concatenates them (every part must then be DoRA and present: a
+missing part's magnitude would be its base rows' norms). Modules of other algorithms (LoHa, LoKr, input-column DoRA
+...) are refused in both directions with one :class:`~mindone_lora_plugin.errors.LoraError` line naming the module.
 """
 
 from __future__ import annotations
@@ -39,14 +41,32 @@ from mindone_lora_plugin.state import LoraModule, most_common
 
 
 def _plain(mod: LoraModule, where: str, what: str) -> None:
-    if mod.algorithm != "lora" or set(mod.tensors) != {"down", "up"}:
+    """Refuse a module whose weight change is not a stack of separable output rows (plain LoRA, output-row DoRA)."""
+    rows = mod.algorithm == "lora" and (set(mod.tensors) == {"down", "up"} or (
+        set(mod.tensors) == {"down", "up", "magnitude"} and _dora_axis(mod) == "out"))
+    if not rows:
         label = mod.algo.label(mod) if mod.algorithm == "lora" else mod.algorithm
+        if mod.algorithm == "lora" and "magnitude" in mod.tensors:
+            label += " (input-column magnitude)"
         raise LoraError(f"{where} is a {label} module, whose weight change cannot be {what} exactly (only plain LoRA "
-                        "can); write the LoRA in the diffusers format (--save_formats/--to diffusers), which keeps "
-                        "every module separate")
+                        "and output-row DoRA can); write the LoRA in the diffusers format (--save_formats/--to "
+                        "diffusers), which keeps every module separate")
     if np.ndim(mod.down) != 2:
         raise LoraError(f"{where}: a fused FLUX module is a Linear, but this LoRA is {np.ndim(mod.down)}-D; the file "
                         "is corrupted")
+
+
+def _dora_axis(mod) -> str:
+    from mindone_lora_plugin.algorithms.lora import dora_axis
+
+    return dora_axis(mod)
+
+
+def _make(down, up, alpha, magnitude=None) -> LoraModule:
+    if magnitude is None:
+        return LoraModule(down, up, alpha)
+    return LoraModule(algorithm="lora", tensors={"down": down, "up": up, "magnitude": magnitude}, alpha=alpha,
+                      settings={"dora_axis": "out"})
 
 
 def _f64(x) -> np.ndarray:
@@ -78,17 +98,22 @@ def split(mod: LoraModule, sizes, where: str, *, dense: bool = False) -> list[Lo
                         f"{'+'.join(map(str, sizes))} = {sum(sizes)}; the LoRA was made for another FLUX model")
     bounds = np.cumsum([0] + sizes)
     rank, scale = mod.rank, mod.scale
+    magnitude = mod.tensors.get("magnitude")
     columns = None if dense else _block_columns(up, sizes, rank)
     out: list[LoraModule | None] = []
     for i in range(len(sizes)):
         rows = slice(int(bounds[i]), int(bounds[i + 1]))
+        mag = None if magnitude is None else np.asarray(magnitude)[rows]
         if columns is None:
-            out.append(LoraModule(down, up[rows], mod.alpha))
+            out.append(_make(down, up[rows], mod.alpha, mag))
         elif not columns[i]:
-            out.append(None)
+            if mag is not None:  # DoRA rows without a weight change still carry their magnitude
+                out.append(_make(down[:1], np.zeros((rows.stop - rows.start, 1), up.dtype), scale, mag))
+            else:
+                out.append(None)
         else:
             cols = np.asarray(columns[i])
-            out.append(LoraModule(down[cols], up[rows][:, cols], scale * len(cols)))
+            out.append(_make(down[cols], up[rows][:, cols], scale * len(cols), mag))
     return out
 
 
@@ -129,10 +154,19 @@ def fuse(parts, sizes, where: str) -> LoraModule:
         raise LoraError(f"{where}: its parts have different input widths {sorted(ins)}; they are not parts of one "
                         "fused module")
     first = present[0][1]
+    doras = sum("magnitude" in m.tensors for _, m in present)
+    magnitude = None
+    if doras:
+        if doras != len(parts):
+            raise LoraError(f"{where}: {'some of its parts are' if doras < len(present) else 'a part is missing and the others are'}"
+                            " DoRA modules; a fused DoRA module needs a magnitude for every part: train all of its "
+                            "parts with DoRA, or write the diffusers format")
+        magnitude = np.concatenate([np.asarray(m.tensors["magnitude"]).reshape(
+            (-1,) + np.shape(first.tensors["magnitude"])[1:]) for m in parts], axis=0)
     if len(present) == len(parts) and all(
             m.scale == first.scale and np.array_equal(np.asarray(m.down), np.asarray(first.down)) for _, m in present):
         up = np.concatenate([np.asarray(m.up) for m in parts], axis=0)
-        return LoraModule(np.asarray(first.down), up, first.alpha)
+        return _make(np.asarray(first.down), up, first.alpha, magnitude)
     scale = most_common(Counter(m.scale for _, m in present))
     total = sum(m.rank for _, m in present)
     down = np.concatenate([_f64(m.down) for _, m in present], axis=0)
@@ -145,4 +179,17 @@ def fuse(parts, sizes, where: str) -> LoraModule:
             block = block * (m.scale / scale)
         up[int(bounds[i]):int(bounds[i + 1]), col:col + m.rank] = block
         col += m.rank
-    return LoraModule(_like(down, first.down), _like(up, first.up), scale * total)
+    return _make(_like(down, first.down), _like(up, first.up), scale * total, magnitude)
+
+
+def swap_halves(mod: LoraModule, where: str) -> LoraModule:
+    """``mod`` with its two output halves swapped (BFL's shift/scale ⇄ diffusers' scale/shift): rows of ``up`` and of
+    an output-row DoRA magnitude; exact (a row permutation)."""
+    _plain(mod, where, "reordered (shift/scale halves swapped)")
+    up = np.asarray(mod.up)
+    half = up.shape[0] // 2
+    mag = mod.tensors.get("magnitude")
+    if mag is not None:
+        mag = np.asarray(mag)
+        mag = np.concatenate([mag[half:], mag[:half]], axis=0)
+    return _make(np.asarray(mod.down), np.concatenate([up[half:], up[:half]], axis=0), mod.alpha, mag)
