@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from flux_keys_helpers import HIDDEN, N_LINEAR, assert_same_deltas, flux_base, linear_shapes, random_state, tiny_transformer
+from flux_keys_helpers import (HIDDEN, N_LINEAR, assert_same_deltas, flux_base, linear_shapes, random_state,
+                               tiny_transformer)
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures.flux import files, fuse, keys
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -172,10 +173,9 @@ def _kohya_tensors(rng_seed=0):
         t[f"lora_unet_{name}.lora_down.weight"] = rng.standard_normal((r, inp)).astype(np.float32)
         t[f"lora_unet_{name}.lora_up.weight"] = rng.standard_normal((out, r)).astype(np.float32)
         t[f"lora_unet_{name}.alpha"] = np.asarray(1.0 * r / 2, np.float32)
-    t["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
-    t["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
-    t["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
-    t["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
+    for stem in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"):
+        t[f"{stem}.lora_down.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
+        t[f"{stem}.lora_up.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
     return t
 
 
@@ -452,3 +452,19 @@ def test_dora_qkv_round_trips_through_the_kohya_layout(tmp_path):
         base = rand(16, 16)
         want = state.components["transformer"][f"transformer_blocks.0.attn.{p}"].delta(base)
         np.testing.assert_allclose(back[f"transformer_blocks.0.attn.{p}"].delta(base), want, atol=1e-5, err_msg=p)
+
+
+def test_comfyui_text_encoder_prefixes_and_ai_toolkit_lora_down_under_transformer(tmp_path):
+    down, up = rand(2, 8), rand(8, 2)
+    got = read_lora(save(tmp_path, {
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2.lora_down.weight": down,
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2.lora_up.weight": up,
+        "text_encoders.t5xxl.transformer.encoder.block.2.layer.1.DenseReluDense.wo.lora_down.weight": down,
+        "text_encoders.t5xxl.transformer.encoder.block.2.layer.1.DenseReluDense.wo.lora_up.weight": up,
+        "transformer.single_transformer_blocks.0.norm.linear.lora_down.weight": rand(2, 16),
+        "transformer.single_transformer_blocks.0.norm.linear.lora_up.weight": rand(48, 2),
+    }, {"ss_base_model_version": "flux1"}))
+    assert sorted((c, p) for c, p, _ in got.modules()) == sorted([
+        ("transformer", "single_transformer_blocks.0.norm.linear"),
+        ("text_encoder", "text_model.encoder.layers.1.mlp.fc2"),
+        ("text_encoder_2", "encoder.block.2.layer.1.DenseReluDense.wo")])

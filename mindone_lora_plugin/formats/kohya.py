@@ -134,7 +134,8 @@ class KohyaFormat(LoraFormat):
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
         from mindone_lora_plugin.architectures import get_architecture
 
-        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "kohya's module naming and metadata")
+        arch = state.architecture if state.architecture == "flux" else writer_architecture(
+            state, "kohya's module naming and metadata")
         if arch == "flux":  # q/k/v fused into the original model's modules
             from mindone_lora_plugin.architectures.flux.files import kohya_modules
 

@@ -66,7 +66,8 @@ def parse_keys(names, where: str) -> list[keys.FluxKey]:
     if unknown:
         raise LoraError(f"{where}: {len(unknown)} key(s) are not FLUX LoRA weights of a known naming, e.g. "
                         f"{_example(unknown)}; expected kohya (lora_unet_double_blocks_0_img_attn_qkv ...), ComfyUI "
-                        "(diffusion_model.double_blocks.0 ...) or diffusers (transformer.transformer_blocks.0 ...) keys")
+                        "(diffusion_model.double_blocks.0 ...) or diffusers (transformer.transformer_blocks.0 ...) "
+                        "keys")
     if not parsed:
         raise LoraError(f"{where} holds no LoRA weights (no tensors); it is not a LoRA file")
     return parsed
@@ -261,7 +262,8 @@ def modelspec(meta: dict[str, str], title: str, implementation: str, flux_varian
 def kohya_metadata(state: LoraState, meta: dict[str, str], title: str, flux_variant: str = "dev") -> dict[str, str]:
     """sd-scripts' FLUX entries: ``ss_base_model_version=flux1``, ``ss_network_module``, ``ss_network_dim``/
     ``ss_network_alpha`` of the modules as trained (``state``'s: a fused qkv module of rank-``r`` parts has rank
-    ``3r`` in the file, as in sd-scripts' ``split_qkv`` files, whose ``ss_network_dim`` is also ``r``), ``modelspec.*``."""
+    ``3r`` in the file, as in sd-scripts' ``split_qkv`` files, whose ``ss_network_dim`` is also ``r``),
+    ``modelspec.*``."""
     from mindone_lora_plugin.formats.kohya import network_metadata, network_module
 
     out = dict(meta)

@@ -158,8 +158,8 @@ def fuse(parts, sizes, where: str) -> LoraModule:
     magnitude = None
     if doras:
         if doras != len(parts):
-            raise LoraError(f"{where}: {'some of its parts are' if doras < len(present) else 'a part is missing and the others are'}"
-                            " DoRA modules; a fused DoRA module needs a magnitude for every part: train all of its "
+            which = "some of its parts are" if doras < len(present) else "a part is missing and the others are"
+            raise LoraError(f"{where}: {which} DoRA modules; a fused DoRA module needs a magnitude for every part: train all of its "
                             "parts with DoRA, or write the diffusers format")
         magnitude = np.concatenate([np.asarray(m.tensors["magnitude"]).reshape(
             (-1,) + np.shape(first.tensors["magnitude"])[1:]) for m in parts], axis=0)

@@ -56,7 +56,8 @@ BFL_TO_DIFFUSERS: dict[str, tuple[str, ...]] = {
     "double_blocks_{i}_img_mlp_0": ("transformer_blocks.{i}.ff.net.0.proj",),
     "double_blocks_{i}_img_mlp_2": ("transformer_blocks.{i}.ff.net.2",),
     "double_blocks_{i}_img_mod_lin": ("transformer_blocks.{i}.norm1.linear",),
-    "double_blocks_{i}_txt_attn_qkv": ("transformer_blocks.{i}.attn.add_q_proj", "transformer_blocks.{i}.attn.add_k_proj",
+    "double_blocks_{i}_txt_attn_qkv": ("transformer_blocks.{i}.attn.add_q_proj",
+                                       "transformer_blocks.{i}.attn.add_k_proj",
                                        "transformer_blocks.{i}.attn.add_v_proj"),
     "double_blocks_{i}_txt_attn_proj": ("transformer_blocks.{i}.attn.to_add_out",),
     "double_blocks_{i}_txt_mlp_0": ("transformer_blocks.{i}.ff_context.net.0.proj",),
@@ -130,8 +131,9 @@ TRANSFORMER_PATH_RE = re.compile(
     r"single_transformer_blocks\.\d+\.(?:attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)|"
     r"x_embedder|context_embedder|proj_out|norm_out\.linear|"
     r"time_text_embed\.(?:timestep|guidance|text)_embedder\.linear_[12]")
-CLIP_PATH_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])")
-T5_PATH_RE = re.compile(r"encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo))")
+CLIP_PATH_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12])")
+T5_PATH_RE = re.compile(r"encoder\.block\.\d+\.layer\."
+                        r"(?:0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo))")
 PATH_RES = {"transformer": TRANSFORMER_PATH_RE, "text_encoder": CLIP_PATH_RE, "text_encoder_2": T5_PATH_RE}
 
 _VOCAB = {
@@ -189,7 +191,8 @@ _PLAIN_SUFFIXES = ((".lora_down.weight", DOWN), (".lora_up.weight", UP), (".lora
                    (".down.weight", DOWN), (".up.weight", UP), (".alpha", ALPHA))
 _FLAT = (("lora_unet_", "transformer"), ("lora_transformer_", "transformer"), ("lora_te1_", "text_encoder"),
          ("lora_te_", "text_encoder"), ("lora_te3_", "text_encoder_2"), ("lora_te2_", "text_encoder_2"))
-_DOTTED = (("text_encoders.clip_l.transformer.", "text_encoder"), ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
+_DOTTED = (("text_encoders.clip_l.transformer.", "text_encoder"),
+           ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
            ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("transformer.", "transformer"),
            ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
            ("base_model.model.", None), ("", None))
@@ -288,7 +291,8 @@ def parse_key(key: str, extra_suffixes=()) -> FluxKey | None:
 
 _STRUCTURE_RE = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d+|"
                            r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn[._](?:add_[qkv]_proj|to_add_out)|"
-                           r"norm1_context|ff_context)|^lora_te3_|^text_encoders\.t5xxl\.|^transformer\.|^lora_transformer_|"
+                           r"norm1_context|ff_context)|^lora_te3_|^text_encoders\.t5xxl\.|"
+                           r"^transformer\.|^lora_transformer_|"
                            r"(?:^|[._])(?:x_embedder|context_embedder|time_text_embed)[._]")
 MODELSPEC_FAMILY = "flux-1"
 KOHYA_BASE_MODEL_VERSION = "flux1"
