@@ -52,3 +52,41 @@ def assert_same_deltas(got: LoraState, want: LoraState, atol=1e-6):
     for comp, path, mod in want.modules():
         np.testing.assert_allclose(got.components[comp][path].delta(), mod.delta(), atol=atol, rtol=1e-6,
                                    err_msg=f"{comp}.{path}")
+
+
+def _stand_in():
+    from mindone_lora_plugin.architectures import Architecture, Component
+    from mindone_lora_plugin.architectures.flux.files import FluxLoraFiles
+
+    class FormatsFlux(FluxLoraFiles, Architecture):
+        description = "FLUX.1 (the format tests' stand-in while no FLUX family is installed)"
+        components = (Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet"),
+                      Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder"),
+                      Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3",
+                                kind="text_encoder"))
+        denoiser = "transformer"
+
+    return FormatsFlux()
+
+
+@pytest.fixture(scope="module")
+def flux_installed():
+    """The FLUX.1 architecture in the process-wide plugin manager: the installed one, else a stand-in made of the
+    file side (:class:`~mindone_lora_plugin.architectures.flux.files.FluxLoraFiles`) alone."""
+    from mindone_lora_plugin.hookspecs import hookimpl
+    from mindone_lora_plugin.plugins import get_plugin_manager, reset_plugin_manager
+
+    if "flux" in get_plugin_manager().architectures():
+        yield get_plugin_manager().architectures()["flux"]
+        return
+    arch = _stand_in()
+
+    class Plugin:
+        @hookimpl
+        def mindone_lora_architectures(self):
+            yield arch
+
+    reset_plugin_manager()
+    get_plugin_manager().register_plugin(Plugin(), name="flux_formats_test")
+    yield arch
+    reset_plugin_manager()

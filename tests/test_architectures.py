@@ -165,6 +165,15 @@ def test_lora_metadata_names_the_architecture():
     assert detect_lora(parsed, keys, {}) is None
 
 
+def test_only_a_clip_second_text_encoder_makes_a_file_sdxl():
+    """SDXL's structural evidence is a second *CLIP* encoder: another family's second encoder (FLUX's T5) is not it."""
+    clip = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((2, 8), np.float32)}
+    found = detect_lora(parse_keys(clip, "f"), clip, {})
+    assert (found.architecture, found.score) == ("sdxl", STRUCTURE)
+    t5 = {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": np.zeros((2, 8), np.float32)}
+    assert detect_lora(parse_keys(t5, "f"), t5, {}) is None
+
+
 # ---------------------------------------------------------------------------------------------- a third-party family
 
 
@@ -211,7 +220,8 @@ def toy_folder(tmp_path) -> str:
 
 def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manager, tmp_path, capsys):
     register(plugin_manager, "toy_plugin", Toy())
-    info = BaseModelInfo.from_folder(toy_folder(tmp_path))
+    folder = toy_folder(tmp_path)
+    info = BaseModelInfo.from_folder(folder)
     assert info.architecture == "toy" and info.modules == {"denoiser": {"blocks.0.attn.qkv": (12, 4)}}
     assert "denoiser" in known_components()
     # its component's key prefix is understood, and its files are read against its folders
@@ -236,9 +246,21 @@ def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manage
     sd = KohyaFormat().write(random_state(tiny_sd1(), rng), str(tmp_path / "sd.safetensors"))
     with pytest.raises(LoraError, match=r"is a LoRA for SD1.x .* but the base model .* is Toy-1"):
         read_lora(sd, base=info)
+    # inspect names it; merge fuses it into its own folder layout
+    capsys.readouterr()
+    assert main(["inspect", kohya]) == 0
+    assert "Toy-1 (it has weights for a toy denoiser)" in capsys.readouterr().out
+    assert main(["merge", "--model", folder, "--lora", kohya, "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = safetensors_io.load(str(tmp_path / "merged" / "denoiser" / "diffusion_pytorch_model.safetensors"))
+    np.testing.assert_allclose(merged["blocks.0.attn.qkv.weight"].astype(np.float32),
+                               state.components["denoiser"]["blocks.0.attn.qkv"].delta(), rtol=2e-3, atol=2e-3)
     # live cells are named by its component classes; listed by mindone-lora plugins
-    ToyDenoiser = type("ToyDenoiser", (), {})
+    ToyDenoiser = type("ToyDenoiser", (), {"config": {"_class_name": "ToyDenoiser"}})
     assert component_of(ToyDenoiser()) == "denoiser"
+    from mindone_lora_plugin.models import Models
+
+    assert Models(denoiser=ToyDenoiser()).architecture == "toy"  # live models: detected from their configs
+    capsys.readouterr()
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
     assert listed["toy"]["plugin"] == "toy_plugin" and listed["toy"]["presets"] == ["attn", "everything"]
@@ -295,3 +317,47 @@ def test_live_cells_are_named_by_the_sd_component_classes():
     assert component_of(bare(CLIPTextModel)) == "text_encoder"
     assert component_of(bare(CLIPTextModelWithProjection)) == "text_encoder_2"  # the longest class name wins
     assert component_of(object()) is None
+
+
+class FusedToy(Toy):
+    """The toy family with its own kohya layout: the module is written as ``toy_fused`` (a name the core's key parser
+    does not know), read back by the family itself."""
+
+    kohya_network_module = "networks.lora_toy"
+
+    def kohya_modules(self, state):
+        return {"toy_fused": (state.components["denoiser"]["blocks.0.attn.qkv"], "denoiser.blocks.0.attn.qkv")}
+
+    def count_file_keys(self, keys, kohya):
+        return sum(k.startswith("toy_fused.") for k in keys) if kohya else 0
+
+    def read_file(self, tensors, metadata, base, where):
+        from mindone_lora_plugin.formats.names import ReadInfo
+
+        if not any(k.startswith("toy_fused.") for k in tensors):
+            return None
+        state = LoraState(architecture=self.name, metadata=dict(metadata))
+        state.add("denoiser", "blocks.0.attn.qkv", LoraModule(tensors["toy_fused.lora_down.weight"],
+                                                              tensors["toy_fused.lora_up.weight"],
+                                                              float(tensors["toy_fused.alpha"])))
+        return state, ReadInfo(styles={"kohya"})
+
+
+def test_a_family_with_its_own_kohya_layout_writes_claims_and_reads_it(plugin_manager, tmp_path, capsys):
+    register(plugin_manager, "toy_plugin", FusedToy())
+    info = BaseModelInfo.from_folder(toy_folder(tmp_path))
+    rng = np.random.default_rng(5)
+    state = LoraState(architecture="toy")
+    state.add("denoiser", "blocks.0.attn.qkv", LoraModule(rng.standard_normal((2, 4)).astype(np.float32),
+                                                          rng.standard_normal((12, 2)).astype(np.float32), 3.0))
+    path = KohyaFormat().write(state, str(tmp_path / "fused.safetensors"))
+    tensors, meta = safetensors_io.load(path)
+    assert sorted(tensors) == ["toy_fused.alpha", "toy_fused.lora_down.weight", "toy_fused.lora_up.weight"]
+    assert meta["ss_network_module"] == "networks.lora_toy" and meta["modelspec.architecture"] == "toy-1/lora"
+    for base in (None, info):
+        back = read_lora(path, base=base)  # claimed by kohya through the family's key count, read by the family
+        mod = back.components["denoiser"]["blocks.0.attn.qkv"]
+        assert back.architecture == "toy" and mod.alpha == 3.0
+        np.testing.assert_array_equal(mod.up, state.components["denoiser"]["blocks.0.attn.qkv"].up)
+    assert main(["convert", path, str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert read_lora(str(tmp_path / "d.safetensors")).architecture == "toy"

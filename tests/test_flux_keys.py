@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from flux_keys_helpers import (HIDDEN, N_LINEAR, assert_same_deltas, flux_base, linear_shapes, random_state,
-                               tiny_transformer)
+from flux_keys_helpers import (HIDDEN, N_LINEAR, assert_same_deltas, flux_base, flux_installed, linear_shapes,
+                               random_state, tiny_transformer)
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures.flux import files, fuse, keys
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -18,6 +18,8 @@ from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 
 RNG = np.random.default_rng(7)
+pytestmark = pytest.mark.usefixtures("flux_installed")
+assert flux_installed  # a fixture, used by every test here
 
 
 def rand(*shape):
@@ -399,41 +401,25 @@ def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
 # ----------------------------------------------------------------------------- as an installed architecture
 
 
-def test_the_grammar_serves_a_registered_flux_architecture(plugin_manager, tmp_path, shapes, capsys):
-    from mindone_lora_plugin.architectures import Architecture, Component, detect_lora, label
+def test_the_flux_architecture_is_asked_by_the_formats_and_the_reader(tmp_path, shapes, capsys):
+    from mindone_lora_plugin.architectures import detect_lora, label
     from mindone_lora_plugin.cli import main
     from mindone_lora_plugin.formats.names import parse_key as sd_parse_key
-    from mindone_lora_plugin.hookspecs import hookimpl
 
-    class Flux(keys.FluxKeyGrammar, Architecture):
-        name, label, description = "flux", "FLUX.1", "FLUX.1 dev/schnell (format tests)"
-        components = (Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet"),
-                      Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder"),
-                      Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3",
-                                kind="text_encoder"))
-        denoiser = "transformer"
-        kohya_base_model_version = kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
-        modelspec_architecture, modelspec_prefix = "flux-1-dev/lora", "flux-1"
-
-    class Plugin:
-        @hookimpl
-        def mindone_lora_architectures(self):
-            yield Flux()
-
-    plugin_manager.register_plugin(Plugin(), name="flux_test")
     assert label("flux") == "FLUX.1"
     state = random_state(shapes, seed=5, paths=[p for p in shapes if p.startswith("single_transformer_blocks.0.")])
-    state.architecture = None  # the writers tell FLUX from the components alone now
+    state.architecture = None  # the writers tell FLUX from the components alone
     kohya = KohyaFormat().write(state, str(tmp_path / "k.safetensors"))
-    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in safetensors_io.load(kohya)[0]
-    tensors = safetensors_io.load(kohya)[0]
+    tensors, meta = safetensors_io.load(kohya)
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in tensors
+    assert (meta["ss_network_module"], meta["ss_base_model_version"]) == ("networks.lora_flux", "flux1")
+    assert meta["modelspec.implementation"] == files.KOHYA_IMPLEMENTATION and "modelspec.prediction_type" not in meta
     tensors["text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"] = rand(2, 8)  # a T5 LoRA too
-    parsed = [sd_parse_key(k) for k in tensors]
-    found = detect_lora([p for p in parsed if p is not None], tensors, {})
+    found = detect_lora([p for p in map(sd_parse_key, tensors) if p is not None], tensors, {})
     assert found.architecture == "flux" and found.strong
     back = read_lora(kohya)
     assert back.architecture == "flux" and len(back) == 6
-    with pytest.raises(LoraError, match=r"is a LoRA for FLUX.1 .* but the base model .* is SD1.x"):
+    with pytest.raises(LoraError, match=r"is a LoRA for FLUX.1 .* but the base model /sd15 is SD1.x"):
         read_lora(kohya, base=BaseModelInfo("sd1", 2, {"unet": {}}, source="/sd15"))
     assert main(["inspect", kohya]) == 0
     assert "architecture:  FLUX.1" in capsys.readouterr().out

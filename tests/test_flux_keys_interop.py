@@ -15,14 +15,16 @@ import copy
 import numpy as np
 import pytest
 
-from flux_keys_helpers import assert_same_deltas, flux_base, linear_shapes, random_state, tiny_transformer
+from flux_keys_helpers import (assert_same_deltas, flux_base, flux_installed, linear_shapes, random_state,
+                               tiny_transformer)
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("flux_installed")]
+assert flux_installed  # a fixture, used by every test here
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")

@@ -126,7 +126,8 @@ class Architecture:
     predicts), :attr:`kohya_base_model_version` / :attr:`kohya_version_family` (kohya's ``ss_base_model_version`` and
     the prefix that a kept value must have), :attr:`modelspec_architecture` (the ``modelspec.architecture`` written), :attr:`modelspec_prefix` (how every
     value of this family starts, for detection) and :attr:`kohya_implementation` (``modelspec.implementation`` in
-    kohya files: the code base whose module names they use).
+    kohya files: the code base whose module names they use) and :attr:`kohya_network_module` (sd-scripts' network
+    module for plain LoRA: ``networks.lora``, ``networks.lora_flux`` ...).
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +142,7 @@ class Architecture:
     modelspec_architecture: ClassVar[str] = ""
     modelspec_prefix: ClassVar[str] = ""
     kohya_implementation: ClassVar[str] = "diffusers"
+    kohya_network_module: ClassVar[str] = "networks.lora"  # ss_network_module of plain-LoRA kohya files
 
     # ------------------------------------------------------------------ components
 
@@ -249,6 +251,44 @@ class Architecture:
 
     def modelspec_resolution(self, v_prediction: bool) -> str:
         return f"{self.default_resolution}x{self.default_resolution}"
+
+    def modelspec(self, state, meta: dict[str, str], title: str, implementation: str,
+                  v_prediction: bool) -> dict[str, str]:
+        """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA of this family (``state``: the LoRA written; ``meta``: its
+        metadata so far, whose date and resolution are kept)."""
+        import datetime
+        import re
+
+        nums = re.findall(r"\d+", meta.get("ss_resolution", "") or "")
+        from_ss = f"{nums[0]}x{nums[-1]}" if len(nums) in (1, 2) else None
+        return {
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": self.modelspec_name(v_prediction),
+            "modelspec.implementation": implementation,
+            "modelspec.title": title,
+            "modelspec.resolution": meta.get("modelspec.resolution") or from_ss or self.modelspec_resolution(
+                v_prediction),
+            "modelspec.date": meta.get("modelspec.date") or datetime.datetime.now().replace(microsecond=0).isoformat(),
+            "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        }
+
+    # ------------------------------------------------------------------ files whose modules are not one per key group
+
+    def read_file(self, tensors: dict, metadata: dict[str, str], base, where: str):
+        """``(LoraState, ReadInfo)`` when this family reads the file itself (its own key layout, e.g. fused modules
+        split on reading), else None: the core's plain-LoRA reader does it. The reader asks every installed family,
+        the base model's first; a family may refuse a file that pairs it with another family in one line."""
+        return None
+
+    def kohya_modules(self, state) -> dict | None:
+        """``{kohya module name: (LoraModule, what it holds for messages)}`` when this family's kohya files do not
+        hold one module per state module (FLUX's fused qkv); None: each module under :meth:`kohya_name`."""
+        return None
+
+    def count_file_keys(self, keys, kohya: bool) -> int:
+        """How many of a file's keys are this family's own keys in kohya style (``kohya``) or diffusers/PEFT style
+        that the core's key parser does not know (what the kohya and diffusers formats' claims add); default 0."""
+        return 0
 
     # ------------------------------------------------------------------ training and pipelines (MindSpore)
 

@@ -50,6 +50,8 @@ _RE_TE_IN = re.compile(r"(?:q_proj|k_proj|v_proj|fc1)$|to_[qkv]_lora$|to_[qkv]$"
 _RE_DEEP = re.compile(r"transformer_blocks[._]([1-9]\d*)(?:[._]|$)")
 _RE_PROJ_IN = re.compile(r"(?:^|[._])proj_in$")
 _RE_UP_ATTN = re.compile(r"up_blocks\.(\d+)\.attentions\.")
+SD_COMPONENTS = frozenset(("unet", "text_encoder", "text_encoder_2"))
+_CLIP_ROOTS = ("text_model.", "text_model_", "text_projection")  # a CLIP encoder's modules (dotted or kohya)
 
 
 def _get(config, key: str):
@@ -73,8 +75,7 @@ class StableDiffusion(Architecture):
     def family(self, folder: FolderInfo) -> str | None:
         """Which SD architecture a folder (or live models' configs) is, or None when it is no SD model."""
         configs = folder.configs
-        sd_names = {"unet", "text_encoder", "text_encoder_2"}
-        if "unet" not in configs and not (set(configs) <= sd_names):
+        if "unet" not in configs and not (set(configs) <= SD_COMPONENTS):
             return None
         unet, te = configs.get("unet"), configs.get("text_encoder")
         if ("text_encoder_2" in configs or "XL" in folder.class_name
@@ -317,7 +318,9 @@ FAMILY = (SDXL(), SD2(), SD1())  # the order metadata is looked at in
 def family_evidence(parsed, tensors, metadata: dict[str, str], sgm_used: bool = False) -> Evidence | None:
     """The SD family's one judgement on a LoRA file (see the module docstring), or None when nothing points to SD."""
     comps = {pk.component for pk in parsed}
-    if "text_encoder_2" in comps:
+    if comps - SD_COMPONENTS:
+        return None  # another family's components
+    if any(pk.component == "text_encoder_2" and pk.name.startswith(_CLIP_ROOTS) for pk in parsed):
         return Evidence("sdxl", STRUCTURE, "it has weights for a second text encoder")
     cross, te_width = set(), set()
     deep = proj_conv = False

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import re
-
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -49,33 +46,14 @@ def names_for(state: LoraState, metadata: dict[str, str] | None, output_name: st
     return output_name, (metadata or {}).get("modelspec.title") or title
 
 
-def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool) -> dict[str, str]:
+def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool,
+              state: LoraState | None = None) -> dict[str, str]:
     """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA for the architecture ``arch`` (its
-    :meth:`~mindone_lora_plugin.architectures.base.Architecture.modelspec_name` and default resolution), keeping the
-    date/resolution already in ``meta``."""
+    :meth:`~mindone_lora_plugin.architectures.base.Architecture.modelspec`), keeping the date/resolution already in
+    ``meta``."""
     from mindone_lora_plugin.architectures import get_architecture
 
-    family = get_architecture(arch)
-    res = (meta.get("modelspec.resolution") or _resolution_from_ss(meta.get("ss_resolution", ""))
-           or family.modelspec_resolution(v_pred))
-    return {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": family.modelspec_name(v_pred),
-        "modelspec.implementation": implementation,
-        "modelspec.title": title,
-        "modelspec.resolution": res,
-        "modelspec.date": meta.get("modelspec.date") or datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-    }
-
-
-def _resolution_from_ss(value: str) -> str | None:
-    nums = re.findall(r"\d+", value or "")
-    if len(nums) == 1:
-        return f"{nums[0]}x{nums[0]}"
-    if len(nums) == 2:
-        return f"{nums[0]}x{nums[1]}"
-    return None
+    return get_architecture(arch).modelspec(state, meta, title, implementation, v_pred)
 
 
 def read_plain_lora(path: str, base: BaseModelInfo | None = None):
@@ -92,36 +70,15 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     from mindone_lora_plugin.algorithms.base import check_finite
 
     check_finite(tensors, path)
-    flux = _flux_read(tensors, metadata, base, path)
-    if flux is not None:
-        return flux
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    families = installed_architectures()
+    first = families.get(base.architecture) if base is not None else None
+    for family in ([first] if first is not None else []) + [a for a in families.values() if a is not first]:
+        done = family.read_file(tensors, metadata, base, path)  # a family with its own key layout
+        if done is not None:
+            return done
     return build_state(tensors, metadata, base=base, path=path, where=path)
-
-
-def _flux_read(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None, where: str):
-    """``(LoraState, ReadInfo)`` when the file or the base model is FLUX.1 (:mod:`..architectures.flux.files`), after
-    refusing a FLUX file for an SD base model and the reverse; None for an SD file and base."""
-    from mindone_lora_plugin.architectures.flux import files as flux_files
-    from mindone_lora_plugin.architectures.flux.keys import detect
-
-    why = detect(tensors.keys(), metadata)
-    if not why and (base is None or base.architecture != flux_files.ARCHITECTURE):
-        return None
-    sd_guess = ""
-    if not why:  # a FLUX base model: text-encoder-only LoRAs have no FLUX-only names, but their names still fit
-        try:
-            flux_files.parse_keys(list(tensors), where)
-            why = "its keys fit FLUX.1's modules"
-        except LoraError:
-            pass
-    if not why:
-        from mindone_lora_plugin.formats.arch import guess_architecture
-        from mindone_lora_plugin.formats.names import parse_key
-
-        parsed = [pk for pk in map(parse_key, tensors) if pk is not None]
-        sd_guess = guess_architecture(parsed, tensors, metadata)[0] or "" if parsed else ""
-    flux_files.refuse_mismatch(why, base, where, sd_guess)
-    return flux_files.build_state(tensors, metadata, base, where)
 
 
 def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:

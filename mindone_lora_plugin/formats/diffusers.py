@@ -86,15 +86,16 @@ class DiffusersFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """Sure with a ``lora_adapter_metadata`` entry; else by the share of dotted diffusers/PEFT keys."""
         from mindone_lora_plugin.formats.base import CLAIM_SURE, share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
         if METADATA_KEY in (metadata or {}):
             return CLAIM_SURE
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
-        from mindone_lora_plugin.formats.kohya import flux_claimed
+        from mindone_lora_plugin.formats.kohya import family_keys
 
-        return share_claim(max(mine, flux_claimed(keys, False)), len(keys))
+        return share_claim(max(mine, family_keys(keys, False)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -116,16 +117,10 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
-        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "the metadata", required=False)
-        if arch == "flux":
-            from mindone_lora_plugin.architectures.flux.files import modelspec as flux_modelspec, variant
-
-            meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers",
-                                       variant(state, metadata)))
-            arch = None
+        arch = writer_architecture(state, "the metadata", required=False)
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
-            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))
+            meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta), state))
         meta["format"] = "np"
         meta[METADATA_KEY] = json.dumps(adapter_metadata(state), indent=2, sort_keys=True)
         return meta

@@ -78,8 +78,8 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
 
 
 def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
-    """The kohya tensors of one file module ``name`` (``held``: the module paths it holds, for errors); the alpha is
-    a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+    """The kohya tensors of one file module ``name`` (``held``: the module path(s) it holds, for errors); the alpha
+    is a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
     algo = mod.algo
     first = np.asarray(next(iter(mod.tensors.values())))
     alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
@@ -95,15 +95,13 @@ def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarra
     return out
 
 
-def flux_claimed(keys, kohya: bool) -> int:
-    """How many keys are FLUX keys in kohya/ComfyUI/XLabs style (``kohya``: original-model names or ``lora_…``
-    flat names) or else in diffusers/PEFT style (dotted diffusers paths)."""
-    from mindone_lora_plugin.architectures.flux.files import suffixes
-    from mindone_lora_plugin.architectures.flux.keys import parse_key
+def family_keys(keys, kohya: bool) -> int:
+    """The most keys any installed architecture counts as its own in this style
+    (:meth:`~mindone_lora_plugin.architectures.base.Architecture.count_file_keys`)."""
+    from mindone_lora_plugin.architectures import installed_architectures
 
-    extra = suffixes()
-    parsed = [pk for pk in (parse_key(k, extra) for k in keys) if pk is not None]
-    return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
+    keys = list(keys)
+    return max((a.count_file_keys(keys, kohya) for a in installed_architectures().values()), default=0)
 
 
 class KohyaFormat(LoraFormat):
@@ -120,11 +118,12 @@ class KohyaFormat(LoraFormat):
     def claim(self, keys, metadata) -> int:
         """By the share of kohya (``lora_unet_…``) and ComfyUI (``diffusion_model.…``) keys."""
         from mindone_lora_plugin.formats.base import share_claim
-        from mindone_lora_plugin.formats.names import parse_key
+        from mindone_lora_plugin.formats.names import algorithm_suffixes, key_prefixes, parse_key
 
-        parsed = [parse_key(k) for k in keys]
+        suffixes, prefixes = algorithm_suffixes(), key_prefixes()
+        parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
-        return share_claim(max(mine, flux_claimed(keys, True)), len(keys))
+        return share_claim(max(mine, family_keys(keys, True)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -134,38 +133,29 @@ class KohyaFormat(LoraFormat):
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
         from mindone_lora_plugin.architectures import get_architecture
 
-        arch = state.architecture if state.architecture == "flux" else writer_architecture(
-            state, "kohya's module naming and metadata")
-        if arch == "flux":  # q/k/v fused into the original model's modules
-            from mindone_lora_plugin.architectures.flux.files import kohya_modules
-
-            tensors = {}
-            for name, (mod, held) in kohya_modules(state).items():
-                tensors.update(module_tensors(name, mod, held, dtype))
-            return tensors, "flux"
-        namer = get_architecture(arch)
-        lpb = state.unet_layers_per_block
-        tensors, owner = {}, {}
-        for comp, path, mod in state.modules():
-            name = namer.kohya_name(comp, path, lpb)
-            if name in owner:
-                raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
-            owner[name] = f"{comp}.{path}"
-            tensors.update(module_tensors(name, mod, f"{comp}.{path}", dtype))
+        arch = writer_architecture(state, "kohya's module naming and metadata")
+        family = get_architecture(arch)
+        modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
+        if modules is None:
+            lpb = state.unet_layers_per_block
+            modules = {}
+            for comp, path, mod in state.modules():
+                name = family.kohya_name(comp, path, lpb)
+                if name in modules:
+                    raise LoraError(f"modules {modules[name][1]} and {comp}.{path} get the same kohya name {name}")
+                modules[name] = (mod, f"{comp}.{path}")
+        tensors = {}
+        for name, (mod, held) in modules.items():
+            tensors.update(module_tensors(name, mod, held, dtype))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
                      output_name: str) -> dict[str, str]:
         from mindone_lora_plugin.architectures import get_architecture
 
+        family = get_architecture(arch)
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
-        if arch == "flux":
-            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, variant
-
-            meta["ss_output_name"] = output_name
-            return kohya_metadata(state, meta, title, variant(state, metadata))
-        family = get_architecture(arch)
         v_pred = is_v_prediction(meta)
         names = family.kohya_metadata(meta, v_pred)
         net, conv_args = network_metadata(state)
@@ -173,6 +163,8 @@ class KohyaFormat(LoraFormat):
         module, algo_args = network_module(state)
         conv_args.update(algo_args)
         meta.update(names)
+        if module == NETWORK_MODULE:
+            module = family.kohya_network_module
         meta.update({"ss_network_module": module, "ss_output_name": output_name})
         if conv_args:
             try:
@@ -182,7 +174,7 @@ class KohyaFormat(LoraFormat):
             args = args if isinstance(args, dict) else {}
             args.update(conv_args)
             meta["ss_network_args"] = json.dumps(args)
-        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred))
+        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred, state))
         return meta
 
     def write(self, state: LoraState, out: str, *, dtype: str | None = None,

@@ -210,12 +210,12 @@ class Trainer:
 
         from mindone_lora_plugin.train.step import VaeEncode, build_steps
 
-        te_trained = {c for c in self.adapted if c != "unet"}
+        te_trained = {c for c in self.adapted if c != self.arch.denoiser}
         self.train_text = bool(te_trained)
         if self.args.gradient_checkpointing:  # the UNet, and the text encoders that train
             from mindone_lora_plugin.checkpointing import enable_for_training
 
-            counts = enable_for_training(self.models, ["unet"] + sorted(te_trained))
+            counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
             self._say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
         self.conditioner = self.arch.text_conditioner(self.models)
         self.loss_cell = self.arch.make_loss(self)

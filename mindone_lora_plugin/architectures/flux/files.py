@@ -12,6 +12,9 @@ more than LoRA pairs or adapt a different model (FLUX.1 Fill: a 384-channel ``x_
 Depth "control" LoRAs: a 128-channel one, plus norm weights; FLUX.1 Redux: ``redux_up``/``redux_down``); a FLUX file
 for a Stable Diffusion base model and the reverse. FLUX.1 Kontext has no modules of its own: its LoRAs are plain
 FLUX LoRAs and are read as such.
+
+The formats and the reader reach this module through the FLUX architecture's file hooks (:class:`FluxLoraFiles`, a
+mixin for the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
 """
 
 from __future__ import annotations
@@ -259,30 +262,6 @@ def modelspec(meta: dict[str, str], title: str, implementation: str, flux_varian
     }
 
 
-def kohya_metadata(state: LoraState, meta: dict[str, str], title: str, flux_variant: str = "dev") -> dict[str, str]:
-    """sd-scripts' FLUX entries: ``ss_base_model_version=flux1``, ``ss_network_module``, ``ss_network_dim``/
-    ``ss_network_alpha`` of the modules as trained (``state``'s: a fused qkv module of rank-``r`` parts has rank
-    ``3r`` in the file, as in sd-scripts' ``split_qkv`` files, whose ``ss_network_dim`` is also ``r``),
-    ``modelspec.*``."""
-    from mindone_lora_plugin.formats.kohya import network_metadata, network_module
-
-    out = dict(meta)
-    out.update(network_metadata(state)[0])
-    module, args = network_module(state)
-    out["ss_network_module"] = NETWORK_MODULE if module == "networks.lora" else module
-    if args:
-        try:
-            old = json.loads(out.get("ss_network_args") or "{}")
-        except ValueError:
-            old = {}
-        old = old if isinstance(old, dict) else {}
-        old.update(args)
-        out["ss_network_args"] = json.dumps(old)
-    out.update({"ss_base_model_version": keys.KOHYA_BASE_MODEL_VERSION, "ss_v2": "False"})
-    out.update(modelspec(meta, title, KOHYA_IMPLEMENTATION, flux_variant))
-    return out
-
-
 # ----------------------------------------------------------------------------- architecture pairing
 
 
@@ -301,3 +280,68 @@ def refuse_mismatch(is_flux: str, base, where: str, sd_guess: str = "") -> None:
         made = label(sd_guess) if sd_guess else "Stable Diffusion"
         raise LoraError(f"{where} is a LoRA for {made} (its keys are Stable Diffusion UNet/text-encoder names) but the "
                         f"base model{src} is {LABEL}; use a LoRA made for FLUX.1 or a {made} model")
+
+
+# ----------------------------------------------------------------------------- the architecture's file hooks
+
+
+def read_file(tensors: dict, metadata: dict[str, str], base, where: str):
+    """``(LoraState, ReadInfo)`` when the file or the base model is FLUX.1, else None (an SD file for an SD base);
+    a FLUX file for an SD base model and the reverse are refused in one line naming both."""
+    why = keys.detect(tensors.keys(), metadata)
+    base_flux = base is not None and base.architecture == ARCHITECTURE
+    if not why and not base_flux:
+        return None
+    sd_guess = ""
+    if not why:  # a FLUX base model: text-encoder-only LoRAs have no FLUX-only names, but their names still fit
+        try:
+            parse_keys(list(tensors), where)
+            why = "its keys fit FLUX.1's modules"
+        except LoraError:
+            pass
+    if not why:
+        from mindone_lora_plugin.formats.arch import guess_architecture
+        from mindone_lora_plugin.formats.names import parse_key
+
+        parsed = [pk for pk in map(parse_key, tensors) if pk is not None]
+        sd_guess = (guess_architecture(parsed, tensors, metadata)[0] or "") if parsed else ""
+    refuse_mismatch(why, base, where, sd_guess)
+    return build_state(tensors, metadata, base, where)
+
+
+def count_file_keys(names, kohya: bool) -> int:
+    """How many keys are FLUX keys in kohya/ComfyUI/XLabs style (``kohya``: original-model names or ``lora_…`` flat
+    names) or else in diffusers/PEFT style (dotted diffusers paths)."""
+    extra = suffixes()
+    parsed = [pk for pk in (keys.parse_key(k, extra) for k in names) if pk is not None]
+    return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
+
+
+class FluxLoraFiles(keys.FluxKeyGrammar):
+    """The FLUX.1 architecture's LoRA-file side, as a mixin for its
+    :class:`~mindone_lora_plugin.architectures.base.Architecture` (``class Flux(FluxLoraFiles, Architecture)``): the
+    key grammar (:class:`.keys.FluxKeyGrammar`), the file hooks the kohya/diffusers formats and the reader call
+    (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`, :meth:`modelspec`) and sd-scripts' metadata
+    values. The model side (components, presets, loss, pipelines) is the architecture's own."""
+
+    name = ARCHITECTURE
+    label = LABEL
+    kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
+    kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
+    kohya_network_module = NETWORK_MODULE
+    kohya_implementation = KOHYA_IMPLEMENTATION
+    modelspec_architecture = MODELSPEC["dev"]
+    modelspec_prefix = keys.MODELSPEC_FAMILY
+    default_resolution = 1024
+
+    def read_file(self, tensors, metadata, base, where):
+        return read_file(tensors, metadata, base, where)
+
+    def kohya_modules(self, state):
+        return kohya_modules(state)
+
+    def count_file_keys(self, names, kohya):
+        return count_file_keys(names, kohya)
+
+    def modelspec(self, state, meta, title, implementation, v_prediction):
+        return modelspec(meta, title, implementation, variant(state) if state is not None else "dev")
