@@ -13,8 +13,8 @@ Depth "control" LoRAs: a 128-channel one, plus norm weights; FLUX.1 Redux: ``red
 for a Stable Diffusion base model and the reverse. FLUX.1 Kontext has no modules of its own: its LoRAs are plain
 FLUX LoRAs and are read as such.
 
-The formats and the reader reach this module through the FLUX architecture's file hooks (:class:`FluxLoraFiles`, a
-mixin for the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
+The formats and the reader reach this module through the FLUX architecture's file hooks
+(:class:`.keys.FluxKeyGrammar`, mixed into the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 ARCHITECTURE = "flux"
 LABEL = "FLUX.1"
 MODELSPEC = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}
-KOHYA_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
-NETWORK_MODULE = "networks.lora_flux"
+KOHYA_IMPLEMENTATION = keys.FluxKeyGrammar.kohya_implementation
+NETWORK_MODULE = keys.FluxKeyGrammar.kohya_network_module
 DEFAULT_RESOLUTION = "1024x1024"
 MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp is 4 × hidden wide
 
@@ -318,30 +318,13 @@ def count_file_keys(names, kohya: bool) -> int:
 
 
 class FluxLoraFiles(keys.FluxKeyGrammar):
-    """The FLUX.1 architecture's LoRA-file side, as a mixin for its
-    :class:`~mindone_lora_plugin.architectures.base.Architecture` (``class Flux(FluxLoraFiles, Architecture)``): the
-    key grammar (:class:`.keys.FluxKeyGrammar`), the file hooks the kohya/diffusers formats and the reader call
-    (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`, :meth:`modelspec`) and sd-scripts' metadata
-    values. The model side (components, presets, loss, pipelines) is the architecture's own."""
+    """:class:`.keys.FluxKeyGrammar` with the FLUX.1 family's name and sd-scripts' metadata values: enough of an
+    architecture for the file side alone (the format tests' stand-in when no FLUX family is installed)."""
 
     name = ARCHITECTURE
     label = LABEL
     kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
     kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
-    kohya_network_module = NETWORK_MODULE
-    kohya_implementation = KOHYA_IMPLEMENTATION
     modelspec_architecture = MODELSPEC["dev"]
     modelspec_prefix = keys.MODELSPEC_FAMILY
     default_resolution = 1024
-
-    def read_file(self, tensors, metadata, base, where):
-        return read_file(tensors, metadata, base, where)
-
-    def kohya_modules(self, state):
-        return kohya_modules(state)
-
-    def count_file_keys(self, names, kohya):
-        return count_file_keys(names, kohya)
-
-    def modelspec(self, state, meta, title, implementation, v_prediction):
-        return modelspec(meta, title, implementation, variant(state) if state is not None else "dev")

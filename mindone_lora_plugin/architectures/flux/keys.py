@@ -338,9 +338,33 @@ def variant_from_metadata(metadata: dict[str, str] | None) -> str:
 
 
 class FluxKeyGrammar:
-    """The key-grammar and detection methods of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture`
-    (mix it in: ``class Flux(FluxKeyGrammar, Architecture)``). Whole files — fused modules included — are read and
-    written by :mod:`.files`; these methods answer the per-name questions the generic code asks."""
+    """The LoRA-file side of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture` (mix it in:
+    ``class Flux(FluxKeyGrammar, Architecture)``): detection and the per-name questions the generic code asks, and the
+    file hooks the kohya/diffusers formats and the reader call — whole files, fused modules included, are read and
+    written by :mod:`.files` (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`, :meth:`modelspec`)."""
+
+    kohya_network_module = "networks.lora_flux"  # sd-scripts' FLUX network module
+    kohya_implementation = "https://github.com/black-forest-labs/flux"  # the code base whose names kohya files use
+
+    def read_file(self, tensors, metadata, base, where):
+        from mindone_lora_plugin.architectures.flux import files
+
+        return files.read_file(tensors, metadata, base, where)
+
+    def kohya_modules(self, state):
+        from mindone_lora_plugin.architectures.flux import files
+
+        return files.kohya_modules(state)
+
+    def count_file_keys(self, names, kohya):
+        from mindone_lora_plugin.architectures.flux import files
+
+        return files.count_file_keys(names, kohya)
+
+    def modelspec(self, state, meta, title, implementation, v_prediction):
+        from mindone_lora_plugin.architectures.flux import files
+
+        return files.modelspec(meta, title, implementation, files.variant(state) if state is not None else "dev")
 
     def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
         from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Evidence
