@@ -207,7 +207,47 @@ FUNCTION_REPLACEMENTS = {
     "mindone.diffusers.models.layers_compat": {"scaled_dot_product_attention": scaled_dot_product_attention},
 }
 
+def embedding_op(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False):
+    """``Embedding`` (``mint.nn.Embedding``: T5's token and relative-position tables) via ``Gather``; the
+    ``padding_idx`` row gets no gradient. (``max_norm``, which renormalises the table in place, is not supported.)"""
+    if max_norm is not None:
+        raise ValueError("the CPU backend's Embedding does not support max_norm")
+    dtype = weight.dtype
+    table = weight.astype(mstype.float32) if dtype == mstype.bfloat16 else weight
+    rows = ops.gather(table, input.reshape((-1,)), 0).reshape(input.shape + (weight.shape[1],))
+    if padding_idx is not None:
+        index = padding_idx + weight.shape[0] if padding_idx < 0 else padding_idx
+        keep = (input != index).astype(rows.dtype).expand_dims(-1)
+        rows = rows * keep + ops.stop_gradient(rows) * (1 - keep)
+    return rows.astype(dtype)
+
+
+def _fill_dtype(value, dtype):
+    if dtype is not None:
+        return dtype
+    if isinstance(value, bool):
+        return mstype.bool_
+    return mstype.int64 if isinstance(value, int) else mstype.float32
+
+
+def fill_scalar_op(size, fill_value, dtype=None):
+    """``FillScalar`` (``mint.full`` with a number): a broadcast scalar; the dtype follows torch (bool, int64,
+    float32) unless given."""
+    dtype = _fill_dtype(fill_value, dtype)
+    work = mstype.float32 if dtype == mstype.bfloat16 else dtype
+    return ops.broadcast_to(ops.scalar_to_tensor(fill_value, work), tuple(size)).astype(dtype)
+
+
+def fill_tensor_op(size, fill_value, dtype=None):
+    """``FillTensor`` (``mint.full`` with a one-element tensor)."""
+    dtype = fill_value.dtype if dtype is None else dtype
+    return ops.broadcast_to(fill_value.reshape(()), tuple(size)).astype(dtype)
+
+
 PRIMITIVE_REPLACEMENTS = {
+    gen_ops_prim.FillScalar: fill_scalar_op,
+    gen_ops_prim.FillTensor: fill_tensor_op,
+    gen_ops_prim.Embedding: embedding_op,
     gen_ops_prim.Outer: outer_op,
     gen_ops_prim.RepeatInterleaveInt: repeat_interleave_int_op,
 }

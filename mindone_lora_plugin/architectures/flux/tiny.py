@@ -106,7 +106,19 @@ def save_tiny_model(kind: str, folder: str) -> str:
         path = os.path.join(folder, sub, "model.safetensors")
         if os.path.isfile(path):
             sd_tiny._to_transformers_names(path)  # pylint: disable=protected-access
+    _untie_t5_embeddings(os.path.join(folder, "text_encoder_2", "model.safetensors"))
     return folder
+
+
+def _untie_t5_embeddings(path: str) -> None:
+    """Store T5's token table under ``encoder.embed_tokens.weight`` too (``save_pretrained`` keeps only the tied
+    ``shared.weight``, and mindone's T5EncoderModel loader would then initialise ``embed_tokens`` at random)."""
+    from mindone_lora_plugin import safetensors_io
+
+    tensors, metadata = safetensors_io.load(path)
+    if "encoder.embed_tokens.weight" not in tensors:
+        tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
+        safetensors_io.save(tensors, path, metadata)
 
 
 def ensure_tiny_model(kind: str, folder: str) -> str:
