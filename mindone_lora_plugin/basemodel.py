@@ -1,7 +1,7 @@
 """What a LoRA file needs to know about its base model, read cheaply.
 
 :class:`BaseModelInfo` lists, per component, every module that owns a 2-D or 4-D ``weight`` (Linear and Conv2d; token
-and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl``) and the UNet's
+and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl`` or a plugin's) and the UNet's
 ``layers_per_block``. It is built either from a diffusers-layout model folder — from the ``config.json`` files and the
 safetensors *headers* only, so even a full SDXL folder is read in milliseconds and nothing is instantiated — or from live
 MindSpore models. Formats use it to resolve names and to check every key of a LoRA file against the real modules.
@@ -26,24 +26,45 @@ class BaseModelInfo:
     source: str = ""
 
     def components(self) -> list[str]:
-        return [c for c in ("unet", "text_encoder", "text_encoder_2") if c in self.modules]
+        """The components present, in the architecture's order."""
+        from mindone_lora_plugin.architectures import find_architecture
+
+        arch = find_architecture(self.architecture)
+        order = list(arch.component_names()) if arch is not None else []
+        return [c for c in order if c in self.modules] + [c for c in self.modules if c not in order]
 
     @classmethod
     def from_folder(cls, path: str) -> "BaseModelInfo":
-        """Read a diffusers-layout model folder (``model_index.json`` + ``unet/`` + ``text_encoder*/``)."""
+        """Read a diffusers-layout model folder (``model_index.json`` + one subfolder per component): the installed
+        architecture that recognises its configs (:func:`~mindone_lora_plugin.architectures.detect_folder`) says
+        which subfolders are its components."""
+        from mindone_lora_plugin.architectures import FolderInfo, detect_folder, get_architecture, installed_architectures
+
         index = _read_model_index(path)
-        modules: dict[str, dict[str, tuple[int, ...]]] = {}
+        listed = [c for c, v in index.items() if not c.startswith("_") and v is not None and v != [None, None]]
         configs: dict[str, dict] = {}
-        for comp in ("unet", "text_encoder", "text_encoder_2"):
-            if comp not in index or index[comp] is None or index[comp] == [None, None]:
+        for sub in listed:
+            config = os.path.join(path, sub, "config.json")
+            if os.path.isfile(config):
+                configs[sub] = _read_json(config, f"the {sub} config")
+        name = detect_folder(FolderInfo(index, configs))
+        if name is None:
+            raise LoraError(f"no installed architecture ({', '.join(installed_architectures())}) recognises the model "
+                            f"folder {path} (components with a config: {', '.join(configs) or 'none'}); pass a "
+                            "diffusers-layout Stable Diffusion model folder, or install the plugin of its model family")
+        arch = get_architecture(name)
+        modules: dict[str, dict[str, tuple[int, ...]]] = {}
+        for comp in arch.components:
+            if comp.folder not in listed:
+                if not comp.optional:
+                    raise LoraError(f"{path} has no {comp.folder}/ folder: pass a diffusers-layout {arch.label} model "
+                                    "folder")
                 continue
-            sub = os.path.join(path, comp)
-            configs[comp] = _read_json(os.path.join(sub, "config.json"), f"the {comp} config")
-            modules[comp] = _modules_from_weights(sub, comp)
-        if "unet" not in configs:
-            raise LoraError(f"{path} has no unet/ folder: pass a diffusers-layout Stable Diffusion model folder")
-        arch = detect_architecture(index, configs)
-        return cls(arch, configs["unet"].get("layers_per_block"), modules, source=path)
+            if comp.folder not in configs:
+                _read_json(os.path.join(path, comp.folder, "config.json"), f"the {comp.folder} config")  # the error
+            modules[comp.name] = _modules_from_weights(os.path.join(path, comp.folder), comp.name)
+        denoiser = configs.get(arch.component(arch.denoiser).folder, {})
+        return cls(name, denoiser.get("layers_per_block"), modules, source=path)
 
     @classmethod
     def from_models(cls, models) -> "BaseModelInfo":
@@ -85,14 +106,6 @@ class BaseModelInfo:
 
 def _shapes(mod) -> str:
     return ", ".join(f"{k} {list(v.shape)}" for k, v in mod.tensors.items())
-
-
-def detect_architecture(index: dict, configs: dict[str, dict]) -> str:
-    """The architecture of a model folder from its ``model_index.json`` and component configs."""
-    from mindone_lora_plugin.formats.arch import from_configs
-
-    return from_configs(configs.get("unet"), configs.get("text_encoder"),
-                        has_text_encoder_2="text_encoder_2" in configs, class_name=index.get("_class_name", ""))
 
 
 def _read_model_index(path: str) -> dict:

@@ -10,9 +10,10 @@ below, registered through the setuptools entry-point group ``mindone_lora``::
 There are two kinds of hooks.
 
 *Discovery hooks* (``mindone_lora_strategies``, ``mindone_lora_formats``, ``mindone_lora_algorithms``,
-``mindone_lora_add_arguments``) are called by the plugin manager; they yield named, typed objects
-(:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`, :class:`~mindone_lora_plugin.formats.base.LoraFormat`,
-:class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`) or add command-line arguments. Names must be unique across all
+``mindone_lora_architectures``, ``mindone_lora_add_arguments``) are called by the plugin manager; they yield named,
+typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
+:class:`~mindone_lora_plugin.formats.base.LoraFormat`, :class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`,
+:class:`~mindone_lora_plugin.architectures.base.Architecture`) or add command-line arguments. Names must be unique across all
 installed plugins.
 
 *Operation hooks* (``mindone_lora_add_adapters``, ``mindone_lora_trainable_parameters``, ``mindone_lora_save_weights``,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import argparse
 
     from mindone_lora_plugin.algorithms.base import LoraAlgorithm
+    from mindone_lora_plugin.architectures.base import Architecture
     from mindone_lora_plugin.formats.base import LoraFormat
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
@@ -132,6 +134,40 @@ def mindone_lora_algorithms() -> Iterable["LoraAlgorithm"]:
         @hookimpl
         def mindone_lora_algorithms():
             yield ScaledIdentity()
+    """
+
+
+@hookspec
+def mindone_lora_architectures() -> Iterable["Architecture"]:
+    """Yield the model families (architectures) this plugin adds: SD1.x, SD2.x and SDXL are the built-in ones.
+
+    An architecture owns everything model-specific: detecting itself from a model folder's configs and from a LoRA
+    file's keys or metadata, its components and how to load them, which modules the target presets adapt, the kohya
+    names of its modules, the metadata its files carry, the training loss and conditioning, and its pipelines.
+    A subclass of a built-in family changes only what differs.
+
+    Example::
+
+        from mindone_lora_plugin.architectures.base import Evidence, STRUCTURE
+        from mindone_lora_plugin.architectures.sd import SD1
+        from mindone_lora_plugin.hookspecs import hookimpl
+
+        class MySD(SD1):  # an SD1.x fine-tune whose folders and LoRA files say so
+            name = "mysd"
+            label = "MySD"
+            description = "SD1.x with a custom pipeline class"
+
+            def detect_folder(self, folder):
+                return 10 if folder.class_name == "MySDPipeline" else 0
+
+            def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+                if metadata.get("mysd.version"):
+                    return Evidence(self.name, STRUCTURE, "its header has mysd.version")
+                return None
+
+        @hookimpl
+        def mindone_lora_architectures():
+            yield MySD()
     """
 
 

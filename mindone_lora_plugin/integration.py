@@ -220,20 +220,22 @@ class LoraIntegration:
 
     # ------------------------------------------------------------------ the four seams
 
-    def add_adapters(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None):
+    def add_adapters(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
+                     **cells):
         """Add LoRA adapters to the models as the strategy says (hook ``mindone_lora_add_adapters``).
 
         Pass every model the script has; the strategy picks the components to adapt (the text encoders only with
         ``train_text_encoder``). Base weights are frozen, the strategy's trainable LoRA parameters get
         ``requires_grad=True``. With ``--lora_resume_from`` the file is loaded into the new adapters. Returns the
-        adapted module paths per component.
+        adapted module paths per component. Another architecture's components are passed by name
+        (``transformer=``).
         """
         from mindone_lora_plugin.models import Models
 
         if self.models is not None:
             raise LoraError("add_adapters was already called; call it once with all models")
         models = Models(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                        architecture=architecture)
+                        architecture=architecture, **cells)
         if not len(models):
             raise LoraError("add_adapters needs at least one model (unet=, text_encoder=, text_encoder_2=)")
         options = self.make_options(models.architecture)

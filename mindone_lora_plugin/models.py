@@ -13,14 +13,17 @@ ADAPTER = "default"  # the PEFT adapter name the strategies train
 
 
 class Models(Mapping):
-    """``{"unet": cell, "text_encoder": cell, "text_encoder_2": cell}`` (absent components are left out).
+    """``{"unet": cell, "text_encoder": cell, "text_encoder_2": cell}`` (absent components are left out); any other
+    architecture's components by keyword (``Models(transformer=cell, architecture="flux")``).
 
-    ``architecture`` is ``sd1``, ``sd2`` or ``sdxl``. ``unet_layers_per_block`` comes from the UNet's config.
+    ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...), detected from the cells'
+    configs when not given. ``unet_layers_per_block`` comes from the UNet's config.
     """
 
-    def __init__(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None):
-        self._cells = {k: v for k, v in (("unet", unet), ("text_encoder", text_encoder),
-                                          ("text_encoder_2", text_encoder_2)) if v is not None}
+    def __init__(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
+                 **cells):
+        named = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, **cells}
+        self._cells = {k: v for k, v in named.items() if v is not None}
         self.architecture = architecture or guess_architecture(self._cells)
 
     def __getitem__(self, key):
@@ -42,12 +45,20 @@ class Models(Mapping):
         return f"Models({self.architecture}: {', '.join(self._cells)})"
 
 
-def guess_architecture(cells: dict) -> str:
-    """The architecture of live models (``{component: cell}``), from their configs."""
-    from mindone_lora_plugin.formats.arch import from_configs
+def guess_architecture(cells: dict) -> str | None:
+    """The architecture of live models (``{component: cell}``), from their configs (as for a model folder)."""
+    from mindone_lora_plugin.architectures import FolderInfo, detect_folder
 
-    return from_configs(getattr(cells.get("unet"), "config", None), getattr(cells.get("text_encoder"), "config", None),
-                        has_text_encoder_2="text_encoder_2" in cells)
+    return detect_folder(FolderInfo({}, {comp: _config_dict(getattr(cell, "config", None))
+                                         for comp, cell in cells.items()}))
+
+
+def _config_dict(config) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config) if isinstance(config, Mapping) else dict(vars(config))
 
 
 def is_peft_lora_layer(cell) -> bool:
@@ -93,29 +104,18 @@ def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_models(folder: str, components=("unet", "text_encoder", "text_encoder_2"), dtype=None,
-                variant: str | None = None) -> Models:
-    """Load the UNet and text encoders of a diffusers-layout model folder with mindone's ``from_pretrained``."""
-    import os
-
+def load_models(folder: str, components=None, dtype=None, variant: str | None = None) -> Models:
+    """Load the components (default: all the folder has) of a diffusers-layout model folder with mindone's
+    ``from_pretrained``, as its architecture says (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_component`)."""
+    from mindone_lora_plugin.architectures import get_architecture
     from mindone_lora_plugin.basemodel import BaseModelInfo
     from mindone_lora_plugin.runtime import quiet_mindone_imports
 
     info = BaseModelInfo.from_folder(folder)  # checks the layout, one clear error if it is not a model folder
+    arch = get_architecture(info.architecture)
     quiet_mindone_imports()
-    from mindone.diffusers import UNet2DConditionModel
-    from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    kw = {"variant": variant} if variant else {}
-    # mindone.diffusers takes the weight dtype as ``mindspore_dtype``, mindone.transformers as ``dtype``
-    unet_kw = dict(kw, **({"mindspore_dtype": dtype} if dtype is not None else {}))
-    te_kw = dict(kw, **({"dtype": dtype} if dtype is not None else {}))
     cells = {}
-    if "unet" in components:
-        cells["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **unet_kw)
-    if "text_encoder" in components and os.path.isdir(os.path.join(folder, "text_encoder")):
-        cells["text_encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **te_kw)
-    if "text_encoder_2" in components and os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        cells["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
-                                                                              **te_kw)
+    for comp in arch.components:
+        if (components is None or comp.name in components) and comp.name in info.modules:
+            cells[comp.name] = arch.load_component(folder, comp.name, dtype=dtype, variant=variant)
     return Models(**cells, architecture=info.architecture)

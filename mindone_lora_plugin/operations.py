@@ -11,6 +11,14 @@ import os
 from mindone_lora_plugin.hookspecs import hookimpl
 
 
+@hookimpl
+def mindone_lora_architectures():
+    """The built-in model families: ``sd1``, ``sd2``, ``sdxl``."""
+    from mindone_lora_plugin.architectures import sd
+
+    yield from sd.mindone_lora_architectures()
+
+
 def exact_format(manager, options):
     """The format checkpoints hold a run's weights in (what a resume reads): diffusers when it can hold the run's
     algorithm, else kohya (which holds every algorithm)."""

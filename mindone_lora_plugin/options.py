@@ -21,7 +21,8 @@ class LoraOptions:
     ``learning_rates`` maps a component to its own learning rate. ``algorithm`` names the adapter algorithm
 (``--lora_algo``: ``lora`` or a plugin's); ``dora`` (``--lora_dora``) makes plain LoRA weight-decomposed (DoRA, Linear
 layers only). ``train_text_encoder`` adds the text encoders to a strategy's default
-components. ``extra`` carries plugin-added arguments.
+components. ``architecture`` names the base model's architecture (what the target presets mean; ``None``: told by the
+adapted cells). ``extra`` carries plugin-added arguments.
     """
 
     strategy: str = "unet"
@@ -38,6 +39,7 @@ components. ``extra`` carries plugin-added arguments.
     algorithm: str = "lora"
     dora: bool = False
     train_text_encoder: bool = False
+    architecture: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -73,7 +75,7 @@ components. ``extra`` carries plugin-added arguments.
 def parse_targets(value: str) -> str | list[str]:
     """``attn`` / ``kohya`` / ``kohya-conv`` stay a preset; anything else is a comma-separated list of module names."""
     value = value.strip()
-    if value in PRESETS:
+    if value in all_presets():
         return value
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
@@ -87,9 +89,22 @@ def parse_targets(value: str) -> str | list[str]:
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
+def all_presets() -> tuple[str, ...]:
+    """The core presets and every installed architecture's own (:meth:`Architecture.presets
+    <mindone_lora_plugin.architectures.base.Architecture.presets>`)."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    extra = [p for a in installed_architectures().values() for p in a.presets() if p not in PRESETS]
+    return PRESETS + tuple(dict.fromkeys(extra))
+
+
 def default_strategy(strategy: str | None, architecture: str | None) -> str:
-    """The strategy asked for, else ``sdxl`` on an SDXL model and ``unet`` otherwise."""
-    return strategy or ("sdxl" if architecture == "sdxl" else "unet")
+    """The strategy asked for, else the architecture's default (``sdxl`` on an SDXL model, ``unet`` on SD1.x/2.x and
+    when the architecture is unknown)."""
+    from mindone_lora_plugin.architectures import find_architecture
+
+    arch = find_architecture(architecture)
+    return strategy or (arch.default_strategy if arch is not None else "unet")
 
 
 def build_options(pm, architecture: str | None, *, strategy: str | None = None, algorithm: str | None = None,
@@ -120,4 +135,5 @@ def build_options(pm, architecture: str | None, *, strategy: str | None = None, 
                        conv_rank=conv_rank, conv_alpha=conv_alpha, init=init,
                        components=tuple(components) if components else None, learning_rate=learning_rate,
                        learning_rates=lrs, save_dtype=save_dtype, algorithm=algorithm, dora=bool(dora),
-                       train_text_encoder=bool(train_text_encoder), extra=dict(extra or {}))
+                       train_text_encoder=bool(train_text_encoder), architecture=architecture,
+                       extra=dict(extra or {}))

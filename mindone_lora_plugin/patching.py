@@ -69,15 +69,11 @@ def active_session() -> "ScriptSession | None":
 
 
 def component_of(cell) -> str | None:
-    """``unet``, ``text_encoder`` or ``text_encoder_2`` for a UNet / CLIP text encoder (by class), else ``None``."""
-    names = [k.__name__ for k in type(cell).__mro__]
-    if "CLIPTextModelWithProjection" in names:
-        return "text_encoder_2"
-    if "CLIPTextModel" in names:
-        return "text_encoder"
-    if any(n.startswith("UNet2DConditionModel") for n in names):
-        return "unet"
-    return None
+    """The component a script's cell is (``unet``, ``text_encoder``, ``text_encoder_2`` ...), by its class, as the
+    installed architectures define them (:func:`mindone_lora_plugin.architectures.component_of`), else ``None``."""
+    from mindone_lora_plugin.architectures import component_of as by_class
+
+    return by_class(cell)
 
 
 class ScriptSession:
@@ -187,13 +183,15 @@ class ScriptSession:
         return None
 
     def _not_adapted(self, strategy, comp: str, models) -> str:
-        name, arch = strategy.name, models.architecture
+        from mindone_lora_plugin.options import default_strategy
+
+        name = strategy.name
         if comp == "unet":
             return (f"strategy '{name}' does not train the unet, but {self.script_name} adds LoRA adapters to its "
                     f"unet and trains them; choose a strategy that trains the unet "
-                    f"(--lora_strategy {'sdxl' if arch == 'sdxl' else 'unet'})")
-        if arch == "sdxl" and comp not in strategy.adaptable_components(models):
-            hint = "use --lora_strategy sdxl to train the SDXL text encoders"
+                    f"(--lora_strategy {default_strategy(None, models.architecture)})")
+        if strategy.preferred_strategy(models) and comp not in strategy.adaptable_components(models):
+            hint = strategy.text_encoder_hint(models)
         else:
             hint = "choose a strategy that trains the text encoders"
         return (f"strategy '{name}' does not train the {comp}, but {self.script_name} adds LoRA adapters to it "

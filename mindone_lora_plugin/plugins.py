@@ -1,4 +1,5 @@
-"""The plugin manager: loads the ``mindone_lora`` entry-point group; finds strategies, formats and algorithms by name.
+"""The plugin manager: loads the ``mindone_lora`` entry-point group; finds strategies, formats, algorithms and
+architectures by name.
 
 Built-in strategies and formats are ordinary entry points of this distribution, loaded like any third-party plugin.
 A third-party plugin that fails to import, or raises while registering, is reported in one warning line and skipped;
@@ -50,7 +51,8 @@ class PluginInfo:
 
 
 class LoraPluginManager(pluggy.PluginManager):
-    """A pluggy manager for the ``mindone_lora`` project with name lookups for strategies and formats."""
+    """A pluggy manager for the ``mindone_lora`` project with name lookups for strategies, formats, algorithms and
+    architectures."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
@@ -60,6 +62,7 @@ class LoraPluginManager(pluggy.PluginManager):
         self._strategies = None
         self._formats = None
         self._algorithms = None
+        self._architectures = None
 
     # ------------------------------------------------------------------ loading
 
@@ -85,16 +88,16 @@ class LoraPluginManager(pluggy.PluginManager):
                 continue
             version = _dist_version(ep) if not builtin else _own_version()
             self.infos[ep.name] = PluginInfo(ep.name, dist, version, ep.value, builtin)
-        self._strategies = self._formats = self._algorithms = None
+        self._strategies = self._formats = self._algorithms = self._architectures = None
 
     def register_plugin(self, plugin, name: str, dist: str = "<local>", version: str = "") -> None:
         """Register an in-process plugin object (for tests and scripts), as the entry-point loader would."""
         self.register(plugin, name=name)
         self.infos[name] = PluginInfo(name, dist, version, getattr(plugin, "__name__", repr(plugin)), False)
-        self._strategies = self._formats = self._algorithms = None
+        self._strategies = self._formats = self._algorithms = self._architectures = None
 
     def unregister(self, plugin=None, name=None):  # keep the caches truthful
-        self._strategies = self._formats = self._algorithms = None
+        self._strategies = self._formats = self._algorithms = self._architectures = None
         if name:
             self.infos.pop(name, None)
         return super().unregister(plugin=plugin, name=name)
@@ -149,6 +152,22 @@ class LoraPluginManager(pluggy.PluginManager):
         if self._algorithms is None:
             self._algorithms = self._collect("mindone_lora_algorithms", "algorithm")
         return {k: v[0] for k, v in self._algorithms.items()}
+
+    def architectures(self) -> dict:
+        """Name → architecture object for every registered architecture (model family)."""
+        if self._architectures is None:
+            self._architectures = self._collect("mindone_lora_architectures", "architecture")
+        return {k: v[0] for k, v in self._architectures.items()}
+
+    def architecture_plugin(self, name: str) -> str:
+        self.architectures()
+        return self._architectures[name][1]
+
+    def get_architecture(self, name: str):
+        found = self.architectures()
+        if name not in found:
+            raise PluginError(f"unknown architecture '{name}'; choose one of: {', '.join(found) or '(none installed)'}")
+        return found[name]
 
     def algorithm_plugin(self, name: str) -> str:
         self.algorithms()
@@ -229,6 +248,7 @@ class LoraPluginManager(pluggy.PluginManager):
     def describe(self) -> dict:
         """What ``mindone-lora plugins --json`` prints."""
         strategies, formats, algorithms = self.strategies(), self.formats(), self.algorithms()
+        architectures = self.architectures()
         return {
             "plugins": [{"name": i.name, "version": i.version, "distribution": i.dist, "module": i.module,
                          "builtin": i.builtin, "hooks": self._hook_names(i.name)}
@@ -238,6 +258,8 @@ class LoraPluginManager(pluggy.PluginManager):
             "formats": [{"name": n, "plugin": self.format_plugin(n), "description": f.description,
                          "filename": f.default_filename("<output_name>")} for n, f in formats.items()],
             "algorithms": [dict(a.describe(), plugin=self.algorithm_plugin(n)) for n, a in algorithms.items()],
+            "architectures": [dict(a.describe(), plugin=self.architecture_plugin(n))
+                              for n, a in architectures.items()],
         }
 
 
@@ -277,9 +299,12 @@ def get_plugin_manager() -> LoraPluginManager:
     """The process-wide plugin manager, loaded on first use."""
     global _MANAGER
     if _MANAGER is None:
-        pm = LoraPluginManager()
-        pm.load_entrypoints()
-        _MANAGER = pm
+        pm = _MANAGER = LoraPluginManager()  # a plugin that asks for the manager while being imported gets this one
+        try:
+            pm.load_entrypoints()
+        except BaseException:
+            _MANAGER = None
+            raise
     return _MANAGER
 
 

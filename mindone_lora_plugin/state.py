@@ -5,7 +5,8 @@ Strategies turn adapted models into a :class:`LoraState` (and back); formats tur
 
 Module paths are the diffusers/transformers module paths *inside* a component, with dots
 (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``, ``text_model.encoder.layers.0.self_attn.q_proj``),
-whatever naming the file on disk used. Components are ``unet``, ``text_encoder`` and ``text_encoder_2``.
+whatever naming the file on disk used. Components are the architecture's (:mod:`mindone_lora_plugin.architectures`):
+``unet``, ``text_encoder`` and ``text_encoder_2`` for Stable Diffusion.
 
 Tensor layouts are kohya's and PEFT's (they agree): for a Linear ``[out, in]`` the down (A) matrix is ``[r, in]`` and
 the up (B) matrix ``[out, r]``; for a Conv2d ``[out, in, k, k]`` down is ``[r, in, k, k]`` and up ``[out, r, 1, 1]``.
@@ -20,8 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
 
 class LoraModule:
@@ -116,7 +115,7 @@ class LoraModule:
 class LoraState:
     """LoRA weights per component and module path, plus what a writer needs to know about the base model.
 
-    ``architecture`` is ``sd1``, ``sd2``, ``sdxl`` or ``None`` when unknown. ``unet_layers_per_block`` is the base
+    ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...) or ``None`` when unknown. ``unet_layers_per_block`` is the base
     UNet's ``layers_per_block``; the SDXL kohya layout (SGM block numbers) depends on it. ``metadata`` holds free-form
     string metadata: training arguments, names, a file's header as read.
     """
@@ -128,7 +127,7 @@ class LoraState:
 
     def modules(self):
         """Yield ``(component, module_path, LoraModule)`` in a stable order."""
-        for comp in sorted(self.components, key=_component_order):
+        for comp in sorted(self.components, key=component_order):
             for path in sorted(self.components[comp]):
                 yield comp, path, self.components[comp][path]
 
@@ -174,8 +173,20 @@ class LoraState:
         return out
 
 
-def _component_order(name: str) -> tuple[int, str]:
-    return (COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS), name)
+def __getattr__(name: str):
+    if name == "COMPONENTS":  # every installed architecture's component names, asked when used (plugins import it)
+        from mindone_lora_plugin.architectures import known_components
+
+        return known_components()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def component_order(name: str) -> tuple[int, str]:
+    """Sort key of component names: the installed architectures' declared order, then by name."""
+    from mindone_lora_plugin.architectures import known_components
+
+    known = known_components()
+    return (known.index(name) if name in known else len(known), name)
 
 
 def most_common(counter: Counter):

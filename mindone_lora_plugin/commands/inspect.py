@@ -76,9 +76,9 @@ def summary(lf) -> dict:
 
 
 def ordered_components(state) -> list[str]:
-    from mindone_lora_plugin.state import COMPONENTS
+    from mindone_lora_plugin.state import component_order
 
-    return sorted(state.components, key=lambda c: (COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS), c))
+    return sorted(state.components, key=component_order)
 
 
 def _short(v: str, n: int = 70) -> str:

@@ -1,4 +1,4 @@
-"""``mindone-lora plugins [--json]``: installed plugins, their strategies, formats and algorithms."""
+"""``mindone-lora plugins [--json]``: installed plugins, their strategies, formats, algorithms and architectures."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("plugins", help="list installed plugins, strategies, formats and algorithms",
-                              description="List installed plugins (distribution and version), strategies, formats and adapter algorithms.")
+    p = subparsers.add_parser("plugins", help="list installed plugins, strategies, formats, algorithms and architectures",
+                              description="List installed plugins (distribution and version), strategies, formats, adapter algorithms and model architectures.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -33,5 +33,8 @@ def run(args) -> int:
         print(f"  {f['name']:<16} {f['description']}  [{f['plugin']}]")
     print("Algorithms:")
     for a in info["algorithms"]:
+        print(f"  {a['name']:<16} {a['description']}  [{a['plugin']}]")
+    print("Architectures:")
+    for a in info["architectures"]:
         print(f"  {a['name']:<16} {a['description']}  [{a['plugin']}]")
     return 0

@@ -11,7 +11,6 @@ import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.state import COMPONENTS
 from mindone_lora_plugin.compose._constants import MERGE_RECORD, _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES
 from mindone_lora_plugin.compose.maths import _as_list, _f64, combined_deltas
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
@@ -29,7 +28,10 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
     """
     from mindone_lora_plugin.dtypes import numpy_dtype
 
+    from mindone_lora_plugin.architectures import get_architecture
+
     info = BaseModelInfo.from_folder(model_dir)
+    folders = {c.folder: c.name for c in get_architecture(info.architecture).components}  # subfolder → component
     np_dtype = numpy_dtype(dtype) if dtype else None
     pairs = _pairs(loras)
     for state, _ in pairs:
@@ -52,7 +54,7 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
         for root, dirs, files in os.walk(model_dir, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             rel = os.path.relpath(root, model_dir)
-            comp = rel.split(os.sep)[0] if rel != "." else ""
+            comp = folders.get(rel.split(os.sep)[0], "") if rel != "." else ""
             os.makedirs(os.path.join(tmp, rel), exist_ok=True)
             for fname in sorted(files):
                 src = os.path.join(root, fname)
@@ -62,20 +64,21 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
                     continue
                 if rel == "." and lower.endswith((".safetensors",) + _STALE_WEIGHT_SUFFIXES):
                     continue  # a single-file checkpoint next to the diffusers folders: not merged, so not copied
-                if comp in COMPONENTS and lower.endswith(_STALE_WEIGHT_SUFFIXES):
+                if comp and lower.endswith(_STALE_WEIGHT_SUFFIXES):
                     continue
                 if lower.endswith(".safetensors") and (comp in by_comp or np_dtype is not None):
                     done = _rewrite_weights(src, dst, by_comp.get(comp, {}), np_dtype)
                     if comp in applied:
                         applied[comp] |= done
-                elif np_dtype is not None and fname == "config.json" and comp in COMPONENTS:
+                elif np_dtype is not None and fname == "config.json" and comp:
                     _write_config_dtype(src, dst, np_dtype)
                 else:
                     shutil.copyfile(src, dst)
         for comp, keys in by_comp.items():
             missing = sorted(set(keys) - applied.get(comp, set()))
             if missing:
-                raise LoraError(f"{len(missing)} weight(s) of the LoRA were not found in {model_dir}/{comp}, e.g. "
+                raise LoraError(f"{len(missing)} weight(s) of the LoRA were not found in {model_dir}/"
+                                f"{get_architecture(info.architecture).component(comp).folder}, e.g. "
                                 f"{', '.join(missing[:3])}")
         record = {"base_model": os.path.abspath(model_dir), "dtype": dtype,
                   "loras": [lo.describe() if isinstance(lo, WeightedLora) else {"weight": w}

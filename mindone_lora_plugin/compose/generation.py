@@ -23,27 +23,23 @@ class GeneratedImage:
 
 
 def load_pipeline(model_dir: str, loras=(), dtype: str | None = None):
-    """A mindone ``StableDiffusionPipeline`` (SD1.x/2.x) or ``StableDiffusionXLPipeline`` from a diffusers-layout
-    folder, with ``loras`` applied at once (:func:`apply_loras`). No safety checker is loaded.
+    """The architecture's mindone pipeline (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_pipeline`:
+    ``StableDiffusionPipeline`` for SD1.x/2.x without a safety checker, ``StableDiffusionXLPipeline`` for SDXL) from a
+    diffusers-layout folder, with ``loras`` applied at once (:func:`apply_loras`).
 
     Call :func:`mindone_lora_plugin.runtime.setup` first (it turns the CPU backend on when the target is CPU).
     """
+    from mindone_lora_plugin.architectures import get_architecture
     from mindone_lora_plugin.runtime import quiet_mindone_imports
 
     info = BaseModelInfo.from_folder(model_dir)
     quiet_mindone_imports()
-    from mindone.diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    kw = {}
+    ms_dtype = None
     if dtype:
         from mindone_lora_plugin.dtypes import mindspore_dtype
 
-        kw["mindspore_dtype"] = mindspore_dtype(dtype)
-    if info.architecture == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, **kw)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, **kw)
+        ms_dtype = mindspore_dtype(dtype)
+    pipe = get_architecture(info.architecture).load_pipeline(model_dir, ms_dtype)
     pipe.lora_adapter_names = []
     if loras:
         pipe.lora_adapter_names = apply_loras(pipeline_models(pipe, info.architecture), loras)
@@ -51,11 +47,14 @@ def load_pipeline(model_dir: str, loras=(), dtype: str | None = None):
 
 
 def pipeline_models(pipe, architecture: str | None = None):
-    """The UNet and text encoders of a pipeline as :class:`~mindone_lora_plugin.models.Models`."""
+    """The adaptable components of a pipeline (the UNet and text encoders for SD) as
+    :class:`~mindone_lora_plugin.models.Models`."""
+    from mindone_lora_plugin.architectures import find_architecture, known_components
     from mindone_lora_plugin.models import Models
 
-    return Models(unet=pipe.unet, text_encoder=getattr(pipe, "text_encoder", None),
-                  text_encoder_2=getattr(pipe, "text_encoder_2", None), architecture=architecture)
+    arch = find_architecture(architecture)
+    names = arch.component_names() if arch is not None else known_components()
+    return Models(**{c: getattr(pipe, c, None) for c in names}, architecture=architecture)
 
 
 def generate_images(pipe, prompt: str, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,

@@ -113,9 +113,9 @@ def _pairs(loras) -> list[tuple[LoraState, float]]:
 
 
 def _arch_of(pairs) -> str | None:
-    archs = {s.architecture for s, _ in pairs if s.architecture}
-    if "text_encoder_2" in {c for s, _ in pairs for c in s.components}:
-        archs.add("sdxl")
+    from mindone_lora_plugin.formats.common import writer_architecture
+
+    archs = {s.architecture or writer_architecture(s, "", required=False) for s, _ in pairs} - {None}
     if len(archs) > 1:
         raise LoraError(f"the LoRAs are for different architectures ({', '.join(sorted(archs))}); use LoRAs made for "
                         f"the same base model")

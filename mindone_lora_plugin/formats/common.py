@@ -19,9 +19,6 @@ FILE_SPECIFIC_KEYS = frozenset({"format", "lora_adapter_metadata", "sshs_model_h
                                 "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
                                 "modelspec.hash_sha256"})
 
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                  "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def merged_metadata(state: LoraState, metadata: dict[str, str] | None) -> dict[str, str]:
@@ -53,18 +50,17 @@ def names_for(state: LoraState, metadata: dict[str, str] | None, output_name: st
 
 
 def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, v_pred: bool) -> dict[str, str]:
-    """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA, keeping the date/resolution already in ``meta``."""
-    if arch == "sdxl":
-        default_res = "1024x1024"
-    elif arch == "sd2" and v_pred:
-        default_res = "768x768"
-    else:
-        default_res = "512x512"
-    res = meta.get("modelspec.resolution") or _resolution_from_ss(meta.get("ss_resolution", "")) or default_res
-    arch_key = "sd2_v" if arch == "sd2" and v_pred else arch
+    """The MUST keys of SAI ModelSpec 1.0.1 for a LoRA for the architecture ``arch`` (its
+    :meth:`~mindone_lora_plugin.architectures.base.Architecture.modelspec_name` and default resolution), keeping the
+    date/resolution already in ``meta``."""
+    from mindone_lora_plugin.architectures import get_architecture
+
+    family = get_architecture(arch)
+    res = (meta.get("modelspec.resolution") or _resolution_from_ss(meta.get("ss_resolution", ""))
+           or family.modelspec_resolution(v_pred))
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCH[arch_key],
+        "modelspec.architecture": family.modelspec_name(v_pred),
         "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.resolution": res,
@@ -99,14 +95,26 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     return build_state(tensors, metadata, base=base, path=path, where=path)
 
 
-def writer_architecture(state: LoraState, what: str) -> str:
-    """The architecture a writer must know; SDXL when a second text encoder is present."""
-    if "text_encoder_2" in state.components:
-        if state.architecture not in (None, "sdxl"):
-            raise LoraError(f"the LoRA has text_encoder_2 weights but is marked {state.architecture}; only SDXL has "
-                            "a second text encoder")
-        return "sdxl"
-    if state.architecture in ("sd1", "sd2", "sdxl"):
-        return state.architecture
-    raise LoraError(f"cannot tell whether this LoRA is for SD1.x, SD2.x or SDXL, and {what} depends on it; pass "
+def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:
+    """The architecture a writer must know: the state's, else the only installed one that has all its components
+    (SDXL for a LoRA with a second text encoder). When it cannot be told: an error, or None unless ``required``."""
+    from mindone_lora_plugin.architectures import find_architecture, installed_architectures
+
+    comps = set(state.components)
+    fits = {n: a for n, a in installed_architectures().items() if comps <= set(a.component_names())}
+    arch = find_architecture(state.architecture)
+    if arch is not None:
+        missing = sorted(comps - set(arch.component_names()))
+        if missing:
+            owners = " / ".join(a.label for a in fits.values()) or "no installed architecture"
+            raise LoraError(f"the LoRA has {missing[0]} weights but is marked {state.architecture}; only {owners} has "
+                            f"a {missing[0]}")
+        return arch.name
+    if len(fits) == 1:
+        return next(iter(fits))
+    if not required:
+        return None
+    labels = [a.label for a in (fits or installed_architectures()).values()]
+    choices = ", ".join(labels[:-1]) + (" or " if len(labels) > 1 else "") + labels[-1] if labels else "any model"
+    raise LoraError(f"cannot tell whether this LoRA is for {choices}, and {what} depends on it; pass "
                     "--base MODEL_DIR (the base model folder)")

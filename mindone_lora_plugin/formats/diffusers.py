@@ -107,9 +107,7 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
-        arch = None
-        if "text_encoder_2" in state.components or state.architecture:
-            arch = writer_architecture(state, "the metadata")
+        arch = writer_architecture(state, "the metadata", required=False)
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
             meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))

@@ -18,38 +18,22 @@ import numpy as np
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.dtypes import standard_dtype
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats import sgm
 from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.common import (SGM_IMPLEMENTATION, is_v_prediction, merged_metadata, modelspec,
-                                                names_for, read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (is_v_prediction, merged_metadata, modelspec, names_for,
+                                                read_plain_lora, resolve_dtype, writer_architecture)
 from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_FAMILY = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_"}
 NETWORK_MODULE = "networks.lora"
 
 
-def kohya_prefix(component: str, architecture: str) -> str:
-    if component == "unet":
-        return "lora_unet"
-    if architecture == "sdxl":
-        return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
-    if component == "text_encoder_2":
-        raise LoraError(f"a {architecture} model has one text encoder; the LoRA's text_encoder_2 weights cannot be "
-                        "written for it")
-    return "lora_te"
-
-
 def kohya_module_name(component: str, path: str, architecture: str, layers_per_block: int | None = None) -> str:
-    """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture``."""
-    if component == "unet" and architecture == "sdxl":
-        try:
-            path = sgm.diffusers_to_sgm(path, layers_per_block)
-        except ValueError as e:
-            raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
-    return kohya_prefix(component, architecture) + "_" + path.replace(".", "_")
+    """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture`` (its
+    :meth:`~mindone_lora_plugin.architectures.base.Architecture.kohya_name`)."""
+    from mindone_lora_plugin.architectures import get_architecture
+
+    return get_architecture(architecture).kohya_name(component, path, layers_per_block)
 
 
 def _is_conv3x3(mod) -> bool:
@@ -119,11 +103,14 @@ class KohyaFormat(LoraFormat):
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
+        from mindone_lora_plugin.architectures import get_architecture
+
         arch = writer_architecture(state, "kohya's UNet naming and metadata")
+        namer = get_architecture(arch)
         lpb = state.unet_layers_per_block
         tensors, owner = {}, {}
         for comp, path, mod in state.modules():
-            name = kohya_module_name(comp, path, arch, lpb)
+            name = namer.kohya_name(comp, path, lpb)
             if name in owner:
                 raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
             owner[name] = f"{comp}.{path}"
@@ -142,18 +129,19 @@ class KohyaFormat(LoraFormat):
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
                      output_name: str) -> dict[str, str]:
+        from mindone_lora_plugin.architectures import get_architecture
+
+        family = get_architecture(arch)
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
-        version = meta.get("ss_base_model_version", "")
-        if not version.startswith(_FAMILY[arch]):
-            version = BASE_MODEL_VERSION[arch]
-        v_pred = version.endswith("_v") or is_v_prediction(meta)
+        v_pred = is_v_prediction(meta)
+        names = family.kohya_metadata(meta, v_pred)
         net, conv_args = network_metadata(state)
         meta.update(net)
         module, algo_args = network_module(state)
         conv_args.update(algo_args)
-        meta.update({"ss_network_module": module, "ss_v2": str(arch == "sd2"),
-                     "ss_base_model_version": version, "ss_output_name": output_name})
+        meta.update(names)
+        meta.update({"ss_network_module": module, "ss_output_name": output_name})
         if conv_args:
             try:
                 args = json.loads(meta.get("ss_network_args") or "{}")
@@ -162,8 +150,7 @@ class KohyaFormat(LoraFormat):
             args = args if isinstance(args, dict) else {}
             args.update(conv_args)
             meta["ss_network_args"] = json.dumps(args)
-        impl = SGM_IMPLEMENTATION if arch == "sdxl" else "diffusers"
-        meta.update(modelspec(arch, meta, title, impl, v_pred))
+        meta.update(modelspec(arch, meta, title, family.kohya_implementation, v_pred))
         return meta
 
     def write(self, state: LoraState, out: str, *, dtype: str | None = None,

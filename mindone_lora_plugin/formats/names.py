@@ -149,11 +149,34 @@ def split_role(role: str) -> tuple[str, str]:
     return (algo, name) if sep else ("lora", role)
 
 
-def parse_key(key: str, suffixes=None) -> ParsedKey | None:
+def key_prefixes() -> tuple[tuple, tuple]:
+    """``(flat, dotted)`` key prefixes → component: the fixed SD/PEFT/ComfyUI ones, then every installed
+    architecture's component prefixes (kohya ``lora_x_``, diffusers ``x.``) that are not among them. A prefix two
+    families share (``lora_unet_``) parses as the first one's component; :func:`build_state` renames it to the
+    detected architecture's."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    comps = tuple((c.kohya_prefix, c.key_prefix, c.name) for a in installed_architectures().values()
+                  for c in a.components)
+    return _with_architecture_prefixes(comps)
+
+
+@functools.lru_cache(maxsize=8)
+def _with_architecture_prefixes(comps: tuple) -> tuple[tuple, tuple]:
+    flat_known, dotted_known = {p for p, _ in FLAT_PREFIXES}, {p for p, _ in _DOTTED_PREFIXES}
+    flat = tuple(dict.fromkeys((k + "_", n) for k, _, n in comps if k + "_" not in flat_known))
+    dotted = tuple(dict.fromkeys((d + ".", n) for _, d, n in comps if d + "." not in dotted_known))
+    longest_first = sorted(FLAT_PREFIXES + flat, key=lambda t: -len(t[0]))
+    return tuple(longest_first), _DOTTED_PREFIXES + dotted
+
+
+def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
     """Parse one tensor key of an adapter file; None when it follows no known style.
 
-    ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default).
+    ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default); ``prefixes`` the
+    ``(flat, dotted)`` key prefixes (:func:`key_prefixes`, the default).
     """
+    flat_prefixes, dotted = key_prefixes() if prefixes is None else prefixes
     for suffix, role, style in _SUFFIXES + (algorithm_suffixes() if suffixes is None else tuple(suffixes)):
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
@@ -164,12 +187,12 @@ def parse_key(key: str, suffixes=None) -> ParsedKey | None:
         return None
     if style == "attn_processor":
         stem += "_lora"  # the suffix took it: "…to_q_lora.down.weight"
-    for prefix, comp in FLAT_PREFIXES:
+    for prefix, comp in flat_prefixes:
         if stem.startswith(prefix) and "." not in stem:
             name = stem[len(prefix):]
             return ParsedKey(key, comp, name, role, True, "kohya") if name else None
     comp = None
-    for prefix, pcomp in _DOTTED_PREFIXES:
+    for prefix, pcomp in dotted:
         if stem.startswith(prefix):
             rest = stem[len(prefix):]
             if pcomp is None:
@@ -224,33 +247,31 @@ def _normalise_dotted(component: str, stem: str) -> str:
 
 
 class NameResolver:
-    """Resolves parsed names to diffusers module paths, from the base model's module list or the grammar."""
+    """Resolves parsed names to module paths: from the base model's module list (plus the spellings its architecture
+    knows for them, :meth:`~mindone_lora_plugin.architectures.base.Architecture.base_aliases`), or without a base
+    model with the architecture's grammar (:meth:`~mindone_lora_plugin.architectures.base.Architecture.resolve_name`;
+    every installed architecture's in turn when the architecture is unknown)."""
 
-    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None):
+    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None,
+                 architecture: str | None = None):
+        from mindone_lora_plugin.architectures import find_architecture, installed_architectures
+
         self.base = base
         self.layers_per_block = (base.unet_layers_per_block if base is not None else None) or layers_per_block
+        arch = find_architecture(base.architecture if base is not None else architecture)
+        self.grammars = [arch] if arch is not None else list(installed_architectures().values())
         self._flat: dict[str, dict[str, str]] = {}
-        self._sgm: dict[str, str] = {}
+        self._alias: dict[str, dict[str, str]] = {}
         if base is not None:
             for comp, mods in base.modules.items():
                 table = {}
                 for path in mods:
                     table.setdefault(path.replace(".", "_"), path)
+                aliases = arch.base_aliases(comp, mods, self.layers_per_block) if arch is not None else {}
+                for spelling, path in aliases.items():
+                    table.setdefault(spelling.replace(".", "_"), path)
                 self._flat[comp] = table
-            unet = base.modules.get("unet", {})
-            attn_blocks = {int(m[1]) for p in unet for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", p)] if m}
-            for path in unet:
-                try:
-                    s = sgm.diffusers_to_sgm(path, self.layers_per_block, lambda b: b in attn_blocks)
-                except ValueError:
-                    continue
-                spellings = [s]
-                if s.startswith("output_blocks.") and s.endswith(".conv"):  # an upsampler: inner index 1 or 2
-                    head, inner, _ = s.rsplit(".", 2)
-                    spellings.append(f"{head}.{'1' if inner == '2' else '2'}.conv")
-                for spelling in spellings:
-                    self._sgm.setdefault(spelling, path)
-                    self._flat["unet"].setdefault(spelling.replace(".", "_"), path)
+                self._alias[comp] = aliases
 
     def resolve(self, component: str, name: str, flat: bool) -> str | None:
         if self.base is not None:
@@ -261,18 +282,13 @@ class NameResolver:
                 return self._flat[component].get(name)
             if name in mods:
                 return name
-            if component == "unet" and name in self._sgm:
-                return self._sgm[name]
-            return None
-        path = flat_to_dotted(name) if flat else name
-        if path is None:
-            return None
-        if component == "unet" and sgm.is_sgm_path(path):
-            try:
-                path = sgm.sgm_to_diffusers(path, self.layers_per_block)
-            except ValueError:
-                return None
-        return path if is_known_path(component, path) else None
+            return self._alias[component].get(name)
+        for arch in self.grammars:
+            if arch.has_component(component):
+                path = arch.resolve_name(component, name, flat, self.layers_per_block)
+                if path is not None:
+                    return path
+        return None
 
 
 def sgm_names(parsed: list[ParsedKey]) -> list[str]:
@@ -349,11 +365,17 @@ def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, Ada
                         "is corrupted") from None
     per: dict[str, dict] = {}
     for k, v in data.items():
-        for comp in ("text_encoder_2", "text_encoder", "unet"):
+        for comp in _longest_first_components():
             if k.startswith(comp + "."):
                 per.setdefault(comp, {})[k[len(comp) + 1:]] = v
                 break
     return {comp: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {comp})") for comp, d in per.items()}
+
+
+def _longest_first_components() -> list[str]:
+    from mindone_lora_plugin.architectures import known_components
+
+    return sorted(known_components(), key=lambda c: (-len(c), c))
 
 
 def adapter_config_next_to(path: str) -> AdapterConfig | None:
@@ -405,9 +427,9 @@ def _example(keys, n=3) -> str:
 
 def parse_keys(keys, where: str) -> list[ParsedKey]:
     parsed, unknown = [], []
-    suffixes = algorithm_suffixes()
+    suffixes, prefixes = algorithm_suffixes(), key_prefixes()
     for k in keys:
-        pk = parse_key(k, suffixes)
+        pk = parse_key(k, suffixes, prefixes)
         (parsed if pk is not None else unknown).append(pk or k)
     if unknown:
         raise LoraError(f"{where}: {len(unknown)} key(s) are not plain-LoRA weights of a known naming (unknown prefix "
@@ -416,6 +438,27 @@ def parse_keys(keys, where: str) -> list[ParsedKey]:
     if not parsed:
         raise LoraError(f"{where} holds no LoRA weights (no tensors); it is not a LoRA file")
     return parsed
+
+
+def with_family_components(parsed: list[ParsedKey], architecture: str | None) -> list[ParsedKey]:
+    """``parsed`` with each kohya key's component renamed to the one ``architecture`` gives its prefix (a prefix two
+    families share, like ``lora_unet_``, parses as the first family's component)."""
+    import dataclasses
+
+    from mindone_lora_plugin.architectures import find_architecture
+
+    arch = find_architecture(architecture)
+    if arch is None:
+        return parsed
+    prefixes = sorted(((c.kohya_prefix + "_", c.name) for c in arch.components), key=lambda t: -len(t[0]))
+    out = []
+    for pk in parsed:
+        if pk.flat:
+            comp = next((name for prefix, name in prefixes if pk.key.startswith(prefix)), pk.component)
+            if comp != pk.component:
+                pk = dataclasses.replace(pk, component=comp)
+        out.append(pk)
+    return out
 
 
 def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
@@ -431,6 +474,12 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     parsed = parse_keys(tensors.keys(), where)
     info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
 
+    sgm_paths = sgm_names(parsed)
+    info.sgm = bool(sgm_paths)
+    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
+    info.architecture_reason, info.architecture_strong = why, strong
+    parsed = with_family_components(parsed, base.architecture if base is not None else guess)
+
     groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
     for pk in parsed:
         roles = groups.setdefault((pk.component, pk.name, pk.flat), {})
@@ -439,10 +488,6 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                             "mixes two namings of one module")
         roles[pk.role] = pk
 
-    sgm_paths = sgm_names(parsed)
-    info.sgm = bool(sgm_paths)
-    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
-    info.architecture_reason, info.architecture_strong = why, strong
     if base is not None:
         check_architecture(guess, strong, why, base, where)
         for comp in sorted({c for c, _, _ in groups}):
@@ -451,7 +496,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                     f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
                     f"was made for another architecture; use a LoRA made for {base.architecture}")
     lpb = None if base is not None else sgm.infer_layers_per_block(sgm_paths)
-    resolver = NameResolver(base, lpb)
+    resolver = NameResolver(base, lpb, architecture=guess)
 
     configs = configs_from_metadata(metadata, where) or {}
     peft_cfg = None

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from mindone_lora_plugin.architectures import find_architecture
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.models import base_layer_of, lora_layers
 from mindone_lora_plugin.options import PRESETS, TEXT_ENCODERS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
-UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
-TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
-TE_MLP = ("fc1", "fc2")
-# kohya's target containers (networks/lora.py): every Linear/Conv2d below them is adapted.
-UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
-UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 LINEAR_CLASSES = ("Linear", "Dense")
 CONV_CLASSES = ("Conv2d",)
 
@@ -65,13 +59,15 @@ class LoraStrategy:
                 f"{models.architecture}; {self._suggest(models)}")
         if options.rank < 1:
             raise LoraError(f"LoRA rank must be at least 1, got {options.rank}")
-        if not isinstance(options.targets, list) and options.targets not in PRESETS:
-            raise LoraError(f"unknown target preset '{options.targets}': choose one of {', '.join(PRESETS)} or give "
+        arch = find_architecture(models.architecture)
+        presets = arch.presets() if arch is not None else PRESETS
+        if not isinstance(options.targets, list) and options.targets not in presets:
+            raise LoraError(f"unknown target preset '{options.targets}': choose one of {', '.join(presets)} or give "
                             f"a comma-separated list of module names")
         for comp in self.enabled_components(models, options):
             if comp not in self.adaptable_components(models):
-                if comp in TEXT_ENCODERS and models.architecture == "sdxl":
-                    hint = "use --lora_strategy sdxl to train the SDXL text encoders"
+                if comp in TEXT_ENCODERS and self.preferred_strategy(models):
+                    hint = self.text_encoder_hint(models)
                 else:
                     hint = f"it adapts {', '.join(self.adaptable_components(models))}"
                 raise LoraError(f"strategy '{self.name}' cannot adapt '{comp}': {hint}")
@@ -81,7 +77,7 @@ class LoraStrategy:
         if (options.trains_text_encoder and not options.components
                 and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
             # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
-            hint = ("use --lora_strategy sdxl to train the SDXL text encoders" if models.architecture == "sdxl"
+            hint = (self.text_encoder_hint(models) if self.preferred_strategy(models)
                     else f"it adapts {', '.join(self.adaptable_components(models))}")
             raise LoraError(f"strategy '{self.name}' cannot train a text encoder (--train_text_encoder): {hint}")
         for comp in self.enabled_components(models, options):
@@ -90,12 +86,25 @@ class LoraStrategy:
                                 f"check --lora_targets")
 
     def _suggest(self, models) -> str:
-        return "use --lora_strategy sdxl" if models.architecture == "sdxl" else "use --lora_strategy unet"
+        arch = find_architecture(models.architecture)
+        return f"use --lora_strategy {arch.default_strategy if arch is not None else 'unet'}"
+
+    def preferred_strategy(self, models) -> str | None:
+        """The architecture's default strategy when it is another than this one (``sdxl`` on SDXL for ``unet``)."""
+        arch = find_architecture(models.architecture)
+        if arch is None or arch.default_strategy == self.name:
+            return None
+        return arch.default_strategy
+
+    def text_encoder_hint(self, models) -> str:
+        arch = find_architecture(models.architecture)
+        return f"use --lora_strategy {self.preferred_strategy(models)} to train the {arch.label} text encoders"
 
     def target_modules(self, component: str, cell, options: LoraOptions) -> dict[str, tuple[int, float]]:
         """Module path → ``(rank, alpha)`` for every module of ``cell`` to adapt.
 
-        The default follows the preset in ``options.targets`` (or the explicit list): ``attn`` = attention
+        The default follows the preset in ``options.targets`` (or the explicit list) as the architecture defines it
+        (:meth:`~mindone_lora_plugin.architectures.base.Architecture.target_rules`). For SD: ``attn`` = attention
         projections; ``kohya`` = every Linear/1×1 conv in the UNet's transformer blocks and every Linear of the CLIP
         attention/MLP; ``kohya-conv`` = ``kohya`` plus the ResNet, downsampler and upsampler layers, 3×3 convs with
         ``conv_rank``/``conv_alpha``.
@@ -106,19 +115,17 @@ class LoraStrategy:
         if isinstance(targets, list):
             return {p: (rank, alpha) for p, _ in adaptable_layers(cell)
                     if any(p == t or p.endswith("." + t) for t in targets)}
-        te = component in TEXT_ENCODERS
-        if targets == "attn":
-            names = TE_ATTN if te else UNET_ATTN
-            return {p: (rank, alpha) for p, _ in adaptable_layers(cell) if any(p.endswith("." + n) for n in names)}
-        containers = TE_CLASSES if te else UNET_TRANSFORMER_CLASSES
-        if targets == "kohya-conv" and not te:
-            containers = containers + UNET_CONV_CLASSES
+        rule = target_rule(component, cell, options)
         out = {}
-        for path, layer in adaptable_layers(cell, containers):
-            if is_conv(layer) and tuple(layer.weight.shape[2:]) != (1, 1):
-                out[path] = (crank, calpha)
-            else:
-                out[path] = (rank, alpha)
+        if rule.names:
+            out.update({p: (rank, alpha) for p, _ in adaptable_layers(cell)
+                        if any(p.endswith("." + n) for n in rule.names)})
+        if rule.containers:
+            for path, layer in adaptable_layers(cell, rule.containers):
+                if is_conv(layer) and tuple(layer.weight.shape[2:]) != (1, 1):
+                    out[path] = (crank, calpha)
+                else:
+                    out[path] = (rank, alpha)
         return out
 
     # ------------------------------------------------------------------ operations (the algorithm decides *what*)
@@ -233,6 +240,26 @@ class LoraStrategy:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def target_rule(component: str, cell, options: LoraOptions):
+    """The :class:`~mindone_lora_plugin.architectures.base.TargetRule` of ``options.targets`` for ``component``: from
+    ``options.architecture``, else from the architecture whose component classes ``cell`` has, else from the first
+    installed architecture with such a component."""
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    archs = installed_architectures()
+    chosen = archs.get(options.architecture or "")
+    if chosen is None or not chosen.has_component(component):
+        matches = [a for a in archs.values() if (a.component_of(cell) or (0, None))[1] == component]
+        having = [a for a in archs.values() if a.has_component(component)]
+        chosen = (matches or having or [None])[0]
+    rules = chosen.target_rules(component) if chosen is not None else {}
+    if options.targets not in rules:
+        where = f"the {chosen.label} {component}" if chosen is not None else f"a {component}"
+        raise LoraError(f"the target preset '{options.targets}' is not defined for {where}; choose one of "
+                        f"{', '.join(rules) or '(none)'} or give a comma-separated list of module names")
+    return rules[options.targets]
 
 
 def algorithm_of_layer(layer, missing_ok: bool = False):

@@ -11,8 +11,8 @@ class UnetStrategy(LoraStrategy):
     default_components = ("unet",)
 
     def adaptable_components(self, models):
-        # SDXL's two text encoders are the sdxl strategy's business
-        return ("unet",) if models.architecture == "sdxl" else self.components
+        # where the architecture has its own default strategy (sdxl on SDXL), the text encoders are that one's business
+        return ("unet",) if self.preferred_strategy(models) else self.components
 
 
 @hookimpl

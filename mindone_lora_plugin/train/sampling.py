@@ -1,4 +1,4 @@
-"""Validation images: the run's own models (LoRA active) in a mindone Stable Diffusion pipeline, in PyNative."""
+"""Validation images: the run's own models (LoRA active) in the architecture's mindone pipeline, in PyNative."""
 
 from __future__ import annotations
 
@@ -11,18 +11,7 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
     training resolution; default CFG scale: the pipeline's)."""
     import mindspore as ms
 
-    from mindone.diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = DDIMScheduler.from_config(trainer.noise_scheduler.config)
-    m = trainer.models
-    if trainer.architecture == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=trainer.vae, text_encoder=m["text_encoder"],
-                                         text_encoder_2=m["text_encoder_2"], tokenizer=trainer.tokenizer,
-                                         tokenizer_2=trainer.tokenizer_2, unet=m["unet"], scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=trainer.vae, text_encoder=m["text_encoder"], tokenizer=trainer.tokenizer,
-                                       unet=m["unet"], scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = trainer.arch.training_pipeline(trainer)
     pipe.set_progress_bar_config(disable=True)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -77,7 +77,9 @@ def default_resolution(folder: str, info) -> int:
             return size
     except (OSError, ValueError):
         pass
-    return {"sdxl": 1024, "sd2": 768}.get(info.architecture, 512)
+    from mindone_lora_plugin.architectures import get_architecture
+
+    return get_architecture(info.architecture).default_resolution
 
 
 def plain_args(args) -> dict:
@@ -110,7 +112,7 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_output_name": trainer.output_name,
         "ss_sd_model_name": os.path.basename(os.path.abspath(args.pretrained_model_name_or_path)),
         "ss_learning_rate": str(args.learning_rate),
-        "ss_unet_lr": str(trainer.options.lr_for("unet")),
+        "ss_unet_lr": str(trainer.options.lr_for(trainer.arch.denoiser)),
         "ss_text_encoder_lr": str(trainer.options.lr_for("text_encoder")),
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": str(args.lr_warmup_steps),

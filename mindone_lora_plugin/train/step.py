@@ -1,4 +1,7 @@
-"""The compiled pieces of a training step: text conditioning, the denoising loss, and the optimizer step.
+"""The compiled pieces of a training step: SD text conditioning, the SD denoising loss, and the optimizer step.
+
+The SD architectures (:mod:`mindone_lora_plugin.architectures.sd`) build :class:`TextConditioner` and
+:class:`DenoiseLoss`; another architecture brings its own loss cell, and the optimizer steps here work for any.
 
 Randomness (noise, timesteps) is drawn on the host and passed in, together with the per-sample noise-schedule
 coefficients and loss weights, so the graph is plain arithmetic: identical on CPU and Ascend, in GRAPH_MODE and
@@ -22,10 +25,10 @@ class TextConditioner(nn.Cell):
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
-        self.sdxl = text_encoder_2 is not None
+        self.two_encoders = text_encoder_2 is not None
 
     def construct(self, ids, ids_2):
-        if self.sdxl:
+        if self.two_encoders:
             out1 = self.text_encoder(ids, output_hidden_states=True)
             out2 = self.text_encoder_2(ids_2, output_hidden_states=True)
             embeds = ops.concat((out1[-1][-2], out2[-1][-2]), axis=-1)
@@ -53,18 +56,19 @@ class DenoiseLoss(nn.Cell):
     then the conditioning — only what this architecture uses, since every unused graph input costs time on each step:
 
     * SD1.x/2.x: ``embeds`` (or ``ids`` when the text encoder trains);
-    * SDXL: ``embeds, pooled, time_ids`` (or ``ids, ids_2, time_ids`` when the text encoders train).
+    * SDXL (``time_ids=True``): ``embeds, pooled, time_ids`` (or ``ids, ids_2, time_ids`` when the text encoders
+      train).
     """
 
     masked = False  # --masked_loss: the last input is a (N, 1, h, w) mask the per-pixel loss is multiplied by
 
-    def __init__(self, unet, conditioner: TextConditioner, train_text: bool, v_prediction: bool, sdxl: bool):
+    def __init__(self, unet, conditioner: TextConditioner, train_text: bool, v_prediction: bool, time_ids: bool):
         super().__init__()
         self.unet = unet
         self.conditioner = conditioner
         self.train_text = train_text
         self.v_prediction = v_prediction
-        self.sdxl = sdxl
+        self.time_ids = time_ids
 
     def construct(self, latents, noise, timesteps, sqrt_acp, sqrt_1m_acp, weights, *cond):
         mask = None
@@ -75,7 +79,7 @@ class DenoiseLoss(nn.Cell):
         s = sqrt_1m_acp.reshape((-1, 1, 1, 1))
         noisy = a * latents + s * noise
         dtype = self.unet.dtype if hasattr(self.unet, "dtype") else latents.dtype
-        if self.sdxl:
+        if self.time_ids:
             if self.train_text:
                 embeds, pooled = self.conditioner(cond[0], cond[1])
             else:

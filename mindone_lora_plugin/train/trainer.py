@@ -1,4 +1,5 @@
-"""The training loop of ``mindone-lora train``: SD1.x/2.x and SDXL LoRA, talking to LoRA only through plugin hooks.
+"""The training loop of ``mindone-lora train``: LoRA for any installed architecture (SD1.x/2.x and SDXL built in),
+talking to LoRA only through plugin hooks and to the model family only through its architecture object.
 
 Order of work: check arguments → load the models → add adapters (hook) → pick trainable parameters (hook) → build
 the optimizer and compiled step → resume if asked → train, checkpoint, validate → save every format (hook).
@@ -61,6 +62,7 @@ class Trainer:
         validate_train_args(args)  # every flag, before any model is loaded
         info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
         self.architecture = info.architecture
+        self.arch = get_plugin_manager().get_architecture(info.architecture)  # loss, conditioning, pipelines
         self.resolution = args.resolution or default_resolution(args.pretrained_model_name_or_path, info)
         if self.resolution % 8:
             raise LoraError(f"--resolution {self.resolution} is not divisible by 8; use e.g. "
@@ -132,31 +134,13 @@ class Trainer:
         from mindone_lora_plugin.models import load_models
 
         folder = self.args.pretrained_model_name_or_path
-        from mindone.diffusers import AutoencoderKL, DDPMScheduler
-        from transformers import CLIPTokenizer
-
         self.models = load_models(folder, dtype=self.weight_dtype if self.weight_dtype != ms.float32 else None,
                                   variant=self.args.variant)
         for cell in self.models.values():
             cell.set_train(False)
             for p in cell.get_parameters():
                 p.requires_grad = False
-        vae_kw = {"variant": self.args.variant} if self.args.variant else {}
-        if self.weight_dtype != ms.float32 and self.architecture != "sdxl":  # SDXL's VAE overflows in fp16
-            vae_kw["mindspore_dtype"] = self.weight_dtype
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
-        self.vae.set_train(False)
-        for p in self.vae.get_parameters():
-            p.requires_grad = False
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        self.tokenizer_2 = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-                            if self.architecture == "sdxl" else None)
-        self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        acp = self.noise_scheduler.alphas_cumprod
-        self.alphas_cumprod = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, dtype=np.float64)
-        self.prediction_type = self.args.prediction_type or self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise LoraError(f"prediction type {self.prediction_type!r} is not supported; use epsilon or v_prediction")
+        self.arch.load_training_parts(self, folder)  # VAE, tokenizers, noise schedule, prediction type
 
     def _load_data(self):
         """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth)."""
@@ -224,19 +208,17 @@ class Trainer:
     def _build_step(self):
         from mindspore import nn
 
-        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner, VaeEncode, build_steps
+        from mindone_lora_plugin.train.step import VaeEncode, build_steps
 
-        sdxl = self.architecture == "sdxl"
-        te_trained = {c for c in self.adapted if c != "unet"}
+        te_trained = {c for c in self.adapted if c != self.arch.denoiser}
         self.train_text = bool(te_trained)
         if self.args.gradient_checkpointing:  # the UNet, and the text encoders that train
             from mindone_lora_plugin.checkpointing import enable_for_training
 
-            counts = enable_for_training(self.models, ["unet"] + sorted(te_trained))
+            counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
             self._say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
-        self.conditioner = TextConditioner(self.models.get("text_encoder"), self.models.get("text_encoder_2"))
-        self.loss_cell = DenoiseLoss(self.models["unet"], self.conditioner, self.train_text,
-                                     self.prediction_type == "v_prediction", sdxl)
+        self.conditioner = self.arch.text_conditioner(self.models)
+        self.loss_cell = self.arch.make_loss(self)
         self.loss_cell.masked = bool(self.args.masked_loss)
         self.loss_cell.set_train(True)
         reducer = None
@@ -452,40 +434,9 @@ class Trainer:
         return self._model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
 
     def _model_inputs(self, batch, rng, weighted: bool = True):
-        """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one)."""
-        from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.noise import draw_noise, loss_weights
-
-        ms = self._ms
-        moments = data_setup.moments(self, batch)
-        mean, logvar = np.split(moments, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * self.vae.config.scaling_factor
-        noise = draw_noise(rng, latents.shape, self.args)
-        n = latents.shape[0]
-        t = rng.integers(0, len(self.alphas_cumprod), size=n)
-        acp = self.alphas_cumprod[t]
-        # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
-        weights = (batch.loss_weights * loss_weights(acp, self.args, self.prediction_type == "v_prediction")
-                   if weighted else np.ones(n, dtype=np.float32))
-        if self.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
-            half = n // 2
-            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
-        text = data_setup.text_embeddings(self, batch)
-        if text is None:
-            ids, ids_2 = self._tokenize(batch.captions)
-            text = (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
-        if self.architecture == "sdxl":  # each image's own original size and crop; the target is the batch's shape
-            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
-                                   for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
-            cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
-        else:
-            cond = (text[0],)  # see DenoiseLoss: only the inputs this architecture uses
-        f32 = ms.float32
-        return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
-                ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(self, batch,
-                                                                                     latents.shape[2:])
+        """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one):
+        the architecture's (:meth:`~mindone_lora_plugin.architectures.base.Architecture.model_inputs`)."""
+        return self.arch.model_inputs(self, batch, rng, weighted)
 
     def _tokenize(self, captions):
         ms = self._ms

@@ -1,0 +1,289 @@
+"""The architecture plugin object: everything the core knows about one model family.
+
+A plugin offers model families by yielding instances of an :class:`Architecture` subclass from its
+``mindone_lora_architectures()`` hook implementation (SD1.x, SD2.x and SDXL are the built-in ones, in
+:mod:`mindone_lora_plugin.architectures.sd`). An architecture owns:
+
+* its **components** (:class:`Component`: name, model class, folder, kohya and diffusers key prefixes, the classes that
+  identify a live cell) and how to load them;
+* **detection**: from a model folder's ``model_index.json`` and component configs (:meth:`Architecture.detect_folder`,
+  a score, 0 = not mine), and from a LoRA file's parsed keys, tensor shapes and header metadata
+  (:meth:`Architecture.detect_lora`, an :class:`Evidence`); the detectors in :mod:`mindone_lora_plugin.architectures`
+  ask every installed architecture and take the best answer;
+* the **target presets** per component (:meth:`Architecture.target_rules`: ``attn``, ``kohya``, ``kohya-conv`` ...);
+* the **key grammar** of its modules: kohya names (:meth:`kohya_name`), names resolved without a base model
+  (:meth:`resolve_name`), extra spellings of a base model's modules (:meth:`base_aliases`: SDXL's SGM names);
+* the **metadata** its files carry (kohya ``ss_base_model_version``/``ss_v2``, ``modelspec.architecture``);
+* the model-specific part of **training** (:meth:`make_loss`, :meth:`model_inputs`, :meth:`text_conditioner`) and the
+  **pipelines** for validation images, ``generate`` and ``merge`` (:meth:`load_pipeline`, :meth:`training_pipeline`).
+
+Nothing here imports MindSpore; methods that need it import it when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from mindone_lora_plugin.errors import LoraError
+
+# Evidence scores (higher wins). From METADATA up the evidence is "strong": a LoRA with strong evidence for another
+# architecture than the base model's is refused; weaker hints only name modules when nothing else is known.
+STRUCTURE = 100  # components or module names only this architecture has (a second text encoder, double_blocks ...)
+SHAPES = 80  # tensor widths (SD's cross-attention width)
+METADATA = 60  # header metadata (ss_base_model_version, modelspec.architecture ...)
+HINT = 10  # weak hints (naming styles, layer counts)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One model component of an architecture (a key of :class:`~mindone_lora_plugin.models.Models` and of
+    :attr:`LoraState.components <mindone_lora_plugin.state.LoraState.components>`).
+
+    ``model_class`` is ``"module:Class"`` (imported only when loading); ``dtype_kw`` is the ``from_pretrained``
+    keyword naming the weight dtype (mindone.diffusers: ``mindspore_dtype``, mindone.transformers: ``dtype``).
+    ``kohya_prefix`` starts the component's kohya module names (``lora_unet``); ``diffusers_prefix`` its PEFT/diffusers
+    keys (``unet``). ``kind`` is ``denoiser`` or ``text_encoder`` (what ``--train_text_encoder`` adds). ``optional``
+    components are loaded when the folder has them. ``class_names`` identify a live cell of this component: a cell
+    is this component when a class of its MRO is named one of them, or starts with one (the longest match wins
+    across architectures).
+    """
+
+    name: str
+    model_class: str
+    kohya_prefix: str
+    diffusers_prefix: str = ""
+    subfolder: str = ""
+    kind: str = "denoiser"
+    optional: bool = False
+    dtype_kw: str = "mindspore_dtype"
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        return self.subfolder or self.name
+
+    @property
+    def key_prefix(self) -> str:
+        return self.diffusers_prefix or self.name
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.kind == "text_encoder"
+
+    def model_type(self):
+        module, _, attr = self.model_class.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a LoRA file looks made for ``architecture``: a score (:data:`STRUCTURE` ... :data:`HINT`) and a reason."""
+
+    architecture: str
+    score: int
+    reason: str
+
+    @property
+    def strong(self) -> bool:
+        return self.score >= METADATA
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    """What a target preset adapts in one component.
+
+    ``names``: modules whose path ends with one of these names (``to_q`` matches ``...attn1.to_q``), with ``rank``/
+    ``alpha``. ``containers``: every Linear/Conv2d below a module of one of these classes (kohya's target classes);
+    there a conv with a kernel larger than 1×1 gets ``conv_rank``/``conv_alpha``. A rule may use both.
+    """
+
+    names: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+
+
+@dataclass
+class FolderInfo:
+    """What :meth:`Architecture.detect_folder` sees: ``model_index.json`` and the config of every component
+    subfolder (``{subfolder: config dict}``), read without instantiating anything."""
+
+    index: dict = field(default_factory=dict)
+    configs: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return str(self.index.get("_class_name", "") or "")
+
+
+class Architecture:
+    """Base class of model families. Subclasses set the class attributes and override what differs.
+
+    Class attributes: :attr:`name` (what ``LoraState.architecture`` and ``Models.architecture`` hold), :attr:`label`
+    (for messages: ``SDXL``), :attr:`description` (one line), :attr:`components`, :attr:`default_strategy` (the
+    strategy a run uses when none is asked for), :attr:`default_resolution`, :attr:`denoiser` (the component that
+    predicts), :attr:`kohya_base_model_version` / :attr:`kohya_version_family` (kohya's ``ss_base_model_version`` and
+    the prefix that a kept value must have), :attr:`modelspec_architecture` (the ``modelspec.architecture`` written), :attr:`modelspec_prefix` (how every
+    value of this family starts, for detection) and :attr:`kohya_implementation` (``modelspec.implementation`` in
+    kohya files: the code base whose module names they use).
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    components: ClassVar[tuple[Component, ...]] = ()
+    denoiser: ClassVar[str] = "unet"
+    default_strategy: ClassVar[str] = "unet"
+    default_resolution: ClassVar[int] = 512
+    kohya_base_model_version: ClassVar[str] = ""
+    kohya_version_family: ClassVar[str] = ""
+    modelspec_architecture: ClassVar[str] = ""
+    modelspec_prefix: ClassVar[str] = ""
+    kohya_implementation: ClassVar[str] = "diffusers"
+
+    # ------------------------------------------------------------------ components
+
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components if c.is_text_encoder)
+
+    def has_component(self, name: str) -> bool:
+        return any(c.name == name for c in self.components)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise LoraError(f"a {self.label} model has no {name} (its components: {', '.join(self.component_names())}); "
+                        f"the LoRA or option was made for another architecture")
+
+    def component_of(self, cell) -> tuple[int, str] | None:
+        """``(match length, component)`` when ``cell``'s class is one of this architecture's components, else None."""
+        names = [k.__name__ for k in type(cell).__mro__]
+        best = None
+        for comp in self.components:
+            for cls in comp.class_names:
+                if any(n == cls or n.startswith(cls) for n in names) and (best is None or len(cls) > best[0]):
+                    best = (len(cls), comp.name)
+        return best
+
+    def load_component(self, folder: str, component: str, dtype=None, variant: str | None = None):
+        """Load one component from a diffusers-layout folder with mindone's ``from_pretrained``."""
+        comp = self.component(component)
+        kw = {"variant": variant} if variant else {}
+        if dtype is not None:
+            kw[comp.dtype_kw] = dtype
+        return comp.model_type().from_pretrained(folder, subfolder=comp.folder, **kw)
+
+    # ------------------------------------------------------------------ detection
+
+    def detect_folder(self, folder: FolderInfo) -> int:
+        """How surely a model folder (or live models' configs) is this architecture: 0 = not mine, higher wins."""
+        return 0
+
+    def detect_lora(self, parsed, tensors: Mapping, metadata: dict[str, str], sgm_used: bool = False
+                    ) -> Evidence | None:
+        """Evidence that a LoRA file (its :class:`~mindone_lora_plugin.formats.names.ParsedKey` list, tensors or
+        headers with a ``shape``, and header metadata) was made for this architecture; None when there is none.
+        The default looks at the metadata only (:meth:`detect_metadata`)."""
+        why = self.detect_metadata(metadata)
+        return Evidence(self.name, METADATA, why) if why else None
+
+    def detect_metadata(self, metadata: dict[str, str]) -> str:
+        """The reason (``"ss_base_model_version=sdxl_base_v1-0"``) when the header names this architecture, else ""."""
+        version = (metadata.get("ss_base_model_version") or "").strip()
+        if self.kohya_version_family and version.startswith(self.kohya_version_family):
+            return f"ss_base_model_version={version}"
+        spec = (metadata.get("modelspec.architecture") or "").strip()
+        if self.modelspec_prefix and spec.startswith(self.modelspec_prefix):
+            return f"modelspec.architecture={spec}"
+        if (metadata.get("mindone_lora.architecture") or "").strip() == self.name:
+            return f"mindone_lora.architecture={self.name}"
+        return ""
+
+    # ------------------------------------------------------------------ targets
+
+    def target_rules(self, component: str) -> dict[str, TargetRule]:
+        """Preset name → :class:`TargetRule` for ``component`` (the presets ``--lora_targets`` accepts)."""
+        return {}
+
+    def presets(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for comp in self.components:
+            seen.update(dict.fromkeys(self.target_rules(comp.name)))
+        return tuple(seen)
+
+    # ------------------------------------------------------------------ key grammar
+
+    def kohya_prefix(self, component: str) -> str:
+        return self.component(component).kohya_prefix
+
+    def kohya_name(self, component: str, path: str, layers_per_block: int | None = None) -> str:
+        """The kohya module name of ``component.path`` (``lora_unet_down_blocks_0_...``)."""
+        return self.kohya_prefix(component) + "_" + path.replace(".", "_")
+
+    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block: int | None = None) -> str | None:
+        """The module path a file's name means when no base model is known (``flat``: a kohya ``_``-joined name),
+        or None when the grammar does not know it."""
+        return None
+
+    def base_aliases(self, component: str, paths, layers_per_block: int | None = None) -> dict[str, str]:
+        """Other dotted spellings files use for a base model's module ``paths`` (spelling → path); default none."""
+        return {}
+
+    # ------------------------------------------------------------------ metadata
+
+    def kohya_metadata(self, meta: dict[str, str], v_prediction: bool) -> dict[str, str]:
+        """kohya's architecture entries for a file: ``ss_base_model_version`` (a compatible one in ``meta`` is kept)
+        and ``ss_v2``."""
+        version = meta.get("ss_base_model_version", "")
+        if not (self.kohya_version_family and version.startswith(self.kohya_version_family)):
+            version = self.kohya_base_model_version
+        return {"ss_base_model_version": version, "ss_v2": "False"}
+
+    def modelspec_name(self, v_prediction: bool) -> str:
+        return self.modelspec_architecture
+
+    def modelspec_resolution(self, v_prediction: bool) -> str:
+        return f"{self.default_resolution}x{self.default_resolution}"
+
+    # ------------------------------------------------------------------ training and pipelines (MindSpore)
+
+    def load_training_parts(self, trainer, folder: str) -> None:
+        """Load what training needs besides the adapted components onto ``trainer`` (VAE, tokenizers, noise
+        scheduler, prediction type ...), after ``trainer.models`` is loaded."""
+        raise NotImplementedError(f"the {self.name} architecture does not train")
+
+    def text_conditioner(self, models):
+        """A cell: ``(ids, ids_2) → (prompt embeds, pooled)`` for this family's text encoders."""
+        raise NotImplementedError(f"the {self.name} architecture does not train")
+
+    def make_loss(self, trainer):
+        """The training loss cell for ``trainer`` (a :class:`~mindone_lora_plugin.train.trainer.Trainer` whose
+        models, VAE, scheduler, tokenizers and adapters are set up); its inputs are :meth:`model_inputs`' tuple."""
+        raise NotImplementedError(f"the {self.name} architecture does not train")
+
+    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
+        """The loss cell's inputs for one batch, every random draw from ``rng``."""
+        raise NotImplementedError(f"the {self.name} architecture does not train")
+
+    def load_pipeline(self, folder: str, dtype=None):
+        """A mindone pipeline for ``generate``, loaded from a diffusers-layout folder (MindSpore dtype or None)."""
+        raise NotImplementedError(f"the {self.name} architecture has no pipeline")
+
+    def training_pipeline(self, trainer):
+        """A pipeline around the trainer's own (adapted) models, for validation images."""
+        raise NotImplementedError(f"the {self.name} architecture has no pipeline")
+
+    # ------------------------------------------------------------------ reporting
+
+    def describe(self) -> dict:
+        return {"name": self.name, "label": self.label, "description": self.description,
+                "components": list(self.component_names()), "default_strategy": self.default_strategy,
+                "presets": list(self.presets())}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,385 @@
+"""The built-in Stable Diffusion architectures: ``sd1`` (SD1.x), ``sd2`` (SD2.x) and ``sdxl`` (SDXL).
+
+All three are a UNet (``UNet2DConditionModel``) conditioned on CLIP text encoders, trained with the DDPM noise
+schedule (epsilon or v-prediction). What differs: SD2.x's 1024-wide cross-attention, SDXL's second text encoder
+(``CLIPTextModelWithProjection``, its pooled output and the ``time_ids`` added conditioning) and kohya's SGM module
+names for the SDXL UNet. The key grammar of SD modules is :mod:`mindone_lora_plugin.formats.names` (diffusers/CLIP
+names) and :mod:`mindone_lora_plugin.formats.sgm` (SGM names); this module says when each applies.
+
+Detection is one judgement over the family (:func:`family_evidence`), so the three never disagree about a file:
+weights for a second text encoder → SDXL; the cross-attention width (2048 / 1024 / 768) or a 1024-wide text encoder;
+then header metadata; then weak hints (SGM names or deep transformer blocks → SDXL; 1×1-conv ``proj_in`` or a 768-wide
+text encoder → SD1.x).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
+                                                    Evidence, FolderInfo, TargetRule)
+from mindone_lora_plugin.errors import LoraError
+
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+UNET = Component("unet", "mindone.diffusers:UNet2DConditionModel", "lora_unet", class_names=("UNet2DConditionModel",))
+TEXT_ENCODER = Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te", kind="text_encoder",
+                         optional=True, dtype_kw="dtype", class_names=("CLIPTextModel",))
+# SDXL: kohya numbers its two text encoders
+TEXT_ENCODER_1 = Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder",
+                           optional=True, dtype_kw="dtype", class_names=("CLIPTextModel",))
+TEXT_ENCODER_2 = Component("text_encoder_2", "mindone.transformers:CLIPTextModelWithProjection", "lora_te2",
+                           kind="text_encoder", optional=True, dtype_kw="dtype",
+                           class_names=("CLIPTextModelWithProjection",))
+
+# what the target presets adapt (kohya's target classes: networks/lora.py)
+UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
+UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+UNET_RULES = {"attn": TargetRule(names=UNET_ATTN), "kohya": TargetRule(containers=UNET_TRANSFORMER_CLASSES),
+              "kohya-conv": TargetRule(containers=UNET_TRANSFORMER_CLASSES + UNET_CONV_CLASSES)}
+TE_RULES = {"attn": TargetRule(names=TE_ATTN), "kohya": TargetRule(containers=TE_CLASSES),
+            "kohya-conv": TargetRule(containers=TE_CLASSES)}
+
+_CROSS = {2048: "sdxl", 1024: "sd2", 768: "sd1"}
+_RE_CROSS = re.compile(r"attn2[._]to_[kv]$")
+_RE_TE_IN = re.compile(r"(?:q_proj|k_proj|v_proj|fc1)$|to_[qkv]_lora$|to_[qkv]$")
+_RE_DEEP = re.compile(r"transformer_blocks[._]([1-9]\d*)(?:[._]|$)")
+_RE_PROJ_IN = re.compile(r"(?:^|[._])proj_in$")
+_RE_UP_ATTN = re.compile(r"up_blocks\.(\d+)\.attentions\.")
+
+
+def _get(config, key: str):
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+class StableDiffusion(Architecture):
+    """What SD1.x, SD2.x and SDXL share (a subclass sets the names, components and metadata)."""
+
+    denoiser = "unet"
+    default_strategy = "unet"
+    uses_time_ids = False  # SDXL's added conditioning (original size, crop, target size) and pooled text embeds
+    vae_half_precision = True  # SDXL's VAE overflows in fp16: it stays fp32
+
+    # ------------------------------------------------------------------ detection
+
+    def family(self, folder: FolderInfo) -> str | None:
+        """Which SD architecture a folder (or live models' configs) is, or None when it is no SD model."""
+        configs = folder.configs
+        sd_names = {"unet", "text_encoder", "text_encoder_2"}
+        if "unet" not in configs and not (set(configs) <= sd_names):
+            return None
+        unet, te = configs.get("unet"), configs.get("text_encoder")
+        if ("text_encoder_2" in configs or "XL" in folder.class_name
+                or _get(unet, "addition_embed_type") == "text_time"):
+            return "sdxl"
+        if _get(unet, "cross_attention_dim") == 1024 or _get(te, "hidden_size") == 1024:
+            return "sd2"
+        return "sd1"
+
+    def detect_folder(self, folder: FolderInfo) -> int:
+        return 1 if self.family(folder) == self.name else 0
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        found = family_evidence(parsed, tensors, metadata, sgm_used)
+        return found if found is not None and found.architecture == self.name else None
+
+    # ------------------------------------------------------------------ targets and names
+
+    def target_rules(self, component: str) -> dict[str, TargetRule]:
+        if not self.has_component(component):
+            return {}
+        return dict(UNET_RULES if component == "unet" else TE_RULES)
+
+    def kohya_prefix(self, component: str) -> str:
+        if component == "text_encoder_2" and not self.has_component(component):
+            raise LoraError(f"a {self.name} model has one text encoder; the LoRA's text_encoder_2 weights cannot be "
+                            "written for it")
+        return super().kohya_prefix(component)
+
+    def resolve_name(self, component, name, flat, layers_per_block=None):
+        from mindone_lora_plugin.formats import sgm
+        from mindone_lora_plugin.formats.names import flat_to_dotted, is_known_path
+
+        path = flat_to_dotted(name) if flat else name
+        if path is None:
+            return None
+        if component == "unet" and sgm.is_sgm_path(path):
+            try:
+                path = sgm.sgm_to_diffusers(path, layers_per_block)
+            except ValueError:
+                return None
+        return path if is_known_path(component, path) else None
+
+    def base_aliases(self, component, paths, layers_per_block=None):
+        """The SGM spellings of the UNet's modules (kohya SDXL files, ComfyUI ``diffusion_model.`` keys)."""
+        from mindone_lora_plugin.formats import sgm
+
+        if component != "unet":
+            return {}
+        paths = list(paths)
+        attn_blocks = {int(m[1]) for p in paths for m in [_RE_UP_ATTN.match(p)] if m}
+        out: dict[str, str] = {}
+        for path in paths:
+            try:
+                s = sgm.diffusers_to_sgm(path, layers_per_block, lambda b: b in attn_blocks)
+            except ValueError:
+                continue
+            spellings = [s]
+            if s.startswith("output_blocks.") and s.endswith(".conv"):  # an upsampler: inner index 1 or 2
+                head, inner, _ = s.rsplit(".", 2)
+                spellings.append(f"{head}.{'1' if inner == '2' else '2'}.conv")
+            for spelling in spellings:
+                out.setdefault(spelling, path)
+        return out
+
+    # ------------------------------------------------------------------ metadata
+
+    def kohya_metadata(self, meta, v_prediction):
+        out = super().kohya_metadata(meta, v_prediction)
+        out["ss_v2"] = str(self.name == "sd2")
+        return out
+
+    # ------------------------------------------------------------------ training (MindSpore)
+
+    def load_training_parts(self, trainer, folder: str) -> None:
+        import mindspore as ms
+        import numpy as np
+        from mindone.diffusers import AutoencoderKL, DDPMScheduler
+        from transformers import CLIPTokenizer
+
+        variant = trainer.args.variant
+        vae_kw = {"variant": variant} if variant else {}
+        if trainer.weight_dtype != ms.float32 and self.vae_half_precision:
+            vae_kw["mindspore_dtype"] = trainer.weight_dtype
+        trainer.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
+        trainer.vae.set_train(False)
+        for p in trainer.vae.get_parameters():
+            p.requires_grad = False
+        trainer.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        trainer.tokenizer_2 = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+                               if self.has_component("text_encoder_2") else None)
+        trainer.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        acp = trainer.noise_scheduler.alphas_cumprod
+        trainer.alphas_cumprod = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, dtype=np.float64)
+        trainer.prediction_type = trainer.args.prediction_type or trainer.noise_scheduler.config.prediction_type
+        if trainer.prediction_type not in ("epsilon", "v_prediction"):
+            raise LoraError(f"prediction type {trainer.prediction_type!r} is not supported; use epsilon or "
+                            "v_prediction")
+
+    def text_conditioner(self, models):
+        from mindone_lora_plugin.train.step import TextConditioner
+
+        return TextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
+
+    def make_loss(self, trainer):
+        from mindone_lora_plugin.train.step import DenoiseLoss
+
+        return DenoiseLoss(trainer.models["unet"], trainer.conditioner, trainer.train_text,
+                           trainer.prediction_type == "v_prediction", self.uses_time_ids)
+
+    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
+        """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
+        :class:`~mindone_lora_plugin.train.step.DenoiseLoss`)."""
+        import numpy as np
+
+        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.noise import draw_noise, loss_weights
+
+        ms = trainer._ms
+        args = trainer.args
+        moments = data_setup.moments(trainer, batch)
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * trainer.vae.config.scaling_factor
+        noise = draw_noise(rng, latents.shape, args)
+        n = latents.shape[0]
+        t = rng.integers(0, len(trainer.alphas_cumprod), size=n)
+        acp = trainer.alphas_cumprod[t]
+        # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
+        weights = (batch.loss_weights * loss_weights(acp, args, trainer.prediction_type == "v_prediction")
+                   if weighted else np.ones(n, dtype=np.float32))
+        if trainer.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
+            half = n // 2
+            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * args.prior_loss_weight)])
+        text = data_setup.text_embeddings(trainer, batch)
+        if text is None:
+            ids, ids_2 = trainer._tokenize(batch.captions)
+            text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+        if self.uses_time_ids:  # each image's own original size and crop; the target is the batch's shape
+            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
+                                   for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
+            cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
+        else:
+            cond = (text[0],)  # see DenoiseLoss: only the inputs this architecture uses
+        f32 = ms.float32
+        return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
+                ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
+                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
+                                                                                     latents.shape[2:])
+
+    # ------------------------------------------------------------------ pipelines (MindSpore)
+
+    pipeline_class = "StableDiffusionPipeline"
+    _no_safety_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def load_pipeline(self, folder: str, dtype=None):
+        import mindone.diffusers as md
+
+        kw = {"mindspore_dtype": dtype} if dtype is not None else {}
+        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
+        return getattr(md, self.pipeline_class).from_pretrained(folder, **extra, **kw)
+
+    def training_pipeline(self, trainer):
+        import mindone.diffusers as md
+
+        m = trainer.models
+        scheduler = md.DDIMScheduler.from_config(trainer.noise_scheduler.config)
+        parts = {"vae": trainer.vae, "unet": m["unet"], "scheduler": scheduler, "tokenizer": trainer.tokenizer}
+        parts.update({c: m[c] for c in self.text_encoders()})
+        if self.has_component("text_encoder_2"):
+            parts["tokenizer_2"] = trainer.tokenizer_2
+        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
+        return getattr(md, self.pipeline_class)(**parts, **extra)
+
+
+class SD1(StableDiffusion):
+    name = "sd1"
+    label = "SD1.x"
+    description = "Stable Diffusion 1.x: UNet + CLIP ViT-L text encoder (768-wide cross-attention)"
+    components = (UNET, TEXT_ENCODER)
+    default_resolution = 512
+    kohya_base_model_version = "sd_v1"
+    kohya_version_family = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1/lora"
+    modelspec_prefix = "stable-diffusion-v1"
+
+
+class SD2(StableDiffusion):
+    name = "sd2"
+    label = "SD2.x"
+    description = "Stable Diffusion 2.x: UNet + OpenCLIP ViT-H text encoder (1024-wide), epsilon or v-prediction"
+    components = (UNET, TEXT_ENCODER)
+    default_resolution = 768
+    kohya_base_model_version = "sd_v2"
+    kohya_version_family = "sd_v2"
+    modelspec_architecture = "stable-diffusion-v2-512/lora"
+    modelspec_prefix = "stable-diffusion-v2"
+
+    def modelspec_name(self, v_prediction):
+        return "stable-diffusion-v2-768-v/lora" if v_prediction else self.modelspec_architecture
+
+    def modelspec_resolution(self, v_prediction):
+        return "768x768" if v_prediction else "512x512"
+
+    def detect_metadata(self, metadata):
+        return super().detect_metadata(metadata) or ("ss_v2=True" if metadata.get("ss_v2") == "True" else "")
+
+
+class SDXL(StableDiffusion):
+    name = "sdxl"
+    label = "SDXL"
+    description = "SDXL: UNet + two CLIP text encoders (pooled and time_ids conditioning); kohya uses SGM names"
+    components = (UNET, TEXT_ENCODER_1, TEXT_ENCODER_2)
+    default_strategy = "sdxl"
+    default_resolution = 1024
+    kohya_base_model_version = "sdxl_base_v1-0"
+    kohya_version_family = "sdxl_"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    modelspec_prefix = "stable-diffusion-xl"
+    kohya_implementation = SGM_IMPLEMENTATION
+    uses_time_ids = True
+    vae_half_precision = False
+    pipeline_class = "StableDiffusionXLPipeline"
+
+    def kohya_name(self, component, path, layers_per_block=None):
+        """The UNet in kohya's SGM names (``lora_unet_input_blocks_4_1_proj_in``), the text encoders as diffusers."""
+        from mindone_lora_plugin.formats import sgm
+
+        if component == "unet":
+            try:
+                path = sgm.diffusers_to_sgm(path, layers_per_block)
+            except ValueError as e:
+                raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
+        return super().kohya_name(component, path, layers_per_block)
+
+
+FAMILY = (SDXL(), SD2(), SD1())  # the order metadata is looked at in
+
+
+def family_evidence(parsed, tensors, metadata: dict[str, str], sgm_used: bool = False) -> Evidence | None:
+    """The SD family's one judgement on a LoRA file (see the module docstring), or None when nothing points to SD."""
+    comps = {pk.component for pk in parsed}
+    if "text_encoder_2" in comps:
+        return Evidence("sdxl", STRUCTURE, "it has weights for a second text encoder")
+    cross, te_width = set(), set()
+    deep = proj_conv = False
+    for pk in parsed:
+        if pk.role != "down":
+            continue
+        shape = getattr(tensors[pk.key], "shape", None)
+        if shape is None and isinstance(tensors[pk.key], Mapping):  # a safetensors header entry
+            shape = tensors[pk.key].get("shape", ())
+        shape = tuple(shape or ())
+        if len(shape) < 2:
+            continue
+        if pk.component == "unet":
+            if _RE_CROSS.search(pk.name):
+                cross.add(int(shape[1]))
+            if _RE_DEEP.search(pk.name):
+                deep = True
+            if _RE_PROJ_IN.search(pk.name) and len(shape) == 4:
+                proj_conv = True
+        elif _RE_TE_IN.search(pk.name):
+            te_width.add(int(shape[1]))
+    known = {_CROSS[c] for c in cross if c in _CROSS}
+    if len(known) == 1:
+        return Evidence(known.pop(), SHAPES, f"its cross-attention is {max(cross)} wide")
+    if 1024 in te_width and len(te_width) == 1:
+        return Evidence("sd2", SHAPES, "its text encoder is 1024 wide")
+    for check in (_kohya_version, _modelspec, _hint, _v2):
+        for arch in FAMILY:
+            why = check(arch, metadata)
+            if why:
+                return Evidence(arch.name, METADATA, why)
+    if sgm_used:
+        return Evidence("sdxl", HINT, "its UNet names are SGM names (input_blocks/middle_block/output_blocks)")
+    if deep:
+        return Evidence("sdxl", HINT, "its UNet blocks have more than one transformer layer")
+    if proj_conv:
+        return Evidence("sd1", HINT, "its proj_in/proj_out are 1x1 convolutions")
+    if te_width == {768}:
+        return Evidence("sd1", HINT, "its text encoder is 768 wide")
+    return None
+
+
+# header checks, in the order they decide (each: the reason, or "")
+def _kohya_version(arch, metadata):
+    version = (metadata.get("ss_base_model_version") or "").strip()
+    return f"ss_base_model_version={version}" if version.startswith(arch.kohya_version_family) else ""
+
+
+def _modelspec(arch, metadata):
+    spec = (metadata.get("modelspec.architecture") or "").strip()
+    return f"modelspec.architecture={spec}" if spec.startswith(arch.modelspec_prefix) else ""
+
+
+def _hint(arch, metadata):
+    hint = (metadata.get("mindone_lora.architecture") or "").strip()
+    return f"mindone_lora.architecture={hint}" if hint == arch.name else ""
+
+
+def _v2(arch, metadata):
+    return "ss_v2=True" if arch.name == "sd2" and metadata.get("ss_v2") == "True" else ""
+
+
+def mindone_lora_architectures():
+    """The built-in SD architectures (registered by the ``core`` plugin)."""
+    yield from (SD1(), SD2(), SDXL())
