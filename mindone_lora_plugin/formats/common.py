@@ -92,7 +92,36 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     from mindone_lora_plugin.algorithms.base import check_finite
 
     check_finite(tensors, path)
+    flux = _flux_read(tensors, metadata, base, path)
+    if flux is not None:
+        return flux
     return build_state(tensors, metadata, base=base, path=path, where=path)
+
+
+def _flux_read(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None, where: str):
+    """``(LoraState, ReadInfo)`` when the file or the base model is FLUX.1 (:mod:`..architectures.flux.files`), after
+    refusing a FLUX file for an SD base model and the reverse; None for an SD file and base."""
+    from mindone_lora_plugin.architectures.flux import files as flux_files
+    from mindone_lora_plugin.architectures.flux.keys import detect
+
+    why = detect(tensors.keys(), metadata)
+    if not why and (base is None or base.architecture != flux_files.ARCHITECTURE):
+        return None
+    sd_guess = ""
+    if not why:  # a FLUX base model: text-encoder-only LoRAs have no FLUX-only names, but their names still fit
+        try:
+            flux_files.parse_keys(list(tensors), where)
+            why = "its keys fit FLUX.1's modules"
+        except LoraError:
+            pass
+    if not why:
+        from mindone_lora_plugin.formats.arch import guess_architecture
+        from mindone_lora_plugin.formats.names import parse_key
+
+        parsed = [pk for pk in map(parse_key, tensors) if pk is not None]
+        sd_guess = guess_architecture(parsed, tensors, metadata)[0] or "" if parsed else ""
+    flux_files.refuse_mismatch(why, base, where, sd_guess)
+    return flux_files.build_state(tensors, metadata, base, where)
 
 
 def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:

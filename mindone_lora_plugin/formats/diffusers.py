@@ -37,6 +37,12 @@ def _number(a: float):
     return int(a) if a.is_integer() else a
 
 
+def _anchored(path: str, paths) -> str:
+    """A rank/alpha pattern key matching only ``path``: peft and mindone match ``(.*\\.)?(key)$``, so a path that
+    ends another one (FLUX's top-level ``proj_out`` and ``single_transformer_blocks.0.proj_out``) gets ``^``."""
+    return "^" + path if any(p != path and p.endswith("." + path) for p in paths) else path
+
+
 def adapter_config(modules: dict) -> dict:
     """The ``LoraConfig`` fields for one component's ``{module path: LoraModule}``."""
     r = most_common(Counter(m.rank for m in modules.values()))
@@ -45,8 +51,9 @@ def adapter_config(modules: dict) -> dict:
         "r": int(r),
         "lora_alpha": _number(alpha),
         "target_modules": sorted(modules),
-        "rank_pattern": {p: m.rank for p, m in sorted(modules.items()) if m.rank != r},
-        "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
+        "rank_pattern": {_anchored(p, modules): m.rank for p, m in sorted(modules.items()) if m.rank != r},
+        "alpha_pattern": {_anchored(p, modules): _number(m.alpha) for p, m in sorted(modules.items())
+                          if float(m.alpha) != alpha},
     }
     cfg.update(_FIXED_FIELDS)
     if any("magnitude" in m.tensors for m in modules.values()):
@@ -85,7 +92,9 @@ class DiffusersFormat(LoraFormat):
             return CLAIM_SURE
         parsed = [parse_key(k) for k in keys]
         mine = sum(pk is not None and not pk.flat and pk.style not in ("kohya", "comfy") for pk in parsed)
-        return share_claim(mine, len(keys))
+        from mindone_lora_plugin.formats.kohya import flux_claimed
+
+        return share_claim(max(mine, flux_claimed(keys, False)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -107,7 +116,13 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.common import is_v_prediction, names_for, writer_architecture
 
         meta = merged_metadata(state, metadata)
-        arch = writer_architecture(state, "the metadata", required=False)
+        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "the metadata", required=False)
+        if arch == "flux":
+            from mindone_lora_plugin.architectures.flux.files import modelspec as flux_modelspec, variant
+
+            meta.update(flux_modelspec(meta, names_for(state, metadata, output_name)[1], "diffusers",
+                                       variant(state, metadata)))
+            arch = None
         if arch is not None:
             title = names_for(state, metadata, output_name)[1]
             meta.update(modelspec(arch, meta, title, "diffusers", is_v_prediction(meta)))

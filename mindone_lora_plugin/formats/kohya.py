@@ -77,6 +77,35 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     return algo.network_module, dict(algo.metadata(mods))
 
 
+def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
+    """The kohya tensors of one file module ``name`` (``held``: the module paths it holds, for errors); the alpha is
+    a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+    algo = mod.algo
+    first = np.asarray(next(iter(mod.tensors.values())))
+    alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
+                                                   if first.dtype.kind in "fV" else np.dtype(np.float32))
+    out = {}
+    for role, value in mod.tensors.items():
+        suffix = algo.kohya_names.get(role)
+        if suffix is None:
+            raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
+                            f"({held}); it cannot be written in the kohya format")
+        out[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
+    out[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+    return out
+
+
+def flux_claimed(keys, kohya: bool) -> int:
+    """How many keys are FLUX keys in kohya/ComfyUI/XLabs style (``kohya``: original-model names or ``lora_…``
+    flat names) or else in diffusers/PEFT style (dotted diffusers paths)."""
+    from mindone_lora_plugin.architectures.flux.files import suffixes
+    from mindone_lora_plugin.architectures.flux.keys import parse_key
+
+    extra = suffixes()
+    parsed = [pk for pk in (parse_key(k, extra) for k in keys) if pk is not None]
+    return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
+
+
 class KohyaFormat(LoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
@@ -95,7 +124,7 @@ class KohyaFormat(LoraFormat):
 
         parsed = [parse_key(k) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
-        return share_claim(mine, len(keys))
+        return share_claim(max(mine, flux_claimed(keys, True)), len(keys))
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)
@@ -105,7 +134,14 @@ class KohyaFormat(LoraFormat):
         """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
         from mindone_lora_plugin.architectures import get_architecture
 
-        arch = writer_architecture(state, "kohya's UNet naming and metadata")
+        arch = "flux" if state.architecture == "flux" else writer_architecture(state, "kohya's module naming and metadata")
+        if arch == "flux":  # q/k/v fused into the original model's modules
+            from mindone_lora_plugin.architectures.flux.files import kohya_modules
+
+            tensors = {}
+            for name, (mod, held) in kohya_modules(state).items():
+                tensors.update(module_tensors(name, mod, held, dtype))
+            return tensors, "flux"
         namer = get_architecture(arch)
         lpb = state.unet_layers_per_block
         tensors, owner = {}, {}
@@ -114,26 +150,21 @@ class KohyaFormat(LoraFormat):
             if name in owner:
                 raise LoraError(f"modules {owner[name]} and {comp}.{path} get the same kohya name {name}")
             owner[name] = f"{comp}.{path}"
-            algo = mod.algo
-            first = np.asarray(next(iter(mod.tensors.values())))
-            alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
-                                                           if first.dtype.kind in "fV" else np.dtype(np.float32))
-            for role, value in mod.tensors.items():
-                suffix = algo.kohya_names.get(role)
-                if suffix is None:
-                    raise LoraError(f"the {mod.algorithm} algorithm has no kohya name for its '{role}' tensor "
-                                    f"({comp}.{path}); it cannot be written in the kohya format")
-                tensors[f"{name}.{suffix}"] = algo.file_tensor(mod, role, value, "kohya")
-            tensors[f"{name}.alpha"] = np.asarray(float(mod.alpha), dtype=np.float64).astype(alpha_dtype)
+            tensors.update(module_tensors(name, mod, f"{comp}.{path}", dtype))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
                      output_name: str) -> dict[str, str]:
         from mindone_lora_plugin.architectures import get_architecture
 
-        family = get_architecture(arch)
         meta = merged_metadata(state, metadata)
         output_name, title = names_for(state, metadata, output_name)
+        if arch == "flux":
+            from mindone_lora_plugin.architectures.flux.files import kohya_metadata, variant
+
+            meta["ss_output_name"] = output_name
+            return kohya_metadata(state, meta, title, variant(state, metadata))
+        family = get_architecture(arch)
         v_pred = is_v_prediction(meta)
         names = family.kohya_metadata(meta, v_pred)
         net, conv_args = network_metadata(state)
