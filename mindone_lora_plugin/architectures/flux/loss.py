@@ -56,8 +56,8 @@ class FluxTextConditioner(nn.Cell):
         self.text_encoder_2 = text_encoder_2
 
     def construct(self, clip_ids, t5_ids):
-        pooled = self.text_encoder(clip_ids)[1]
-        embeds = self.text_encoder_2(t5_ids)[0]
+        pooled = self.text_encoder(clip_ids, return_dict=False)[1]
+        embeds = self.text_encoder_2(t5_ids, return_dict=False)[0]
         return embeds, pooled
 
 
