@@ -29,6 +29,14 @@ def mindone_lora_strategies():
     yield FluxStrategy()
 
 
+@hookimpl
+def mindone_lora_add_arguments(parser):
+    """FLUX.1 flow-matching flags (--timestep_sampling, --discrete_flow_shift, --guidance_scale, ...)."""
+    from mindone_lora_plugin.architectures.flux.arguments import add_arguments
+
+    add_arguments(parser)
+
+
 def exact_format(manager, options):
     """The format checkpoints hold a run's weights in (what a resume reads): diffusers when it can hold the run's
     algorithm, else kohya (which holds every algorithm)."""
