@@ -386,27 +386,11 @@ def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
 
 
 def test_the_grammar_serves_a_registered_flux_architecture(plugin_manager, tmp_path, shapes, capsys):
-    from mindone_lora_plugin.architectures import Architecture, Component, detect_lora, label
+    from mindone_lora_plugin.architectures import detect_lora, label
     from mindone_lora_plugin.cli import main
     from mindone_lora_plugin.formats.names import parse_key as sd_parse_key
-    from mindone_lora_plugin.hookspecs import hookimpl
 
-    class Flux(keys.FluxKeyGrammar, Architecture):
-        name, label, description = "flux", "FLUX.1", "FLUX.1 dev/schnell (format tests)"
-        components = (Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet"),
-                      Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder"),
-                      Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3",
-                                kind="text_encoder"))
-        denoiser = "transformer"
-        kohya_base_model_version = kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
-        modelspec_architecture, modelspec_prefix = "flux-1-dev/lora", "flux-1"
-
-    class Plugin:
-        @hookimpl
-        def mindone_lora_architectures(self):
-            yield Flux()
-
-    plugin_manager.register_plugin(Plugin(), name="flux_test")
+    # the built-in FLUX architecture (architectures/flux/arch.py, registered by core) mixes in FluxKeyGrammar
     assert label("flux") == "FLUX.1"
     state = random_state(shapes, seed=5, paths=[p for p in shapes if p.startswith("single_transformer_blocks.0.")])
     state.architecture = None  # the writers tell FLUX from the components alone now

@@ -21,7 +21,7 @@ CLIP = Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1
 T5 = Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3", kind="text_encoder",
                optional=True, dtype_kw="dtype", class_names=("T5EncoderModel",))
 
-TRAINING_DEFAULTS = {"timestep_sampling": "sigma", "discrete_flow_shift": None, "guidance_scale": 1.0,
+TRAINING_DEFAULTS = {"timestep_sampling": "sigma", "discrete_flow_shift": None, "guidance_scale": 3.5,
                      "logit_mean": 0.0, "logit_std": 1.0, "sigmoid_scale": 1.0}
 
 
