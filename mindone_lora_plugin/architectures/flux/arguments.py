@@ -14,7 +14,8 @@ def add_arguments(group) -> None:
                        help="FLUX: the time shift of the sigma/logit_normal/shift samplings (default: the model's "
                             "scheduler shift, 3.0 for FLUX.1-dev)")
     group.add_argument("--guidance_scale", type=float, default=None,
-                       help="FLUX.1-dev: the embedded guidance value the transformer sees while training (default 3.5, as diffusers and kohya)")
+                       help="FLUX.1-dev: the embedded guidance value the transformer sees while training (default "
+                            "3.5, as in diffusers and kohya)")
     group.add_argument("--logit_mean", type=float, default=None, help="FLUX logit_normal sampling: mean (default 0)")
     group.add_argument("--logit_std", type=float, default=None, help="FLUX logit_normal sampling: std (default 1)")
     group.add_argument("--sigmoid_scale", type=float, default=None,
