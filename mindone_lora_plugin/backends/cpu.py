@@ -28,11 +28,15 @@ as GRAPH_MODE does. Result: on CPU, ``mint.randn_like``/``mint.randint``/dropout
 from Ascend's Philox kernels for the same seed). :func:`randn`, :func:`rand` and :func:`randint` are the same samplers
 with a plain signature.
 
-Known limits (not on the SD/SDXL LoRA path, left as shipped; measured with the backend active): ``mint.mul`` with a
-Python scalar (``Muls``; the ``*`` operator works), ``mint.full``/``mint.full_like``/``mint.empty``, ``mint.argmax``,
-``mint.topk``/``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``,
-``mint.repeat_interleave``, ``mint.einsum``, ``mint.nn.functional.embedding``, avg/max/adaptive pooling and
-``conv_transpose2d`` still have no CPU kernel.
+FLUX.1's primitives (``Outer``, ``RepeatInterleaveInt``, ``Embedding``, ``FillScalar``/``FillTensor``, mindone's
+``scaled_dot_product_attention`` and the FLUX constructs that call ``Tensor.chunk``/``split``/``unbind``) are replaced
+by :mod:`mindone_lora_plugin.backends.cpu_transformer`, merged into the tables here.
+
+Known limits (not on the SD/SDXL/FLUX LoRA paths, left as shipped; measured with the backend active): ``mint.mul``
+with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, ``mint.empty``, ``mint.argmax``,
+``mint.topk``/
+``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``, ``repeat_interleave`` with a
+tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d`` still have no CPU kernel.
 
 This leans on MindSpore's private module layout; it is verified on mindspore 2.7.1 with mindone 0.5.0
 (``VERIFIED_VERSIONS``), and every replacement has a numerical test against numpy.
@@ -544,7 +548,7 @@ PRIMITIVE_REPLACEMENTS = {
     gen_ops_prim.DropoutExt: dropout_ext_op,
     gen_ops_prim.FuncDropoutExt: func_dropout_ext_op,
 }
-PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1 (rotary embeddings, RMS norm, attention, T5)
+PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1: rotary tables, T5 embeddings, mint.full
 
 #: original dispatcher function -> replacement
 DISPATCHER_REPLACEMENTS = {
