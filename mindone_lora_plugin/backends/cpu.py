@@ -34,9 +34,9 @@ by :mod:`mindone_lora_plugin.backends.cpu_transformer`, merged into the tables h
 
 Known limits (not on the SD/SDXL/FLUX LoRA paths, left as shipped; measured with the backend active): ``mint.mul``
 with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, ``mint.empty``, ``mint.argmax``,
-``mint.topk``/
-``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``, ``repeat_interleave`` with a
-tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d`` still have no CPU kernel.
+``mint.topk``/``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``,
+``repeat_interleave`` with a tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d``
+still have no CPU kernel.
 
 This leans on MindSpore's private module layout; it is verified on mindspore 2.7.1 with mindone 0.5.0
 (``VERIFIED_VERSIONS``), and every replacement has a numerical test against numpy.
