@@ -76,3 +76,22 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert main(["inspect", str(out / "out.safetensors")]) == 0
     assert os.path.isfile(out / "hparams.yml")
+
+    # merge into a model folder: its transformer computes what the base model with the LoRA loaded computes
+    import mindspore as ms
+
+    from mindone_lora_plugin.models import load_models
+    from mindone_lora_plugin.options import LoraOptions
+    from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.train.demo import _outputs
+
+    assert main(["merge", "--model", tiny_flux, "--lora", str(out / "out.safetensors"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    with_lora = load_models(tiny_flux)
+    get_plugin_manager().load_weights(with_lora, LoraOptions(strategy="flux", architecture="flux"),
+                                      str(out / "out.safetensors"))
+    expected, base = _outputs(with_lora)["transformer"], _outputs(load_models(tiny_flux))["transformer"]
+    merged = _outputs(load_models(str(tmp_path / "merged")))["transformer"]
+    assert np.abs(expected - base).max() > 1e-4  # the LoRA changes the output
+    np.testing.assert_allclose(merged, expected, atol=1e-5)
