@@ -163,7 +163,8 @@ def test_presets_pick_attention_projections_or_every_block_linear(folders):
                    for p in every)
     assert sorted(transformer_targets(model, ["proj_mlp"], 2, 2.0)) == [
         "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.proj_mlp"]
-    with pytest.raises(LoraError, match="unknown FLUX target preset 'conv'"):
+    with pytest.raises(LoraError, match="the target preset 'conv' is not defined for the FLUX.1 transformer; "
+                                        "choose one of attn, kohya"):
         transformer_targets(model, "conv", 4, 4.0)
 
 
