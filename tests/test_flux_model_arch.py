@@ -95,3 +95,30 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     merged = _outputs(load_models(str(tmp_path / "merged")))["transformer"]
     assert np.abs(expected - base).max() > 1e-4  # the LoRA changes the output
     np.testing.assert_allclose(merged, expected, atol=1e-5)
+
+
+def test_flux_variants_with_other_inputs_are_refused_in_one_line(tiny_flux):
+    """A transformer whose input is not 4 × the VAE's latent channels (FLUX.1 Fill/Depth/Canny/Kontext concatenate
+    conditioning latents) is refused before training, naming the variant family."""
+    import types
+
+    import mindspore as ms
+
+    from mindone_lora_plugin.errors import LoraError
+    from mindone_lora_plugin.plugins import get_plugin_manager
+
+    arch = get_plugin_manager().get_architecture("flux")
+    fill = types.SimpleNamespace(config=types.SimpleNamespace(in_channels=384, guidance_embeds=True))
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(variant=None, discrete_flow_shift=None),
+                                    weight_dtype=ms.float32, models={"transformer": fill})
+    with pytest.raises(LoraError, match=r"^this FLUX transformer takes 384 input channels, not 4 × the VAE's 16 "
+                                        r"latent channels: FLUX.1 Fill/Depth/Canny/Kontext variants are not supported"):
+        arch.load_training_parts(trainer, tiny_flux)
+    trainer.models = {"transformer": types.SimpleNamespace(config=types.SimpleNamespace(in_channels=64,
+                                                                                         guidance_embeds=True))}
+    trainer.args.discrete_flow_shift = 2.5
+    arch.load_training_parts(trainer, tiny_flux)
+    assert trainer.flow_shift == 2.5 and trainer.guidance is True and trainer.prediction_type == "flow_matching"
+    trainer.args.discrete_flow_shift = None
+    arch.load_training_parts(trainer, tiny_flux)
+    assert trainer.flow_shift == 3.0  # the dev scheduler's shift
