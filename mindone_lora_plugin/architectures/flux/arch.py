@@ -16,8 +16,9 @@ from mindone_lora_plugin.errors import LoraError
 
 TRANSFORMER = Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet",
                         class_names=("FluxTransformer2DModel",))
+# no class_names: a live CLIPTextModel is SD's as much as FLUX's, so its class must not claim it for FLUX
 CLIP = Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder",
-                 optional=True, dtype_kw="dtype", class_names=("CLIPTextModel",))
+                 optional=True, dtype_kw="dtype")
 T5 = Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3", kind="text_encoder",
                optional=True, dtype_kw="dtype", class_names=("T5EncoderModel",))
 
