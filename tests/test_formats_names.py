@@ -80,7 +80,7 @@ def test_parse_key(key, expected):
 
 
 @pytest.mark.parametrize("key", ["foo.bar", "model.layers.0.weight", "lora_unet_x.weight", "unet.x.lora_C.weight",
-                                 "transformer.blocks.0.lora_A.weight", "lora_unet_.lora_down.weight"])
+                                 "prior.blocks.0.lora_A.weight", "lora_unet_.lora_down.weight"])
 def test_parse_key_rejects(key):
     assert parse_key(key) is None
 

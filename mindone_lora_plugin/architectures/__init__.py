@@ -69,8 +69,11 @@ def component_of(cell) -> str | None:
 
 
 def known_components() -> tuple[str, ...]:
-    """Every component name of every installed architecture, in their declared order (duplicates once)."""
-    seen: dict[str, None] = {}
-    for arch in installed_architectures().values():
+    """Every component name of every installed architecture, the denoisers first, then in the architectures'
+    declared order (duplicates once): an SD state lists unet before its text encoders whatever other families are
+    installed."""
+    archs = list(installed_architectures().values())
+    seen: dict[str, None] = dict.fromkeys(a.denoiser for a in archs if a.has_component(a.denoiser))
+    for arch in archs:
         seen.update(dict.fromkeys(arch.component_names()))
     return tuple(seen)

@@ -28,11 +28,15 @@ as GRAPH_MODE does. Result: on CPU, ``mint.randn_like``/``mint.randint``/dropout
 from Ascend's Philox kernels for the same seed). :func:`randn`, :func:`rand` and :func:`randint` are the same samplers
 with a plain signature.
 
-Known limits (not on the SD/SDXL LoRA path, left as shipped; measured with the backend active): ``mint.mul`` with a
-Python scalar (``Muls``; the ``*`` operator works), ``mint.full``/``mint.full_like``/``mint.empty``, ``mint.argmax``,
+FLUX.1's primitives (``Outer``, ``RepeatInterleaveInt``, ``Embedding``, ``FillScalar``/``FillTensor``, mindone's
+``scaled_dot_product_attention`` and the FLUX constructs that call ``Tensor.chunk``/``split``/``unbind``) are replaced
+by :mod:`mindone_lora_plugin.backends.cpu_transformer`, merged into the tables here.
+
+Known limits (not on the SD/SDXL/FLUX LoRA paths, left as shipped; measured with the backend active): ``mint.mul``
+with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, ``mint.empty``, ``mint.argmax``,
 ``mint.topk``/``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``,
-``mint.repeat_interleave``, ``mint.einsum``, ``mint.nn.functional.embedding``, avg/max/adaptive pooling and
-``conv_transpose2d`` still have no CPU kernel.
+``repeat_interleave`` with a tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d``
+still have no CPU kernel.
 
 This leans on MindSpore's private module layout; it is verified on mindspore 2.7.1 with mindone 0.5.0
 (``VERIFIED_VERSIONS``), and every replacement has a numerical test against numpy.
@@ -58,6 +62,7 @@ from mindspore.ops.operations import _inner_ops
 from mindspore.ops._primitive_cache import _get_cache_prim
 
 from mindone_lora_plugin.backends import VERIFIED_VERSIONS  # noqa: E402,F401  pyflakes: ignore (re-exported)
+from mindone_lora_plugin.backends import cpu_transformer
 
 # --------------------------------------------------------------------------------------------------------------------
 # Small helpers (all graph-mode safe: constant folding handles the Python-level shape arithmetic)
@@ -509,6 +514,7 @@ _CONSTRUCT_PATCHES = {
     "mindone.diffusers.models.activations": {"GEGLU": geglu_construct, "SwiGLU": swiglu_construct},
     "mindspore.nn.layer.embedding": {"Embedding": embedding_construct},
 }
+_CONSTRUCT_PATCHES.update(cpu_transformer.CONSTRUCT_PATCHES)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Installation
@@ -542,6 +548,7 @@ PRIMITIVE_REPLACEMENTS = {
     gen_ops_prim.DropoutExt: dropout_ext_op,
     gen_ops_prim.FuncDropoutExt: func_dropout_ext_op,
 }
+PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1: rotary tables, T5 embeddings, mint.full
 
 #: original dispatcher function -> replacement
 DISPATCHER_REPLACEMENTS = {
@@ -577,12 +584,23 @@ def _replacement_for(value):
     return None
 
 
+def _register_function_replacements(module) -> None:
+    """For a module named in ``cpu_transformer.FUNCTION_REPLACEMENTS``: its original functions join
+    :data:`DISPATCHER_REPLACEMENTS`, so they are replaced there and in every module that imported them."""
+    for name, replacement in cpu_transformer.FUNCTION_REPLACEMENTS.get(getattr(module, "__name__", None), {}).items():
+        original = vars(module).get(name)
+        if original is not None and original is not replacement:
+            DISPATCHER_REPLACEMENTS[original] = replacement
+
+
 def _rebind_module(module) -> int:
     """Rebind the kernel-less primitive objects and dispatchers that ``module`` holds; returns how many."""
     try:
         namespace = vars(module)
     except TypeError:
         return 0
+    _register_function_replacements(module)
+    cpu_transformer.adopt_globals(module)
     count = 0
     for name, value in list(namespace.items()):
         if name.startswith("__"):
@@ -594,10 +612,12 @@ def _rebind_module(module) -> int:
             count += 1
     patches = _CONSTRUCT_PATCHES.get(getattr(module, "__name__", None))
     if patches:
-        for cls_name, construct in patches.items():
+        for target, construct in patches.items():
+            cls_name, _, method = target.partition(".")
+            method = method or "construct"
             cls = namespace.get(cls_name)
-            if isinstance(cls, type) and cls.__dict__.get("construct") is not construct:
-                cls.construct = construct
+            if isinstance(cls, type) and cls.__dict__.get(method) is not construct:
+                setattr(cls, method, construct)
                 count += 1
     return count
 
@@ -663,6 +683,9 @@ def install() -> int:
     global _installed
     with _lock:
         count = 0
+        for name in cpu_transformer.FUNCTION_REPLACEMENTS:  # before the pass: modules that imported them come first
+            if sys.modules.get(name) is not None:
+                _register_function_replacements(sys.modules[name])
         for name, module in list(sys.modules.items()):
             if module is not None and _is_target_module(name):
                 count += _rebind_module(module)

@@ -37,6 +37,12 @@ def _number(a: float):
     return int(a) if a.is_integer() else a
 
 
+def _anchored(path: str, paths) -> str:
+    """A rank/alpha pattern key matching only ``path``: peft and mindone match ``(.*\\.)?(key)$``, so a path that
+    ends another one (FLUX's top-level ``proj_out`` and ``single_transformer_blocks.0.proj_out``) gets ``^``."""
+    return "^" + path if any(p != path and p.endswith("." + path) for p in paths) else path
+
+
 def adapter_config(modules: dict) -> dict:
     """The ``LoraConfig`` fields for one component's ``{module path: LoraModule}``."""
     r = most_common(Counter(m.rank for m in modules.values()))
@@ -45,8 +51,9 @@ def adapter_config(modules: dict) -> dict:
         "r": int(r),
         "lora_alpha": _number(alpha),
         "target_modules": sorted(modules),
-        "rank_pattern": {p: m.rank for p, m in sorted(modules.items()) if m.rank != r},
-        "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if float(m.alpha) != alpha},
+        "rank_pattern": {_anchored(p, modules): m.rank for p, m in sorted(modules.items()) if m.rank != r},
+        "alpha_pattern": {_anchored(p, modules): _number(m.alpha) for p, m in sorted(modules.items())
+                          if float(m.alpha) != alpha},
     }
     cfg.update(_FIXED_FIELDS)
     if any("magnitude" in m.tensors for m in modules.values()):

@@ -1,4 +1,4 @@
-"""``mindone-lora train --demo [sd1|sdxl|dreambooth]``: the whole job on a tiny model, on CPU, in a few minutes.
+"""``mindone-lora train --demo [sd1|sdxl|dreambooth|flux]``: the whole job on a tiny model, on CPU, in a few minutes.
 
 ``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/assets/shapes-sd1``, made
 by :mod:`mindone_lora_plugin.pretrain_tiny`), which draws red/green/blue/yellow circles, squares and triangles from
@@ -7,7 +7,8 @@ cross — writes both formats, checkpoints, the loss curve and the hparams, chec
 the same outputs, and then *measures* what the LoRA did: over 8 seeds, how often the concept prompt draws a purple
 cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.shapes`).
 ``dreambooth`` does the same as DreamBooth with prior preservation ("a sks shape", class "a shape"). ``sdxl`` keeps
-the randomly initialised tiny SDXL model: its pictures are noise, it shows the job running end to end.
+the randomly initialised tiny SDXL model: its pictures are noise, it shows the job running end to end; ``flux`` does the
+same with a tiny FLUX.1-dev model (flow matching, kohya FLUX and diffusers files).
 Flags given on the command line override the demo's defaults.
 """
 
@@ -31,6 +32,8 @@ CONCEPT = ("purple", "cross")
 BASE_CHECKS = ("a red circle", "a blue square")
 SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=200, learning_rate=2e-3, lora_rank=8,
                     lora_alpha=8.0, checkpointing_steps=100)
+#: the tiny FLUX.1-dev demo: fewer, shorter validation images (the PyNative FluxPipeline is the slow part on CPU)
+FLUX_DEFAULTS = dict(DEMO_DEFAULTS, num_validation_images=2, num_inference_steps=4)
 SEEDS = range(8)
 TARGETS = {"before": 1, "after": 6, "kept": 6}  # out of 8 seeds
 
@@ -112,7 +115,7 @@ def run_demo(args) -> int:
     kind = "sd1" if args.demo == "dreambooth" else args.demo
     root = os.path.abspath("demo-output")
     parser_defaults = _parser_defaults(add_train_arguments)
-    defaults = {"sd1": SD1_DEFAULTS, "sdxl": DEMO_DEFAULTS,
+    defaults = {"sd1": SD1_DEFAULTS, "sdxl": DEMO_DEFAULTS, "flux": FLUX_DEFAULTS,
                 "dreambooth": dict(SD1_DEFAULTS, **DREAMBOOTH_DEFAULTS)}[args.demo]
     given = {k for k in defaults if getattr(args, k) != parser_defaults.get(k)}
     for key, value in defaults.items():  # the demo's defaults, unless the user gave the flag
@@ -130,7 +133,12 @@ def run_demo(args) -> int:
             print(f"base model: the pretrained shapes model {args.pretrained_model_name_or_path}", flush=True)
         else:
             print(f"building the tiny {kind} model (random weights) …", flush=True)
-            args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
+            if kind == "flux":
+                from mindone_lora_plugin.architectures.flux import tiny as flux_tiny
+
+                args.pretrained_model_name_or_path = flux_tiny.ensure_tiny_model("dev", os.path.join(root, "tiny-flux"))
+            else:
+                args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
     if args.output_dir == parser_defaults["output_dir"]:
         args.output_dir = os.path.join(root, f"lora-{args.demo}")
     args.resolution = args.resolution or RESOLUTION
@@ -323,6 +331,18 @@ def verify_saved_files(result, args) -> dict[str, str]:
 def _outputs(models) -> dict[str, np.ndarray]:
     import mindspore as ms
 
+    if "transformer" in models:
+        from mindone_lora_plugin.architectures.flux.loss import image_ids
+
+        rng = np.random.default_rng(123)
+        model, ids = models["transformer"], ms.Tensor(np.arange(8, dtype=np.int32)[None] + 3)
+        cfg, t5 = model.config, models["text_encoder_2"](ids, return_dict=False)[0]
+        pooled = models["text_encoder"](ids, return_dict=False)[1]
+        x = ms.Tensor(rng.standard_normal((1, 16, cfg.in_channels)).astype(np.float32))
+        guidance = ms.Tensor([3.5], ms.float32) if cfg.guidance_embeds else None
+        out = model(x, t5, pooled, ms.Tensor([0.5], ms.float32), image_ids(8, 8), ms.ops.zeros((8, 3), ms.float32),
+                    guidance, return_dict=False)[0]
+        return {"transformer": out.asnumpy(), "text_encoder": pooled.asnumpy(), "text_encoder_2": t5.asnumpy()}
     rng = np.random.default_rng(123)
     unet = models["unet"]
     cfg = unet.config

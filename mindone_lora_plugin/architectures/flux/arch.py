@@ -1,0 +1,151 @@
+"""The FLUX.1 architecture object (``flux``): dev and schnell layouts, LoRA on the transformer and optionally on the
+CLIP and T5 text encoders, flow-matching training, ``FluxPipeline`` for validation images and ``generate``.
+
+The key grammar and file layouts are :mod:`.keys`/:mod:`.files` (mixed in through :class:`.keys.FluxKeyGrammar`);
+the presets :mod:`.targets`; the loss :mod:`.loss` with the noise levels of :mod:`.timesteps`; generation
+:mod:`.pipeline`. Training options read from the run's arguments (defaults in :data:`TRAINING_DEFAULTS`):
+``timestep_sampling``, ``discrete_flow_shift`` (None: the scheduler's ``shift``), ``guidance_scale``,
+``logit_mean``/``logit_std``, ``sigmoid_scale``.
+"""
+
+from __future__ import annotations
+
+from mindone_lora_plugin.architectures.base import Architecture, Component, FolderInfo, TargetRule
+from mindone_lora_plugin.architectures.flux import keys, targets
+from mindone_lora_plugin.errors import LoraError
+
+TRANSFORMER = Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet",
+                        class_names=("FluxTransformer2DModel",))
+# no class_names: a live CLIPTextModel is SD's as much as FLUX's, so its class must not claim it for FLUX
+CLIP = Component("text_encoder", "mindone.transformers:CLIPTextModel", "lora_te1", kind="text_encoder",
+                 optional=True, dtype_kw="dtype")
+T5 = Component("text_encoder_2", "mindone.transformers:T5EncoderModel", "lora_te3", kind="text_encoder",
+               optional=True, dtype_kw="dtype", class_names=("T5EncoderModel",))
+
+TRAINING_DEFAULTS = {"timestep_sampling": "sigma", "discrete_flow_shift": None, "guidance_scale": 3.5,
+                     "logit_mean": 0.0, "logit_std": 1.0, "sigmoid_scale": 1.0}
+
+
+def _option(args, name):
+    value = getattr(args, name, None)
+    return TRAINING_DEFAULTS[name] if value is None else value
+
+
+class Flux(keys.FluxKeyGrammar, Architecture):
+    name = "flux"
+    label = "FLUX.1"
+    description = "FLUX.1 dev/schnell: MMDiT transformer + CLIP-L (pooled) and T5 encoders, flow matching"
+    components = (TRANSFORMER, CLIP, T5)
+    denoiser = "transformer"
+    default_strategy = "flux"
+    default_resolution = 1024
+    kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
+    kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
+    modelspec_architecture = "flux-1-dev/lora"
+    modelspec_prefix = keys.MODELSPEC_FAMILY
+
+    # ------------------------------------------------------------------ detection and targets
+
+    def detect_folder(self, folder: FolderInfo) -> int:
+        transformer = folder.configs.get("transformer") or {}
+        if folder.class_name.startswith("Flux") or transformer.get("_class_name") == "FluxTransformer2DModel":
+            return 2
+        return 0
+
+    def target_rules(self, component: str) -> dict[str, TargetRule]:
+        return dict(targets.RULES.get(component, {}))
+
+    # ------------------------------------------------------------------ training (MindSpore)
+
+    def load_training_parts(self, trainer, folder: str) -> None:
+        import mindspore as ms
+        from mindone.diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        variant = trainer.args.variant
+        vae_kw = {"variant": variant} if variant else {}
+        if trainer.weight_dtype != ms.float32:
+            vae_kw["mindspore_dtype"] = trainer.weight_dtype
+        trainer.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
+        trainer.vae.set_train(False)
+        for p in trainer.vae.get_parameters():
+            p.requires_grad = False
+        config = trainer.models["transformer"].config
+        if config.in_channels != 4 * trainer.vae.config.latent_channels:
+            raise LoraError(f"this FLUX transformer takes {config.in_channels} input channels, not 4 × the VAE's "
+                            f"{trainer.vae.config.latent_channels} latent channels: FLUX.1 Fill/Depth/Canny/Kontext "
+                            "variants are not supported; use a FLUX.1 dev or schnell model")
+        trainer.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        trainer.tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2")
+        trainer.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+        trainer.prediction_type = "flow_matching"
+        shift = _option(trainer.args, "discrete_flow_shift")
+        trainer.flow_shift = float(trainer.noise_scheduler.config.shift if shift is None else shift)
+        trainer.guidance = bool(config.guidance_embeds)
+
+    def text_conditioner(self, models):
+        from mindone_lora_plugin.architectures.flux.loss import FluxTextConditioner
+
+        return FluxTextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
+
+    def make_loss(self, trainer):
+        from mindone_lora_plugin.architectures.flux.loss import FlowMatchLoss
+
+        return FlowMatchLoss(trainer.models["transformer"], trainer.conditioner, trainer.train_text)
+
+    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
+        """Flow matching: latents ``(z − shift_factor)·scaling_factor``, noise, σ, per-sample weights, then the
+        conditioning (see :class:`~.loss.FlowMatchLoss`)."""
+        import numpy as np
+
+        from mindone_lora_plugin.architectures.flux.timesteps import sample_sigmas
+        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.noise import draw_noise
+
+        ms = trainer._ms
+        args = trainer.args
+        vae = trainer.vae.config
+        mean, logvar = np.split(data_setup.moments(trainer, batch), 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        latents = (sample - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        noise = draw_noise(rng, latents.shape, args)
+        n = latents.shape[0]
+        sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), trainer.flow_shift,
+                               _option(args, "logit_mean"), _option(args, "logit_std"), _option(args, "sigmoid_scale"))
+        weights = batch.loss_weights.astype(np.float64) if weighted else np.ones(n)
+        if trainer.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
+            half = n // 2
+            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * args.prior_loss_weight)])
+        text = data_setup.text_embeddings(trainer, batch)
+        if text is None:
+            ids, ids_2 = trainer._tokenize(batch.captions)
+            text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+        cond = (text[0], text[1])
+        if trainer.guidance:
+            cond = cond + (ms.Tensor(np.full(n, _option(args, "guidance_scale"), np.float32)),)
+        f32 = ms.float32
+        return (ms.Tensor(latents.astype(np.float32), f32), ms.Tensor(noise, f32), ms.Tensor(sigmas, f32),
+                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
+                                                                                     latents.shape[2:])
+
+    # ------------------------------------------------------------------ pipelines (MindSpore)
+
+    def load_pipeline(self, folder: str, dtype=None):
+        from mindone_lora_plugin.architectures.flux import pipeline
+
+        return pipeline.load_pipeline(folder, dtype)
+
+    def training_pipeline(self, trainer):
+        from mindone.diffusers import FlowMatchEulerDiscreteScheduler
+
+        from mindone_lora_plugin.architectures.flux import pipeline
+
+        m = trainer.models
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(trainer.noise_scheduler.config)
+        return pipeline.live_pipeline(m["transformer"], trainer.vae, m["text_encoder"], m["text_encoder_2"],
+                                      trainer.tokenizer, trainer.tokenizer_2, scheduler)
+
+
+def mindone_lora_architectures():
+    yield Flux()
