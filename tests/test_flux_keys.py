@@ -454,3 +454,11 @@ def test_comfyui_text_encoder_prefixes_and_ai_toolkit_lora_down_under_transforme
         ("transformer", "single_transformer_blocks.0.norm.linear"),
         ("text_encoder", "text_model.encoder.layers.1.mlp.fc2"),
         ("text_encoder_2", "encoder.block.2.layer.1.DenseReluDense.wo")])
+
+
+def test_a_comfyui_fused_module_that_does_not_split_is_named(tmp_path):
+    t = {"diffusion_model.single_blocks.2.linear1.lora_A.weight": rand(2, 16),
+         "diffusion_model.single_blocks.2.linear1.lora_B.weight": rand(40, 2)}  # 3 × 16 rows do not even fit
+    with pytest.raises(LoraError) as e:
+        read_lora(save(tmp_path, t))
+    assert "fused module 'single_blocks_2_linear1'" in one_line(e) and "--base" in one_line(e)

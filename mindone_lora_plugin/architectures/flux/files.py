@@ -117,7 +117,7 @@ def _configs(metadata: dict[str, str], where: str) -> dict:
     return {c: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {c})") for c, d in per.items()}
 
 
-def _part_sizes(parts, mod: LoraModule, base) -> list[int]:
+def _part_sizes(parts, mod: LoraModule, base, where: str = "a fused module") -> list[int]:
     """Output rows of each part of a fused module: the base model's, else from the input width (q/k/v: the hidden
     width; proj_mlp: the rest)."""
     shapes = base.modules.get("transformer", {}) if base is not None else {}
@@ -127,8 +127,8 @@ def _part_sizes(parts, mod: LoraModule, base) -> list[int]:
     rows = int(mod.base_shape()[0])
     sizes = [hidden if not p.endswith("proj_mlp") else rows - hidden * (len(parts) - 1) for p in parts]
     if sum(sizes) != rows or min(sizes) <= 0:
-        raise LoraError(f"a fused module with parts {', '.join(parts)} has {rows} output rows, which do not split "
-                        f"into parts of {hidden} rows; pass --base MODEL_DIR (the FLUX model folder)")
+        raise LoraError(f"{where} (parts {', '.join(parts)}) has {rows} output rows, which do not split into parts of "
+                        f"{hidden} rows; pass --base MODEL_DIR (the FLUX model folder)")
     return sizes
 
 
@@ -155,6 +155,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
     sources, namings = set(), set()
     for (comp, naming, name), roles in groups.items():
         first = next(iter(roles.values())).key
+        shown = first.split(".")[0] if first.startswith("lora_") else name  # the module as the file names it
         namings.add(naming)
         parts = (name,) if naming == "diffusers" else keys.bfl_parts(name)
         label = parts[0] if len(parts) == 1 else name
@@ -170,11 +171,11 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
             sources.add("rank")
         if len(parts) == 1:
             if naming != "diffusers" and keys.is_swapped(name):
-                mod = fuse.swap_halves(mod, f"{where}: module '{first.split('.')[0]}'")
+                mod = fuse.swap_halves(mod, f"{where}: module '{shown}'")
             pieces = [(parts[0], mod)]
         else:
-            where_mod = f"{where}: fused module '{first.split('.')[0] if naming == 'bfl' else name}'"
-            pieces = list(zip(parts, fuse.split(mod, _part_sizes(parts, mod, base), where_mod)))
+            where_mod = f"{where}: fused module '{shown}'"
+            pieces = list(zip(parts, fuse.split(mod, _part_sizes(parts, mod, base, where_mod), where_mod)))
         for path, piece in pieces:
             if piece is None:
                 continue
