@@ -144,7 +144,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth", "flux"), default=None,
-                   help="train the built-in tiny model on a generated dataset (sd1, sdxl, or dreambooth on sd1)")
+                   help="train a built-in tiny model on a generated dataset (sd1, sdxl, flux, or dreambooth on sd1)")
 
     from mindone_lora_plugin.train.feature_args import add_arguments as add_feature_arguments
 

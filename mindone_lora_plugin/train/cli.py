@@ -11,9 +11,10 @@ def add_parser(subparsers):
     from mindone_lora_plugin.train.arguments import add_plugin_arguments, add_train_arguments
 
     p = subparsers.add_parser(
-        "train", help="train a LoRA for an SD1.x/2.x or SDXL model",
-        description="Train a LoRA for a Stable Diffusion 1.x/2.x or SDXL model in diffusers folder layout. Flags keep "
-                    "the names of mindone's train_text_to_image_lora.py; --demo trains the built-in tiny model.",
+        "train", help="train a LoRA for an SD1.x/2.x, SDXL or FLUX.1 model",
+        description="Train a LoRA for a Stable Diffusion 1.x/2.x, SDXL or FLUX.1 model in diffusers folder layout. "
+                    "Flags keep the names of mindone's train_text_to_image_lora.py; --demo trains a built-in tiny "
+                    "model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
     add_plugin_arguments(p)
