@@ -36,6 +36,7 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend e
     pytest.skip("the CPU backend tests need MindSpore's CPU target", allow_module_level=True)
 
 from mindone_lora_plugin.backends import cpu  # noqa: E402
+from ms_helpers import T, graph_mode, pynative  # noqa: E402
 from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
 
 quiet_mindone_imports()
@@ -53,30 +54,13 @@ UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def T(array, dtype=None):
-    return ms.Tensor(np.asarray(array), dtype=dtype)
-
-
 @pytest.fixture(autouse=True)
 def cpu_backend_in_pynative(monkeypatch):
     """Every test runs with the backend active, in PyNative (whatever an earlier test module left behind)."""
     monkeypatch.delenv(backends.ENV_SWITCH, raising=False)
     assert backends.activate() is True
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
-
-
-@contextlib.contextmanager
-def graph_mode():
-    """GRAPH_MODE with the STRICT syntax level mindone's scripts use; the previous context comes back afterwards."""
-    mode, level = ms.get_context("mode"), ms.get_context("jit_syntax_level")
-    ms.set_context(mode=ms.GRAPH_MODE, jit_syntax_level=ms.STRICT)
-    try:
+    with pynative():
         yield
-    finally:
-        ms.set_context(mode=mode, jit_syntax_level=level)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

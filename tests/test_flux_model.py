@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -13,6 +12,7 @@ ms = pytest.importorskip("mindspore")
 
 from mindone_lora_plugin.errors import LoraError  # noqa: E402
 from mindone_lora_plugin.architectures.flux import timesteps as ts  # noqa: E402
+from ms_helpers import graph_mode, pynative  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +27,9 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
-
-
-@contextlib.contextmanager
-def graph_mode():
-    mode, level = ms.get_context("mode"), ms.get_context("jit_syntax_level")
-    ms.set_context(mode=ms.GRAPH_MODE, jit_syntax_level=ms.STRICT)
-    try:
+def in_pynative():
+    with pynative():
         yield
-    finally:
-        ms.set_context(mode=mode, jit_syntax_level=level)
 
 
 def transformer(folder):

@@ -4,7 +4,6 @@ the replaced constructs."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -21,32 +20,22 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend e
 
 from mindone_lora_plugin.backends import cpu, cpu_transformer as ct  # noqa: E402
 from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
+import ms_helpers  # noqa: E402
+from ms_helpers import graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
 
 
 def T(array, dtype=ms.float32):
-    return ms.Tensor(np.asarray(array), dtype=dtype)
+    return ms_helpers.T(array, dtype)
 
 
 @pytest.fixture(autouse=True)
 def cpu_backend_in_pynative(monkeypatch):
     monkeypatch.delenv(backends.ENV_SWITCH, raising=False)
     assert backends.activate() is True
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
-
-
-@contextlib.contextmanager
-def graph_mode():
-    mode, level = ms.get_context("mode"), ms.get_context("jit_syntax_level")
-    ms.set_context(mode=ms.GRAPH_MODE, jit_syntax_level=ms.STRICT)
-    try:
+    with pynative():
         yield
-    finally:
-        ms.set_context(mode=mode, jit_syntax_level=level)
 
 
 def finite_difference(f, x, eps=1e-3):
