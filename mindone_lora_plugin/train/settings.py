@@ -20,12 +20,14 @@ def options_from_args(args, architecture: str, pm):
             if not 0.0 <= value < 1.0:
                 raise LoraError(f"--{flag} must be in [0, 1), got {value}")
             extra[flag] = float(value)
-    return build_options(pm, architecture, strategy=args.lora_strategy, algorithm=getattr(args, "lora_algo", None),
-                         rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
-                         conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha, init=args.lora_init,
-                         learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
-                         save_dtype=args.save_dtype, dora=bool(getattr(args, "lora_dora", False)),
-                         train_text_encoder=args.train_text_encoder, extra=extra)
+    options = build_options(pm, architecture, strategy=args.lora_strategy, algorithm=getattr(args, "lora_algo", None),
+                            rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+                            conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha, init=args.lora_init,
+                            learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
+                            save_dtype=args.save_dtype, dora=bool(getattr(args, "lora_dora", False)),
+                            train_text_encoder=args.train_text_encoder, extra=extra)
+    pm.get_algorithm(options.algorithm).check_options(options)  # before any model loads
+    return options
 
 
 def check_args(args):
