@@ -190,8 +190,8 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
 
 
 def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
-    """The flags go to the options (no refusal for plain lora); DoRA takes module_dropout only, refusing the others
-    in one line before any model loads."""
+    """The flags go to the options (no refusal for plain lora); DoRA takes module_dropout only (a DoRA layer with
+    module_dropout=1 is the base layer in train mode), refusing the others in one line before any model loads."""
     from mindone_lora_plugin.plugins import get_plugin_manager
     from mindone_lora_plugin.train.settings import options_from_args
     from train_helpers import parse
@@ -204,6 +204,24 @@ def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
     assert pm.get_algorithm("lora").settings_from(o) == {}
     d = options_from_args(parse(common + ["--lora_dora", "--module_dropout", "0.3"]), "sd1", pm)
     assert pm.get_algorithm("lora").settings_from(d) == {"dora_axis": "out", "module_dropout": 0.3}
+    from mindspore import mint
+
+    from mindone_lora_plugin.runtime import setup
+
+    setup("CPU", "pynative", seed=0)
+    base = mint.nn.Linear(6, 4)
+    rng = np.random.default_rng(5)
+    tensors = {"down": rng.standard_normal((2, 6)).astype(np.float32),
+               "up": rng.standard_normal((4, 2)).astype(np.float32)}
+    layer = pm.get_algorithm("lora").make_layer(base, tensors, 2.0, {"dora_axis": "out", "module_dropout": 1.0})
+    assert type(layer).__name__ == "DoraLayer" and "module_dropout" not in layer.settings
+    import mindspore as ms
+
+    x = ms.Tensor(rng.standard_normal((3, 6)).astype(np.float32))
+    layer.set_train(False)
+    assert np.abs(layer(x).asnumpy() - base(x).asnumpy()).max() > 1e-3
+    layer.set_train(True)
+    np.testing.assert_array_equal(layer(x).asnumpy(), base(x).asnumpy())
     with pytest.raises(LoraError, match=r"--rank_dropout cannot be combined with --lora_dora") as err:
         options_from_args(parse(common + ["--lora_dora", "--rank_dropout", "0.3"]), "sd1", pm)
     assert "\n" not in str(err.value)
@@ -225,7 +243,8 @@ def test_dropout_training_resumes_exactly_and_changes_training(tiny_sd1, tmp_pat
         return ["--pretrained_model_name_or_path", tiny_sd1, "--train_data_dir", data, "--output_dir", out,
                 "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-2",
                 "--lr_warmup_steps", "0", "--seed", "5", "--report_to", "none", "--device_target", "CPU",
-                "--mode", "pynative", "--resolution", "32", "--lora_targets", "attn", "--output_name", "d", "--checkpointing_steps", "1", "--save_formats", "diffusers,kohya", *extra]
+                "--mode", "pynative", "--resolution", "32", "--lora_targets", "attn", "--output_name", "d",
+                "--checkpointing_steps", "1", "--save_formats", "diffusers,kohya", *extra]
 
     straight = train(args(str(tmp_path / "a"), *drop))
     for name in ("b", "c"):
@@ -251,5 +270,7 @@ def test_dropout_training_resumes_exactly_and_changes_training(tiny_sd1, tmp_pat
         assert held.keys() == trained.keys()
         for k in held:
             np.testing.assert_array_equal(held[k].reshape(trained[k].shape), trained[k], err_msg=k)
-    meta = read_lora(straight.files[0]).metadata
+    meta = read_lora(next(f for f in straight.files if f.endswith("d.safetensors"))).metadata  # kohya's keys
     assert json.loads(meta["mindone_lora.training_args"])["rank_dropout"] == 0.3
+    assert meta["ss_network_dropout"] == "0.3"
+    assert json.loads(meta["ss_network_args"]) == {"rank_dropout": "0.3", "module_dropout": "0.1"}

@@ -101,6 +101,16 @@ def replace_options(options, **changes):
     return dataclasses.replace(options, **changes)
 
 
+def dropout_metadata(args) -> dict[str, str]:
+    """kohya's keys for the adapter dropouts: ``ss_network_dropout`` (``None`` when off) and ``rank_dropout`` /
+    ``module_dropout`` in ``ss_network_args`` (kohya passes them as network args)."""
+    meta = {"ss_network_dropout": str(getattr(args, "network_dropout", None) or None)}
+    net_args = {k: str(getattr(args, k)) for k in ("rank_dropout", "module_dropout") if getattr(args, k, None)}
+    if net_args:
+        meta["ss_network_args"] = json.dumps(net_args)
+    return meta
+
+
 def training_metadata(trainer, global_step: int) -> dict[str, str]:
     """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
     from mindone_lora_plugin.train.data_setup import data_metadata
@@ -133,5 +143,6 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_num_reg_images": str(len(trainer.plan.prior)),
         "ss_prediction_type": trainer.prediction_type,
         **feature_metadata(args),  # ss_optimizer and the other features' keys
+        **dropout_metadata(args),
         "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
     }
