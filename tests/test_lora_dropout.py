@@ -141,8 +141,9 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
 
     setup("CPU", "pynative", seed=0)
     pm = plugin_manager
-    plain = LoraOptions(strategy="unet", rank=2, alpha=2, targets="kohya-conv", conv_rank=2)
-    dropped = LoraOptions(strategy="unet", rank=2, alpha=2, targets="kohya-conv", conv_rank=2, extra=dict(RATES))
+    targets = ["to_q", "conv1"]  # 12 attention Linears, 12 ResNet 3×3 convs (LoCon)
+    plain = LoraOptions(strategy="unet", rank=2, alpha=2, targets=targets, conv_rank=2)
+    dropped = LoraOptions(strategy="unet", rank=2, alpha=2, targets=targets, conv_rank=2, extra=dict(RATES))
     models = load_models(tiny_sd1)
     base = _outputs(models)
     pm.add_adapters(models, dropped)
