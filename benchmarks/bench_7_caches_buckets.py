@@ -11,7 +11,7 @@
    count per image; steps per second after each shape's first step, the two runs alternating step by step, the
    bucketed one in its own shuffled batch order (target ≥ 0.9×); medians per latent shape as context.
 
-    python benchmarks/bench_7_caches_buckets.py [--reps N]
+    python benchmarks/bench_7_caches_buckets.py [--reps N] [--cache_resolution PX] [--caches_only]
 """
 
 from __future__ import annotations
@@ -84,18 +84,18 @@ def epoch_sums(steps: list[float], per_epoch: int) -> list[float]:
     return [sum(steps[i:i + per_epoch]) for i in range(0, len(steps) - per_epoch + 1, per_epoch)]
 
 
-def bench_caches(tmp: str, reps: int) -> dict:
+def bench_caches(tmp: str, reps: int, resolution: int = 32) -> dict:
     from mindone_lora_plugin.tiny import ensure_tiny_model
     from mindone_lora_plugin.train import data_setup
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
-    data = make_shapes_dataset(os.path.join(tmp, "shapes"), size=32, repeats=2)
+    data = make_shapes_dataset(os.path.join(tmp, f"shapes{resolution}"), size=resolution, repeats=2)
     common = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--train_batch_size", "2",
               "--report_to", "none", "--device_target", "CPU", "--mode", "graph", "--seed", "0",
-              "--center_crop", "--random_flip", "--lr_warmup_steps", "0"]
-    arms = {"uncached": Arm(_trainer(common + ["--output_dir", os.path.join(tmp, "o1")])),
-            "cached": Arm(_trainer(common + ["--output_dir", os.path.join(tmp, "o2"), "--cache_latents",
+              "--center_crop", "--random_flip", "--lr_warmup_steps", "0", "--resolution", str(resolution)]
+    arms = {"uncached": Arm(_trainer(common + ["--output_dir", os.path.join(tmp, f"o1-{resolution}")])),
+            "cached": Arm(_trainer(common + ["--output_dir", os.path.join(tmp, f"o2-{resolution}"), "--cache_latents",
                                              "--cache_text_encoder_outputs"]))}
     for arm in arms.values():
         arm.epoch()  # warm-up: compiles
@@ -184,6 +184,10 @@ def run(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="epochs per side after the warm-up epoch (interleaved step by "
                                                         "step with the other side)")
+    ap.add_argument("--cache_resolution", type=int, default=32,
+                    help="training resolution of the cache comparison (32: the tiny model's own; 64 gives the VAE "
+                         "and the UNet four times the pixels)")
+    ap.add_argument("--caches_only", action="store_true", help="only the cache comparison (no buckets, no VAE)")
     opts = ap.parse_args(argv)
     from mindone_lora_plugin.runtime import quiet_mindone_imports, setup
 
@@ -193,40 +197,45 @@ def run(argv=None) -> int:
     C.print_machine()
     t_start = time.perf_counter()
     tmp = C.workdir("bench7")
-    caches = bench_caches(tmp, opts.reps)
-    buckets = bench_buckets(tmp, opts.reps)
-    vae = bench_vae(tmp, max(3, opts.reps))
+    res = opts.cache_resolution
+    caches = bench_caches(tmp, opts.reps, res)
+    buckets = None if opts.caches_only else bench_buckets(tmp, opts.reps)
+    vae = None if opts.caches_only else bench_vae(tmp, max(3, opts.reps))
     m = {k: C.median(v) for k, v in caches["epochs"].items()}
     ratio = m["cached"] / m["uncached"]
     step_ratio = C.median(caches["steps"]["cached"]) / C.median(caches["steps"]["uncached"])
-    sq, bk = C.median(buckets["times"]["square 32x32"]), C.median(buckets["times"]["buckets 16x64 + 64x16"])
-    v = {k: C.median(x) for k, x in vae["times"].items()}
     p = {k: C.median(x) for k, x in caches["parts"].items()}
-    print(f"one epoch = {caches['steps_per_epoch']} steps of batch 2 (tiny SD1.x, GRAPH_MODE, CPU); the two sides "
-          f"alternate step by step (ABBA), {opts.reps} epochs each after a warm-up epoch; medians\n")
-    C.print_table(["measure", "A", "B", "ratio A/B", "target", "result"], [
-        ["epoch loop: cached (A) vs uncached (B)", C.fmt_s(m["cached"]), C.fmt_s(m["uncached"]), f"{ratio:.3f}",
-         "≤ 0.8", C.verdict(ratio <= 0.8)],
-        ["one step: cached (A) vs uncached (B)", C.fmt_s(C.median(caches["steps"]["cached"])),
-         C.fmt_s(C.median(caches["steps"]["uncached"])), f"{step_ratio:.3f}", "context", "—"],
-        ["steps/s: bucketed 16x64+64x16 (A) vs square 32x32 (B)", f"{1 / bk:.2f}", f"{1 / sq:.2f}",
-         f"{sq / bk:.3f}", "≥ 0.9", C.verdict(sq / bk >= 0.9)],
-        ["full-size SD1.5 VAE, one 512 px image: encode (A) vs read its cached latent (B)",
-         C.fmt_s(v["encode 512 px"]), C.fmt_s(v["read cached latent"]),
-         f"{v['encode 512 px'] / v['read cached latent']:.0f}", "context", "—"]])
+    print(f"one epoch = {caches['steps_per_epoch']} steps of batch 2 at {res} px (tiny SD1.x, GRAPH_MODE, CPU); the "
+          f"two sides alternate step by step (ABBA), {opts.reps} epochs each after a warm-up epoch; medians\n")
+    rows = [["epoch loop: cached (A) vs uncached (B)", C.fmt_s(m["cached"]), C.fmt_s(m["uncached"]), f"{ratio:.3f}",
+             "≤ 0.8", C.verdict(ratio <= 0.8)],
+            ["one step: cached (A) vs uncached (B)", C.fmt_s(C.median(caches["steps"]["cached"])),
+             C.fmt_s(C.median(caches["steps"]["uncached"])), f"{step_ratio:.3f}", "context", "—"]]
+    if buckets is not None:
+        sq, bk = C.median(buckets["times"]["square 32x32"]), C.median(buckets["times"]["buckets 16x64 + 64x16"])
+        v = {k: C.median(x) for k, x in vae["times"].items()}
+        rows += [["steps/s: bucketed 16x64+64x16 (A) vs square 32x32 (B)", f"{1 / bk:.2f}", f"{1 / sq:.2f}",
+                  f"{sq / bk:.3f}", "≥ 0.9", C.verdict(sq / bk >= 0.9)],
+                 ["full-size SD1.5 VAE, one 512 px image: encode (A) vs read its cached latent (B)",
+                  C.fmt_s(v["encode 512 px"]), C.fmt_s(v["read cached latent"]),
+                  f"{v['encode 512 px'] / v['read cached latent']:.0f}", "context", "—"]]
+    C.print_table(["measure", "A", "B", "ratio A/B", "target", "result"], rows)
     removed = p["VAE encode (batch)"] + p["text encoder (batch)"]
     best = (p["compiled step"] + p["cached batch inputs"]) / (p["compiled step"] + removed)
     print("\nwhere an uncached step goes (interleaved medians): " + ", ".join(f"{k} {C.fmt_s(x)}" for k, x in p.items())
           + f"; the caches remove {C.fmt_s(removed)} of {C.fmt_s(p['compiled step'] + removed)}, so the best cached/"
           f"uncached ratio this model allows is {best:.3f}")
-    shapes = ", ".join(f"{k}: {C.fmt_s(C.median(x))}" for k, x in buckets["bucketed_by_latent_shape"].items())
-    print(f"bucketed steps by latent shape (medians): {shapes}; square: {C.fmt_s(sq)}")
-    firsts = ", ".join(f"{k}: {C.fmt_s(max(x))}" for k, x in buckets["first_epoch"].items())
-    print(f"\nslowest step of the first epoch (each shape's compile): {firsts}")
+    if buckets is not None:
+        shapes = ", ".join(f"{k}: {C.fmt_s(C.median(x))}" for k, x in buckets["bucketed_by_latent_shape"].items())
+        print(f"bucketed steps by latent shape (medians): {shapes}; square: {C.fmt_s(sq)}")
+        firsts = ", ".join(f"{k}: {C.fmt_s(max(x))}" for k, x in buckets["first_epoch"].items())
+        print(f"\nslowest step of the first epoch (each shape's compile): {firsts}")
     print(f"RATIO epoch cached/uncached = {ratio:.3f} (target ≤ 0.8): {C.verdict(ratio <= 0.8)}")
-    print(f"RATIO steps/s bucketed/square = {sq / bk:.3f} (target ≥ 0.9): {C.verdict(sq / bk >= 0.9)}")
+    if buckets is not None:
+        print(f"RATIO steps/s bucketed/square = {sq / bk:.3f} (target ≥ 0.9): {C.verdict(sq / bk >= 0.9)}")
     print(f"benchmark 7 took {time.perf_counter() - t_start:.0f} s", flush=True)
-    C.save_results("bench_7", {"caches": caches, "buckets": buckets, "vae": vae, "machine": C.machine()})
+    C.save_results("bench_7" if buckets is not None else f"bench_7_caches_{res}",
+                   {"caches": caches, "buckets": buckets, "vae": vae, "machine": C.machine()})
     return 0
 
 

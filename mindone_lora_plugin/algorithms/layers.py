@@ -39,7 +39,6 @@ def seed_dropout(*key: int) -> None:
     ms.manual_seed(int(np.random.default_rng([*key, 303]).integers(1, 2 ** 62)))
 
 
-
 def wrap_modules(cell, paths, make) -> None:
     """Replace every module at ``paths`` in ``cell`` by ``make(path, module)`` (parents keep their attribute)."""
     named = dict(cell.cells_and_names())
