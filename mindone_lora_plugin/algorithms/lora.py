@@ -111,12 +111,13 @@ class PlainLora(LoraAlgorithm):
         return {"algo": "lora", "dora_wd": "True", "wd_on_out": str(dora_axis(dora[0]) == "out")}
 
     def check_options(self, options) -> None:
-        extra = getattr(options, "extra", None) or {}
-        asked = [f"--{k}" for k in ("network_dropout", "rank_dropout", "module_dropout") if extra.get(k)]
-        if asked:
-            raise LoraError(f"{', '.join(asked)}: plain lora trains through mindone.peft layers, whose dropout has no "
-                            "MindSpore CPU kernel and no rank/module dropout; use --lora_algo loha or lokr for adapter "
-                            "dropout, or leave these flags out")
+        from mindone_lora_plugin.algorithms.layers import dropout_rates
+
+        asked = [f"--{k}" for k in dropout_rates(options) if k != "module_dropout"]
+        if asked and getattr(options, "dora", False):
+            raise LoraError(f"{', '.join(asked)} cannot be combined with --lora_dora (DoRA renormalises the whole "
+                            "weight, so dropping ranks or neurons has no kohya meaning); use --module_dropout with "
+                            "DoRA, or leave out --lora_dora")
 
     def init_tensors(self, base_shape, rank, settings, rng):
         from mindone_lora_plugin.algorithms.base import kaiming_uniform
@@ -140,13 +141,26 @@ class PlainLora(LoraAlgorithm):
                           rank_pattern={p: rk for p, (rk, _) in targets.items() if rk != r},
                           alpha_pattern={p: al for p, (_, al) in targets.items() if al != a})
 
-    def settings_from(self, options) -> dict:
-        return {"dora_axis": "out"} if getattr(options, "dora", False) else {}
+    def settings_from(self, options) -> dict:  # DoRA layers (plain ones with dropout: see add_adapters)
+        from mindone_lora_plugin.algorithms.layers import dropout_rates
+
+        return {"dora_axis": "out", **dropout_rates(options)} if getattr(options, "dora", False) else {}
 
     def add_adapters(self, cell, targets, options, modules=None) -> None:
+        """mindone.peft layers; with adapter dropout the same layers (same initial tensors) are then swapped for
+        :func:`lora_layer_class` ones, which drop as kohya does; DoRA layers with ``--lora_dora``."""
+        from mindone_lora_plugin.algorithms.layers import dropout_rates, wrap_modules
+
         dora = getattr(options, "dora", False) or any("magnitude" in m.tensors for m in (modules or {}).values())
         if not dora:
             cell.add_adapter(self.lora_config(targets, options), adapter_name=ADAPTER)
+            rates = dropout_rates(options)
+            if rates:
+                def swap(path, peft_layer):
+                    mod = self.read_layer(peft_layer)
+                    return lora_layer_class()(peft_layer.get_base_layer(), self.name, mod.tensors, mod.alpha, rates)
+
+                wrap_modules(cell, sorted(targets), swap)
             return
         from mindone_lora_plugin.strategies.base import is_linear
 
@@ -168,13 +182,15 @@ class PlainLora(LoraAlgorithm):
     def owns_layer(self, layer) -> bool:
         from mindone_lora_plugin.models import is_peft_lora_layer
 
-        if super().owns_layer(layer):  # a DoRA layer
+        if super().owns_layer(layer):  # a DoRA layer, or a plain one with dropout
             return True
         return is_peft_lora_layer(layer) and ADAPTER in layer.lora_A
 
     def layer_parameters(self, layer) -> dict:
-        if super().owns_layer(layer):
+        if _is_dora_layer(layer):
             return super().layer_parameters(layer)
+        if super().owns_layer(layer):  # the peft roles, so parameter names (LoRA+, checkpoints) do not change
+            return {"lora_A": layer.down, "lora_B": layer.up}
         return {"lora_A": layer.lora_A[ADAPTER].weight, "lora_B": layer.lora_B[ADAPTER].weight}
 
     def read_layer(self, layer):
@@ -192,7 +208,7 @@ class PlainLora(LoraAlgorithm):
     def write_layer(self, layer, mod, where: str) -> None:
         import mindspore as ms
 
-        dora_layer = super().owns_layer(layer)
+        dora_layer = _is_dora_layer(layer)
         if dora_layer != ("magnitude" in mod.tensors):
             raise LoraError(f"{where} is {'a DoRA' if not dora_layer else 'a plain'} LoRA module in the file but the "
                             f"adapter here is {'plain' if not dora_layer else 'DoRA'}; "
@@ -206,10 +222,12 @@ class PlainLora(LoraAlgorithm):
                                  tensors=dict(mod.tensors, magnitude=m.reshape(tuple(p.shape))))
             return super().write_layer(layer, mod, where)
 
-        if int(layer.r[ADAPTER]) != self.rank(mod):
-            raise LoraError(f"{where} has rank {self.rank(mod)} in the file but {layer.r[ADAPTER]} here; use "
+        own = super().owns_layer(layer)  # a plain layer with dropout
+        rank = int(layer.down.shape[0]) if own else int(layer.r[ADAPTER])
+        if rank != self.rank(mod):
+            raise LoraError(f"{where} has rank {self.rank(mod)} in the file but {rank} here; use "
                             f"--lora_rank {self.rank(mod)} (and the same targets) to load it")
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        a, b = (layer.down, layer.up) if own else (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
         down, up = mod.tensors["down"], mod.tensors["up"]
         up = up.reshape(b.shape) if up.size == int(np.prod(b.shape)) else up
         if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
@@ -218,6 +236,9 @@ class PlainLora(LoraAlgorithm):
                             f"{list(b.shape)}")
         a.set_data(ms.Tensor(np.asarray(as_f64(down), dtype=np.float32), dtype=a.dtype))
         b.set_data(ms.Tensor(np.asarray(as_f64(up), dtype=np.float32), dtype=b.dtype))
+        if own:
+            layer.set_alpha(float(mod.alpha))
+            return
         layer.lora_alpha[ADAPTER] = float(mod.alpha)
         layer.scaling[ADAPTER] = float(mod.alpha) / self.rank(mod)
 
@@ -242,6 +263,66 @@ def dora_weight(weight: np.ndarray, magnitude, axis: str) -> np.ndarray:
         return w * (m.reshape((w.shape[0],) + ones) / norm)
     norm = np.linalg.norm(np.swapaxes(w, 0, 1).reshape(w.shape[1], -1), axis=1).reshape((1, w.shape[1]) + ones[1:])
     return w * (m.reshape((1, w.shape[1]) + ones[1:]) / norm)
+
+
+def _is_dora_layer(layer) -> bool:
+    return "magnitude" in getattr(layer, "role_names", ())
+
+
+_LORA_CLASS = None
+
+
+def lora_layer_class():
+    """Plain LoRA as a MindSpore layer with kohya's dropouts (``networks.lora``), used only when one is asked for.
+
+    ``y = base(x) + up(drop(down(x))) * scale``: ``down`` is a matmul (a conv with the base layer's kernel, stride,
+    padding and dilation on LoCon convs), ``up`` a matmul (a 1×1 conv). In train mode ``network_dropout`` is inverted
+    dropout of the down output's neurons, ``rank_dropout`` zeroes whole ranks per sample and multiplies the scale by
+    ``1 / (1 - p)``, ``module_dropout`` drops the adapter's whole contribution for the call. In eval mode it gives
+    exactly what the mindone.peft layer gives.
+    """
+    global _LORA_CLASS
+    if _LORA_CLASS is None:
+        import mindspore as ms
+        from mindspore import mint, ops
+
+        from mindone_lora_plugin.algorithms.layers import adapter_layer_class
+
+        class LoraLayer(adapter_layer_class()):
+            def rank(self):
+                return int(self.down.shape[0])
+
+            def delta_weight(self):
+                out, r = self.base_shape[0], self.rank()
+                dw = ops.matmul(self.up.reshape(out, r), self.down.reshape(r, -1)) * self.scaling
+                return dw.reshape(self.base_shape)
+
+            def construct(self, x):
+                out = self.base_layer(x)
+                h = x.astype(ms.float32)
+                if self.is_conv:
+                    lx = mint.nn.functional.conv2d(h, self.down, None, self.stride, self.padding, self.dilation,
+                                                   self.groups)
+                else:
+                    lx = ops.matmul(h, self.down.swapaxes(0, 1))
+                scale = self.scaling
+                if self.training and self.network_dropout > 0:
+                    lx = lx * self._keep(lx.shape, self.network_dropout)
+                if self.training and self.rank_dropout > 0:  # one draw per (sample, rank)
+                    if self.is_conv:
+                        shape = (lx.shape[0], lx.shape[1], 1, 1)
+                    else:
+                        shape = (lx.shape[0],) + (1,) * (len(lx.shape) - 2) + (lx.shape[-1],)
+                    lx = lx * self._kept(shape, self.rank_dropout)
+                    scale = scale / (1.0 - self.rank_dropout)
+                if self.is_conv:
+                    extra = mint.nn.functional.conv2d(lx, self.up, None, 1, 0, 1, 1)
+                else:
+                    extra = ops.matmul(lx, self.up.swapaxes(0, 1))
+                return self._module_kept(out, extra * scale)
+
+        _LORA_CLASS = LoraLayer
+    return _LORA_CLASS
 
 
 _DORA_CLASS = None

@@ -113,11 +113,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
-    for flag, what in (("network_dropout", "drop input elements of each adapter"),
-                       ("rank_dropout", "drop rows of each adapter's weight change"),
+    for flag, what in (("network_dropout", "drop neurons of each adapter's down output (LoHa/LoKr: its input)"),
+                       ("rank_dropout", "drop whole ranks of each adapter per sample, rescaled (LoHa/LoKr: ΔW rows)"),
                        ("module_dropout", "skip each adapter for a step")):
         g.add_argument(f"--{flag}", type=float, default=None,
-                       help=f"kohya's {flag}: {what} with this probability, in training only (LoHa/LoKr layers)")
+                       help=f"kohya's {flag}, in [0, 1): {what} with this probability, in training only; files and "
+                            "validation unaffected" + (" (the only one --lora_dora takes)"
+                                                       if flag == "module_dropout" else ""))
     g.add_argument("--lora_strategy", type=str, default=None, help="default: unet, or sdxl on SDXL models")
     g.add_argument("--lora_algo", type=str, default="lora",
                    help="adapter algorithm: lora (default; LoCon on convs) or a plugin's (loha, lokr from "

@@ -15,6 +15,10 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
     pipe.set_progress_bar_config(disable=True)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
+    cells = [trainer.vae, *m.values()]
+    training = [c.training for c in cells]
+    for c in cells:
+        c.set_train(False)  # eval mode: no adapter dropout in the images
     try:
         extra = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
         out = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
@@ -22,5 +26,7 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
                    negative_prompt=negative_prompt or None,
                    generator=np.random.Generator(np.random.PCG64(seed)), **extra)
     finally:
+        for c, was in zip(cells, training):
+            c.set_train(was)
         ms.set_context(mode=mode)
     return out[0]

@@ -20,12 +20,14 @@ def options_from_args(args, architecture: str, pm):
             if not 0.0 <= value < 1.0:
                 raise LoraError(f"--{flag} must be in [0, 1), got {value}")
             extra[flag] = float(value)
-    return build_options(pm, architecture, strategy=args.lora_strategy, algorithm=getattr(args, "lora_algo", None),
-                         rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
-                         conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha, init=args.lora_init,
-                         learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
-                         save_dtype=args.save_dtype, dora=bool(getattr(args, "lora_dora", False)),
-                         train_text_encoder=args.train_text_encoder, extra=extra)
+    options = build_options(pm, architecture, strategy=args.lora_strategy, algorithm=getattr(args, "lora_algo", None),
+                            rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+                            conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha, init=args.lora_init,
+                            learning_rate=args.learning_rate, text_encoder_lr=args.text_encoder_lr,
+                            save_dtype=args.save_dtype, dora=bool(getattr(args, "lora_dora", False)),
+                            train_text_encoder=args.train_text_encoder, extra=extra)
+    pm.get_algorithm(options.algorithm).check_options(options)  # before any model loads
+    return options
 
 
 def check_args(args):
@@ -101,6 +103,16 @@ def replace_options(options, **changes):
     return dataclasses.replace(options, **changes)
 
 
+def dropout_metadata(args) -> dict[str, str]:
+    """kohya's keys for the adapter dropouts: ``ss_network_dropout`` (``None`` when off) and ``rank_dropout`` /
+    ``module_dropout`` in ``ss_network_args`` (kohya passes them as network args)."""
+    meta = {"ss_network_dropout": str(getattr(args, "network_dropout", None) or None)}
+    net_args = {k: str(getattr(args, k)) for k in ("rank_dropout", "module_dropout") if getattr(args, k, None)}
+    if net_args:
+        meta["ss_network_args"] = json.dumps(net_args)
+    return meta
+
+
 def training_metadata(trainer, global_step: int) -> dict[str, str]:
     """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
     from mindone_lora_plugin.train.data_setup import data_metadata
@@ -133,5 +145,6 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_num_reg_images": str(len(trainer.plan.prior)),
         "ss_prediction_type": trainer.prediction_type,
         **feature_metadata(args),  # ss_optimizer and the other features' keys
+        **dropout_metadata(args),
         "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
     }

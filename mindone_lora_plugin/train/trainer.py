@@ -429,6 +429,10 @@ class Trainer:
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
+        from mindone_lora_plugin.algorithms.layers import dropout_rates, seed_dropout
+
+        if dropout_rates(self.options):  # the adapter dropout masks of this micro-step, the same after a resume
+            seed_dropout(self.seed, micro, self.rank)
         return self._model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
 
     def _model_inputs(self, batch, rng, weighted: bool = True):
