@@ -198,6 +198,21 @@ def test_example_plugin_strategy_adapts_like_unet(tiny_sd1, plugin_manager, lora
     assert {c: len(p) for c, p in adapted.items()} == {c: n for c, (n, _) in expected.items()}
 
 
+def test_example_plugin_strategy_with_kohya_dropout_trains_only_b(tiny_sd1, plugin_manager, lora_fa):
+    """With a dropout asked for, the adapters are the core's plain-LoRA layer, not mindone.peft's: LoRA-FA still
+    freezes A and hands only B to the optimizer."""
+    from mindone_lora_plugin.models import lora_layers
+
+    models = _models(tiny_sd1, components=("unet",))
+    options = LoraOptions(strategy="lora-fa", targets=["to_k"], extra={"network_dropout": 0.1})
+    plugin_manager.add_adapters(models, options)
+    layers = dict(lora_layers(models["unet"]))
+    assert layers and all("peft" not in type(layer).__module__ for layer in layers.values())
+    params = [p for g in plugin_manager.trainable_parameters(models, options) for p in g["params"]]
+    assert len(params) == len(layers) and all("lora_B" in p.name for p in params)
+    assert not any("lora_A" in p.name for p in models["unet"].trainable_params())
+
+
 def test_explicit_target_list(tiny_sd1, plugin_manager):
     models = _models(tiny_sd1, components=("unet",))
     config = _read_config(tiny_sd1, "unet")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.models import ADAPTER, lora_layers
-from mindone_lora_plugin.strategies.base import LoraStrategy
+from mindone_lora_plugin.models import lora_layers
+from mindone_lora_plugin.strategies.base import LoraStrategy, algorithm_of_layer
 
 #: values of ``--lora_fa_init`` (``LoraOptions.extra["lora_fa_init"]``); ``None`` keeps ``LoraOptions.init``.
 A_INITS = ("orthogonal", "kaiming", "gaussian")
@@ -51,7 +51,7 @@ class LoraFaStrategy(LoraStrategy):
 
     def layer_parameters(self, layer) -> dict:
         """Only B trains; A stays where :meth:`add_adapters` put it."""
-        return {"lora_B": layer.lora_B[ADAPTER].weight}
+        return {"lora_B": _parameters(layer)["lora_B"]}
 
     def add_adapters(self, models, options) -> dict[str, list[str]]:
         adapted = super().add_adapters(models, options)  # checks first: nothing changes when it does not fit
@@ -70,15 +70,21 @@ class LoraFaStrategy(LoraStrategy):
                 freeze_a(layer)
 
 
+def _parameters(layer) -> dict:
+    """The layer's ``lora_A``/``lora_B`` parameters, asked of the algorithm that owns it (mindone.peft's layer, or
+    the core's plain-LoRA layer that kohya's dropouts use)."""
+    return algorithm_of_layer(layer).layer_parameters(layer)
+
+
 def freeze_a(layer) -> None:
-    layer.lora_A[ADAPTER].weight.requires_grad = False
+    _parameters(layer)["lora_A"].requires_grad = False
 
 
 def reinit_a(layer, how: str) -> None:
     """Draw a new A for one LoRA layer (numpy's global generator, which ``runtime.setup(seed=...)`` seeds)."""
     import mindspore as ms
 
-    weight = layer.lora_A[ADAPTER].weight
+    weight = _parameters(layer)["lora_A"]
     rank, fan_in = int(weight.shape[0]), int(np.prod(weight.shape[1:]))
     if how == "gaussian":  # PEFT's "gaussian" init
         a = np.random.normal(0.0, 1.0 / rank, size=(rank, fan_in))
