@@ -260,8 +260,12 @@ class ScriptSession:
         os.makedirs(directory, exist_ok=True)
         safe = arguments.get("safe_serialization", True)
         formats = list(self.lora.save_formats)
-        if safe:
+        algorithm = self.pm.get_algorithm(self.lora.algorithm)
+        if safe and self.pm.get_format("diffusers").supports(algorithm):  # the file the script means to write
             formats = ["diffusers"] + [f for f in formats if f != "diffusers"]
+        elif safe and self.saves == 0:
+            _say(f"{WEIGHT_NAME} is not written: the diffusers layout cannot hold {algorithm.name} adapters "
+                 f"(written: {', '.join(formats)})")
         else:  # the script asked for a MindSpore checkpoint: let mindone write that, add the requested formats
             original()
         name = self.lora.output_name or output_name_for(directory)
@@ -336,6 +340,27 @@ def _save_wrapper(classmeth):
 
     save_lora_weights.__mindone_lora_patch__ = True
     return classmethod(save_lora_weights)
+
+
+def _state_dict_wrapper(original):
+    """mindone's scripts read the adapters with ``get_peft_model_state_dict(model)`` and hand the result to
+    ``save_lora_weights``. A model whose adapters are another algorithm's (``--lora_algo loha``) has no PEFT
+    config: it gets a one-key placeholder naming its component, enough for the script to call ``save_lora_weights``,
+    which the session turns into its own save of the real adapters."""
+    @functools.wraps(original)
+    def get_peft_model_state_dict(model, *args, **kwargs):
+        session = _ACTIVE
+        if session is None or session.inside or hasattr(model, "peft_config"):
+            return original(model, *args, **kwargs)
+        comp = next((c for c, cell in session.models.items() if cell is model), None)
+        if comp is None:
+            return original(model, *args, **kwargs)
+        import mindspore as ms
+
+        return {f"mindone_lora.{comp}.adapters.lora_A.weight": ms.Tensor([0.0], ms.float32)}
+
+    get_peft_model_state_dict.__mindone_lora_patch__ = True
+    return get_peft_model_state_dict
 
 
 def _train_step_init_wrapper(original):
@@ -423,6 +448,15 @@ def _install(undo: _Undo) -> None:
         undo.set(mixin, "add_adapter", _add_adapter_wrapper(mixin.__dict__["add_adapter"]))
     for mixin in (lora_pipeline.StableDiffusionLoraLoaderMixin, lora_pipeline.StableDiffusionXLLoraLoaderMixin):
         undo.set(mixin, "save_lora_weights", _save_wrapper(mixin.__dict__["save_lora_weights"]))
+    import mindone.peft
+    from mindone.peft import utils as peft_utils
+    from mindone.peft.utils import save_and_load
+
+    original = save_and_load.get_peft_model_state_dict
+    state_dict = _state_dict_wrapper(original)
+    for module in (save_and_load, peft_utils, mindone.peft):  # every name a script imports it by
+        if getattr(module, "get_peft_model_state_dict", None) is original:
+            undo.set(module, "get_peft_model_state_dict", state_dict)
     from mindone.diffusers.models.modeling_utils import ModelMixin
     from mindone.transformers.modeling_utils import PreTrainedModel
 

@@ -316,6 +316,24 @@ def test_run_sd1_script_kohya_targets_graph_mode(tiny_sd1, shapes, tmp_path):
 
 
 @pytest.mark.slow
+def test_run_sd1_script_with_lokr(tiny_sd1, shapes, tmp_path):
+    """`mindone-lora run --lora_algo lokr`: mindone's own script trains LoKr adapters (its optimizer gets their
+    factors) and the kohya file holds them; the diffusers layout, which cannot hold LoKr, is refused up front."""
+    from mindone_lora_plugin.formats.reader import read_lora
+
+    out = str(tmp_path / "lokr")
+    result = run_in_process(SD1_SCRIPT, script_args(tiny_sd1, shapes, out, "--mode", "pynative", "--lora_algo",
+                                                    "lokr", "--lora_save_formats", "kohya", "--lora_output_name", "k"))
+    assert result.exit_code == 0
+    state = read_lora(os.path.join(out, "k.safetensors"))
+    assert set(state.algorithms()) == {"lokr"} and len(state) == len(result.session.adapted["unet"]) > 10
+    assert max(float(np.abs(m.delta()).max()) for _, _, m in state.modules()) > 0  # the zero-initialised factor moved
+    with pytest.raises(Exception, match="kohya"):
+        run_in_process(SD1_SCRIPT, script_args(tiny_sd1, shapes, str(tmp_path / "d"), "--lora_algo", "lokr",
+                                               "--lora_save_formats", "diffusers"))
+
+
+@pytest.mark.slow
 def test_run_sdxl_script_with_both_text_encoders(tiny_sdxl, shapes, tmp_path, capsys, monkeypatch):
     """SDXL: UNet + both text encoders, alpha 8 with the script's rank 4, through the command line."""
     from mindone_lora_plugin.cli import main
