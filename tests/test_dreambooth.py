@@ -1,4 +1,4 @@
-"""DreamBooth LoRA through `mindone-lora train`: prior preservation on SD1.x, plain on SDXL, and bad input."""
+"""DreamBooth LoRA through `mindone-lora train`: prior preservation on SD1.x, plain on SDXL (with LoHa), and bad input."""
 
 from __future__ import annotations
 
@@ -47,11 +47,17 @@ def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
     np.testing.assert_allclose(again.losses[:2], result.losses, rtol=1e-6)
 
 
-def test_sdxl_without_prior_preservation(tiny_sdxl, tmp_path):
+def test_sdxl_without_prior_preservation_with_loha(tiny_sdxl, tmp_path):
+    """DreamBooth on SDXL with another adapter algorithm (LoHa, kohya file)."""
+    from mindone_lora_plugin.formats.reader import read_lora
+
     inst = make_instance_images(str(tmp_path / "inst"), size=40, count=2)
     result = train(common(tiny_sdxl, str(tmp_path / "out"), "--instance_data_dir", inst, "--instance_prompt",
-                          "a photo of sks toy", "--checkpointing_steps", "0"))
+                          "a photo of sks toy", "--checkpointing_steps", "0", "--lora_algo", "loha",
+                          "--save_formats", "kohya"))
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    [path] = result.files
+    assert set(read_lora(path).algorithms()) == {"loha"}
     assert_loads_back(tiny_sdxl, result.files, "sdxl", result.models)
 
 
