@@ -30,7 +30,7 @@ adapted modules equal the config-derived list (``_configs.flux_preset_shapes``),
 the shape ``(r, in)``/``(out, r)`` of its base Linear, the LoRA weights are allocated and the base weights are still
 unallocated. Peak RSS is the high-water mark during the injection above the RSS just before it.
 
-    python benchmarks/bench_9_flux.py [--reps N] [--inject-reps N] [--only step|inject]
+    python benchmarks/bench_9_flux.py [--reps N] [--inject-reps N] [--only step|inject] [--presets attn kohya]
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def run_inject(args) -> dict:
     print("config: " + ", ".join(f"{k} {v}" for k, v in cfg.items()), flush=True)
     results = {}
     rows = []
-    for preset in ("attn", "kohya"):
+    for preset in args.presets:
         runs = []
         for r in range(args.inject_reps):
             for side in (("plugin", "direct") if r % 2 == 0 else ("direct", "plugin")):
@@ -338,14 +338,14 @@ def run_inject(args) -> dict:
                      C.fmt_bytes(peaks["direct"]), C.verdict(ratio <= TARGET_RATIO)])
         print(f"  {preset}: plugin {[round(t, 3) for t in times['plugin']]} s, direct "
               f"{[round(t, 3) for t in times['direct']]} s", flush=True)
-    r0 = results["attn"][0]
+    r0 = results[args.presets[0]][0]
     print(f"\ntransformer: {r0['params'] / 1e9:.2f}B parameters in {r0['tensors']} tensors, built from config in "
           f"{C.fmt_s(r0['build_s'])} inside no_init_parameters() (not timed); {r0['lazy_before']} tensors "
           f"unallocated before and {r0['lazy_after']} after the injection; process RSS "
           f"{C.fmt_bytes(r0['rss_before_kib'] * 1024)} before, {C.fmt_bytes(r0['rss_after_kib'] * 1024)} after\n")
     C.print_table(["preset", "strategy hook (add_adapters)", "transformer.add_adapter(LoraConfig)", "ratio",
                    "peak RSS hook", "peak RSS direct", f"target ≤ {TARGET_RATIO}"], rows)
-    for preset, row in zip(("attn", "kohya"), rows):
+    for preset, row in zip(args.presets, rows):
         print(f"RATIO injection plugin/direct {preset} = {row[3]} (target ≤ {TARGET_RATIO}): {row[-1]}")
     print(f"medians of {args.inject_reps} injections per side and preset, each in a fresh process", flush=True)
     return results
@@ -358,6 +358,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inject-reps", type=int, default=6,
                     help="injections per side and preset (each in its own fresh process)")
     ap.add_argument("--only", choices=("step", "inject"), help="run one part only")
+    ap.add_argument("--presets", nargs="+", choices=("attn", "kohya"), default=["attn", "kohya"],
+                    help="the injection presets to measure")
     args = ap.parse_args(argv)
 
     C.banner("Benchmark 9: FLUX.1")
