@@ -4,6 +4,7 @@ and a generator of the module shapes the ``kohya`` target preset adapts, derived
 * SD1.5: ``runwayml/stable-diffusion-v1-5`` ``unet/config.json`` and ``text_encoder/config.json`` (CLIP ViT-L/14).
 * SDXL: ``stabilityai/stable-diffusion-xl-base-1.0`` ``unet/config.json``, ``text_encoder/config.json`` (CLIP
   ViT-L/14) and ``text_encoder_2/config.json`` (OpenCLIP ViT-bigG/14).
+* FLUX.1-dev: ``black-forest-labs/FLUX.1-dev`` ``transformer/config.json`` (11.9B parameters).
 
 The ``kohya`` preset (kohya-ss ``networks/lora.py``): every Linear / 1×1 Conv2d inside a ``Transformer2DModel`` of the
 UNet, and every Linear of the CLIP attention and MLP blocks. Expected counts (docs/formats.md and the shared reference
@@ -41,6 +42,12 @@ SDXL_UNET = {
 OPENCLIP_BIGG = {  # SDXL text_encoder_2
     "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
     "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "projection_dim": 1280,
+}
+
+FLUX1_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
 }
 
 EXPECTED_COUNTS = {"sd1": {"unet": 192, "text_encoder": 72},
@@ -116,6 +123,38 @@ def kohya_preset_shapes(arch: str) -> dict[str, dict[str, tuple[int, ...]]]:
     if counts != EXPECTED_COUNTS[arch]:
         raise AssertionError(f"{arch} kohya preset: generated {counts}, expected {EXPECTED_COUNTS[arch]}")
     return shapes
+
+
+def flux_preset_shapes(cfg: dict, preset: str) -> dict[str, tuple[int, int]]:
+    """Module path → base Linear weight shape ``(out, in)`` for the FLUX transformer presets (``attn``: attention
+    projections; ``kohya``: every Linear of the double and single blocks), derived from a transformer config.
+
+    Double block: AdaLN ``norm1``/``norm1_context`` (6·D), image and text q/k/v and outputs, GELU feed-forwards of
+    both streams (4·D). Single block: AdaLN ``norm`` (3·D), q/k/v (no output projection), ``proj_mlp`` (4·D) and
+    ``proj_out`` (D + 4·D → D). FLUX.1-dev: 266 (``attn``) and 494 (``kohya``) modules.
+    """
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(cfg["num_layers"]):
+        b = f"transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            out[f"{b}.attn.{name}"] = (d, d)
+        if preset == "kohya":
+            out[f"{b}.norm1.linear"] = out[f"{b}.norm1_context.linear"] = (6 * d, d)
+            for ff in ("ff", "ff_context"):
+                out[f"{b}.{ff}.net.0.proj"] = (4 * d, d)
+                out[f"{b}.{ff}.net.2"] = (d, 4 * d)
+    for i in range(cfg["num_single_layers"]):
+        b = f"single_transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v"):
+            out[f"{b}.attn.{name}"] = (d, d)
+        if preset == "kohya":
+            out[f"{b}.norm.linear"] = (3 * d, d)
+            out[f"{b}.proj_mlp"] = (4 * d, d)
+            out[f"{b}.proj_out"] = (d, 5 * d)
+    if preset not in ("attn", "kohya"):
+        raise ValueError(f"unknown FLUX preset {preset!r}")
+    return out
 
 
 def synth_state(arch: str = "sdxl", rank: int = 32, alpha: float = 16.0, dtype: str = "float16", seed: int = 0):
