@@ -84,6 +84,10 @@ class Trainer:
 
         self._load_models()
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
+        from mindone_lora_plugin.train.validate import check_fused_targets
+
+        check_fused_targets(self.arch, strategy, self.models, self.options,
+                            set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
         examples = self.features.split(examples)

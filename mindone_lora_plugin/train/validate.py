@@ -115,3 +115,33 @@ def _check_combinations(args) -> None:
         from mindone_lora_plugin.train.buckets import check_bucket_values
 
         check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+
+
+def check_fused_targets(arch, strategy, models, options, formats) -> None:
+    """Before any data is loaded or adapter added: an algorithm other than plain LoRA (LoHa, LoKr) on a module that a
+    file layout of the run fuses with others (FLUX kohya: q/k/v → ``qkv``, q/k/v/proj_mlp → ``linear1``) ends in one
+    line naming the modules and what works instead. Such modules have no exact fused form (a Hadamard or Kronecker
+    product per part is not one of the concatenated weight), and the layouts that keep them separate (diffusers) hold
+    plain LoRA only, so the run could not be saved. Architectures without fused file modules are never refused."""
+    fused_of = getattr(arch, "fused_file_module", None)
+    algorithm = getattr(options, "algorithm", "lora") or "lora"
+    if fused_of is None or algorithm == "lora":
+        return
+    hits: dict[str, list[str]] = {}
+    for comp in strategy.enabled_components(models, options):
+        if comp not in models:
+            continue
+        for path in strategy.target_modules(comp, models[comp], options):
+            found = fused_of(comp, path, formats)
+            if found:
+                hits.setdefault(found, []).append(f"{comp}.{path}")
+    if not hits:
+        return
+    first, paths = next(iter(hits.items()))
+    targets = options.targets if isinstance(options.targets, str) else ",".join(options.targets)
+    more = sum(len(v) for v in hits.values()) - len(paths)
+    raise LoraError(
+        f"--lora_algo {algorithm} cannot train {', '.join(paths)}{f' and {more} more module(s)' if more else ''} "
+        f"(--lora_targets {targets}): the {arch.label} kohya layout fuses them into {first} ({len(hits)} fused "
+        f"module(s)), and a {algorithm} module has no exact fused form; use --lora_algo lora, or --lora_targets "
+        f"without the fused modules (e.g. {arch.unfused_targets_hint})")
