@@ -122,26 +122,51 @@ def shapes(root):
     return make_shapes_dataset(str(root["base"] / "shapes"), size=32, repeats=1)
 
 
-@pytest.mark.parametrize("algo", ["loha", "lokr"])
-def test_loha_lokr_train_on_modules_the_kohya_layout_keeps(algo, root, shapes):
+def delta(mod):
+    return np.asarray(mod.up, np.float64) @ np.asarray(mod.down, np.float64) * mod.scale
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_algorithms_train_on_what_the_kohya_layout_can_hold(algo, root, shapes):
+    """LoHa/LoKr on modules the kohya layout keeps as they are; DoRA on every part of the fused ones (kohya preset),
+    its fused kohya file reading back as the diffusers one."""
     from mindone_lora_plugin.formats.reader import read_lora
 
-    targets = "to_out.0,to_add_out,ff.net.2,proj_out"
+    extra = (["--lora_dora", "--lora_targets", "kohya", "--save_formats", "kohya,diffusers"] if algo == "dora" else
+             ["--lora_algo", algo, "--save_formats", "kohya", "--lora_targets", "to_out.0,to_add_out,ff.net.2,proj_out"])
     _, result = run(common(root["model"], root["base"] / algo, "--train_data_dir", shapes, "--max_train_steps", "1",
-                           "--lora_algo", algo, "--save_formats", "kohya", "--lora_targets", targets))
+                           *extra))
     state = read_lora(result.files[0])
+    mods = {path: mod for _, path, mod in state.modules()}
+    if algo == "dora":
+        kohya = tensors(result.files[0])
+        assert "lora_unet_single_blocks_0_linear1.dora_scale" in kohya
+        assert "lora_unet_double_blocks_0_img_attn_qkv.dora_scale" in kohya
+        diffusers = {path: mod for _, path, mod in read_lora(result.files[1]).modules()}
+        assert sorted(mods) == sorted(diffusers) and "single_transformer_blocks.0.proj_mlp" in mods
+        for path, mod in mods.items():
+            np.testing.assert_allclose(delta(mod), delta(diffusers[path]), atol=1e-6, err_msg=path)
+            np.testing.assert_allclose(np.asarray(mod.tensors["magnitude"]).ravel(),
+                                       np.asarray(diffusers[path].tensors["magnitude"]).ravel(), rtol=1e-6)
+        return
     assert set(state.algorithms()) == {algo}
-    paths = {path for _, path, _ in state.modules()}
-    assert "transformer_blocks.0.attn.to_out.0" in paths and "single_transformer_blocks.1.proj_out" in paths
-    assert not any(p.endswith(("to_q", "to_k", "to_v", "proj_mlp")) for p in paths)
+    assert "transformer_blocks.0.attn.to_out.0" in mods and "single_transformer_blocks.1.proj_out" in mods
+    assert not any(p.endswith(("to_q", "to_k", "to_v", "proj_mlp")) for p in mods)
 
 
-def test_loha_on_fused_modules_is_refused_before_training(root, shapes, capsys):
-    out = root["base"] / "loha-fused"
-    code = main(["train", *common(root["model"], out, "--train_data_dir", shapes, "--max_train_steps", "1",
-                                  "--lora_algo", "loha", "--save_formats", "kohya")])
+@pytest.mark.parametrize("flags,expect", [
+    (["--lora_algo", "loha", "--save_formats", "kohya"],
+     ["--lora_algo loha cannot train transformer.transformer_blocks.0.attn.to_q",
+      "lora_unet_double_blocks_0_img_attn_qkv", "--lora_algo lora", "--lora_targets without the fused modules"]),
+    (["--lora_dora", "--save_formats", "kohya,diffusers"],
+     ["--lora_dora with --lora_targets attn", "but not transformer.single_transformer_blocks.0.proj_mlp",
+      "lora_unet_single_blocks_0_linear1", "--save_formats diffusers"]),
+], ids=["loha-attn", "dora-attn"])
+def test_what_the_kohya_layout_cannot_fuse_is_refused_before_training(flags, expect, root, shapes, capsys):
+    out = root["base"] / ("refused-" + flags[1].strip("-"))
+    code = main(["train", *common(root["model"], out, "--train_data_dir", shapes, "--max_train_steps", "1", *flags)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "--lora_algo loha cannot train transformer.transformer_blocks.0.attn.to_q" in err[0]
-    assert "lora_unet_double_blocks_0_img_attn_qkv" in err[0] and "--lora_algo lora" in err[0]
+    for words in expect:
+        assert words in err[0], err[0]
     assert not os.path.exists(out / "train_log.jsonl") and not any(out.glob("checkpoint-*"))
