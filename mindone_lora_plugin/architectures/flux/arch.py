@@ -63,9 +63,11 @@ class Flux(keys.FluxKeyGrammar, Architecture):
         kohya layout (the original BFL model's ``img_attn_qkv``/``txt_attn_qkv``/``linear1``), else None.
 
         LoHa/LoKr on those modules are refused before training (:func:`~mindone_lora_plugin.train.validate.
-        check_fused_targets`). LyCORIS itself wraps the original BFL model, whose ``qkv``/``linear1`` are single
-        Linears, so its FLUX LoHa/LoKr modules adapt the fused weight as a whole — a different module from separate
-        q/k/v ones, which no exact conversion joins. This package trains the diffusers model (separate q/k/v), so it
+        check_fused_targets`). LyCORIS wraps whatever torch model it is given. In the kohya layout (sd-scripts,
+        ComfyUI) that is the original BFL model, whose ``qkv``/``linear1`` are single Linears, so a LoHa/LoKr module
+        there adapts the fused weight as a whole. That is a different module from separate q/k/v ones, and no exact
+        conversion joins them. (Diffusers-based trainers apply LyCORIS to the separate ``to_q``/``to_k``/``to_v``
+        under LyCORIS's own diffusers-path names, a layout this package does not write.) This package trains the diffusers model (separate q/k/v), so it
         trains LoHa/LoKr only on modules the kohya layout keeps as they are, and plain LoRA (which fuses exactly)
         everywhere. DoRA fuses exactly only when every part of a fused module has it (each needs its magnitude).
         """
