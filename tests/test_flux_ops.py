@@ -132,8 +132,9 @@ def test_algorithms_train_on_what_the_kohya_layout_can_hold(algo, root, shapes):
     its fused kohya file reading back as the diffusers one."""
     from mindone_lora_plugin.formats.reader import read_lora
 
+    unfused = "to_out.0,to_add_out,ff.net.2,proj_out"
     extra = (["--lora_dora", "--lora_targets", "kohya", "--save_formats", "kohya,diffusers"] if algo == "dora" else
-             ["--lora_algo", algo, "--save_formats", "kohya", "--lora_targets", "to_out.0,to_add_out,ff.net.2,proj_out"])
+             ["--lora_algo", algo, "--save_formats", "kohya", "--lora_targets", unfused])
     _, result = run(common(root["model"], root["base"] / algo, "--train_data_dir", shapes, "--max_train_steps", "1",
                            *extra))
     state = read_lora(result.files[0])

@@ -67,10 +67,10 @@ class Flux(keys.FluxKeyGrammar, Architecture):
         ComfyUI) that is the original BFL model, whose ``qkv``/``linear1`` are single Linears, so a LoHa/LoKr module
         there adapts the fused weight as a whole. That is a different module from separate q/k/v ones, and no exact
         conversion joins them. (Diffusers-based trainers apply LyCORIS to the separate ``to_q``/``to_k``/``to_v``
-        under LyCORIS's own diffusers-path names, a layout this package does not write.) This package trains the diffusers model (separate q/k/v), so it
-        trains LoHa/LoKr only on modules the kohya layout keeps as they are, and plain LoRA (which fuses exactly)
-        everywhere. DoRA fuses exactly only when every part of a fused module has it (each needs its magnitude).
-        """
+        under LyCORIS's own diffusers-path names, a layout this package does not write.) This package trains the
+        diffusers model (separate q/k/v), so it trains LoHa/LoKr only on modules the kohya layout keeps as they are,
+        and plain LoRA (which fuses exactly) everywhere. DoRA fuses exactly only when every part of a fused module
+        has it (each part needs its magnitude)."""
         if component != "transformer" or "kohya" not in formats:
             return None
         found = keys.bfl_name(path)
