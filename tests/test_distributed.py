@@ -13,9 +13,17 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha"])
-def test_two_workers_keep_identical_weights_and_only_rank0_writes(algo, tiny_sd1, tmp_path):
+@pytest.mark.parametrize("algo", ["lora", "loha", "flux"])
+def test_two_workers_keep_identical_weights_and_only_rank0_writes(algo, request, tmp_path):
+    """``flux``: plain LoRA on the tiny FLUX.1 dev transformer (32 px) instead of the tiny SD1 UNet."""
     from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    if algo == "flux":
+        from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model
+
+        model, extra, algo = ensure_tiny_model("dev", str(tmp_path / "tiny-flux")), ["--resolution", "32"], "lora"
+    else:
+        model, extra = request.getfixturevalue("tiny_sd1"), []
 
     bindir = os.path.dirname(sys.executable)
     msrun = shutil.which("msrun", path=bindir) or shutil.which("msrun")
@@ -26,10 +34,10 @@ def test_two_workers_keep_identical_weights_and_only_rank0_writes(algo, tiny_sd1
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     port = 8200 + os.getpid() % 700
     cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", f"--log_dir={logs}",
-           "--join=True", entry, "train", "--distributed", "--pretrained_model_name_or_path", tiny_sd1,
+           "--join=True", entry, "train", "--distributed", "--pretrained_model_name_or_path", model,
            "--train_data_dir", data, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2",
            "--mode", "pynative", "--report_to", "none", "--checkpointing_steps", "1", "--device_target", "CPU",
-           "--seed", "1", "--learning_rate", "1e-2", "--lora_algo", algo]
+           "--seed", "1", "--learning_rate", "1e-2", "--lora_algo", algo, *extra]
     if algo != "lora":  # the diffusers layout holds plain LoRA only
         cmd += ["--save_formats", "kohya"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -84,6 +84,10 @@ class Trainer:
 
         self._load_models()
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
+        from mindone_lora_plugin.train.validate import check_fused_targets
+
+        check_fused_targets(self.arch, strategy, self.models, self.options,
+                            set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
         examples = self.features.split(examples)
@@ -262,17 +266,41 @@ class Trainer:
         trained = {id(p) for p in self.optimizer.parameters}
         return {p.name: p for _, p in self.optimizer.parameters_and_names() if id(p) not in trained}
 
+    def _schedule_names(self) -> set[str]:
+        """Names of the optimizer's learning-rate schedule tensors (one per parameter group)."""
+        from mindspore import Parameter, nn
+
+        lr = self.optimizer.learning_rate
+        cells = list(lr) if isinstance(lr, (nn.CellList, list, tuple)) else [lr]
+        ids = {id(c) for c in cells if isinstance(c, Parameter)}
+        ids |= {id(p) for c in cells if isinstance(c, nn.Cell) for p in c.get_parameters()}
+        return {name for name, p in self._optimizer_state().items() if id(p) in ids}
+
     def _load_optimizer(self, path: str):
+        """Moments and step counter from the checkpoint. The learning-rate schedule is not read back: it is a
+        function of the flags (``--max_train_steps``, ``--lr_scheduler``, ``--lr_warmup_steps``, ``--learning_rate``)
+        and was just built from them, so a resume with the same flags continues exactly and one with other schedule
+        flags continues from the saved step on the new schedule (said in one line)."""
         from mindone_lora_plugin import safetensors_io
 
         tensors, _ = safetensors_io.load(path)
         current = self._optimizer_state()
-        missing = sorted(set(current) - set(tensors))
+        schedule = self._schedule_names()
+        missing = sorted(set(current) - set(tensors) - schedule)
         if missing:
             raise LoraError(f"the checkpoint's optimizer state lacks {len(missing)} tensor(s) (e.g. {missing[0]}); it "
                             f"was made with other settings")
+        changed = False
         for name, p in current.items():
+            if name in schedule:
+                old, new = tensors.get(name), p.asnumpy()
+                changed |= old is None or old.shape != new.shape or not np.array_equal(old, new)
+                continue
             p.set_data(self._ms.Tensor(tensors[name], dtype=p.dtype))
+        if changed:
+            self._say(f"the learning-rate schedule differs from the checkpoint's (other --max_train_steps, "
+                      f"--lr_scheduler, --lr_warmup_steps or --learning_rate); continuing on the new schedule for "
+                      f"{self.max_steps} steps")
 
     def _save_checkpoint(self, global_step: int, losses: list[float]) -> str | None:
         if not self.is_main:

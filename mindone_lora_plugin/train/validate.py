@@ -115,3 +115,46 @@ def _check_combinations(args) -> None:
         from mindone_lora_plugin.train.buckets import check_bucket_values
 
         check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+
+
+def check_fused_targets(arch, strategy, models, options, formats) -> None:
+    """Before any data is loaded or adapter added: adapters that a file layout of the run must fuse but cannot, in one
+    line naming the modules and what works instead. FLUX's kohya layout fuses q/k/v → ``qkv`` and q/k/v/proj_mlp →
+    ``linear1``. An algorithm other than plain LoRA (LoHa, LoKr) on such a module has no exact fused form (a Hadamard
+    or Kronecker product per part is not one of the concatenated weight), and the layouts that keep the parts separate
+    (diffusers) hold plain LoRA only, so the run could not be saved. DoRA fuses only when every part of the fused
+    module has it. Architectures without fused file modules are never refused."""
+    fused_of = getattr(arch, "fused_file_module", None)
+    algorithm = getattr(options, "algorithm", "lora") or "lora"
+    dora = bool(getattr(options, "dora", False))
+    if fused_of is None or (algorithm == "lora" and not dora):
+        return
+    hits: dict[str, tuple[list[str], tuple[str, ...]]] = {}
+    for comp in strategy.enabled_components(models, options):
+        if comp not in models:
+            continue
+        for path in strategy.target_modules(comp, models[comp], options):
+            found = fused_of(comp, path, formats)
+            if found:
+                hits.setdefault(found[0], ([], found[1]))[0].append(f"{comp}.{path}")
+    targets = options.targets if isinstance(options.targets, str) else ",".join(options.targets)
+    if algorithm == "lora":  # DoRA: only fused modules some of whose parts are left out
+        partial = {name: (got, parts) for name, (got, parts) in hits.items() if set(got) != set(parts)}
+        if partial:
+            name, (got, parts) = next(iter(partial.items()))
+            left = [p for p in parts if p not in got]
+            raise LoraError(
+                f"--lora_dora with --lora_targets {targets} trains {', '.join(got)} but not {', '.join(left)}, which "
+                f"the {arch.label} kohya layout fuses with them into {name} ({len(partial)} such fused module(s)); "
+                f"a fused DoRA module needs every part: use --lora_targets kohya (every part), or "
+                f"--save_formats diffusers (keeps the parts separate)")
+        return
+    if not hits:
+        return
+    first, (paths, _) = next(iter(hits.items()))
+    more = sum(len(v[0]) for v in hits.values()) - len(paths)
+    raise LoraError(
+        f"--lora_algo {algorithm} cannot train {', '.join(paths)}{f' and {more} more module(s)' if more else ''} "
+        f"(--lora_targets {targets}): the {arch.label} kohya layout fuses them into {first} ({len(hits)} fused "
+        f"module(s)), and a {algorithm} module has no exact fused form; use --lora_algo lora, or --lora_targets "
+        f"without the fused modules (e.g. {arch.unfused_targets_hint})")

@@ -55,6 +55,29 @@ class Flux(keys.FluxKeyGrammar, Architecture):
     def target_rules(self, component: str) -> dict[str, TargetRule]:
         return dict(targets.RULES.get(component, {}))
 
+    #: explicit --lora_targets that the kohya layout keeps unfused (LoHa/LoKr can train them)
+    unfused_targets_hint = "to_out.0,to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_out"
+
+    def fused_file_module(self, component: str, path: str, formats) -> tuple[str, tuple[str, ...]] | None:
+        """``(kohya module name, the paths it fuses)`` of a target fused with others when one of ``formats`` is the
+        kohya layout (the original BFL model's ``img_attn_qkv``/``txt_attn_qkv``/``linear1``), else None.
+
+        LoHa/LoKr on those modules are refused before training (:func:`~mindone_lora_plugin.train.validate.
+        check_fused_targets`). LyCORIS wraps whatever torch model it is given. In the kohya layout (sd-scripts,
+        ComfyUI) that is the original BFL model, whose ``qkv``/``linear1`` are single Linears, so a LoHa/LoKr module
+        there adapts the fused weight as a whole. That is a different module from separate q/k/v ones, and no exact
+        conversion joins them. (Diffusers-based trainers apply LyCORIS to the separate ``to_q``/``to_k``/``to_v``
+        under LyCORIS's own diffusers-path names, a layout this package does not write.) This package trains the
+        diffusers model (separate q/k/v), so it trains LoHa/LoKr only on modules the kohya layout keeps as they are,
+        and plain LoRA (which fuses exactly) everywhere. DoRA fuses exactly only when every part of a fused module
+        has it (each part needs its magnitude)."""
+        if component != "transformer" or "kohya" not in formats:
+            return None
+        found = keys.bfl_name(path)
+        if found is None or len(found[2]) < 2:
+            return None
+        return f"{keys.KOHYA_PREFIXES['transformer']}_{found[0]}", tuple(f"{component}.{p}" for p in found[2])
+
     # ------------------------------------------------------------------ training (MindSpore)
 
     def load_training_parts(self, trainer, folder: str) -> None:

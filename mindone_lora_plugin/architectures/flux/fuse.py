@@ -48,9 +48,12 @@ def _plain(mod: LoraModule, where: str, what: str) -> None:
         label = mod.algo.label(mod) if mod.algorithm == "lora" else mod.algorithm
         if mod.algorithm == "lora" and "magnitude" in mod.tensors:
             label += " (input-column magnitude)"
+        fix = ("write the LoRA in the diffusers format (--save_formats/--to diffusers), which keeps every module "
+               "separate" if mod.algorithm == "lora" else
+               f"the diffusers format holds plain LoRA only, so train plain LoRA on these modules (--lora_algo lora) "
+               f"or leave the fused q/k/v/proj_mlp modules out of --lora_targets")
         raise LoraError(f"{where} is a {label} module, whose weight change cannot be {what} exactly (only plain LoRA "
-                        "and output-row DoRA can); write the LoRA in the diffusers format (--save_formats/--to "
-                        "diffusers), which keeps every module separate")
+                        f"and output-row DoRA can); {fix}")
     if np.ndim(mod.down) != 2:
         raise LoraError(f"{where}: a fused FLUX module is a Linear, but this LoRA is {np.ndim(mod.down)}-D; the file "
                         "is corrupted")
