@@ -162,14 +162,20 @@ def _to_transformers_names(path: str) -> None:
 
 def ensure_tiny_model(kind: str, folder: str) -> str:
     """Save the tiny model at ``folder`` unless a complete one is already there."""
-    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(
-            os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")):
-        return folder
-    tmp = folder.rstrip("/") + ".partial"
+    return ensure_folder(folder, "unet", lambda tmp: save_tiny_model(kind, tmp))
+
+
+def ensure_folder(folder: str, denoiser: str, save) -> str:
+    """A tiny model folder, built by ``save(tmp)`` into a temporary folder and renamed into place unless
+    ``folder`` already holds a complete one (its ``model_index.json`` and the ``denoiser``'s weights)."""
     import shutil
 
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(
+            os.path.join(folder, denoiser, "diffusion_pytorch_model.safetensors")):
+        return folder
+    tmp = folder.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_tiny_model(kind, tmp)
+    save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder

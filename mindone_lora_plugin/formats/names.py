@@ -351,9 +351,9 @@ def pattern_key(patterns: dict, path: str):
     return None
 
 
-def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, AdapterConfig] | None:
-    """Per-component configs from a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
-    raw = metadata.get("lora_adapter_metadata")
+def adapter_metadata(metadata: dict[str, str] | None, where: str) -> dict | None:
+    """The JSON object in a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return None
     try:
@@ -363,6 +363,14 @@ def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, Ada
     except ValueError:
         raise LoraError(f"{where} has a garbage 'lora_adapter_metadata' header entry (not a JSON object); the file "
                         "is corrupted") from None
+    return data
+
+
+def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, AdapterConfig] | None:
+    """Per-component configs from a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
+    data = adapter_metadata(metadata, where)
+    if data is None:
+        return None
     per: dict[str, dict] = {}
     for k, v in data.items():
         for comp in _longest_first_components():

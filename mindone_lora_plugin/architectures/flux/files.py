@@ -20,7 +20,6 @@ The formats and the reader reach this module through the FLUX architecture's fil
 from __future__ import annotations
 
 import datetime
-import json
 import re
 
 import numpy as np
@@ -97,18 +96,11 @@ def refuse_variants(names, shapes: dict, base, where: str) -> None:
 
 def _configs(metadata: dict[str, str], where: str) -> dict:
     """Per-component PEFT configs from a ``lora_adapter_metadata`` header entry (``transformer.r`` ...)."""
-    from mindone_lora_plugin.formats.names import AdapterConfig
+    from mindone_lora_plugin.formats.names import AdapterConfig, adapter_metadata
 
-    raw = (metadata or {}).get("lora_adapter_metadata")
-    if not raw:
+    data = adapter_metadata(metadata, where)
+    if data is None:
         return {}
-    try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError
-    except ValueError:
-        raise LoraError(f"{where} has a garbage 'lora_adapter_metadata' header entry (not a JSON object); the file "
-                        "is corrupted") from None
     per: dict[str, dict] = {}
     for k, v in data.items():
         comp, sep, field = k.partition(".")

@@ -123,17 +123,9 @@ def _untie_t5_embeddings(path: str) -> None:
 
 def ensure_tiny_model(kind: str, folder: str) -> str:
     """Save the tiny FLUX model at ``folder`` unless a complete one is already there."""
-    import shutil
+    from mindone_lora_plugin.tiny import ensure_folder
 
-    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(
-            os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")):
-        return folder
-    tmp = folder.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tiny_model(kind, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+    return ensure_folder(folder, "transformer", lambda tmp: save_tiny_model(kind, tmp))
 
 
 if __name__ == "__main__":  # pragma: no cover - a convenience for people
