@@ -29,20 +29,24 @@ def add_parser(subparsers):
 
 
 def module_kind(component: str, path: str, mod) -> str:
-    """A short kind for a module: attn, proj, ff, mlp, conv3x3, resnet, embedding or other."""
+    """A short kind for a module: attn, proj, ff, mlp, modulation, conv3x3, resnet, embedding or other (SD UNets,
+    FLUX transformers, CLIP and T5 encoders)."""
     if mod.is_conv and tuple(mod.kernel_size) != (1, 1):
         return "conv3x3" if tuple(mod.kernel_size) == (3, 3) else "conv"
-    if re.search(r"\.attn[12]\.|\.self_attn\.", "." + path):
+    dotted = "." + path
+    if re.search(r"\.attn[12]?\.|\.self_attn\.|\.SelfAttention\.", dotted):
         return "attn"
+    if re.search(r"\.norm\w*\.linear$", dotted):
+        return "modulation"  # FLUX's AdaLN
     if re.search(r"(?:^|\.)proj_(?:in|out)$", path):
         return "proj"
-    if ".ff." in "." + path:
+    if re.search(r"\.ff(?:_context)?\.", dotted):
         return "ff"
-    if ".mlp." in "." + path:
+    if re.search(r"\.mlp\.|\.DenseReluDense\.|\.proj_mlp$", dotted):
         return "mlp"
     if re.search(r"\.resnets\.\d+\.(?:time_emb_proj|conv_shortcut)$", path):
         return "resnet"
-    if path.startswith(("time_embedding.", "add_embedding.")):
+    if path.startswith(("time_embedding.", "add_embedding.", "time_text_embed.", "x_embedder", "context_embedder")):
         return "embedding"
     return "other"
 
