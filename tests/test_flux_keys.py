@@ -462,3 +462,17 @@ def test_a_comfyui_fused_module_that_does_not_split_is_named(tmp_path):
     with pytest.raises(LoraError) as e:
         read_lora(save(tmp_path, t))
     assert "fused module 'single_blocks_2_linear1'" in one_line(e) and "--base" in one_line(e)
+
+
+def test_inspect_names_the_kind_of_every_flux_module(shapes):
+    """`inspect`'s kinds cover the whole FLUX transformer (no module left as "other")."""
+    from collections import Counter
+
+    from mindone_lora_plugin.commands.inspect import module_kind
+
+    kinds = Counter(module_kind("transformer", p, LoraModule(np.zeros((1, s[1]), np.float32),
+                                                             np.zeros((s[0], 1), np.float32), 1.0))
+                    for p, s in shapes.items())
+    assert "other" not in kinds, kinds
+    assert {"attn", "ff", "modulation", "embedding", "mlp", "proj"} <= set(kinds)
+    assert kinds["attn"] > kinds["ff"]
