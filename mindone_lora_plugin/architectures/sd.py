@@ -196,10 +196,7 @@ class StableDiffusion(Architecture):
 
         ms = trainer._ms
         args = trainer.args
-        moments = data_setup.moments(trainer, batch)
-        mean, logvar = np.split(moments, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        latents = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * trainer.vae.config.scaling_factor
+        latents = data_setup.sample_latents(trainer, batch, rng)
         noise = draw_noise(rng, latents.shape, args)
         n = latents.shape[0]
         t = rng.integers(0, len(trainer.alphas_cumprod), size=n)
@@ -207,13 +204,9 @@ class StableDiffusion(Architecture):
         # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
         weights = (batch.loss_weights * loss_weights(acp, args, trainer.prediction_type == "v_prediction")
                    if weighted else np.ones(n, dtype=np.float32))
-        if trainer.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
-            half = n // 2
-            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * args.prior_loss_weight)])
-        text = data_setup.text_embeddings(trainer, batch)
-        if text is None:
-            ids, ids_2 = trainer._tokenize(batch.captions)
-            text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+        if weighted:
+            weights = data_setup.prior_weighted(trainer, weights, n)
+        text = data_setup.batch_text(trainer, batch)
         if self.uses_time_ids:  # each image's own original size and crop; the target is the batch's shape
             time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
                                    for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)

@@ -144,6 +144,35 @@ def moments(trainer, batch) -> np.ndarray:
     return trainer.encode_cell(ms.Tensor(batch.pixels, dtype=trainer.vae.dtype)).asnumpy().astype(np.float32)
 
 
+def sample_latents(trainer, batch, rng) -> np.ndarray:
+    """Latents of the batch's images: a draw from the VAE's posterior (cached moments or a fresh encode), shifted
+    and scaled as the VAE's config says (``shift_factor`` for FLUX's VAE, none for SD's)."""
+    config = trainer.vae.config
+    mean, logvar = np.split(moments(trainer, batch), 2, axis=1)
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+    sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+
+def prior_weighted(trainer, weights: np.ndarray, n: int) -> np.ndarray:
+    """DreamBooth's loss, mean(instance) + prior_loss_weight × mean(class), as per-sample weights: a prior batch is
+    its instance images, then as many class images."""
+    if not trainer.plan.prior:
+        return weights
+    half = n // 2
+    return weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * trainer.args.prior_loss_weight)])
+
+
+def batch_text(trainer, batch):
+    """The batch's text input: cached ``(embeds, pooled)``, the token ids when the text encoders train, or the
+    frozen encoders' outputs."""
+    text = text_embeddings(trainer, batch)
+    if text is None:
+        ids, ids_2 = trainer._tokenize(batch.captions)
+        text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+    return text
+
+
 def text_embeddings(trainer, batch):
     """``(embeds, pooled)`` tensors of the batch's captions from the text cache, or None when there is none."""
     if getattr(trainer, "text_cache", None) is None:

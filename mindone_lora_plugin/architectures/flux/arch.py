@@ -127,23 +127,15 @@ class Flux(keys.FluxKeyGrammar, Architecture):
 
         ms = trainer._ms
         args = trainer.args
-        vae = trainer.vae.config
-        mean, logvar = np.split(data_setup.moments(trainer, batch), 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-        latents = (sample - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        latents = data_setup.sample_latents(trainer, batch, rng)
         noise = draw_noise(rng, latents.shape, args)
         n = latents.shape[0]
         sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), trainer.flow_shift,
                                _option(args, "logit_mean"), _option(args, "logit_std"), _option(args, "sigmoid_scale"))
         weights = batch.loss_weights.astype(np.float64) if weighted else np.ones(n)
-        if trainer.plan.prior and weighted:  # loss = mean(instance) + prior_loss_weight * mean(class), as DreamBooth
-            half = n // 2
-            weights = weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * args.prior_loss_weight)])
-        text = data_setup.text_embeddings(trainer, batch)
-        if text is None:
-            ids, ids_2 = trainer._tokenize(batch.captions)
-            text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+        if weighted:
+            weights = data_setup.prior_weighted(trainer, weights, n)
+        text = data_setup.batch_text(trainer, batch)
         cond = (text[0], text[1])
         if trainer.guidance:
             cond = cond + (ms.Tensor(np.full(n, _option(args, "guidance_scale"), np.float32)),)
