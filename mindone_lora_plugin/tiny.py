@@ -128,10 +128,16 @@ def build_pipeline(kind: str = "sd1", workdir: str | None = None):
 
 def save_tiny_model(kind: str, folder: str) -> str:
     """Build the tiny ``kind`` pipeline and save it at ``folder`` in diffusers layout; return ``folder``."""
+    return save_pipeline(lambda tmp: build_pipeline(kind, tmp), folder)
+
+
+def save_pipeline(build, folder: str) -> str:
+    """Save the pipeline ``build(workdir)`` makes at ``folder`` (its text encoders' weights under the transformers
+    names mindone and HF load); return ``folder``."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = build_pipeline(kind, tmp)
+        pipe = build(tmp)
         pipe.save_pretrained(folder)
     for sub in ("text_encoder", "text_encoder_2"):
         path = os.path.join(folder, sub, "model.safetensors")

@@ -97,15 +97,7 @@ def build_pipeline(kind: str = "dev", workdir: str | None = None):
 
 def save_tiny_model(kind: str, folder: str) -> str:
     """Build the tiny ``kind`` FLUX pipeline and save it at ``folder`` in diffusers layout; return ``folder``."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = build_pipeline(kind, tmp)
-        pipe.save_pretrained(folder)
-    for sub in ("text_encoder", "text_encoder_2"):
-        path = os.path.join(folder, sub, "model.safetensors")
-        if os.path.isfile(path):
-            sd_tiny._to_transformers_names(path)  # pylint: disable=protected-access
+    sd_tiny.save_pipeline(lambda tmp: build_pipeline(kind, tmp), folder)
     _untie_t5_embeddings(os.path.join(folder, "text_encoder_2", "model.safetensors"))
     return folder
 
