@@ -30,7 +30,9 @@ with a plain signature.
 
 FLUX.1's primitives (``Outer``, ``RepeatInterleaveInt``, ``Embedding``, ``FillScalar``/``FillTensor``, mindone's
 ``scaled_dot_product_attention`` and the FLUX constructs that call ``Tensor.chunk``/``split``/``unbind``) are replaced
-by :mod:`mindone_lora_plugin.backends.cpu_transformer`, merged into the tables here.
+by :mod:`mindone_lora_plugin.backends.cpu_transformer`, merged into the tables here. Large unmasked attention calls of
+the SD/SDXL UNet take :mod:`mindone_lora_plugin.backends.cpu_attention`'s chunked attention, which does not keep the
+score matrices for the backward pass (the memory of full-size models at 512 px and more).
 
 Known limits (not on the SD/SDXL/FLUX LoRA paths, left as shipped; measured with the backend active): ``mint.mul``
 with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, ``mint.empty``, ``mint.argmax``,
@@ -62,7 +64,7 @@ from mindspore.ops.operations import _inner_ops
 from mindspore.ops._primitive_cache import _get_cache_prim
 
 from mindone_lora_plugin.backends import VERIFIED_VERSIONS  # noqa: E402,F401  pyflakes: ignore (re-exported)
-from mindone_lora_plugin.backends import cpu_transformer
+from mindone_lora_plugin.backends import cpu_attention, cpu_transformer
 
 # --------------------------------------------------------------------------------------------------------------------
 # Small helpers (all graph-mode safe: constant folding handles the Python-level shape arithmetic)
@@ -619,6 +621,9 @@ def _rebind_module(module) -> int:
             if isinstance(cls, type) and cls.__dict__.get(method) is not construct:
                 setattr(cls, method, construct)
                 count += 1
+    if getattr(module, "__name__", None) == cpu_attention.ATTENTION_MODULE and cpu_attention.install_into(
+            namespace.get("Attention")):
+        count += 1
     return count
 
 
