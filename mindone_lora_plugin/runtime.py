@@ -11,6 +11,38 @@ import warnings
 
 _QUIETED = False
 MAX_CALL_DEPTH = 20000
+#: ``--mode auto`` on CPU: a denoiser (``unet/`` or ``transformer/`` weights) at least this large trains in PyNative.
+#: MindSpore 2.7.1's CPU GRAPH_MODE runtime keeps far more of a step's buffers than PyNative (docs/benchmarks.md,
+#: benchmark 5): a full-size SD1.5 step at 512 px passes 16 GiB in GRAPH_MODE and fits in PyNative. Every tiny model
+#: of the tests and demos is far below this and keeps GRAPH_MODE, which is the faster mode for small models.
+FULL_SIZE_BYTES = 256 << 20
+MODES = ("auto", "graph", "pynative")
+
+
+def denoiser_bytes(model_path: str | None) -> int:
+    """Bytes of weights in a model folder's ``unet/`` or ``transformer/`` subfolder (a single-file checkpoint: its
+    size); 0 when there is none to measure."""
+    if not model_path:
+        return 0
+    if os.path.isfile(model_path):
+        return os.path.getsize(model_path)
+    total = 0
+    for sub in ("unet", "transformer"):
+        folder = os.path.join(model_path, sub)
+        if os.path.isdir(folder):
+            total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                         if f.endswith((".safetensors", ".bin", ".ckpt")))
+    return total
+
+
+def auto_mode(target: str, model_path: str | None) -> tuple[str, str]:
+    """The execution mode ``--mode auto`` picks, and why (an empty reason for the plain default, GRAPH_MODE)."""
+    size = denoiser_bytes(model_path) if target == "CPU" else 0
+    if size >= FULL_SIZE_BYTES:
+        return "pynative", (f"--mode auto: PyNative for this full-size model on CPU ({size / 2 ** 30:.1f} GiB of "
+                            f"denoiser weights): MindSpore's CPU GRAPH_MODE keeps several times the activation memory "
+                            f"(--mode graph overrides)")
+    return "graph", ""
 
 
 def quiet_mindone_imports() -> None:
@@ -36,8 +68,10 @@ def quiet_mindone_imports() -> None:
     logging.getLogger("mindone").setLevel(logging.ERROR)
 
 
-def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None) -> str:
-    """Set the MindSpore context (``mode`` is ``graph`` or ``pynative``), activate the CPU backend on CPU.
+def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None,
+          model_path: str | None = None) -> str:
+    """Set the MindSpore context (``mode`` is ``graph``, ``pynative`` or ``auto``: :func:`auto_mode` on
+    ``model_path``), activate the CPU backend on CPU.
 
     Returns the device target in use.
     """
@@ -52,6 +86,8 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
         except (AttributeError, RuntimeError):  # older MindSpore, or the runtime already started in this process
             ms.set_context(device_target=device_target)
     target = ms.get_context("device_target")
+    if mode == "auto":
+        mode, _ = auto_mode(target, model_path)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     # MindSpore's optimizers unroll one call per parameter when compiled: SDXL with LoHa on the UNet and both text
     # encoders (544 tensors) passes the default depth of 1000
@@ -67,3 +103,10 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
             ms.manual_seed(seed)  # what mint's random ops follow
         np.random.seed(seed)
     return target
+
+
+def current_mode() -> str:
+    """``graph`` or ``pynative``: the mode the MindSpore context is in."""
+    import mindspore as ms
+
+    return "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"

@@ -4,7 +4,8 @@
   lowers the peak RSS of a process doing one LoRA step (fresh subprocesses);
 * ``--gradient_checkpointing`` through ``mindone-lora train`` and through ``mindone-lora run`` (the script's own flag);
 * one-line refusals: a model without blocks to recompute, ``--mixed_precision bf16`` on CPU;
-* the CPU backend's bfloat16 embedding lookup against numpy.
+* the CPU backend's bfloat16 embedding lookup against numpy;
+* ``--mode auto``: GRAPH_MODE for small models, PyNative for full-size ones on CPU.
 """
 
 from __future__ import annotations
@@ -142,3 +143,19 @@ def test_bf16_embedding_rows_against_numpy():
     emb32 = nn.Embedding(50, 8)
     emb32.embedding_table.set_data(ms.Tensor(table))
     np.testing.assert_array_equal(emb32(ms.Tensor(ids)).asnumpy(), table[ids])
+
+
+def test_auto_mode_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):
+    from mindone_lora_plugin.runtime import FULL_SIZE_BYTES, auto_mode, denoiser_bytes
+
+    assert 0 < denoiser_bytes(tiny_sd1) < FULL_SIZE_BYTES
+    assert auto_mode("CPU", tiny_sd1) == ("graph", "")
+    big = tmp_path / "full" / "unet"
+    big.mkdir(parents=True)
+    with open(big / "diffusion_pytorch_model.safetensors", "wb") as f:  # sparse: no disk used
+        f.truncate(FULL_SIZE_BYTES + 1)
+    mode, reason = auto_mode("CPU", str(tmp_path / "full"))
+    assert mode == "pynative" and "--mode graph" in reason and "\n" not in reason
+    assert auto_mode("Ascend", str(tmp_path / "full")) == ("graph", "")  # only the CPU runtime needs it
+    assert auto_mode("CPU", None) == ("graph", "")
+

@@ -11,6 +11,7 @@ import argparse
 
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.options import PRESETS, SAVE_DTYPES
+from mindone_lora_plugin.runtime import MODES
 
 # Flags the mindone script accepted but nothing here can honour → the reason given when one is used.
 REFUSED = {
@@ -143,7 +144,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_feature_arguments(parser)
 
     g = parser.add_argument_group("runtime")
-    g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
+    g.add_argument("--mode", choices=MODES, default="auto",
+                   help="MindSpore execution mode; auto: GRAPH_MODE, except PyNative for full-size models on CPU, "
+                        "where GRAPH_MODE keeps several times the memory")
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth", "flux"), default=None,
                    help="train a built-in tiny model on a generated dataset (sd1, sdxl, flux, or dreambooth on sd1)")
