@@ -259,7 +259,7 @@ def text_embeddings(tokenizer, text_encoder, captions: list[str]) -> np.ndarray:
 
 
 def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, steps: int, batch_size: int,
-               lr: float, log) -> list[float]:
+               lr: float, log, snapshot=None, snapshot_every: int = 0) -> list[float]:
     import mindspore as ms
     from tqdm.auto import tqdm
 
@@ -289,6 +289,8 @@ def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, 
         losses.append(float(loss.asnumpy()))
         if (i + 1) % 100 == 0 or i + 1 == steps:
             log(f"unet step {i + 1}/{steps} loss {np.mean(losses[-100:]):.4f}")
+        if snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 and i + 1 < steps:
+            snapshot(i + 1, losses)
     unet.set_train(False)
     return losses
 
@@ -327,10 +329,11 @@ def save_folder(out: str, tokenizer, text_encoder, vae, unet, info: dict) -> str
 
 
 def pretrain(out: str, seed: int = 0, unet_steps: int = 800, batch_size: int = 16, unet_lr: float = 2e-3,
-             mode: str = "graph", log=print,
-             variants: int = VARIANTS) -> str:
-    """Run both stages and write the model folder at ``out``; return ``out``. (A test runs a few steps of it twice
-    with few ``variants`` per class, in PyNative, to check that the same seed gives the same weights.)"""
+             mode: str = "graph", log=print, variants: int = VARIANTS, snapshot_every: int = 0) -> str:
+    """Run both stages and write the model folder at ``out``; return ``out``. With ``snapshot_every``, the model so
+    far is also written every that many UNet steps, as ``OUT-stepN`` (to score how it improves). (A test runs a few
+    steps of it twice with few ``variants`` per class, in PyNative, to check that the same seed gives the same
+    weights.)"""
     import tempfile
 
     from mindone_lora_plugin.runtime import setup
@@ -348,13 +351,22 @@ def pretrain(out: str, seed: int = 0, unet_steps: int = 800, batch_size: int = 1
         log(f"VAE set; latent std {means.std():.4f} → scaling_factor {scaling:.4f}")
         captions = sorted({c for label in set(labels) for c, _ in class_captions(*label)})
         embeds = dict(zip(captions, text_embeddings(tokenizer, text_encoder, captions)))
-        unet_losses = train_unet(unet, means * scaling, labels, embeds, seed, unet_steps, batch_size, unet_lr, log)
-        info = {"seed": seed, "unet_steps": unet_steps, "batch_size": batch_size, "unet_lr": unet_lr, "mode": mode,
-                "variants": variants, "scaling_factor": scaling,
-                "final_unet_loss": float(np.mean(unet_losses[-100:])),
-                "command": f"python -m mindone_lora_plugin.pretrain_tiny --seed {seed} --unet_steps {unet_steps} "
-                           f"--batch_size {batch_size} --unet_lr {unet_lr:g} --out OUT"}
-        save_folder(out, tokenizer, text_encoder, vae, unet, info)
+
+        def info(steps_done, losses):
+            return {"seed": seed, "unet_steps": steps_done, "batch_size": batch_size, "unet_lr": unet_lr,
+                    "mode": mode, "variants": variants, "scaling_factor": scaling,
+                    "final_unet_loss": float(np.mean(losses[-100:])),
+                    "command": f"python -m mindone_lora_plugin.pretrain_tiny --seed {seed} --unet_steps {unet_steps} "
+                               f"--batch_size {batch_size} --unet_lr {unet_lr:g} --out OUT"}
+
+        def snapshot(steps_done, losses):
+            path = save_folder(f"{out.rstrip('/')}-step{steps_done}", tokenizer, text_encoder, vae, unet,
+                               info(steps_done, losses))
+            log(f"wrote {path}")
+
+        unet_losses = train_unet(unet, means * scaling, labels, embeds, seed, unet_steps, batch_size, unet_lr, log,
+                                 snapshot, snapshot_every)
+        save_folder(out, tokenizer, text_encoder, vae, unet, info(unet_steps, unet_losses))
     log(f"wrote {out} in {time.time() - t0:.0f}s")
     return out
 
@@ -368,9 +380,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--unet_lr", type=float, default=2e-3)
     p.add_argument("--mode", choices=("graph", "pynative"), default="graph")
+    p.add_argument("--snapshot_every", type=int, default=0, metavar="N",
+                   help="also write the model every N UNet steps, as OUT-stepN")
     a = p.parse_args(argv)
     pretrain(a.out, a.seed, a.unet_steps, a.batch_size, a.unet_lr, a.mode,
-             log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
+             log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), snapshot_every=a.snapshot_every)
     return 0
 
 
