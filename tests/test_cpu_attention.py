@@ -151,3 +151,21 @@ def test_unet_lora_gradients_equal_through_chunked_attention(monkeypatch):
     UNetLoss(_lora_unet())(*inputs)
     # self- and cross-attention: 1 down, 1 mid and 2 up transformer layers
     assert calls == [(1, 2, 256, 16)] * 2 + [(1, 4, 64, 16)] * 2 + [(1, 2, 256, 16)] * 4
+
+
+def test_flux_attention_function_takes_the_chunked_path_when_large(monkeypatch):
+    """mindone's ``layers_compat.scaled_dot_product_attention`` (FLUX) as replaced by the backend: the chunked path
+    for a large unmasked call gives the materialised path's values."""
+    from mindone_lora_plugin.backends import cpu_transformer
+
+    rng = np.random.default_rng(3)
+    q, k, v = (T(rng.standard_normal((1, 2, 33, 8)), ms.float32) for _ in range(3))
+    plain = cpu_transformer.scaled_dot_product_attention(q, k, v).asnumpy()
+    calls = []
+    inner = cpu_attention.chunked_attention
+    monkeypatch.setattr(cpu_attention, "chunked_attention", lambda *a: calls.append(1) or inner(*a))
+    monkeypatch.setattr(cpu_attention, "MIN_SCORE_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_attention, "CHUNK_ELEMENTS", 2 * 8 * 33)
+    chunked = cpu_transformer.scaled_dot_product_attention(q, k, v).asnumpy()
+    assert calls == [1]
+    np.testing.assert_allclose(chunked, plain, atol=1e-6)

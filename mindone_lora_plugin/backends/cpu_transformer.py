@@ -16,6 +16,8 @@ from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import gen_ops_prim
 
+from mindone_lora_plugin.backends import cpu_attention
+
 
 def outer_op(input, vec2):
     """``Outer``: ``input[:, None] * vec2[None, :]``."""
@@ -45,6 +47,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """mindone's ``layers_compat.scaled_dot_product_attention`` (torch semantics; ``(..., heads, seq, dim)``) as
     matmul + softmax in float32, instead of the kernel-less ``FlashAttentionScore`` it calls for half precision or by
     default. A boolean ``attn_mask`` keeps the ``True`` positions; any other mask is added to the scores."""
+    if not enable_gqa and cpu_attention.wanted(query, key, attn_mask, dropout_p, is_causal):
+        factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        return cpu_attention.chunked_attention(query * factor, key, value)  # large, unmasked: chunked
     dtype = query.dtype
     q = query.astype(mstype.float32)
     k = key.astype(mstype.float32)
