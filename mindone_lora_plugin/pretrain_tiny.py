@@ -328,7 +328,7 @@ def save_folder(out: str, tokenizer, text_encoder, vae, unet, info: dict) -> str
     return out
 
 
-def pretrain(out: str, seed: int = 0, unet_steps: int = 800, batch_size: int = 16, unet_lr: float = 2e-3,
+def pretrain(out: str, seed: int = 0, unet_steps: int = 6000, batch_size: int = 32, unet_lr: float = 2e-3,
              mode: str = "graph", log=print, variants: int = VARIANTS, snapshot_every: int = 0) -> str:
     """Run both stages and write the model folder at ``out``; return ``out``. With ``snapshot_every``, the model so
     far is also written every that many UNet steps, as ``OUT-stepN`` (to score how it improves). (A test runs a few
@@ -376,8 +376,8 @@ def main(argv=None) -> int:
                                 description="Pretrain the tiny SD1.x shapes base model on the CPU.")
     p.add_argument("--out", required=True, help="the model folder to write (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unet_steps", type=int, default=800)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--unet_lr", type=float, default=2e-3)
     p.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     p.add_argument("--snapshot_every", type=int, default=0, metavar="N",

@@ -30,8 +30,8 @@ DEMO_DEFAULTS = dict(train_batch_size=4, max_train_steps=120, learning_rate=1e-3
 CONCEPT_PROMPT = "a photo of sks"
 CONCEPT = ("purple", "cross")
 BASE_CHECKS = ("a red circle", "a blue square")
-SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=200, learning_rate=2e-3, lora_rank=8,
-                    lora_alpha=8.0, checkpointing_steps=100)
+SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=100, learning_rate=2e-3, lora_rank=8,
+                    lora_alpha=8.0, checkpointing_steps=50)
 #: the tiny FLUX.1-dev demo: fewer, shorter validation images (the PyNative FluxPipeline is the slow part on CPU)
 FLUX_DEFAULTS = dict(DEMO_DEFAULTS, num_validation_images=2, num_inference_steps=4)
 SEEDS = range(8)
