@@ -35,14 +35,21 @@ def denoiser_bytes(model_path: str | None) -> int:
     return total
 
 
-def auto_mode(target: str, model_path: str | None) -> tuple[str, str]:
-    """The execution mode ``--mode auto`` picks, and why (an empty reason for the plain default, GRAPH_MODE)."""
-    size = denoiser_bytes(model_path) if target == "CPU" else 0
-    if size >= FULL_SIZE_BYTES:
-        return "pynative", (f"--mode auto: PyNative for this full-size model on CPU ({size / 2 ** 30:.1f} GiB of "
-                            f"denoiser weights): MindSpore's CPU GRAPH_MODE keeps several times the activation memory "
+def resolve_mode(requested: str, target: str, model_path: str | None) -> tuple[str, str]:
+    """The execution mode for ``--mode requested`` (``auto``, ``graph`` or ``pynative``) and a line to tell the user
+    (empty when there is nothing to say). ``auto`` is GRAPH_MODE, except PyNative for a full-size model on CPU;
+    forcing ``graph`` on such a model gets a warning."""
+    full = target == "CPU" and requested in ("auto", "graph") and denoiser_bytes(model_path) >= FULL_SIZE_BYTES
+    if requested == "auto" and full:
+        size = denoiser_bytes(model_path) / 2 ** 30
+        return "pynative", (f"--mode auto: PyNative for this full-size model on CPU ({size:.1f} GiB of denoiser "
+                            f"weights): MindSpore's CPU GRAPH_MODE keeps several times the activation memory "
                             f"(--mode graph overrides)")
-    return "graph", ""
+    if full:
+        return "graph", ("warning: GRAPH_MODE on CPU keeps several times PyNative's activation memory for a "
+                         "full-size model (512 px SD1.5 passes 16 GiB); if the run is killed for memory, use "
+                         "--mode auto")
+    return ("graph" if requested == "auto" else requested), ""
 
 
 def quiet_mindone_imports() -> None:
@@ -70,7 +77,7 @@ def quiet_mindone_imports() -> None:
 
 def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None,
           model_path: str | None = None) -> str:
-    """Set the MindSpore context (``mode`` is ``graph``, ``pynative`` or ``auto``: :func:`auto_mode` on
+    """Set the MindSpore context (``mode`` is ``graph``, ``pynative`` or ``auto``: :func:`resolve_mode` on
     ``model_path``), activate the CPU backend on CPU.
 
     Returns the device target in use.
@@ -86,8 +93,7 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
         except (AttributeError, RuntimeError):  # older MindSpore, or the runtime already started in this process
             ms.set_context(device_target=device_target)
     target = ms.get_context("device_target")
-    if mode == "auto":
-        mode, _ = auto_mode(target, model_path)
+    mode = resolve_mode(mode, target, model_path)[0]
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     # MindSpore's optimizers unroll one call per parameter when compiled: SDXL with LoHa on the UNet and both text
     # encoders (544 tensors) passes the default depth of 1000

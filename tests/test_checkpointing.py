@@ -145,20 +145,24 @@ def test_bf16_embedding_rows_against_numpy():
     np.testing.assert_array_equal(emb32(ms.Tensor(ids)).asnumpy(), table[ids])
 
 
-def test_auto_mode_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):
-    from mindone_lora_plugin.runtime import FULL_SIZE_BYTES, auto_mode, denoiser_bytes
+def test_mode_auto_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):
+    from mindone_lora_plugin.runtime import FULL_SIZE_BYTES, denoiser_bytes, resolve_mode
 
     assert 0 < denoiser_bytes(tiny_sd1) < FULL_SIZE_BYTES
-    assert auto_mode("CPU", tiny_sd1) == ("graph", "")
+    assert resolve_mode("auto", "CPU", tiny_sd1) == ("graph", "")
+    assert resolve_mode("graph", "CPU", tiny_sd1) == ("graph", "")
     big = tmp_path / "full" / "unet"
     big.mkdir(parents=True)
     with open(big / "diffusion_pytorch_model.safetensors", "wb") as f:  # sparse: no disk used
         f.truncate(FULL_SIZE_BYTES + 1)
-    mode, reason = auto_mode("CPU", str(tmp_path / "full"))
+    full = str(tmp_path / "full")
+    mode, reason = resolve_mode("auto", "CPU", full)
     assert mode == "pynative" and "--mode graph" in reason and "\n" not in reason
-    assert auto_mode("Ascend", str(tmp_path / "full")) == ("graph", "")  # only the CPU runtime needs it
-    assert auto_mode("CPU", None) == ("graph", "")
-
+    mode, warning = resolve_mode("graph", "CPU", full)  # forced: kept, with a warning naming the fix
+    assert mode == "graph" and warning.startswith("warning:") and "--mode auto" in warning
+    assert resolve_mode("pynative", "CPU", full) == ("pynative", "")
+    assert resolve_mode("auto", "Ascend", full) == ("graph", "")  # only the CPU runtime needs it
+    assert resolve_mode("auto", "CPU", None) == ("graph", "")
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 ``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/assets/shapes-sd1``, made
 by :mod:`mindone_lora_plugin.pretrain_tiny`), which draws red/green/blue/yellow circles, squares and triangles from
-captions. It trains a LoRA in GRAPH_MODE on six images of a concept the base never saw — "a photo of sks", a purple
+captions. It trains a LoRA in GRAPH_MODE on twelve images of a concept the base never saw — "a photo of sks", a purple
 cross — writes both formats, checkpoints, the loss curve and the hparams, checks that every saved file loads back to
 the same outputs, and then *measures* what the LoRA did: over 8 seeds, how often the concept prompt draws a purple
 cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.shapes`).

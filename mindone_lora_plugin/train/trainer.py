@@ -104,20 +104,14 @@ class Trainer:
 
     def _setup_runtime(self):
         args = self.args
-        from mindone_lora_plugin.runtime import setup
+        from mindone_lora_plugin.runtime import current_mode, resolve_mode, setup
 
         self.seed = args.seed if args.seed is not None else 0
-        from mindone_lora_plugin.runtime import auto_mode, current_mode, denoiser_bytes, FULL_SIZE_BYTES
 
         target = setup(args.device_target, args.mode, seed=self.seed, model_path=args.pretrained_model_name_or_path)
-        if args.mode == "auto":
-            reason = auto_mode(target, args.pretrained_model_name_or_path)[1]
-            if reason:
-                self._say(reason)
-        elif args.mode == "graph" and target == "CPU" and (
-                denoiser_bytes(args.pretrained_model_name_or_path) >= FULL_SIZE_BYTES):
-            self._say("warning: GRAPH_MODE on CPU keeps several times PyNative's activation memory for a full-size "
-                      "model (512 px SD1.5 passes 16 GiB); if the run is killed for memory, use --mode auto")
+        notice = resolve_mode(args.mode, target, args.pretrained_model_name_or_path)[1]
+        if notice:
+            self._say(notice)
         args.mode = current_mode()
         import mindspore as ms
 
