@@ -172,12 +172,16 @@ for line in sys.stdin:
         break
 """
 
-    def __init__(self, module: str, factory: str, *args, quiet: bool = True):
+    def __init__(self, module: str, factory: str, *args, quiet: bool = True, on_start=None):
+        """``on_start(pid)``, when given, is called as soon as the process exists, before the object is built (e.g.
+        to arm a memory watchdog)."""
         code = self._LOOP % (ROOT, _BENCH_DIR, module, factory)
         self.name = f"{module}.{factory}"
         self._err = tempfile.TemporaryFile(mode="w+") if quiet else None
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(list(args))], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
+        if on_start is not None:
+            on_start(self.proc.pid)
         self.info = self._read()["info"]
 
     def _read(self) -> dict:
@@ -324,13 +328,171 @@ def save_results(name: str, data: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
-def torch_lora_step(torch, unet, b: dict, params, optimizer) -> float:
-    """One torch LoRA step as the benchmarks time it: noised latents, UNet, weighted MSE, backward, clip, update."""
+# ---------------------------------------------------------------------------------------------------- LoRA steps
+
+class LoraStep:
+    """One side of a step comparison, built in a :class:`Worker`: a subclass builds its model and calls
+    ``_first()``; :meth:`step` runs one more step and :meth:`info` says what was built and how the first step went.
+
+    The first step runs after a garbage collection, with the peak RSS reset (so ``VmHWM`` read afterwards is the
+    peak of the steps, not of building the model)."""
+
+    adapted: list = []
+    trainable = 0
+    extra_info: dict = {}
+
+    def _run(self) -> float:  # pragma: no cover - each side defines its step
+        raise NotImplementedError
+
+    def _first(self) -> None:
+        import gc
+
+        gc.collect()
+        reset_peak()
+        t0 = time.perf_counter()
+        self.first_loss = self._run()
+        self.first_step_s = time.perf_counter() - t0
+
+    def step(self) -> None:
+        self._run()
+
+    def info(self) -> dict:
+        return {"modules": sorted(self.adapted), "trainable": self.trainable, "first_step_s": self.first_step_s,
+                "loss": self.first_loss, **self.extra_info}
+
+
+#: the trainer's optimizer settings for the benchmarks: AdamW, β 0.9/0.999, ε 1e-8, weight decay 1e-2
+TRAINER_ADAMW = __import__("types").SimpleNamespace(
+    optimizer_type="AdamW", optimizer_args=None, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+    adam_weight_decay=1e-2, loraplus_lr_ratio=None, loraplus_unet_lr_ratio=None, loraplus_text_encoder_lr_ratio=None)
+
+
+class MindSporeLoraStep(LoraStep):
+    """The plugin's side: adapters and parameter groups through the plugin hooks, the optimizer the trainer builds
+    (``train.optimizers.build`` with :data:`TRAINER_ADAMW`, a per-step learning-rate list), the loss cell wrapped by
+    ``build_steps`` with clipping at 1.0: the step ``mindone-lora train`` builds."""
+
+    def _build(self, models, options, component: str, loss, inputs, *, before_optimizer=None) -> None:
+        from mindspore import nn
+
+        from mindone_lora_plugin.plugins import get_plugin_manager
+        from mindone_lora_plugin.train import optimizers
+        from mindone_lora_plugin.train.step import build_steps
+
+        pm = get_plugin_manager()
+        self.adapted = sorted(pm.add_adapters(models, options)[component])
+        groups = pm.trainable_parameters(models, options)
+        if before_optimizer is not None:
+            before_optimizer()
+        optimizer, _ = optimizers.build(TRAINER_ADAMW, groups, lambda lr: [lr] * 1001)
+        loss.set_train(True)
+        _, self.train_step = build_steps(loss, optimizer, 1.0, 1)
+        self.inputs = tuple(inputs)
+        self.trainable = sum(int(p.size) for g in groups for p in g["params"])
+        self.lora_dtypes = sorted({str(p.dtype) for g in groups for p in g["params"]})
+
+    def _run(self) -> float:
+        return float(self.train_step(*self.inputs).asnumpy())
+
+
+def torch_threads(threads=None):
+    """Import torch, set its thread count when given and seed it; return the module."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    return torch
+
+
+class TorchLoraStep(LoraStep):
+    """The reference side: torch + Hugging Face diffusers + peft (``add_adapter(LoraConfig)``), ``torch.optim.AdamW``
+    with the same hyper-parameters as :class:`MindSporeLoraStep`."""
+
+    def _attach(self, torch, model, *, rank: int, alpha: float, targets, lr: float, checkpointing: bool = False):
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                     target_modules=list(targets)))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        self.torch, self.model = torch, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+        self.adapted = sorted(n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        self.trainable = sum(p.numel() for p in self.params)
+        self.extra_info = {"threads": torch.get_num_threads()}
+
+    def _update(self, loss) -> float:
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.item())
+
+
+def torch_unet_loss(unet, b: dict):
+    """The denoising loss of the UNet benchmarks in torch: noised latents, UNet, per-sample-weighted MSE (SDXL: with
+    ``pooled`` and ``time_ids`` in ``b``, passed as the added conditioning)."""
     noisy = b["a"].reshape(-1, 1, 1, 1) * b["latents"] + b["s"].reshape(-1, 1, 1, 1) * b["noise"]
-    pred = unet(noisy, b["t"], encoder_hidden_states=b["embeds"], return_dict=False)[0]
-    loss = (((pred.float() - b["noise"]) ** 2).mean(dim=(1, 2, 3)) * b["weights"]).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.item())
+    added = {"added_cond_kwargs": {"text_embeds": b["pooled"], "time_ids": b["time_ids"]}} if "pooled" in b else {}
+    pred = unet(noisy, b["t"], encoder_hidden_states=b["embeds"], return_dict=False, **added)[0]
+    return (((pred.float() - b["noise"]) ** 2).mean(dim=(1, 2, 3)) * b["weights"]).mean()
+
+
+def compare_steps(module: str, ms_args: list, torch_args: list, *, reps: int, warmup: int, same_loss: bool = False,
+                  default_threads_budget: float | None = None) -> tuple[dict, dict]:
+    """MindSpore (``module.MindSporeStep(*ms_args)``) against torch at its default thread count and with one thread
+    (``module.TorchStep(*torch_args, targets[, 1])``), each in its own :class:`Worker`, steps interleaved.
+
+    Checks that both adapted the same modules and parameter count (and, with ``same_loss``, the same first loss);
+    the default-threads torch configuration stops being sampled once its steps add up to
+    ``default_threads_budget`` seconds. Returns ``(times, infos)``, keyed ``mindspore``, ``torch``, ``torch 1
+    thread``."""
+    workers = {}
+    try:
+        workers["mindspore"] = Worker(module, "MindSporeStep", *ms_args)
+        ref = workers["mindspore"].info
+        targets = ref["modules"]
+        workers["torch"] = Worker(module, "TorchStep", *torch_args, targets)
+        workers["torch 1 thread"] = Worker(module, "TorchStep", *torch_args, targets, 1)
+        for name in ("torch", "torch 1 thread"):
+            info = workers[name].info
+            if sorted(info["modules"]) != sorted(targets) or info["trainable"] != ref["trainable"]:
+                raise AssertionError(f"{name} adapted {len(info['modules'])} modules / {info['trainable']} "
+                                     f"parameters, MindSpore {len(targets)} / {ref['trainable']}")
+            if same_loss and abs(info["loss"] - ref["loss"]) > 1e-4 * max(1.0, abs(ref["loss"])):
+                raise AssertionError(f"first loss: {name} {info['loss']:.6f}, MindSpore {ref['loss']:.6f} (the same "
+                                     "weights and inputs must give the same loss)")
+        for _ in range(warmup):
+            for w in workers.values():
+                w.step()
+        names = list(workers)
+        times = {n: [] for n in names}
+        for r in range(reps):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                if n == "torch" and default_threads_budget is not None and sum(times[n]) > default_threads_budget:
+                    continue
+                times[n].append(workers[n].step())
+    finally:
+        for w in workers.values():
+            w.close()
+    return times, {n: w.info for n, w in workers.items()}
+
+
+def print_step_comparison(what: str, times: dict, infos: dict) -> tuple[float, str]:
+    """The table of :func:`compare_steps`'s result; returns (MindSpore median ÷ the faster torch's, that one's
+    name)."""
+    med = {n: median(t) for n, t in times.items()}
+    ms_s = med["mindspore"]
+    best = min(("torch", "torch 1 thread"), key=lambda n: med[n])
+    rows = [["MindSpore GRAPH_MODE (CPU backend)", fmt_s(ms_s), fmt_s(min(times["mindspore"])),
+             fmt_s(infos["mindspore"]["first_step_s"]), len(times["mindspore"]), "1.00"]]
+    for n, label in (("torch", f"torch + diffusers + peft ({infos['torch']['threads']} threads, default)"),
+                     ("torch 1 thread", "torch + diffusers + peft (1 thread)")):
+        rows.append([label, fmt_s(med[n]), fmt_s(min(times[n])), fmt_s(infos[n]["first_step_s"]), len(times[n]),
+                     f"{ms_s / med[n]:.2f}"])
+    print_table([what, "median", "min", "first step", "steps timed", "MindSpore ÷ this"], rows)
+    return ms_s / med[best], best

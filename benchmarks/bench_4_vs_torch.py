@@ -55,7 +55,7 @@ def batch(cross_dim: int, seed: int = 0) -> dict:
             "time_ids": np.zeros((BATCH, 6), dtype=np.float32)}  # SDXL only; the SD1.x step ignores them
 
 
-class MindSporeStep:
+class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's training step on the tiny UNet, GRAPH_MODE, CPU backend."""
 
     def __init__(self):
@@ -63,89 +63,41 @@ class MindSporeStep:
 
         setup("CPU", "graph", seed=0)
         import mindspore as ms
-        from mindspore import nn
         from mindone.diffusers import UNet2DConditionModel
 
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.plugins import get_plugin_manager
         from mindone_lora_plugin.tiny import SD1_UNET
-        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner, build_steps
+        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner
 
         unet = UNet2DConditionModel(**SD1_UNET)
         unet.set_train(False)
-        models = Models(unet=unet, architecture="sd1")
         options = LoraOptions(strategy="unet", rank=RANK, alpha=ALPHA, targets="kohya", init="gaussian",
                               learning_rate=LR)
-        pm = get_plugin_manager()
-        self.adapted = pm.add_adapters(models, options)["unet"]
-        groups = pm.trainable_parameters(models, options)
-        lrs = [LR] * 1001
-        optimizer = nn.AdamWeightDecay([{"params": g["params"], "lr": lrs, "weight_decay": 1e-2} for g in groups],
-                                       learning_rate=lrs, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
-        loss = DenoiseLoss(unet, TextConditioner(None), False, False, False)
-        loss.set_train(True)
-        _, self.train_step = build_steps(loss, optimizer, 1.0, 1)
         b = batch(SD1_UNET["cross_attention_dim"])
-        f32 = ms.float32
-        self.inputs = (ms.Tensor(b["latents"]), ms.Tensor(b["noise"]), ms.Tensor(b["t"]), ms.Tensor(b["a"]),
-                       ms.Tensor(b["s"]), ms.Tensor(b["weights"]), ms.Tensor(b["embeds"]),
-                       ms.Tensor(b["embeds"][:, 0]), ms.Tensor(b["time_ids"], f32))
-        self.trainable = sum(int(p.size) for g in groups for p in g["params"])
-        t0 = time.perf_counter()
-        self.first_loss = self._run()
-        self.first_step_s = time.perf_counter() - t0
-
-    def _run(self) -> float:
-        return float(self.train_step(*self.inputs).asnumpy())
-
-    def step(self) -> None:
-        self._run()
-
-    def info(self) -> dict:
-        return {"modules": sorted(self.adapted), "trainable": self.trainable, "first_step_s": self.first_step_s,
-                "loss": self.first_loss}
+        inputs = [ms.Tensor(b[k]) for k in ("latents", "noise", "t", "a", "s", "weights", "embeds")]
+        inputs += [ms.Tensor(b["embeds"][:, 0]), ms.Tensor(b["time_ids"], ms.float32)]
+        self._build(Models(unet=unet, architecture="sd1"), options, "unet",
+                    DenoiseLoss(unet, TextConditioner(None), False, False, False), inputs)
+        self._first()
 
 
-class TorchStep:
+class TorchStep(C.TorchLoraStep):
     """torch + Hugging Face diffusers + peft, the same model, targets, batch and update."""
 
     def __init__(self, targets, threads=None):
-        import torch
+        torch = C.torch_threads(threads)
         from diffusers import UNet2DConditionModel
-        from peft import LoraConfig
 
         from mindone_lora_plugin.tiny import SD1_UNET
 
-        if threads:
-            torch.set_num_threads(int(threads))
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD1_UNET)
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
-                                    target_modules=list(targets)))
-        unet.train()
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-        self.unet, self.torch = unet, torch
-        b = batch(SD1_UNET["cross_attention_dim"])
-        self.b = {k: torch.from_numpy(v) for k, v in b.items() if k != "time_ids"}
+        self._attach(torch, UNet2DConditionModel(**SD1_UNET), rank=RANK, alpha=ALPHA, targets=targets, lr=LR)
+        self.b = {k: torch.from_numpy(v) for k, v in batch(SD1_UNET["cross_attention_dim"]).items() if k != "time_ids"}
         self.b["t"] = self.b["t"].long()
-        self.adapted = sorted(n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_modules() if n.endswith(".lora_A"))
-        t0 = time.perf_counter()
-        self.first_loss = self._run()
-        self.first_step_s = time.perf_counter() - t0
+        self._first()
 
     def _run(self) -> float:
-        return C.torch_lora_step(self.torch, self.unet, self.b, self.params, self.optimizer)
-
-    def step(self) -> None:
-        self._run()
-
-    def info(self) -> dict:
-        return {"modules": self.adapted, "trainable": sum(p.numel() for p in self.params),
-                "first_step_s": self.first_step_s, "loss": self.first_loss,
-                "threads": self.torch.get_num_threads()}
+        return self._update(C.torch_unet_loss(self.model, self.b))
 
 
 def main(argv=None) -> int:
@@ -163,45 +115,12 @@ def main(argv=None) -> int:
         print("SKIPPED: the interop extra (torch, diffusers, peft) is not installed: pip install -e '.[interop]'")
         return 0
     t_start = time.perf_counter()
-    workers = {}
-    try:
-        workers["mindspore"] = C.Worker("bench_4_vs_torch", "MindSporeStep")
-        targets = workers["mindspore"].info["modules"]
-        workers["torch"] = C.Worker("bench_4_vs_torch", "TorchStep", targets)
-        workers["torch 1 thread"] = C.Worker("bench_4_vs_torch", "TorchStep", targets, 1)
-        for name in ("torch", "torch 1 thread"):
-            info, ref = workers[name].info, workers["mindspore"].info
-            if sorted(info["modules"]) != sorted(targets) or info["trainable"] != ref["trainable"]:
-                raise AssertionError(f"{name} adapted {len(info['modules'])} modules / {info['trainable']} "
-                                     f"parameters, MindSpore {len(targets)} / {ref['trainable']}")
-        for _ in range(args.warmup):
-            for w in workers.values():
-                w.step()
-        names = list(workers)
-        times = {n: [] for n in names}
-        for r in range(args.reps):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                if n == "torch" and sum(times[n]) > args.default_threads_budget:
-                    continue
-                times[n].append(workers[n].step())
-    finally:
-        for w in workers.values():
-            w.close()
-    info = {n: w.info for n, w in workers.items()}
-    med = {n: C.median(t) for n, t in times.items()}
-    ms_s = med["mindspore"]
-    best = min(("torch", "torch 1 thread"), key=lambda n: med[n])
-    ratio = ms_s / med[best]
-    print(f"batch {BATCH} × 4×{LATENT}×{LATENT} latents, {len(targets)} LoRA modules, "
+    times, info = C.compare_steps("bench_4_vs_torch", [], [], reps=args.reps, warmup=args.warmup,
+                                  default_threads_budget=args.default_threads_budget)
+    print(f"batch {BATCH} × 4×{LATENT}×{LATENT} latents, {len(info['mindspore']['modules'])} LoRA modules, "
           f"{info['mindspore']['trainable']:,} trainable parameters; torch default threads "
           f"{info['torch']['threads']}\n")
-    rows = [["MindSpore GRAPH_MODE (CPU backend)", C.fmt_s(ms_s), C.fmt_s(min(times["mindspore"])),
-             C.fmt_s(info["mindspore"]["first_step_s"]), len(times["mindspore"]), "1.00"]]
-    for n, label in (("torch", f"torch + diffusers + peft ({info['torch']['threads']} threads, default)"),
-                     ("torch 1 thread", "torch + diffusers + peft (1 thread)")):
-        rows.append([label, C.fmt_s(med[n]), C.fmt_s(min(times[n])), C.fmt_s(info[n]["first_step_s"]),
-                     len(times[n]), f"{ms_s / med[n]:.2f}"])
-    C.print_table(["tiny UNet LoRA step", "median", "min", "first step", "steps timed", "MindSpore ÷ this"], rows)
+    ratio, best = C.print_step_comparison("tiny UNet LoRA step", times, info)
     print(f"\nsteps interleaved (each configuration in its own process, one at a time), after {args.warmup} warm-up "
           f"steps each. Judged against the faster torch configuration ({best}): on a busy 2-core machine torch's "
           f"default OpenMP threads can stall for seconds at barriers, which would flatter MindSpore.")

@@ -1,4 +1,4 @@
-"""Benchmark 5 — a full-size SD1.5 LoRA step: MindSpore (this package) versus torch + diffusers + peft.
+"""Benchmark 5 — a full-size SD1.5 (or SDXL) LoRA step: MindSpore (this package) versus torch + diffusers + peft.
 
 The UNet is built from the published SD1.5 config (``benchmarks/_configs.py``; random weights, nothing downloaded),
 LoRA rank 16 on the attention projections (``to_q/to_k/to_v/to_out.0``, the default ``attn`` targets), batch 1 at
@@ -16,7 +16,12 @@ median s/step of the next ``--steps``, and the peak RSS from the first step on (
 built, so the fp32 initialisation of a model then cast to fp16 is not counted; the trainer loads weights in their
 dtype). Judged: peak RSS ≤ 1.5× torch's (fp32), fp16 and recompute below torch fp32's, s/step ≤ 1.5× torch's.
 
-    python benchmarks/bench_5_full_size.py [--resolution 512] [--steps 3] [--graph] [--only NAME,...]
+``--model sdxl``: the SDXL base UNet (2.6B parameters) at 1024 px with the pooled text embedding and size
+conditioning, recompute only (fp32 and fp16 in MindSpore, torch with checkpointing); judged: each MindSpore
+configuration fits in 20 GiB, and s/step against torch's. A step takes minutes on a laptop-class CPU, so
+``--steps 0`` (the first step only) is the practical setting there.
+
+    python benchmarks/bench_5_full_size.py [--model sd15|sdxl] [--resolution PX] [--steps 3] [--graph] [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -35,124 +40,86 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the plugin's ``attn`` preset
 LR = 1e-4
 
 
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+MODELS = {"sd15": ("SD1.5", "SD15_UNET", 512), "sdxl": ("SDXL", "SDXL_UNET", 1024)}  # label, config, resolution
 
 
-def batch(resolution: int, seed: int = 0) -> dict:
+def unet_config(model: str) -> dict:
+    import _configs
+
+    return getattr(_configs, MODELS[model][1])
+
+
+def batch(resolution: int, model: str = "sd15", seed: int = 0) -> dict:
+    """Latents at an eighth of ``resolution``, 77-token text embeddings; for SDXL also the pooled text embedding and
+    the six size/crop conditioning numbers."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     side = resolution // 8
-    return {"latents": rng.standard_normal((1, 4, side, side), dtype=np.float32),
-            "noise": rng.standard_normal((1, 4, side, side), dtype=np.float32),
-            "t": np.array([500], np.int32), "a": np.array([0.5], np.float32), "s": np.array([0.866], np.float32),
-            "weights": np.ones(1, np.float32), "embeds": rng.standard_normal((1, 77, 768), dtype=np.float32)}
+    cfg = unet_config(model)
+    out = {"latents": rng.standard_normal((1, 4, side, side), dtype=np.float32),
+           "noise": rng.standard_normal((1, 4, side, side), dtype=np.float32),
+           "t": np.array([500], np.int32), "a": np.array([0.5], np.float32), "s": np.array([0.866], np.float32),
+           "weights": np.ones(1, np.float32),
+           "embeds": rng.standard_normal((1, 77, cfg["cross_attention_dim"]), dtype=np.float32)}
+    if model == "sdxl":
+        out["pooled"] = rng.standard_normal((1, 1280), dtype=np.float32)
+        out["time_ids"] = np.array([[resolution, resolution, 0, 0, resolution, resolution]], np.float32)
+    return out
 
 
-class MindSporeStep:
+class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's step (``DenoiseLoss`` + ``build_steps``) on the full-size UNet."""
 
-    def __init__(self, resolution, mode="graph", dtype="fp32", gc=False):
+    def __init__(self, resolution, mode="graph", dtype="fp32", gc=False, model="sd15"):
         from mindone_lora_plugin.runtime import setup
 
         setup("CPU", mode, seed=0)
         import mindspore as ms
-        from mindspore import nn
         from mindone.diffusers import UNet2DConditionModel
 
-        from _configs import SD15_UNET
         from mindone_lora_plugin import checkpointing
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.plugins import get_plugin_manager
-        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner, build_steps
+        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner
 
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**unet_config(model))
         if dtype == "fp16":
             unet.to(ms.float16)
         unet.set_train(False)
         for p in unet.get_parameters():
             p.requires_grad = False
-        models = Models(unet=unet, architecture="sd1")
         options = LoraOptions(strategy="unet", rank=RANK, alpha=RANK, targets="attn", init="gaussian",
                               learning_rate=LR)
-        pm = get_plugin_manager()
-        pm.add_adapters(models, options)
-        groups = pm.trainable_parameters(models, options)
-        if gc:
-            checkpointing.enable(unet, "unet")
-        optimizer = nn.AdamWeightDecay(groups[0]["params"], learning_rate=LR, weight_decay=1e-2)
-        loss = DenoiseLoss(unet, TextConditioner(None), False, False, False)
-        loss.set_train(True)
-        _, self.train_step = build_steps(loss, optimizer, 1.0, 1)
-        b = batch(resolution)
-        self.inputs = tuple(ms.Tensor(b[k]) for k in ("latents", "noise", "t", "a", "s", "weights", "embeds"))
-        self.trainable = sum(int(p.size) for g in groups for p in g["params"])
-        self.build_s = time.perf_counter() - t0
-        self.lora_dtypes = sorted({str(p.dtype) for g in groups for p in g["params"]})
-        import gc as _gc
-
-        _gc.collect()
-        _reset_peak()
-        t0 = time.perf_counter()
-        self.first_loss = float(self.train_step(*self.inputs).asnumpy())
-        self.first_step_s = time.perf_counter() - t0
-
-    def step(self) -> None:
-        float(self.train_step(*self.inputs).asnumpy())
-
-    def info(self) -> dict:
-        return {"trainable": self.trainable, "first_step_s": self.first_step_s, "loss": self.first_loss,
-                "build_s": self.build_s, "lora_dtypes": self.lora_dtypes}
+        b = batch(resolution, model)
+        sdxl = model == "sdxl"
+        names = ("latents", "noise", "t", "a", "s", "weights", "embeds") + (("pooled", "time_ids") if sdxl else ())
+        inputs = [ms.Tensor(b[k]) for k in names]
+        self._build(Models(unet=unet, architecture="sdxl" if sdxl else "sd1"), options, "unet",
+                    DenoiseLoss(unet, TextConditioner(None), False, False, sdxl), inputs,
+                    before_optimizer=(lambda: checkpointing.enable(unet, "unet")) if gc else None)
+        self.extra_info = {"build_s": time.perf_counter() - t0, "lora_dtypes": self.lora_dtypes}
+        self._first()
 
 
-class TorchStep:
+class TorchStep(C.TorchLoraStep):
     """torch + diffusers + peft: the same UNet config, targets, rank, batch and update."""
 
-    def __init__(self, resolution, gc=False):
-        import torch
+    def __init__(self, resolution, gc=False, model="sd15"):
+        torch = C.torch_threads()
         from diffusers import UNet2DConditionModel
-        from peft import LoraConfig
 
-        from _configs import SD15_UNET
-
-        torch.manual_seed(0)
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel(**SD15_UNET)
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
-        if gc:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=1e-2)
-        self.unet, self.torch = unet, torch
-        self.b = {k: torch.from_numpy(v) for k, v in batch(resolution).items()}
+        self._attach(torch, UNet2DConditionModel(**unet_config(model)), rank=RANK, alpha=RANK, targets=TARGETS, lr=LR,
+                     checkpointing=gc)
+        self.b = {k: torch.from_numpy(v) for k, v in batch(resolution, model).items()}
         self.b["t"] = self.b["t"].long()
-        self.build_s = time.perf_counter() - t0
-        import gc as _gc
-
-        _gc.collect()
-        _reset_peak()
-        t0 = time.perf_counter()
-        self.first_loss = self._run()
-        self.first_step_s = time.perf_counter() - t0
+        self.extra_info["build_s"] = time.perf_counter() - t0
+        self._first()
 
     def _run(self) -> float:
-        return C.torch_lora_step(self.torch, self.unet, self.b, self.params, self.optimizer)
-
-    def step(self) -> None:
-        self._run()
-
-    def info(self) -> dict:
-        return {"trainable": sum(p.numel() for p in self.params), "first_step_s": self.first_step_s,
-                "loss": self.first_loss, "build_s": self.build_s, "threads": self.torch.get_num_threads()}
+        return self._update(C.torch_unet_loss(self.model, self.b))
 
 
 def _status_kib(pid: int, key: str) -> int:
@@ -211,19 +178,13 @@ def run_config(name: str, factory: str, args: list, steps: int, cap_gib: float) 
     """One configuration in a fresh worker process: first step, ``steps`` timed steps, peak RSS; never raises."""
     t0 = time.perf_counter()
     worker, dog = None, None
-    try:
-        worker = C.Worker.__new__(C.Worker)  # start the process, then arm the watchdog before the model is built
-        code = C.Worker._LOOP % (C.ROOT, os.path.dirname(os.path.abspath(__file__)), "bench_5_full_size", factory)
-        import json
-        import subprocess
-        import tempfile
 
-        worker.name = name
-        worker._err = tempfile.TemporaryFile(mode="w+")
-        worker.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(list(args))], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=worker._err, text=True, bufsize=1)
-        dog = Watchdog(worker.proc.pid, int(cap_gib * (1 << 20)))
-        worker.info = worker._read()["info"]
+    def arm(pid):  # before the model is built
+        nonlocal dog
+        dog = Watchdog(pid, int(cap_gib * (1 << 20)))
+
+    try:
+        worker = C.Worker("bench_5_full_size", factory, *args, on_start=arm)
         times = [worker.step() for _ in range(steps)]
         peak = _status_kib(worker.proc.pid, "VmHWM")
         return {"name": name, "ok": True, "times": times, "peak_kib": peak, "info": worker.info,
@@ -238,35 +199,56 @@ def run_config(name: str, factory: str, args: list, steps: int, cap_gib: float) 
     finally:
         if dog is not None:
             dog.stop()
-        if worker is not None and getattr(worker, "proc", None) is not None:
+        if worker is not None:
             worker.close()
+
+
+SDXL_BUDGET_GIB = 20  # issue #12: SDXL at 1024 px with recompute must fit in 20 GiB
+
+
+def per_step(res: dict) -> float:
+    """Median seconds of the timed steps, or the first step's when none was timed (``--steps 0``; in PyNative
+    the first step compiles nothing)."""
+    return C.median(res["times"]) if res["times"] else res["info"]["first_step_s"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--model", choices=sorted(MODELS), default="sd15",
+                    help="sd15 (default) or sdxl (UNet 2.6B parameters; recompute configurations only)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration after the first")
-    ap.add_argument("--cap-gib", type=float, default=14.0, help="RSS above which a configuration is killed")
+    ap.add_argument("--cap-gib", type=float, default=None,
+                    help="RSS above which a configuration is killed (default 14; sdxl: 20, the issue's budget)")
     ap.add_argument("--graph", action="store_true",
                     help="also run MindSpore GRAPH_MODE (needs more than 16 GiB at 512 px on CPU)")
     ap.add_argument("--only", type=str, default=None, help="comma-separated configuration names to run")
     args = ap.parse_args(argv)
 
-    C.banner(f"Benchmark 5: full-size SD1.5 LoRA step at {args.resolution} px, batch 1, rank {RANK} "
-             f"(MindSpore CPU vs torch)")
+    label, _, default_res = MODELS[args.model]
+    r = args.resolution or default_res
+    sdxl = args.model == "sdxl"
+    cap = args.cap_gib or (SDXL_BUDGET_GIB if sdxl else 14.0)
+    C.banner(f"Benchmark 5: full-size {label} LoRA step at {r} px, batch 1, rank {RANK} (MindSpore CPU vs torch)")
     C.print_machine()
     if not C.have_interop():
         print("SKIPPED: the interop extra (torch, diffusers, peft) is not installed: pip install -e '.[interop]'")
         return 0
-    r = args.resolution
-    configs = [("mindspore pynative fp32", "MindSporeStep", [r, "pynative", "fp32", False]),
-               ("torch fp32", "TorchStep", [r, False]),
-               ("mindspore pynative fp32 + recompute", "MindSporeStep", [r, "pynative", "fp32", True]),
-               ("torch fp32 + checkpointing", "TorchStep", [r, True]),
-               ("mindspore pynative fp16", "MindSporeStep", [r, "pynative", "fp16", False])]
+    m = args.model
+    if sdxl:
+        configs = [("mindspore pynative fp32 + recompute", "MindSporeStep", [r, "pynative", "fp32", True, m]),
+                   ("torch fp32 + checkpointing", "TorchStep", [r, True, m]),
+                   ("mindspore pynative fp16 + recompute", "MindSporeStep", [r, "pynative", "fp16", True, m])]
+    else:
+        configs = [("mindspore pynative fp32", "MindSporeStep", [r, "pynative", "fp32", False]),
+                   ("torch fp32", "TorchStep", [r, False]),
+                   ("mindspore pynative fp32 + recompute", "MindSporeStep", [r, "pynative", "fp32", True]),
+                   ("torch fp32 + checkpointing", "TorchStep", [r, True]),
+                   ("mindspore pynative fp16", "MindSporeStep", [r, "pynative", "fp16", False]),
+                   ("mindspore pynative fp16 + recompute", "MindSporeStep", [r, "pynative", "fp16", True])]
     if args.graph:
-        configs += [("mindspore graph fp32", "MindSporeStep", [r, "graph", "fp32", False]),
-                    ("mindspore graph fp32 + recompute", "MindSporeStep", [r, "graph", "fp32", True])]
+        configs += [("mindspore graph fp32", "MindSporeStep", [r, "graph", "fp32", False, m]),
+                    ("mindspore graph fp32 + recompute", "MindSporeStep", [r, "graph", "fp32", True, m])]
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
         configs = [c for c in configs if c[0] in wanted]
@@ -274,12 +256,12 @@ def main(argv=None) -> int:
     results = {}
     for name, factory, cargs in configs:
         print(f"running {name} ...", flush=True)
-        results[name] = run_config(name, factory, cargs, args.steps, args.cap_gib)
+        results[name] = run_config(name, factory, cargs, args.steps, cap)
     gib = 1 << 20
     rows = []
     for name, res in results.items():
         if res["ok"]:
-            rows.append([name, C.fmt_s(res["info"]["first_step_s"]), C.fmt_s(C.median(res["times"])),
+            rows.append([name, C.fmt_s(res["info"]["first_step_s"]), C.fmt_s(per_step(res)),
                          f"{res['peak_kib'] / gib:.1f} GiB", C.fmt_s(res["info"]["build_s"])])
         else:
             rows.append([name, "—", "—", f"> {res['max_rss_kib'] / gib:.1f} GiB" if res.get("over_cap") else "—",
@@ -291,8 +273,13 @@ def main(argv=None) -> int:
 
     print()
     verdicts = {}
+    for name in [n for n in results if sdxl and n.startswith("mindspore")]:
+        fits = ok(name) and results[name]["peak_kib"] <= SDXL_BUDGET_GIB * gib
+        verdicts[name + " memory"] = fits
+        got = f"{results[name]['peak_kib'] / gib:.1f} GiB" if ok(name) else results[name]["error"]
+        print(f"RATIO peak RSS {name} = {got} (fits in {SDXL_BUDGET_GIB} GiB): {C.verdict(fits)}")
     if ok("torch fp32"):
-        tp, ts = results["torch fp32"]["peak_kib"], C.median(results["torch fp32"]["times"])
+        tp = results["torch fp32"]["peak_kib"]
         for name, limit, what in (("mindspore pynative fp32", 1.5, "peak RSS ≤ 1.5× torch's"),
                                   ("mindspore pynative fp16", 1.5, "peak RSS ≤ 1.5× torch's"),
                                   ("mindspore pynative fp32 + recompute", 1.0, "peak RSS below torch's"),
@@ -310,14 +297,18 @@ def main(argv=None) -> int:
             verdicts["fp16 lowers memory"] = ratio < 1.0
             print(f"RATIO peak RSS mindspore pynative fp16 / fp32 = {ratio:.2f} (< 1: fp16 lowers memory): "
                   f"{C.verdict(ratio < 1.0)}")
-        for name, ref in (("mindspore pynative fp32", "torch fp32"),
-                          ("mindspore pynative fp32 + recompute", "torch fp32 + checkpointing")):
-            if ok(name) and ok(ref):
-                ratio = C.median(results[name]["times"]) / C.median(results[ref]["times"])
-                verdicts[name + " speed"] = ratio <= 1.5
-                print(f"RATIO s/step {name} / {ref} = {ratio:.2f} (≤ 1.5): {C.verdict(ratio <= 1.5)}")
+        if ok("mindspore pynative fp16 + recompute"):
+            ratio = results["mindspore pynative fp16 + recompute"]["peak_kib"] / tp
+            print(f"RATIO peak RSS mindspore pynative fp16 + recompute / torch fp32 = {ratio:.2f} (context)")
+    for name, ref in (("mindspore pynative fp32", "torch fp32"),
+                      ("mindspore pynative fp32 + recompute", "torch fp32 + checkpointing")):
+        if ok(name) and ok(ref):
+            ratio = per_step(results[name]) / per_step(results[ref])
+            verdicts[name + " speed"] = ratio <= 1.5
+            print(f"RATIO s/step {name} / {ref} = {ratio:.2f} (≤ 1.5): {C.verdict(ratio <= 1.5)}")
     print(f"benchmark 5 took {time.perf_counter() - t_start:.0f} s", flush=True)
-    C.save_results("bench_5", {"results": results, "resolution": r, "machine": C.machine()})
+    C.save_results("bench_5" + ("_sdxl" if sdxl else ""),
+                   {"results": results, "model": m, "resolution": r, "machine": C.machine()})
     return 0
 
 

@@ -83,7 +83,7 @@ def batch(seed: int = 0) -> dict:
             "guidance": np.full(BATCH, GUIDANCE, np.float32)}
 
 
-class MindSporeStep:
+class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's FLUX LoRA step on the tiny transformer, GRAPH_MODE, CPU backend."""
 
     def __init__(self, folder):
@@ -91,46 +91,21 @@ class MindSporeStep:
 
         setup("CPU", "graph", seed=0)
         import mindspore as ms
-        from mindspore import nn
         from mindone.diffusers import FluxTransformer2DModel
 
         from mindone_lora_plugin.architectures.flux.loss import FlowMatchLoss
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.plugins import get_plugin_manager
-        from mindone_lora_plugin.train.step import build_steps
 
         model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
         model.set_train(False)
-        models = Models(transformer=model, architecture="flux")
         options = LoraOptions(strategy="flux", architecture="flux", rank=RANK, alpha=ALPHA, targets="attn",
                               init="gaussian", learning_rate=LR)
-        pm = get_plugin_manager()
-        self.adapted = pm.add_adapters(models, options)["transformer"]
-        groups = pm.trainable_parameters(models, options)
-        lrs = [LR] * 1001
-        optimizer = nn.AdamWeightDecay([{"params": g["params"], "lr": lrs, "weight_decay": 1e-2} for g in groups],
-                                       learning_rate=lrs, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
-        loss = FlowMatchLoss(model)
-        loss.set_train(True)
-        _, self.train_step = build_steps(loss, optimizer, 1.0, 1)
         b = batch()
-        self.inputs = tuple(ms.Tensor(b[k]) for k in ("latents", "noise", "sigmas", "weights", "embeds", "pooled",
-                                                       "guidance"))
-        self.trainable = sum(int(p.size) for g in groups for p in g["params"])
-        t0 = time.perf_counter()
-        self.first_loss = self._run()
-        self.first_step_s = time.perf_counter() - t0
-
-    def _run(self) -> float:
-        return float(self.train_step(*self.inputs).asnumpy())
-
-    def step(self) -> None:
-        self._run()
-
-    def info(self) -> dict:
-        return {"modules": sorted(self.adapted), "trainable": self.trainable, "first_step_s": self.first_step_s,
-                "loss": self.first_loss}
+        inputs = [ms.Tensor(b[k]) for k in ("latents", "noise", "sigmas", "weights", "embeds", "pooled", "guidance")]
+        self._build(Models(transformer=model, architecture="flux"), options, "transformer", FlowMatchLoss(model),
+                    inputs)
+        self._first()
 
 
 def _torch_pack(x):
@@ -143,58 +118,32 @@ def _torch_unpack(t, h, w):
     return t.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, d // 4, h, w)
 
 
-class TorchStep:
+class TorchStep(C.TorchLoraStep):
     """torch + Hugging Face diffusers + peft: the same folder, targets, batch, loss and update."""
 
     def __init__(self, folder, targets, threads=None):
-        import torch
+        torch = C.torch_threads(threads)
         from diffusers import FluxTransformer2DModel
-        from peft import LoraConfig
 
-        if threads:
-            torch.set_num_threads(int(threads))
-        torch.manual_seed(0)
         model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
-        model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
-                                     target_modules=list(targets)))
-        model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-        self.model, self.torch = model, torch
+        self._attach(torch, model, rank=RANK, alpha=ALPHA, targets=targets, lr=LR)
         self.b = {k: torch.from_numpy(v) for k, v in batch().items()}
         rows, cols = LATENT // 2, LATENT // 2
         ids = torch.zeros(rows, cols, 3)
         ids[..., 1] = torch.arange(rows, dtype=torch.float32)[:, None]
         ids[..., 2] = torch.arange(cols, dtype=torch.float32)[None, :]
         self.img_ids, self.txt_ids = ids.reshape(-1, 3), torch.zeros(TOKENS, 3)
-        self.adapted = sorted(n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A"))
-        t0 = time.perf_counter()
-        self.first_loss = self._run()
-        self.first_step_s = time.perf_counter() - t0
+        self._first()
 
     def _run(self) -> float:
-        torch, b = self.torch, self.b
+        b = self.b
         s = b["sigmas"].reshape(-1, 1, 1, 1)
         noisy = (1.0 - s) * b["latents"] + s * b["noise"]
         pred = self.model(hidden_states=_torch_pack(noisy), encoder_hidden_states=b["embeds"],
                           pooled_projections=b["pooled"], timestep=b["sigmas"], img_ids=self.img_ids,
                           txt_ids=self.txt_ids, guidance=b["guidance"], return_dict=False)[0]
         err = (_torch_unpack(pred.float(), LATENT, LATENT) - (b["noise"] - b["latents"])) ** 2
-        loss = (err.reshape(BATCH, -1).mean(dim=1) * b["weights"]).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.item())
-
-    def step(self) -> None:
-        self._run()
-
-    def info(self) -> dict:
-        return {"modules": self.adapted, "trainable": sum(p.numel() for p in self.params),
-                "first_step_s": self.first_step_s, "loss": self.first_loss,
-                "threads": self.torch.get_num_threads()}
+        return self._update((err.reshape(BATCH, -1).mean(dim=1) * b["weights"]).mean())
 
 
 def run_step(args) -> dict:
@@ -203,48 +152,14 @@ def run_step(args) -> dict:
         print("SKIPPED: the interop extra (torch, diffusers, peft) is not installed: pip install -e '.[interop]'")
         return {}
     folder = C.run_child("bench_9_flux", "make_folder", os.path.join(C.workdir("flux"), "tiny-flux-dev"))
-    workers = {}
-    try:
-        workers["mindspore"] = C.Worker("bench_9_flux", "MindSporeStep", folder)
-        targets = workers["mindspore"].info["modules"]
-        workers["torch"] = C.Worker("bench_9_flux", "TorchStep", folder, targets)
-        workers["torch 1 thread"] = C.Worker("bench_9_flux", "TorchStep", folder, targets, 1)
-        ref = workers["mindspore"].info
-        for name in ("torch", "torch 1 thread"):
-            info = workers[name].info
-            if sorted(info["modules"]) != sorted(targets) or info["trainable"] != ref["trainable"]:
-                raise AssertionError(f"{name} adapted {len(info['modules'])} modules / {info['trainable']} "
-                                     f"parameters, MindSpore {len(targets)} / {ref['trainable']}")
-            if abs(info["loss"] - ref["loss"]) > 1e-4 * max(1.0, abs(ref["loss"])):
-                raise AssertionError(f"first loss: {name} {info['loss']:.6f}, MindSpore {ref['loss']:.6f} (the same "
-                                     "weights and inputs must give the same loss)")
-        for _ in range(args.warmup):
-            for w in workers.values():
-                w.step()
-        names = list(workers)
-        times = {n: [] for n in names}
-        for r in range(args.reps):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                times[n].append(workers[n].step())
-    finally:
-        for w in workers.values():
-            w.close()
-    info = {n: w.info for n, w in workers.items()}
-    med = {n: C.median(t) for n, t in times.items()}
-    ms_s = med["mindspore"]
-    best = min(("torch", "torch 1 thread"), key=lambda n: med[n])
+    times, info = C.compare_steps("bench_9_flux", [folder], [folder], reps=args.reps, warmup=args.warmup,
+                                  same_loss=True)
     print(f"batch {BATCH} × 16×{LATENT}×{LATENT} latents ({LATENT * LATENT // 4} packed tokens), {TOKENS} T5 tokens, "
-          f"{len(targets)} LoRA modules, {info['mindspore']['trainable']:,} trainable parameters; first loss "
-          f"{info['mindspore']['loss']:.6f} (MindSpore) / {info['torch']['loss']:.6f} (torch); torch default "
-          f"threads {info['torch']['threads']}\n")
-    rows = [["MindSpore GRAPH_MODE (CPU backend)", C.fmt_s(ms_s), C.fmt_s(min(times["mindspore"])),
-             C.fmt_s(info["mindspore"]["first_step_s"]), len(times["mindspore"]), "1.00"]]
-    for n, label in (("torch", f"torch + diffusers + peft ({info['torch']['threads']} threads, default)"),
-                     ("torch 1 thread", "torch + diffusers + peft (1 thread)")):
-        rows.append([label, C.fmt_s(med[n]), C.fmt_s(min(times[n])), C.fmt_s(info[n]["first_step_s"]),
-                     len(times[n]), f"{ms_s / med[n]:.2f}"])
-    C.print_table(["tiny FLUX LoRA step", "median", "min", "first step", "steps timed", "MindSpore ÷ this"], rows)
-    print(f"\nRATIO step mindspore/torch = {ms_s / med[best]:.2f} (vs {best}; context for the CPU backend, no target)",
+          f"{len(info['mindspore']['modules'])} LoRA modules, {info['mindspore']['trainable']:,} trainable parameters; "
+          f"first loss {info['mindspore']['loss']:.6f} (MindSpore) / {info['torch']['loss']:.6f} (torch); torch "
+          f"default threads {info['torch']['threads']}\n")
+    ratio, best = C.print_step_comparison("tiny FLUX LoRA step", times, info)
+    print(f"\nRATIO step mindspore/torch = {ratio:.2f} (vs {best}; context for the CPU backend, no target)",
           flush=True)
     return {"times": times, "info": info}
 

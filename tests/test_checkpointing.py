@@ -145,6 +145,19 @@ def test_bf16_embedding_rows_against_numpy():
     np.testing.assert_array_equal(emb32(ms.Tensor(ids)).asnumpy(), table[ids])
 
 
+def test_pynative_on_cpu_launches_operators_synchronously():
+    """MindSpore's asynchronous PyNative pipeline is slower on CPU (its queue threads compete with the kernels):
+    setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1."""
+    from mindone_lora_plugin.runtime import current_mode, setup
+
+    mode = current_mode()
+    try:
+        setup("CPU", "pynative")
+        assert ms.get_context("pynative_synchronize") is True
+    finally:
+        setup("CPU", mode)
+
+
 def test_mode_auto_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):
     from mindone_lora_plugin.runtime import FULL_SIZE_BYTES, denoiser_bytes, resolve_mode
 
