@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logging: errors only
@@ -362,7 +363,7 @@ class LoraStep:
 
 
 #: the trainer's optimizer settings for the benchmarks: AdamW, β 0.9/0.999, ε 1e-8, weight decay 1e-2
-TRAINER_ADAMW = __import__("types").SimpleNamespace(
+TRAINER_ADAMW = SimpleNamespace(
     optimizer_type="AdamW", optimizer_args=None, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
     adam_weight_decay=1e-2, loraplus_lr_ratio=None, loraplus_unet_lr_ratio=None, loraplus_text_encoder_lr_ratio=None)
 
