@@ -78,7 +78,8 @@ def quiet_mindone_imports() -> None:
 def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None,
           model_path: str | None = None) -> str:
     """Set the MindSpore context (``mode`` is ``graph``, ``pynative`` or ``auto``: :func:`resolve_mode` on
-    ``model_path``), activate the CPU backend on CPU.
+    ``model_path``), activate the CPU backend on CPU, where PyNative also launches operators synchronously
+    (``MINDONE_LORA_PYNATIVE_ASYNC=1`` keeps MindSpore's asynchronous queue).
 
     Returns the device target in use.
     """
