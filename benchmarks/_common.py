@@ -27,6 +27,10 @@ _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 if _BENCH_DIR not in sys.path:
     sys.path.insert(0, _BENCH_DIR)
 
+#: a MindSpore side's environment: the one the ``mindone-lora`` command gives itself (transformers leaves torch
+#: unimported, so torch's libraries do not count in the MindSpore side's memory)
+from mindone_lora_plugin.cli import COMMAND_ENV as MINDSPORE_ENV  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------------- timing
 
@@ -173,14 +177,16 @@ for line in sys.stdin:
         break
 """
 
-    def __init__(self, module: str, factory: str, *args, quiet: bool = True, on_start=None):
+    def __init__(self, module: str, factory: str, *args, quiet: bool = True, on_start=None, env: dict | None = None):
         """``on_start(pid)``, when given, is called as soon as the process exists, before the object is built (e.g.
-        to arm a memory watchdog)."""
+        to arm a memory watchdog); ``env`` is added to the child's environment (:data:`MINDSPORE_ENV` for a
+        MindSpore side)."""
         code = self._LOOP % (ROOT, _BENCH_DIR, module, factory)
         self.name = f"{module}.{factory}"
         self._err = tempfile.TemporaryFile(mode="w+") if quiet else None
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(list(args))], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1,
+                                     env=dict(os.environ, **(env or {})))
         if on_start is not None:
             on_start(self.proc.pid)
         self.info = self._read()["info"]
@@ -454,7 +460,7 @@ def compare_steps(module: str, ms_args: list, torch_args: list, *, reps: int, wa
     thread``."""
     workers = {}
     try:
-        workers["mindspore"] = Worker(module, "MindSporeStep", *ms_args)
+        workers["mindspore"] = Worker(module, "MindSporeStep", *ms_args, env=MINDSPORE_ENV)
         ref = workers["mindspore"].info
         targets = ref["modules"]
         workers["torch"] = Worker(module, "TorchStep", *torch_args, targets)

@@ -184,7 +184,8 @@ def run_config(name: str, factory: str, args: list, steps: int, cap_gib: float) 
         dog = Watchdog(pid, int(cap_gib * (1 << 20)))
 
     try:
-        worker = C.Worker("bench_5_full_size", factory, *args, on_start=arm)
+        worker = C.Worker("bench_5_full_size", factory, *args, on_start=arm,
+                          env=C.MINDSPORE_ENV if factory.startswith("MindSpore") else None)
         times = [worker.step() for _ in range(steps)]
         peak = _status_kib(worker.proc.pid, "VmHWM")
         return {"name": name, "ok": True, "times": times, "peak_kib": peak, "info": worker.info,

@@ -1,3 +1,3 @@
-from mindone_lora_plugin.cli import main
+from mindone_lora_plugin.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -1,3 +1,5 @@
-from mindone_lora_plugin.train.cli import main
+import sys
 
-raise SystemExit(main())
+from mindone_lora_plugin.cli import entry
+
+raise SystemExit(entry(["train"] + sys.argv[1:]))
