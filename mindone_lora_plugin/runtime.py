@@ -75,11 +75,29 @@ def quiet_mindone_imports() -> None:
     logging.getLogger("mindone").setLevel(logging.ERROR)
 
 
+def launch_synchronously(device_target: str) -> bool:
+    """On CPU, make PyNative launch each operator synchronously (``MINDONE_LORA_PYNATIVE_ASYNC=1`` keeps MindSpore's
+    asynchronous queue); return whether it was asked for.
+
+    PyNative's asynchronous pipeline costs more than it overlaps on CPU, where its queue threads compete with the
+    kernels for the same cores: synchronous launches make a tiny UNet LoRA step 6 to 10 times faster. It only takes
+    effect before the process's first operator: MindSpore 2.7.1 keeps the asynchronous pipeline once one has run
+    (measured: 4.4 s against 0.44 s for a tiny UNet forward and backward, the context reading True either way), so
+    an entry point calls this, or :func:`setup`, before it builds or runs anything.
+    """
+    if str(device_target).upper() != "CPU" or os.environ.get("MINDONE_LORA_PYNATIVE_ASYNC") == "1":
+        return False
+    import mindspore as ms
+
+    ms.set_context(pynative_synchronize=True)
+    return True
+
+
 def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None,
           model_path: str | None = None) -> str:
     """Set the MindSpore context (``mode`` is ``graph``, ``pynative`` or ``auto``: :func:`resolve_mode` on
     ``model_path``), activate the CPU backend on CPU, where PyNative also launches operators synchronously
-    (``MINDONE_LORA_PYNATIVE_ASYNC=1`` keeps MindSpore's asynchronous queue).
+    (:func:`launch_synchronously`: call this before the process's first operator).
 
     Returns the device target in use.
     """
@@ -101,10 +119,7 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     ms.set_context(max_call_depth=max(MAX_CALL_DEPTH, ms.get_context("max_call_depth") or 0))
     if mode == "graph":
         ms.set_context(jit_syntax_level=ms.STRICT)
-    if target == "CPU" and os.environ.get("MINDONE_LORA_PYNATIVE_ASYNC") != "1":
-        # PyNative's asynchronous op pipeline costs more than it overlaps on CPU, where its queue threads compete with
-        # the kernels for the same cores: synchronous launches make a tiny UNet LoRA step 6× faster (4.3 → 0.7 s)
-        ms.set_context(pynative_synchronize=True)
+    launch_synchronously(target)
     backends.activate(target)
     if seed is not None:
         import numpy as np

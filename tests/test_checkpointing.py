@@ -19,6 +19,7 @@ import pytest
 
 ms = pytest.importorskip("mindspore")
 
+from mindone_lora_plugin.cli import COMMAND_ENV  # noqa: E402  the mindone-lora command's environment
 from mindone_lora_plugin.errors import LoraError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,7 +36,7 @@ def shapes(tmp_path_factory) -> str:
 def _worker(tmp_path, mode, gc, latent, batch):
     out = str(tmp_path / f"{mode}-{gc}-{latent}.npz")
     proc = subprocess.run([sys.executable, WORKER, mode, str(int(gc)), str(latent), str(batch), out],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, **COMMAND_ENV))
     assert proc.returncode == 0, proc.stderr[-3000:]
     fields = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
     return dict(np.load(out)), int(fields["blocks"]), int(fields["peak_kib"])
@@ -147,15 +148,16 @@ def test_bf16_embedding_rows_against_numpy():
 
 def test_pynative_on_cpu_launches_operators_synchronously():
     """MindSpore's asynchronous PyNative pipeline is slower on CPU (its queue threads compete with the kernels):
-    setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1."""
-    from mindone_lora_plugin.runtime import current_mode, setup
-
-    mode = current_mode()
-    try:
-        setup("CPU", "pynative")
-        assert ms.get_context("pynative_synchronize") is True
-    finally:
-        setup("CPU", mode)
+    setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1. Fresh
+    processes: this one's setting comes from conftest, and it only counts before a process's first operator."""
+    code = ("import mindspore as ms; from mindone_lora_plugin.runtime import setup; setup('CPU', 'pynative'); "
+            "print(ms.get_context('pynative_synchronize'))")
+    base = {k: v for k, v in os.environ.items() if k != "MINDONE_LORA_PYNATIVE_ASYNC"}
+    for extra, expected in (({}, "True"), ({"MINDONE_LORA_PYNATIVE_ASYNC": "1"}, "False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(base, **COMMAND_ENV, **extra))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[-1] == expected, (extra, proc.stdout)
 
 
 def test_mode_auto_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):

@@ -88,11 +88,14 @@ def run_script(script: str, script_argv, lora, *, cpu_backend: bool = True) -> R
     path = check_script(script)
     session = ScriptSession(lora, path, script_argv)
     quiet_mindone_imports()
+    import mindspore as ms
+
     if cpu_backend:
         from mindone_lora_plugin import backends
+        from mindone_lora_plugin.runtime import launch_synchronously
 
-        backends.activate()  # only on a CPU device target
-    import mindspore as ms
+        if backends.activate():  # only on a CPU device target
+            launch_synchronously("CPU")  # before the script's first operator, or never
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     # the script sets its own mode; an in-process caller gets its own back
