@@ -147,13 +147,13 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path, tiny_sd1):
         # the good form: preview, command line, start
         set_field(d, "pretrained_model_name_or_path", tiny_sd1)
         set_field(d, "train_data_dir", "shapes")
-        set_field(d, "max_train_steps", "6")
+        set_field(d, "max_train_steps", "24")  # a run long enough to be stopped half-way
         set_field(d, "checkpointing_steps", "2")
-        set_field(d, "validation_steps", "2")
+        set_field(d, "validation_steps", "6")
         set_field(d, "output_name", "tiny_kohya")
         d.find_element(By.ID, "btn-validate").click()
         wait(d, lambda d: text(d, "cmdline").startswith("mindone-lora train --pretrained_model_name_or_path"), 20)
-        assert "--max_train_steps 6" in text(d, "cmdline") and error_of(d, "train_data_dir") == ""
+        assert "--max_train_steps 24" in text(d, "cmdline") and error_of(d, "train_data_dir") == ""
         wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dataset-preview img")) >= 3, 20)
         assert "12 image(s)" in text(d, "dataset-preview") and "a blue circle" in text(d, "dataset-preview")
         shot(d, shots, "3-form-filled")
@@ -162,7 +162,7 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path, tiny_sd1):
         wait(d, lambda d: text(d, "run-status") in ("starting", "running"), 20)
         points = wait(d, lambda d: int(d.find_element(By.ID, "loss-canvas").get_attribute("data-points")) >= 1, 150)
         wait(d, lambda d: int(d.find_element(By.ID, "loss-canvas").get_attribute("data-points")) > points, 90)
-        assert re.search(r"step \d of 6", text(d, "run-numbers"))
+        assert re.search(r"step \d+ of 24", text(d, "run-numbers"))
         wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#run-images img.val"), 90)
         wait(d, lambda d: d.execute_script("return document.querySelector('#run-images img.val').naturalWidth") > 0, 20)
         shot(d, shots, "4-running")
@@ -172,19 +172,19 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path, tiny_sd1):
         d.get(url + "#runs")
         wait(d, lambda d: text(d, "run-status") == "running", 30)
         step_before = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
-        assert step_before < 6
+        assert step_before < 24
         # stop: a checkpoint first, then "stopped"
         d.find_element(By.ID, "btn-stop").click()
         wait(d, lambda d: text(d, "run-status") == "stopped", 90)
         stopped_at = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
-        assert stopped_at < 6 and f"checkpoints: " in text(d, "run-numbers")
+        assert stopped_at < 24 and f"checkpoints: " in text(d, "run-numbers")
         assert os.path.isdir(root / "runs" / "tiny" / f"checkpoint-{stopped_at}")
         shot(d, shots, "5-stopped")
         # resume to the end
         wait(d, lambda d: d.find_element(By.ID, "btn-resume").is_enabled(), 10)
         d.find_element(By.ID, "btn-resume").click()
         wait(d, lambda d: text(d, "run-status") == "finished", 150)
-        assert "step 6 of 6" in text(d, "run-numbers")
+        assert "step 24 of 24" in text(d, "run-numbers")
         assert f"resumed from" in text(d, "run-log")
         shot(d, shots, "6-finished")
         # the output files, and the kohya file inspected
