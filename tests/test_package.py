@@ -22,7 +22,7 @@ def test_pinned_stack_and_entry_points_in_setup_cfg():
         assert pin in requires, pin
     assert "torch==2.13.0" in cfg["options.extras_require"]["interop"]
     eps = cfg["options.entry_points"]
-    assert "mindone-lora = mindone_lora_plugin.cli:main" in eps["console_scripts"]
+    assert "mindone-lora = mindone_lora_plugin.cli:entry" in eps["console_scripts"]
     for name in ("core", "unet", "text_encoder", "sdxl", "diffusers", "kohya"):
         assert f"{name} = mindone_lora_plugin." in eps["mindone_lora"], name
 
@@ -39,6 +39,20 @@ def test_cli_help_and_version_do_not_import_mindspore():
     from mindone_lora_plugin import __version__
 
     assert ver.returncode == 0 and ver.stdout.strip() == f"mindone-lora {__version__}"
+
+
+def test_the_command_keeps_transformers_from_importing_torch():
+    """``mindone-lora`` sets USE_TORCH=0 unless the environment sets it (transformers would import an installed torch
+    at start-up: seconds and hundreds of MiB that nothing the command runs uses)."""
+    pytest.importorskip("torch")
+    code = ("import sys\nfrom mindone_lora_plugin.cli import entry\nentry(['--version'])\nimport transformers.utils\n"
+            "print('torch' in sys.modules)")
+    base = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    for extra, imported in (({}, "False"), ({"USE_TORCH": "1"}, "True")):  # the user's own setting wins
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=dict(base, **extra))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == imported, (extra, out.stdout)
 
 
 def _digest(folder: str) -> dict[str, str]:
