@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # module-scoped training runs are shared; JOBS=1 runs it serially
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: setup test demo bench clean lint browser
+.PHONY: setup test demo bench clean browser
 
 setup: $(STAMP)
 
