@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def add_parser(subparsers):
@@ -54,9 +53,3 @@ def _output_config(args) -> int:
     validate_train_args(args)
     print(f"wrote {write_config(args, args.config_file)}", flush=True)
     return 0
-
-
-def main(argv=None) -> int:
-    from mindone_lora_plugin.cli import main as cli_main
-
-    return cli_main(["train"] + list(sys.argv[1:] if argv is None else argv))
