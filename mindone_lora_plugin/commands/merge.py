@@ -6,8 +6,10 @@
   the folder is written under a temporary name and renamed into place.
 * ``merge --to-lora --lora FILE[:WEIGHT] ... --out FILE [--format {kohya,diffusers}] [--model MODEL_DIR]`` writes one
   LoRA equal to the weighted LoRAs together: ranks are concatenated, each LoRA's weight and scale folded into its up
-  matrices (exact, no SVD; plain LoRA only). With ``--rank N`` (needed for LoHa/LoKr) the merged weight changes are
-  reduced to a rank-N plain LoRA by SVD, as kohya's ``svd_merge_lora.py`` does, and the relative error is printed. The format is ``--format``, else diffusers for a folder, kohya for a ``.safetensors`` file.
+  matrices (exact, no SVD; plain LoRA only). With ``--rank N`` (needed for LoHa/LoKr/DoRA) the merged weight changes
+  are reduced to a rank-N plain LoRA by SVD, as kohya's ``svd_merge_lora.py`` does, and the relative error is printed;
+  DoRA modules also need ``--model`` (their change depends on the base weights, read one tensor at a time). The format
+  is ``--format``, else diffusers for a folder, kohya for a ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def add_parser(subparsers):
                     "(--to-lora) combine them into one LoRA file by concatenating ranks.")
     p.add_argument("--model", default=None, metavar="MODEL_DIR",
                    help="the base model folder (diffusers layout); required unless --to-lora, where it checks the "
-                        "LoRAs against it")
+                        "LoRAs against it (and gives DoRA modules the base weights they need with --rank)")
     p.add_argument("--lora", action="append", default=[], required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file or folder with an optional weight after the last colon (default 1; may be "
                         "negative). Repeat for several LoRAs")
@@ -37,8 +39,8 @@ def add_parser(subparsers):
                         ".safetensors file, diffusers for a folder)")
     p.add_argument("--rank", type=int, default=None,
                    help="with --to-lora: reduce the merged weight changes to a plain LoRA of this rank by SVD (as "
-                        "kohya's svd_merge_lora.py; needed for LoHa/LoKr/DoRA, whose sums are no LoRA); prints the "
-                        "relative approximation error")
+                        "kohya's svd_merge_lora.py; needed for LoHa/LoKr/DoRA, whose sums are no LoRA; DoRA also needs "
+                        "--model); prints the relative approximation error")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     return p
 
@@ -67,9 +69,8 @@ def run(args) -> int:
     fmt = compose.pick_format(args.out, args.format)
     loras = compose.load_loras(args.lora, base=info)
     if args.rank is not None:
-        from mindone_lora_plugin.compose.maths import svd_reduce
-
-        state, error = svd_reduce(loras, args.rank)
+        bases = compose.FolderWeights(args.model) if args.model else None  # DoRA's change needs the base weights
+        state, error = compose.svd_reduce(loras, args.rank, base_weights=bases)
         how = f"reduced by SVD to rank {args.rank} (relative approximation error {error:.3e})"
     else:
         state = compose.concat_loras(loras)

@@ -19,9 +19,9 @@ and exact up to the final cast; only :func:`apply_loras`, :func:`merge_into_mode
 
 from mindone_lora_plugin.compose._constants import ADAPTER_PREFIX, DTYPES, MERGE_RECORD
 from mindone_lora_plugin.compose.specs import WeightedLora, load_loras, parse_lora_spec
-from mindone_lora_plugin.compose.maths import combined_deltas, concat_loras, module_delta
+from mindone_lora_plugin.compose.maths import combined_deltas, concat_loras, module_delta, svd_reduce
 from mindone_lora_plugin.compose.live import active_deltas, apply_loras, merge_into_models, set_lora_weights
-from mindone_lora_plugin.compose.folders import merge_into_folder, output_is_taken
+from mindone_lora_plugin.compose.folders import FolderWeights, merge_into_folder, output_is_taken
 from mindone_lora_plugin.compose.files import pick_format, write_concatenated, write_lora
 from mindone_lora_plugin.compose.generation import (GeneratedImage, generate_images, image_metadata, load_pipeline,
                                                     pipeline_models, save_png)
@@ -29,6 +29,7 @@ from mindone_lora_plugin.compose.generation import (GeneratedImage, generate_ima
 __all__ = [
     'ADAPTER_PREFIX', 'DTYPES', 'MERGE_RECORD', 'WeightedLora', 'load_loras', 'parse_lora_spec', 'combined_deltas',
     'concat_loras', 'module_delta', 'active_deltas', 'apply_loras', 'merge_into_models', 'set_lora_weights',
-    'merge_into_folder', 'output_is_taken', 'pick_format', 'write_concatenated', 'write_lora', 'GeneratedImage',
+    'merge_into_folder', 'output_is_taken', 'FolderWeights', 'svd_reduce', 'pick_format', 'write_concatenated',
+    'write_lora', 'GeneratedImage',
     'generate_images', 'image_metadata', 'load_pipeline', 'pipeline_models', 'save_png'
 ]

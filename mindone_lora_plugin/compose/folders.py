@@ -11,7 +11,7 @@ import numpy as np
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.compose._constants import MERGE_RECORD, _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES
-from mindone_lora_plugin.compose.maths import _as_list, _f64, combined_deltas
+from mindone_lora_plugin.compose.maths import _as_list, _f64, grouped_modules, module_change
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
 
 
@@ -20,7 +20,8 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
     encoder weights; return ``out``.
 
     Pure numpy: each weights file is rewritten one tensor at a time (``W + sum(weight * delta)`` in float64, cast to
-    the file's dtype, or to ``dtype`` = ``fp32``/``fp16``/``bf16``, which casts every floating tensor of the folder).
+    the file's dtype, or to ``dtype`` = ``fp32``/``fp16``/``bf16``, which casts every floating tensor of the folder);
+    a module's change is computed when its tensor is reached, from that tensor (DoRA's depends on it).
     Everything else (tokenizers, scheduler, VAE, configs) is copied. The folder is written under a temporary name and
     renamed into place, so ``out`` is either complete or absent. An ``out`` that exists and is not empty is refused
     unless ``overwrite``. Pickled weight files in merged components (they would keep the unmerged weights) are left out.
@@ -39,10 +40,9 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
     if src_real == out_real or _inside(src_real, out_real) or _inside(out_real, src_real):
         raise LoraError(f"--out {out} must be a new folder outside the model folder {model_dir}")
     _check_out(out, overwrite)
-    deltas = combined_deltas(pairs)
-    by_comp: dict[str, dict[str, np.ndarray]] = {}
-    for (comp, path), d in deltas.items():
-        by_comp.setdefault(comp, {})[path + ".weight"] = d
+    by_comp: dict[str, dict[str, tuple[str, list]]] = {}  # component → weight name → (module path, its parts)
+    for (comp, path), parts in grouped_modules(pairs).items():
+        by_comp.setdefault(comp, {})[path + ".weight"] = (path, parts)
 
     parent = os.path.dirname(os.path.abspath(out))
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
@@ -66,7 +66,7 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
                 if comp and lower.endswith(_STALE_WEIGHT_SUFFIXES):
                     continue
                 if lower.endswith(".safetensors") and (comp in by_comp or np_dtype is not None):
-                    done = _rewrite_weights(src, dst, by_comp.get(comp, {}), np_dtype)
+                    done = _rewrite_weights(src, dst, comp, by_comp.get(comp, {}), np_dtype)
                     if comp in applied:
                         applied[comp] |= done
                 elif np_dtype is not None and fname == "config.json" and comp:
@@ -135,10 +135,10 @@ def _np_dtype(code: str):
     return found
 
 
-def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -> set[str]:
-    """Copy the safetensors file ``src`` to ``dst`` adding ``deltas`` (weight name → float64 array) to the weights they
-    name and casting floating tensors to ``dtype`` (None: keep). One tensor is in memory at a time. Returns the names
-    changed."""
+def _rewrite_weights(src: str, dst: str, comp: str, changes: dict[str, tuple[str, list]], dtype) -> set[str]:
+    """Copy the safetensors file ``src`` to ``dst`` adding to each weight ``changes`` names (weight name → module path
+    and its ``[(module, weight)]`` parts) the module's change, computed from that weight, and casting floating tensors
+    to ``dtype`` (None: keep). One tensor and its change are in memory at a time. Returns the names changed."""
     from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype
     from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, read_header
 
@@ -154,21 +154,73 @@ def _rewrite_weights(src: str, dst: str, deltas: dict[str, np.ndarray], dtype) -
     try:
         with StreamWriter(dst, entries, header.get("__metadata__")) as w:
             for k in order:
-                info = header[k]
-                begin, end = info["data_offsets"]
-                src_dt = _np_dtype(info["dtype"])
-                arr = np.frombuffer(data[offset + begin: offset + end], dtype=src_dt).reshape(info["shape"])
-                if k in deltas:
-                    d = deltas[k]
-                    if d.size != arr.size:
+                arr = _tensor(data, offset, header[k])
+                if k in changes:
+                    path, parts = changes[k]
+                    implied = parts[0][0].base_shape()
+                    if int(np.prod(implied)) != arr.size:
                         raise LoraError(f"shape mismatch at {k} in {src}: the weight is {list(arr.shape)} but the "
-                                        f"LoRA implies {list(d.shape)}")
-                    arr = as_dtype(_f64(arr) + d.reshape(arr.shape), src_dt)
+                                        f"LoRA implies {list(implied)}")
+                    d = module_change(comp, path, parts, arr.reshape(implied))
+                    arr = as_dtype(_f64(arr) + d.reshape(arr.shape), arr.dtype)
                     changed.add(k)
                 w.write(as_bytes(as_dtype(arr, _np_dtype(out_codes[k]))))
     finally:
         del data
     return changed
+
+
+def _tensor(data, offset: int, info: dict) -> np.ndarray:
+    """One tensor of a memory-mapped safetensors file (``info``: its header entry), without a copy."""
+    begin, end = info["data_offsets"]
+    return np.frombuffer(data[offset + begin: offset + end], dtype=_np_dtype(info["dtype"])).reshape(info["shape"])
+
+
+class FolderWeights:
+    """The base weights of a diffusers-layout model folder, read on demand one tensor at a time:
+    ``get((component, module path))`` → the module's weight (float64) or ``None``. For :func:`combined_deltas` and
+    :func:`svd_reduce` where a DoRA module needs its base weight and no model is loaded."""
+
+    def __init__(self, model_dir: str):
+        from mindone_lora_plugin.architectures import get_architecture
+
+        info = BaseModelInfo.from_folder(model_dir)
+        self._dirs = {c.name: os.path.join(model_dir, c.folder) for c in get_architecture(info.architecture).components}
+        self._where: dict[str, dict[str, str]] = {}
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        from mindone_lora_plugin.safetensors_io import read_header
+
+        comp, path = key
+        src = self._files(comp).get(path + ".weight")
+        if src is None:
+            return None
+        header, offset = read_header(src)
+        data = np.memmap(src, dtype=np.uint8, mode="r")
+        try:
+            return _f64(_tensor(data, offset, header[path + ".weight"]))
+        finally:
+            del data
+
+    def _files(self, comp: str) -> dict[str, str]:
+        """Weight name → the safetensors file of ``comp`` holding it (the main file, or the shards of its index)."""
+        from mindone_lora_plugin.basemodel import _WEIGHT_FILES
+        from mindone_lora_plugin.safetensors_io import read_header
+
+        if comp not in self._where:
+            folder, found = self._dirs.get(comp, ""), {}
+            files = [n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
+            for name in () if files else _WEIGHT_FILES:
+                index = os.path.join(folder, name + ".index.json")
+                if os.path.isfile(index):
+                    with open(index, encoding="utf-8") as f:
+                        files = sorted(set(json.load(f)["weight_map"].values()))
+                    break
+            for name in files:
+                header, _ = read_header(os.path.join(folder, name))
+                found.update({k: os.path.join(folder, name) for k in header if k != "__metadata__"})
+            self._where[comp] = found
+        return self._where[comp]
 
 
 def _write_config_dtype(src: str, dst: str, np_dtype) -> None:

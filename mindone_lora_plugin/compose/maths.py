@@ -24,34 +24,55 @@ def module_delta(mod: LoraModule, base_weight=None) -> np.ndarray:
     return mod.algo.delta(mod, base_weight).reshape(mod.base_shape())
 
 
-def combined_deltas(loras, base_weights=None) -> dict[tuple[str, str], np.ndarray]:
-    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64.
-
-    ``base_weights`` (``(component, path) → array``) serves algorithms whose change depends on the base weight (DoRA):
-    such a module's delta is ``merged_weight(base, weight) - base``.
-    """
-    out: dict[tuple[str, str], np.ndarray] = {}
+def grouped_modules(loras) -> dict[tuple[str, str], list[tuple[LoraModule, float]]]:
+    """``(component, module path) → [(module, weight)]`` over ``loras``, in their order."""
+    groups: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
     for state, weight in _pairs(loras):
         for comp, path, mod in state.modules():
-            algo = mod.algo
-            if algo.needs_base_weight(mod):
-                base = (base_weights or {}).get((comp, path))
-                if base is None:
-                    raise LoraError(f"{comp}.{path} is a {mod.algorithm} module whose change depends on the base "
-                                    "weight; merge it into a model (pass the base model)")
-                d = algo.merged_weight(mod, base, weight) - _f64(base)
-            else:
-                d = module_delta(mod) * weight
-            key = (comp, path)
-            if key in out:
-                prev = out[key]
-                if prev.size != d.size:
-                    raise LoraError(f"the LoRAs disagree about the shape of {comp}.{path} ({list(prev.shape)} vs "
-                                    f"{list(d.shape)}); they were made for different base models")
-                out[key] = prev + d.reshape(prev.shape)
-            else:
-                out[key] = d
+            groups.setdefault((comp, path), []).append((mod, weight))
+    return groups
+
+
+def module_change(comp: str, path: str, parts, base_weight=None) -> np.ndarray:
+    """``sum of weight * delta`` of one module over ``parts`` (``[(module, weight)]``), in float64.
+
+    Every part's change is taken from the same ``base_weight`` (the base model's own), so the order does not matter;
+    a part whose algorithm depends on the base weight (DoRA) changes it by ``merged_weight(base, weight) - base``.
+    """
+    out = None
+    for mod, weight in parts:
+        if mod.algo.needs_base_weight(mod):
+            if base_weight is None:
+                raise LoraError(f"{comp}.{path} is a {mod.algo.label(mod)} module, whose change depends on the base "
+                                "model's weight, and no base model was given; pass the base model the LoRA was made "
+                                "for (--model MODEL_DIR)")
+            d = mod.algo.merged_weight(mod, base_weight, weight) - _f64(base_weight)
+        else:
+            d = module_delta(mod) * weight
+        if out is None:
+            out = d
+        elif out.size != d.size:
+            raise LoraError(f"the LoRAs disagree about the shape of {comp}.{path} ({list(out.shape)} vs "
+                            f"{list(d.shape)}); they were made for different base models")
+        else:
+            out = out + d.reshape(out.shape)
     return out
+
+
+def combined_deltas(loras, base_weights=None) -> dict[tuple[str, str], np.ndarray]:
+    """``(component, module path) → sum of weight * delta`` over ``loras``, in float64 (see :func:`module_change`).
+
+    ``base_weights`` (anything with ``.get((component, path))`` → array or None: a dict, or
+    :class:`~mindone_lora_plugin.compose.folders.FolderWeights`) serves algorithms whose change depends on the base
+    weight (DoRA); it is asked only for those modules.
+    """
+    return {key: _looked_up_change(key, parts, base_weights) for key, parts in grouped_modules(loras).items()}
+
+
+def _looked_up_change(key: tuple[str, str], parts, base_weights) -> np.ndarray:
+    needs = any(m.algo.needs_base_weight(m) for m, _ in parts)
+    base = base_weights.get(key) if needs and base_weights is not None else None
+    return module_change(key[0], key[1], parts, base)
 
 
 def concat_loras(loras, dtype=np.float32) -> LoraState:
@@ -64,15 +85,13 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
     pairs = _pairs(loras)
     if not pairs:
         raise LoraError("no LoRA to combine")
-    others = sorted({m.algorithm for s, _ in pairs for _, _, m in s.modules()} - {"lora"})
+    others = sorted({m.algo.label(m) for s, _ in pairs for _, _, m in s.modules()} - {"lora"})
     if others:
+        dora = " (and --model MODEL_DIR: DoRA's change depends on the base weight)" if "lora+dora" in others else ""
         raise LoraError(f"only plain LoRA concatenates exactly into a LoRA, but these hold {', '.join(others)} "
-                        "modules; pass --rank N to reduce the merged weight changes to a LoRA of rank N by SVD")
+                        f"modules; pass --rank N{dora} to reduce the merged weight changes to a LoRA of rank N by SVD")
     arch = _arch_of(pairs)
-    groups: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
-    for state, weight in pairs:
-        for comp, path, mod in state.modules():
-            groups.setdefault((comp, path), []).append((mod, weight))
+    groups = grouped_modules(pairs)
     lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
     out = LoraState(architecture=arch, unet_layers_per_block=lpb)
     for (comp, path), parts in groups.items():
@@ -106,7 +125,8 @@ def _as_list(loras) -> list:
 
 def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[LoraState, float]:
     """One plain LoRA of rank ``rank`` approximating the weighted sum of ``loras`` (any algorithms), and the relative
-    approximation error ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` over all modules.
+    approximation error ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` over all modules. ``base_weights`` as for :func:`combined_deltas`
+    (needed by DoRA modules).
 
     As kohya's ``networks/svd_merge_lora.py``: each module's merged weight change (convs flattened to
     ``[out, in·k·k]``) is factored by SVD and cut to ``rank`` (or less where the matrix is smaller); ``up = U_r S_r``,
@@ -120,10 +140,10 @@ def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[L
     arch = _arch_of(pairs)
     lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
     out = LoraState(architecture=arch, unet_layers_per_block=lpb)
-    shapes = {(c, p): m.base_shape() for s, _ in pairs for c, p, m in s.modules()}
     err2 = tot2 = 0.0
-    for (comp, path), delta in sorted(combined_deltas(pairs, base_weights).items()):
-        shape = shapes[(comp, path)]
+    for (comp, path), parts in sorted(grouped_modules(pairs).items()):  # one module's change in memory at a time
+        delta = _looked_up_change((comp, path), parts, base_weights)
+        shape = parts[0][0].base_shape()
         mat = delta.reshape(shape[0], -1)
         u, sv, vt = np.linalg.svd(mat, full_matrices=False)
         r = min(rank, len(sv))
