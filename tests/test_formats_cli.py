@@ -57,13 +57,14 @@ def test_convert_diffusers_to_kohya_file_with_base_and_dtype(tmp_path, sdxl_stat
     assert convert.run(parse("convert", tmp_path / "d", out, "--to", "kohya", "--base", model, "--dtype",
                              "fp16")) == 0
     tensors, meta = safetensors_io.load(str(out))
-    assert {t.dtype.name for t in tensors.values()} == {"float16"}
+    assert {t.dtype.name for k, t in tensors.items() if not k.endswith(".alpha")} == {"float16"}
+    assert {t.dtype.name for k, t in tensors.items() if k.endswith(".alpha")} == {"float32"}  # exact alphas
     assert meta["ss_output_name"] == "converted" and meta["modelspec.title"] == "converted"
     got = read_lora(str(out), base=tiny_sdxl())
     assert_states_equal(sdxl_state.astype(np.float16), got, exact=False)
     for comp, p, m in sdxl_state.modules():
         assert got.components[comp][p].rank == m.rank
-        assert got.components[comp][p].alpha == float(np.float16(m.alpha))
+        assert got.components[comp][p].alpha == float(np.float32(m.alpha))
 
 
 def test_convert_into_existing_folder_uses_input_name(tmp_path, sdxl_kohya):

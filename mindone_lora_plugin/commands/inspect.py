@@ -85,6 +85,20 @@ def ordered_components(state) -> list[str]:
     return sorted(state.components, key=component_order)
 
 
+def strength_warning(lf) -> str:
+    """One line when the file's alphas live only in its PEFT config (``lora_adapter_metadata`` or
+    ``adapter_config.json``) and differ from the ranks: ComfyUI reads no such config and takes alpha = rank."""
+    source = lf.info.alpha_source if lf.info is not None else ""
+    if not {"lora_adapter_metadata", "adapter_config.json"} & set(source.split("+")):
+        return ""
+    off = sum(float(m.alpha) != m.rank for _, _, m in lf.state.modules())
+    if not off:
+        return ""
+    return (f"{off} module(s) have alpha != rank, kept only in the PEFT config; tools that ignore "
+            "lora_adapter_metadata (ComfyUI) apply them at the wrong strength: give those tools the kohya file "
+            "(the run's OUTPUT_NAME.safetensors, or: mindone-lora convert FILE OUT.safetensors --to kohya)")
+
+
 def _short(v: str, n: int = 70) -> str:
     v = " ".join(str(v).split())
     return v if len(v) <= n else v[: n - 3] + "..."
@@ -107,6 +121,9 @@ def render(lf) -> str:
     lines.append(f"dtype:         {state.dtype()}")
     if info is not None and info.alpha_source:
         lines.append(f"alphas from:   {info.alpha_source}")
+    warning = strength_warning(lf)
+    if warning:
+        lines.append(f"warning:       {warning}")
     lines.append(f"modules:       {len(state)}")
     for comp in ordered_components(state):
         mods = state.components[comp]

@@ -16,7 +16,6 @@ import json
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
-from mindone_lora_plugin.dtypes import standard_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.formats.common import (is_v_prediction, merged_metadata, modelspec, names_for,
@@ -77,13 +76,14 @@ def network_module(state: LoraState) -> tuple[str, dict[str, str]]:
     return algo.network_module, dict(algo.metadata(mods))
 
 
-def module_tensors(name: str, mod, held: str, dtype=None) -> dict[str, np.ndarray]:
-    """The kohya tensors of one file module ``name`` (``held``: the module path(s) it holds, for errors); the alpha
-    is a 0-dim array in ``dtype`` (else the tensors' float dtype)."""
+def module_tensors(name: str, mod, held: str) -> dict[str, np.ndarray]:
+    """The kohya tensors of one file module ``name`` (``held``: the module path(s) it holds, for errors), each in its
+    own dtype; the alpha is a 0-dim float32 array (float64 beside float64 tensors) whatever the tensors' dtype, so
+    that it keeps its value (float16 holds 70.21875 as 70.25, 0.3 as 0.29998); every loader reads it with ``.item()``.
+    """
     algo = mod.algo
     first = np.asarray(next(iter(mod.tensors.values())))
-    alpha_dtype = dtype if dtype is not None else (standard_dtype(first.dtype)
-                                                   if first.dtype.kind in "fV" else np.dtype(np.float32))
+    alpha_dtype = np.float64 if first.dtype == np.float64 else np.float32
     out = {}
     for role, value in mod.tensors.items():
         suffix = algo.kohya_names.get(role)
@@ -130,10 +130,15 @@ class KohyaFormat(LoraFormat):
         return state
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
-        """The kohya tensors of ``state`` (not cast, alphas as 0-dim arrays) and the architecture used."""
+        """The kohya tensors of ``state`` cast to ``dtype`` (None: as they are), alphas as 0-dim float32 arrays, and
+        the architecture used. The state is cast before a family fuses modules (FLUX's qkv), so a fused module is
+        made of the very tensors its parts would be written with, and a fold of differing scales into a fused
+        ``up`` is kept in float32 (:func:`~mindone_lora_plugin.architectures.flux.fuse.fuse`)."""
         from mindone_lora_plugin.architectures import get_architecture
 
         arch = writer_architecture(state, "kohya's module naming and metadata")
+        if dtype is not None:
+            state = state.astype(dtype)
         family = get_architecture(arch)
         modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
         if modules is None:
@@ -146,7 +151,7 @@ class KohyaFormat(LoraFormat):
                 modules[name] = (mod, f"{comp}.{path}")
         tensors = {}
         for name, (mod, held) in modules.items():
-            tensors.update(module_tensors(name, mod, held, dtype))
+            tensors.update(module_tensors(name, mod, held))
         return tensors, arch
 
     def metadata_for(self, state: LoraState, arch: str, metadata: dict[str, str] | None,
@@ -185,7 +190,7 @@ class KohyaFormat(LoraFormat):
         tensors, arch = self.state_dict(state, np_dtype)
         meta = self.metadata_for(state, arch, metadata, output_name)
         path = self.output_path(out, output_name)
-        save_with_sshs(tensors, path, meta, dtype=np_dtype)
+        save_with_sshs(tensors, path, meta)  # already in their dtypes (state_dict)
         return path
 
 

@@ -185,7 +185,10 @@ def kohya_module_name(component: str, path: str) -> str:
 # ----------------------------------------------------------------------------- parsing file keys
 
 DOWN, UP, ALPHA = "down", "up", "alpha"
-_PLAIN_SUFFIXES = ((".lora_down.weight", DOWN), (".lora_up.weight", UP), (".lora_A.weight", DOWN),
+# DoRA's magnitude as peft's modules name it (``….lora_magnitude_vector.weight``), read as the SD reader does;
+# diffusers' files say ``….lora_magnitude_vector``, the algorithm's own suffix (among the installed ones)
+_PLAIN_SUFFIXES = ((".lora_magnitude_vector.weight", "lora:magnitude"),
+                   (".lora_down.weight", DOWN), (".lora_up.weight", UP), (".lora_A.weight", DOWN),
                    (".lora_B.weight", UP), (".lora_linear_layer.down.weight", DOWN),
                    (".lora_linear_layer.up.weight", UP), (".lora.down.weight", DOWN), (".lora.up.weight", UP),
                    (".down.weight", DOWN), (".up.weight", UP), (".alpha", ALPHA))
