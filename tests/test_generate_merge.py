@@ -403,3 +403,29 @@ def test_merged_unet_loads_in_hugging_face_diffusers(folders, loras, merged):
         if comp == "unet":
             want = base[path + ".weight"] + delta.reshape(base[path + ".weight"].shape)
             np.testing.assert_allclose(params[path + ".weight"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_folder_weights_reads_single_files_and_shards(folders, tmp_path):
+    """``compose.FolderWeights`` (DoRA's base weights for ``merge --to-lora --rank``) reads one tensor at a time, from a
+    component's weights file or from the shards its index lists."""
+    import shutil
+
+    from mindone_lora_plugin import safetensors_io
+
+    src = folders["sd1"]
+    want, _ = safetensors_io.load(os.path.join(src, "unet", "diffusion_pytorch_model.safetensors"))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(src, sharded)
+    os.remove(sharded / "unet" / "diffusion_pytorch_model.safetensors")
+    names = sorted(want)
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        safetensors_io.save({k: want[k] for k in keys}, str(sharded / "unet" / shard))
+    index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    for folder in (src, str(sharded)):
+        weights = compose.FolderWeights(folder)
+        for key in [k for k in names if k.endswith(".weight")][::40]:
+            assert np.array_equal(weights.get(("unet", key[: -len(".weight")])), want[key].astype(np.float64))
+        assert weights.get(("unet", "no.such.module")) is None
+        assert weights.get(("text_encoder", "text_model.encoder.layers.0.mlp.fc1")).shape == (37, 32)

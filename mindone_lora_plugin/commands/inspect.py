@@ -94,9 +94,9 @@ def strength_warning(lf) -> str:
     off = sum(float(m.alpha) != m.rank for _, _, m in lf.state.modules())
     if not off:
         return ""
-    return (f"{off} module(s) have alpha != rank, kept only in the PEFT config; tools that ignore "
-            "lora_adapter_metadata (ComfyUI) apply them at the wrong strength: give those tools the kohya file "
-            "(the run's OUTPUT_NAME.safetensors, or: mindone-lora convert FILE OUT.safetensors --to kohya)")
+    return (f"ComfyUI and other tools that ignore lora_adapter_metadata apply this file at the wrong strength ({off} "
+            "module(s) have alpha != rank); give them the kohya file (mindone-lora convert FILE OUT.safetensors "
+            "--to kohya)")
 
 
 def _short(v: str, n: int = 70) -> str:

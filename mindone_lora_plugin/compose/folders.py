@@ -186,24 +186,23 @@ class FolderWeights:
 
         info = BaseModelInfo.from_folder(model_dir)
         self._dirs = {c.name: os.path.join(model_dir, c.folder) for c in get_architecture(info.architecture).components}
-        self._where: dict[str, dict[str, str]] = {}
+        self._where: dict[str, dict[str, tuple[str, dict, int]]] = {}
 
     def get(self, key: tuple[str, str]) -> np.ndarray | None:
-        from mindone_lora_plugin.safetensors_io import read_header
-
         comp, path = key
-        src = self._files(comp).get(path + ".weight")
-        if src is None:
+        found = self._files(comp).get(path + ".weight")
+        if found is None:
             return None
-        header, offset = read_header(src)
+        src, header, offset = found
         data = np.memmap(src, dtype=np.uint8, mode="r")
         try:
             return _f64(_tensor(data, offset, header[path + ".weight"]))
         finally:
             del data
 
-    def _files(self, comp: str) -> dict[str, str]:
-        """Weight name → the safetensors file of ``comp`` holding it (the main file, or the shards of its index)."""
+    def _files(self, comp: str) -> dict[str, tuple[str, dict, int]]:
+        """Weight name → (the safetensors file of ``comp`` holding it, its header, its data offset): the main file,
+        or the shards of its index."""
         from mindone_lora_plugin.basemodel import _WEIGHT_FILES
         from mindone_lora_plugin.safetensors_io import read_header
 
@@ -217,8 +216,9 @@ class FolderWeights:
                         files = sorted(set(json.load(f)["weight_map"].values()))
                     break
             for name in files:
-                header, _ = read_header(os.path.join(folder, name))
-                found.update({k: os.path.join(folder, name) for k in header if k != "__metadata__"})
+                src = os.path.join(folder, name)
+                header, offset = read_header(src)
+                found.update({k: (src, header, offset) for k in header if k != "__metadata__"})
             self._where[comp] = found
         return self._where[comp]
 
