@@ -1,9 +1,9 @@
 """The kohya-ss (sd-scripts) LoRA format: what A1111-family web UIs, ComfyUI and kohya's own tools load.
 
 One ``.safetensors`` file. Each module ``M`` has ``M.lora_down.weight``, ``M.lora_up.weight`` and ``M.alpha`` (a 0-dim
-float: the module's true alpha, scale = alpha / rank); modules of other algorithms carry their algorithm's LyCORIS
-tensor names instead (``M.hada_w1_a``, ``M.lokr_w1``, ...) and the file says ``ss_network_module=lycoris.kohya``. ``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
-``lora_te2_``) followed by the module path with every ``.`` as ``_``. SD1.x/2.x UNet paths are diffusers paths;
+float32: the module's true alpha, scale = alpha / rank); modules of other algorithms carry their algorithm's LyCORIS
+tensor names instead (``M.hada_w1_a``, ``M.lokr_w1``, ...) and the file says ``ss_network_module=lycoris.kohya``.
+``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``) followed by the module path with every ``.`` as ``_``. SD1.x/2.x UNet paths are diffusers paths;
 SDXL UNet paths are SGM paths (``input_blocks``/``middle_block``/``output_blocks``, see :mod:`.sgm`).
 
 The header holds kohya's minimum ``ss_*`` metadata, ``ss_output_name``, the training arguments given, the

@@ -170,8 +170,8 @@ def fuse(parts, sizes, where: str) -> LoraModule:
     if doras:
         if doras != len(parts):
             which = "some of its parts are" if doras < len(present) else "a part is missing and the others are"
-            raise LoraError(f"{where}: {which} DoRA modules; a fused DoRA module needs a magnitude for every part: train all of its "
-                            "parts with DoRA, or write the diffusers format")
+            raise LoraError(f"{where}: {which} DoRA modules; a fused DoRA module needs a magnitude for every part: "
+                            "train all of its parts with DoRA, or write the diffusers format")
         magnitude = np.concatenate([np.asarray(m.tensors["magnitude"]).reshape(
             (-1,) + np.shape(first.tensors["magnitude"])[1:]) for m in parts], axis=0)
     if len(present) == len(parts) and all(
