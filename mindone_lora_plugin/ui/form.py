@@ -18,6 +18,7 @@ import re
 import shlex
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
 BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "class_data_dir",
@@ -29,9 +30,13 @@ BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir",
 # plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
                "cache_dir", "config_file", "output_config", "sample_prompts")
+WRITTEN = ("output_dir", "cache_dir", "output_config")  # folders the run writes: never a read-only one
 PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
 # set by the UI itself, not by the form
-HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help")
+HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help", "output_config")
+REQUIRED = ("pretrained_model_name_or_path", "output_dir")  # and one of DATA_FIELDS
+DATA_FIELDS = ("train_data_dir", "dataset_name", "instance_data_dir")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
 
 PRESETS = {
@@ -49,7 +54,7 @@ PRESETS = {
                        lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
-    "tiny model on CPU (a quick check)": dict(resolution="32", train_batch_size="1", max_train_steps="40",
+    "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32", train_batch_size="1", max_train_steps="40",
                                               learning_rate="1e-3", lr_warmup_steps="0", lora_targets="attn",
                                               checkpointing_steps="5", validation_prompt="a red circle",
                                               validation_steps="10", num_validation_images="1",
@@ -99,7 +104,8 @@ def schema(parser=None) -> dict:
         for a in group._group_actions:
             if a.help == argparse.SUPPRESS or a.dest in HIDDEN or not a.option_strings:
                 continue
-            fields.append({"dest": a.dest, "flag": _flag(a), "kind": _kind(a), "default": _plain(a.default),
+            fields.append({"dest": a.dest, "flag": _flag(a), "label": label(a), "kind": _kind(a),
+                           "default": _plain(a.default), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
@@ -107,6 +113,14 @@ def schema(parser=None) -> dict:
             groups.append({"title": group.title, "fields": fields})
     _installed_names(groups)
     return {"groups": groups, "presets": PRESETS}
+
+
+def label(action) -> str:
+    """A field's label in words: the first clause of the flag's own help, else its name with spaces."""
+    text = re.split(r"[;(:]|\. |, e\.g\.", (action.help or "").replace("%(default)s", ""), maxsplit=1)[0].strip()
+    if not text or len(text) > 60:
+        text = action.dest.replace("_", " ")
+    return text[0].upper() + text[1:]
 
 
 def _installed_names(groups) -> None:
@@ -187,9 +201,14 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     actions = _actions(parser)
     errors: dict[str, str] = {}
     values = dict(values)
+    if str(values.get("config_file") or "").strip():  # its values join the form's, and are checked as the form's
+        try:
+            values = _with_config(values, guard, parser)
+        except LoraError as e:
+            errors["config_file"] = str(e)
     for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
         try:
-            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]))
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in WRITTEN)
         except LoraError as e:
             errors[dest] = str(e)
     name = str(values.get("output_name") or "").strip()
@@ -198,7 +217,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     logs = str(values.get("logging_dir") or "").strip()
     if logs and "output_dir" not in errors and str(values.get("output_dir") or "").strip():
         try:  # relative to the output folder, as the trainer reads it
-            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir")
+            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir", write=True)
         except LoraError as e:
             errors["logging_dir"] = str(e)
     for dest, action in actions.items():  # types and choices, one field at a time
@@ -221,7 +240,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
             info = BaseModelInfo.from_folder(values["pretrained_model_name_or_path"])
         except LoraError as e:
             errors["pretrained_model_name_or_path"] = str(e)
-    data_fields = [d for d in ("train_data_dir", "dataset_name", "instance_data_dir") if str(values.get(d) or "")]
+    data_fields = [d for d in DATA_FIELDS if str(values.get(d) or "")]
     if not data_fields:
         errors.setdefault("train_data_dir", "give the training images: --train_data_dir (an imagefolder), "
                                             "--dataset_name, or --instance_data_dir (DreamBooth)")
@@ -233,6 +252,10 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
         errors.setdefault("output_dir", "--output_dir is required: the folder the run writes (inside the root)")
     elif "output_dir" not in errors and os.path.realpath(values["output_dir"]) in running_dirs:
         errors["output_dir"] = f"--output_dir {values['output_dir']}: a run is writing there now; choose another"
+    elif "output_dir" not in errors and _holds_run(values["output_dir"]):
+        errors["output_dir"] = (f"--output_dir {values['output_dir']} holds another run; choose a new folder (or "
+                                f"resume that run from the Runs page)")
+    _check_batch(values, actions, errors)
     if errors:
         return errors, None
     argv = to_argv(values, parser)
@@ -251,6 +274,62 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     except LoraError as e:
         errors[_field_of(str(e), actions)] = str(e)
     return errors, (None if errors else argv)
+
+
+def _with_config(values: dict, guard, parser) -> dict:
+    """The form's values with a ``--config_file``'s filled in where the form leaves a field empty; the file itself
+    is dropped, so the run's command line holds every value and each goes through the form's checks."""
+    from mindone_lora_plugin.train.config_file import read_config
+
+    path = guard.resolve(str(values["config_file"]), "--config_file", must_exist=True)
+    out = dict(values, config_file="")
+    for dest, value in read_config(path, parser).items():
+        if out.get(dest) in (None, "", False):
+            out[dest] = " ".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def load_config(guard, path: str) -> dict:
+    """A TOML config (as Save config writes it) as form values, for the page's Load config."""
+    from mindone_lora_plugin.train.config_file import read_config
+
+    real = guard.resolve(path, "config file", must_exist=True)
+    values = read_config(real, train_parser())
+    return {k: (v if isinstance(v, bool) else " ".join(map(str, v)) if isinstance(v, list) else str(v))
+            for k, v in values.items() if k not in HIDDEN}
+
+
+def output_dir(argv: list[str]) -> str:
+    """The ``--output_dir`` of a validated argument list (validate made it a confined absolute path)."""
+    return argv[argv.index("--output_dir") + 1]
+
+
+def _holds_run(folder: str) -> bool:
+    from mindone_lora_plugin.train.events import LOG_FILE
+
+    return any(os.path.exists(os.path.join(folder, n)) for n in ("ui_run.json", LOG_FILE))
+
+
+def _check_batch(values: dict, actions: dict, errors: dict) -> None:
+    """A batch larger than the image folder fails right after Start: say so at Check."""
+    if "train_batch_size" in errors:
+        return
+    try:
+        batch = int(str(values.get("train_batch_size") or actions["train_batch_size"].default).strip())
+    except (TypeError, ValueError, KeyError):
+        return
+    for dest in ("train_data_dir", "instance_data_dir"):
+        folder = str(values.get(dest) or "")
+        if dest in errors or not os.path.isdir(folder):
+            continue
+        count = 0
+        for _, dirs, names in os.walk(folder):
+            count += sum(n.lower().endswith(IMAGE_EXT) for n in names)
+            if count >= batch:
+                break
+        if count < batch:
+            errors["train_batch_size"] = (f"--train_batch_size {batch} is larger than the {count} image(s) in "
+                                          f"{_flag(actions[dest])}; lower it or add images")
 
 
 def _path_dests(actions: dict, values: dict, guard) -> list[str]:
