@@ -84,7 +84,8 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     data = make_shapes_dataset(str(root / "data"), size=16, repeats=1)
     g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])
     values = dict(pretrained_model_name_or_path=tiny_sd1, train_data_dir="data", output_dir="runs/one",
-                  train_batch_size="2", lora_rank="8", learning_rate="2e-4", random_flip=True, validation_prompt="a 'red' circle")
+                  train_batch_size="2", lora_rank="8", learning_rate="2e-4", random_flip=True,
+                  validation_prompt="a 'red' circle")
     errors, argv = form.validate(values, g)
     assert errors == {} and argv[argv.index("--train_data_dir") + 1] == data
     cfg = tomllib.loads(form.to_toml(argv))
@@ -250,6 +251,23 @@ def test_api_lora_tools(server, tree, tiny_sd1):
     from PIL import Image
 
     assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 3
+    assert not _workers()  # the generate/merge worker process has exited
+
+
+def _workers() -> list[int]:
+    """This process's children that are UI workers (``python -P -m mindone_lora_plugin.ui.files``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == os.getpid() and b"mindone_lora_plugin.ui.files" in cmdline:
+            found.append(int(pid))
+    return found
 
 
 def test_api_saves_a_config_and_refuses_a_bad_run(server, tree, tiny_sd1):

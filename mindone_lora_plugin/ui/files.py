@@ -143,7 +143,8 @@ def merge(guard, d: dict) -> dict:
 
     to_lora = d.get("to_lora") is True
     message = _call(cmd.run, model=_opt(guard, d, "model", "--model", True), lora=_loras(guard, d),
-                    out=guard.resolve(bodies.text(d, "out"), "--out", write=True), dtype=bodies.text(d, "dtype") or None,
+                    out=guard.resolve(bodies.text(d, "out"), "--out", write=True),
+                    dtype=bodies.text(d, "dtype") or None,
                     to_lora=to_lora, format=(bodies.text(d, "format") or None) if to_lora else None,
                     overwrite=d.get("overwrite") is True)
     return {"message": message}

@@ -54,12 +54,12 @@ PRESETS = {
                        lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
-    "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32", train_batch_size="1", max_train_steps="40",
-                                              learning_rate="1e-3", lr_warmup_steps="0", lora_targets="attn",
-                                              checkpointing_steps="5", validation_prompt="a red circle",
-                                              validation_steps="10", num_validation_images="1",
-                                              num_inference_steps="2", device_target="CPU", mode="pynative",
-                                              report_to="none"),
+    "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32",
+                                              train_batch_size="1", max_train_steps="40", learning_rate="1e-3",
+                                              lr_warmup_steps="0", lora_targets="attn", checkpointing_steps="5",
+                                              validation_prompt="a red circle", validation_steps="10",
+                                              num_validation_images="1", num_inference_steps="2",
+                                              device_target="CPU", mode="pynative", report_to="none"),
 }
 
 

@@ -47,6 +47,7 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 TOKEN_HEADER = "x-ui-token"
 MAX_BODY = 1 << 20  # a JSON request larger than 1 MiB is refused
 BODY_TIMEOUT_S = 30
+BACKLOG = 1024
 REQUEST_TIMEOUT_S = 30  # the longest a client may take to send one whole request
 SECURITY_HEADERS = [
     (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
@@ -343,6 +344,7 @@ class UIServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host.strip("[]"), port))
+            self.sock.listen(BACKLOG)  # connections wait from now on, so the printed address answers at once
         except OSError:
             self.sock.close()
             raise
@@ -353,7 +355,7 @@ class UIServer:
         app = build_app(guard, self.token, auth, self.loopback, self.server_address[1])
         self.app = app
         config = uvicorn.Config(app, http=_protocol(), loop="asyncio", lifespan="off", access_log=False,
-                                log_level="warning", server_header=False, backlog=128, limit_concurrency=256,
+                                log_level="warning", server_header=False, backlog=BACKLOG, limit_concurrency=1024,
                                 timeout_keep_alive=15, timeout_graceful_shutdown=3,
                                 h11_max_incomplete_event_size=64 * 1024)
         self.uvicorn = uvicorn.Server(config)
