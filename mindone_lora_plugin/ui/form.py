@@ -118,7 +118,7 @@ def schema(parser=None) -> dict:
 def label(action) -> str:
     """A field's label in words: the first clause of the flag's own help, else its name with spaces."""
     text = re.split(r"[;(:]|\. |, e\.g\.", (action.help or "").replace("%(default)s", ""), maxsplit=1)[0].strip()
-    if not text or len(text) > 60:
+    if not text or len(text) > 60 or text.lower().startswith(("e.g", "default")):
         text = action.dest.replace("_", " ")
     return text[0].upper() + text[1:]
 

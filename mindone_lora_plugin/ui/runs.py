@@ -399,15 +399,18 @@ def _natural(name: str) -> list:
 
 
 def _is_lora(path: str) -> bool:
-    """Whether a ``.safetensors`` file holds LoRA weights (its key names), not an optimizer or model state."""
+    """Whether a ``.safetensors`` file is one an installed LoRA format claims (so ``inspect`` can read it), not an
+    optimizer or model state: the check ``inspect`` itself starts with, on the header alone."""
+    from mindone_lora_plugin.commands.convert import available_formats
+    from mindone_lora_plugin.formats.reader import detect_format
     from mindone_lora_plugin.safetensors_io import read_header
 
     try:
         header, _ = read_header(path)
-        keys = [k for k in header if k != "__metadata__"]
+        metadata = header.pop("__metadata__", None) or {}
+        return detect_format(list(header), metadata, available_formats()) is not None
     except (OSError, ValueError, LoraError):
         return False
-    return any("lora" in k or "hada_" in k or "lokr_" in k or "oft_" in k for k in keys[:4000])
 
 
 def _without(argv: list[str], flag: str) -> list[str]:
