@@ -340,8 +340,11 @@ class UIServer:
 
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on each accepted connection (it checks the proto), so a
+        # response's head and body are not held back by Nagle's algorithm on a kept-alive connection
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.sock.bind((host.strip("[]"), port))
             self.sock.listen(BACKLOG)  # connections wait from now on, so the printed address answers at once
