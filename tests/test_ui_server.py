@@ -369,3 +369,23 @@ def test_stop_refuses_a_pid_it_did_not_start_and_runs_ignore_the_users_modules(t
     proc.wait(120)
     assert not (shadow / "SHADOWED").exists() and "usage: mindone-lora train" in (shadow / "train.log").read_text()
 
+
+
+def test_api_deletes_only_finished_runs_the_ui_started(server, tree):
+    root = tree[0]
+    url = server()
+    for name, info in (("done", {"argv": ["x"], "launches": []}), ("waiting", {"argv": ["x"], "queued": 1.0})):
+        (root / name).mkdir()
+        (root / name / "ui_run.json").write_text(json.dumps(info))
+        (root / name / "train_log.jsonl").write_text('{"event": "start", "step": 0, "time": 1}\n'
+                                                     '{"event": "finished", "step": 3}\n')
+    (root / "outside-ui").mkdir()
+    (root / "outside-ui" / "train_log.jsonl").write_text('{"event": "finished", "step": 3}\n')
+    runs = json.loads(fetch(url + "/api/runs")[1])["runs"]
+    assert [r["id"] for r in runs][0] == "waiting" and {r["id"]: r["status"] for r in runs}["done"] == "finished"
+    for run_id, message in (("waiting", "is queued"), ("outside-ui", "not started from the UI"),
+                            ("..", "outside the allowed folders")):
+        status, body, _ = fetch(url + "/api/run/delete", {"id": run_id})
+        assert status == 400 and message in json.loads(body)["error"], body
+    assert fetch(url + "/api/run/delete", {"id": "done"})[0] == 200
+    assert not (root / "done").exists() and (root / "waiting").is_dir() and (root / "outside-ui").is_dir()

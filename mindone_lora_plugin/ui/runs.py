@@ -1,9 +1,12 @@
-"""Training runs under the UI's root: start them as detached ``mindone-lora train`` processes, watch, stop, resume.
+"""Training runs under the UI's root: start (or queue) them as detached ``mindone-lora train`` processes, watch,
+stop, resume, delete.
 
-A run is an output folder. The UI writes ``ui_run.json`` there (the ``train`` arguments, the launches with their
-process ids) and sends the process's output to ``train.log``; the trainer writes ``train_log.jsonl``
-(:mod:`mindone_lora_plugin.train.events`). Processes start in their own session, so closing the browser or the UI
-leaves them running, and a restarted UI finds every run again by scanning the root for these files.
+A run is an output folder. The UI writes ``ui_run.json`` there (the ``train`` arguments, the queue position while
+queued, the launches with their process ids) and sends the process's output to ``train.log``; the trainer writes
+``train_log.jsonl`` (:mod:`mindone_lora_plugin.train.events`). Processes start in their own session, so closing the
+browser or the UI leaves them running, and a restarted UI finds every run again by scanning the root for these files.
+They start as ``python -P`` in the run's folder (the user's files never shadow a module) with :data:`MARKER` in their
+environment, and Stop signals only a process this UI started or one carrying that marker.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,6 +377,17 @@ class RunManager:
         launch["stop_requested"] = time.time()
         self._write_info(folder, info)
         os.kill(pid, signal.SIGTERM)  # the trainer checkpoints, records "stopped" and exits
+
+    def delete(self, run_id: str) -> None:
+        """Remove a run's folder: only a run the UI started (it has ``ui_run.json``) that is not queued or running."""
+        folder = self.folder(run_id)
+        if folder == self.guard.root or not os.path.isfile(os.path.join(folder, RUN_FILE)):
+            raise LoraError(f"run {run_id} was not started from the UI; delete its folder yourself if you mean to")
+        status = self.state(folder)["status"]
+        if status in BUSY or status == "queued":
+            raise LoraError(f"run {run_id} is {status}; stop or cancel it before deleting it")
+        shutil.rmtree(folder)
+        self._tails.pop(folder, None)
 
     def _launch(self, folder: str, info: dict, argv: list[str]) -> None:
         # -P: the user's files (a tqdm.py in the run folder or the root) cannot shadow a module of the trainer

@@ -248,6 +248,10 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         runs.resume(bodies.field(d, "id", str))
         return {"ok": True}
 
+    def delete(d):
+        runs.delete(bodies.field(d, "id", str))
+        return {"ok": True}
+
     def queue(d):
         runs.queue_action(bodies.field(d, "id", str), bodies.field(d, "action", str))
         return {"ok": True}
@@ -265,7 +269,7 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
     posts = {
         "/api/validate": route("validate"), "/api/start": route("start"), "/api/config": route("config"),
         "/api/load_config": load_config, "/api/run/stop": stop, "/api/run/resume": resume,
-        "/api/run/queue": queue,
+        "/api/run/queue": queue, "/api/run/delete": delete,
         "/api/inspect": lambda d: files.inspect(guard, bodies.field(d, "path", str)),
         "/api/convert": lambda d: files.convert(guard, d),
         "/api/merge": lambda d: files.in_worker("merge", guard, d),

@@ -266,6 +266,15 @@ async function refreshRun() {
   $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
   $("btn-resume").disabled = !r.can_resume;
   $("btn-clone").disabled = !r.argv;
+  $("btn-delete").disabled = !r.argv || ["running", "starting", "stopping", "queued"].includes(r.status);
+  const all = r.images || [];
+  $("gallery").querySelector("summary").textContent = `all images (${all.length})`;
+  if ($("gallery").open && $("gallery-images").dataset.key !== all.join("|")) {
+    $("gallery-images").dataset.key = all.join("|");
+    $("gallery-images").textContent = "";
+    for (const p of all) $("gallery-images").append(el("figure", {}, el("img", {src: fileUrl(p), loading: "lazy"}),
+                                                          el("figcaption", {text: p.split("/").slice(-2).join("/")})));
+  }
   cloneArgv = r.argv;
   if (curve.id !== current || curve.starts !== r.starts || r.since === 0) {
     curve = {id: current, starts: r.starts, losses: [], vals: []};
@@ -435,6 +444,13 @@ async function main() {
   $("btn-config").addEventListener("click", saveConfig);
   $("btn-load-config").addEventListener("click", loadConfig);
   $("btn-clone").addEventListener("click", () => cloneArgv && cloneRun(cloneArgv));
+  $("btn-delete").addEventListener("click", async () => {
+    if (!confirm(`Delete the run ${current} and every file in its folder?`)) return;
+    const r = await api("/api/run/delete", {id: current});
+    $("run-error").textContent = r.error || "";
+    if (!r.error) { current = null; $("run-detail").hidden = true; }
+    refreshRuns();
+  });
   $("picker-close").addEventListener("click", () => $("picker").close());
   $("picker-here").addEventListener("click", () => choose($("picker").dataset.folder));
   $("picker-up").addEventListener("click", () => showFolder($("picker").dataset.parent || ""));
