@@ -389,3 +389,16 @@ def test_api_deletes_only_finished_runs_the_ui_started(server, tree):
         assert status == 400 and message in json.loads(body)["error"], body
     assert fetch(url + "/api/run/delete", {"id": "done"})[0] == 200
     assert not (root / "done").exists() and (root / "waiting").is_dir() and (root / "outside-ui").is_dir()
+
+
+def test_check_reports_every_mistake_at_once(tree, tiny_sd1):
+    """A field's mistake does not hide a whole-run one: both come back from one Check."""
+    root = tree[0]
+    from mindone_lora_plugin.train.demo import make_shapes_dataset
+
+    make_shapes_dataset(str(root / "data"), size=16, repeats=1)
+    g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])
+    values = dict(pretrained_model_name_or_path=tiny_sd1, train_data_dir="data", output_dir="runs/e",
+                  train_batch_size="2", lora_rank="four", with_prior_preservation=True, resolution="33")
+    errors, argv = form.validate(values, g)
+    assert argv is None and {"lora_rank", "with_prior_preservation", "resolution"} <= set(errors), errors

@@ -256,23 +256,26 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
         errors["output_dir"] = (f"--output_dir {values['output_dir']} holds another run; choose a new folder (or "
                                 f"resume that run from the Runs page)")
     _check_batch(values, actions, errors)
-    if errors:
+    if info is None:  # the whole-run checks need the model
         return errors, None
-    argv = to_argv(values, parser)
+    # the whole-run checks, each on its own so that every mistake shows at once, on the fields that passed
+    argv = to_argv({k: v for k, v in values.items() if k not in errors}, parser)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)
-        check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info))
-        check_args(args)
-        pm = get_plugin_manager()
-        options = options_from_args(args, info.architecture, pm)
-        for name in [f.strip() for f in args.save_formats.split(",") if f.strip()]:
-            pm.get_format(name)
-        pm.get_strategy(options.strategy)
     except _ParseError as e:
-        errors["_form"] = _one_line(str(e))
-    except LoraError as e:
-        errors[_field_of(str(e), actions)] = str(e)
+        errors.setdefault("_form", _one_line(str(e)))
+        return errors, None
+    pm = get_plugin_manager()
+    checks = [lambda: check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info)),
+              lambda: check_args(args),
+              lambda: pm.get_strategy(options_from_args(args, info.architecture, pm).strategy)]
+    checks += [lambda n=n: pm.get_format(n) for n in [f.strip() for f in args.save_formats.split(",") if f.strip()]]
+    for check in checks:
+        try:
+            check()
+        except LoraError as e:
+            errors.setdefault(_field_of(str(e), actions), str(e))
     return errors, (None if errors else argv)
 
 
