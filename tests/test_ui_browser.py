@@ -206,6 +206,9 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.ID, "btn-validate").click()
         wait(d, lambda d: text(d, "cmdline").startswith("mindone-lora train --pretrained_model_name_or_path"), 20)
         assert "--max_train_steps 24" in text(d, "cmdline") and error_of(d, "train_data_dir") == ""
+        # the model is SD1.x: FLUX's flags are hidden, lokr's only while lokr is chosen
+        assert not d.find_element(By.ID, "f-timestep_sampling").is_displayed()
+        assert not d.find_element(By.ID, "f-lokr_factor").is_displayed()
         wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dataset-preview img")) >= 3, 20)
         assert "12 image(s)" in text(d, "dataset-preview") and "a blue circle" in text(d, "dataset-preview")
         shot(d, shots, "3-form-filled")
@@ -259,6 +262,8 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         wait(d, lambda d: text(d, "run-title") == "runs/tiny" and text(d, "run-status") == "finished", 150)
         assert "step 24 of 24" in text(d, "run-numbers") and not d.find_element(By.ID, "btn-resume").is_enabled()
         assert f"resumed from" in text(d, "run-log")
+        d.execute_script("document.getElementById('gallery').open = true")
+        wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery-images img")) >= 4, 10)
         shot(d, shots, "6-finished")
         d.find_element(By.XPATH, "//table[@id='runs-list']//td[text()='runs/second']").click()
         wait(d, lambda d: text(d, "run-title") == "runs/second" and text(d, "run-status") == "finished", 150)
@@ -273,6 +278,19 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         wait(d, lambda d: "kohya" in text(d, "inspect-result"), 30)
         assert "unet" in text(d, "inspect-components") and "sd1" in text(d, "inspect-result").lower()
         shot(d, shots, "8-inspect")
+        # Convert asks before replacing a file
+        kohya = d.find_element(By.ID, "inspect-path").get_attribute("value")
+        for el_id, value in (("conv-in", kohya), ("conv-out", "converted.safetensors")):
+            d.find_element(By.ID, el_id).clear()
+            d.find_element(By.ID, el_id).send_keys(value)
+        Select(d.find_element(By.ID, "conv-to")).select_by_visible_text("diffusers")
+        d.find_element(By.ID, "btn-convert").click()
+        wait(d, lambda d: "wrote" in text(d, "convert-message"), 30)
+        d.find_element(By.ID, "btn-convert").click()
+        alert = wait(d, lambda d: d.switch_to.alert, 10)
+        assert "exists; replace it?" in alert.text
+        alert.dismiss()
+        wait(d, lambda d: "not replaced" in text(d, "convert-error"), 10)
     finally:
         stop_ui(ui)
         _stop_training(root)

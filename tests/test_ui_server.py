@@ -78,6 +78,10 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     assert dests["lora_rank"]["kind"] == "int" and dests["lr_scheduler"]["kind"] == "choice"
     assert "push_to_hub" not in dests and "demo" not in dests  # refused and UI-only flags stay out
     assert {"SD1.x quick", "SDXL", "DreamBooth"} <= set(s["presets"])
+    # plugin flags name their algorithm, architecture or strategy: the page shows them only while it is chosen
+    scopes = {f["dest"]: f["scope"] for g in s["groups"] for f in g["fields"] if f["scope"]}
+    assert scopes["lokr_factor"] == ["algorithm", "lokr"] and scopes["timestep_sampling"] == ["architecture", "flux"]
+    assert scopes["lora_fa_init"] == ["strategy", "lora-fa"] and "lora_alpha" not in scopes
     root, allowed, _ = tree
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 

@@ -123,12 +123,32 @@ def label(action) -> str:
     return text[0].upper() + text[1:]
 
 
+def scope(help_text: str, names) -> list[str] | None:
+    """``[kind, name]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
+    before a colon, as plugin flags' help does (``lokr: …``, ``FLUX: …``, ``lora-fa strategy: …``): the page shows
+    the flag only while that one is chosen. None for every other flag."""
+    head, colon, _ = help_text.partition(":")
+    if not colon or not head.strip():
+        return None
+    first = head.split()[0].lower()
+    for kind, known in names:
+        for name in known:
+            if first == name or (kind == "architecture" and first.startswith(name + ".")):
+                return [kind, name]
+    return None
+
+
 def _installed_names(groups) -> None:
-    """Offer the installed strategies as choices and name the installed formats (both come from plugins)."""
+    """Offer the installed strategies as choices, name the installed formats (both come from plugins), and give each
+    plugin flag its scope (see :func:`scope`)."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    for f in (f for g in groups for f in g["fields"]):
+    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(pm.architectures())),
+             ("strategy", sorted(pm.strategies()))]
+    for g in groups:
+        for f in g["fields"]:
+            f["scope"] = scope(f["help"], names) if g["title"] == "plugins" else None
         if f["dest"] == "lora_strategy":
             f.update(kind="choice", choices=sorted(pm.strategies()))
         elif f["dest"] == "save_formats":
@@ -185,7 +205,7 @@ def _field_of(message: str, actions: dict) -> str:
     return "_form"
 
 
-def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | None]:
+def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) -> tuple[dict, list[str] | None]:
     """``(errors, argv)``: ``errors`` maps a flag dest (or ``_form``) to one message; ``argv`` is None on errors.
 
     The checks are the CLI's: the parser's types and choices, the model folder read as ``train`` reads it
@@ -258,6 +278,8 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     _check_batch(values, actions, errors)
     if info is None:  # the whole-run checks need the model
         return errors, None
+    if facts is not None:
+        facts["architecture"] = info.architecture
     # the whole-run checks, each on its own so that every mistake shows at once, on the fields that passed
     argv = to_argv({k: v for k, v in values.items() if k not in errors}, parser)
     try:

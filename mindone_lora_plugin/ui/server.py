@@ -219,8 +219,10 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
     def start_like(d):
         kind = d.pop("_route")
         values = bodies.field(d, "values", dict)
-        errors, argv = form.validate(values, guard, runs.running_dirs())
-        reply = {"errors": errors, "argv": argv, "command": form.command_line(argv) if argv else None}
+        facts = {}
+        errors, argv = form.validate(values, guard, runs.running_dirs(), facts)
+        reply = {"errors": errors, "argv": argv, "command": form.command_line(argv) if argv else None,
+                 "architecture": facts.get("architecture")}
         if errors or kind == "validate":
             return reply
         if kind == "config":

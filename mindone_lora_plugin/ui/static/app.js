@@ -110,8 +110,23 @@ function buildForm() {
     if (i) i.addEventListener("change", () => previewDataset(i.value));
   }
   form.addEventListener("input", () => { clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600); });
+  form.addEventListener("change", () => applyScopes());
   const sel = $("preset");
   for (const name of Object.keys(schema.presets)) sel.append(el("option", {value: name, text: name}));
+}
+
+// a plugin's flag (lokr_*, FLUX's, lora-fa's) shows only while its algorithm, architecture or strategy is chosen;
+// the architecture is the model's, known after a Check (until then they all show)
+let architecture = null;
+
+function applyScopes() {
+  const chosen = {algorithm: ($("f-lora_algo") || {}).value || "lora", strategy: ($("f-lora_strategy") || {}).value,
+                  architecture};
+  for (const g of schema.groups) for (const f of g.fields) {
+    if (!f.scope) continue;
+    const [kind, name] = f.scope;
+    $("f-" + f.dest).closest(".field").hidden = !(chosen[kind] === name || (kind === "architecture" && !architecture));
+  }
 }
 
 function formValues() {
@@ -149,6 +164,7 @@ async function validate(path = "/api/validate", extra = {}) {
   const r = await api(path, Object.assign({values: formValues()}, extra));
   if (r.error) { showErrors({_form: r.error}); return r; }
   showErrors(r.errors);
+  if (r.architecture) { architecture = r.architecture; applyScopes(); }
   $("cmdline").textContent = r.command || "mindone-lora train … (fix the marked fields)";
   return r;
 }
