@@ -27,7 +27,7 @@ import secrets
 import socket
 import threading
 import time
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +45,7 @@ TEXT_EXT = (".txt", ".log", ".json", ".jsonl", ".yml", ".yaml", ".toml", ".md")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                ".bmp": "image/bmp"}
 TOKEN_HEADER = "x-ui-token"
+MAX_TRACKED = 10_000  # client addresses whose failed --auth attempts are counted
 MAX_BODY = 1 << 20  # a JSON request larger than 1 MiB is refused
 BODY_TIMEOUT_S = 30
 BACKLOG = 1024
@@ -92,9 +93,13 @@ class Gate:
             return (403, f"host {name!r} refused: this UI answers only to 127.0.0.1/localhost"), {}
         if self.basic:
             client = (scope.get("client") or ("?",))[0]
-            if not hmac.compare_digest(h.get("authorization", "").encode(), self.basic.encode()):
-                fails = self.failures[client] = self.failures.get(client, 0) + 1
-                await asyncio.sleep(min(0.25 * 2 ** fails, 10.0))  # slows guessing; the event loop goes on
+            given_auth = h.get("authorization", "")
+            if not hmac.compare_digest(given_auth.encode(), self.basic.encode()):
+                if given_auth:  # a wrong guess (not a request without credentials): slower with each one
+                    if len(self.failures) > MAX_TRACKED:
+                        self.failures.clear()
+                    fails = self.failures[client] = self.failures.get(client, 0) + 1
+                    await asyncio.sleep(min(0.25 * 2 ** fails, 10.0))  # the event loop serves others meanwhile
                 return (401, "authentication required (the user:password of --auth)"), {
                     "www-authenticate": 'Basic realm="mindone-lora ui"'}
             self.failures.pop(client, None)
@@ -107,8 +112,6 @@ class Gate:
         query = scope.get("query_string", b"").decode("latin-1")
         given = h.get(TOKEN_HEADER, "")
         if scope["path"] == "/" and not post and "token=" in query:
-            from urllib.parse import parse_qs
-
             qtoken = (parse_qs(query).get("token") or [""])[0]
             if hmac.compare_digest(qtoken.encode(), self.token.encode()):
                 return None, {"token-ok": "1"}
@@ -363,7 +366,7 @@ class UIServer:
         self.loopback = host in LOOPBACK
         app = build_app(guard, self.token, auth, self.loopback, self.server_address[1])
         self.app = app
-        config = uvicorn.Config(app, http=_protocol(), loop="asyncio", lifespan="off", access_log=False,
+        config = uvicorn.Config(app, http=_protocol(), ws="none", loop="asyncio", lifespan="off", access_log=False,
                                 log_level="warning", server_header=False, backlog=BACKLOG, limit_concurrency=1024,
                                 timeout_keep_alive=15, timeout_graceful_shutdown=3,
                                 h11_max_incomplete_event_size=64 * 1024)
