@@ -16,7 +16,8 @@ Targets: last/first median response ≤ 2.0×; RSS end/start ≤ 1.10; kept-aliv
 ``--real`` trains the tiny model instead (``mindone-lora train`` started through the UI's API, GRAPH_MODE, CPU);
 slow on a small machine, the simulated writer measures the same UI code.
 
-    python benchmarks/bench_8_ui_soak.py [--steps 1000] [--step_ms 20] [--pause_ms 20] [--real] [--keepalive_requests 300]
+    python benchmarks/bench_8_ui_soak.py [--steps 1000] [--step_ms 20] [--pause_ms 20] [--real]
+                                         [--keepalive_requests 300]
 """
 
 from __future__ import annotations

@@ -219,8 +219,8 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         return FileResponse(real, media_type="application/octet-stream",
                             headers={"content-disposition": content_disposition(name)})
 
-    def start_like(d):
-        kind = d.pop("_route")
+    def start_like(kind, d):
+        """validate, config (write the TOML) and start: the form's values checked the same way for each."""
         values = bodies.field(d, "values", dict)
         facts = {}
         errors, argv = form.validate(values, guard, runs.running_dirs(), facts)
@@ -240,7 +240,7 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         return dict(reply, id=runs.start(argv, form.output_dir(argv), queue=queue))
 
     def route(kind):
-        return lambda d: start_like(dict(d, _route=kind))
+        return lambda d: start_like(kind, d)
 
     def load_config(d):
         return {"values": form.load_config(guard, bodies.field(d, "path", str))}
