@@ -68,6 +68,18 @@ def test_binding_elsewhere_needs_a_long_password(tree, capsys, tmp_path, monkeyp
         proc.stdout.close()
     assert "http://0.0.0.0:" in line and "?token=" in line and "auth on (HTTP Basic, user alice)" in line
     assert "passphrase" not in line
+    # or from the environment; argv wins over both
+    import argparse
+
+    from mindone_lora_plugin.commands.ui import AUTH_ENV, add_parser, auth_of
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    monkeypatch.setenv(AUTH_ENV, "bob:another-long-one")
+    assert auth_of(parser.parse_args(["--host", "0.0.0.0"])) == "bob:another-long-one"
+    assert auth_of(parser.parse_args(["--auth", "carol:x"])) == "carol:x"
+    monkeypatch.setenv(AUTH_ENV, "no-colon")
+    with pytest.raises(LoraError, match=f"{AUTH_ENV} needs USER:PASSWORD"):
+        auth_of(parser.parse_args([]))
 
 
 def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
