@@ -418,3 +418,23 @@ def test_check_reports_every_mistake_at_once(tree, tiny_sd1):
                   train_batch_size="2", lora_rank="four", with_prior_preservation=True, resolution="33")
     errors, argv = form.validate(values, g)
     assert argv is None and {"lora_rank", "with_prior_preservation", "resolution"} <= set(errors), errors
+
+
+def test_api_reorders_and_cancels_the_queue(server, tree):
+    root = tree[0]
+    url = server()
+    for i, name in enumerate(("a", "b", "c")):  # three runs waiting, in this order
+        (root / name).mkdir()
+        (root / name / "ui_run.json").write_text(json.dumps({"argv": ["x"], "created": 10 + i, "queued": 10.0 + i}))
+
+    def order():
+        return [(r["id"], r["status"]) for r in json.loads(fetch(url + "/api/runs")[1])["runs"]]
+
+    assert order() == [("a", "queued"), ("b", "queued"), ("c", "queued")]
+    assert fetch(url + "/api/run/queue", {"id": "c", "action": "up"})[0] == 200
+    assert fetch(url + "/api/run/queue", {"id": "a", "action": "down"})[0] == 200
+    assert order() == [("c", "queued"), ("a", "queued"), ("b", "queued")]
+    assert fetch(url + "/api/run/stop", {"id": "a"})[0] == 200  # Stop on a queued run cancels it
+    assert order()[:2] == [("c", "queued"), ("b", "queued")] and ("a", "cancelled") in order()
+    status, body, _ = fetch(url + "/api/run/queue", {"id": "b", "action": "sideways"})
+    assert status == 400 and "cancel, up or down" in json.loads(body)["error"]

@@ -299,6 +299,8 @@ class RunManager:
 
     def queue_action(self, run_id: str, action: str) -> None:
         """``cancel`` a queued run, or move it ``up``/``down`` the queue."""
+        if action not in ("cancel", "up", "down"):
+            raise LoraError(f"no such queue action: {action} (cancel, up or down)")
         folder = self.folder(run_id)
         info = self._info(folder)
         if not info.get("queued"):
@@ -311,8 +313,6 @@ class RunManager:
         queued = [s for s in self.listing() if s["status"] == "queued"]
         i = next(i for i, s in enumerate(queued) if s["folder"] == folder)
         j = i - 1 if action == "up" else i + 1
-        if action not in ("up", "down"):
-            raise LoraError(f"no such queue action: {action} (cancel, up or down)")
         if 0 <= j < len(queued):
             other = queued[j]["folder"]
             other_info = self._info(other)
