@@ -287,7 +287,7 @@ class RunManager:
         if queue or self._busy():
             info["queued"] = time.time()
             self._write_info(output_dir, info)
-            self._watch_queue()
+            self.watch_queue()
         else:
             self._write_info(output_dir, info)
             self._launch(output_dir, info, list(argv))
@@ -320,7 +320,8 @@ class RunManager:
             self._write_info(folder, info)
             self._write_info(other, other_info)
 
-    def _watch_queue(self) -> None:
+    def watch_queue(self) -> None:
+        """Start the thread that starts queued runs (it ends when the queue is empty)."""
         with self._lock:
             if self._queue_thread is None or not self._queue_thread.is_alive():
                 self._queue_thread = threading.Thread(target=self._run_queue, daemon=True, name="ui-queue")

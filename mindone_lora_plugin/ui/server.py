@@ -174,6 +174,8 @@ def _error(e: LoraError) -> JSONResponse:
 def build_app(guard, token: str, basic: str | None = None, loopback: bool = True, port: int = 0):
     """The ASGI app: routes behind the :class:`Gate`."""
     runs = RunManager(guard)
+    if any(s["status"] == "queued" for s in runs.listing()):  # runs a previous UI left waiting
+        runs.watch_queue()
     with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as f:
         page = f.read().replace("__UI_TOKEN__", token)
 
