@@ -336,12 +336,16 @@ class RunManager:
                     return
                 if self._busy():
                     continue
-                folder = queued[0]["folder"]
-                info = self._info(folder)
-                info.pop("queued", None)
-                self._launch(folder, info, list(info["argv"]))
-            except (OSError, LoraError, KeyError, TypeError):
+            except (OSError, LoraError):  # a folder changed under the scan: look again
                 continue
+            folder = queued[0]["folder"]
+            info = self._info(folder)
+            info.pop("queued", None)
+            try:
+                self._launch(folder, info, [str(a) for a in info["argv"]])
+            except (OSError, KeyError, TypeError) as e:  # never started: it leaves the queue as cancelled
+                info.update(cancelled=time.time(), launch_error=f"{type(e).__name__}: {e}")
+                self._write_info(folder, info)
 
     def resume(self, run_id: str) -> None:
         folder = self.folder(run_id)
