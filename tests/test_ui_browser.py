@@ -85,6 +85,7 @@ def shot(driver, folder, name: str) -> str:
     from PIL import Image, ImageStat
 
     path = os.path.join(folder, f"{name}.png")
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(path)
     if os.environ.get("MINDONE_LORA_UI_SHOTS") and name in DOC_SHOTS:
         shutil.copyfile(path, os.path.join(os.environ["MINDONE_LORA_UI_SHOTS"], DOC_SHOTS[name]))
@@ -198,7 +199,17 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         shot(d, shots, "2-bad-inputs")
         # the good form: the shipped model, preview, command line, start
         set_field(d, "pretrained_model_name_or_path", shipped_model())
-        set_field(d, "train_data_dir", "shapes")
+        # the dataset through the picker: it lists the allowed folders only
+        d.find_element(By.ID, "f-train_data_dir").clear()
+        d.find_element(By.XPATH, "//input[@id='f-train_data_dir']/following-sibling::button").click()
+        wait(d, lambda d: d.find_element(By.ID, "picker").is_displayed(), 10)
+        assert str(outside) not in text(d, "picker-list")
+        d.find_element(By.XPATH, f"//ul[@id='picker-list']/li[text()='{root}']").click()
+        wait(d, lambda d: text(d, "picker-folder") == str(root), 10)
+        d.find_element(By.XPATH, "//ul[@id='picker-list']/li[text()='shapes']").click()
+        wait(d, lambda d: text(d, "picker-folder") == str(root / "shapes"), 10)
+        d.find_element(By.ID, "picker-here").click()
+        assert d.find_element(By.ID, "f-train_data_dir").get_attribute("value") == str(root / "shapes")
         set_field(d, "max_train_steps", "24")  # a run long enough to be stopped half-way
         set_field(d, "checkpointing_steps", "2")
         set_field(d, "validation_steps", "6")
