@@ -80,9 +80,13 @@ def check_args(args) -> str | None:
 def make_server(args):
     from mindone_lora_plugin.shapes_eval import shipped_model
     from mindone_lora_plugin.ui.paths import PathGuard
-    from mindone_lora_plugin.ui.server import UIServer
 
     auth = check_args(args)
+    try:
+        from mindone_lora_plugin.ui.server import UIServer
+    except ImportError as e:  # installed without its dependencies
+        raise LoraError(f"mindone-lora ui needs starlette and uvicorn ({e.name} is missing): pip install "
+                        f"'starlette>=0.40,<1' 'uvicorn>=0.30,<1'") from None
     guard = PathGuard(args.root, args.allow, readonly=[shipped_model()])  # the demo model: read, never written
     try:
         return UIServer((args.host, args.port), guard, auth=auth), auth
