@@ -59,7 +59,7 @@ def auth_of(args) -> str | None:
 
 
 def check_args(args) -> str | None:
-    from mindone_lora_plugin.ui.server import LOOPBACK
+    from mindone_lora_plugin.ui import LOOPBACK
 
     auth = auth_of(args)
     if args.host not in LOOPBACK:

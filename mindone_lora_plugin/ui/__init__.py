@@ -7,3 +7,5 @@ Modules: :mod:`.paths` (every path confined to the allowed folders), :mod:`.form
 :mod:`.files` (inspect, convert, merge, generate through the commands' Python functions; merge and generate in a
 worker process), :mod:`.bodies` (the JSON bodies, type-checked), :mod:`.server` (the gate, the routes and the page).
 """
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # the host names that reach only this machine

@@ -36,11 +36,10 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.ui import bodies, files, form
+from mindone_lora_plugin.ui import LOOPBACK, bodies, files, form
 from mindone_lora_plugin.ui.runs import RunManager
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 TEXT_EXT = (".txt", ".log", ".json", ".jsonl", ".yml", ".yaml", ".toml", ".md")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                ".bmp": "image/bmp"}
