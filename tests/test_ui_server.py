@@ -438,3 +438,19 @@ def test_api_reorders_and_cancels_the_queue(server, tree):
     assert order()[:2] == [("c", "queued"), ("b", "queued")] and ("a", "cancelled") in order()
     status, body, _ = fetch(url + "/api/run/queue", {"id": "b", "action": "sideways"})
     assert status == 400 and "cancel, up or down" in json.loads(body)["error"]
+
+
+def test_a_half_sent_request_is_cut_off_at_the_deadline(tree):
+    import socket
+    import time
+
+    from mindone_lora_plugin.ui.server import UIServer
+
+    srv = UIServer(("127.0.0.1", 0), PathGuard(str(tree[0])), token=TOKEN, request_timeout_s=1).start()
+    try:
+        with socket.create_connection(srv.server_address[:2], timeout=10) as s:
+            s.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-UI-To")
+            t0 = time.perf_counter()
+            assert s.recv(100) == b"" and time.perf_counter() - t0 < 5  # closed by the server, not by our timeout
+    finally:
+        srv.shutdown()

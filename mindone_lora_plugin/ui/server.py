@@ -306,10 +306,10 @@ async def _static(request: Request):
     return FileResponse(real, media_type=types.get(os.path.splitext(real)[1], "application/octet-stream"))
 
 
-def _protocol():
+def _protocol(timeout_s: float):
     """uvicorn's h11 protocol with a deadline on each request: a connection that has not sent a whole request (head
-    and body) :data:`REQUEST_TIMEOUT_S` after it opened or after the last response is closed, so half-sent requests
-    cannot pile up (uvicorn times out idle keep-alive connections only)."""
+    and body) ``timeout_s`` after it opened or after the last response is closed, so half-sent requests cannot pile
+    up (uvicorn times out idle keep-alive connections only)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -332,7 +332,7 @@ def _protocol():
         def _arm(self):
             if self._deadline is not None:
                 self._deadline.cancel()
-            self._deadline = self.loop.call_later(REQUEST_TIMEOUT_S, self._expire)
+            self._deadline = self.loop.call_later(timeout_s, self._expire)
 
         def _expire(self):
             if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and self.conn.our_state in (h11.IDLE, h11.DONE):
@@ -345,7 +345,8 @@ class UIServer:
     """The app on a bound socket, served by uvicorn: ``serve_forever()`` in the main thread (Ctrl-C stops it) or
     ``start()`` in a thread (tests, benchmarks) and ``shutdown()``."""
 
-    def __init__(self, address, guard, auth: str | None = None, token: str | None = None):
+    def __init__(self, address, guard, auth: str | None = None, token: str | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
         import uvicorn
 
         host, port = address
@@ -367,7 +368,7 @@ class UIServer:
         self.loopback = host in LOOPBACK
         app = build_app(guard, self.token, auth, self.loopback, self.server_address[1])
         self.app = app
-        config = uvicorn.Config(app, http=_protocol(), ws="none", loop="asyncio", lifespan="off", access_log=False,
+        config = uvicorn.Config(app, http=_protocol(request_timeout_s), ws="none", loop="asyncio", lifespan="off", access_log=False,
                                 log_level="warning", server_header=False, backlog=BACKLOG, limit_concurrency=1024,
                                 timeout_keep_alive=15, timeout_graceful_shutdown=3,
                                 h11_max_incomplete_event_size=64 * 1024)
