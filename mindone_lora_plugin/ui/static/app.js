@@ -434,7 +434,7 @@ function addLora(target) {
 
 async function simple(what, body, extra) {
   $(what + "-error").textContent = ""; $(what + "-message").textContent = "working …";
-  const bar = $(what === "generate" ? "gen-progress" : "none");
+  const bar = what === "generate" ? $("gen-progress") : null;
   if (bar) bar.hidden = false;
   let r = await api("/api/" + what, body);
   if (r.confirm && confirm(r.error)) r = await api("/api/" + what, Object.assign({}, body, {overwrite: true}));
