@@ -160,8 +160,14 @@ function showErrors(errors) {
   }
 }
 
+// only the newest check's answer is shown: an older one still on its way (typing, then Check) is dropped
+let checkSeq = 0;
+
 async function validate(path = "/api/validate", extra = {}) {
+  clearTimeout(buildForm.t);
+  const seq = ++checkSeq;
   const r = await api(path, Object.assign({values: formValues()}, extra));
+  if (seq !== checkSeq && path === "/api/validate") return r;
   if (r.error) { showErrors({_form: r.error}); return r; }
   showErrors(r.errors);
   if (r.architecture) { architecture = r.architecture; applyScopes(); }
