@@ -7,12 +7,17 @@ and the run's detail (the loss points after the last one it holds, images, log t
 side by side: the median response time over the first and the last 10% of the run, and the UI's RSS at the start and
 the end.
 
-Targets: last/first median response ≤ 2.0×; RSS end/start ≤ 1.10.
+Then the response time of a request on a kept-alive connection against one on a fresh connection (the median of
+``--keepalive_requests`` of each, ``/api/runs`` through ``http.client``): a kept-alive request must not wait on Nagle's
+algorithm and delayed ACKs.
+
+Targets: last/first median response ≤ 2.0×; RSS end/start ≤ 1.10; kept-alive/fresh median response ≤ 1.2.
 
 ``--real`` trains the tiny model instead (``mindone-lora train`` started through the UI's API, GRAPH_MODE, CPU);
 slow on a small machine, the simulated writer measures the same UI code.
 
     python benchmarks/bench_8_ui_soak.py [--steps 1000] [--step_ms 20] [--pause_ms 20] [--real]
+                                         [--keepalive_requests 300]
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import _common as C  # noqa: E402
 
 RESPONSE_TARGET = 2.0
 RSS_TARGET = 1.10
+KEEPALIVE_TARGET = 1.2
+HEADERS: dict[str, str] = {}  # the session token, once the UI printed it
 
 WRITER = """
 import os, sys, time
@@ -61,15 +68,41 @@ def rss_kib(pid: int) -> int:
 
 def get(url: str) -> float:
     t0 = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=HEADERS), timeout=60) as r:
         r.read()
     return time.perf_counter() - t0
 
 
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=HEADERS), timeout=60) as r:
+        return json.loads(r.read())
+
+
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(url, json.dumps(body).encode(), dict(HEADERS, **{"Content-Type": "application/json"}))
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
+
+
+def keepalive_vs_fresh(port: int, n: int) -> tuple[float, float]:
+    """Median seconds of ``GET /api/runs`` on one kept-alive connection and on a fresh connection each, interleaved."""
+    import http.client
+
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times_kept, times_fresh = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        kept.request("GET", "/api/runs", headers=HEADERS)
+        kept.getresponse().read()
+        times_kept.append(time.perf_counter() - t0)
+        fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        t0 = time.perf_counter()
+        fresh.request("GET", "/api/runs", headers=HEADERS)
+        fresh.getresponse().read()
+        times_fresh.append(time.perf_counter() - t0)
+        fresh.close()
+    kept.close()
+    return C.median(times_kept), C.median(times_fresh)
 
 
 def start_real(url: str, root: str, steps: int) -> str:
@@ -109,13 +142,16 @@ def main():
     ap.add_argument("--step_ms", type=float, default=20.0)
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--pause_ms", type=float, default=20.0, help="pause between two polls (default 20 ms)")
+    ap.add_argument("--keepalive_requests", type=int, default=300)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench8-") as root:
         ui = subprocess.Popen([sys.executable, "-m", "mindone_lora_plugin.cli", "ui", "--port", "0", "--root", root],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
         writer = None
         try:
-            url = re.search(r"http://127\.0\.0\.1:\d+", ui.stdout.readline()).group(0)
+            m = re.search(r"(http://127\.0\.0\.1:(\d+))/\?token=([\w-]+)", ui.stdout.readline())
+            url, port = m.group(1), int(m.group(2))
+            HEADERS["X-UI-Token"] = m.group(3)
             get(url + "/")
             if args.real:
                 run_id = start_real(url, root, args.steps)
@@ -136,8 +172,7 @@ def main():
             while True:  # as the page polls: the run list, then the run's points after the last one it holds
                 t1 = time.perf_counter()
                 get(url + "/api/runs")
-                with urllib.request.urlopen(f"{detail}&since={since}", timeout=60) as r:
-                    state = json.loads(r.read())
+                state = get_json(f"{detail}&since={since}")
                 dt = time.perf_counter() - t1
                 points += len(state["losses"])
                 since = state["losses"][-1][0] if state["losses"] else since
@@ -164,7 +199,13 @@ def main():
                   f"{C.median(last) * 1000:>10.1f}ms{ratio_t:>8.2f}{RESPONSE_TARGET:>8.2f}")
             print(f"{'UI process RSS':34}{rss[0] / 1024:>10.1f}MB{rss[-1] / 1024:>10.1f}MB{ratio_m:>8.2f}"
                   f"{RSS_TARGET:>8.2f}  (max {max(rss) / 1024:.1f} MB)")
-            ok = ratio_t <= RESPONSE_TARGET and ratio_m <= RSS_TARGET and state["status"] == "finished"
+            kept, fresh = keepalive_vs_fresh(port, args.keepalive_requests)
+            ratio_k = kept / fresh
+            print(f"{'':34}{'kept-alive':>12}{'fresh':>12}{'ratio':>8}{'target':>8}")
+            print(f"{'median response (/api/runs)':34}{kept * 1000:>10.2f}ms{fresh * 1000:>10.2f}ms{ratio_k:>8.2f}"
+                  f"{KEEPALIVE_TARGET:>8.2f}")
+            ok = (ratio_t <= RESPONSE_TARGET and ratio_m <= RSS_TARGET and ratio_k <= KEEPALIVE_TARGET
+                  and state["status"] == "finished")
             print("PASS" if ok else "FAIL")
             return 0 if ok else 1
         finally:

@@ -2,7 +2,8 @@
 
 Each action takes the page's JSON fields, confines every path with the :class:`~.paths.PathGuard`, builds the
 namespace the command's ``run`` takes and calls it, returning the line it prints (its one-line summary) and the files
-it wrote. A mistake raises the command's own :class:`LoraError`.
+it wrote. A mistake raises the command's own :class:`LoraError`. ``merge`` and ``generate`` load a model: they run in
+a worker process (:func:`in_worker`, ``python -P -m mindone_lora_plugin.ui.files``) that exits when done.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 from collections import Counter
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.ui import bodies
 
-_MODEL_LOCK = threading.Lock()  # one MindSpore job (generate) at a time in the UI process
+_MODEL_LOCK = threading.Lock()  # one model job (generate, merge) at a time
+WORKER_TIMEOUT_S = 3600
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -71,8 +77,6 @@ def inspect(guard, path: str) -> dict:
 def _call(run, **fields) -> str:
     """Run a command's ``run`` with its own parser's defaults overlaid by ``fields`` (so a flag added to the command
     later gets its default here too), capturing what it prints."""
-    import sys
-
     cmd = sys.modules[run.__module__]
     sub = argparse.ArgumentParser().add_subparsers()
     cmd.add_parser(sub)
@@ -84,70 +88,142 @@ def _call(run, **fields) -> str:
     return " ".join(buf.getvalue().split()) or "done"
 
 
-def _loras(guard, items) -> list[str]:
-    """``[{"path", "weight"}]`` → ``["FILE:WEIGHT", ...]`` with each file confined."""
+def _loras(guard, d: dict) -> list[str]:
+    """``loras: [{"path", "weight"}]`` → ``["FILE:WEIGHT", ...]`` with each file confined."""
     specs = []
-    for item in items or []:
-        if not str(item.get("path") or "").strip():
+    for item in bodies.loras(d):
+        path_text = bodies.text(item, "path").strip()
+        if not path_text:
             continue
-        path = guard.resolve(item["path"], "LoRA file", must_exist=True)
+        path = guard.resolve(path_text, "LoRA file", must_exist=True)
+        weight_text = bodies.text(item, "weight").strip() or "1"
         try:
-            weight = float(item.get("weight", 1) if item.get("weight", "") != "" else 1)
-        except (TypeError, ValueError):
-            raise LoraError(f"the weight of {item['path']} must be a number, got {item.get('weight')!r}") from None
+            weight = float(weight_text)
+        except ValueError:
+            raise LoraError(f"the weight of {path_text} must be a number, got {weight_text!r}") from None
         specs.append(f"{path}:{weight:g}")
     if not specs:
         raise LoraError("add at least one LoRA file")
     return specs
 
 
-def _opt(guard, value, what, must_exist=False):
-    return guard.resolve(value, what, must_exist) if str(value or "").strip() else None
+def _opt(guard, d, key, what, must_exist=False):
+    value = bodies.text(d, key).strip()
+    return guard.resolve(value, what, must_exist) if value else None
+
+
+def _number(d: dict, key: str, kind, default):
+    value = bodies.text(d, key).strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise LoraError(f"--{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
+
+
+class ConfirmNeeded(LoraError):
+    """The action would replace a file: the page asks the user and sends it again with ``overwrite``."""
 
 
 def convert(guard, d: dict) -> dict:
     from mindone_lora_plugin.commands import convert as cmd
 
-    out = guard.resolve(d.get("output"), "OUT")
-    message = _call(cmd.run, input=guard.resolve(d.get("input"), "IN", must_exist=True), output=out,
-                    to=d.get("to") or "kohya", base=_opt(guard, d.get("base"), "--base", True),
-                    dtype=d.get("dtype") or None)
+    out = guard.resolve(bodies.text(d, "output"), "OUT", write=True)
+    if os.path.exists(out) and d.get("overwrite") is not True:
+        raise ConfirmNeeded(f"OUT {bodies.text(d, 'output')} exists; replace it?")
+    to = bodies.text(d, "to") or "kohya"
+    message = _call(cmd.run, input=guard.resolve(bodies.text(d, "input"), "IN", must_exist=True), output=out,
+                    to=to, base=_opt(guard, d, "base", "--base", True), dtype=bodies.text(d, "dtype") or None)
     return {"message": message}
 
 
 def merge(guard, d: dict) -> dict:
     from mindone_lora_plugin.commands import merge as cmd
 
-    to_lora = bool(d.get("to_lora"))
-    message = _call(cmd.run, model=_opt(guard, d.get("model"), "--model", True), lora=_loras(guard, d.get("loras")),
-                    out=guard.resolve(d.get("out"), "--out"), dtype=d.get("dtype") or None, to_lora=to_lora,
-                    format=(d.get("format") or None) if to_lora else None, overwrite=bool(d.get("overwrite")))
+    to_lora = d.get("to_lora") is True
+    message = _call(cmd.run, model=_opt(guard, d, "model", "--model", True), lora=_loras(guard, d),
+                    out=guard.resolve(bodies.text(d, "out"), "--out", write=True),
+                    dtype=bodies.text(d, "dtype") or None,
+                    to_lora=to_lora, format=(bodies.text(d, "format") or None) if to_lora else None,
+                    overwrite=d.get("overwrite") is True)
     return {"message": message}
 
 
 def generate(guard, d: dict) -> dict:
     from mindone_lora_plugin.commands import generate as cmd
 
-    def number(key, kind, default):
-        value = d.get(key)
-        if value in (None, ""):
-            return default
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise LoraError(f"--{key} must be a number, got {value!r}") from None
-
-    out = guard.resolve(d.get("out"), "--out")
-    if not str(d.get("prompt") or "").strip():
+    out = guard.resolve(bodies.text(d, "out"), "--out", write=True)
+    prompt = bodies.text(d, "prompt")
+    if not prompt.strip():
         raise LoraError("--prompt is required: what to draw")
-    with _MODEL_LOCK:
-        message = _call(cmd.run, model=guard.resolve(d.get("model"), "--model", True),
-                        lora=_loras(guard, d.get("loras")), prompt=d["prompt"],
-                        negative_prompt=d.get("negative_prompt") or None, num_images=number("num_images", int, 4),
-                        steps=number("steps", int, 30), guidance_scale=number("guidance_scale", float, 7.5),
-                        seed=number("seed", int, None), height=None, width=None, batch_size=4, out=out,
-                        overwrite=True, dtype=None, device_target=d.get("device_target") or None)
+    message = _call(cmd.run, model=guard.resolve(bodies.text(d, "model"), "--model", True), lora=_loras(guard, d),
+                    prompt=prompt, negative_prompt=bodies.text(d, "negative_prompt") or None,
+                    num_images=_number(d, "num_images", int, 4), steps=_number(d, "steps", int, 30),
+                    guidance_scale=_number(d, "guidance_scale", float, 7.5), seed=_number(d, "seed", int, None),
+                    height=_number(d, "height", int, None), width=_number(d, "width", int, None), batch_size=4,
+                    out=out, overwrite=True, dtype=None, device_target=bodies.text(d, "device_target") or None)
     return {"message": message, "grid": os.path.join(out, "grid.png")}
+
+
+WORKER_ACTIONS = {"merge": merge, "generate": generate}
+
+
+def in_worker(action: str, guard, d: dict) -> dict:
+    """Run ``merge``/``generate`` in a fresh Python process that exits when done, so the model it loads never stays
+    in the UI's memory; one at a time. Its LoraError comes back as this process's."""
+    request = json.dumps({"action": action, "root": guard.root, "allowed": guard.writable[1:],
+                          "readonly": guard.readonly, "body": d})
+    with _MODEL_LOCK, tempfile.TemporaryDirectory(prefix="mindone-lora-ui-") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+        proc = subprocess.run([sys.executable, "-P", "-m", "mindone_lora_plugin.ui.files", result_path],
+                              input=request.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
+                              env=env, timeout=WORKER_TIMEOUT_S)
+        try:
+            with open(result_path, encoding="utf-8") as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the {action} worker ended with code {proc.returncode}: {tail[0]}") from None
+    if "error" in result:
+        raise LoraError(result["error"])
+    return result["result"]
+
+
+def _worker(result_path: str) -> None:
+    from mindone_lora_plugin.ui.paths import PathGuard
+
+    request = json.loads(sys.stdin.buffer.read())
+    guard = PathGuard(request["root"], request["allowed"], request["readonly"])
+    try:
+        out = {"result": WORKER_ACTIONS[request["action"]](guard, request["body"])}
+    except LoraError as e:
+        out = {"error": str(e)}
+    with open(result_path, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+
+
+def browse(guard, path: str) -> dict:
+    """A folder's entries for the page's picker: only inside the allowed folders; with no path, those folders."""
+    if not path.strip():
+        return {"folder": None, "parent": None, "entries": [{"name": f, "path": f, "dir": True}
+                                                              for f in guard.folders]}
+    folder = guard.resolve(path, "folder", must_exist=True)
+    if not os.path.isdir(folder):
+        raise LoraError(f"{path} is not a folder")
+    entries = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            try:
+                entries.append({"name": e.name, "path": e.path, "dir": e.is_dir()})
+            except OSError:
+                continue
+    entries.sort(key=lambda e: (not e["dir"], e["name"].lower()))
+    parent = os.path.dirname(folder)
+    return {"folder": folder, "parent": parent if guard.inside(parent) else "", "entries": entries[:2000]}
 
 
 def dataset_preview(guard, path: str, limit: int = 6) -> dict:
@@ -183,3 +259,7 @@ def dataset_preview(guard, path: str, limit: int = 6) -> dict:
                 caption = f.read().strip()
         shown.append({"path": p, "caption": caption})
     return {"folder": folder, "count": len(images), "images": shown}
+
+
+if __name__ == "__main__":  # the worker of in_worker
+    _worker(sys.argv[1])

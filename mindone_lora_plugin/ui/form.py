@@ -18,6 +18,7 @@ import re
 import shlex
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
 BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "class_data_dir",
@@ -29,9 +30,13 @@ BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir",
 # plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
                "cache_dir", "config_file", "output_config", "sample_prompts")
+WRITTEN = ("output_dir", "cache_dir", "output_config")  # folders the run writes: never a read-only one
 PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
 # set by the UI itself, not by the form
-HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help")
+HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help", "output_config")
+REQUIRED = ("pretrained_model_name_or_path", "output_dir")  # and one of DATA_FIELDS
+DATA_FIELDS = ("train_data_dir", "dataset_name", "instance_data_dir")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
 
 PRESETS = {
@@ -49,12 +54,12 @@ PRESETS = {
                        lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
-    "tiny model on CPU (a quick check)": dict(resolution="32", train_batch_size="1", max_train_steps="40",
-                                              learning_rate="1e-3", lr_warmup_steps="0", lora_targets="attn",
-                                              checkpointing_steps="5", validation_prompt="a red circle",
-                                              validation_steps="10", num_validation_images="1",
-                                              num_inference_steps="2", device_target="CPU", mode="pynative",
-                                              report_to="none"),
+    "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32",
+                                              train_batch_size="1", max_train_steps="40", learning_rate="1e-3",
+                                              lr_warmup_steps="0", lora_targets="attn", checkpointing_steps="5",
+                                              validation_prompt="a red circle", validation_steps="10",
+                                              num_validation_images="1", num_inference_steps="2",
+                                              device_target="CPU", mode="pynative", report_to="none"),
 }
 
 
@@ -99,7 +104,8 @@ def schema(parser=None) -> dict:
         for a in group._group_actions:
             if a.help == argparse.SUPPRESS or a.dest in HIDDEN or not a.option_strings:
                 continue
-            fields.append({"dest": a.dest, "flag": _flag(a), "kind": _kind(a), "default": _plain(a.default),
+            fields.append({"dest": a.dest, "flag": _flag(a), "label": label(a), "kind": _kind(a),
+                           "default": _plain(a.default), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
@@ -109,12 +115,40 @@ def schema(parser=None) -> dict:
     return {"groups": groups, "presets": PRESETS}
 
 
+def label(action) -> str:
+    """A field's label in words: the first clause of the flag's own help, else its name with spaces."""
+    text = re.split(r"[;(:]|\. |, e\.g\.", (action.help or "").replace("%(default)s", ""), maxsplit=1)[0].strip()
+    if not text or len(text) > 60 or text.lower().startswith(("e.g", "default")):
+        text = action.dest.replace("_", " ")
+    return text[0].upper() + text[1:]
+
+
+def scope(help_text: str, names) -> list[str] | None:
+    """``[kind, name]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
+    before a colon, as plugin flags' help does (``lokr: …``, ``FLUX: …``, ``lora-fa strategy: …``): the page shows
+    the flag only while that one is chosen. None for every other flag."""
+    head, colon, _ = help_text.partition(":")
+    if not colon or not head.strip():
+        return None
+    first = head.split()[0].lower()
+    for kind, known in names:
+        for name in known:
+            if first == name or (kind == "architecture" and first.startswith(name + ".")):
+                return [kind, name]
+    return None
+
+
 def _installed_names(groups) -> None:
-    """Offer the installed strategies as choices and name the installed formats (both come from plugins)."""
+    """Offer the installed strategies as choices, name the installed formats (both come from plugins), and give each
+    plugin flag its scope (see :func:`scope`)."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    for f in (f for g in groups for f in g["fields"]):
+    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(pm.architectures())),
+             ("strategy", sorted(pm.strategies()))]
+    for g in groups:
+        for f in g["fields"]:
+            f["scope"] = scope(f["help"], names) if g["title"] == "plugins" else None
         if f["dest"] == "lora_strategy":
             f.update(kind="choice", choices=sorted(pm.strategies()))
         elif f["dest"] == "save_formats":
@@ -171,7 +205,7 @@ def _field_of(message: str, actions: dict) -> str:
     return "_form"
 
 
-def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | None]:
+def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) -> tuple[dict, list[str] | None]:
     """``(errors, argv)``: ``errors`` maps a flag dest (or ``_form``) to one message; ``argv`` is None on errors.
 
     The checks are the CLI's: the parser's types and choices, the model folder read as ``train`` reads it
@@ -187,9 +221,14 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     actions = _actions(parser)
     errors: dict[str, str] = {}
     values = dict(values)
+    if str(values.get("config_file") or "").strip():  # its values join the form's, and are checked as the form's
+        try:
+            values = _with_config(values, guard, parser)
+        except LoraError as e:
+            errors["config_file"] = str(e)
     for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
         try:
-            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]))
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in WRITTEN)
         except LoraError as e:
             errors[dest] = str(e)
     name = str(values.get("output_name") or "").strip()
@@ -198,7 +237,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
     logs = str(values.get("logging_dir") or "").strip()
     if logs and "output_dir" not in errors and str(values.get("output_dir") or "").strip():
         try:  # relative to the output folder, as the trainer reads it
-            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir")
+            guard.resolve(os.path.join(values["output_dir"], logs), "--logging_dir", write=True)
         except LoraError as e:
             errors["logging_dir"] = str(e)
     for dest, action in actions.items():  # types and choices, one field at a time
@@ -221,7 +260,7 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
             info = BaseModelInfo.from_folder(values["pretrained_model_name_or_path"])
         except LoraError as e:
             errors["pretrained_model_name_or_path"] = str(e)
-    data_fields = [d for d in ("train_data_dir", "dataset_name", "instance_data_dir") if str(values.get(d) or "")]
+    data_fields = [d for d in DATA_FIELDS if str(values.get(d) or "")]
     if not data_fields:
         errors.setdefault("train_data_dir", "give the training images: --train_data_dir (an imagefolder), "
                                             "--dataset_name, or --instance_data_dir (DreamBooth)")
@@ -233,24 +272,89 @@ def validate(values: dict, guard, running_dirs=()) -> tuple[dict, list[str] | No
         errors.setdefault("output_dir", "--output_dir is required: the folder the run writes (inside the root)")
     elif "output_dir" not in errors and os.path.realpath(values["output_dir"]) in running_dirs:
         errors["output_dir"] = f"--output_dir {values['output_dir']}: a run is writing there now; choose another"
-    if errors:
+    elif "output_dir" not in errors and _holds_run(values["output_dir"]):
+        errors["output_dir"] = (f"--output_dir {values['output_dir']} holds another run; choose a new folder (or "
+                                f"resume that run from the Runs page)")
+    _check_batch(values, actions, errors)
+    if info is None:  # the whole-run checks need the model
         return errors, None
-    argv = to_argv(values, parser)
+    if facts is not None:
+        facts["architecture"] = info.architecture
+    # the whole-run checks, each on its own so that every mistake shows at once, on the fields that passed
+    argv = to_argv({k: v for k, v in values.items() if k not in errors}, parser)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)
-        check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info))
-        check_args(args)
-        pm = get_plugin_manager()
-        options = options_from_args(args, info.architecture, pm)
-        for name in [f.strip() for f in args.save_formats.split(",") if f.strip()]:
-            pm.get_format(name)
-        pm.get_strategy(options.strategy)
     except _ParseError as e:
-        errors["_form"] = _one_line(str(e))
-    except LoraError as e:
-        errors[_field_of(str(e), actions)] = str(e)
+        errors.setdefault("_form", _one_line(str(e)))
+        return errors, None
+    pm = get_plugin_manager()
+    checks = [lambda: check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info)),
+              lambda: check_args(args),
+              lambda: pm.get_strategy(options_from_args(args, info.architecture, pm).strategy)]
+    checks += [lambda n=n: pm.get_format(n) for n in [f.strip() for f in args.save_formats.split(",") if f.strip()]]
+    for check in checks:
+        try:
+            check()
+        except LoraError as e:
+            errors.setdefault(_field_of(str(e), actions), str(e))
     return errors, (None if errors else argv)
+
+
+def _with_config(values: dict, guard, parser) -> dict:
+    """The form's values with a ``--config_file``'s filled in where the form leaves a field empty; the file itself
+    is dropped, so the run's command line holds every value and each goes through the form's checks."""
+    from mindone_lora_plugin.train.config_file import read_config
+
+    path = guard.resolve(str(values["config_file"]), "--config_file", must_exist=True)
+    out = dict(values, config_file="")
+    for dest, value in read_config(path, parser).items():
+        if out.get(dest) in (None, "", False):
+            out[dest] = " ".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def load_config(guard, path: str) -> dict:
+    """A TOML config (as Save config writes it) as form values, for the page's Load config."""
+    from mindone_lora_plugin.train.config_file import read_config
+
+    real = guard.resolve(path, "config file", must_exist=True)
+    values = read_config(real, train_parser())
+    return {k: (v if isinstance(v, bool) else " ".join(map(str, v)) if isinstance(v, list) else str(v))
+            for k, v in values.items() if k not in HIDDEN}
+
+
+def output_dir(argv: list[str]) -> str:
+    """The ``--output_dir`` of a validated argument list (validate made it a confined absolute path)."""
+    return argv[argv.index("--output_dir") + 1]
+
+
+def _holds_run(folder: str) -> bool:
+    from mindone_lora_plugin.train.events import LOG_FILE
+
+    return any(os.path.exists(os.path.join(folder, n)) for n in ("ui_run.json", LOG_FILE))
+
+
+def _check_batch(values: dict, actions: dict, errors: dict) -> None:
+    """A batch larger than the image folder fails right after Start: say so at Check."""
+    if "train_batch_size" in errors:
+        return
+    try:
+        batch = int(str(values.get("train_batch_size") or actions["train_batch_size"].default).strip())
+    except (TypeError, ValueError, KeyError):
+        return
+    for dest in ("train_data_dir", "instance_data_dir"):
+        folder = str(values.get(dest) or "")
+        if dest in errors or not os.path.isdir(folder):
+            continue
+        count = 0
+        for _, dirs, names in os.walk(folder):
+            count += sum(n.lower().endswith(IMAGE_EXT) for n in names)
+            if count >= batch:
+                break
+        if count < batch:
+            errors["train_batch_size"] = (f"--train_batch_size {batch} is larger than the {count} image(s) in "
+                                          f"{_flag(actions[dest])}; lower it or add images")
 
 
 def _path_dests(actions: dict, values: dict, guard) -> list[str]:

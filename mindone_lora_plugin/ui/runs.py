@@ -1,15 +1,20 @@
-"""Training runs under the UI's root: start them as detached ``mindone-lora train`` processes, watch, stop, resume.
+"""Training runs under the UI's root: start (or queue) them as detached ``mindone-lora train`` processes, watch,
+stop, resume, delete.
 
-A run is an output folder. The UI writes ``ui_run.json`` there (the ``train`` arguments, the launches with their
-process ids) and sends the process's output to ``train.log``; the trainer writes ``train_log.jsonl``
-(:mod:`mindone_lora_plugin.train.events`). Processes start in their own session, so closing the browser or the UI
-leaves them running, and a restarted UI finds every run again by scanning the root for these files.
+A run is an output folder. The UI writes ``ui_run.json`` there (the ``train`` arguments, the queue position while
+queued, the launches with their process ids) and sends the process's output to ``train.log``; the trainer writes
+``train_log.jsonl`` (:mod:`mindone_lora_plugin.train.events`). Processes start in their own session, so closing the
+browser or the UI leaves them running, and a restarted UI finds every run again by scanning the root for these files.
+They start as ``python -P`` in the run's folder (the user's files never shadow a module) with :data:`MARKER` in their
+environment, and Stop signals only a process this UI started or one carrying that marker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +31,9 @@ OUTPUT_LOG = "train.log"
 MAX_DEPTH = 3  # how deep under the root runs are looked for
 MAX_POINTS = 1000  # loss points sent to the page (evenly thinned beyond)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
+MARKER = "MINDONE_LORA_UI_RUN"  # set in the environment of every training process the UI starts: the run's folder
+QUEUE_POLL_S = 1.0
+BUSY = ("running", "starting", "stopping")
 
 
 class EventTail:
@@ -40,6 +48,7 @@ class EventTail:
         self.last_start = None
         self.last_end = None  # the end event after the last start, if any
         self.starts = 0  # launches seen: a page holding the curve starts over when this changes
+        self.resumes: list[int] = []  # the steps a launch resumed from
         self.step = 0
         self.total = None
 
@@ -70,6 +79,8 @@ class EventTail:
             self.last_start, self.last_end = e, None
             self.starts += 1
             self.speeds = []
+            if isinstance(e.get("step"), int) and e["step"] > 0:
+                self.resumes.append(e["step"])
         elif kind in END_EVENTS:
             self.last_end = e
         elif kind == "step" and isinstance(e.get("loss"), (int, float)):
@@ -112,6 +123,17 @@ def _alive(pid: int | None) -> bool:
             return False
 
 
+def _carries_marker(pid: int, folder: str) -> bool:
+    """Whether process ``pid`` is a training process the UI started for ``folder``: its environment holds
+    ``MINDONE_LORA_UI_RUN=<folder>`` (a pid read from a file proves nothing by itself)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (MARKER + "=" + folder).encode() in env and _alive(pid)
+
+
 def _tail_text(path: str, lines: int = 40, chunk: int = 16384) -> str:
     try:
         with open(path, "rb") as f:
@@ -126,13 +148,18 @@ def _tail_text(path: str, lines: int = 40, chunk: int = 16384) -> str:
 
 
 class RunManager:
-    """Every run under ``guard.root``; starts, stops and resumes them."""
+    """Every run under ``guard.root``; starts (or queues), stops and resumes them.
+
+    Queued runs wait in their folder (``ui_run.json`` with a ``queued`` position) and a thread of this UI starts the
+    first of them when no run this UI knows of is running: one device, one run at a time.
+    """
 
     def __init__(self, guard):
         self.guard = guard
         self._tails: dict[str, EventTail] = {}
         self._children: dict[int, subprocess.Popen] = {}  # launched by this UI: reaped so they never linger
         self._lock = threading.Lock()
+        self._queue_thread: threading.Thread | None = None
 
     # -- finding runs
 
@@ -158,7 +185,12 @@ class RunManager:
         return path
 
     def running_dirs(self) -> set[str]:
-        return {d for d in self.run_dirs() if self.state(d)["status"] in ("running", "starting")}
+        return {d for d in self.run_dirs() if self.state(d)["status"] in BUSY}
+
+    def listing(self) -> list[dict]:
+        """Every run's state, newest first (queued ones in their queue order, before the rest)."""
+        states = [self.state(d) for d in self.run_dirs()]
+        return sorted(states, key=lambda s: (s["status"] != "queued", s["queued"] or 0, -s["created"]))
 
     # -- state
 
@@ -170,9 +202,10 @@ class RunManager:
     def _info(self, folder: str) -> dict:
         try:
             with open(os.path.join(folder, RUN_FILE), encoding="utf-8") as f:
-                return json.load(f)
+                info = json.load(f)
         except (OSError, ValueError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def state(self, folder: str, detail: bool = False, since: int = 0) -> dict:
         """The run's state; ``detail`` adds the loss points after step ``since``, images, log tail and arguments."""
@@ -183,12 +216,17 @@ class RunManager:
                 tail = self._tails[folder] = EventTail(os.path.join(folder, LOG_FILE))
             tail.update()
         info = self._info(folder)
-        launch = (info.get("launches") or [{}])[-1]
+        launches = info.get("launches") if isinstance(info.get("launches"), list) else []
+        launch = launches[-1] if launches and isinstance(launches[-1], dict) else {}
         pid = launch.get("pid") or (tail.last_start or {}).get("pid")
-        alive = _alive(pid)
+        alive = _alive(pid) if isinstance(pid, int) else False
         started_after_launch = tail.last_start is not None and tail.last_start.get("time", 0) >= launch.get("time", 0)
-        if alive:
-            status = "running" if started_after_launch else "starting"
+        if info.get("queued"):
+            status = "queued"
+        elif info.get("cancelled") and not launch:
+            status = "cancelled"
+        elif alive:
+            status = "stopping" if launch.get("stop_requested") else "running" if started_after_launch else "starting"
         elif tail.last_end is not None and started_after_launch:
             status = tail.last_end["event"]
         elif launch.get("stop_requested"):
@@ -199,17 +237,20 @@ class RunManager:
             status = "failed"
         speed = sorted(tail.speeds)[len(tail.speeds) // 2] if tail.speeds else None
         total = tail.total
+        ckpts = [s for s, _ in checkpoint.complete_checkpoints(folder)]
         out = {"id": self.run_id(folder), "folder": folder, "status": status, "step": tail.step, "total_steps": total,
                "s_per_step": speed,
                "eta_s": round(speed * (total - tail.step), 1) if speed and total and status == "running" else None,
                "message": (tail.last_end or {}).get("message") if status in ("failed", "stopped") else None,
-               "checkpoints": [s for s, _ in checkpoint.complete_checkpoints(folder)],
+               "checkpoints": ckpts, "queued": info.get("queued"),
+               "created": info.get("created") or (os.path.getmtime(folder) if os.path.isdir(folder) else 0),
+               "can_resume": status in ("stopped", "failed") and bool(ckpts) and bool(info.get("argv")),
                "updated": os.path.getmtime(folder) if os.path.isdir(folder) else 0}
         if status == "failed" and not out["message"]:
             out["message"] = _last_error(os.path.join(folder, OUTPUT_LOG)) or "the process ended without a status"
         if detail:
             out.update(losses=_thin(tail.losses, since), val_losses=_thin(tail.val_losses), since=since,
-                       starts=tail.starts, argv=info.get("argv"),
+                       starts=tail.starts, resumes=tail.resumes, argv=info.get("argv"),
                        images=self.images(folder), log=_tail_text(os.path.join(folder, OUTPUT_LOG)))
         return out
 
@@ -222,71 +263,174 @@ class RunManager:
         return sorted(found, key=lambda p: os.path.getmtime(p))
 
     def files(self, folder: str) -> list[dict]:
+        """The run folder's files (two levels deep), checkpoints in step order (``checkpoint-10`` after ``-9``)."""
         out = []
         for top, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=_natural)
             if top[len(folder):].count(os.sep) >= 2:
                 dirs[:] = []
-            for n in sorted(names):
+            for n in sorted(names, key=_natural):
                 p = os.path.join(top, n)
                 try:
-                    out.append({"path": p, "name": os.path.relpath(p, folder), "size": os.path.getsize(p)})
+                    out.append({"path": p, "name": os.path.relpath(p, folder), "size": os.path.getsize(p),
+                                "lora": n.endswith(".safetensors") and _is_lora(p)})
                 except OSError:
                     continue
         return out
 
-    # -- starting, stopping, resuming
+    # -- starting, queueing, stopping, resuming
 
-    def start(self, argv: list[str], output_dir: str) -> str:
+    def start(self, argv: list[str], output_dir: str, queue: bool = False) -> str:
+        """Start the run now, or queue it (``queue``, or when another run of this UI is running)."""
         os.makedirs(output_dir, exist_ok=True)
         info = {"argv": list(argv), "created": time.time(), "launches": []}
-        self._write_info(output_dir, info)
-        self._launch(output_dir, info, list(argv))
+        if queue or self._busy():
+            info["queued"] = time.time()
+            self._write_info(output_dir, info)
+            self.watch_queue()
+        else:
+            self._write_info(output_dir, info)
+            self._launch(output_dir, info, list(argv))
         return self.run_id(output_dir)
+
+    def _busy(self) -> bool:
+        self._reap()
+        return any(p.poll() is None for p in self._children.values()) or bool(self.running_dirs())
+
+    def queue_action(self, run_id: str, action: str) -> None:
+        """``cancel`` a queued run, or move it ``up``/``down`` the queue."""
+        if action not in ("cancel", "up", "down"):
+            raise LoraError(f"no such queue action: {action} (cancel, up or down)")
+        folder = self.folder(run_id)
+        info = self._info(folder)
+        if not info.get("queued"):
+            raise LoraError(f"run {run_id} is not queued")
+        if action == "cancel":
+            info.pop("queued")
+            info["cancelled"] = time.time()
+            self._write_info(folder, info)
+            return
+        queued = [s for s in self.listing() if s["status"] == "queued"]
+        i = next(i for i, s in enumerate(queued) if s["folder"] == folder)
+        j = i - 1 if action == "up" else i + 1
+        if 0 <= j < len(queued):
+            other = queued[j]["folder"]
+            other_info = self._info(other)
+            info["queued"], other_info["queued"] = other_info["queued"], info["queued"]
+            self._write_info(folder, info)
+            self._write_info(other, other_info)
+
+    def watch_queue(self) -> None:
+        """Start the thread that starts queued runs (it ends when the queue is empty)."""
+        with self._lock:
+            if self._queue_thread is None or not self._queue_thread.is_alive():
+                self._queue_thread = threading.Thread(target=self._run_queue, daemon=True, name="ui-queue")
+                self._queue_thread.start()
+
+    def _run_queue(self) -> None:
+        while True:
+            time.sleep(QUEUE_POLL_S)
+            try:
+                queued = [s for s in self.listing() if s["status"] == "queued"]
+                if not queued:
+                    return
+                if self._busy():
+                    continue
+            except (OSError, LoraError):  # a folder changed under the scan: look again
+                continue
+            folder = queued[0]["folder"]
+            info = self._info(folder)
+            info.pop("queued", None)
+            try:
+                self._launch(folder, info, [str(a) for a in info["argv"]])
+            except (OSError, KeyError, TypeError) as e:  # never started: it leaves the queue as cancelled
+                info.update(cancelled=time.time(), launch_error=f"{type(e).__name__}: {e}")
+                self._write_info(folder, info)
 
     def resume(self, run_id: str) -> None:
         folder = self.folder(run_id)
         state = self.state(folder)
-        if state["status"] in ("running", "starting"):
+        if state["status"] in BUSY:
             raise LoraError(f"run {run_id} is {state['status']}; stop it before resuming")
         info = self._info(folder)
         if not info.get("argv"):
             raise LoraError(f"run {run_id} was not started from the UI (no {RUN_FILE}); resume it with mindone-lora "
                             f"train ... --resume_from_checkpoint latest")
-        if not checkpoint.complete_checkpoints(folder):
+        if state["status"] == "finished":
+            raise LoraError(f"run {run_id} has finished; nothing to resume (start a new run to train further)")
+        if not state["checkpoints"]:
             raise LoraError(f"run {run_id} has no complete checkpoint yet; start it again instead")
         argv = _without(info["argv"], "--resume_from_checkpoint") + ["--resume_from_checkpoint", "latest"]
         self._launch(folder, info, argv)
 
     def stop(self, run_id: str) -> None:
+        """SIGTERM to the run's training process: only one this UI started, or one carrying the run's marker."""
         folder = self.folder(run_id)
         info = self._info(folder)
-        launch = (info.get("launches") or [{}])[-1]
-        self.state(folder)  # reads the newest events
-        pid = launch.get("pid") or (self._tails[folder].last_start or {}).get("pid")  # a run started outside the UI
-        if not _alive(pid):
+        if info.get("queued"):
+            return self.queue_action(run_id, "cancel")
+        launches = info.get("launches") if isinstance(info.get("launches"), list) else []
+        launch = launches[-1] if launches and isinstance(launches[-1], dict) else {}
+        pid = launch.get("pid")
+        ours = isinstance(pid, int) and pid > 0 and (
+            (pid in self._children and self._children[pid].poll() is None) or _carries_marker(pid, folder))
+        if not ours:
+            if isinstance(pid, int) and _alive(pid) and pid not in self._children:
+                raise LoraError(f"run {run_id}: process {pid} was not started by the UI for this run; refusing to "
+                                f"signal it (stop a run started elsewhere with Ctrl-C or kill)")
             raise LoraError(f"run {run_id} is not running")
-        if launch:
-            launch["stop_requested"] = time.time()
-            self._write_info(folder, info)
+        launch["stop_requested"] = time.time()
+        self._write_info(folder, info)
         os.kill(pid, signal.SIGTERM)  # the trainer checkpoints, records "stopped" and exits
 
+    def delete(self, run_id: str) -> None:
+        """Remove a run's folder: only a run the UI started (it has ``ui_run.json``) that is not queued or running."""
+        folder = self.folder(run_id)
+        if folder == self.guard.root or not os.path.isfile(os.path.join(folder, RUN_FILE)):
+            raise LoraError(f"run {run_id} was not started from the UI; delete its folder yourself if you mean to")
+        status = self.state(folder)["status"]
+        if status in BUSY or status == "queued":
+            raise LoraError(f"run {run_id} is {status}; stop or cancel it before deleting it")
+        shutil.rmtree(folder)
+        self._tails.pop(folder, None)
+
     def _launch(self, folder: str, info: dict, argv: list[str]) -> None:
-        cmd = [sys.executable, "-m", "mindone_lora_plugin.cli", "train"] + argv
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # -P: the user's files (a tqdm.py in the run folder or the root) cannot shadow a module of the trainer
+        cmd = [sys.executable, "-P", "-m", "mindone_lora_plugin.cli", "train"] + argv
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARKER: folder})
         env.setdefault("GLOG_v", "3")
         with open(os.path.join(folder, OUTPUT_LOG), "ab") as log:
             log.write(f"\n$ mindone-lora train {' '.join(argv)}\n".encode())
             log.flush()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=self.guard.root, env=env, start_new_session=True)
+                                    cwd=folder, env=env, start_new_session=True)
         self._children[proc.pid] = proc
-        info["launches"].append({"pid": proc.pid, "time": time.time(), "argv": argv})
+        info.setdefault("launches", []).append({"pid": proc.pid, "time": time.time(), "argv": argv})
         self._write_info(folder, info)
 
     @staticmethod
     def _write_info(folder: str, info: dict) -> None:
         write_bytes_atomic(os.path.join(folder, RUN_FILE), json.dumps(info, indent=2).encode("utf-8"))
+
+
+def _natural(name: str) -> list:
+    """A sort key that orders the numbers in a name by value (``checkpoint-9`` before ``checkpoint-10``)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _is_lora(path: str) -> bool:
+    """Whether a ``.safetensors`` file is one an installed LoRA format claims (so ``inspect`` can read it), not an
+    optimizer or model state: the check ``inspect`` itself starts with, on the header alone."""
+    from mindone_lora_plugin.commands.convert import available_formats
+    from mindone_lora_plugin.formats.reader import detect_format
+    from mindone_lora_plugin.safetensors_io import read_header
+
+    try:
+        header, _ = read_header(path)
+        metadata = header.pop("__metadata__", None) or {}
+        return detect_format(list(header), metadata, available_formats()) is not None
+    except (OSError, ValueError, LoraError):
+        return False
 
 
 def _without(argv: list[str], flag: str) -> list[str]:

@@ -12,13 +12,17 @@ const el = (tag, attrs = {}, ...kids) => {
 };
 const fileUrl = (p) => "/api/file?path=" + encodeURIComponent(p);
 
+// the session token the server put in this page: sent with every request (no other page can read or send it)
+const TOKEN = document.querySelector('meta[name="ui-token"]').content;
+
 async function api(path, body) {
-  const opts = body === undefined ? {} :
-    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const opts = body === undefined ? {headers: {"X-UI-Token": TOKEN}} :
+    {method: "POST", headers: {"Content-Type": "application/json", "X-UI-Token": TOKEN}, body: JSON.stringify(body)};
   const r = await fetch(path, opts);
   let data;
   try { data = await r.json(); } catch (e) { data = {error: `HTTP ${r.status}`}; }
   if (!r.ok && !data.error) data.error = `HTTP ${r.status}`;
+  data.http = r.status;
   return data;
 }
 
@@ -44,8 +48,43 @@ function fieldInput(f) {
     if (f.default !== null) s.value = String(f.default);
     return s;
   }
-  return el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
-                      placeholder: f.default === null ? "" : String(f.default)});
+  const input = el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
+                             placeholder: f.default === null ? "" : "default: " + String(f.default)});
+  if (!f.path) return input;
+  const pick = el("button", {type: "button", class: "small", text: "browse…", title: "pick inside the allowed folders"});
+  pick.addEventListener("click", () => openPicker(input));
+  return el("span", {}, input, " ", pick);
+}
+
+// ---------------------------------------------------------------- folder/file picker (allowed folders only)
+
+let pickerTarget = null;
+
+async function openPicker(input) {
+  pickerTarget = input;
+  await showFolder(input.value.trim() ? input.value.trim().replace(/\/[^/]*$/, "") || "" : "");
+  $("picker").showModal();
+}
+
+async function showFolder(path) {
+  let r = await api("/api/browse?path=" + encodeURIComponent(path));
+  if (r.error) r = await api("/api/browse?path=");
+  const list = $("picker-list");
+  list.textContent = "";
+  $("picker-folder").textContent = r.folder || "allowed folders";
+  $("picker").dataset.folder = r.folder || "";
+  $("picker").dataset.parent = r.parent || "";
+  for (const e of r.entries) {
+    const li = el("li", {class: e.dir ? "dir" : "file", text: e.name});
+    li.addEventListener("click", () => e.dir ? showFolder(e.path) : choose(e.path));
+    list.append(li);
+  }
+}
+
+function choose(path) {
+  if (pickerTarget && path) { pickerTarget.value = path; pickerTarget.dispatchEvent(new Event("change")); }
+  $("picker").close();
+  if (pickerTarget && pickerTarget.form) validate();
 }
 
 function buildForm() {
@@ -55,8 +94,10 @@ function buildForm() {
     const fs = el("fieldset", {class: "group"}, el("legend", {text: g.title}));
     const more = el("details", {}, el("summary", {text: "more options"}));
     for (const f of g.fields) {
-      const row = el("div", {class: "field"},
-        el("label", {for: "f-" + f.dest, text: f.flag}), fieldInput(f),
+      const lab = el("label", {for: "f-" + f.dest}, f.label,
+                     f.required ? el("span", {class: "req", text: " *", title: "required"}) : "",
+                     el("span", {class: "flag", text: f.flag}));
+      const row = el("div", {class: "field"}, lab, fieldInput(f),
         el("span", {class: "help", text: f.help || ""}),
         el("div", {class: "err", id: "err-" + f.dest}));
       (f.basic ? fs : more).append(row);
@@ -69,8 +110,23 @@ function buildForm() {
     if (i) i.addEventListener("change", () => previewDataset(i.value));
   }
   form.addEventListener("input", () => { clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600); });
+  form.addEventListener("change", () => applyScopes());
   const sel = $("preset");
   for (const name of Object.keys(schema.presets)) sel.append(el("option", {value: name, text: name}));
+}
+
+// a plugin's flag (lokr_*, FLUX's, lora-fa's) shows only while its algorithm, architecture or strategy is chosen;
+// the architecture is the model's, known after a Check (until then they all show)
+let architecture = null;
+
+function applyScopes() {
+  const chosen = {algorithm: ($("f-lora_algo") || {}).value || "lora", strategy: ($("f-lora_strategy") || {}).value,
+                  architecture};
+  for (const g of schema.groups) for (const f of g.fields) {
+    if (!f.scope) continue;
+    const [kind, name] = f.scope;
+    $("f-" + f.dest).closest(".field").hidden = !(chosen[kind] === name || (kind === "architecture" && !architecture));
+  }
 }
 
 function formValues() {
@@ -104,18 +160,56 @@ function showErrors(errors) {
   }
 }
 
+// only the newest check's answer is shown: an older one still on its way (typing, then Check) is dropped
+let checkSeq = 0;
+
 async function validate(path = "/api/validate", extra = {}) {
+  clearTimeout(buildForm.t);
+  const seq = ++checkSeq;
   const r = await api(path, Object.assign({values: formValues()}, extra));
+  if (seq !== checkSeq && path === "/api/validate") return r;
   if (r.error) { showErrors({_form: r.error}); return r; }
   showErrors(r.errors);
+  if (r.architecture) { architecture = r.architecture; applyScopes(); }
   $("cmdline").textContent = r.command || "mindone-lora train … (fix the marked fields)";
   return r;
 }
 
-async function startRun() {
+async function startRun(queue) {
   $("form-message").textContent = "";
-  const r = await validate("/api/start");
-  if (r.id) { $("form-message").textContent = "started " + r.id; current = r.id; showTab("runs"); }
+  const r = await validate("/api/start", {queue: queue === true});
+  if (r.id) { $("form-message").textContent = (queue ? "queued " : "started ") + r.id; current = r.id; showTab("runs"); }
+}
+
+function setValues(values) {
+  for (const g of schema.groups) for (const f of g.fields) {
+    const i = $("f-" + f.dest);
+    if (f.kind === "bool") i.checked = !!values[f.dest];
+    else i.value = values[f.dest] === undefined || values[f.dest] === null ? (f.kind === "choice" && f.default !== null ? String(f.default) : "") : String(values[f.dest]);
+  }
+}
+
+async function loadConfig() {
+  const r = await api("/api/load_config", {path: $("config-path").value});
+  if (r.error) { showErrors({_form: r.error}); return; }
+  setValues(r.values);
+  $("form-message").textContent = "loaded " + $("config-path").value;
+  validate();
+}
+
+function cloneRun(argv) {
+  const byFlag = {};
+  for (const g of schema.groups) for (const f of g.fields) byFlag[f.flag] = f;
+  const values = {};
+  for (let i = 0; i < argv.length; i++) {
+    const f = byFlag[argv[i]];
+    if (!f) continue;
+    if (f.kind === "bool") values[f.dest] = !f.default; else values[f.dest] = argv[++i];
+  }
+  delete values.resume_from_checkpoint;
+  setValues(values);
+  showTab("new");
+  $("form-message").textContent = "settings of " + current + " (choose a new --output_dir)";
 }
 
 async function saveConfig() {
@@ -153,14 +247,23 @@ async function refreshRuns() {
   const body = $("runs-list").tBodies[0];
   body.textContent = "";
   for (const run of r.runs || []) {
+    const q = el("td", {});
+    if (run.status === "queued") {
+      for (const [what, label] of [["up", "↑"], ["down", "↓"], ["cancel", "cancel"]]) {
+        const b = el("button", {class: "small", text: label, title: what});
+        b.addEventListener("click", async (ev) => { ev.stopPropagation(); await api("/api/run/queue", {id: run.id, action: what}); refreshRuns(); });
+        q.append(b);
+      }
+    }
+    const shown = run.status === "stopping" ? "stopping…" : run.status;
     const tr = el("tr", {class: run.id === current ? "sel" : ""},
-      el("td", {text: run.id}), el("td", {}, el("span", {class: "status " + run.status, text: run.status})),
+      el("td", {text: run.id}), el("td", {}, el("span", {class: "status " + run.status, text: shown})),
       el("td", {text: `${run.step}${run.total_steps ? " / " + run.total_steps : ""}`}),
-      el("td", {text: run.s_per_step ? run.s_per_step.toFixed(2) : ""}), el("td", {text: fmtTime(run.eta_s)}));
+      el("td", {text: run.s_per_step ? run.s_per_step.toFixed(2) : ""}), el("td", {text: fmtTime(run.eta_s)}), q);
     tr.addEventListener("click", () => { current = run.id; $("files-list").textContent = ""; refreshRuns(); });
     body.append(tr);
   }
-  if (!current && r.runs && r.runs.length) current = r.runs[r.runs.length - 1].id;
+  if (!current && r.runs && r.runs.length) current = r.runs[0].id;  // newest first
   if (current) await refreshRun();
   if (!$("page-runs").hidden) timer = setTimeout(refreshRuns, 1500);
 }
@@ -176,24 +279,35 @@ async function refreshRun() {
   box.hidden = false;
   $("run-title").textContent = r.id;
   const st = $("run-status");
-  st.textContent = r.status; st.className = "status " + r.status;
+  st.textContent = r.status === "stopping" ? "stopping…" : r.status; st.className = "status " + r.status;
   $("run-progress").max = r.total_steps || 1; $("run-progress").value = r.step || 0;
   $("run-numbers").textContent = `step ${r.step}${r.total_steps ? " of " + r.total_steps : ""}` +
     (r.s_per_step ? `, ${r.s_per_step.toFixed(2)} s/step` : "") + (r.eta_s ? `, ${fmtTime(r.eta_s)} left` : "") +
     (r.checkpoints.length ? `, checkpoints: ${r.checkpoints.join(", ")}` : "");
   $("run-error").textContent = r.message || "";
   $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
-  $("btn-resume").disabled = r.status === "running" || r.status === "starting" || !r.checkpoints.length;
+  $("btn-resume").disabled = !r.can_resume;
+  $("btn-clone").disabled = !r.argv;
+  $("btn-delete").disabled = !r.argv || ["running", "starting", "stopping", "queued"].includes(r.status);
+  const all = r.images || [];
+  $("gallery").querySelector("summary").textContent = `all images (${all.length})`;
+  if ($("gallery").open && $("gallery-images").dataset.key !== all.join("|")) {
+    $("gallery-images").dataset.key = all.join("|");
+    $("gallery-images").textContent = "";
+    for (const p of all) $("gallery-images").append(el("figure", {}, el("img", {src: fileUrl(p), loading: "lazy"}),
+                                                          el("figcaption", {text: p.split("/").slice(-2).join("/")})));
+  }
+  cloneArgv = r.argv;
   if (curve.id !== current || curve.starts !== r.starts || r.since === 0) {
     curve = {id: current, starts: r.starts, losses: [], vals: []};
     if (since) return refreshRun();  // a resume began a new curve: fetch it whole
   }
   curve.losses = curve.losses.concat(r.losses || []);
   curve.vals = r.val_losses || [];  // few points: always sent whole
-  drawLoss(curve.losses, curve.vals);
+  drawLoss(curve.losses, curve.vals, r.resumes);
   document.querySelector(".legend .l-val").hidden = !curve.vals.length;
   const imgs = $("run-images");
-  const want = (r.images || []).slice(-4);
+  const want = (r.images || []).slice(-12);
   if (imgs.dataset.key !== want.join("|")) {
     imgs.dataset.key = want.join("|");
     imgs.textContent = "";
@@ -204,30 +318,61 @@ async function refreshRun() {
   $("run-cmd").textContent = r.argv ? "mindone-lora train " + r.argv.map(shq).join(" ") : "";
 }
 
+let cloneArgv = null;
+
 function shq(a) { return /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"; }
 
-function drawLoss(points, vals) {
+function niceTicks(lo, hi, n) {
+  const span = hi - lo || 1, step0 = span / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
+  const out = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + 1e-12; t += step) out.push(t);
+  return out;
+}
+
+// the training loss (faint), its moving average (smoothing: exponential, 0.9), validation loss, axis ticks, dashed
+// markers where the run was resumed, and the nearest point under the pointer
+function drawLoss(points, vals, resumes) {
   const c = $("loss-canvas"), g = c.getContext("2d");
-  const W = c.width, H = c.height, pad = 36;
+  const W = c.width, H = c.height, L = 52, R = 10, T = 10, B = 30;
   g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
-  g.strokeStyle = "#999"; g.strokeRect(pad, 8, W - pad - 8, H - pad - 8);
   c.dataset.points = String(points.length);
   const all = points.concat(vals);
-  if (!all.length) { g.fillStyle = "#666"; g.fillText("no steps yet", pad + 10, 30); return; }
+  g.strokeStyle = "#999"; g.strokeRect(L, T, W - L - R, H - T - B);
+  if (!all.length) { g.fillStyle = "#666"; g.fillText("no steps yet", L + 10, 30); return; }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-9);
-  const X = (x) => pad + (W - pad - 8) * (x - x0) / (x1 - x0), Y = (y) => 8 + (H - pad - 16) * (1 - (y - y0) / (y1 - y0));
+  const X = (x) => L + (W - L - R) * (x - x0) / (x1 - x0), Y = (y) => T + (H - T - B) * (1 - (y - y0) / (y1 - y0));
+  g.font = "11px system-ui"; g.fillStyle = "#444"; g.strokeStyle = "#eee";
+  for (const t of niceTicks(y0, y1, 5)) {
+    g.beginPath(); g.moveTo(L, Y(t)); g.lineTo(W - R, Y(t)); g.stroke();
+    g.fillText(t.toPrecision(3), 4, Y(t) + 4);
+  }
+  for (const t of niceTicks(x0, x1, 6)) {
+    g.beginPath(); g.moveTo(X(t), T); g.lineTo(X(t), H - B); g.stroke();
+    g.fillText(String(Math.round(t)), X(t) - 8, H - B + 14);
+  }
+  g.fillText("step", W - R - 24, H - 4);
   const line = (pts, colour, width) => {
     if (pts.length > 2000) { const k = Math.ceil(pts.length / 2000); pts = pts.filter((p, i) => i % k === 0 || i === pts.length - 1); }
     g.strokeStyle = colour; g.lineWidth = width; g.beginPath();
     pts.forEach((p, i) => (i ? g.lineTo(X(p[0]), Y(p[1])) : g.moveTo(X(p[0]), Y(p[1]))));
     g.stroke(); g.lineWidth = 1;
   };
-  line(points, "#1e5ac8", 1.5);
-  if (vals.length) { line(vals, "#d2691e", 2); for (const p of vals) g.fillRect(X(p[0]) - 2, Y(p[1]) - 2, 4, 4); }
-  g.fillStyle = "#333";
-  g.fillText(y1.toPrecision(4), 2, 14); g.fillText(y0.toPrecision(4), 2, H - pad);
-  g.fillText("step " + x0, pad, H - pad + 16); g.fillText("step " + x1, W - 70, H - pad + 16);
+  let ema = null;
+  const smooth = points.map((p) => { ema = ema === null ? p[1] : 0.9 * ema + 0.1 * p[1]; return [p[0], ema]; });
+  line(points, "rgba(30,90,200,0.3)", 1);
+  line(smooth, "#1e5ac8", 2);
+  if (vals.length) { line(vals, "#d2691e", 2); g.fillStyle = "#d2691e"; for (const p of vals) g.fillRect(X(p[0]) - 2, Y(p[1]) - 2, 4, 4); }
+  g.strokeStyle = "#7c3aed"; g.setLineDash([4, 3]);
+  for (const s of resumes || []) if (s > x0 && s <= x1) { g.beginPath(); g.moveTo(X(s), T); g.lineTo(X(s), H - B); g.stroke(); }
+  g.setLineDash([]);
+  c.onmousemove = (ev) => {
+    const r = c.getBoundingClientRect(), sx = x0 + (ev.clientX - r.left - L) / (W - L - R) * (x1 - x0);
+    let best = null;
+    for (const p of points) if (best === null || Math.abs(p[0] - sx) < Math.abs(best[0] - sx)) best = p;
+    if (best) $("loss-tip").textContent = `step ${best[0]}: loss ${best[1].toPrecision(4)}`;
+  };
 }
 
 async function runAction(what) {
@@ -245,7 +390,7 @@ async function showFiles() {
   for (const f of r.files) {
     const li = el("li", {}, el("a", {href: fileUrl(f.path), target: "_blank", text: f.name}),
                   ` (${(f.size / 1024).toFixed(1)} KiB) `);
-    if (f.name.endsWith(".safetensors")) {
+    if (f.lora) {
       const b = el("button", {text: "inspect", class: "small"});
       b.addEventListener("click", () => { $("inspect-path").value = f.path; showTab("files"); inspect(); });
       li.append(b);
@@ -289,13 +434,18 @@ function loraRows(id) {
 }
 
 function addLora(target) {
-  $(target).append(el("div", {class: "lora-row"}, el("input", {placeholder: "LoRA file", size: 50}),
-                      el("input", {value: "1", size: 4, title: "weight"})));
+  $(target).append(el("div", {class: "lora-row"}, el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50}),
+                      el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"})));
 }
 
 async function simple(what, body, extra) {
   $(what + "-error").textContent = ""; $(what + "-message").textContent = "working …";
-  const r = await api("/api/" + what, body);
+  const bar = what === "generate" ? $("gen-progress") : null;
+  if (bar) bar.hidden = false;
+  let r = await api("/api/" + what, body);
+  if (r.confirm && confirm(r.error)) r = await api("/api/" + what, Object.assign({}, body, {overwrite: true}));
+  else if (r.confirm) r = {error: "not replaced"};
+  if (bar) bar.hidden = true;
   $(what + "-message").textContent = r.error ? "" : r.message;
   $(what + "-error").textContent = r.error || "";
   if (!r.error && extra) extra(r);
@@ -311,8 +461,21 @@ async function main() {
   buildForm();
   $("btn-preset").addEventListener("click", applyPreset);
   $("btn-validate").addEventListener("click", () => validate());
-  $("btn-start").addEventListener("click", startRun);
+  $("btn-start").addEventListener("click", () => startRun(false));
+  $("btn-queue").addEventListener("click", () => startRun(true));
   $("btn-config").addEventListener("click", saveConfig);
+  $("btn-load-config").addEventListener("click", loadConfig);
+  $("btn-clone").addEventListener("click", () => cloneArgv && cloneRun(cloneArgv));
+  $("btn-delete").addEventListener("click", async () => {
+    if (!confirm(`Delete the run ${current} and every file in its folder?`)) return;
+    const r = await api("/api/run/delete", {id: current});
+    $("run-error").textContent = r.error || "";
+    if (!r.error) { current = null; $("run-detail").hidden = true; }
+    refreshRuns();
+  });
+  $("picker-close").addEventListener("click", () => $("picker").close());
+  $("picker-here").addEventListener("click", () => choose($("picker").dataset.folder));
+  $("picker-up").addEventListener("click", () => showFolder($("picker").dataset.parent || ""));
   $("btn-copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("cmdline").textContent));
   $("btn-stop").addEventListener("click", () => runAction("stop"));
   $("btn-resume").addEventListener("click", () => runAction("resume"));
@@ -326,8 +489,9 @@ async function main() {
     out: $("merge-out").value, to_lora: $("merge-tolora").checked, format: $("merge-format").value,
     overwrite: $("merge-overwrite").checked}));
   $("btn-generate").addEventListener("click", () => simple("generate", {model: $("gen-model").value, loras: loraRows("gen-loras"),
-    prompt: $("gen-prompt").value, seed: $("gen-seed").value, steps: $("gen-steps").value, num_images: $("gen-n").value,
-    out: $("gen-out").value}, (r) => { $("gen-grid").textContent = "";
+    prompt: $("gen-prompt").value, negative_prompt: $("gen-negative").value, seed: $("gen-seed").value,
+    steps: $("gen-steps").value, guidance_scale: $("gen-guidance").value, width: $("gen-width").value,
+    height: $("gen-height").value, num_images: $("gen-n").value, out: $("gen-out").value}, (r) => { $("gen-grid").textContent = "";
       $("gen-grid").append(el("img", {src: fileUrl(r.grid) + "&t=" + Date.now(), id: "gen-grid-img"})); }));
   document.body.dataset.ready = "1";
   showTab(location.hash === "#runs" ? "runs" : location.hash === "#files" ? "files" : "new");
