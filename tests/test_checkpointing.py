@@ -146,6 +146,7 @@ def test_bf16_embedding_rows_against_numpy():
     np.testing.assert_array_equal(emb32(ms.Tensor(ids)).asnumpy(), table[ids])
 
 
+@pytest.mark.smoke
 def test_pynative_on_cpu_launches_operators_synchronously():
     """MindSpore's asynchronous PyNative pipeline is slower on CPU (its queue threads compete with the kernels):
     setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1. Fresh

@@ -327,6 +327,7 @@ def test_geglu_is_routed_through_slicing():
     np.testing.assert_allclose(layer(T(x, ms.float32)).asnumpy(), h[:, :3] * np_gelu(h[:, 3:]), atol=1e-5)
 
 
+@pytest.mark.smoke
 def test_installation_is_idempotent_and_covers_the_known_primitives():
     import time
 
@@ -420,6 +421,7 @@ def test_random_statistics():
     assert abs(np.corrcoef(normal, other)[0, 1]) < 0.01  # the next offset is an independent stream
 
 
+@pytest.mark.smoke
 def test_mint_random_ops_follow_manual_seed():
     ms.manual_seed(42)
     first = [mint.randn(2, 3), mint.randn_like(T(np.zeros((2, 3)), ms.float32)), mint.randint(0, 100, (5,)),

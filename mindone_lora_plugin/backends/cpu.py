@@ -365,22 +365,23 @@ def _float_dtype(dtype):
     return mstype.float32 if dtype is None else dtype
 
 
-def randn_op(shape, seed, offset, dtype=None):
-    """``Randn``: standard normals keyed by ``(seed, offset)``."""
+def randn_op(shape, seed, offset, dtype=None, device=None):
+    """``Randn``: standard normals keyed by ``(seed, offset)``. (``device``, which MindSpore 2.8 and later pass to
+    every random primitive, is the CPU the replacements run on.)"""
     return _normal64(_shape_tuple(shape), seed, offset).astype(_float_dtype(dtype))
 
 
-def randn_like_op(input, seed, offset, dtype=None):
+def randn_like_op(input, seed, offset, dtype=None, device=None):
     """``RandnLike``."""
     return _normal64(input.shape, seed, offset).astype(input.dtype if dtype is None else dtype)
 
 
-def rand_ext_op(shape, seed, offset, dtype=None):
+def rand_ext_op(shape, seed, offset, dtype=None, device=None):
     """``RandExt``: uniforms in ``[0, 1)``."""
     return _uniform53(_shape_tuple(shape), seed, offset, 0).astype(_float_dtype(dtype))
 
 
-def rand_like_ext_op(tensor, seed, offset, dtype=None):
+def rand_like_ext_op(tensor, seed, offset, dtype=None, device=None):
     """``RandLikeExt``."""
     return _uniform53(tensor.shape, seed, offset, 0).astype(tensor.dtype if dtype is None else dtype)
 
@@ -391,13 +392,13 @@ def _randint(low, high, shape, seed, offset):
     return ops.floor(u * span).astype(mstype.int64) + low
 
 
-def randint_op(low, high, shape, seed, offset, dtype=None):
+def randint_op(low, high, shape, seed, offset, dtype=None, device=None):
     """``RandInt``: integers uniform in ``[low, high)``."""
     out = _randint(low, high, _shape_tuple(shape), seed, offset)
     return out.astype(mstype.int64 if dtype is None else dtype)
 
 
-def randint_like_op(input, low, high, seed, offset, dtype=None):
+def randint_like_op(input, low, high, seed, offset, dtype=None, device=None):
     """``RandIntLike``."""
     out = _randint(low, high, input.shape, seed, offset)
     return out.astype(input.dtype if dtype is None else dtype)
