@@ -53,7 +53,8 @@ class VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from mindone_lora_plugin.runtime import version_report
 
-        parser.exit(0, version_report() + "\n")
+        print(version_report())
+        parser.exit(0)
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
@@ -110,8 +111,8 @@ def entry(argv: list[str] | None = None) -> int:
     (``GLOG_v=3``: no ``[WARNING] ME`` lines) and no transformers advice: the "None of PyTorch, TensorFlow >= 2.0,
     or Flax have been found" notice that ``USE_TORCH=0`` causes goes through ``Logger.warning_advice``, which
     transformers guards with ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` and mindone.diffusers, replacing it once
-    imported, with ``DIFFUSERS_NO_ADVISORY_WARNINGS``. A setting the environment already has wins. Child processes (msrun workers, the UI's runs) inherit them.
-    :func:`main` called from Python leaves the environment alone.
+    imported, with ``DIFFUSERS_NO_ADVISORY_WARNINGS``. A setting the environment already has wins. Child processes
+    (msrun workers, the UI's runs) inherit them. :func:`main` called from Python leaves the environment alone.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in VERBOSE_FLAGS for a in argv)
