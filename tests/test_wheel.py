@@ -42,17 +42,17 @@ def _version(distribution: str, cwd) -> str:
     return out.stdout.strip()
 
 
-def _build(source: str, work) -> list[str]:
-    """``python -m build`` of a copy of ``source`` (the build's egg-info stays out of the checkout)."""
-    tree = os.path.join(work, os.path.basename(source) + "-src")
+def _build(source: str, name: str, work) -> list[str]:
+    """``python -m build`` of a copy of ``source`` (the build's egg-info stays out of the checkout): the wheel and
+    sdist of distribution ``name``."""
+    tree = os.path.join(work, name + "-src")
     shutil.copytree(source, tree, ignore=shutil.ignore_patterns(
         ".venv*", "dist", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".git", "plugins", "examples",
         "benchmarks"))
     dist = os.path.join(work, "dist")
     out = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, tree], work)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    name = os.path.basename(source).replace("-", "_")
-    return sorted(glob.glob(os.path.join(dist, f"{name}-*")))
+    return sorted(glob.glob(os.path.join(dist, f"{name.replace('-', '_')}-*")))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def installed(tmp_path_factory):
     """Both wheels built and installed; the MindSpore version from before and after."""
     work = str(tmp_path_factory.mktemp("wheels"))
     before = _version("mindspore", work)
-    built = _build(ROOT, work) + _build(PLUGIN, work)
+    built = _build(ROOT, "mindone-lora-plugin", work) + _build(PLUGIN, "mindone-lora-lycoris", work)
     wheels = [p for p in built if p.endswith(".whl")]
     assert len(wheels) == 2 and len([p for p in built if p.endswith(".tar.gz")]) == 2, built
     out = _run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", *wheels], work)
