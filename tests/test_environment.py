@@ -131,3 +131,19 @@ def test_an_unsupported_mindspore_is_refused_in_one_line(tmp_path):
     assert (f"error: found mindspore {metadata.version('mindspore')}; mindone-lora runs on mindspore>=9.0,<9.1, "
             f"mindone{runtime.SUPPORTED['mindone']}") in out.stderr
     assert not os.path.exists(tmp_path / "images")
+
+
+@pytest.mark.smoke
+def test_cpu_backend_asks_mindspore_by_feature():
+    """2.7's PyNative Generator does not step on CPU and is patched; 2.8 and later step natively and are left alone
+    (they no longer have the private ``pyboost_generator`` the patch runs). No replaced primitive is missing."""
+    from packaging.version import Version
+
+    from mindone_lora_plugin import backends
+    from mindone_lora_plugin.backends import cpu
+
+    assert backends.activate("CPU")
+    native = Version(metadata.version("mindspore")) >= Version("2.8")
+    assert cpu.FEATURES["generator_step"] == ("native" if native else "patched")
+    assert cpu.generator_steps_natively()  # patched or not, a STEP now advances the offset
+    assert backends.ABSENT_PRIMITIVES == []

@@ -69,6 +69,7 @@ from mindspore.ops.operations import _inner_ops
 from mindspore.ops._primitive_cache import _get_cache_prim
 
 from mindone_lora_plugin import backends
+from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.backends import cpu_attention, cpu_transformer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -703,7 +704,8 @@ def _patch_generator() -> str:
     if generator_steps_natively():
         return "native"
     if not callable(getattr(_inner_ops, "pyboost_generator", None)):
-        raise RuntimeError("this MindSpore's Generator neither steps on CPU nor offers pyboost_generator")
+        raise LoraError(f"MindSpore {ms.__version__}'s random-number generator does not step on CPU and the CPU "
+                        f"backend cannot patch it; install a MindSpore in the supported range (docs/compatibility.md)")
     _original_calls[_inner_ops.Generator] = _inner_ops.Generator.__dict__.get("__call__")
     _inner_ops.Generator.__call__ = _generator_call
     return "patched"
