@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_install_leaves_mindspore_alone_and_ships_the_package_data(installed):
     out = _run([sys.executable, "-c", code], work)
     assert out.returncode == 0, out.stderr[-2000:]
     where, static = out.stdout.splitlines()
-    assert not where.startswith(ROOT)  # the installed copy, not the checkout
+    assert where == os.path.join(sysconfig.get_paths()["purelib"], "mindone_lora_plugin")  # the installed copy
     assert static == str(sorted(os.listdir(os.path.join(ROOT, "mindone_lora_plugin", "ui", "static"))))
     shipped = os.path.join(ROOT, "mindone_lora_plugin", "assets", "shapes-sd1")
     for root, _, files in os.walk(shipped):
