@@ -5,7 +5,8 @@ and ``run(args) -> int``; they are imported only when used, so ``mindone-lora --
 (:class:`~mindone_lora_plugin.errors.LoraError`, a bad flag) ends in one line on stderr and exit status 2.
 
 The command starts quietly: nothing on stderr that is not about the user's run (see :func:`entry`); ``--verbose``
-(``-v``), anywhere on the command line, lets MindSpore's C++ warnings and transformers' notices through.
+(``-v``), anywhere on the command line (with ``run``: before ``run``), lets MindSpore's C++ warnings and
+transformers' notices through.
 """
 
 from __future__ import annotations
@@ -72,8 +73,17 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``-v``/``--verbose``, and whether one was there: anywhere on the line, except after ``run``
+    (``mindone-lora run SCRIPT ...`` passes what follows to the script, whose own ``-v`` it may be)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    end = argv.index(command) + 1 if command == "run" else len(argv)
+    kept = [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in VERBOSE_FLAGS]
+    argv = _split_verbose(list(sys.argv[1:] if argv is None else argv))[0]
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         parser = build_parser()
@@ -115,7 +125,7 @@ def entry(argv: list[str] | None = None) -> int:
     (msrun workers, the UI's runs) inherit them. :func:`main` called from Python leaves the environment alone.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = any(a in VERBOSE_FLAGS for a in argv)
+    verbose = _split_verbose(argv)[1]
     for key, value in (VERBOSE_ENV if verbose else COMMAND_ENV).items():
         os.environ.setdefault(key, value)
     return main(argv)

@@ -77,7 +77,8 @@ def test_verbose_lets_mindspore_warnings_through_and_the_default_does_not():
     code = ("import os, sys\nfrom mindone_lora_plugin.cli import entry\n"
             "rc = entry(sys.argv[1:])\nprint(rc, os.environ['GLOG_v'])")
     env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
-    for argv, expected in ((["--help"], "0 3"), (["-v", "--help"], "0 2"), (["--help", "--verbose"], "0 2")):
+    for argv, expected in ((["--help"], "0 3"), (["-v", "--help"], "0 2"), (["--help", "--verbose"], "0 2"),
+                           (["run", "--help", "script.py", "-v"], "0 3")):  # run: the script's own -v
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
                              env=env)
         assert out.returncode == 0 and out.stdout.splitlines()[-1] == expected, (argv, out.stdout, out.stderr)
