@@ -149,3 +149,18 @@ def test_cpu_backend_asks_mindspore_by_feature():
     assert cpu.FEATURES["generator_step"] == ("native" if native else "patched")
     assert cpu.generator_steps_natively()  # patched or not, a STEP now advances the offset
     assert backends.ABSENT_PRIMITIVES == []
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``mindone-lora plugins | head -0``: the pipe is closed before the command writes; no traceback, exit 141."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    env["PYTHONPATH"] = ROOT
+    try:
+        done = subprocess.run([sys.executable, "-m", "mindone_lora_plugin", "plugins"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env=env, cwd=tmp_path)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr[-3000:]
+    assert done.stderr == "", done.stderr[-3000:]
