@@ -69,10 +69,7 @@ class BaseModelInfo:
     @classmethod
     def from_models(cls, models) -> "BaseModelInfo":
         """Build from a :class:`mindone_lora_plugin.models.Models` bundle of live cells (LoRA wrappers are skipped)."""
-        from mindone_lora_plugin.models import module_weight_shapes
-
-        modules = {comp: module_weight_shapes(cell) for comp, cell in models.items()}
-        return cls(models.architecture, models.unet_layers_per_block, modules, source="<models>")
+        return cls(models.architecture, models.unet_layers_per_block, models.module_shapes(), source="<models>")
 
     def check_shapes(self, state) -> None:
         """Raise :class:`LoraError` when a module of ``state`` does not exist here or its shapes do not fit."""

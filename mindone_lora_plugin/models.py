@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 ADAPTER = "default"  # the PEFT adapter name the strategies train
+LINEAR_CLASSES = ("Linear", "Dense")
+CONV_CLASSES = ("Conv2d",)
 
 
 class Models(Mapping):
@@ -40,6 +42,10 @@ class Models(Mapping):
         unet = self._cells.get("unet")
         config = getattr(unet, "config", None)
         return getattr(config, "layers_per_block", None) if config is not None else None
+
+    def module_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Component → :func:`module_weight_shapes` of its cell."""
+        return {comp: module_weight_shapes(cell) for comp, cell in self._cells.items()}
 
     def __repr__(self) -> str:
         return f"Models({self.architecture}: {', '.join(self._cells)})"
@@ -85,6 +91,14 @@ def lora_layers(cell) -> Iterator[tuple[str, object]]:
     for name, sub in cell.cells_and_names():
         if is_lora_layer(sub):
             yield name, sub
+
+
+def is_linear(cell) -> bool:
+    return type(cell).__name__ in LINEAR_CLASSES
+
+
+def is_conv(cell) -> bool:
+    return type(cell).__name__ in CONV_CLASSES
 
 
 def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:

@@ -56,17 +56,17 @@ def register(pm, name: str, *architectures):
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def test_builtin_architectures_are_listed_with_the_core_plugin(plugin_manager, capsys):
+def test_builtin_architectures_are_listed_with_their_family_plugins(plugin_manager, capsys):
     assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sdxl"]
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
-    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "core", "sd1": "core", "sd2": "core", "sdxl": "core"}
+    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sdxl": "sd"}
     assert listed["sdxl"]["components"] == ["unet", "text_encoder", "text_encoder_2"]
     assert listed["sdxl"]["default_strategy"] == "sdxl" and listed["sd1"]["presets"] == ["attn", "kohya",
                                                                                            "kohya-conv"]
     assert main(["plugins"]) == 0
     table = capsys.readouterr().out
-    assert "Architectures:" in table and "  sdxl " in table.split("Architectures:")[1] and "[core]" in table
+    assert "Architectures:" in table and "  sdxl " in table.split("Architectures:")[1] and "[sd]" in table
 
 
 def test_unknown_and_duplicate_architecture_names(plugin_manager):
@@ -77,7 +77,7 @@ def test_unknown_and_duplicate_architecture_names(plugin_manager):
         pass
 
     register(plugin_manager, "again", Again())
-    with pytest.raises(PluginError, match=r"two plugins offer the architecture 'sd1': 'core' and 'again'"):
+    with pytest.raises(PluginError, match=r"two plugins offer the architecture 'sd1': 'sd' and 'again'"):
         plugin_manager.architectures()
 
 

@@ -238,4 +238,4 @@ def test_unknown_dtype(tmp_path):
 def test_formats_are_plugins(plugin_manager):
     formats = plugin_manager.formats()
     assert isinstance(formats["diffusers"], DiffusersFormat) and isinstance(formats["kohya"], KohyaFormat)
-    assert plugin_manager.format_plugin("kohya") == "kohya"
+    assert plugin_manager.plugin_of("formats", "kohya") == "kohya"

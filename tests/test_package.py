@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_pinned_stack_and_entry_points_in_setup_cfg():
+    """The pins and the console script; the built-in plugins are listed in code (builtin_plugins.py), not as entry
+    points, so setup.cfg has no ``mindone_lora`` group of its own."""
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     requires = cfg["options"]["install_requires"]
@@ -23,8 +25,7 @@ def test_pinned_stack_and_entry_points_in_setup_cfg():
     assert "torch==2.13.0" in cfg["options.extras_require"]["interop"]
     eps = cfg["options.entry_points"]
     assert "mindone-lora = mindone_lora_plugin.cli:entry" in eps["console_scripts"]
-    for name in ("core", "unet", "text_encoder", "sdxl", "diffusers", "kohya"):
-        assert f"{name} = mindone_lora_plugin." in eps["mindone_lora"], name
+    assert "mindone_lora" not in eps
 
 
 def test_cli_help_and_version_do_not_import_mindspore():

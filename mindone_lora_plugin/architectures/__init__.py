@@ -1,6 +1,6 @@
 """Model families (architectures): the :class:`~.base.Architecture` plugin object and the detectors that ask every
-installed one. SD1.x, SD2.x and SDXL are built in (:mod:`.sd`), registered by the ``core`` plugin through the
-``mindone_lora_architectures`` hook like any third-party family.
+installed one. SD1.x, SD2.x and SDXL (:mod:`.sd`) and FLUX.1 (:mod:`.flux`) are built in, each family a plugin of its
+own registering through the ``mindone_lora_architectures`` hook like any third-party family.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The architecture plugin object: everything the core knows about one model family.
 
 A plugin offers model families by yielding instances of an :class:`Architecture` subclass from its
-``mindone_lora_architectures()`` hook implementation (SD1.x, SD2.x and SDXL are the built-in ones, in
-:mod:`mindone_lora_plugin.architectures.sd`). An architecture owns:
+``mindone_lora_architectures()`` hook implementation (the built-in ones: SD1.x, SD2.x and SDXL in
+:mod:`mindone_lora_plugin.architectures.sd`, FLUX.1 in :mod:`mindone_lora_plugin.architectures.flux`). An
+architecture owns:
 
 * its **components** (:class:`Component`: name, model class, folder, kohya and diffusers key prefixes, the classes that
   identify a live cell) and how to load them;

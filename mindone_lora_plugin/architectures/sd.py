@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
                                                     Evidence, FolderInfo, TargetRule)
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.hookspecs import hookimpl
 
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
@@ -376,6 +377,17 @@ def _v2(arch, metadata):
     return "ss_v2=True" if arch.name == "sd2" and metadata.get("ss_v2") == "True" else ""
 
 
+@hookimpl
 def mindone_lora_architectures():
-    """The built-in SD architectures (registered by the ``core`` plugin)."""
+    """The built-in SD architectures: SD1.x, SD2.x and SDXL."""
     yield from (SD1(), SD2(), SDXL())
+
+
+@hookimpl
+def mindone_lora_strategies():
+    """SD's strategies: ``unet``, ``text_encoder`` (SD1.x/2.x) and ``sdxl``."""
+    from mindone_lora_plugin.strategies.sdxl import SdxlStrategy
+    from mindone_lora_plugin.strategies.text_encoder import TextEncoderStrategy
+    from mindone_lora_plugin.strategies.unet import UnetStrategy
+
+    yield from (UnetStrategy(), TextEncoderStrategy(), SdxlStrategy())

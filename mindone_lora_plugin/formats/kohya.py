@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import numpy as np
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.common import (is_v_prediction, merged_metadata, modelspec, names_for,
-                                                read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (PlainLoraFormat, is_v_prediction, merged_metadata, modelspec, names_for,
+                                                resolve_dtype, writer_architecture)
 from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState
@@ -104,7 +102,7 @@ def family_keys(keys, kohya: bool) -> int:
     return max((a.count_file_keys(keys, kohya) for a in installed_architectures().values()), default=0)
 
 
-class KohyaFormat(LoraFormat):
+class KohyaFormat(PlainLoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
                    "SDXL UNet in SGM names, ss_*/modelspec metadata")
@@ -124,10 +122,6 @@ class KohyaFormat(LoraFormat):
         parsed = [parse_key(k, suffixes, prefixes) for k in keys]
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
         return share_claim(max(mine, family_keys(keys, True)), len(keys))
-
-    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
-        state, _ = read_plain_lora(path, base)
-        return state
 
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` cast to ``dtype`` (None: as they are), alphas as 0-dim float32 arrays, and

@@ -13,12 +13,10 @@ from typing import ClassVar
 
 from mindone_lora_plugin.architectures import find_architecture
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.models import base_layer_of, lora_layers
+from mindone_lora_plugin.models import base_layer_of, is_conv, is_linear, lora_layers
 from mindone_lora_plugin.options import PRESETS, TEXT_ENCODERS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
-LINEAR_CLASSES = ("Linear", "Dense")
-CONV_CLASSES = ("Conv2d",)
 
 
 class LoraStrategy:
@@ -272,14 +270,6 @@ def algorithm_of_layer(layer, missing_ok: bool = False):
     if missing_ok:
         return None
     raise LoraError(f"no installed algorithm owns the adapter layer {type(layer).__name__}; is its plugin installed?")
-
-
-def is_linear(cell) -> bool:
-    return type(cell).__name__ in LINEAR_CLASSES
-
-
-def is_conv(cell) -> bool:
-    return type(cell).__name__ in CONV_CLASSES
 
 
 def adaptable_layers(cell, containers: tuple[str, ...] | None = None):

@@ -1,6 +1,5 @@
 """The ``sdxl`` strategy: SDXL UNet plus ``text_encoder`` and ``text_encoder_2``, each component switchable."""
 
-from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.strategies.base import LoraStrategy
 
 
@@ -11,7 +10,3 @@ class SdxlStrategy(LoraStrategy):
     default_components = ("unet",)
     architectures = ("sdxl",)
 
-
-@hookimpl
-def mindone_lora_strategies():
-    yield SdxlStrategy()

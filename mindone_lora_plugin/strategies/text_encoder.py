@@ -1,6 +1,5 @@
 """The ``text_encoder`` strategy: LoRA on the CLIP text encoder of SD1.x/2.x only (kohya's text-encoder-only mode)."""
 
-from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.strategies.base import LoraStrategy
 
 
@@ -11,7 +10,3 @@ class TextEncoderStrategy(LoraStrategy):
     default_components = ("text_encoder",)
     architectures = ("sd1", "sd2")
 
-
-@hookimpl
-def mindone_lora_strategies():
-    yield TextEncoderStrategy()

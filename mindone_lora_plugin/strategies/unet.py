@@ -1,6 +1,5 @@
 """The ``unet`` strategy: LoRA on the UNet of SD1.x/2.x/SDXL (plus the SD1.x/2.x text encoder on request)."""
 
-from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.strategies.base import LoraStrategy
 
 
@@ -14,7 +13,3 @@ class UnetStrategy(LoraStrategy):
         # where the architecture has its own default strategy (sdxl on SDXL), the text encoders are that one's business
         return ("unet",) if self.preferred_strategy(models) else self.components
 
-
-@hookimpl
-def mindone_lora_strategies():
-    yield UnetStrategy()

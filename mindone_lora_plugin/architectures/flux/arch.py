@@ -1,7 +1,7 @@
 """The FLUX.1 architecture object (``flux``): dev and schnell layouts, LoRA on the transformer and optionally on the
 CLIP and T5 text encoders, flow-matching training, ``FluxPipeline`` for validation images and ``generate``.
 
-The key grammar and file layouts are :mod:`.keys`/:mod:`.files` (mixed in through :class:`.keys.FluxKeyGrammar`);
+The key grammar and file layouts are :mod:`.keys`/:mod:`.files` (mixed in through :class:`.files.FluxKeyGrammar`);
 the presets :mod:`.targets`; the loss :mod:`.loss` with the noise levels of :mod:`.timesteps`; generation
 :mod:`.pipeline`. Training options read from the run's arguments (defaults in :data:`TRAINING_DEFAULTS`):
 ``timestep_sampling``, ``discrete_flow_shift`` (None: the scheduler's ``shift``), ``guidance_scale``,
@@ -11,7 +11,7 @@ the presets :mod:`.targets`; the loss :mod:`.loss` with the noise levels of :mod
 from __future__ import annotations
 
 from mindone_lora_plugin.architectures.base import Architecture, Component, FolderInfo, TargetRule
-from mindone_lora_plugin.architectures.flux import keys, targets
+from mindone_lora_plugin.architectures.flux import files, keys, targets
 from mindone_lora_plugin.errors import LoraError
 
 TRANSFORMER = Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet",
@@ -31,7 +31,7 @@ def _option(args, name):
     return TRAINING_DEFAULTS[name] if value is None else value
 
 
-class Flux(keys.FluxKeyGrammar, Architecture):
+class Flux(files.FluxKeyGrammar, Architecture):
     name = "flux"
     label = "FLUX.1"
     description = "FLUX.1 dev/schnell: MMDiT transformer + CLIP-L (pooled) and T5 encoders, flow matching"
@@ -160,7 +160,3 @@ class Flux(keys.FluxKeyGrammar, Architecture):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(trainer.noise_scheduler.config)
         return pipeline.live_pipeline(m["transformer"], trainer.vae, m["text_encoder"], m["text_encoder_2"],
                                       trainer.tokenizer, trainer.tokenizer_2, scheduler)
-
-
-def mindone_lora_architectures():
-    yield Flux()

@@ -14,7 +14,7 @@ for a Stable Diffusion base model and the reverse. FLUX.1 Kontext has no modules
 FLUX LoRAs and are read as such.
 
 The formats and the reader reach this module through the FLUX architecture's file hooks
-(:class:`.keys.FluxKeyGrammar`, mixed into the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
+(:class:`FluxKeyGrammar`, mixed into the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 ARCHITECTURE = "flux"
 LABEL = "FLUX.1"
 MODELSPEC = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}
-KOHYA_IMPLEMENTATION = keys.FluxKeyGrammar.kohya_implementation
-NETWORK_MODULE = keys.FluxKeyGrammar.kohya_network_module
+KOHYA_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # the code base whose names kohya files use
+NETWORK_MODULE = "networks.lora_flux"  # sd-scripts' FLUX network module
 DEFAULT_RESOLUTION = "1024x1024"
 MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp is 4 × hidden wide
 
@@ -310,8 +310,70 @@ def count_file_keys(names, kohya: bool) -> int:
     return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
 
 
-class FluxLoraFiles(keys.FluxKeyGrammar):
-    """:class:`.keys.FluxKeyGrammar` with the FLUX.1 family's name and sd-scripts' metadata values: enough of an
+# ----------------------------------------------------------------------------- the architecture's key-grammar methods
+
+
+class FluxKeyGrammar:
+    """The LoRA-file side of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture` (mix it in:
+    ``class Flux(FluxKeyGrammar, Architecture)``): detection and the per-name questions the generic code asks, and the
+    file hooks the kohya/diffusers formats and the reader call — whole files, fused modules included, are read and
+    written by the functions above (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`,
+    :meth:`modelspec`)."""
+
+    kohya_network_module = NETWORK_MODULE
+    kohya_implementation = KOHYA_IMPLEMENTATION
+
+    def read_file(self, tensors, metadata, base, where):
+        return read_file(tensors, metadata, base, where)
+
+    def kohya_modules(self, state):
+        return kohya_modules(state)
+
+    def count_file_keys(self, names, kohya):
+        return count_file_keys(names, kohya)
+
+    def modelspec(self, state, meta, title, implementation, v_prediction):
+        return modelspec(meta, title, implementation, variant(state) if state is not None else "dev")
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Evidence
+
+        why = keys.detect_keys(getattr(pk, "key", pk) for pk in parsed)
+        if why:  # names only FLUX has outweigh SD's "a second text encoder" (FLUX's T5 is one too)
+            return Evidence("flux", STRUCTURE + 1, why)
+        why = keys.detect_metadata(metadata or {})
+        return Evidence("flux", METADATA, why) if why else None
+
+    def detect_metadata(self, metadata) -> str:
+        return keys.detect_metadata(metadata or {})
+
+    def kohya_name(self, component: str, path: str, layers_per_block=None) -> str:
+        """The kohya name of the file module holding ``component.path`` (q/k/v share their fused module's name)."""
+        from mindone_lora_plugin.errors import LoraError
+
+        try:
+            return keys.kohya_module_name(component, path)
+        except (ValueError, KeyError):
+            raise LoraError(f"{component}.{path} has no kohya name in FLUX.1's layout") from None
+
+    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block=None) -> str | None:
+        """The one module path a name means (None for a fused or reordered module: :func:`bfl_parts` lists a fused
+        module's parts, :mod:`.files` splits it)."""
+        if component not in keys.PATH_RES:
+            return None
+        if component == "transformer":
+            found = keys._transformer_name(name)
+            if found is None:
+                return None
+            if found[0] != "diffusers" and keys.is_swapped(found[1]):
+                return None  # its rows are reordered: only the file reader (files.build_state) maps it
+            parts = (found[1],) if found[0] == "diffusers" else keys.bfl_parts(found[1])
+            return parts[0] if parts and len(parts) == 1 else None
+        return keys._encoder_name(component, name)
+
+
+class FluxLoraFiles(FluxKeyGrammar):
+    """:class:`FluxKeyGrammar` with the FLUX.1 family's name and sd-scripts' metadata values: enough of an
     architecture for the file side alone (the format tests' stand-in when no FLUX family is installed)."""
 
     name = ARCHITECTURE
