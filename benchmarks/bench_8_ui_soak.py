@@ -73,7 +73,7 @@ def post(url: str, body: dict) -> dict:
 
 
 def start_real(url: str, root: str, steps: int) -> str:
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(root, "tiny-sd1"))

@@ -71,6 +71,15 @@ class BaseModelInfo:
         """Build from a :class:`mindone_lora_plugin.models.Models` bundle of live cells (LoRA wrappers are skipped)."""
         return cls(models.architecture, models.unet_layers_per_block, models.module_shapes(), source="<models>")
 
+    def fit_shapes(self, state) -> None:
+        """Let each module's algorithm fit its tensors to the base weight's shape (a Linear LoRA on a 1×1 conv ...),
+        then :meth:`check_shapes` (what every reader does once it has a state for this base model)."""
+        for comp, path, mod in state.modules():
+            shape = self.modules.get(comp, {}).get(path)
+            if shape is not None:
+                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
+        self.check_shapes(state)
+
     def check_shapes(self, state) -> None:
         """Raise :class:`LoraError` when a module of ``state`` does not exist here or its shapes do not fit."""
         missing = []

@@ -7,6 +7,6 @@ BUILTIN_PLUGINS = {
     "lora": "mindone_lora_plugin.algorithms.lora",
     "diffusers": "mindone_lora_plugin.formats.diffusers",
     "kohya": "mindone_lora_plugin.formats.kohya",
-    "sd": "mindone_lora_plugin.architectures.sd",
+    "sd": "mindone_lora_plugin.architectures.sd.plugin",
     "flux": "mindone_lora_plugin.architectures.flux.plugin",
 }

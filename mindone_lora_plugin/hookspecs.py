@@ -149,7 +149,7 @@ def mindone_lora_architectures() -> Iterable["Architecture"]:
     Example::
 
         from mindone_lora_plugin.architectures.base import Evidence, STRUCTURE
-        from mindone_lora_plugin.architectures.sd import SD1
+        from mindone_lora_plugin.architectures.sd.arch import SD1
         from mindone_lora_plugin.hookspecs import hookimpl
 
         class MySD(SD1):  # an SD1.x fine-tune whose folders and LoRA files say so

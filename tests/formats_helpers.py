@@ -1,9 +1,9 @@
 """Synthetic base models and LoRA states for the format tests (pure numpy; no model is built).
 
 :func:`unet_modules` lists the Linear/Conv2d weights of a diffusers ``UNet2DConditionModel`` with the given block
-layout, with the shapes diffusers gives them; :func:`clip_modules` does the same for a CLIP text encoder. ``tiny_sd1()`` and
-``tiny_sdxl()`` mirror ``mindone_lora_plugin.tiny`` (block_out_channels (32, 64), layers_per_block 2, one down block
-without attention and one with).
+layout, with the shapes diffusers gives them; :func:`clip_modules` does the same for a CLIP text encoder.
+``tiny_sd1()`` and ``tiny_sdxl()`` mirror ``mindone_lora_plugin.architectures.sd.tiny`` (block_out_channels (32, 64),
+layers_per_block 2, one down block without attention and one with).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import pytest
 
 from formats_helpers import kohya_targets, real_sd1_unet, real_sdxl_unet, tiny_sdxl
-from mindone_lora_plugin.formats import sgm
+from mindone_lora_plugin.architectures.sd import sgm
 
 # §2.3: the real SDXL base layout (3 down blocks, layers_per_block 2, transformer layers (1, 2, 10))
 SDXL_TABLE = [

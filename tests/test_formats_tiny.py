@@ -1,4 +1,5 @@
-"""The formats against the real tiny model folders (``mindone_lora_plugin.tiny``, built once per test session)."""
+"""The formats against the real tiny model folders (``mindone_lora_plugin.architectures.sd.tiny``, built once per test
+session)."""
 
 import numpy as np
 import pytest

@@ -67,7 +67,7 @@ def _digest(folder: str) -> dict[str, str]:
 
 
 def test_building_the_tiny_model_twice_gives_identical_files(tiny_sd1, tmp_path):
-    from mindone_lora_plugin.tiny import save_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import save_tiny_model
 
     again = save_tiny_model("sd1", str(tmp_path / "again"))
     first, second = _digest(tiny_sd1), _digest(again)

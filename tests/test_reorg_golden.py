@@ -63,7 +63,7 @@ def run_all(models: dict, data: str, tmp: str) -> dict:
 
 def _models(tmp: str) -> tuple[dict, str]:
     from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model as ensure_tiny_flux
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     models = {f: ensure_tiny_model(f, os.path.join(tmp, f"tiny-{f}")) for f in ("sd1", "sdxl")}

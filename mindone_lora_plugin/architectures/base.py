@@ -233,6 +233,12 @@ class Architecture:
         or None when the grammar does not know it."""
         return None
 
+    def name_layout(self, parsed) -> tuple[bool, int | None]:
+        """What a file's parsed keys (:class:`~mindone_lora_plugin.formats.names.ParsedKey`) say about their
+        spelling when no base model is known: ``(spelled in another layout of this family's modules, the
+        layers per block that spelling implies)`` — SDXL's SGM names; default ``(False, None)``."""
+        return False, None
+
     def base_aliases(self, component: str, paths, layers_per_block: int | None = None) -> dict[str, str]:
         """Other dotted spellings files use for a base model's module ``paths`` (spelling → path); default none."""
         return {}

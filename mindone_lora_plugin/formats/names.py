@@ -28,7 +28,6 @@ import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats import sgm
 from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.state import LoraModule, LoraState
 
@@ -59,50 +58,26 @@ _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out"
                "input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 _TE_ROOTS = ("text_model.", "text_projection")
 
-# ----------------------------------------------------------------------------- grammar (no base model)
-
-_VOCAB = frozenset("""
-down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks proj_in proj_out attn1
-attn2 to_q to_k to_v to_out add_q_proj add_k_proj add_v_proj to_add_out ff net proj norm norm1 norm2 norm3 conv conv1
-conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding add_embedding linear_1 linear_2
-input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
-text_model encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 text_projection embeddings
-token_embedding position_embedding final_layer_norm layer_norm1 layer_norm2
-""".split())
-_MAX_ATOMS = max(w.count("_") + 1 for w in _VOCAB)
-
-_BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)"
-_TCHILD = (r"(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|"
-           r"to_add_out)|ff\.net\.(?:0\.proj|2)))")
-_RCHILD = r"(?:conv1|conv2|time_emb_proj|conv_shortcut)"
-UNET_PATH_RE = re.compile(
-    rf"{_BLOCK}\.attentions\.\d+\.{_TCHILD}|{_BLOCK}\.resnets\.\d+\.{_RCHILD}|down_blocks\.\d+\.downsamplers\.0\.conv|"
-    r"up_blocks\.\d+\.upsamplers\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12]")
-TE_PATH_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])|"
-                        r"text_projection")
+# ----------------------------------------------------------------------------- un-flattening kohya names
 
 
 @functools.lru_cache(maxsize=16384)  # a module's three keys (down, up, alpha) share one name
-def flat_to_dotted(name: str) -> str | None:
-    """Turn a kohya ``_``-joined module name back into a dotted path with the module-name grammar, or None."""
+def unflatten(name: str, vocabulary: frozenset) -> str | None:
+    """A kohya ``_``-joined module name back in dots with a family's module-name ``vocabulary`` (at each position the
+    longest word of it, or a lone number), or None when a part is no word of it."""
+    longest = max(w.count("_") + 1 for w in vocabulary)
     atoms = name.split("_")
     out, i = [], 0
     while i < len(atoms):
-        for j in range(min(len(atoms), i + _MAX_ATOMS), i, -1):
+        for j in range(min(len(atoms), i + longest), i, -1):
             cand = "_".join(atoms[i:j])
-            if cand in _VOCAB or (j == i + 1 and cand.isdigit()):
+            if cand in vocabulary or (j == i + 1 and cand.isdigit()):
                 out.append(cand)
                 i = j
                 break
         else:
             return None
     return ".".join(out)
-
-
-def is_known_path(component: str, path: str) -> bool:
-    """True when ``path`` is a module path the grammar knows for ``component`` (diffusers naming)."""
-    regex = UNET_PATH_RE if component == "unet" else TE_PATH_RE
-    return regex.fullmatch(path) is not None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -291,18 +266,6 @@ class NameResolver:
         return None
 
 
-def sgm_names(parsed: list[ParsedKey]) -> list[str]:
-    """The dotted SGM UNet names among ``parsed`` (grammar-resolved for kohya names)."""
-    out = []
-    for pk in parsed:
-        if pk.component != "unet":
-            continue
-        path = flat_to_dotted(pk.name) if pk.flat else pk.name
-        if path and sgm.is_sgm_path(path):
-            out.append(path)
-    return out
-
-
 # ----------------------------------------------------------------------------- alpha from configs
 
 
@@ -482,8 +445,10 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     parsed = parse_keys(tensors.keys(), where)
     info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
 
-    sgm_paths = sgm_names(parsed)
-    info.sgm = bool(sgm_paths)
+    from mindone_lora_plugin.architectures import installed_architectures
+
+    layouts = [arch.name_layout(parsed) for arch in installed_architectures().values()]
+    info.sgm, layout_lpb = next((found for found in layouts if found[0]), (False, None))
     guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
     info.architecture_reason, info.architecture_strong = why, strong
     parsed = with_family_components(parsed, base.architecture if base is not None else guess)
@@ -503,7 +468,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                 raise LoraError(
                     f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
                     f"was made for another architecture; use a LoRA made for {base.architecture}")
-    lpb = None if base is not None else sgm.infer_layers_per_block(sgm_paths)
+    lpb = None if base is not None else layout_lpb
     resolver = NameResolver(base, lpb, architecture=guess)
 
     configs = configs_from_metadata(metadata, where) or {}
@@ -547,11 +512,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                         f"modules, e.g. {_example(unresolved)}; pass --base MODEL_DIR if the model has other modules")
     info.alpha_source = "+".join(sorted(alpha_sources))
     if base is not None:
-        for comp, path, mod in state.modules():
-            shape = base.modules.get(comp, {}).get(path)
-            if shape is not None:
-                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
-        base.check_shapes(state)
+        base.fit_shapes(state)
         state.architecture = base.architecture
         state.unet_layers_per_block = base.unet_layers_per_block
     else:

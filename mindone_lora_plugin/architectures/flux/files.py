@@ -177,11 +177,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
             owner[(comp, path)] = first
             state.add(comp, path, piece)
     if base is not None:
-        for comp, path, mod in state.modules():
-            shape = base.modules.get(comp, {}).get(path)
-            if shape is not None:
-                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
-        base.check_shapes(state)
+        base.fit_shapes(state)
     info = ReadInfo(styles={f"flux-{n}" for n in namings}, alpha_source="+".join(sorted(sources)),
                     architecture_reason=keys.detect(names, metadata) or "the base model is FLUX.1",
                     architecture_strong=True)

@@ -150,20 +150,10 @@ _VOCAB = {
 def unflatten(component: str, name: str) -> str | None:
     """A ``_``-joined module path of ``component`` back in dots (``transformer_blocks_0_attn_to_out_0`` →
     ``transformer_blocks.0.attn.to_out.0``), or None when it is not one of the component's LoRA targets."""
-    vocab = _VOCAB[component]
-    longest = max(w.count("_") + 1 for w in vocab)
-    atoms, out, i = name.split("_"), [], 0
-    while i < len(atoms):
-        for j in range(min(len(atoms), i + longest), i, -1):
-            cand = "_".join(atoms[i:j])
-            if cand in vocab or (j == i + 1 and cand.isdigit()):
-                out.append(cand)
-                i = j
-                break
-        else:
-            return None
-    path = ".".join(out)
-    return path if PATH_RES[component].fullmatch(path) else None
+    from mindone_lora_plugin.formats.names import unflatten as greedy
+
+    path = greedy(name, _VOCAB[component])
+    return path if path is not None and PATH_RES[component].fullmatch(path) else None
 
 
 def is_target_path(component: str, path: str) -> bool:

@@ -3,8 +3,8 @@
 All three are a UNet (``UNet2DConditionModel``) conditioned on CLIP text encoders, trained with the DDPM noise
 schedule (epsilon or v-prediction). What differs: SD2.x's 1024-wide cross-attention, SDXL's second text encoder
 (``CLIPTextModelWithProjection``, its pooled output and the ``time_ids`` added conditioning) and kohya's SGM module
-names for the SDXL UNet. The key grammar of SD modules is :mod:`mindone_lora_plugin.formats.names` (diffusers/CLIP
-names) and :mod:`mindone_lora_plugin.formats.sgm` (SGM names); this module says when each applies.
+names for the SDXL UNet. The key grammar of SD modules is :mod:`.keys` (diffusers/CLIP names) and :mod:`.sgm`
+(SGM names); this module says when each applies.
 
 Detection is one judgement over the family (:func:`family_evidence`), so the three never disagree about a file:
 weights for a second text encoder → SDXL; the cross-attention width (2048 / 1024 / 768) or a 1024-wide text encoder;
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 
 from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
                                                     Evidence, FolderInfo, TargetRule)
+from mindone_lora_plugin.architectures.sd import sgm
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.hookspecs import hookimpl
 
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
@@ -107,8 +107,7 @@ class StableDiffusion(Architecture):
         return super().kohya_prefix(component)
 
     def resolve_name(self, component, name, flat, layers_per_block=None):
-        from mindone_lora_plugin.formats import sgm
-        from mindone_lora_plugin.formats.names import flat_to_dotted, is_known_path
+        from mindone_lora_plugin.architectures.sd.keys import flat_to_dotted, is_known_path
 
         path = flat_to_dotted(name) if flat else name
         if path is None:
@@ -120,10 +119,15 @@ class StableDiffusion(Architecture):
                 return None
         return path if is_known_path(component, path) else None
 
+    def name_layout(self, parsed):
+        """SGM names (kohya SDXL files, ComfyUI ``diffusion_model.`` keys) and the layers per block they imply."""
+        from mindone_lora_plugin.architectures.sd.keys import sgm_names
+
+        paths = sgm_names(parsed)
+        return bool(paths), sgm.infer_layers_per_block(paths)
+
     def base_aliases(self, component, paths, layers_per_block=None):
         """The SGM spellings of the UNet's modules (kohya SDXL files, ComfyUI ``diffusion_model.`` keys)."""
-        from mindone_lora_plugin.formats import sgm
-
         if component != "unet":
             return {}
         paths = list(paths)
@@ -177,19 +181,19 @@ class StableDiffusion(Architecture):
                             "v_prediction")
 
     def text_conditioner(self, models):
-        from mindone_lora_plugin.train.step import TextConditioner
+        from mindone_lora_plugin.architectures.sd.loss import TextConditioner
 
         return TextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
 
     def make_loss(self, trainer):
-        from mindone_lora_plugin.train.step import DenoiseLoss
+        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss
 
         return DenoiseLoss(trainer.models["unet"], trainer.conditioner, trainer.train_text,
                            trainer.prediction_type == "v_prediction", self.uses_time_ids)
 
     def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
         """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
-        :class:`~mindone_lora_plugin.train.step.DenoiseLoss`)."""
+        :class:`~.loss.DenoiseLoss`)."""
         import numpy as np
 
         from mindone_lora_plugin.train import data_setup
@@ -296,8 +300,6 @@ class SDXL(StableDiffusion):
 
     def kohya_name(self, component, path, layers_per_block=None):
         """The UNet in kohya's SGM names (``lora_unet_input_blocks_4_1_proj_in``), the text encoders as diffusers."""
-        from mindone_lora_plugin.formats import sgm
-
         if component == "unet":
             try:
                 path = sgm.diffusers_to_sgm(path, layers_per_block)
@@ -375,19 +377,3 @@ def _hint(arch, metadata):
 
 def _v2(arch, metadata):
     return "ss_v2=True" if arch.name == "sd2" and metadata.get("ss_v2") == "True" else ""
-
-
-@hookimpl
-def mindone_lora_architectures():
-    """The built-in SD architectures: SD1.x, SD2.x and SDXL."""
-    yield from (SD1(), SD2(), SDXL())
-
-
-@hookimpl
-def mindone_lora_strategies():
-    """SD's strategies: ``unet``, ``text_encoder`` (SD1.x/2.x) and ``sdxl``."""
-    from mindone_lora_plugin.strategies.sdxl import SdxlStrategy
-    from mindone_lora_plugin.strategies.text_encoder import TextEncoderStrategy
-    from mindone_lora_plugin.strategies.unet import UnetStrategy
-
-    yield from (UnetStrategy(), TextEncoderStrategy(), SdxlStrategy())
