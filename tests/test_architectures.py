@@ -361,3 +361,41 @@ def test_a_family_with_its_own_kohya_layout_writes_claims_and_reads_it(plugin_ma
         np.testing.assert_array_equal(mod.up, state.components["denoiser"]["blocks.0.attn.qkv"].up)
     assert main(["convert", path, str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
     assert read_lora(str(tmp_path / "d.safetensors")).architecture == "toy"
+
+
+class SharedPrefixToy(Architecture):
+    """A made-up family whose ``transformer`` shares SD's kohya prefix ``lora_unet_`` (as FLUX.1 and most DiT
+    families do)."""
+
+    name = "dit_toy"
+    label = "DiT-toy"
+    components = (Component("transformer", "builtins:object", "lora_unet"),)
+    denoiser = "transformer"
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        if any(pk.component == "transformer" and pk.name.startswith("dit_blocks_") for pk in parsed):
+            return Evidence(self.name, STRUCTURE, "it has dit_blocks")
+        return None
+
+    def resolve_name(self, component, name, flat, layers_per_block=None):
+        if flat:
+            name = "dit_blocks." + name[len("dit_blocks_"):].replace("_", ".") if name.startswith("dit_blocks_") else ""
+        return name if component == "transformer" and name.startswith("dit_blocks.") else None
+
+
+def test_each_family_parses_a_shared_prefix_into_its_own_components(plugin_manager, tmp_path):
+    """``lora_unet_`` is SD's ``unet`` in an SD file and the toy's ``transformer`` in a toy file: the reader parses
+    a file with the prefixes of the family it belongs to, nothing is renamed afterwards."""
+    register(plugin_manager, "dit_toy_plugin", SharedPrefixToy())
+    rng = np.random.default_rng(0)
+    down, up = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    toy = {"lora_unet_dit_blocks_0_qkv.lora_down.weight": down, "lora_unet_dit_blocks_0_qkv.lora_up.weight": up}
+    safetensors_io.save(toy, str(tmp_path / "toy.safetensors"))
+    state = read_lora(str(tmp_path / "toy.safetensors"))
+    assert state.architecture == "dit_toy" and list(state.components) == ["transformer"]
+    assert list(state.components["transformer"]) == ["dit_blocks.0.qkv"]
+    sd = {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": down,
+          "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": up}
+    safetensors_io.save(sd, str(tmp_path / "sd.safetensors"))
+    assert list(read_lora(str(tmp_path / "sd.safetensors")).components) == ["unet"]
+    assert plugin_manager.get_architecture("dit_toy").key_prefixes().flat == (("lora_unet_", "transformer"),)

@@ -80,6 +80,22 @@ class Component:
 
 
 @dataclass(frozen=True)
+class KeyPrefixes:
+    """How a family's LoRA file keys name its components (what the key parser asks each architecture for).
+
+    ``flat``: kohya prefixes (``lora_unet_``) → component; ``dotted``: PEFT/diffusers prefixes (``unet.``) →
+    component, or None when the module path decides (PEFT's ``base_model.model.``); ``roots``: module-path starts
+    (``down_blocks.``) → component, for keys without a component prefix; ``fallback``: the component of a
+    ``None``-prefixed key whose path matches no root (None: such a key is not this family's).
+    """
+
+    flat: tuple[tuple[str, str], ...] = ()
+    dotted: tuple[tuple[str, str | None], ...] = ()
+    roots: tuple[tuple[str, str], ...] = ()
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
 class Evidence:
     """Why a LoRA file looks made for ``architecture``: a score (:data:`STRUCTURE` ... :data:`HINT`) and a reason."""
 
@@ -232,6 +248,12 @@ class Architecture:
         """The module path a file's name means when no base model is known (``flat``: a kohya ``_``-joined name),
         or None when the grammar does not know it."""
         return None
+
+    def key_prefixes(self) -> KeyPrefixes:
+        """The component prefixes of this family's file keys; default: each component's kohya prefix
+        (``lora_unet_``) and diffusers prefix (``unet.``)."""
+        return KeyPrefixes(flat=tuple((c.kohya_prefix + "_", c.name) for c in self.components),
+                           dotted=tuple((c.key_prefix + ".", c.name) for c in self.components))
 
     def name_layout(self, parsed) -> tuple[bool, int | None]:
         """What a file's parsed keys (:class:`~mindone_lora_plugin.formats.names.ParsedKey`) say about their

@@ -11,8 +11,11 @@ Styles understood (see docs/formats.md):
   encoder ``self_attn.to_q_lora`` is ``self_attn.q_proj``);
 * ComfyUI: ``diffusion_model.<SGM path>.lora_down.weight`` (or ``.lora_A.weight``).
 
-kohya names join the module path with ``_``, so they are resolved back to dotted paths either from the base model's
-module list (exact) or, without a base model, with a grammar of diffusers/SGM UNet and CLIP module names.
+Which prefix means which component is each architecture's (``Architecture.key_prefixes``; the styles above are SD's
+prefixes): a file is parsed with the prefixes of the family it belongs to. kohya names join the module path with
+``_``, so they are resolved back to dotted paths either from the base model's module list (exact) or, without a base
+model, with the family's grammar (``Architecture.resolve_name``; SD's:
+:mod:`mindone_lora_plugin.architectures.sd.keys`).
 """
 
 from __future__ import annotations
@@ -48,15 +51,6 @@ _SUFFIXES = (
     (".lora_magnitude_vector.weight", "lora:magnitude", "peft"),  # DoRA, as peft's modules name it
     (".alpha", ALPHA, None),
 )
-# flat (kohya) prefixes → component; longest first
-FLAT_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                 ("lora_te_", "text_encoder"), ("lycoris_", "unet"))
-# dotted prefixes → component (None: decided by the path)
-_DOTTED_PREFIXES = (("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
-                    ("base_model.model.", None), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"))
-_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
-               "input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-_TE_ROOTS = ("text_model.", "text_projection")
 
 # ----------------------------------------------------------------------------- un-flattening kohya names
 
@@ -124,34 +118,47 @@ def split_role(role: str) -> tuple[str, str]:
     return (algo, name) if sep else ("lora", role)
 
 
-def key_prefixes() -> tuple[tuple, tuple]:
-    """``(flat, dotted)`` key prefixes → component: the fixed SD/PEFT/ComfyUI ones, then every installed
-    architecture's component prefixes (kohya ``lora_x_``, diffusers ``x.``) that are not among them. A prefix two
-    families share (``lora_unet_``) parses as the first one's component; :func:`build_state` renames it to the
-    detected architecture's."""
+def key_prefixes(architectures=None):
+    """The :class:`~mindone_lora_plugin.architectures.base.KeyPrefixes` of ``architectures`` (default: every installed
+    one) together. A prefix two families give different components (``lora_unet_``: SD's ``unet``, FLUX's
+    ``transformer``) parses as the component most of them give it (the first one's on a tie): what the format claims
+    need, and the reader when it cannot tell the family; the reader parses a file with its family's own table
+    (:func:`build_state`)."""
     from mindone_lora_plugin.architectures import installed_architectures
 
-    comps = tuple((c.kohya_prefix, c.key_prefix, c.name) for a in installed_architectures().values()
-                  for c in a.components)
-    return _with_architecture_prefixes(comps)
+    archs = installed_architectures().values() if architectures is None else architectures
+    return _joined(tuple(a.key_prefixes() for a in archs))
 
 
-@functools.lru_cache(maxsize=8)
-def _with_architecture_prefixes(comps: tuple) -> tuple[tuple, tuple]:
-    flat_known, dotted_known = {p for p, _ in FLAT_PREFIXES}, {p for p, _ in _DOTTED_PREFIXES}
-    flat = tuple(dict.fromkeys((k + "_", n) for k, _, n in comps if k + "_" not in flat_known))
-    dotted = tuple(dict.fromkeys((d + ".", n) for _, d, n in comps if d + "." not in dotted_known))
-    longest_first = sorted(FLAT_PREFIXES + flat, key=lambda t: -len(t[0]))
-    return tuple(longest_first), _DOTTED_PREFIXES + dotted
+@functools.lru_cache(maxsize=32)
+def _joined(tables: tuple):
+    from mindone_lora_plugin.architectures.base import KeyPrefixes
+
+    if len(tables) == 1:
+        return tables[0]
+
+    def join(kind):
+        votes: dict[str, dict] = {}
+        for table in tables:
+            for prefix, comp in getattr(table, kind):
+                counts = votes.setdefault(prefix, {})
+                counts[comp] = counts.get(comp, 0) + 1
+        return tuple((prefix, max(counts, key=counts.get)) for prefix, counts in votes.items())
+
+    fallbacks = [t.fallback for t in tables if t.fallback]
+    return KeyPrefixes(flat=join("flat"), dotted=join("dotted"), roots=join("roots"),
+                       fallback=max(fallbacks, key=fallbacks.count) if fallbacks else None)
 
 
 def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
     """Parse one tensor key of an adapter file; None when it follows no known style.
 
     ``suffixes`` is the installed algorithms' table (:func:`algorithm_suffixes`, the default); ``prefixes`` the
-    ``(flat, dotted)`` key prefixes (:func:`key_prefixes`, the default).
+    :class:`~mindone_lora_plugin.architectures.base.KeyPrefixes` to parse with (:func:`key_prefixes`, the default).
     """
-    flat_prefixes, dotted = key_prefixes() if prefixes is None else prefixes
+    prefixes = key_prefixes() if prefixes is None else prefixes
+    flat_prefixes = sorted(prefixes.flat, key=lambda t: -len(t[0]))
+    dotted = sorted(prefixes.dotted, key=lambda t: -len(t[0]))
     for suffix, role, style in _SUFFIXES + (algorithm_suffixes() if suffixes is None else tuple(suffixes)):
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
@@ -171,7 +178,9 @@ def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
         if stem.startswith(prefix):
             rest = stem[len(prefix):]
             if pcomp is None:
-                comp = "text_encoder" if rest.startswith(_TE_ROOTS) else "unet"
+                comp = _root_component(rest, prefixes.roots) or prefixes.fallback
+                if comp is None:
+                    return None
                 style = style if style != "peft" else "peft_model"
             else:
                 comp = pcomp
@@ -180,11 +189,8 @@ def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
             stem = rest
             break
     else:
-        if stem.startswith(_UNET_ROOTS):
-            comp = "unet"
-        elif stem.startswith(_TE_ROOTS):
-            comp = "text_encoder"
-        else:
+        comp = _root_component(stem, prefixes.roots)
+        if comp is None:
             return None
         if style == "peft":
             style = "peft_bare"
@@ -194,6 +200,10 @@ def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
     if not name:
         return None
     return ParsedKey(key, comp, name, role, False, style)
+
+
+def _root_component(path: str, roots) -> str | None:
+    return next((comp for root, comp in roots if path.startswith(root)), None)
 
 
 _PROC_RE = re.compile(r"(?:^|\.)(?:processor\.)?(to_q|to_k|to_v|to_out)_lora$")
@@ -411,25 +421,37 @@ def parse_keys(keys, where: str) -> list[ParsedKey]:
     return parsed
 
 
-def with_family_components(parsed: list[ParsedKey], architecture: str | None) -> list[ParsedKey]:
-    """``parsed`` with each kohya key's component renamed to the one ``architecture`` gives its prefix (a prefix two
-    families share, like ``lora_unet_``, parses as the first family's component)."""
-    import dataclasses
-
-    from mindone_lora_plugin.architectures import find_architecture
-
-    arch = find_architecture(architecture)
-    if arch is None:
-        return parsed
-    prefixes = sorted(((c.kohya_prefix + "_", c.name) for c in arch.components), key=lambda t: -len(t[0]))
-    out = []
-    for pk in parsed:
-        if pk.flat:
-            comp = next((name for prefix, name in prefixes if pk.key.startswith(prefix)), pk.component)
-            if comp != pk.component:
-                pk = dataclasses.replace(pk, component=comp)
-        out.append(pk)
+def family_parses(keys, architectures) -> dict[str, list[ParsedKey] | None]:
+    """Architecture name → ``keys`` parsed with that family's own prefixes (its component names), or None when a key
+    is not in its naming (families with one table share one parse)."""
+    suffixes, done, out = algorithm_suffixes(), {}, {}
+    for arch in architectures:
+        table = arch.key_prefixes()
+        if table not in done:
+            parsed = [parse_key(k, suffixes, table) for k in keys]
+            done[table] = None if any(pk is None for pk in parsed) else parsed
+        out[arch.name] = done[table]
     return out
+
+
+def family_evidence(parses: dict, architectures, tensors, metadata: dict[str, str]):
+    """The strongest :class:`~mindone_lora_plugin.architectures.base.Evidence` any architecture finds in its own parse
+    of a file (None: no clue)."""
+    best = None
+    for arch in architectures:
+        own = parses.get(arch.name)
+        if own is None:
+            continue
+        found = arch.detect_lora(own, tensors, metadata, arch.name_layout(own)[0])
+        if found is not None and (best is None or found.score > best.score):
+            best = found
+    return best
+
+
+def _layout(parsed, architectures) -> tuple[bool, int | None]:
+    """The first :meth:`~mindone_lora_plugin.architectures.base.Architecture.name_layout` that finds another
+    spelling in ``parsed``."""
+    return next((found for found in (a.name_layout(parsed) for a in architectures) if found[0]), (False, None))
 
 
 def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
@@ -439,19 +461,22 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     With ``base`` every module must exist in the base model with fitting shapes, and a file for another architecture
     is refused. Raises :class:`LoraError` naming the offending keys.
     """
+    from mindone_lora_plugin.architectures import installed_architectures
     from mindone_lora_plugin.formats.arch import check_architecture, guess_architecture
 
     where = where or path or "the LoRA file"
-    parsed = parse_keys(tensors.keys(), where)
+    parsed = parse_keys(tensors.keys(), where)  # every family's prefixes together: a key of no naming is refused
     info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
-
-    from mindone_lora_plugin.architectures import installed_architectures
-
-    layouts = [arch.name_layout(parsed) for arch in installed_architectures().values()]
-    info.sgm, layout_lpb = next((found for found in layouts if found[0]), (False, None))
-    guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=info.sgm)
+    archs = list(installed_architectures().values())
+    parses = family_parses(list(tensors.keys()), archs)
+    if any(parses.values()):  # each family judges the file in its own naming
+        found = family_evidence(parses, archs, tensors, metadata)
+        guess, strong, why = (found.architecture, found.strong, found.reason) if found else (None, False, "")
+    else:  # no one family names every key (a mixed file): judged, and refused, in the joined naming
+        guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=_layout(parsed, archs)[0])
     info.architecture_reason, info.architecture_strong = why, strong
-    parsed = with_family_components(parsed, base.architecture if base is not None else guess)
+    parsed = parses.get(base.architecture if base is not None else guess) or parsed
+    info.sgm, layout_lpb = _layout(parsed, archs)
 
     groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
     for pk in parsed:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 
 from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
-                                                    Evidence, FolderInfo, TargetRule)
+                                                    Evidence, FolderInfo, KeyPrefixes, TargetRule)
 from mindone_lora_plugin.architectures.sd import sgm
 from mindone_lora_plugin.errors import LoraError
 
@@ -52,6 +52,19 @@ _RE_DEEP = re.compile(r"transformer_blocks[._]([1-9]\d*)(?:[._]|$)")
 _RE_PROJ_IN = re.compile(r"(?:^|[._])proj_in$")
 _RE_UP_ATTN = re.compile(r"up_blocks\.(\d+)\.attentions\.")
 SD_COMPONENTS = frozenset(("unet", "text_encoder", "text_encoder_2"))
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
+               "input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_TE_ROOTS = ("text_model.", "text_projection")
+# one table for the whole family (SD1.x, SD2.x and SDXL files are told apart by family_evidence, not by prefixes):
+# kohya's prefixes (SDXL numbers its text encoders; SimpleTuner's lycoris_ UNet prefix), PEFT's (base_model.model.:
+# the path decides), ComfyUI's diffusion_model. (SGM names)
+KEY_PREFIXES = KeyPrefixes(
+    flat=(("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+          ("lora_te_", "text_encoder"), ("lycoris_", "unet")),
+    dotted=(("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+            ("base_model.model.", None), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet")),
+    roots=tuple((r, "unet") for r in _UNET_ROOTS) + tuple((r, "text_encoder") for r in _TE_ROOTS),
+    fallback="unet")
 _CLIP_ROOTS = ("text_model.", "text_model_", "text_projection")  # a CLIP encoder's modules (dotted or kohya)
 
 
@@ -118,6 +131,9 @@ class StableDiffusion(Architecture):
             except ValueError:
                 return None
         return path if is_known_path(component, path) else None
+
+    def key_prefixes(self):
+        return KEY_PREFIXES
 
     def name_layout(self, parsed):
         """SGM names (kohya SDXL files, ComfyUI ``diffusion_model.`` keys) and the layers per block they imply."""
