@@ -2,7 +2,8 @@
 
 The tiny SD1.x UNet (``mindone_lora_plugin.architectures.sd.tiny.SD1_UNET``) with LoRA on the ``kohya`` preset
 (rank 4, alpha 4, gaussian init), batch 2 of 4×16×16 latents with 77-token text embeddings, loss =
-per-sample-weighted MSE of the noise prediction, gradient clipping at 1.0, AdamW (β 0.9/0.999, ε 1e-8, weight decay 1e-2, lr 1e-4):
+per-sample-weighted MSE of the noise prediction, gradient clipping at 1.0, AdamW (β 0.9/0.999, ε 1e-8, weight decay
+1e-2, lr 1e-4):
 
 * MindSpore 2.7.1 + mindone 0.5.0, GRAPH_MODE on CPU with this package's CPU backend, the step built the way
   ``mindone-lora train`` builds it (adapters and parameter groups through the plugin hooks, ``nn.AdamWeightDecay``,
