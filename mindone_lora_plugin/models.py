@@ -19,7 +19,7 @@ class Models(Mapping):
     architecture's components by keyword (``Models(transformer=cell, architecture="flux")``).
 
     ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...), detected from the cells'
-    configs when not given. ``unet_layers_per_block`` comes from the UNet's config.
+    configs when not given. ``base_config`` is what the architecture's file names depend on in the denoiser's config.
     """
 
     def __init__(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
@@ -38,10 +38,14 @@ class Models(Mapping):
         return len(self._cells)
 
     @property
-    def unet_layers_per_block(self) -> int | None:
-        unet = self._cells.get("unet")
-        config = getattr(unet, "config", None)
-        return getattr(config, "layers_per_block", None) if config is not None else None
+    def base_config(self) -> dict:
+        """:meth:`~mindone_lora_plugin.architectures.base.Architecture.base_config` of the denoiser's config."""
+        from mindone_lora_plugin.architectures import find_architecture
+
+        arch = find_architecture(self.architecture)
+        if arch is None or arch.denoiser not in self._cells:
+            return {}
+        return arch.base_config(_config_dict(getattr(self._cells[arch.denoiser], "config", None)))
 
     def module_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """Component → :func:`module_weight_shapes` of its cell."""

@@ -46,7 +46,7 @@ def state_of(pm, algo: str, settings=None, seed=0) -> LoraState:
     """A LoRA of ``algo`` on one attention Linear and one 3×3 conv of the tiny SD1 UNet, random non-zero tensors."""
     a = pm.get_algorithm(algo)
     rng = np.random.default_rng(seed)
-    st = LoraState(architecture="sd1", unet_layers_per_block=2)
+    st = LoraState(architecture="sd1", base_config={"layers_per_block": 2})
     for path, shape, rank in ((ATTN, (64, 64), 4), (CONV, (64, 32, 3, 3), 2)):
         tensors = {k: (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
                    for k, v in a.init_tensors(shape, rank, dict(settings or {}), rng).items()}

@@ -29,14 +29,14 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 
 def tiny_sd2() -> BaseModelInfo:
-    return BaseModelInfo("sd2", 2, {"unet": unet_modules(cross=1024, linear_proj=True),
+    return BaseModelInfo("sd2", {"layers_per_block": 2}, {"unet": unet_modules(cross=1024, linear_proj=True),
                                     "text_encoder": clip_modules(hidden=1024, layers=2, intermediate=64)},
                          source="<tiny-sd2>")
 
 
 def small_sd1() -> BaseModelInfo:
     """SD1.x's real cross-attention width (768) on a tiny UNet (the tiny test model's 32 says nothing)."""
-    return BaseModelInfo("sd1", 2, {"unet": unet_modules(cross=768, linear_proj=False),
+    return BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": unet_modules(cross=768, linear_proj=False),
                                     "text_encoder": clip_modules(hidden=768, layers=2, intermediate=64)},
                          source="<small-sd1>")
 
@@ -199,7 +199,7 @@ class Toy(Architecture):
             return Evidence(self.name, STRUCTURE, "it has weights for a toy denoiser")
         return super().detect_lora(parsed, tensors, metadata, sgm_used)
 
-    def resolve_name(self, component, name, flat, layers_per_block=None):
+    def resolve_name(self, component, name, flat, base_config=None):
         path = name.replace("_", ".") if flat else name
         return path if path.startswith("blocks.") else None
 
@@ -377,7 +377,7 @@ class SharedPrefixToy(Architecture):
             return Evidence(self.name, STRUCTURE, "it has dit_blocks")
         return None
 
-    def resolve_name(self, component, name, flat, layers_per_block=None):
+    def resolve_name(self, component, name, flat, base_config=None):
         if flat:
             name = "dit_blocks." + name[len("dit_blocks_"):].replace("_", ".") if name.startswith("dit_blocks_") else ""
         return name if component == "transformer" and name.startswith("dit_blocks.") else None

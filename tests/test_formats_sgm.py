@@ -79,7 +79,7 @@ def test_reference_example_keys():
         "lora_unet_output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
     }
     for name, path in examples.items():
-        assert kohya_module_name("unet", path, "sdxl", 2) == name
+        assert kohya_module_name("unet", path, "sdxl", {"layers_per_block": 2}) == name
 
 
 @pytest.mark.parametrize("layout", ["real_sdxl", "real_sd1", "tiny_sdxl"])

@@ -460,7 +460,7 @@ def _state(seed: int = 0, te: bool = True) -> LoraState:
         up = rng.normal(size=(out, r) if k is None else (out, r, 1, 1)).astype(np.float32)
         return LoraModule(down, up, alpha)
 
-    state = LoraState(architecture="sd1", unet_layers_per_block=2, metadata={"ss_network_dim": "4"})
+    state = LoraState(architecture="sd1", base_config={"layers_per_block": 2}, metadata={"ss_network_dim": "4"})
     state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", mod(64, 64, 4, 2.0))
     state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", mod(64, 32, 4, 2.0))
     state.add("unet", "down_blocks.1.attentions.0.proj_in", mod(64, 64, 4, 2.0, k=1))
@@ -507,7 +507,7 @@ def test_peft_write_layout_and_read_back(peft, tmp_path):
 
     back = peft.read(path)
     _assert_same(state, back)
-    assert back.architecture == "sd1" and back.unet_layers_per_block == 2
+    assert back.architecture == "sd1" and back.base_config == {"layers_per_block": 2}
     assert back.metadata["ss_steps"] == "10"
     # one component folder, or its weights file, reads that component
     unet_only = peft.read(os.path.join(path, "unet", "adapter_model.safetensors"))

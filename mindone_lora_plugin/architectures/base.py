@@ -240,11 +240,18 @@ class Architecture:
     def kohya_prefix(self, component: str) -> str:
         return self.component(component).kohya_prefix
 
-    def kohya_name(self, component: str, path: str, layers_per_block: int | None = None) -> str:
+    def base_config(self, denoiser_config: dict) -> dict:
+        """What this family's file names depend on in the base model's denoiser config (its ``config.json``, or a
+        live cell's config): carried by :class:`~mindone_lora_plugin.basemodel.BaseModelInfo` and
+        :class:`~mindone_lora_plugin.state.LoraState` to :meth:`kohya_name`, :meth:`resolve_name` and
+        :meth:`base_aliases`. Default: nothing (SD: the UNet's ``layers_per_block``, which SDXL's SGM names need)."""
+        return {}
+
+    def kohya_name(self, component: str, path: str, base_config: dict | None = None) -> str:
         """The kohya module name of ``component.path`` (``lora_unet_down_blocks_0_...``)."""
         return self.kohya_prefix(component) + "_" + path.replace(".", "_")
 
-    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block: int | None = None) -> str | None:
+    def resolve_name(self, component: str, name: str, flat: bool, base_config: dict | None = None) -> str | None:
         """The module path a file's name means when no base model is known (``flat``: a kohya ``_``-joined name),
         or None when the grammar does not know it."""
         return None
@@ -255,13 +262,13 @@ class Architecture:
         return KeyPrefixes(flat=tuple((c.kohya_prefix + "_", c.name) for c in self.components),
                            dotted=tuple((c.key_prefix + ".", c.name) for c in self.components))
 
-    def name_layout(self, parsed) -> tuple[bool, int | None]:
+    def name_layout(self, parsed) -> tuple[bool, dict]:
         """What a file's parsed keys (:class:`~mindone_lora_plugin.formats.names.ParsedKey`) say about their
         spelling when no base model is known: ``(spelled in another layout of this family's modules, the
-        layers per block that spelling implies)`` — SDXL's SGM names; default ``(False, None)``."""
-        return False, None
+        :meth:`base_config` that spelling implies)`` — SDXL's SGM names; default ``(False, {})``."""
+        return False, {}
 
-    def base_aliases(self, component: str, paths, layers_per_block: int | None = None) -> dict[str, str]:
+    def base_aliases(self, component: str, paths, base_config: dict | None = None) -> dict[str, str]:
         """Other dotted spellings files use for a base model's module ``paths`` (spelling → path); default none."""
         return {}
 

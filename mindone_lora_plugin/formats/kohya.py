@@ -25,12 +25,12 @@ from mindone_lora_plugin.state import LoraState
 NETWORK_MODULE = "networks.lora"
 
 
-def kohya_module_name(component: str, path: str, architecture: str, layers_per_block: int | None = None) -> str:
+def kohya_module_name(component: str, path: str, architecture: str, base_config: dict | None = None) -> str:
     """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture`` (its
     :meth:`~mindone_lora_plugin.architectures.base.Architecture.kohya_name`)."""
     from mindone_lora_plugin.architectures import get_architecture
 
-    return get_architecture(architecture).kohya_name(component, path, layers_per_block)
+    return get_architecture(architecture).kohya_name(component, path, base_config)
 
 
 def _is_conv3x3(mod) -> bool:
@@ -136,10 +136,9 @@ class KohyaFormat(PlainLoraFormat):
         family = get_architecture(arch)
         modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
         if modules is None:
-            lpb = state.unet_layers_per_block
             modules = {}
             for comp, path, mod in state.modules():
-                name = family.kohya_name(comp, path, lpb)
+                name = family.kohya_name(comp, path, state.base_config)
                 if name in modules:
                     raise LoraError(f"modules {modules[name][1]} and {comp}.{path} get the same kohya name {name}")
                 modules[name] = (mod, f"{comp}.{path}")

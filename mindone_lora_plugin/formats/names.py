@@ -237,12 +237,12 @@ class NameResolver:
     model with the architecture's grammar (:meth:`~mindone_lora_plugin.architectures.base.Architecture.resolve_name`;
     every installed architecture's in turn when the architecture is unknown)."""
 
-    def __init__(self, base: BaseModelInfo | None = None, layers_per_block: int | None = None,
+    def __init__(self, base: BaseModelInfo | None = None, base_config: dict | None = None,
                  architecture: str | None = None):
         from mindone_lora_plugin.architectures import find_architecture, installed_architectures
 
         self.base = base
-        self.layers_per_block = (base.unet_layers_per_block if base is not None else None) or layers_per_block
+        self.base_config = (base.base_config if base is not None else None) or base_config or {}
         arch = find_architecture(base.architecture if base is not None else architecture)
         self.grammars = [arch] if arch is not None else list(installed_architectures().values())
         self._flat: dict[str, dict[str, str]] = {}
@@ -252,7 +252,7 @@ class NameResolver:
                 table = {}
                 for path in mods:
                     table.setdefault(path.replace(".", "_"), path)
-                aliases = arch.base_aliases(comp, mods, self.layers_per_block) if arch is not None else {}
+                aliases = arch.base_aliases(comp, mods, self.base_config) if arch is not None else {}
                 for spelling, path in aliases.items():
                     table.setdefault(spelling.replace(".", "_"), path)
                 self._flat[comp] = table
@@ -270,7 +270,7 @@ class NameResolver:
             return self._alias[component].get(name)
         for arch in self.grammars:
             if arch.has_component(component):
-                path = arch.resolve_name(component, name, flat, self.layers_per_block)
+                path = arch.resolve_name(component, name, flat, self.base_config)
                 if path is not None:
                     return path
         return None
@@ -448,10 +448,10 @@ def family_evidence(parses: dict, architectures, tensors, metadata: dict[str, st
     return best
 
 
-def _layout(parsed, architectures) -> tuple[bool, int | None]:
+def _layout(parsed, architectures) -> tuple[bool, dict]:
     """The first :meth:`~mindone_lora_plugin.architectures.base.Architecture.name_layout` that finds another
     spelling in ``parsed``."""
-    return next((found for found in (a.name_layout(parsed) for a in architectures) if found[0]), (False, None))
+    return next((found for found in (a.name_layout(parsed) for a in architectures) if found[0]), (False, {}))
 
 
 def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
@@ -476,7 +476,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
         guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=_layout(parsed, archs)[0])
     info.architecture_reason, info.architecture_strong = why, strong
     parsed = parses.get(base.architecture if base is not None else guess) or parsed
-    info.sgm, layout_lpb = _layout(parsed, archs)
+    info.sgm, layout_config = _layout(parsed, archs)
 
     groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
     for pk in parsed:
@@ -493,8 +493,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
                 raise LoraError(
                     f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
                     f"was made for another architecture; use a LoRA made for {base.architecture}")
-    lpb = None if base is not None else layout_lpb
-    resolver = NameResolver(base, lpb, architecture=guess)
+    resolver = NameResolver(base, None if base is not None else layout_config, architecture=guess)
 
     configs = configs_from_metadata(metadata, where) or {}
     peft_cfg = None
@@ -539,10 +538,10 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
     if base is not None:
         base.fit_shapes(state)
         state.architecture = base.architecture
-        state.unet_layers_per_block = base.unet_layers_per_block
+        state.base_config = dict(base.base_config)
     else:
         state.architecture = guess
-        state.unet_layers_per_block = lpb
+        state.base_config = layout_config
     return state, info
 
 

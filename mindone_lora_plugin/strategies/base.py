@@ -182,7 +182,7 @@ class LoraStrategy:
 
     def extract(self, models) -> LoraState:
         """The adapted models' weights as a :class:`LoraState` (all components that carry adapters)."""
-        state = LoraState(architecture=models.architecture, unet_layers_per_block=models.unet_layers_per_block)
+        state = LoraState(architecture=models.architecture, base_config=models.base_config)
         for comp, cell in models.items():
             for path, layer in lora_layers(cell):
                 algo = algorithm_of_layer(layer, missing_ok=True)

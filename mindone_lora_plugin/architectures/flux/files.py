@@ -343,7 +343,7 @@ class FluxKeyGrammar:
     def detect_metadata(self, metadata) -> str:
         return keys.detect_metadata(metadata or {})
 
-    def kohya_name(self, component: str, path: str, layers_per_block=None) -> str:
+    def kohya_name(self, component: str, path: str, base_config=None) -> str:
         """The kohya name of the file module holding ``component.path`` (q/k/v share their fused module's name)."""
         from mindone_lora_plugin.errors import LoraError
 
@@ -352,7 +352,7 @@ class FluxKeyGrammar:
         except (ValueError, KeyError):
             raise LoraError(f"{component}.{path} has no kohya name in FLUX.1's layout") from None
 
-    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block=None) -> str | None:
+    def resolve_name(self, component: str, name: str, flat: bool, base_config=None) -> str | None:
         """The one module path a name means (None for a fused or reordered module: :func:`bfl_parts` lists a fused
         module's parts, :mod:`.files` splits it)."""
         if component not in keys.PATH_RES:

@@ -119,7 +119,11 @@ class StableDiffusion(Architecture):
                             "written for it")
         return super().kohya_prefix(component)
 
-    def resolve_name(self, component, name, flat, layers_per_block=None):
+    def base_config(self, denoiser_config):
+        lpb = denoiser_config.get("layers_per_block")
+        return {"layers_per_block": lpb} if lpb is not None else {}
+
+    def resolve_name(self, component, name, flat, base_config=None):
         from mindone_lora_plugin.architectures.sd.keys import flat_to_dotted, is_known_path
 
         path = flat_to_dotted(name) if flat else name
@@ -127,7 +131,7 @@ class StableDiffusion(Architecture):
             return None
         if component == "unet" and sgm.is_sgm_path(path):
             try:
-                path = sgm.sgm_to_diffusers(path, layers_per_block)
+                path = sgm.sgm_to_diffusers(path, (base_config or {}).get("layers_per_block"))
             except ValueError:
                 return None
         return path if is_known_path(component, path) else None
@@ -140,18 +144,20 @@ class StableDiffusion(Architecture):
         from mindone_lora_plugin.architectures.sd.keys import sgm_names
 
         paths = sgm_names(parsed)
-        return bool(paths), sgm.infer_layers_per_block(paths)
+        lpb = sgm.infer_layers_per_block(paths)
+        return bool(paths), ({"layers_per_block": lpb} if lpb is not None else {})
 
-    def base_aliases(self, component, paths, layers_per_block=None):
+    def base_aliases(self, component, paths, base_config=None):
         """The SGM spellings of the UNet's modules (kohya SDXL files, ComfyUI ``diffusion_model.`` keys)."""
         if component != "unet":
             return {}
+        lpb = (base_config or {}).get("layers_per_block")
         paths = list(paths)
         attn_blocks = {int(m[1]) for p in paths for m in [_RE_UP_ATTN.match(p)] if m}
         out: dict[str, str] = {}
         for path in paths:
             try:
-                s = sgm.diffusers_to_sgm(path, layers_per_block, lambda b: b in attn_blocks)
+                s = sgm.diffusers_to_sgm(path, lpb, lambda b: b in attn_blocks)
             except ValueError:
                 continue
             spellings = [s]
@@ -314,14 +320,14 @@ class SDXL(StableDiffusion):
     vae_half_precision = False
     pipeline_class = "StableDiffusionXLPipeline"
 
-    def kohya_name(self, component, path, layers_per_block=None):
+    def kohya_name(self, component, path, base_config=None):
         """The UNet in kohya's SGM names (``lora_unet_input_blocks_4_1_proj_in``), the text encoders as diffusers."""
         if component == "unet":
             try:
-                path = sgm.diffusers_to_sgm(path, layers_per_block)
+                path = sgm.diffusers_to_sgm(path, (base_config or {}).get("layers_per_block"))
             except ValueError as e:
                 raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
-        return super().kohya_name(component, path, layers_per_block)
+        return super().kohya_name(component, path, base_config)
 
 
 FAMILY = (SDXL(), SD2(), SD1())  # the order metadata is looked at in
