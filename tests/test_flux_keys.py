@@ -324,7 +324,8 @@ def one_line(excinfo):
 
 def test_flux_file_for_sd_base_and_sd_file_for_flux_base(tmp_path, shapes):
     flux_path = save(tmp_path, _kohya_tensors(), name="flux.safetensors")
-    sd1 = BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768)}},
+    sd1 = BaseModelInfo("sd1", {"layers_per_block": 2},
+                        {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768)}},
                         source="/models/sd15")
     with pytest.raises(LoraError) as e:
         read_lora(flux_path, base=sd1)
