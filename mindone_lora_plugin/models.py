@@ -15,17 +15,15 @@ CONV_CLASSES = ("Conv2d",)
 
 
 class Models(Mapping):
-    """``{"unet": cell, "text_encoder": cell, "text_encoder_2": cell}`` (absent components are left out); any other
-    architecture's components by keyword (``Models(transformer=cell, architecture="flux")``).
+    """Cells by their architecture's component names: ``Models(unet=cell, text_encoder=cell)`` for SD,
+    ``Models(transformer=cell, ..., architecture="flux")`` (absent components, or None, are left out).
 
     ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...), detected from the cells'
     configs when not given. ``base_config`` is what the architecture's file names depend on in the denoiser's config.
     """
 
-    def __init__(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
-                 **cells):
-        named = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, **cells}
-        self._cells = {k: v for k, v in named.items() if v is not None}
+    def __init__(self, *, architecture: str | None = None, **cells):
+        self._cells = {k: v for k, v in cells.items() if v is not None}
         self.architecture = architecture or guess_architecture(self._cells)
 
     def __getitem__(self, key):

@@ -399,3 +399,22 @@ def test_each_family_parses_a_shared_prefix_into_its_own_components(plugin_manag
     safetensors_io.save(sd, str(tmp_path / "sd.safetensors"))
     assert list(read_lora(str(tmp_path / "sd.safetensors")).components) == ["unet"]
     assert plugin_manager.get_architecture("dit_toy").key_prefixes().flat == (("lora_unet_", "transformer"),)
+
+
+def test_text_encoders_follow_the_components_kind(plugin_manager):
+    """``--train_text_encoder``/``--text_encoder_lr`` concern the components whose kind is ``text_encoder``,
+    whatever a family calls them."""
+    from mindone_lora_plugin.architectures import text_encoders
+    from mindone_lora_plugin.options import build_options
+
+    class Captioned(SharedPrefixToy):
+        name = "captioned_toy"
+        components = SharedPrefixToy.components + (
+            Component("captioner", "builtins:object", "lora_cap", kind="text_encoder"),)
+
+    register(plugin_manager, "captioned_plugin", Captioned())
+    assert text_encoders("sdxl") == ("text_encoder", "text_encoder_2") and text_encoders("sd1") == ("text_encoder",)
+    assert text_encoders("captioned_toy") == ("captioner",)
+    assert "captioner" in text_encoders()  # no architecture: every installed family's
+    opts = build_options(plugin_manager, strategy="unet", architecture="captioned_toy", text_encoder_lr=1e-5)
+    assert opts.learning_rates == {"captioner": 1e-5}

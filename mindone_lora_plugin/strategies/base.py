@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from mindone_lora_plugin.architectures import find_architecture
+from mindone_lora_plugin.architectures import find_architecture, text_encoders
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.models import base_layer_of, is_conv, is_linear, lora_layers
-from mindone_lora_plugin.options import PRESETS, TEXT_ENCODERS, LoraOptions
+from mindone_lora_plugin.options import PRESETS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
 
@@ -42,7 +42,8 @@ class LoraStrategy:
         else:
             wanted = list(self.default_components)
             if options.trains_text_encoder:
-                wanted += [c for c in self.adaptable_components(models) if c in TEXT_ENCODERS and c not in wanted]
+                encoders = text_encoders(models.architecture)
+                wanted += [c for c in self.adaptable_components(models) if c in encoders and c not in wanted]
         return wanted
 
     def adaptable_components(self, models) -> tuple[str, ...]:
@@ -64,7 +65,7 @@ class LoraStrategy:
                             f"a comma-separated list of module names")
         for comp in self.enabled_components(models, options):
             if comp not in self.adaptable_components(models):
-                if comp in TEXT_ENCODERS and self.preferred_strategy(models):
+                if comp in text_encoders(models.architecture) and self.preferred_strategy(models):
                     hint = self.text_encoder_hint(models)
                 else:
                     hint = f"it adapts {', '.join(self.adaptable_components(models))}"
@@ -73,7 +74,8 @@ class LoraStrategy:
                 raise LoraError(f"strategy '{self.name}' needs a {comp} but the model has none "
                                 f"(it has {', '.join(models) or 'nothing'})")
         if (options.trains_text_encoder and not options.components
-                and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
+                and not any(c in text_encoders(models.architecture)
+                            for c in self.enabled_components(models, options))):
             # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
             hint = (self.text_encoder_hint(models) if self.preferred_strategy(models)
                     else f"it adapts {', '.join(self.adaptable_components(models))}")
