@@ -79,6 +79,20 @@ class Component:
         return getattr(importlib.import_module(module), attr)
 
 
+@dataclass
+class TrainingParts:
+    """What an architecture loads for training besides the components LoRA adapts (returned by
+    :meth:`Architecture.load_training_parts`; the trainer keeps it as ``trainer.parts``): the VAE, one tokenizer per
+    text encoder (in the order its text conditioner takes their token ids), the noise scheduler and the prediction
+    type (``epsilon``, ``v_prediction``, ``flow_matching``: what ``ss_prediction_type`` records). A family adds what
+    its own loss and inputs need in a subclass (SD: the DDPM ``alphas_cumprod``; FLUX.1: the flow shift)."""
+
+    vae: object
+    tokenizers: tuple
+    noise_scheduler: object
+    prediction_type: str
+
+
 @dataclass(frozen=True)
 class KeyPrefixes:
     """How a family's LoRA file keys name its components (what the key parser asks each architecture for).
@@ -328,9 +342,9 @@ class Architecture:
 
     # ------------------------------------------------------------------ training and pipelines (MindSpore)
 
-    def load_training_parts(self, trainer, folder: str) -> None:
-        """Load what training needs besides the adapted components onto ``trainer`` (VAE, tokenizers, noise
-        scheduler, prediction type ...), after ``trainer.models`` is loaded."""
+    def load_training_parts(self, folder: str, args, models, weight_dtype) -> TrainingParts:
+        """Load what training needs besides the adapted components (``models``, loaded in ``weight_dtype``) from the
+        model ``folder``, as the run's ``args`` say: a :class:`TrainingParts`."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
     def text_conditioner(self, models):

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
                                                     Evidence, FolderInfo, KeyPrefixes, TargetRule)
 from mindone_lora_plugin.architectures.sd import sgm
+from mindone_lora_plugin.architectures.sd.training import SDTraining
 from mindone_lora_plugin.errors import LoraError
 
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -76,7 +77,7 @@ def _get(config, key: str):
     return getattr(config, key, None)
 
 
-class StableDiffusion(Architecture):
+class StableDiffusion(SDTraining, Architecture):
     """What SD1.x, SD2.x and SDXL share (a subclass sets the names, components and metadata)."""
 
     denoiser = "unet"
@@ -174,101 +175,6 @@ class StableDiffusion(Architecture):
         out = super().kohya_metadata(meta, v_prediction)
         out["ss_v2"] = str(self.name == "sd2")
         return out
-
-    # ------------------------------------------------------------------ training (MindSpore)
-
-    def load_training_parts(self, trainer, folder: str) -> None:
-        import mindspore as ms
-        import numpy as np
-        from mindone.diffusers import AutoencoderKL, DDPMScheduler
-        from transformers import CLIPTokenizer
-
-        variant = trainer.args.variant
-        vae_kw = {"variant": variant} if variant else {}
-        if trainer.weight_dtype != ms.float32 and self.vae_half_precision:
-            vae_kw["mindspore_dtype"] = trainer.weight_dtype
-        trainer.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
-        trainer.vae.set_train(False)
-        for p in trainer.vae.get_parameters():
-            p.requires_grad = False
-        trainer.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        trainer.tokenizer_2 = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-                               if self.has_component("text_encoder_2") else None)
-        trainer.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        acp = trainer.noise_scheduler.alphas_cumprod
-        trainer.alphas_cumprod = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, dtype=np.float64)
-        trainer.prediction_type = trainer.args.prediction_type or trainer.noise_scheduler.config.prediction_type
-        if trainer.prediction_type not in ("epsilon", "v_prediction"):
-            raise LoraError(f"prediction type {trainer.prediction_type!r} is not supported; use epsilon or "
-                            "v_prediction")
-
-    def text_conditioner(self, models):
-        from mindone_lora_plugin.architectures.sd.loss import TextConditioner
-
-        return TextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
-
-    def make_loss(self, trainer):
-        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss
-
-        return DenoiseLoss(trainer.models["unet"], trainer.conditioner, trainer.train_text,
-                           trainer.prediction_type == "v_prediction", self.uses_time_ids)
-
-    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
-        """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
-        :class:`~.loss.DenoiseLoss`)."""
-        import numpy as np
-
-        from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.noise import draw_noise, loss_weights
-
-        ms = trainer._ms
-        args = trainer.args
-        latents = data_setup.sample_latents(trainer, batch, rng)
-        noise = draw_noise(rng, latents.shape, args)
-        n = latents.shape[0]
-        t = rng.integers(0, len(trainer.alphas_cumprod), size=n)
-        acp = trainer.alphas_cumprod[t]
-        # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
-        weights = (batch.loss_weights * loss_weights(acp, args, trainer.prediction_type == "v_prediction")
-                   if weighted else np.ones(n, dtype=np.float32))
-        if weighted:
-            weights = data_setup.prior_weighted(trainer, weights, n)
-        text = data_setup.batch_text(trainer, batch)
-        if self.uses_time_ids:  # each image's own original size and crop; the target is the batch's shape
-            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
-                                   for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
-            cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
-        else:
-            cond = (text[0],)  # see DenoiseLoss: only the inputs this architecture uses
-        f32 = ms.float32
-        return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
-                ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
-                                                                                     latents.shape[2:])
-
-    # ------------------------------------------------------------------ pipelines (MindSpore)
-
-    pipeline_class = "StableDiffusionPipeline"
-    _no_safety_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-    def load_pipeline(self, folder: str, dtype=None):
-        import mindone.diffusers as md
-
-        kw = {"mindspore_dtype": dtype} if dtype is not None else {}
-        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
-        return getattr(md, self.pipeline_class).from_pretrained(folder, **extra, **kw)
-
-    def training_pipeline(self, trainer):
-        import mindone.diffusers as md
-
-        m = trainer.models
-        scheduler = md.DDIMScheduler.from_config(trainer.noise_scheduler.config)
-        parts = {"vae": trainer.vae, "unet": m["unet"], "scheduler": scheduler, "tokenizer": trainer.tokenizer}
-        parts.update({c: m[c] for c in self.text_encoders()})
-        if self.has_component("text_encoder_2"):
-            parts["tokenizer_2"] = trainer.tokenizer_2
-        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
-        return getattr(md, self.pipeline_class)(**parts, **extra)
 
 
 class SD1(StableDiffusion):
