@@ -332,7 +332,7 @@ class FusedToy(Toy):
         return sum(k.startswith("toy_fused.") for k in keys) if kohya else 0
 
     def read_file(self, tensors, metadata, base, where):
-        from mindone_lora_plugin.formats.names import ReadInfo
+        from mindone_lora_plugin.formats.plain import ReadInfo
 
         if not any(k.startswith("toy_fused.") for k in tensors):
             return None

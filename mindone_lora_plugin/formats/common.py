@@ -61,7 +61,7 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     """Read any plain-LoRA safetensors file: ``(LoraState, ReadInfo)``. Refuses pickles and non-plain variants."""
     from mindone_lora_plugin import safetensors_io
     from mindone_lora_plugin.algorithms import installed_algorithms
-    from mindone_lora_plugin.formats.names import build_state
+    from mindone_lora_plugin.formats.plain import build_state
     from mindone_lora_plugin.formats.variants import refuse_variants
 
     header, _ = safetensors_io.read_header(path)
@@ -86,7 +86,7 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
 class PlainLoraFormat(LoraFormat):
     """A format whose files are one safetensors file of plain-LoRA-style keys, read by the common parser
     (:func:`read_plain_lora`): the reader checks such a file for pickles and unknown algorithms first and keeps what
-    the parser learned (:class:`~mindone_lora_plugin.formats.names.ReadInfo`)."""
+    the parser learned (:class:`~mindone_lora_plugin.formats.plain.ReadInfo`)."""
 
     def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
         state, _ = read_plain_lora(path, base)

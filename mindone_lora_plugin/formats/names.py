@@ -1,4 +1,5 @@
-"""Key names of every plain-LoRA style, parsed into ``(component, diffusers module path, role)``.
+"""Key names of every plain-LoRA style, parsed into ``(component, diffusers module path, role)``, and resolved to
+module paths (building a state from them: :mod:`.plain`; alphas from configs: :mod:`.alphas`).
 
 Styles understood (see docs/formats.md):
 
@@ -21,18 +22,11 @@ model, with the family's grammar (``Architecture.resolve_name``; SD's:
 from __future__ import annotations
 
 import functools
-import json
-import math
-import os
 import re
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.dtypes import as_dtype
-from mindone_lora_plugin.state import LoraModule, LoraState
 
 DOWN, UP, ALPHA = "down", "up", "alpha"
 
@@ -276,131 +270,8 @@ class NameResolver:
         return None
 
 
-# ----------------------------------------------------------------------------- alpha from configs
-
-
-@dataclass
-class AdapterConfig:
-    """The part of a PEFT ``LoraConfig`` that decides each module's alpha."""
-
-    r: int | None = None
-    lora_alpha: float | None = None
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    use_rslora: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> "AdapterConfig":
-        try:
-            return cls(r=int(d["r"]) if d.get("r") is not None else None,
-                       lora_alpha=float(d["lora_alpha"]) if d.get("lora_alpha") is not None else None,
-                       rank_pattern=dict(d.get("rank_pattern") or {}),
-                       alpha_pattern={k: float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
-                       use_rslora=bool(d.get("use_rslora", False)))
-        except (TypeError, ValueError, AttributeError):
-            raise LoraError(f"{where} holds a malformed LoRA config (r/lora_alpha/alpha_pattern); the file is "
-                            "corrupted or was written by an incompatible tool") from None
-
-    def alpha_for(self, path: str, rank: int) -> float:
-        """The alpha in this package's convention (scale = alpha / rank) that PEFT would apply to ``path``."""
-        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.r if self.r is not None else rank)
-        key = pattern_key(self.alpha_pattern, path)
-        if key is not None:
-            alpha = float(self.alpha_pattern[key])
-        if self.use_rslora:
-            return alpha * math.sqrt(rank)
-        return alpha
-
-
-def pattern_key(patterns: dict, path: str):
-    """The key of ``patterns`` PEFT matches for module ``path`` (``re.match(rf"(.*\\.)?({key})$")``, first wins)."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return key
-        except re.error:
-            if key == path or path.endswith("." + key):
-                return key
-    return None
-
-
-def adapter_metadata(metadata: dict[str, str] | None, where: str) -> dict | None:
-    """The JSON object in a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
-    raw = (metadata or {}).get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError
-    except ValueError:
-        raise LoraError(f"{where} has a garbage 'lora_adapter_metadata' header entry (not a JSON object); the file "
-                        "is corrupted") from None
-    return data
-
-
-def configs_from_metadata(metadata: dict[str, str], where: str) -> dict[str, AdapterConfig] | None:
-    """Per-component configs from a diffusers ``lora_adapter_metadata`` header entry (None when absent)."""
-    data = adapter_metadata(metadata, where)
-    if data is None:
-        return None
-    per: dict[str, dict] = {}
-    for k, v in data.items():
-        for comp in _longest_first_components():
-            if k.startswith(comp + "."):
-                per.setdefault(comp, {})[k[len(comp) + 1:]] = v
-                break
-    return {comp: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {comp})") for comp, d in per.items()}
-
-
-def _longest_first_components() -> list[str]:
-    from mindone_lora_plugin.architectures import known_components
-
-    return sorted(known_components(), key=lambda c: (-len(c), c))
-
-
-def adapter_config_next_to(path: str) -> AdapterConfig | None:
-    """PEFT's ``adapter_config.json`` beside ``path`` (written by ``PeftModel.save_pretrained``), if any."""
-    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
-    if not os.path.isfile(cfg):
-        return None
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError
-    except (OSError, ValueError):
-        raise LoraError(f"cannot read {cfg}: not a JSON object; fix or remove it") from None
-    return AdapterConfig.from_dict(data, cfg)
-
-
-def alpha_value(x, key: str, where: str) -> float:
-    """An alpha tensor (int or float; 0-dim or ``[1]``) as a float."""
-    arr = np.asarray(x)
-    if arr.size != 1:
-        raise LoraError(f"{where}: alpha '{key}' has shape {list(arr.shape)}; an alpha is a single number, the file "
-                        "is corrupted")
-    value = float(arr.reshape(-1)[0].astype(np.float64)) if arr.dtype.kind in "fiub" else float(arr.reshape(-1)[0])
-    if not math.isfinite(value):
-        raise LoraError(f"{where}: alpha '{key}' is {value}; the file is corrupted")
-    return value
-
-
-# ----------------------------------------------------------------------------- state building
-
-
-@dataclass
-class ReadInfo:
-    """What the parser learned about a file besides the weights."""
-
-    styles: set = field(default_factory=set)
-    sgm: bool = False
-    alpha_source: str = ""  # "keys", "lora_adapter_metadata", "adapter_config.json", "rank", or mixed
-    architecture_reason: str = ""  # why the architecture was guessed (empty when unknown or taken from the base)
-    architecture_strong: bool = False
-
-
-def _example(keys, n=3) -> str:
+def example_keys(keys, n=3) -> str:
+    """The first ``n`` keys quoted, and how many more (for error lines)."""
     keys = list(keys)
     shown = ", ".join(f"'{k}'" for k in keys[:n])
     return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
@@ -414,161 +285,8 @@ def parse_keys(keys, where: str) -> list[ParsedKey]:
         (parsed if pk is not None else unknown).append(pk or k)
     if unknown:
         raise LoraError(f"{where}: {len(unknown)} key(s) are not plain-LoRA weights of a known naming (unknown prefix "
-                        f"or suffix), e.g. {_example(unknown)}; expected kohya (lora_unet_/lora_te_ ... lora_down/"
+                        f"or suffix), e.g. {example_keys(unknown)}; expected kohya (lora_unet_/lora_te_ ... lora_down/"
                         "lora_up/alpha) or diffusers/PEFT (unet./text_encoder. ... lora_A/lora_B) keys")
     if not parsed:
         raise LoraError(f"{where} holds no LoRA weights (no tensors); it is not a LoRA file")
     return parsed
-
-
-def family_parses(keys, architectures) -> dict[str, list[ParsedKey] | None]:
-    """Architecture name → ``keys`` parsed with that family's own prefixes (its component names), or None when a key
-    is not in its naming (families with one table share one parse)."""
-    suffixes, done, out = algorithm_suffixes(), {}, {}
-    for arch in architectures:
-        table = arch.key_prefixes()
-        if table not in done:
-            parsed = [parse_key(k, suffixes, table) for k in keys]
-            done[table] = None if any(pk is None for pk in parsed) else parsed
-        out[arch.name] = done[table]
-    return out
-
-
-def family_evidence(parses: dict, architectures, tensors, metadata: dict[str, str]):
-    """The strongest :class:`~mindone_lora_plugin.architectures.base.Evidence` any architecture finds in its own parse
-    of a file (None: no clue)."""
-    best = None
-    for arch in architectures:
-        own = parses.get(arch.name)
-        if own is None:
-            continue
-        found = arch.detect_lora(own, tensors, metadata, arch.name_layout(own)[0])
-        if found is not None and (best is None or found.score > best.score):
-            best = found
-    return best
-
-
-def _layout(parsed, architectures) -> tuple[bool, dict]:
-    """The first :meth:`~mindone_lora_plugin.architectures.base.Architecture.name_layout` that finds another
-    spelling in ``parsed``."""
-    return next((found for found in (a.name_layout(parsed) for a in architectures) if found[0]), (False, {}))
-
-
-def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | None = None,
-                path: str = "", where: str | None = None) -> tuple[LoraState, ReadInfo]:
-    """Turn the tensors of a plain-LoRA file into a :class:`LoraState` (rank and alpha per module, exact).
-
-    With ``base`` every module must exist in the base model with fitting shapes, and a file for another architecture
-    is refused. Raises :class:`LoraError` naming the offending keys.
-    """
-    from mindone_lora_plugin.architectures import installed_architectures
-    from mindone_lora_plugin.formats.arch import check_architecture, guess_architecture
-
-    where = where or path or "the LoRA file"
-    parsed = parse_keys(tensors.keys(), where)  # every family's prefixes together: a key of no naming is refused
-    info = ReadInfo(styles={p.style for p in parsed if p.role != ALPHA} or {p.style for p in parsed})
-    archs = list(installed_architectures().values())
-    parses = family_parses(list(tensors.keys()), archs)
-    if any(parses.values()):  # each family judges the file in its own naming
-        found = family_evidence(parses, archs, tensors, metadata)
-        guess, strong, why = (found.architecture, found.strong, found.reason) if found else (None, False, "")
-    else:  # no one family names every key (a mixed file): judged, and refused, in the joined naming
-        guess, strong, why = guess_architecture(parsed, tensors, metadata, sgm_used=_layout(parsed, archs)[0])
-    info.architecture_reason, info.architecture_strong = why, strong
-    parsed = parses.get(base.architecture if base is not None else guess) or parsed
-    info.sgm, layout_config = _layout(parsed, archs)
-
-    groups: dict[tuple[str, str, bool], dict[str, ParsedKey]] = {}
-    for pk in parsed:
-        roles = groups.setdefault((pk.component, pk.name, pk.flat), {})
-        if pk.role in roles:
-            raise LoraError(f"{where}: keys '{roles[pk.role].key}' and '{pk.key}' hold the same LoRA tensor; the file "
-                            "mixes two namings of one module")
-        roles[pk.role] = pk
-
-    if base is not None:
-        check_architecture(guess, strong, why, base, where)
-        for comp in sorted({c for c, _, _ in groups}):
-            if comp not in base.modules:
-                raise LoraError(
-                    f"{where} has weights for {comp} but the base model ({base.architecture}) has no {comp}: the LoRA "
-                    f"was made for another architecture; use a LoRA made for {base.architecture}")
-    resolver = NameResolver(base, None if base is not None else layout_config, architecture=guess)
-
-    configs = configs_from_metadata(metadata, where) or {}
-    peft_cfg = None
-    if not configs and info.styles & {"peft_model", "peft_bare"} and path:
-        peft_cfg = adapter_config_next_to(path)
-
-    state = LoraState(metadata=dict(metadata))
-    unresolved, seen = [], {}
-    alpha_sources = set()
-    for (comp, name, flat), roles in groups.items():
-        target = resolver.resolve(comp, name, flat)
-        if target is None:
-            unresolved.append(next(iter(roles.values())).key)
-            continue
-        if (comp, target) in seen:
-            other = seen[(comp, target)]
-            raise LoraError(f"{where}: keys '{other}' and '{next(iter(roles.values())).key}' name the same module "
-                            f"{comp}.{target}; the file mixes two namings of one module")
-        seen[(comp, target)] = next(iter(roles.values())).key
-        mod = _module_from_roles(roles, tensors, comp, target, where)
-        if ALPHA in roles:
-            alpha = alpha_value(tensors[roles[ALPHA].key], roles[ALPHA].key, where)
-            alpha_sources.add("keys")
-        elif comp in configs:
-            alpha = configs[comp].alpha_for(target, mod.rank)
-            alpha_sources.add("lora_adapter_metadata")
-        elif peft_cfg is not None:
-            alpha = peft_cfg.alpha_for(target, mod.rank)
-            alpha_sources.add("adapter_config.json")
-        else:
-            alpha = float(mod.rank)
-            alpha_sources.add("rank")
-        mod.alpha = alpha
-        state.add(comp, target, mod)
-    if unresolved:
-        if base is not None:
-            raise LoraError(f"{where}: {len(unresolved)} LoRA module(s) match no module of the {base.architecture} "
-                            f"base model, e.g. {_example(unresolved)}; the LoRA was made for another model")
-        raise LoraError(f"{where}: {len(unresolved)} LoRA module name(s) are not Stable Diffusion UNet/text-encoder "
-                        f"modules, e.g. {_example(unresolved)}; pass --base MODEL_DIR if the model has other modules")
-    info.alpha_source = "+".join(sorted(alpha_sources))
-    if base is not None:
-        base.fit_shapes(state)
-        state.architecture = base.architecture
-        state.base_config = dict(base.base_config)
-    else:
-        state.architecture = guess
-        state.base_config = layout_config
-    return state, info
-
-
-def _module_from_roles(roles: dict, tensors: dict, comp: str, path: str, where: str) -> LoraModule:
-    """The module one group of keys forms: its algorithm from the roles, its tensors, checked by the algorithm."""
-    from mindone_lora_plugin.algorithms import get_algorithm
-
-    named = {r: pk for r, pk in roles.items() if r != ALPHA}
-    algos = {split_role(r)[0] for r in named}
-    have = next(iter(roles.values())).key
-    if not named:
-        raise LoraError(f"{where}: module {comp}.{path} has '{have}' but no lora_down/lora_A weight; the file is "
-                        "incomplete")
-    if len(algos) > 1:
-        raise LoraError(f"{where}: module {comp}.{path} mixes tensors of the {' and '.join(sorted(algos))} algorithms "
-                        f"(e.g. '{have}'); the file is corrupted")
-    name = algos.pop()
-    algo = get_algorithm(name)
-    if name == "lora" and (DOWN not in named or UP not in named):
-        missing = "lora_down/lora_A" if DOWN not in named else "lora_up/lora_B"
-        raise LoraError(f"{where}: module {comp}.{path} has '{have}' but no {missing} weight; the file is "
-                        "incomplete")
-    mod_tensors = {split_role(r)[1]: as_dtype(tensors[pk.key]) for r, pk in named.items()}
-    mod = LoraModule(algorithm=name, tensors=mod_tensors, alpha=1.0)
-    if not algo.claims(set(mod_tensors)):
-        raise LoraError(f"{where}: module {comp}.{path} has the {name} tensors {sorted(mod_tensors)}, which are not a "
-                        f"complete {name} module; the file is incomplete")
-    algo.validate(mod, f"{where}: module {comp}.{path}")
-    mod.settings = algo.settings_from_tensors(mod)
-    return mod

@@ -96,7 +96,7 @@ def refuse_variants(names, shapes: dict, base, where: str) -> None:
 
 def _configs(metadata: dict[str, str], where: str) -> dict:
     """Per-component PEFT configs from a ``lora_adapter_metadata`` header entry (``transformer.r`` ...)."""
-    from mindone_lora_plugin.formats.names import AdapterConfig, adapter_metadata
+    from mindone_lora_plugin.formats.alphas import AdapterConfig, adapter_metadata
 
     data = adapter_metadata(metadata, where)
     if data is None:
@@ -129,7 +129,8 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
 
     With ``base`` (a FLUX :class:`~mindone_lora_plugin.basemodel.BaseModelInfo`) every module must exist with fitting
     shapes. Raises :class:`LoraError` (one line) for anything wrong."""
-    from mindone_lora_plugin.formats.names import ReadInfo, _module_from_roles, alpha_value
+    from mindone_lora_plugin.formats.alphas import alpha_value
+    from mindone_lora_plugin.formats.plain import ReadInfo, _module_from_roles
 
     names = list(tensors)
     refuse_variants(names, {k: tuple(np.shape(v)) for k, v in tensors.items()}, base, where)
