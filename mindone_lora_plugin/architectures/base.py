@@ -100,13 +100,15 @@ class KeyPrefixes:
     ``flat``: kohya prefixes (``lora_unet_``) → component; ``dotted``: PEFT/diffusers prefixes (``unet.``) →
     component, or None when the module path decides (PEFT's ``base_model.model.``); ``roots``: module-path starts
     (``down_blocks.``) → component, for keys without a component prefix; ``fallback``: the component of a
-    ``None``-prefixed key whose path matches no root (None: such a key is not this family's).
+    ``None``-prefixed key whose path matches no root (None: such a key is not this family's); ``text_encoders``: the
+    components that are text encoders (old diffusers attention-processor keys name their modules differently).
     """
 
     flat: tuple[tuple[str, str], ...] = ()
     dotted: tuple[tuple[str, str | None], ...] = ()
     roots: tuple[tuple[str, str], ...] = ()
     fallback: str | None = None
+    text_encoders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,8 @@ class Architecture:
         """The component prefixes of this family's file keys; default: each component's kohya prefix
         (``lora_unet_``) and diffusers prefix (``unet.``)."""
         return KeyPrefixes(flat=tuple((c.kohya_prefix + "_", c.name) for c in self.components),
-                           dotted=tuple((c.key_prefix + ".", c.name) for c in self.components))
+                           dotted=tuple((c.key_prefix + ".", c.name) for c in self.components),
+                           text_encoders=self.text_encoders())
 
     def name_layout(self, parsed) -> tuple[bool, dict]:
         """What a file's parsed keys (:class:`~mindone_lora_plugin.formats.names.ParsedKey`) say about their

@@ -141,7 +141,8 @@ def _joined(tables: tuple):
 
     fallbacks = [t.fallback for t in tables if t.fallback]
     return KeyPrefixes(flat=join("flat"), dotted=join("dotted"), roots=join("roots"),
-                       fallback=max(fallbacks, key=fallbacks.count) if fallbacks else None)
+                       fallback=max(fallbacks, key=fallbacks.count) if fallbacks else None,
+                       text_encoders=tuple(dict.fromkeys(c for t in tables for c in t.text_encoders)))
 
 
 def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
@@ -190,7 +191,7 @@ def parse_key(key: str, suffixes=None, prefixes=None) -> ParsedKey | None:
             style = "peft_bare"
     if style is None:  # an alpha key: the style comes from the module's other keys
         style = "comfy" if key.startswith(("diffusion_model.", "model.diffusion_model.")) else "diffusers"
-    name = _normalise_dotted(comp, stem)
+    name = _normalise_dotted(comp in prefixes.text_encoders, stem)
     if not name:
         return None
     return ParsedKey(key, comp, name, role, False, style)
@@ -204,20 +205,22 @@ _PROC_RE = re.compile(r"(?:^|\.)(?:processor\.)?(to_q|to_k|to_v|to_out)_lora$")
 _TE_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
-def _normalise_dotted(component: str, stem: str) -> str:
+def _normalise_dotted(text_encoder: bool, stem: str) -> str:
+    """Old diffusers attention-processor names as module paths: ``to_q_lora`` is ``to_q`` in a denoiser's attention
+    and ``q_proj`` in a (CLIP) text encoder's; ``to_out`` is ``to_out.0`` outside text encoders."""
     name = stem.replace(".processor.", ".")
     m = _PROC_RE.search(name)
     if m:
         head = name[: m.start()]
         which = m.group(1)
-        if component == "unet":
-            tail = "to_out.0" if which == "to_out" else which
-        else:
+        if text_encoder:
             tail = _TE_PROC[which]
+        else:
+            tail = "to_out.0" if which == "to_out" else which
         name = f"{head}.{tail}" if head else tail
     if name.endswith(".to_out_0") or ".to_out_0." in name:
         name = name.replace(".to_out_0", ".to_out.0")
-    if name.endswith(".to_out") and component == "unet":
+    if name.endswith(".to_out") and not text_encoder:
         name += ".0"
     return name
 

@@ -65,7 +65,7 @@ KEY_PREFIXES = KeyPrefixes(
     dotted=(("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
             ("base_model.model.", None), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet")),
     roots=tuple((r, "unet") for r in _UNET_ROOTS) + tuple((r, "text_encoder") for r in _TE_ROOTS),
-    fallback="unet")
+    fallback="unet", text_encoders=("text_encoder", "text_encoder_2"))
 _CLIP_ROOTS = ("text_model.", "text_model_", "text_projection")  # a CLIP encoder's modules (dotted or kohya)
 
 
