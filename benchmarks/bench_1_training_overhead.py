@@ -42,7 +42,7 @@ def prepare(folder: str) -> dict:
     from mindone_lora_plugin.runtime import setup
 
     setup("CPU", "graph", seed=0)
-    from mindone_lora_plugin.tiny import RESOLUTION, ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import RESOLUTION, ensure_tiny_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(folder, "tiny-sd1"))

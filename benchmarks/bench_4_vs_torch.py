@@ -1,8 +1,9 @@
 """Benchmark 4 — the CPU training step versus the PyTorch reference.
 
-The tiny SD1.x UNet (``mindone_lora_plugin.tiny.SD1_UNET``) with LoRA on the ``kohya`` preset (rank 4, alpha 4,
-gaussian init), batch 2 of 4×16×16 latents with 77-token text embeddings, loss = per-sample-weighted MSE of the noise
-prediction, gradient clipping at 1.0, AdamW (β 0.9/0.999, ε 1e-8, weight decay 1e-2, lr 1e-4):
+The tiny SD1.x UNet (``mindone_lora_plugin.architectures.sd.tiny.SD1_UNET``) with LoRA on the ``kohya`` preset
+(rank 4, alpha 4, gaussian init), batch 2 of 4×16×16 latents with 77-token text embeddings, loss =
+per-sample-weighted MSE of the noise prediction, gradient clipping at 1.0, AdamW (β 0.9/0.999, ε 1e-8, weight decay
+1e-2, lr 1e-4):
 
 * MindSpore 2.7.1 + mindone 0.5.0, GRAPH_MODE on CPU with this package's CPU backend, the step built the way
   ``mindone-lora train`` builds it (adapters and parameter groups through the plugin hooks, ``nn.AdamWeightDecay``,
@@ -67,8 +68,8 @@ class MindSporeStep(C.MindSporeLoraStep):
 
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.tiny import SD1_UNET
-        from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner
+        from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
+        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
         unet = UNet2DConditionModel(**SD1_UNET)
         unet.set_train(False)
@@ -89,7 +90,7 @@ class TorchStep(C.TorchLoraStep):
         torch = C.torch_threads(threads)
         from diffusers import UNet2DConditionModel
 
-        from mindone_lora_plugin.tiny import SD1_UNET
+        from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
 
         self._attach(torch, UNet2DConditionModel(**SD1_UNET), rank=RANK, alpha=ALPHA, targets=targets, lr=LR)
         self.b = {k: torch.from_numpy(v) for k, v in batch(SD1_UNET["cross_attention_dim"]).items() if k != "time_ids"}

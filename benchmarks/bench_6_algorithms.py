@@ -37,7 +37,7 @@ def step_child(algo: str, reps: int) -> dict:
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
 
     folder = ensure_tiny_model("sd1", os.path.join(C.workdir("tiny"), "sd1"))
     pm = get_plugin_manager()

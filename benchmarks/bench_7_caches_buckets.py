@@ -90,7 +90,7 @@ def epoch_sums(steps: list[float], per_epoch: int) -> list[float]:
 
 
 def bench_caches(tmp: str, reps: int, resolution: int = 32) -> dict:
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
@@ -147,7 +147,7 @@ def bench_buckets(tmp: str, reps: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
 
     model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
     rng = np.random.default_rng(0)

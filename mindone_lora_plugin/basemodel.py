@@ -1,8 +1,8 @@
 """What a LoRA file needs to know about its base model, read cheaply.
 
 :class:`BaseModelInfo` lists, per component, every module that owns a 2-D or 4-D ``weight`` (Linear and Conv2d; token
-and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl`` or a plugin's) and the UNet's
-``layers_per_block``. It is built either from a diffusers-layout model folder — from the ``config.json`` files and the
+and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl`` or a
+plugin's) and its ``base_config`` (what its file names depend on: SD's UNet ``layers_per_block``). It is built either from a diffusers-layout model folder — from the ``config.json`` files and the
 safetensors *headers* only, so even a full SDXL folder is read in milliseconds and nothing is instantiated — or from live
 MindSpore models. Formats use it to resolve names and to check every key of a LoRA file against the real modules.
 """
@@ -21,7 +21,7 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 @dataclass
 class BaseModelInfo:
     architecture: str
-    unet_layers_per_block: int | None
+    base_config: dict  # what the architecture's file names depend on (Architecture.base_config)
     modules: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
     source: str = ""
 
@@ -64,15 +64,21 @@ class BaseModelInfo:
                 _read_json(os.path.join(path, comp.folder, "config.json"), f"the {comp.folder} config")  # the error
             modules[comp.name] = _modules_from_weights(os.path.join(path, comp.folder), comp.name)
         denoiser = configs.get(arch.component(arch.denoiser).folder, {})
-        return cls(name, denoiser.get("layers_per_block"), modules, source=path)
+        return cls(name, arch.base_config(denoiser), modules, source=path)
 
     @classmethod
     def from_models(cls, models) -> "BaseModelInfo":
         """Build from a :class:`mindone_lora_plugin.models.Models` bundle of live cells (LoRA wrappers are skipped)."""
-        from mindone_lora_plugin.models import module_weight_shapes
+        return cls(models.architecture, models.base_config, models.module_shapes(), source="<models>")
 
-        modules = {comp: module_weight_shapes(cell) for comp, cell in models.items()}
-        return cls(models.architecture, models.unet_layers_per_block, modules, source="<models>")
+    def fit_shapes(self, state) -> None:
+        """Let each module's algorithm fit its tensors to the base weight's shape (a Linear LoRA on a 1×1 conv ...),
+        then :meth:`check_shapes` (what every reader does once it has a state for this base model)."""
+        for comp, path, mod in state.modules():
+            shape = self.modules.get(comp, {}).get(path)
+            if shape is not None:
+                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
+        self.check_shapes(state)
 
     def check_shapes(self, state) -> None:
         """Raise :class:`LoraError` when a module of ``state`` does not exist here or its shapes do not fit."""

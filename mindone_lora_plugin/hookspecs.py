@@ -1,7 +1,8 @@
 """Hook specifications of the ``mindone_lora`` pluggy project.
 
 Every hook is declared here. A plugin is any module or object with functions decorated by :data:`hookimpl`, named as
-below, registered through the setuptools entry-point group ``mindone_lora``::
+below, registered through the setuptools entry-point group ``mindone_lora`` (the built-in plugins are listed in
+:mod:`mindone_lora_plugin.builtin_plugins` instead)::
 
     [options.entry_points]
     mindone_lora =
@@ -85,8 +86,7 @@ def mindone_lora_formats() -> Iterable["LoraFormat"]:
 
     Example::
 
-        from mindone_lora_plugin.algorithms.base import LoraAlgorithm
-    from mindone_lora_plugin.formats.base import LoraFormat
+        from mindone_lora_plugin.formats.base import LoraFormat
 
         class NpzFormat(LoraFormat):
             name = "npz"
@@ -139,7 +139,7 @@ def mindone_lora_algorithms() -> Iterable["LoraAlgorithm"]:
 
 @hookspec
 def mindone_lora_architectures() -> Iterable["Architecture"]:
-    """Yield the model families (architectures) this plugin adds: SD1.x, SD2.x and SDXL are the built-in ones.
+    """Yield the model families (architectures) this plugin adds (SD1.x, SD2.x, SDXL and FLUX.1 are built in).
 
     An architecture owns everything model-specific: detecting itself from a model folder's configs and from a LoRA
     file's keys or metadata, its components and how to load them, which modules the target presets adapt, the kohya
@@ -149,7 +149,7 @@ def mindone_lora_architectures() -> Iterable["Architecture"]:
     Example::
 
         from mindone_lora_plugin.architectures.base import Evidence, STRUCTURE
-        from mindone_lora_plugin.architectures.sd import SD1
+        from mindone_lora_plugin.architectures.sd.arch import SD1
         from mindone_lora_plugin.hookspecs import hookimpl
 
         class MySD(SD1):  # an SD1.x fine-tune whose folders and LoRA files say so

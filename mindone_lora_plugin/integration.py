@@ -31,7 +31,7 @@ import re
 from dataclasses import replace
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import (PRESETS, TEXT_ENCODERS, LoraOptions, build_options,  # noqa: F401
+from mindone_lora_plugin.options import (PRESETS, LoraOptions, build_options,  # noqa: F401
                                          default_strategy, parse_targets)
 
 __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "LoraIntegration", "DEFAULT_FORMATS",
@@ -220,22 +220,20 @@ class LoraIntegration:
 
     # ------------------------------------------------------------------ the four seams
 
-    def add_adapters(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
-                     **cells):
+    def add_adapters(self, *, architecture: str | None = None, **cells):
         """Add LoRA adapters to the models as the strategy says (hook ``mindone_lora_add_adapters``).
 
         Pass every model the script has; the strategy picks the components to adapt (the text encoders only with
         ``train_text_encoder``). Base weights are frozen, the strategy's trainable LoRA parameters get
         ``requires_grad=True``. With ``--lora_resume_from`` the file is loaded into the new adapters. Returns the
-        adapted module paths per component. Another architecture's components are passed by name
-        (``transformer=``).
+        adapted module paths per component. Components are passed by their architecture's names (SD: ``unet=``,
+        ``text_encoder=``, ``text_encoder_2=``; FLUX.1: ``transformer=`` ...).
         """
         from mindone_lora_plugin.models import Models
 
         if self.models is not None:
             raise LoraError("add_adapters was already called; call it once with all models")
-        models = Models(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                        architecture=architecture, **cells)
+        models = Models(architecture=architecture, **cells)
         if not len(models):
             raise LoraError("add_adapters needs at least one model (unet=, text_encoder=, text_encoder_2=)")
         options = self.make_options(models.architecture)

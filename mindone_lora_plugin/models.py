@@ -10,20 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 ADAPTER = "default"  # the PEFT adapter name the strategies train
+LINEAR_CLASSES = ("Linear", "Dense")
+CONV_CLASSES = ("Conv2d",)
 
 
 class Models(Mapping):
-    """``{"unet": cell, "text_encoder": cell, "text_encoder_2": cell}`` (absent components are left out); any other
-    architecture's components by keyword (``Models(transformer=cell, architecture="flux")``).
+    """Cells by their architecture's component names: ``Models(unet=cell, text_encoder=cell)`` for SD,
+    ``Models(transformer=cell, ..., architecture="flux")`` (absent components, or None, are left out).
 
     ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...), detected from the cells'
-    configs when not given. ``unet_layers_per_block`` comes from the UNet's config.
+    configs when not given. ``base_config`` is what the architecture's file names depend on in the denoiser's config.
     """
 
-    def __init__(self, unet=None, text_encoder=None, text_encoder_2=None, *, architecture: str | None = None,
-                 **cells):
-        named = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, **cells}
-        self._cells = {k: v for k, v in named.items() if v is not None}
+    def __init__(self, *, architecture: str | None = None, **cells):
+        self._cells = {k: v for k, v in cells.items() if v is not None}
         self.architecture = architecture or guess_architecture(self._cells)
 
     def __getitem__(self, key):
@@ -36,10 +36,18 @@ class Models(Mapping):
         return len(self._cells)
 
     @property
-    def unet_layers_per_block(self) -> int | None:
-        unet = self._cells.get("unet")
-        config = getattr(unet, "config", None)
-        return getattr(config, "layers_per_block", None) if config is not None else None
+    def base_config(self) -> dict:
+        """:meth:`~mindone_lora_plugin.architectures.base.Architecture.base_config` of the denoiser's config."""
+        from mindone_lora_plugin.architectures import find_architecture
+
+        arch = find_architecture(self.architecture)
+        if arch is None or arch.denoiser not in self._cells:
+            return {}
+        return arch.base_config(_config_dict(getattr(self._cells[arch.denoiser], "config", None)))
+
+    def module_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Component → :func:`module_weight_shapes` of its cell."""
+        return {comp: module_weight_shapes(cell) for comp, cell in self._cells.items()}
 
     def __repr__(self) -> str:
         return f"Models({self.architecture}: {', '.join(self._cells)})"
@@ -85,6 +93,14 @@ def lora_layers(cell) -> Iterator[tuple[str, object]]:
     for name, sub in cell.cells_and_names():
         if is_lora_layer(sub):
             yield name, sub
+
+
+def is_linear(cell) -> bool:
+    return type(cell).__name__ in LINEAR_CLASSES
+
+
+def is_conv(cell) -> bool:
+    return type(cell).__name__ in CONV_CLASSES
 
 
 def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,8 @@
 """The built-in ``core`` plugin: implements the operation hooks by dispatching to named strategies and formats.
 
-Registered through the ``mindone_lora`` entry-point group like every other plugin. Other plugins can wrap these
-hooks (``@hookimpl(wrapper=True)``) or replace them (``@hookimpl(tryfirst=True)`` returning a non-``None`` result).
+A built-in plugin (:mod:`~mindone_lora_plugin.builtin_plugins`), registered like every other plugin. Other plugins
+can wrap these hooks (``@hookimpl(wrapper=True)``) or replace them (``@hookimpl(tryfirst=True)`` returning a
+non-``None`` result).
 """
 
 from __future__ import annotations
@@ -9,32 +10,6 @@ from __future__ import annotations
 import os
 
 from mindone_lora_plugin.hookspecs import hookimpl
-
-
-@hookimpl
-def mindone_lora_architectures():
-    """The built-in model families: ``sd1``, ``sd2``, ``sdxl``."""
-    from mindone_lora_plugin.architectures import sd
-    from mindone_lora_plugin.architectures.flux import arch as flux
-
-    yield from sd.mindone_lora_architectures()
-    yield from flux.mindone_lora_architectures()
-
-
-@hookimpl
-def mindone_lora_strategies():
-    """The FLUX.1 strategy (the SD ones are entry points of their own)."""
-    from mindone_lora_plugin.architectures.flux.strategy import FluxStrategy
-
-    yield FluxStrategy()
-
-
-@hookimpl
-def mindone_lora_add_arguments(parser):
-    """FLUX.1 flow-matching flags (--timestep_sampling, --discrete_flow_shift, --guidance_scale, ...)."""
-    from mindone_lora_plugin.architectures.flux.arguments import add_arguments
-
-    add_arguments(parser)
 
 
 def exact_format(manager, options):

@@ -86,9 +86,6 @@ def parse_targets(value: str) -> str | list[str]:
     return names
 
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
 def all_presets() -> tuple[str, ...]:
     """The core presets and every installed architecture's own (:meth:`Architecture.presets
     <mindone_lora_plugin.architectures.base.Architecture.presets>`)."""
@@ -129,7 +126,9 @@ def build_options(pm, architecture: str | None, *, strategy: str | None = None, 
         raise LoraError(f"--lora_dora applies to --lora_algo lora, not {algorithm}; leave one of them out")
     if int(rank) < 1:
         raise LoraError(f"--lora_rank must be at least 1, got {rank}")
-    lrs = {c: text_encoder_lr for c in TEXT_ENCODERS} if text_encoder_lr is not None else {}
+    from mindone_lora_plugin.architectures import text_encoders
+
+    lrs = {c: text_encoder_lr for c in text_encoders(architecture)} if text_encoder_lr is not None else {}
     return LoraOptions(strategy=strategy, rank=int(rank), alpha=alpha,
                        targets=parse_targets(targets) if isinstance(targets, str) else targets,
                        conv_rank=conv_rank, conv_alpha=conv_alpha, init=init,

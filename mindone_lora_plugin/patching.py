@@ -50,8 +50,8 @@ import sys
 import threading
 from dataclasses import replace
 
+from mindone_lora_plugin.architectures import text_encoders
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import TEXT_ENCODERS
 
 log = logging.getLogger("mindone_lora.run")
 
@@ -129,7 +129,7 @@ class ScriptSession:
         first = next(iter(self.script_configs.values()), {})
         return self.lora.make_options(arch, rank=first.get("r"), alpha=first.get("lora_alpha"),
                                       init=first.get("init"),
-                                      train_text_encoder=any(c in TEXT_ENCODERS for c in self.models))
+                                      train_text_encoder=any(c in text_encoders(arch) for c in self.models))
 
     # ------------------------------------------------------------------ seam: add_adapter
 
@@ -163,7 +163,7 @@ class ScriptSession:
         script_cfg = {"r": int(config.r), "lora_alpha": float(config.lora_alpha), "init": init,
                       "target_modules": sorted(targets) if isinstance(targets, (list, tuple, set)) else str(targets)}
         full = self.lora.make_options(arch, rank=script_cfg["r"], alpha=script_cfg["lora_alpha"], init=init,
-                                      train_text_encoder=any(c in TEXT_ENCODERS for c in cells))
+                                      train_text_encoder=any(c in text_encoders(arch) for c in cells))
         strategy = self.pm.get_strategy(full.strategy)
         if comp not in strategy.enabled_components(Models(**cells, architecture=arch), full):
             raise LoraError(self._not_adapted(strategy, comp, Models(**cells, architecture=arch)))

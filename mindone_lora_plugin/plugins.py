@@ -1,10 +1,10 @@
-"""The plugin manager: loads the ``mindone_lora`` entry-point group; finds strategies, formats, algorithms and
-architectures by name.
+"""The plugin manager: loads the built-in plugins and the ``mindone_lora`` entry-point group; finds the plugin
+objects of every kind (strategies, formats, algorithms, architectures) by name through one registry.
 
-Built-in strategies and formats are ordinary entry points of this distribution, loaded like any third-party plugin.
-A third-party plugin that fails to import, or raises while registering, is reported in one warning line and skipped;
-everything else keeps working. Two plugins offering the same name is an error that names both; an unknown name is an
-error that lists the valid ones.
+Built-in plugins are listed once, in :data:`~mindone_lora_plugin.builtin_plugins.BUILTIN_PLUGINS`, and registered
+like any third-party plugin. A third-party plugin that fails to import, or raises while registering, is reported in
+one warning line and skipped; everything else keeps working. Two plugins offering the same name is an error that
+names both; an unknown name is an error that lists the valid ones.
 
 Environment: ``MINDONE_LORA_PLUGINS`` unset loads every installed plugin; a comma-separated list loads only those
 third-party plugins (by entry-point or distribution name); an empty value or ``none`` loads no third-party plugin.
@@ -12,15 +12,19 @@ third-party plugins (by entry-point or distribution name); an empty value or ``n
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
+from typing import Callable
 
 import pluggy
 
 from mindone_lora_plugin import hookspecs
+from mindone_lora_plugin.builtin_plugins import BUILTIN_PLUGINS
 from mindone_lora_plugin.errors import PluginError
+from mindone_lora_plugin.formats.variants import plugin_for_algorithm
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +33,23 @@ ENV_PLUGINS = "MINDONE_LORA_PLUGINS"
 THIS_DIST = "mindone-lora-plugin"
 
 
-def _source_tree_plugins() -> dict[str, str]:
-    """The built-in entry points as ``setup.cfg`` declares them (the one list of built-in plugins), for a source tree
-    that was never installed (no entry-point metadata)."""
-    import configparser
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of plugin object: the discovery hook yielding them and how messages name them."""
 
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
-    raw = cfg.get("options.entry_points", ENTRY_POINT_GROUP, fallback="")
-    pairs = (line.split("=", 1) for line in raw.splitlines() if "=" in line)
-    return {name.strip(): value.strip() for name, value in pairs}
+    hook: str
+    singular: str  # "strategy"
+    plural: str  # "strategies": also the kind's key in KINDS and in ``describe()``
+    title: str  # what "unknown ..." errors call one: "LoRA strategy"
+    hint: Callable[[str], str] | None = None  # a hint for an unknown name ("pip install ...") or ""
+
+
+KINDS = {k.plural: k for k in (
+    PluginKind("mindone_lora_strategies", "strategy", "strategies", "LoRA strategy"),
+    PluginKind("mindone_lora_formats", "format", "formats", "LoRA format"),
+    PluginKind("mindone_lora_algorithms", "algorithm", "algorithms", "LoRA algorithm", plugin_for_algorithm),
+    PluginKind("mindone_lora_architectures", "architecture", "architectures", "architecture"),
+)}
 
 
 @dataclass(frozen=True)
@@ -59,22 +70,27 @@ class LoraPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.broken: dict[str, str] = {}
-        self._strategies = None
-        self._formats = None
-        self._algorithms = None
-        self._architectures = None
+        self._found: dict[str, dict[str, tuple[object, str]]] = {}  # kind → name → (object, plugin name)
 
     # ------------------------------------------------------------------ loading
 
+    def load_builtins(self) -> None:
+        """Register the built-in plugins (a built-in that fails to import is a bug: it raises)."""
+        for name, module in BUILTIN_PLUGINS.items():
+            if not self.has_plugin(name):
+                self.register(importlib.import_module(module), name=name)
+                self.infos[name] = PluginInfo(name, THIS_DIST, _own_version(), module, True)
+        self._found.clear()
+
     def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Register the built-ins, then every third-party plugin of the entry-point group the allowlist lets in."""
+        self.load_builtins()
         allow = _allowlist()
-        eps = list(importlib_metadata.entry_points(group=group))
-        if not any(_dist_name(ep) == THIS_DIST for ep in eps):
-            eps += [importlib_metadata.EntryPoint(n, v, group) for n, v in _source_tree_plugins().items()]
-        for ep in sorted(eps, key=lambda e: (_dist_name(e) != THIS_DIST, e.name)):
-            dist = _dist_name(ep) or THIS_DIST
-            builtin = dist == THIS_DIST
-            if not builtin and allow is not None and ep.name not in allow and dist not in allow:
+        for ep in sorted(importlib_metadata.entry_points(group=group), key=lambda e: e.name):
+            dist = _dist_name(ep) or "?"
+            if dist == THIS_DIST:  # an older install's entry points for the built-ins: BUILTIN_PLUGINS is the list
+                continue
+            if allow is not None and ep.name not in allow and dist not in allow:
                 continue
             if self.has_plugin(ep.name) or ep.name in self.broken:
                 continue
@@ -82,22 +98,19 @@ class LoraPluginManager(pluggy.PluginManager):
                 plugin = ep.load()
                 self.register(plugin, name=ep.name)
             except Exception as e:  # a broken plugin must not take the others down
-                if builtin:
-                    raise
                 self._report_broken(ep.name, dist, f"failed to load: {type(e).__name__}: {e}")
                 continue
-            version = _dist_version(ep) if not builtin else _own_version()
-            self.infos[ep.name] = PluginInfo(ep.name, dist, version, ep.value, builtin)
-        self._strategies = self._formats = self._algorithms = self._architectures = None
+            self.infos[ep.name] = PluginInfo(ep.name, dist, _dist_version(ep), ep.value, False)
+        self._found.clear()
 
     def register_plugin(self, plugin, name: str, dist: str = "<local>", version: str = "") -> None:
         """Register an in-process plugin object (for tests and scripts), as the entry-point loader would."""
         self.register(plugin, name=name)
         self.infos[name] = PluginInfo(name, dist, version, getattr(plugin, "__name__", repr(plugin)), False)
-        self._strategies = self._formats = self._algorithms = self._architectures = None
+        self._found.clear()
 
     def unregister(self, plugin=None, name=None):  # keep the caches truthful
-        self._strategies = self._formats = self._algorithms = self._architectures = None
+        self._found.clear()
         if name:
             self.infos.pop(name, None)
         return super().unregister(plugin=plugin, name=name)
@@ -107,104 +120,81 @@ class LoraPluginManager(pluggy.PluginManager):
         self.broken[name] = why
         log.warning("mindone-lora: plugin '%s' (%s) %s; continuing without it", name, dist, why)
 
-    # ------------------------------------------------------------------ discovery
+    # ------------------------------------------------------------------ discovery: one registry for every kind
 
-    def _collect(self, hook_name: str, kind: str) -> dict:
+    def _collect(self, kind: PluginKind) -> dict[str, tuple[object, str]]:
         found: dict[str, tuple[object, str]] = {}
-        for impl in getattr(self.hook, hook_name).get_hookimpls():
+        for impl in getattr(self.hook, kind.hook).get_hookimpls():
             plugin_name = impl.plugin_name
             try:
                 objects = list(impl.function() or ())
                 for obj in objects:
                     if not getattr(obj, "name", ""):
-                        raise TypeError(f"{kind} object {obj!r} has no name")
+                        raise TypeError(f"{kind.singular} object {obj!r} has no name")
             except Exception as e:
                 info = self.infos.get(plugin_name)
                 if info is not None and info.builtin:
                     raise
                 self._report_broken(plugin_name, info.dist if info else "?",
-                                    f"raised while registering {_plural(kind)}: "
-                                    f"{type(e).__name__}: {e}")
+                                    f"raised while registering {kind.plural}: {type(e).__name__}: {e}")
                 self.unregister(name=plugin_name)  # "continuing without it": none of its hooks run any more
                 continue
             for obj in objects:
                 if obj.name in found:
                     other = found[obj.name][1]
-                    raise PluginError(f"two plugins offer the {kind} '{obj.name}': '{other}' and '{plugin_name}'; "
-                                      f"uninstall one of them or set {ENV_PLUGINS} to choose")
+                    raise PluginError(f"two plugins offer the {kind.singular} '{obj.name}': '{other}' and "
+                                      f"'{plugin_name}'; uninstall one of them or set {ENV_PLUGINS} to choose")
                 found[obj.name] = (obj, plugin_name)
         return dict(sorted(found.items()))
 
+    def _registry(self, kind: str) -> dict[str, tuple[object, str]]:
+        if kind not in self._found:
+            self._found[kind] = self._collect(KINDS[kind])
+        return self._found[kind]
+
+    def objects(self, kind: str) -> dict:
+        """Name → object for every registered plugin object of ``kind`` (a key of :data:`KINDS`)."""
+        return {name: hit[0] for name, hit in self._registry(kind).items()}
+
+    def get(self, kind: str, name: str):
+        """The object of ``kind`` called ``name``; an unknown name is a :class:`PluginError` listing the valid
+        ones."""
+        found = self._registry(kind)
+        if name not in found:
+            spec = KINDS[kind]
+            hint = spec.hint(name) if spec.hint else ""
+            raise PluginError(f"unknown {spec.title} '{name}'; choose one of: {', '.join(found) or '(none installed)'}"
+                              + (f" ({hint})" if hint else ""))
+        return found[name][0]
+
+    def plugin_of(self, kind: str, name: str) -> str:
+        """The name of the plugin offering the object of ``kind`` called ``name``."""
+        self.get(kind, name)
+        return self._registry(kind)[name][1]
+
     def strategies(self) -> dict:
-        """Name → strategy object for every registered strategy."""
-        if self._strategies is None:
-            self._strategies = self._collect("mindone_lora_strategies", "strategy")
-        return {k: v[0] for k, v in self._strategies.items()}
+        return self.objects("strategies")
 
     def formats(self) -> dict:
-        """Name → format object for every registered format."""
-        if self._formats is None:
-            self._formats = self._collect("mindone_lora_formats", "format")
-        return {k: v[0] for k, v in self._formats.items()}
+        return self.objects("formats")
 
     def algorithms(self) -> dict:
-        """Name → algorithm object for every registered adapter algorithm."""
-        if self._algorithms is None:
-            self._algorithms = self._collect("mindone_lora_algorithms", "algorithm")
-        return {k: v[0] for k, v in self._algorithms.items()}
+        return self.objects("algorithms")
 
     def architectures(self) -> dict:
-        """Name → architecture object for every registered architecture (model family)."""
-        if self._architectures is None:
-            self._architectures = self._collect("mindone_lora_architectures", "architecture")
-        return {k: v[0] for k, v in self._architectures.items()}
-
-    def architecture_plugin(self, name: str) -> str:
-        self.architectures()
-        return self._architectures[name][1]
-
-    def get_architecture(self, name: str):
-        found = self.architectures()
-        if name not in found:
-            raise PluginError(f"unknown architecture '{name}'; choose one of: {', '.join(found) or '(none installed)'}")
-        return found[name]
-
-    def algorithm_plugin(self, name: str) -> str:
-        self.algorithms()
-        return self._algorithms[name][1]
-
-    def get_algorithm(self, name: str):
-        if self._algorithms is None:
-            self.algorithms()
-        hit = self._algorithms.get(name)
-        if hit is None:
-            from mindone_lora_plugin.formats.variants import plugin_for_algorithm
-
-            hint = plugin_for_algorithm(name)
-            raise PluginError(f"unknown LoRA algorithm '{name}'; choose one of: "
-                              f"{', '.join(self._algorithms) or '(none installed)'}" + (f" ({hint})" if hint else ""))
-        return hit[0]
-
-    def strategy_plugin(self, name: str) -> str:
-        self.strategies()
-        return self._strategies[name][1]
-
-    def format_plugin(self, name: str) -> str:
-        self.formats()
-        return self._formats[name][1]
+        return self.objects("architectures")
 
     def get_strategy(self, name: str):
-        found = self.strategies()
-        if name not in found:
-            raise PluginError(f"unknown LoRA strategy '{name}'; choose one of: "
-                              f"{', '.join(found) or '(none installed)'}")
-        return found[name]
+        return self.get("strategies", name)
 
     def get_format(self, name: str):
-        found = self.formats()
-        if name not in found:
-            raise PluginError(f"unknown LoRA format '{name}'; choose one of: {', '.join(found) or '(none installed)'}")
-        return found[name]
+        return self.get("formats", name)
+
+    def get_algorithm(self, name: str):
+        return self.get("algorithms", name)
+
+    def get_architecture(self, name: str):
+        return self.get("architectures", name)
 
     def add_arguments(self, parser) -> None:
         """Let every plugin add its command-line arguments to ``parser`` (an argparse parser or group).
@@ -247,24 +237,21 @@ class LoraPluginManager(pluggy.PluginManager):
 
     def describe(self) -> dict:
         """What ``mindone-lora plugins --json`` prints."""
-        strategies, formats, algorithms = self.strategies(), self.formats(), self.algorithms()
-        architectures = self.architectures()
+        def described(kind, obj, plugin):
+            if kind == "formats":
+                return {"name": obj.name, "plugin": plugin, "description": obj.description,
+                        "filename": obj.default_filename("<output_name>")}
+            return dict(obj.describe(), plugin=plugin)
+
+        listed = {kind: [described(kind, obj, plugin) for obj, plugin in self._registry(kind).values()]
+                  for kind in KINDS}
         return {
             "plugins": [{"name": i.name, "version": i.version, "distribution": i.dist, "module": i.module,
                          "builtin": i.builtin, "hooks": self._hook_names(i.name)}
                         for i in self.infos.values() if self.get_plugin(i.name) is not None],
             "broken": [{"name": n, "error": why} for n, why in self.broken.items()],
-            "strategies": [dict(s.describe(), plugin=self.strategy_plugin(n)) for n, s in strategies.items()],
-            "formats": [{"name": n, "plugin": self.format_plugin(n), "description": f.description,
-                         "filename": f.default_filename("<output_name>")} for n, f in formats.items()],
-            "algorithms": [dict(a.describe(), plugin=self.algorithm_plugin(n)) for n, a in algorithms.items()],
-            "architectures": [dict(a.describe(), plugin=self.architecture_plugin(n))
-                              for n, a in architectures.items()],
+            **listed,
         }
-
-
-def _plural(kind: str) -> str:
-    return "strategies" if kind == "strategy" else kind + "s"
 
 
 def _allowlist() -> set[str] | None:
@@ -312,3 +299,16 @@ def reset_plugin_manager() -> None:
     """Forget the process-wide manager (the next :func:`get_plugin_manager` reloads the entry points)."""
     global _MANAGER
     _MANAGER = None
+
+
+_BUILTINS_ONLY: LoraPluginManager | None = None
+
+
+def builtin_objects(kind: str) -> dict:
+    """Name → object of ``kind`` that the built-in plugins alone offer (what a reader given no formats uses)."""
+    global _BUILTINS_ONLY
+    if _BUILTINS_ONLY is None:
+        pm = LoraPluginManager()
+        pm.load_builtins()
+        _BUILTINS_ONLY = pm
+    return _BUILTINS_ONLY.objects(kind)

@@ -115,14 +115,16 @@ class LoraModule:
 class LoraState:
     """LoRA weights per component and module path, plus what a writer needs to know about the base model.
 
-    ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...) or ``None`` when unknown. ``unet_layers_per_block`` is the base
-    UNet's ``layers_per_block``; the SDXL kohya layout (SGM block numbers) depends on it. ``metadata`` holds free-form
-    string metadata: training arguments, names, a file's header as read.
+    ``architecture`` is an installed architecture's name (``sd1``, ``sd2``, ``sdxl`` ...) or ``None`` when unknown.
+    ``base_config`` is what the architecture's file names depend on in the base model
+    (:meth:`~mindone_lora_plugin.architectures.base.Architecture.base_config`; SD: the UNet's ``layers_per_block``,
+    which the SDXL kohya layout's SGM block numbers depend on). ``metadata`` holds free-form string metadata: training
+    arguments, names, a file's header as read.
     """
 
     components: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
     architecture: str | None = None
-    unet_layers_per_block: int | None = None
+    base_config: dict = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
     def modules(self):
@@ -158,7 +160,7 @@ class LoraState:
         return Counter(m.algo.label(m) for c in comps for m in self.components.get(c, {}).values())
 
     def astype(self, dtype) -> "LoraState":
-        out = LoraState(architecture=self.architecture, unet_layers_per_block=self.unet_layers_per_block,
+        out = LoraState(architecture=self.architecture, base_config=dict(self.base_config),
                         metadata=dict(self.metadata))
         for comp, path, mod in self.modules():
             out.add(comp, path, mod.astype(dtype))
@@ -166,7 +168,7 @@ class LoraState:
 
     def scaled(self, weight: float) -> "LoraState":
         """The same LoRA with its effect multiplied by ``weight`` (the up matrices are scaled)."""
-        out = LoraState(architecture=self.architecture, unet_layers_per_block=self.unet_layers_per_block,
+        out = LoraState(architecture=self.architecture, base_config=dict(self.base_config),
                         metadata=dict(self.metadata))
         for comp, path, mod in self.modules():
             out.add(comp, path, mod.scaled(weight))

@@ -1,42 +1,26 @@
-"""Tiny SD1.x and SDXL pipelines, built from config with fixed seeds (the embedded default and the test fixtures).
-
-They keep every module kind a real model has (ResNet blocks with 3×3 and 1×1 convs, down/upsamplers, transformer
-blocks with self/cross attention and GEGLU feed-forward, CLIP text encoders, a VAE), but are small enough to train on
-a laptop CPU. They are saved in the diffusers folder layout with ``save_pretrained``, so tiny and real models go
-through the same ``from_pretrained`` path. Nothing is downloaded: the CLIP BPE tokenizer's vocabulary and merges are
-generated here. Building the same model twice gives byte-identical weight files.
-
-    python -m mindone_lora_plugin.tiny sd1 ./tiny-sd1
+"""What every family's tiny models share (SD's: :mod:`.architectures.sd.tiny`, FLUX.1's:
+:mod:`.architectures.flux.tiny`): the generated CLIP BPE tokenizer (nothing is downloaded), the tiny VAE and CLIP
+configs, the fixed seed, and saving a pipeline into a model folder in the diffusers layout (text encoders under the
+transformers names), atomically. Building the same model twice gives byte-identical weight files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 # Words the generated tokenizer knows as whole tokens (everything else falls back to characters).
 WORDS = ("a", "an", "photo", "picture", "of", "the", "and", "on", "in", "with", "background", "shape", "toy",
          "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle",
          "cross", "dog", "cat", "sks", "small", "big")
 
-SD1_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-                cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-SDXL_UNET = dict(SD1_UNET, cross_attention_dim=64, transformer_layers_per_block=(1, 2), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=80)  # 6 time ids × 8 + pooled text embedding (32)
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
            norm_num_groups=32, sample_size=32, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
 CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, max_position_embeddings=77,
             layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=1,
             pad_token_id=1)
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 SEED = 0
-RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16×16
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -84,53 +68,6 @@ def build_tokenizer(folder: str):
                          model_max_length=CLIP["max_position_embeddings"], pad_token="<|endoftext|>")
 
 
-def build_pipeline(kind: str = "sd1", workdir: str | None = None):
-    """Build a tiny ``StableDiffusionPipeline`` (``kind="sd1"``) or ``StableDiffusionXLPipeline`` (``"sdxl"``)."""
-    import tempfile
-
-    import mindspore as ms
-    import numpy as np
-
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
-
-    quiet_mindone_imports()
-    from mindone.diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                                   StableDiffusionXLPipeline, UNet2DConditionModel)
-    from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
-    from transformers import CLIPTextConfig
-
-    if kind not in ("sd1", "sdxl"):
-        raise ValueError(f"unknown tiny model kind {kind!r}: choose sd1 or sdxl")
-    workdir = workdir or tempfile.mkdtemp(prefix="tiny-tokenizer-")
-    tokenizer = build_tokenizer(os.path.join(workdir, "tokenizer"))
-    te_config = CLIPTextConfig(vocab_size=len(tokenizer), **CLIP)
-
-    def seeded(offset, factory):
-        ms.set_seed(SEED + offset)
-        np.random.seed(SEED + offset)
-        return factory()
-
-    vae = seeded(1, lambda: AutoencoderKL(**VAE))
-    scheduler = DDIMScheduler(**SCHEDULER)
-    if kind == "sd1":
-        unet = seeded(0, lambda: UNet2DConditionModel(**SD1_UNET))
-        text_encoder = seeded(2, lambda: CLIPTextModel(te_config))
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    unet = seeded(0, lambda: UNet2DConditionModel(**SDXL_UNET))
-    text_encoder = seeded(2, lambda: CLIPTextModel(te_config))
-    text_encoder_2 = seeded(3, lambda: CLIPTextModelWithProjection(te_config))
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True)
-
-
-def save_tiny_model(kind: str, folder: str) -> str:
-    """Build the tiny ``kind`` pipeline and save it at ``folder`` in diffusers layout; return ``folder``."""
-    return save_pipeline(lambda tmp: build_pipeline(kind, tmp), folder)
-
-
 def save_pipeline(build, folder: str) -> str:
     """Save the pipeline ``build(workdir)`` makes at ``folder`` (its text encoders' weights under the transformers
     names mindone and HF load); return ``folder``."""
@@ -166,11 +103,6 @@ def _to_transformers_names(path: str) -> None:
     safetensors_io.save(renamed, path, dict(metadata, format="pt"))
 
 
-def ensure_tiny_model(kind: str, folder: str) -> str:
-    """Save the tiny model at ``folder`` unless a complete one is already there."""
-    return ensure_folder(folder, "unet", lambda tmp: save_tiny_model(kind, tmp))
-
-
 def ensure_folder(folder: str, denoiser: str, save) -> str:
     """A tiny model folder, built by ``save(tmp)`` into a temporary folder and renamed into place unless
     ``folder`` already holds a complete one (its ``model_index.json`` and the ``denoiser``'s weights)."""
@@ -187,8 +119,3 @@ def ensure_folder(folder: str, denoiser: str, save) -> str:
     return folder
 
 
-if __name__ == "__main__":  # pragma: no cover - a convenience for people
-    if len(sys.argv) != 3 or sys.argv[1] not in ("sd1", "sdxl"):
-        print("usage: python -m mindone_lora_plugin.tiny {sd1,sdxl} OUTPUT_FOLDER", file=sys.stderr)
-        raise SystemExit(2)
-    print(ensure_tiny_model(sys.argv[1], sys.argv[2]))

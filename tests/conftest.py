@@ -19,14 +19,14 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory) -> str:
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
 
     return ensure_tiny_model("sd1", str(tmp_path_factory.mktemp("models") / "tiny-sd1"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
-    from mindone_lora_plugin.tiny import ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
 
     return ensure_tiny_model("sdxl", str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
 

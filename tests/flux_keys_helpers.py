@@ -31,7 +31,7 @@ def linear_shapes(model) -> dict[str, tuple[int, ...]]:
 
 
 def flux_base(shapes: dict) -> BaseModelInfo:
-    return BaseModelInfo("flux", None, {"transformer": dict(shapes)}, source="<tiny flux>")
+    return BaseModelInfo("flux", {}, {"transformer": dict(shapes)}, source="<tiny flux>")
 
 
 def random_state(shapes: dict, seed: int = 0, paths=None, ranks=(1, 2, 3), alphas=(1.0, 2.0, 4.0, 8.0)) -> LoraState:

@@ -1,9 +1,9 @@
 """Synthetic base models and LoRA states for the format tests (pure numpy; no model is built).
 
 :func:`unet_modules` lists the Linear/Conv2d weights of a diffusers ``UNet2DConditionModel`` with the given block
-layout, with the shapes diffusers gives them; :func:`clip_modules` does the same for a CLIP text encoder. ``tiny_sd1()`` and
-``tiny_sdxl()`` mirror ``mindone_lora_plugin.tiny`` (block_out_channels (32, 64), layers_per_block 2, one down block
-without attention and one with).
+layout, with the shapes diffusers gives them; :func:`clip_modules` does the same for a CLIP text encoder.
+``tiny_sd1()`` and ``tiny_sdxl()`` mirror ``mindone_lora_plugin.architectures.sd.tiny`` (block_out_channels (32, 64),
+layers_per_block 2, one down block without attention and one with).
 """
 
 from __future__ import annotations
@@ -95,15 +95,15 @@ def clip_modules(hidden=32, layers=5, intermediate=37, projection=None) -> dict:
 
 
 def tiny_sd1() -> BaseModelInfo:
-    return BaseModelInfo("sd1", 2, {"unet": unet_modules(cross=32, linear_proj=False),
+    return BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": unet_modules(cross=32, linear_proj=False),
                                     "text_encoder": clip_modules()}, source="<tiny-sd1>")
 
 
 def tiny_sdxl() -> BaseModelInfo:
-    return BaseModelInfo("sdxl", 2, {"unet": unet_modules(cross=64, linear_proj=True, transformer_layers=(1, 2),
-                                                          add_embedding_in=80),
-                                     "text_encoder": clip_modules(),
-                                     "text_encoder_2": clip_modules(projection=32)}, source="<tiny-sdxl>")
+    return BaseModelInfo("sdxl", {"layers_per_block": 2},
+                         {"unet": unet_modules(cross=64, linear_proj=True, transformer_layers=(1, 2), add_embedding_in=80),
+                          "text_encoder": clip_modules(),
+                          "text_encoder_2": clip_modules(projection=32)}, source="<tiny-sdxl>")
 
 
 def real_sdxl_unet() -> dict:
@@ -132,7 +132,7 @@ def random_state(base: BaseModelInfo, rng=None, conv=True, vary=True, dtype=np.f
                  alphas=(1.0, 4.0, 0.5, 8.0, 3.0), components=None) -> LoraState:
     """A LoraState over ``base``'s kohya targets with per-module ranks/alphas (uniform when ``vary`` is False)."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    st = LoraState(architecture=base.architecture, unet_layers_per_block=base.unet_layers_per_block)
+    st = LoraState(architecture=base.architecture, base_config=base.base_config)
     for comp, mods in base.modules.items():
         if components is not None and comp not in components:
             continue
@@ -188,7 +188,7 @@ def fake_model_folder(base: BaseModelInfo, folder) -> str:
         os.makedirs(sub, exist_ok=True)
         if comp == "unet":
             cross = mods["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"][1]
-            config = {"layers_per_block": base.unet_layers_per_block, "cross_attention_dim": cross}
+            config = {"layers_per_block": base.base_config.get("layers_per_block"), "cross_attention_dim": cross}
             name = "diffusion_pytorch_model.safetensors"
         else:
             config = {"hidden_size": mods["text_model.encoder.layers.0.self_attn.q_proj"][1]}

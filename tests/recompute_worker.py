@@ -20,8 +20,8 @@ def build(gc: bool):
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.tiny import SD1_UNET
-    from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner
+    from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
+    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD1_UNET)

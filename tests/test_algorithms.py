@@ -46,7 +46,7 @@ def state_of(pm, algo: str, settings=None, seed=0) -> LoraState:
     """A LoRA of ``algo`` on one attention Linear and one 3×3 conv of the tiny SD1 UNet, random non-zero tensors."""
     a = pm.get_algorithm(algo)
     rng = np.random.default_rng(seed)
-    st = LoraState(architecture="sd1", unet_layers_per_block=2)
+    st = LoraState(architecture="sd1", base_config={"layers_per_block": 2})
     for path, shape, rank in ((ATTN, (64, 64), 4), (CONV, (64, 32, 3, 3), 2)):
         tensors = {k: (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
                    for k, v in a.init_tensors(shape, rank, dict(settings or {}), rng).items()}
@@ -385,11 +385,12 @@ def test_strategy_hookspec_example_runs(plugin_manager, tiny_sd1):
     assert targets and all(".ff." in p for p in targets)
 
 
-def test_builtin_plugin_list_is_setup_cfg():
-    """The source-tree fallback reads the built-in plugins from setup.cfg, which the installed entry points match."""
-    from importlib import metadata
+def test_builtin_plugin_list_is_in_code():
+    """The built-in plugins, algorithms included, come from the one list in code, whatever an install's entry-point
+    metadata says."""
+    from mindone_lora_plugin.builtin_plugins import BUILTIN_PLUGINS
+    from mindone_lora_plugin.plugins import builtin_objects
 
-    from mindone_lora_plugin.plugins import THIS_DIST, _dist_name, _source_tree_plugins
-
-    installed = {ep.name: ep.value for ep in metadata.entry_points(group="mindone_lora") if _dist_name(ep) == THIS_DIST}
-    assert _source_tree_plugins() == installed and "lora" in installed
+    assert BUILTIN_PLUGINS["lora"] == "mindone_lora_plugin.algorithms.lora"
+    assert list(builtin_objects("algorithms")) == ["lora"]
+    assert list(builtin_objects("formats")) == ["diffusers", "kohya"]

@@ -16,7 +16,7 @@ from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures import (FolderInfo, component_of, detect_folder, detect_lora,
                                                known_components)
 from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Architecture, Component, Evidence, TargetRule
-from mindone_lora_plugin.architectures.sd import SD1
+from mindone_lora_plugin.architectures.sd.arch import SD1
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.errors import LoraError, PluginError
@@ -29,14 +29,14 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 
 def tiny_sd2() -> BaseModelInfo:
-    return BaseModelInfo("sd2", 2, {"unet": unet_modules(cross=1024, linear_proj=True),
+    return BaseModelInfo("sd2", {"layers_per_block": 2}, {"unet": unet_modules(cross=1024, linear_proj=True),
                                     "text_encoder": clip_modules(hidden=1024, layers=2, intermediate=64)},
                          source="<tiny-sd2>")
 
 
 def small_sd1() -> BaseModelInfo:
     """SD1.x's real cross-attention width (768) on a tiny UNet (the tiny test model's 32 says nothing)."""
-    return BaseModelInfo("sd1", 2, {"unet": unet_modules(cross=768, linear_proj=False),
+    return BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": unet_modules(cross=768, linear_proj=False),
                                     "text_encoder": clip_modules(hidden=768, layers=2, intermediate=64)},
                          source="<small-sd1>")
 
@@ -56,17 +56,17 @@ def register(pm, name: str, *architectures):
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def test_builtin_architectures_are_listed_with_the_core_plugin(plugin_manager, capsys):
+def test_builtin_architectures_are_listed_with_their_family_plugins(plugin_manager, capsys):
     assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sdxl"]
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
-    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "core", "sd1": "core", "sd2": "core", "sdxl": "core"}
+    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sdxl": "sd"}
     assert listed["sdxl"]["components"] == ["unet", "text_encoder", "text_encoder_2"]
     assert listed["sdxl"]["default_strategy"] == "sdxl" and listed["sd1"]["presets"] == ["attn", "kohya",
                                                                                            "kohya-conv"]
     assert main(["plugins"]) == 0
     table = capsys.readouterr().out
-    assert "Architectures:" in table and "  sdxl " in table.split("Architectures:")[1] and "[core]" in table
+    assert "Architectures:" in table and "  sdxl " in table.split("Architectures:")[1] and "[sd]" in table
 
 
 def test_unknown_and_duplicate_architecture_names(plugin_manager):
@@ -77,7 +77,7 @@ def test_unknown_and_duplicate_architecture_names(plugin_manager):
         pass
 
     register(plugin_manager, "again", Again())
-    with pytest.raises(PluginError, match=r"two plugins offer the architecture 'sd1': 'core' and 'again'"):
+    with pytest.raises(PluginError, match=r"two plugins offer the architecture 'sd1': 'sd' and 'again'"):
         plugin_manager.architectures()
 
 
@@ -199,7 +199,7 @@ class Toy(Architecture):
             return Evidence(self.name, STRUCTURE, "it has weights for a toy denoiser")
         return super().detect_lora(parsed, tensors, metadata, sgm_used)
 
-    def resolve_name(self, component, name, flat, layers_per_block=None):
+    def resolve_name(self, component, name, flat, base_config=None):
         path = name.replace("_", ".") if flat else name
         return path if path.startswith("blocks.") else None
 
@@ -332,7 +332,7 @@ class FusedToy(Toy):
         return sum(k.startswith("toy_fused.") for k in keys) if kohya else 0
 
     def read_file(self, tensors, metadata, base, where):
-        from mindone_lora_plugin.formats.names import ReadInfo
+        from mindone_lora_plugin.formats.plain import ReadInfo
 
         if not any(k.startswith("toy_fused.") for k in tensors):
             return None
@@ -361,3 +361,60 @@ def test_a_family_with_its_own_kohya_layout_writes_claims_and_reads_it(plugin_ma
         np.testing.assert_array_equal(mod.up, state.components["denoiser"]["blocks.0.attn.qkv"].up)
     assert main(["convert", path, str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
     assert read_lora(str(tmp_path / "d.safetensors")).architecture == "toy"
+
+
+class SharedPrefixToy(Architecture):
+    """A made-up family whose ``transformer`` shares SD's kohya prefix ``lora_unet_`` (as FLUX.1 and most DiT
+    families do)."""
+
+    name = "dit_toy"
+    label = "DiT-toy"
+    components = (Component("transformer", "builtins:object", "lora_unet"),)
+    denoiser = "transformer"
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        if any(pk.component == "transformer" and pk.name.startswith("dit_blocks_") for pk in parsed):
+            return Evidence(self.name, STRUCTURE, "it has dit_blocks")
+        return None
+
+    def resolve_name(self, component, name, flat, base_config=None):
+        if flat:
+            name = "dit_blocks." + name[len("dit_blocks_"):].replace("_", ".") if name.startswith("dit_blocks_") else ""
+        return name if component == "transformer" and name.startswith("dit_blocks.") else None
+
+
+def test_each_family_parses_a_shared_prefix_into_its_own_components(plugin_manager, tmp_path):
+    """``lora_unet_`` is SD's ``unet`` in an SD file and the toy's ``transformer`` in a toy file: the reader parses
+    a file with the prefixes of the family it belongs to, nothing is renamed afterwards."""
+    register(plugin_manager, "dit_toy_plugin", SharedPrefixToy())
+    rng = np.random.default_rng(0)
+    down, up = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    toy = {"lora_unet_dit_blocks_0_qkv.lora_down.weight": down, "lora_unet_dit_blocks_0_qkv.lora_up.weight": up}
+    safetensors_io.save(toy, str(tmp_path / "toy.safetensors"))
+    state = read_lora(str(tmp_path / "toy.safetensors"))
+    assert state.architecture == "dit_toy" and list(state.components) == ["transformer"]
+    assert list(state.components["transformer"]) == ["dit_blocks.0.qkv"]
+    sd = {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": down,
+          "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": up}
+    safetensors_io.save(sd, str(tmp_path / "sd.safetensors"))
+    assert list(read_lora(str(tmp_path / "sd.safetensors")).components) == ["unet"]
+    assert plugin_manager.get_architecture("dit_toy").key_prefixes().flat == (("lora_unet_", "transformer"),)
+
+
+def test_text_encoders_follow_the_components_kind(plugin_manager):
+    """``--train_text_encoder``/``--text_encoder_lr`` concern the components whose kind is ``text_encoder``,
+    whatever a family calls them."""
+    from mindone_lora_plugin.architectures import text_encoders
+    from mindone_lora_plugin.options import build_options
+
+    class Captioned(SharedPrefixToy):
+        name = "captioned_toy"
+        components = SharedPrefixToy.components + (
+            Component("captioner", "builtins:object", "lora_cap", kind="text_encoder"),)
+
+    register(plugin_manager, "captioned_plugin", Captioned())
+    assert text_encoders("sdxl") == ("text_encoder", "text_encoder_2") and text_encoders("sd1") == ("text_encoder",)
+    assert text_encoders("captioned_toy") == ("captioner",)
+    assert "captioner" in text_encoders()  # no architecture: every installed family's
+    opts = build_options(plugin_manager, strategy="unet", architecture="captioned_toy", text_encoder_lr=1e-5)
+    assert opts.learning_rates == {"captioner": 1e-5}

@@ -803,7 +803,7 @@ def test_vae_round_trip_is_finite():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_tiny_pipeline_inference(kind, tmp_path):
-    from mindone_lora_plugin.tiny import build_pipeline
+    from mindone_lora_plugin.architectures.sd.tiny import build_pipeline
 
     pipe = build_pipeline(kind, str(tmp_path))
     images = pipe("a photo of a red circle", num_inference_steps=2, height=32, width=32, output_type="np",

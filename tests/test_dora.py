@@ -27,7 +27,7 @@ def _dora_state(axis: str, seed: int = 3) -> tuple[LoraState, dict]:
     base = tiny_sd1()
     plain = random_state(base, np.random.default_rng(seed), conv=False)
     rng = np.random.default_rng(seed + 1)
-    out, weights = LoraState(architecture="sd1", unet_layers_per_block=base.unet_layers_per_block), {}
+    out, weights = LoraState(architecture="sd1", base_config=base.base_config), {}
     for comp, path, mod in plain.modules():
         shape = mod.base_shape()
         if len(shape) != 2:

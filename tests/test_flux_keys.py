@@ -200,7 +200,7 @@ def test_kohya_file_reads_split_and_writes_back_fused(tmp_path, shapes):
                        t["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"], 1.0).delta()
     np.testing.assert_allclose(tr["norm_out.linear"].delta(), np.concatenate([final[16:], final[:16]]), atol=1e-6)
     # with the base model: same result, shapes checked
-    assert_same_deltas(read_lora(path, base=BaseModelInfo("flux", None, {
+    assert_same_deltas(read_lora(path, base=BaseModelInfo("flux", {}, {
         "transformer": shapes, "text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": (8, 8)},
         "text_encoder_2": {"encoder.block.0.layer.0.SelfAttention.q": (8, 8)}})), lf.state)
     # kohya again: the same tensors, bit for bit (dense fused modules fuse back to themselves)
@@ -324,7 +324,8 @@ def one_line(excinfo):
 
 def test_flux_file_for_sd_base_and_sd_file_for_flux_base(tmp_path, shapes):
     flux_path = save(tmp_path, _kohya_tensors(), name="flux.safetensors")
-    sd1 = BaseModelInfo("sd1", 2, {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768)}},
+    sd1 = BaseModelInfo("sd1", {"layers_per_block": 2},
+                        {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768)}},
                         source="/models/sd15")
     with pytest.raises(LoraError) as e:
         read_lora(flux_path, base=sd1)
@@ -420,7 +421,7 @@ def test_the_flux_architecture_is_asked_by_the_formats_and_the_reader(tmp_path, 
     back = read_lora(kohya)
     assert back.architecture == "flux" and len(back) == 6
     with pytest.raises(LoraError, match=r"is a LoRA for FLUX.1 .* but the base model /sd15 is SD1.x"):
-        read_lora(kohya, base=BaseModelInfo("sd1", 2, {"unet": {}}, source="/sd15"))
+        read_lora(kohya, base=BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": {}}, source="/sd15"))
     assert main(["inspect", kohya]) == 0
     assert "architecture:  FLUX.1" in capsys.readouterr().out
 

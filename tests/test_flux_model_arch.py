@@ -109,16 +109,14 @@ def test_flux_variants_with_other_inputs_are_refused_in_one_line(tiny_flux):
 
     arch = get_plugin_manager().get_architecture("flux")
     fill = types.SimpleNamespace(config=types.SimpleNamespace(in_channels=384, guidance_embeds=True))
-    trainer = types.SimpleNamespace(args=types.SimpleNamespace(variant=None, discrete_flow_shift=None),
-                                    weight_dtype=ms.float32, models={"transformer": fill})
+    args = types.SimpleNamespace(variant=None, discrete_flow_shift=None)
     with pytest.raises(LoraError, match=r"^this FLUX transformer takes 384 input channels, not 4 × the VAE's 16 "
                                         r"latent channels: FLUX.1 Fill/Depth/Canny/Kontext variants are not supported"):
-        arch.load_training_parts(trainer, tiny_flux)
-    trainer.models = {"transformer": types.SimpleNamespace(config=types.SimpleNamespace(in_channels=64,
-                                                                                         guidance_embeds=True))}
-    trainer.args.discrete_flow_shift = 2.5
-    arch.load_training_parts(trainer, tiny_flux)
-    assert trainer.flow_shift == 2.5 and trainer.guidance is True and trainer.prediction_type == "flow_matching"
-    trainer.args.discrete_flow_shift = None
-    arch.load_training_parts(trainer, tiny_flux)
-    assert trainer.flow_shift == 3.0  # the dev scheduler's shift
+        arch.load_training_parts(tiny_flux, args, {"transformer": fill}, ms.float32)
+    models = {"transformer": types.SimpleNamespace(config=types.SimpleNamespace(in_channels=64, guidance_embeds=True))}
+    args.discrete_flow_shift = 2.5
+    parts = arch.load_training_parts(tiny_flux, args, models, ms.float32)
+    assert parts.flow_shift == 2.5 and parts.guidance is True and parts.prediction_type == "flow_matching"
+    assert [type(t).__name__ for t in parts.tokenizers] == ["CLIPTokenizer", "T5TokenizerFast"]
+    args.discrete_flow_shift = None
+    assert arch.load_training_parts(tiny_flux, args, models, ms.float32).flow_shift == 3.0  # the dev scheduler's

@@ -11,7 +11,8 @@ import pytest
 from formats_helpers import random_state, tiny_sd1, tiny_sdxl
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.tiny import CLIP, SD1_UNET, SDXL_UNET
+from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET, SDXL_UNET
+from mindone_lora_plugin.tiny import CLIP
 
 pytestmark = pytest.mark.interop
 

@@ -11,8 +11,9 @@ from safetensors.numpy import save_file
 from formats_helpers import (assert_states_equal, clip_modules, random_state, real_sd1_unet, real_sdxl_unet,
                              tiny_sd1, tiny_sdxl)
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats import sgm
-from mindone_lora_plugin.formats.names import NameResolver, flat_to_dotted, parse_key
+from mindone_lora_plugin.architectures.sd import sgm
+from mindone_lora_plugin.architectures.sd.keys import flat_to_dotted
+from mindone_lora_plugin.formats.names import NameResolver, parse_key
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 
@@ -34,7 +35,7 @@ def keyed(state, name_fn, down="lora_down.weight", up="lora_up.weight", alpha=Tr
 
 
 def with_alpha(state, fn):
-    out = LoraState(architecture=state.architecture, unet_layers_per_block=state.unet_layers_per_block)
+    out = LoraState(architecture=state.architecture, base_config=state.base_config)
     for comp, path, mod in state.modules():
         out.add(comp, path, LoraModule(mod.down, mod.up, fn(comp, path, mod)))
     return out
@@ -357,5 +358,5 @@ def test_layers_per_block_from_file(tmp_path):
                                                                z((64, 2, 1, 1), np.float32), 1.0))
     tensors = keyed(st, lambda c, p: "lora_unet_" + sgm.diffusers_to_sgm(p, 3).replace(".", "_"))
     got = read_lora(write(tmp_path / "l3.safetensors", tensors))
-    assert got.unet_layers_per_block == 3
+    assert got.base_config == {"layers_per_block": 3}
     assert sorted(got.components["unet"]) == sorted(st.components["unet"])

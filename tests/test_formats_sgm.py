@@ -3,7 +3,7 @@
 import pytest
 
 from formats_helpers import kohya_targets, real_sd1_unet, real_sdxl_unet, tiny_sdxl
-from mindone_lora_plugin.formats import sgm
+from mindone_lora_plugin.architectures.sd import sgm
 
 # §2.3: the real SDXL base layout (3 down blocks, layers_per_block 2, transformer layers (1, 2, 10))
 SDXL_TABLE = [
@@ -79,7 +79,7 @@ def test_reference_example_keys():
         "lora_unet_output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
     }
     for name, path in examples.items():
-        assert kohya_module_name("unet", path, "sdxl", 2) == name
+        assert kohya_module_name("unet", path, "sdxl", {"layers_per_block": 2}) == name
 
 
 @pytest.mark.parametrize("layout", ["real_sdxl", "real_sd1", "tiny_sdxl"])

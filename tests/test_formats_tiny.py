@@ -1,4 +1,5 @@
-"""The formats against the real tiny model folders (``mindone_lora_plugin.tiny``, built once per test session)."""
+"""The formats against the real tiny model folders (``mindone_lora_plugin.architectures.sd.tiny``, built once per test
+session)."""
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def test_synthetic_layout_matches_the_tiny_folder(folders, arch):
     real = BaseModelInfo.from_folder(folders[arch])
     synthetic = tiny_sd1() if arch == "sd1" else tiny_sdxl()
     assert real.architecture == synthetic.architecture
-    assert real.unet_layers_per_block == synthetic.unet_layers_per_block
+    assert real.base_config == synthetic.base_config
     assert real.modules == synthetic.modules
 
 

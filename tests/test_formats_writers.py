@@ -13,7 +13,7 @@ from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.formats.names import pattern_key
+from mindone_lora_plugin.formats.alphas import pattern_key
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 
@@ -238,4 +238,4 @@ def test_unknown_dtype(tmp_path):
 def test_formats_are_plugins(plugin_manager):
     formats = plugin_manager.formats()
     assert isinstance(formats["diffusers"], DiffusersFormat) and isinstance(formats["kohya"], KohyaFormat)
-    assert plugin_manager.format_plugin("kohya") == "kohya"
+    assert plugin_manager.plugin_of("formats", "kohya") == "kohya"

@@ -29,7 +29,7 @@ WEIGHTS = (0.7, -0.4)
 
 def random_lora(info: BaseModelInfo, rng, pick, rank_alpha) -> LoraState:
     """Random LoRA over the modules of ``info`` that ``pick(comp, path)`` selects; ``rank_alpha(path)`` → (r, alpha)."""
-    state = LoraState(architecture=info.architecture, unet_layers_per_block=info.unet_layers_per_block)
+    state = LoraState(architecture=info.architecture, base_config=info.base_config)
     for comp, modules in info.modules.items():
         for path, shape in sorted(modules.items()):
             if not pick(comp, path):

@@ -30,7 +30,7 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "plugins", "mindone-lora-fa")
-BUILTINS = ("core", "diffusers", "kohya", "lora", "sdxl", "text_encoder", "unet")
+BUILTINS = ("core", "diffusers", "flux", "kohya", "lora", "sd")
 LOGGER = "mindone_lora_plugin.plugins"
 
 
@@ -96,22 +96,41 @@ def lora_fa(plugin_manager):
 # ---------------------------------------------------------------------------------------------- discovery
 
 
-def test_builtins_are_entry_points_of_this_distribution(plugin_manager):
+def test_builtins_are_the_listed_modules_of_this_distribution(plugin_manager):
+    from mindone_lora_plugin.builtin_plugins import BUILTIN_PLUGINS
+
+    assert set(BUILTIN_PLUGINS) == set(BUILTINS)
     for name in BUILTINS:
         info = plugin_manager.infos[name]
-        assert info.builtin and info.dist == "mindone-lora-plugin"
+        assert info.builtin and info.dist == "mindone-lora-plugin" and info.module == BUILTIN_PLUGINS[name]
         assert info.version == mindone_lora_plugin.__version__
-    assert {"unet", "text_encoder", "sdxl"} <= set(plugin_manager.strategies())
+    assert {"unet", "text_encoder", "sdxl", "flux"} <= set(plugin_manager.strategies())
     assert {"diffusers", "kohya"} <= set(plugin_manager.formats())
-    for name in ("unet", "text_encoder", "sdxl"):
-        assert plugin_manager.strategy_plugin(name) == name
+    # each family registers its own strategies (and flags), each format plugin its format
+    for name, family in (("unet", "sd"), ("text_encoder", "sd"), ("sdxl", "sd"), ("flux", "flux")):
+        assert plugin_manager.plugin_of("strategies", name) == family
     for name in ("diffusers", "kohya"):
-        assert plugin_manager.format_plugin(name) == name
-    # the built-ins really come from this distribution's entry points, not from the source-tree fallback
-    eps = {ep.name: ep.value for ep in metadata.entry_points(group="mindone_lora")
-           if ep.dist is not None and ep.dist.name == "mindone-lora-plugin"}
-    assert set(BUILTINS) <= set(eps)
-    assert all(plugin_manager.infos[n].module == eps[n] for n in BUILTINS)
+        assert plugin_manager.plugin_of("formats", name) == name
+    hooks = {p["name"]: p["hooks"] for p in plugin_manager.describe()["plugins"]}
+    assert "mindone_lora_add_arguments" in hooks["flux"] and "mindone_lora_add_arguments" not in hooks["core"]
+    # no entry point of this distribution stands for a built-in: the list above is the only one
+    eps = [ep for ep in metadata.entry_points(group="mindone_lora")
+           if ep.dist is not None and ep.dist.name == "mindone-lora-plugin" and ep.value in BUILTIN_PLUGINS.values()]
+    assert all(plugin_manager.infos[ep.name].module == ep.value for ep in eps if ep.name in plugin_manager.infos)
+
+
+def test_one_registry_for_every_kind(plugin_manager):
+    from mindone_lora_plugin.plugins import KINDS
+
+    assert list(KINDS) == ["strategies", "formats", "algorithms", "architectures"]
+    for kind, spec in KINDS.items():
+        found = plugin_manager.objects(kind)
+        assert found and all(plugin_manager.get(kind, n) is obj for n, obj in found.items())
+        with pytest.raises(PluginError, match=rf"^unknown {spec.title} 'nope'; choose one of: "):
+            plugin_manager.get(kind, "nope")
+    if "loha" not in plugin_manager.algorithms():  # an algorithm a known plugin provides: the hint says which
+        with pytest.raises(PluginError, match=r"unknown LoRA algorithm 'loha'.*pip install mindone-lora-lycoris"):
+            plugin_manager.get_algorithm("loha")
 
 
 def test_the_example_plugin_is_installed_and_discovered(plugin_manager):
@@ -123,8 +142,8 @@ def test_the_example_plugin_is_installed_and_discovered(plugin_manager):
 
     assert info.version == metadata.version("mindone-lora-fa") == mindone_lora_fa.__version__
     assert info.module == "mindone_lora_fa.plugin"
-    assert plugin_manager.strategy_plugin("lora-fa") == "lora_fa"
-    assert plugin_manager.format_plugin("peft") == "lora_fa"
+    assert plugin_manager.plugin_of("strategies", "lora-fa") == "lora_fa"
+    assert plugin_manager.plugin_of("formats", "peft") == "lora_fa"
     described = {p["name"]: p for p in plugin_manager.describe()["plugins"]}["lora_fa"]
     assert described["hooks"] == ["mindone_lora_add_arguments", "mindone_lora_formats", "mindone_lora_load_weights",
                                   "mindone_lora_strategies"]
@@ -146,7 +165,7 @@ def test_a_third_party_entry_point_is_loaded_with_its_version(fake_dists):
     pm = fresh_manager()
     info = pm.infos["ff"]
     assert (info.dist, info.version, info.module, info.builtin) == ("mindone-lora-ff", "2.3.4", "mlff_plugin", False)
-    assert pm.strategy_plugin("ff") == "ff"
+    assert pm.plugin_of("strategies", "ff") == "ff"
     assert {"name": "ff", "version": "2.3.4"}.items() <= {p["name"]: p for p in pm.describe()["plugins"]}["ff"].items()
 
 
@@ -205,7 +224,7 @@ def test_a_duplicate_between_two_installed_distributions(fake_dists, monkeypatch
     # the allowlist is the way out
     monkeypatch.setenv(ENV_PLUGINS, "ff_two")
     pm = fresh_manager()
-    assert pm.strategy_plugin("ff") == "ff_two" and "ff_one" not in pm.infos
+    assert pm.plugin_of("strategies", "ff") == "ff_two" and "ff_one" not in pm.infos
 
 
 # ---------------------------------------------------------------------------------------------- unknown names
@@ -345,7 +364,7 @@ def test_plugins_json(lora_fa):
     for p in plugins.values():
         assert {"name", "version", "distribution", "module", "builtin", "hooks"} <= set(p)
     assert plugins["lora_fa"]["version"] == metadata.version("mindone-lora-fa")
-    assert plugins["unet"]["version"] == mindone_lora_plugin.__version__
+    assert plugins["sd"]["version"] == mindone_lora_plugin.__version__
     strategies = {s["name"]: s for s in info["strategies"]}
     assert {"unet", "text_encoder", "sdxl", "lora-fa"} <= set(strategies)
     for s in strategies.values():
@@ -441,7 +460,7 @@ def _state(seed: int = 0, te: bool = True) -> LoraState:
         up = rng.normal(size=(out, r) if k is None else (out, r, 1, 1)).astype(np.float32)
         return LoraModule(down, up, alpha)
 
-    state = LoraState(architecture="sd1", unet_layers_per_block=2, metadata={"ss_network_dim": "4"})
+    state = LoraState(architecture="sd1", base_config={"layers_per_block": 2}, metadata={"ss_network_dim": "4"})
     state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", mod(64, 64, 4, 2.0))
     state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", mod(64, 32, 4, 2.0))
     state.add("unet", "down_blocks.1.attentions.0.proj_in", mod(64, 64, 4, 2.0, k=1))
@@ -488,7 +507,7 @@ def test_peft_write_layout_and_read_back(peft, tmp_path):
 
     back = peft.read(path)
     _assert_same(state, back)
-    assert back.architecture == "sd1" and back.unet_layers_per_block == 2
+    assert back.architecture == "sd1" and back.base_config == {"layers_per_block": 2}
     assert back.metadata["ss_steps"] == "10"
     # one component folder, or its weights file, reads that component
     unet_only = peft.read(os.path.join(path, "unet", "adapter_model.safetensors"))

@@ -268,7 +268,7 @@ def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.train.data import BatchPlan
     from mindone_lora_plugin.train.masks import MaskSource, latent_masks
-    from mindone_lora_plugin.train.step import DenoiseLoss, TextConditioner
+    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 3] = 255

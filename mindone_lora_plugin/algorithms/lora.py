@@ -162,7 +162,7 @@ class PlainLora(LoraAlgorithm):
 
                 wrap_modules(cell, sorted(targets), swap)
             return
-        from mindone_lora_plugin.strategies.base import is_linear
+        from mindone_lora_plugin.models import is_linear
 
         named = dict(cell.cells_and_names())
         convs = sorted(p for p in targets if p in named and not is_linear(named[p]))

@@ -1,6 +1,6 @@
 """Model families (architectures): the :class:`~.base.Architecture` plugin object and the detectors that ask every
-installed one. SD1.x, SD2.x and SDXL are built in (:mod:`.sd`), registered by the ``core`` plugin through the
-``mindone_lora_architectures`` hook like any third-party family.
+installed one. SD1.x, SD2.x and SDXL (:mod:`.sd`) and FLUX.1 (:mod:`.flux`) are built in, each family a plugin of its
+own registering through the ``mindone_lora_architectures`` hook like any third-party family.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from mindone_lora_plugin.architectures.base import Architecture, Component, Evidence, FolderInfo, TargetRule
 
 __all__ = ["Architecture", "Component", "Evidence", "FolderInfo", "TargetRule", "get_architecture",
-           "installed_architectures", "detect_folder", "detect_lora", "component_of", "label", "known_components"]
+           "installed_architectures", "detect_folder", "detect_lora", "component_of", "label", "known_components",
+           "text_encoders"]
 
 
 def installed_architectures() -> dict:
@@ -66,6 +67,14 @@ def component_of(cell) -> str | None:
         if found is not None and (best is None or found[0] > best[0]):
             best = found
     return best[1] if best else None
+
+
+def text_encoders(architecture: str | None = None) -> tuple[str, ...]:
+    """The components of ``architecture`` that are text encoders (by their kind: what ``--train_text_encoder`` and
+    ``--text_encoder_lr`` concern), or of every installed architecture when it is None or not installed."""
+    arch = find_architecture(architecture)
+    archs = [arch] if arch is not None else installed_architectures().values()
+    return tuple(dict.fromkeys(c.name for a in archs for c in a.components if c.is_text_encoder))
 
 
 def known_components() -> tuple[str, ...]:

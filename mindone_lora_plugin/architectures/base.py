@@ -1,8 +1,9 @@
 """The architecture plugin object: everything the core knows about one model family.
 
 A plugin offers model families by yielding instances of an :class:`Architecture` subclass from its
-``mindone_lora_architectures()`` hook implementation (SD1.x, SD2.x and SDXL are the built-in ones, in
-:mod:`mindone_lora_plugin.architectures.sd`). An architecture owns:
+``mindone_lora_architectures()`` hook implementation (the built-in ones: SD1.x, SD2.x and SDXL in
+:mod:`mindone_lora_plugin.architectures.sd`, FLUX.1 in :mod:`mindone_lora_plugin.architectures.flux`). An
+architecture owns:
 
 * its **components** (:class:`Component`: name, model class, folder, kohya and diffusers key prefixes, the classes that
   identify a live cell) and how to load them;
@@ -76,6 +77,38 @@ class Component:
     def model_type(self):
         module, _, attr = self.model_class.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class TrainingParts:
+    """What an architecture loads for training besides the components LoRA adapts (returned by
+    :meth:`Architecture.load_training_parts`; the trainer keeps it as ``trainer.parts``): the VAE, one tokenizer per
+    text encoder (in the order its text conditioner takes their token ids), the noise scheduler and the prediction
+    type (``epsilon``, ``v_prediction``, ``flow_matching``: what ``ss_prediction_type`` records). A family adds what
+    its own loss and inputs need in a subclass (SD: the DDPM ``alphas_cumprod``; FLUX.1: the flow shift)."""
+
+    vae: object
+    tokenizers: tuple
+    noise_scheduler: object
+    prediction_type: str
+
+
+@dataclass(frozen=True)
+class KeyPrefixes:
+    """How a family's LoRA file keys name its components (what the key parser asks each architecture for).
+
+    ``flat``: kohya prefixes (``lora_unet_``) → component; ``dotted``: PEFT/diffusers prefixes (``unet.``) →
+    component, or None when the module path decides (PEFT's ``base_model.model.``); ``roots``: module-path starts
+    (``down_blocks.``) → component, for keys without a component prefix; ``fallback``: the component of a
+    ``None``-prefixed key whose path matches no root (None: such a key is not this family's); ``text_encoders``: the
+    components that are text encoders (old diffusers attention-processor keys name their modules differently).
+    """
+
+    flat: tuple[tuple[str, str], ...] = ()
+    dotted: tuple[tuple[str, str | None], ...] = ()
+    roots: tuple[tuple[str, str], ...] = ()
+    fallback: str | None = None
+    text_encoders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,16 +256,36 @@ class Architecture:
     def kohya_prefix(self, component: str) -> str:
         return self.component(component).kohya_prefix
 
-    def kohya_name(self, component: str, path: str, layers_per_block: int | None = None) -> str:
+    def base_config(self, denoiser_config: dict) -> dict:
+        """What this family's file names depend on in the base model's denoiser config (its ``config.json``, or a
+        live cell's config): carried by :class:`~mindone_lora_plugin.basemodel.BaseModelInfo` and
+        :class:`~mindone_lora_plugin.state.LoraState` to :meth:`kohya_name`, :meth:`resolve_name` and
+        :meth:`base_aliases`. Default: nothing (SD: the UNet's ``layers_per_block``, which SDXL's SGM names need)."""
+        return {}
+
+    def kohya_name(self, component: str, path: str, base_config: dict | None = None) -> str:
         """The kohya module name of ``component.path`` (``lora_unet_down_blocks_0_...``)."""
         return self.kohya_prefix(component) + "_" + path.replace(".", "_")
 
-    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block: int | None = None) -> str | None:
+    def resolve_name(self, component: str, name: str, flat: bool, base_config: dict | None = None) -> str | None:
         """The module path a file's name means when no base model is known (``flat``: a kohya ``_``-joined name),
         or None when the grammar does not know it."""
         return None
 
-    def base_aliases(self, component: str, paths, layers_per_block: int | None = None) -> dict[str, str]:
+    def key_prefixes(self) -> KeyPrefixes:
+        """The component prefixes of this family's file keys; default: each component's kohya prefix
+        (``lora_unet_``) and diffusers prefix (``unet.``)."""
+        return KeyPrefixes(flat=tuple((c.kohya_prefix + "_", c.name) for c in self.components),
+                           dotted=tuple((c.key_prefix + ".", c.name) for c in self.components),
+                           text_encoders=self.text_encoders())
+
+    def name_layout(self, parsed) -> tuple[bool, dict]:
+        """What a file's parsed keys (:class:`~mindone_lora_plugin.formats.names.ParsedKey`) say about their
+        spelling when no base model is known: ``(spelled in another layout of this family's modules, the
+        :meth:`base_config` that spelling implies)`` — SDXL's SGM names; default ``(False, {})``."""
+        return False, {}
+
+    def base_aliases(self, component: str, paths, base_config: dict | None = None) -> dict[str, str]:
         """Other dotted spellings files use for a base model's module ``paths`` (spelling → path); default none."""
         return {}
 
@@ -292,9 +345,9 @@ class Architecture:
 
     # ------------------------------------------------------------------ training and pipelines (MindSpore)
 
-    def load_training_parts(self, trainer, folder: str) -> None:
-        """Load what training needs besides the adapted components onto ``trainer`` (VAE, tokenizers, noise
-        scheduler, prediction type ...), after ``trainer.models`` is loaded."""
+    def load_training_parts(self, folder: str, args, models, weight_dtype) -> TrainingParts:
+        """Load what training needs besides the adapted components (``models``, loaded in ``weight_dtype``) from the
+        model ``folder``, as the run's ``args`` say: a :class:`TrainingParts`."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
     def text_conditioner(self, models):

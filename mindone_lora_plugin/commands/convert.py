@@ -64,6 +64,7 @@ def output_name_for(in_path: str, out: str) -> str:
 def run(args, formats=None) -> int:
     from mindone_lora_plugin.basemodel import BaseModelInfo
     from mindone_lora_plugin.formats.arch import label
+    from mindone_lora_plugin.formats.common import PlainLoraFormat
     from mindone_lora_plugin.formats.reader import open_lora
 
     known = available_formats(formats)
@@ -72,7 +73,7 @@ def run(args, formats=None) -> int:
     target = known[args.to]
     out = args.output
     ext = os.path.splitext(out.rstrip(os.sep))[1]
-    if target.name in ("diffusers", "kohya") and ext and ext.lower() != ".safetensors" and not os.path.isdir(out):
+    if isinstance(target, PlainLoraFormat) and ext and ext.lower() != ".safetensors" and not os.path.isdir(out):
         raise LoraError(f"OUT {out} must be a .safetensors file or a folder; LoRA files are only written as "
                         "safetensors")
     base = BaseModelInfo.from_folder(args.base) if args.base else None
@@ -80,9 +81,9 @@ def run(args, formats=None) -> int:
     state = lf.state
     name = output_name_for(lf.path, out)
     written = target.write(state, out, dtype=getattr(args, "dtype", None), output_name=name)
-    from mindone_lora_plugin.commands.inspect import ordered_components
+    from mindone_lora_plugin.state import component_order
 
-    comps = ", ".join(f"{c} {len(state.components[c])}" for c in ordered_components(state))
+    comps = ", ".join(f"{c} {len(state.components[c])}" for c in sorted(state.components, key=component_order))
     arch = label(state.architecture) if state.architecture else "unknown architecture"
     print(f"wrote {written} ({target.name}, {arch}, {len(state)} modules: {comps}; read as {lf.format.name})")
     return 0

@@ -105,8 +105,8 @@ def _split_plain(pairs):
         for comp, path, mod in state.modules():
             key = "lora" if mod.algorithm == "lora" and not mod.algo.needs_base_weight(mod) else "other"
             if key not in parts:
-                parts[key] = LoraState(architecture=state.architecture,
-                                       unet_layers_per_block=state.unet_layers_per_block, metadata=state.metadata)
+                parts[key] = LoraState(architecture=state.architecture, base_config=state.base_config,
+                                       metadata=state.metadata)
             parts[key].add(comp, path, mod)
         plain.append((parts.get("lora", LoraState(architecture=state.architecture)), weight))
         if "other" in parts:

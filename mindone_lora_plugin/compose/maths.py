@@ -92,8 +92,7 @@ def concat_loras(loras, dtype=np.float32) -> LoraState:
                         f"modules; pass --rank N{dora} to reduce the merged weight changes to a LoRA of rank N by SVD")
     arch = _arch_of(pairs)
     groups = grouped_modules(pairs)
-    lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
-    out = LoraState(architecture=arch, unet_layers_per_block=lpb)
+    out = LoraState(architecture=arch, base_config=next((s.base_config for s, _ in pairs if s.base_config), {}))
     for (comp, path), parts in groups.items():
         conv = any(m.down.ndim == 4 for m, _ in parts)
         downs, ups = [], []
@@ -138,8 +137,7 @@ def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[L
     if not pairs:
         raise LoraError("no LoRA to combine")
     arch = _arch_of(pairs)
-    lpb = next((s.unet_layers_per_block for s, _ in pairs if s.unet_layers_per_block), None)
-    out = LoraState(architecture=arch, unet_layers_per_block=lpb)
+    out = LoraState(architecture=arch, base_config=next((s.base_config for s, _ in pairs if s.base_config), {}))
     err2 = tot2 = 0.0
     for (comp, path), parts in sorted(grouped_modules(pairs).items()):  # one module's change in memory at a time
         delta = _looked_up_change((comp, path), parts, base_weights)

@@ -6,6 +6,7 @@ import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPES  # noqa: F401  (re-exported)
 from mindone_lora_plugin.dtypes import as_dtype as cast  # noqa: F401  (re-exported for the writers)
 from mindone_lora_plugin.dtypes import numpy_dtype as resolve_dtype  # noqa: F401  (re-exported for the writers)
@@ -59,13 +60,14 @@ def modelspec(arch: str, meta: dict[str, str], title: str, implementation: str, 
 def read_plain_lora(path: str, base: BaseModelInfo | None = None):
     """Read any plain-LoRA safetensors file: ``(LoraState, ReadInfo)``. Refuses pickles and non-plain variants."""
     from mindone_lora_plugin import safetensors_io
-    from mindone_lora_plugin.formats.names import build_state
+    from mindone_lora_plugin.algorithms import installed_algorithms
+    from mindone_lora_plugin.formats.plain import build_state
     from mindone_lora_plugin.formats.variants import refuse_variants
 
     header, _ = safetensors_io.read_header(path)
     metadata = dict(header.get("__metadata__") or {})
     keys = [k for k in header if k != "__metadata__"]
-    refuse_variants(keys, metadata, where=path)
+    refuse_variants(keys, metadata, path, set(installed_algorithms()))
     tensors, metadata = safetensors_io.load(path)
     from mindone_lora_plugin.algorithms.base import check_finite
 
@@ -79,6 +81,16 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
         if done is not None:
             return done
     return build_state(tensors, metadata, base=base, path=path, where=path)
+
+
+class PlainLoraFormat(LoraFormat):
+    """A format whose files are one safetensors file of plain-LoRA-style keys, read by the common parser
+    (:func:`read_plain_lora`): the reader checks such a file for pickles and unknown algorithms first and keeps what
+    the parser learned (:class:`~mindone_lora_plugin.formats.plain.ReadInfo`)."""
+
+    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
+        state, _ = read_plain_lora(path, base)
+        return state
 
 
 def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:

@@ -17,10 +17,8 @@ import json
 from collections import Counter
 
 from mindone_lora_plugin import safetensors_io
-from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.common import cast, merged_metadata, modelspec, read_plain_lora, resolve_dtype
+from mindone_lora_plugin.formats.common import PlainLoraFormat, cast, merged_metadata, modelspec, resolve_dtype
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState, most_common
 
@@ -72,7 +70,7 @@ def adapter_metadata(state: LoraState) -> dict:
     return out
 
 
-class DiffusersFormat(LoraFormat):
+class DiffusersFormat(PlainLoraFormat):
     name = "diffusers"
     description = ("diffusers/PEFT pytorch_lora_weights.safetensors (mindone and HF diffusers load_lora_weights); "
                    "lora_A/lora_B keys, per-module alphas in lora_adapter_metadata")
@@ -96,10 +94,6 @@ class DiffusersFormat(LoraFormat):
         from mindone_lora_plugin.formats.kohya import family_keys
 
         return share_claim(max(mine, family_keys(keys, False)), len(keys))
-
-    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
-        state, _ = read_plain_lora(path, base)
-        return state
 
     def supports(self, algorithm) -> bool:
         return algorithm.peft_names is not None

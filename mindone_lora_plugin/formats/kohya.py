@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import numpy as np
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats.base import LoraFormat
-from mindone_lora_plugin.formats.common import (is_v_prediction, merged_metadata, modelspec, names_for,
-                                                read_plain_lora, resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (PlainLoraFormat, is_v_prediction, merged_metadata, modelspec, names_for,
+                                                resolve_dtype, writer_architecture)
 from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState
@@ -27,12 +25,12 @@ from mindone_lora_plugin.state import LoraState
 NETWORK_MODULE = "networks.lora"
 
 
-def kohya_module_name(component: str, path: str, architecture: str, layers_per_block: int | None = None) -> str:
+def kohya_module_name(component: str, path: str, architecture: str, base_config: dict | None = None) -> str:
     """The kohya name of a module (``lora_unet_input_blocks_4_1_proj_in``) for ``architecture`` (its
     :meth:`~mindone_lora_plugin.architectures.base.Architecture.kohya_name`)."""
     from mindone_lora_plugin.architectures import get_architecture
 
-    return get_architecture(architecture).kohya_name(component, path, layers_per_block)
+    return get_architecture(architecture).kohya_name(component, path, base_config)
 
 
 def _is_conv3x3(mod) -> bool:
@@ -104,7 +102,7 @@ def family_keys(keys, kohya: bool) -> int:
     return max((a.count_file_keys(keys, kohya) for a in installed_architectures().values()), default=0)
 
 
-class KohyaFormat(LoraFormat):
+class KohyaFormat(PlainLoraFormat):
     name = "kohya"
     description = ("kohya-ss sd-scripts .safetensors (A1111/Forge, ComfyUI, kohya); lora_down/lora_up/alpha, "
                    "SDXL UNet in SGM names, ss_*/modelspec metadata")
@@ -125,10 +123,6 @@ class KohyaFormat(LoraFormat):
         mine = sum(pk is not None and (pk.style in ("kohya", "comfy") or pk.flat) for pk in parsed)
         return share_claim(max(mine, family_keys(keys, True)), len(keys))
 
-    def read(self, path: str, base: BaseModelInfo | None = None) -> LoraState:
-        state, _ = read_plain_lora(path, base)
-        return state
-
     def state_dict(self, state: LoraState, dtype=None) -> tuple[dict[str, np.ndarray], str]:
         """The kohya tensors of ``state`` cast to ``dtype`` (None: as they are), alphas as 0-dim float32 arrays, and
         the architecture used. The state is cast before a family fuses modules (FLUX's qkv), so a fused module is
@@ -142,10 +136,9 @@ class KohyaFormat(LoraFormat):
         family = get_architecture(arch)
         modules = family.kohya_modules(state)  # a family whose file modules are not the state's (fused qkv)
         if modules is None:
-            lpb = state.unet_layers_per_block
             modules = {}
             for comp, path, mod in state.modules():
-                name = family.kohya_name(comp, path, lpb)
+                name = family.kohya_name(comp, path, state.base_config)
                 if name in modules:
                     raise LoraError(f"modules {modules[name][1]} and {comp}.{path} get the same kohya name {name}")
                 modules[name] = (mod, f"{comp}.{path}")

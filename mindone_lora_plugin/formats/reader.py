@@ -22,14 +22,12 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.state import LoraState
 
-BUILTIN_NAMES = ("diffusers", "kohya")
-
 
 def builtin_formats() -> list[LoraFormat]:
-    from mindone_lora_plugin.formats.diffusers import DiffusersFormat
-    from mindone_lora_plugin.formats.kohya import KohyaFormat
+    """The formats the built-in plugins offer (what the reader chooses among when given no formats)."""
+    from mindone_lora_plugin.plugins import builtin_objects
 
-    return [DiffusersFormat(), KohyaFormat()]
+    return list(builtin_objects("formats").values())
 
 
 def _as_list(formats) -> list[LoraFormat]:
@@ -108,7 +106,10 @@ def _claim(fmt, keys, metadata) -> int:
 
 
 def _ordered(formats) -> list[LoraFormat]:
-    return sorted(_as_list(formats), key=lambda f: f.name not in BUILTIN_NAMES)
+    """The plain-LoRA formats first (a folder is offered to the others after them)."""
+    from mindone_lora_plugin.formats.common import PlainLoraFormat
+
+    return sorted(_as_list(formats), key=lambda f: not isinstance(f, PlainLoraFormat))
 
 
 def _safe(fn, *args) -> bool:
@@ -132,12 +133,12 @@ class LoraFile:
 
 def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     """Read ``path`` (a file, or a folder holding one) — see :func:`read_lora`; also returns the format used."""
-    from mindone_lora_plugin.formats.common import read_plain_lora
+    from mindone_lora_plugin.formats.common import PlainLoraFormat, read_plain_lora
     from mindone_lora_plugin.formats.variants import refuse_variants
 
     if isinstance(base, str):
         base = BaseModelInfo.from_folder(base)
-    if format is not None and get_format(format, formats).name not in BUILTIN_NAMES:
+    if format is not None and not isinstance(get_format(format, formats), PlainLoraFormat):
         fmt = get_format(format, formats)
         return LoraFile(path, fmt, _finite(fmt.read(path, base), path), None)
     if os.path.isdir(path):
@@ -156,7 +157,7 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         raise LoraError(f"{path} holds no tensors; it is not a LoRA file")
-    refuse_variants(keys, metadata, where=path, installed=set(_algorithm_names()))
+    refuse_variants(keys, metadata, path, set(_algorithm_names()))
     if format is not None:
         fmt = get_format(format, formats)
     else:
@@ -166,7 +167,7 @@ def open_lora(path: str, base=None, format=None, formats=None) -> LoraFile:
             raise LoraError(f"{path}: no known LoRA format matches its keys (unknown prefixes), e.g. {shown}; "
                             "expected kohya (lora_unet_/lora_te_ ...) or diffusers/PEFT (unet./text_encoder. ...) "
                             "keys")
-    if fmt.name in BUILTIN_NAMES and type(fmt).read in _builtin_reads():
+    if isinstance(fmt, PlainLoraFormat) and type(fmt).read is PlainLoraFormat.read:
         state, info = read_plain_lora(path, base)
         return LoraFile(path, fmt, state, info)
     state = _finite(fmt.read(path, base), path)
@@ -197,13 +198,6 @@ def _refuse_pickle_content(path: str) -> None:
     if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04":
         raise LoraError(f"{path} is a pickle-based (PyTorch) file, not safetensors; it is not read because loading "
                         "pickles can run code; convert it to safetensors with a tool you trust first")
-
-
-def _builtin_reads():
-    from mindone_lora_plugin.formats.diffusers import DiffusersFormat
-    from mindone_lora_plugin.formats.kohya import KohyaFormat
-
-    return (DiffusersFormat.read, KohyaFormat.read)
 
 
 def read_lora(path: str, base: BaseModelInfo | str | None = None, format=None, formats=None) -> LoraState:

@@ -54,16 +54,9 @@ def detect_variant(keys, installed=()) -> tuple[str, str, str | None] | None:
     return None
 
 
-def refuse_variants(keys, metadata: dict[str, str] | None = None, where: str = "the LoRA file",
-                    installed=None) -> None:
-    """Raise :class:`LoraError` naming the variant when ``keys`` hold an algorithm no installed plugin provides.
-
-    ``installed`` is the set of installed algorithm names (default: the process-wide plugin manager's).
-    """
-    if installed is None:
-        from mindone_lora_plugin.algorithms import installed_algorithms
-
-        installed = set(installed_algorithms())
+def refuse_variants(keys, metadata: dict[str, str] | None, where: str, installed) -> None:
+    """Raise :class:`LoraError` naming the variant when ``keys`` hold an algorithm no installed plugin provides
+    (``installed``: the installed algorithm names)."""
     found = detect_variant(keys, installed)
     if found is None:
         return

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from mindone_lora_plugin.architectures import find_architecture
+from mindone_lora_plugin.architectures import find_architecture, text_encoders
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.models import base_layer_of, lora_layers
-from mindone_lora_plugin.options import PRESETS, TEXT_ENCODERS, LoraOptions
+from mindone_lora_plugin.models import base_layer_of, is_conv, is_linear, lora_layers
+from mindone_lora_plugin.options import PRESETS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
-LINEAR_CLASSES = ("Linear", "Dense")
-CONV_CLASSES = ("Conv2d",)
 
 
 class LoraStrategy:
@@ -44,7 +42,8 @@ class LoraStrategy:
         else:
             wanted = list(self.default_components)
             if options.trains_text_encoder:
-                wanted += [c for c in self.adaptable_components(models) if c in TEXT_ENCODERS and c not in wanted]
+                encoders = text_encoders(models.architecture)
+                wanted += [c for c in self.adaptable_components(models) if c in encoders and c not in wanted]
         return wanted
 
     def adaptable_components(self, models) -> tuple[str, ...]:
@@ -66,7 +65,7 @@ class LoraStrategy:
                             f"a comma-separated list of module names")
         for comp in self.enabled_components(models, options):
             if comp not in self.adaptable_components(models):
-                if comp in TEXT_ENCODERS and self.preferred_strategy(models):
+                if comp in text_encoders(models.architecture) and self.preferred_strategy(models):
                     hint = self.text_encoder_hint(models)
                 else:
                     hint = f"it adapts {', '.join(self.adaptable_components(models))}"
@@ -75,7 +74,8 @@ class LoraStrategy:
                 raise LoraError(f"strategy '{self.name}' needs a {comp} but the model has none "
                                 f"(it has {', '.join(models) or 'nothing'})")
         if (options.trains_text_encoder and not options.components
-                and not any(c in TEXT_ENCODERS for c in self.enabled_components(models, options))):
+                and not any(c in text_encoders(models.architecture)
+                            for c in self.enabled_components(models, options))):
             # --train_text_encoder must not be dropped silently (e.g. the unet strategy on SDXL)
             hint = (self.text_encoder_hint(models) if self.preferred_strategy(models)
                     else f"it adapts {', '.join(self.adaptable_components(models))}")
@@ -184,7 +184,7 @@ class LoraStrategy:
 
     def extract(self, models) -> LoraState:
         """The adapted models' weights as a :class:`LoraState` (all components that carry adapters)."""
-        state = LoraState(architecture=models.architecture, unet_layers_per_block=models.unet_layers_per_block)
+        state = LoraState(architecture=models.architecture, base_config=models.base_config)
         for comp, cell in models.items():
             for path, layer in lora_layers(cell):
                 algo = algorithm_of_layer(layer, missing_ok=True)
@@ -272,14 +272,6 @@ def algorithm_of_layer(layer, missing_ok: bool = False):
     if missing_ok:
         return None
     raise LoraError(f"no installed algorithm owns the adapter layer {type(layer).__name__}; is its plugin installed?")
-
-
-def is_linear(cell) -> bool:
-    return type(cell).__name__ in LINEAR_CLASSES
-
-
-def is_conv(cell) -> bool:
-    return type(cell).__name__ in CONV_CLASSES
 
 
 def adaptable_layers(cell, containers: tuple[str, ...] | None = None):

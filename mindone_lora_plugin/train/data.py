@@ -55,10 +55,18 @@ def prepare(im, resolution: int, sizer=None, mask=None) -> Example | None:
         arr, target = fitted
     key = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:32]
     if mask is not None:
-        from mindone_lora_plugin.train.masks import resize_mask
-
         mask = resize_mask(mask, arr.shape[:2])
     return Example(arr, (im.height, im.width), [], target, key, mask=mask)
+
+
+def resize_mask(mask, shape: tuple[int, int]) -> np.ndarray:
+    """A PIL ``L`` mask (``--masked_loss``) resized to ``(height, width)``: uint8 HW."""
+    from PIL import Image
+
+    h, w = shape
+    if mask.size != (w, h):
+        mask = mask.resize((w, h), Image.BILINEAR)
+    return np.asarray(mask, dtype=np.uint8)
 
 
 def load_examples(args, resolution: int, sizer=None, masks=None) -> tuple[list[Example], int]:

@@ -109,10 +109,10 @@ def setup_caches(trainer) -> None:
         from mindone_lora_plugin.train.cache import LatentCache, cache_folder, vae_identity
 
         folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
-        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.vae.dtype))
+        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.parts.vae.dtype))
 
         def encode(pixels):
-            return trainer.encode_cell(ms.Tensor(pixels, dtype=trainer.vae.dtype)).asnumpy().astype(np.float32)
+            return trainer.encode_cell(ms.Tensor(pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
 
         cache = LatentCache(encode, vae_id, folder, args.train_batch_size)
         cache.fill(list(trainer.plan.examples) + list(trainer.plan.prior), bool(args.random_flip))
@@ -126,7 +126,7 @@ def setup_caches(trainer) -> None:
             import types
 
             trainer.encode_cell = None
-            trainer.vae = types.SimpleNamespace(config=trainer.vae.config, dtype=trainer.vae.dtype)
+            trainer.parts.vae = types.SimpleNamespace(config=trainer.parts.vae.config, dtype=trainer.parts.vae.dtype)
     if args.cache_text_encoder_outputs and not trainer.train_text:
         from mindone_lora_plugin.train.cache import TextCache
 
@@ -141,13 +141,13 @@ def moments(trainer, batch) -> np.ndarray:
     if getattr(trainer, "latent_cache", None) is not None:
         return trainer.latent_cache.moments(batch.keys)
     ms = trainer._ms
-    return trainer.encode_cell(ms.Tensor(batch.pixels, dtype=trainer.vae.dtype)).asnumpy().astype(np.float32)
+    return trainer.encode_cell(ms.Tensor(batch.pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
 
 
 def sample_latents(trainer, batch, rng) -> np.ndarray:
     """Latents of the batch's images: a draw from the VAE's posterior (cached moments or a fresh encode), shifted
     and scaled as the VAE's config says (``shift_factor`` for FLUX's VAE, none for SD's)."""
-    config = trainer.vae.config
+    config = trainer.parts.vae.config
     mean, logvar = np.split(moments(trainer, batch), 2, axis=1)
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
     sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)

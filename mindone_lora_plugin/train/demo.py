@@ -107,7 +107,7 @@ DREAMBOOTH_DEFAULTS = dict(instance_prompt="a sks shape", class_prompt="a shape"
 
 
 def run_demo(args) -> int:
-    from mindone_lora_plugin.tiny import RESOLUTION, ensure_tiny_model
+    from mindone_lora_plugin.architectures.sd.tiny import RESOLUTION, ensure_tiny_model
     from mindone_lora_plugin.train.arguments import add_train_arguments
     from mindone_lora_plugin.train.trainer import Trainer
 

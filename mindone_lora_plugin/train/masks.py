@@ -50,16 +50,6 @@ class MaskSource:
         return mask
 
 
-def resize_mask(mask, shape: tuple[int, int]) -> np.ndarray:
-    """A PIL ``L`` mask resized to ``(height, width)``: uint8 HW."""
-    from PIL import Image
-
-    h, w = shape
-    if mask.size != (w, h):
-        mask = mask.resize((w, h), Image.BILINEAR)
-    return np.asarray(mask, dtype=np.uint8)
-
-
 def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
     """``(N, H, W)`` masks in [0, 1] → ``(N, 1, h, w)`` float32, area-averaged to the latent size."""
     n, H, W = masks.shape

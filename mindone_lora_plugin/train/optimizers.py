@@ -107,9 +107,9 @@ def is_up_parameter(name: str, strategy=None) -> bool:
 def loraplus_ratio(args, component: str) -> float | None:
     """The LoRA+ ratio for one component (the denoiser, ``unet``, or a text encoder), or None when LoRA+ is off for
     it."""
-    from mindone_lora_plugin.options import TEXT_ENCODERS
+    from mindone_lora_plugin.architectures import text_encoders
 
-    own = args.loraplus_text_encoder_lr_ratio if component in TEXT_ENCODERS else args.loraplus_unet_lr_ratio
+    own = args.loraplus_text_encoder_lr_ratio if component in text_encoders() else args.loraplus_unet_lr_ratio
     return own if own is not None else args.loraplus_lr_ratio
 
 

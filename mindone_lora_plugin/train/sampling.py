@@ -15,7 +15,7 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
     pipe.set_progress_bar_config(disable=True)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    cells = [c for c in (trainer.vae, *trainer.models.values()) if c is not None]
+    cells = [c for c in (trainer.parts.vae, *trainer.models.values()) if c is not None]
     training = [c.training for c in cells]
     for c in cells:
         c.set_train(False)  # eval mode: no adapter dropout in the images

@@ -147,7 +147,7 @@ class Trainer:
             cell.set_train(False)
             for p in cell.get_parameters():
                 p.requires_grad = False
-        self.arch.load_training_parts(self, folder)  # VAE, tokenizers, noise schedule, prediction type
+        self.parts = self.arch.load_training_parts(folder, self.args, self.models, self.weight_dtype)
 
     def _load_data(self):
         """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth)."""
@@ -234,7 +234,7 @@ class Trainer:
         accum = max(1, self.args.gradient_accumulation_steps)
         self.micro_step, self.update_step = build_steps(self.loss_cell, self.optimizer, self.args.max_grad_norm,
                                                         accum, reducer)
-        self.encode_cell = VaeEncode(self.vae)
+        self.encode_cell = VaeEncode(self.parts.vae)
 
     # ------------------------------------------------------------------ resume
 
@@ -481,8 +481,8 @@ class Trainer:
                       return_tensors="np")
             return ms.Tensor(out.input_ids.astype(np.int32))
 
-        first = ids(self.tokenizer)
-        return first, (ids(self.tokenizer_2) if self.tokenizer_2 is not None else first)
+        found = [ids(tok) for tok in self.parts.tokenizers]
+        return found[0], found[-1]  # one text encoder: its ids twice
 
     # ------------------------------------------------------------------ validation, logging, metadata
 

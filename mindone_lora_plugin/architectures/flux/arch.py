@@ -1,7 +1,7 @@
 """The FLUX.1 architecture object (``flux``): dev and schnell layouts, LoRA on the transformer and optionally on the
 CLIP and T5 text encoders, flow-matching training, ``FluxPipeline`` for validation images and ``generate``.
 
-The key grammar and file layouts are :mod:`.keys`/:mod:`.files` (mixed in through :class:`.keys.FluxKeyGrammar`);
+The key grammar and file layouts are :mod:`.keys`/:mod:`.files` (mixed in through :class:`.files.FluxKeyGrammar`);
 the presets :mod:`.targets`; the loss :mod:`.loss` with the noise levels of :mod:`.timesteps`; generation
 :mod:`.pipeline`. Training options read from the run's arguments (defaults in :data:`TRAINING_DEFAULTS`):
 ``timestep_sampling``, ``discrete_flow_shift`` (None: the scheduler's ``shift``), ``guidance_scale``,
@@ -10,8 +10,10 @@ the presets :mod:`.targets`; the loss :mod:`.loss` with the noise levels of :mod
 
 from __future__ import annotations
 
-from mindone_lora_plugin.architectures.base import Architecture, Component, FolderInfo, TargetRule
-from mindone_lora_plugin.architectures.flux import keys, targets
+from dataclasses import dataclass
+
+from mindone_lora_plugin.architectures.base import Architecture, Component, FolderInfo, TargetRule, TrainingParts
+from mindone_lora_plugin.architectures.flux import files, keys, targets
 from mindone_lora_plugin.errors import LoraError
 
 TRANSFORMER = Component("transformer", "mindone.diffusers:FluxTransformer2DModel", "lora_unet",
@@ -31,7 +33,17 @@ def _option(args, name):
     return TRAINING_DEFAULTS[name] if value is None else value
 
 
-class Flux(keys.FluxKeyGrammar, Architecture):
+
+@dataclass
+class FlowMatchParts(TrainingParts):
+    """:class:`~mindone_lora_plugin.architectures.base.TrainingParts` with the flow-matching time shift and whether
+    the transformer takes an embedded guidance value (FLUX.1-dev)."""
+
+    flow_shift: float = 3.0
+    guidance: bool = False
+
+
+class Flux(files.FluxKeyGrammar, Architecture):
     name = "flux"
     label = "FLUX.1"
     description = "FLUX.1 dev/schnell: MMDiT transformer + CLIP-L (pooled) and T5 encoders, flow matching"
@@ -80,31 +92,29 @@ class Flux(keys.FluxKeyGrammar, Architecture):
 
     # ------------------------------------------------------------------ training (MindSpore)
 
-    def load_training_parts(self, trainer, folder: str) -> None:
+    def load_training_parts(self, folder: str, args, models, weight_dtype) -> FlowMatchParts:
         import mindspore as ms
         from mindone.diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import CLIPTokenizer, T5TokenizerFast
 
-        variant = trainer.args.variant
-        vae_kw = {"variant": variant} if variant else {}
-        if trainer.weight_dtype != ms.float32:
-            vae_kw["mindspore_dtype"] = trainer.weight_dtype
-        trainer.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
-        trainer.vae.set_train(False)
-        for p in trainer.vae.get_parameters():
+        vae_kw = {"variant": args.variant} if args.variant else {}
+        if weight_dtype != ms.float32:
+            vae_kw["mindspore_dtype"] = weight_dtype
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
+        vae.set_train(False)
+        for p in vae.get_parameters():
             p.requires_grad = False
-        config = trainer.models["transformer"].config
-        if config.in_channels != 4 * trainer.vae.config.latent_channels:
+        config = models["transformer"].config
+        if config.in_channels != 4 * vae.config.latent_channels:
             raise LoraError(f"this FLUX transformer takes {config.in_channels} input channels, not 4 × the VAE's "
-                            f"{trainer.vae.config.latent_channels} latent channels: FLUX.1 Fill/Depth/Canny/Kontext "
+                            f"{vae.config.latent_channels} latent channels: FLUX.1 Fill/Depth/Canny/Kontext "
                             "variants are not supported; use a FLUX.1 dev or schnell model")
-        trainer.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        trainer.tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2")
-        trainer.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-        trainer.prediction_type = "flow_matching"
-        shift = _option(trainer.args, "discrete_flow_shift")
-        trainer.flow_shift = float(trainer.noise_scheduler.config.shift if shift is None else shift)
-        trainer.guidance = bool(config.guidance_embeds)
+        tokenizers = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                      T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2"))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+        shift = _option(args, "discrete_flow_shift")
+        return FlowMatchParts(vae, tokenizers, scheduler, "flow_matching",
+                              float(scheduler.config.shift if shift is None else shift), bool(config.guidance_embeds))
 
     def text_conditioner(self, models):
         from mindone_lora_plugin.architectures.flux.loss import FluxTextConditioner
@@ -130,14 +140,14 @@ class Flux(keys.FluxKeyGrammar, Architecture):
         latents = data_setup.sample_latents(trainer, batch, rng)
         noise = draw_noise(rng, latents.shape, args)
         n = latents.shape[0]
-        sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), trainer.flow_shift,
+        sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), trainer.parts.flow_shift,
                                _option(args, "logit_mean"), _option(args, "logit_std"), _option(args, "sigmoid_scale"))
         weights = batch.loss_weights.astype(np.float64) if weighted else np.ones(n)
         if weighted:
             weights = data_setup.prior_weighted(trainer, weights, n)
         text = data_setup.batch_text(trainer, batch)
         cond = (text[0], text[1])
-        if trainer.guidance:
+        if trainer.parts.guidance:
             cond = cond + (ms.Tensor(np.full(n, _option(args, "guidance_scale"), np.float32)),)
         f32 = ms.float32
         return (ms.Tensor(latents.astype(np.float32), f32), ms.Tensor(noise, f32), ms.Tensor(sigmas, f32),
@@ -156,11 +166,7 @@ class Flux(keys.FluxKeyGrammar, Architecture):
 
         from mindone_lora_plugin.architectures.flux import pipeline
 
-        m = trainer.models
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(trainer.noise_scheduler.config)
-        return pipeline.live_pipeline(m["transformer"], trainer.vae, m["text_encoder"], m["text_encoder_2"],
-                                      trainer.tokenizer, trainer.tokenizer_2, scheduler)
-
-
-def mindone_lora_architectures():
-    yield Flux()
+        m, loaded = trainer.models, trainer.parts
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(loaded.noise_scheduler.config)
+        return pipeline.live_pipeline(m["transformer"], loaded.vae, m["text_encoder"], m["text_encoder_2"],
+                                      *loaded.tokenizers, scheduler)

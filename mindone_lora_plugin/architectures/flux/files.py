@@ -14,7 +14,7 @@ for a Stable Diffusion base model and the reverse. FLUX.1 Kontext has no modules
 FLUX LoRAs and are read as such.
 
 The formats and the reader reach this module through the FLUX architecture's file hooks
-(:class:`.keys.FluxKeyGrammar`, mixed into the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
+(:class:`FluxKeyGrammar`, mixed into the :class:`~mindone_lora_plugin.architectures.base.Architecture`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 ARCHITECTURE = "flux"
 LABEL = "FLUX.1"
 MODELSPEC = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}
-KOHYA_IMPLEMENTATION = keys.FluxKeyGrammar.kohya_implementation
-NETWORK_MODULE = keys.FluxKeyGrammar.kohya_network_module
+KOHYA_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # the code base whose names kohya files use
+NETWORK_MODULE = "networks.lora_flux"  # sd-scripts' FLUX network module
 DEFAULT_RESOLUTION = "1024x1024"
 MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp is 4 × hidden wide
 
@@ -96,7 +96,7 @@ def refuse_variants(names, shapes: dict, base, where: str) -> None:
 
 def _configs(metadata: dict[str, str], where: str) -> dict:
     """Per-component PEFT configs from a ``lora_adapter_metadata`` header entry (``transformer.r`` ...)."""
-    from mindone_lora_plugin.formats.names import AdapterConfig, adapter_metadata
+    from mindone_lora_plugin.formats.alphas import AdapterConfig, adapter_metadata
 
     data = adapter_metadata(metadata, where)
     if data is None:
@@ -129,7 +129,8 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
 
     With ``base`` (a FLUX :class:`~mindone_lora_plugin.basemodel.BaseModelInfo`) every module must exist with fitting
     shapes. Raises :class:`LoraError` (one line) for anything wrong."""
-    from mindone_lora_plugin.formats.names import ReadInfo, _module_from_roles, alpha_value
+    from mindone_lora_plugin.formats.alphas import alpha_value
+    from mindone_lora_plugin.formats.plain import ReadInfo, _module_from_roles
 
     names = list(tensors)
     refuse_variants(names, {k: tuple(np.shape(v)) for k, v in tensors.items()}, base, where)
@@ -177,11 +178,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
             owner[(comp, path)] = first
             state.add(comp, path, piece)
     if base is not None:
-        for comp, path, mod in state.modules():
-            shape = base.modules.get(comp, {}).get(path)
-            if shape is not None:
-                mod.algo.fit_base_shape(mod, shape, f"{comp}.{path}")
-        base.check_shapes(state)
+        base.fit_shapes(state)
     info = ReadInfo(styles={f"flux-{n}" for n in namings}, alpha_source="+".join(sorted(sources)),
                     architecture_reason=keys.detect(names, metadata) or "the base model is FLUX.1",
                     architecture_strong=True)
@@ -310,8 +307,70 @@ def count_file_keys(names, kohya: bool) -> int:
     return sum((pk.naming != "diffusers" or pk.key.startswith("lora_")) == kohya for pk in parsed)
 
 
-class FluxLoraFiles(keys.FluxKeyGrammar):
-    """:class:`.keys.FluxKeyGrammar` with the FLUX.1 family's name and sd-scripts' metadata values: enough of an
+# ----------------------------------------------------------------------------- the architecture's key-grammar methods
+
+
+class FluxKeyGrammar:
+    """The LoRA-file side of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture` (mix it in:
+    ``class Flux(FluxKeyGrammar, Architecture)``): detection and the per-name questions the generic code asks, and the
+    file hooks the kohya/diffusers formats and the reader call — whole files, fused modules included, are read and
+    written by the functions above (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`,
+    :meth:`modelspec`)."""
+
+    kohya_network_module = NETWORK_MODULE
+    kohya_implementation = KOHYA_IMPLEMENTATION
+
+    def read_file(self, tensors, metadata, base, where):
+        return read_file(tensors, metadata, base, where)
+
+    def kohya_modules(self, state):
+        return kohya_modules(state)
+
+    def count_file_keys(self, names, kohya):
+        return count_file_keys(names, kohya)
+
+    def modelspec(self, state, meta, title, implementation, v_prediction):
+        return modelspec(meta, title, implementation, variant(state) if state is not None else "dev")
+
+    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
+        from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Evidence
+
+        why = keys.detect_keys(getattr(pk, "key", pk) for pk in parsed)
+        if why:  # names only FLUX has outweigh SD's "a second text encoder" (FLUX's T5 is one too)
+            return Evidence("flux", STRUCTURE + 1, why)
+        why = keys.detect_metadata(metadata or {})
+        return Evidence("flux", METADATA, why) if why else None
+
+    def detect_metadata(self, metadata) -> str:
+        return keys.detect_metadata(metadata or {})
+
+    def kohya_name(self, component: str, path: str, base_config=None) -> str:
+        """The kohya name of the file module holding ``component.path`` (q/k/v share their fused module's name)."""
+        from mindone_lora_plugin.errors import LoraError
+
+        try:
+            return keys.kohya_module_name(component, path)
+        except (ValueError, KeyError):
+            raise LoraError(f"{component}.{path} has no kohya name in FLUX.1's layout") from None
+
+    def resolve_name(self, component: str, name: str, flat: bool, base_config=None) -> str | None:
+        """The one module path a name means (None for a fused or reordered module: :func:`bfl_parts` lists a fused
+        module's parts, :mod:`.files` splits it)."""
+        if component not in keys.PATH_RES:
+            return None
+        if component == "transformer":
+            found = keys._transformer_name(name)
+            if found is None:
+                return None
+            if found[0] != "diffusers" and keys.is_swapped(found[1]):
+                return None  # its rows are reordered: only the file reader (files.build_state) maps it
+            parts = (found[1],) if found[0] == "diffusers" else keys.bfl_parts(found[1])
+            return parts[0] if parts and len(parts) == 1 else None
+        return keys._encoder_name(component, name)
+
+
+class FluxLoraFiles(FluxKeyGrammar):
+    """:class:`FluxKeyGrammar` with the FLUX.1 family's name and sd-scripts' metadata values: enough of an
     architecture for the file side alone (the format tests' stand-in when no FLUX family is installed)."""
 
     name = ARCHITECTURE

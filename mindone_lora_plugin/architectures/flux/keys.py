@@ -150,20 +150,10 @@ _VOCAB = {
 def unflatten(component: str, name: str) -> str | None:
     """A ``_``-joined module path of ``component`` back in dots (``transformer_blocks_0_attn_to_out_0`` →
     ``transformer_blocks.0.attn.to_out.0``), or None when it is not one of the component's LoRA targets."""
-    vocab = _VOCAB[component]
-    longest = max(w.count("_") + 1 for w in vocab)
-    atoms, out, i = name.split("_"), [], 0
-    while i < len(atoms):
-        for j in range(min(len(atoms), i + longest), i, -1):
-            cand = "_".join(atoms[i:j])
-            if cand in vocab or (j == i + 1 and cand.isdigit()):
-                out.append(cand)
-                i = j
-                break
-        else:
-            return None
-    path = ".".join(out)
-    return path if PATH_RES[component].fullmatch(path) else None
+    from mindone_lora_plugin.formats.names import unflatten as greedy
+
+    path = greedy(name, _VOCAB[component])
+    return path if path is not None and PATH_RES[component].fullmatch(path) else None
 
 
 def is_target_path(component: str, path: str) -> bool:
@@ -335,72 +325,3 @@ def variant_from_metadata(metadata: dict[str, str] | None) -> str:
     """``schnell`` or ``dev`` (the default) from a header's ``modelspec.architecture``."""
     spec = ((metadata or {}).get("modelspec.architecture") or "").strip()
     return "schnell" if spec.startswith("flux-1-schnell") else "dev"
-
-
-# ----------------------------------------------------------------------------- the architecture's key-grammar methods
-
-
-class FluxKeyGrammar:
-    """The LoRA-file side of the FLUX.1 :class:`~mindone_lora_plugin.architectures.base.Architecture` (mix it in:
-    ``class Flux(FluxKeyGrammar, Architecture)``): detection and the per-name questions the generic code asks, and the
-    file hooks the kohya/diffusers formats and the reader call — whole files, fused modules included, are read and
-    written by :mod:`.files` (:meth:`read_file`, :meth:`kohya_modules`, :meth:`count_file_keys`, :meth:`modelspec`)."""
-
-    kohya_network_module = "networks.lora_flux"  # sd-scripts' FLUX network module
-    kohya_implementation = "https://github.com/black-forest-labs/flux"  # the code base whose names kohya files use
-
-    def read_file(self, tensors, metadata, base, where):
-        from mindone_lora_plugin.architectures.flux import files
-
-        return files.read_file(tensors, metadata, base, where)
-
-    def kohya_modules(self, state):
-        from mindone_lora_plugin.architectures.flux import files
-
-        return files.kohya_modules(state)
-
-    def count_file_keys(self, names, kohya):
-        from mindone_lora_plugin.architectures.flux import files
-
-        return files.count_file_keys(names, kohya)
-
-    def modelspec(self, state, meta, title, implementation, v_prediction):
-        from mindone_lora_plugin.architectures.flux import files
-
-        return files.modelspec(meta, title, implementation, files.variant(state) if state is not None else "dev")
-
-    def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
-        from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Evidence
-
-        why = detect_keys(getattr(pk, "key", pk) for pk in parsed)
-        if why:  # names only FLUX has outweigh SD's "a second text encoder" (FLUX's T5 is one too)
-            return Evidence("flux", STRUCTURE + 1, why)
-        why = detect_metadata(metadata or {})
-        return Evidence("flux", METADATA, why) if why else None
-
-    def detect_metadata(self, metadata) -> str:
-        return detect_metadata(metadata or {})
-
-    def kohya_name(self, component: str, path: str, layers_per_block=None) -> str:
-        """The kohya name of the file module holding ``component.path`` (q/k/v share their fused module's name)."""
-        from mindone_lora_plugin.errors import LoraError
-
-        try:
-            return kohya_module_name(component, path)
-        except (ValueError, KeyError):
-            raise LoraError(f"{component}.{path} has no kohya name in FLUX.1's layout") from None
-
-    def resolve_name(self, component: str, name: str, flat: bool, layers_per_block=None) -> str | None:
-        """The one module path a name means (None for a fused or reordered module: :func:`bfl_parts` lists a fused
-        module's parts, :mod:`.files` splits it)."""
-        if component not in PATH_RES:
-            return None
-        if component == "transformer":
-            found = _transformer_name(name)
-            if found is None:
-                return None
-            if found[0] != "diffusers" and is_swapped(found[1]):
-                return None  # its rows are reordered: only the file reader (files.build_state) maps it
-            parts = (found[1],) if found[0] == "diffusers" else bfl_parts(found[1])
-            return parts[0] if parts and len(parts) == 1 else None
-        return _encoder_name(component, name)

@@ -1,4 +1,5 @@
-"""The FLUX.1 flow-matching LoRA loss as a compiled cell (the counterpart of :class:`train.step.DenoiseLoss`).
+"""The FLUX.1 flow-matching LoRA loss as a compiled cell (the counterpart of SD's
+:class:`~mindone_lora_plugin.architectures.sd.loss.DenoiseLoss`).
 
 As diffusers' train_dreambooth_lora_flux.py and kohya's flux_train_network.py compute it: the VAE latents
 ``x₀`` (already ``(z − shift_factor)·scaling_factor``) and the noise ``ε`` are mixed at noise level σ,

@@ -78,11 +78,11 @@ class PeftFormat(LoraFormat):
             state.metadata.update({k: v for k, v in meta.items() if k not in (_META_ARCH, _META_LPB, "format")})
             state.architecture = state.architecture or meta.get(_META_ARCH) or None
             lpb = meta.get(_META_LPB)
-            if state.unet_layers_per_block is None and lpb and lpb.isdigit():
-                state.unet_layers_per_block = int(lpb)
+            if not state.base_config and lpb and lpb.isdigit():
+                state.base_config = {"layers_per_block": int(lpb)}
         if base is not None:
             state.architecture = state.architecture or base.architecture
-            state.unet_layers_per_block = state.unet_layers_per_block or base.unet_layers_per_block
+            state.base_config = state.base_config or dict(base.base_config)
             base.check_shapes(state)
         return state
 
@@ -133,8 +133,8 @@ class PeftFormat(LoraFormat):
         meta["format"] = "pt"
         if state.architecture:
             meta[_META_ARCH] = state.architecture
-        if state.unet_layers_per_block is not None:
-            meta[_META_LPB] = str(state.unet_layers_per_block)
+        if state.base_config.get("layers_per_block") is not None:
+            meta[_META_LPB] = str(state.base_config["layers_per_block"])
         parent = os.path.dirname(os.path.abspath(target))
         try:
             os.makedirs(parent, exist_ok=True)

@@ -3,8 +3,8 @@
 All three are a UNet (``UNet2DConditionModel``) conditioned on CLIP text encoders, trained with the DDPM noise
 schedule (epsilon or v-prediction). What differs: SD2.x's 1024-wide cross-attention, SDXL's second text encoder
 (``CLIPTextModelWithProjection``, its pooled output and the ``time_ids`` added conditioning) and kohya's SGM module
-names for the SDXL UNet. The key grammar of SD modules is :mod:`mindone_lora_plugin.formats.names` (diffusers/CLIP
-names) and :mod:`mindone_lora_plugin.formats.sgm` (SGM names); this module says when each applies.
+names for the SDXL UNet. The key grammar of SD modules is :mod:`.keys` (diffusers/CLIP names) and :mod:`.sgm`
+(SGM names); this module says when each applies.
 
 Detection is one judgement over the family (:func:`family_evidence`), so the three never disagree about a file:
 weights for a second text encoder → SDXL; the cross-attention width (2048 / 1024 / 768) or a 1024-wide text encoder;
@@ -18,7 +18,9 @@ import re
 from collections.abc import Mapping
 
 from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
-                                                    Evidence, FolderInfo, TargetRule)
+                                                    Evidence, FolderInfo, KeyPrefixes, TargetRule)
+from mindone_lora_plugin.architectures.sd import sgm
+from mindone_lora_plugin.architectures.sd.training import SDTraining
 from mindone_lora_plugin.errors import LoraError
 
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -51,6 +53,19 @@ _RE_DEEP = re.compile(r"transformer_blocks[._]([1-9]\d*)(?:[._]|$)")
 _RE_PROJ_IN = re.compile(r"(?:^|[._])proj_in$")
 _RE_UP_ATTN = re.compile(r"up_blocks\.(\d+)\.attentions\.")
 SD_COMPONENTS = frozenset(("unet", "text_encoder", "text_encoder_2"))
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
+               "input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_TE_ROOTS = ("text_model.", "text_projection")
+# one table for the whole family (SD1.x, SD2.x and SDXL files are told apart by family_evidence, not by prefixes):
+# kohya's prefixes (SDXL numbers its text encoders; SimpleTuner's lycoris_ UNet prefix), PEFT's (base_model.model.:
+# the path decides), ComfyUI's diffusion_model. (SGM names)
+KEY_PREFIXES = KeyPrefixes(
+    flat=(("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+          ("lora_te_", "text_encoder"), ("lycoris_", "unet")),
+    dotted=(("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+            ("base_model.model.", None), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet")),
+    roots=tuple((r, "unet") for r in _UNET_ROOTS) + tuple((r, "text_encoder") for r in _TE_ROOTS),
+    fallback="unet", text_encoders=("text_encoder", "text_encoder_2"))
 _CLIP_ROOTS = ("text_model.", "text_model_", "text_projection")  # a CLIP encoder's modules (dotted or kohya)
 
 
@@ -62,7 +77,7 @@ def _get(config, key: str):
     return getattr(config, key, None)
 
 
-class StableDiffusion(Architecture):
+class StableDiffusion(SDTraining, Architecture):
     """What SD1.x, SD2.x and SDXL share (a subclass sets the names, components and metadata)."""
 
     denoiser = "unet"
@@ -105,32 +120,45 @@ class StableDiffusion(Architecture):
                             "written for it")
         return super().kohya_prefix(component)
 
-    def resolve_name(self, component, name, flat, layers_per_block=None):
-        from mindone_lora_plugin.formats import sgm
-        from mindone_lora_plugin.formats.names import flat_to_dotted, is_known_path
+    def base_config(self, denoiser_config):
+        lpb = denoiser_config.get("layers_per_block")
+        return {"layers_per_block": lpb} if lpb is not None else {}
+
+    def resolve_name(self, component, name, flat, base_config=None):
+        from mindone_lora_plugin.architectures.sd.keys import flat_to_dotted, is_known_path
 
         path = flat_to_dotted(name) if flat else name
         if path is None:
             return None
         if component == "unet" and sgm.is_sgm_path(path):
             try:
-                path = sgm.sgm_to_diffusers(path, layers_per_block)
+                path = sgm.sgm_to_diffusers(path, (base_config or {}).get("layers_per_block"))
             except ValueError:
                 return None
         return path if is_known_path(component, path) else None
 
-    def base_aliases(self, component, paths, layers_per_block=None):
-        """The SGM spellings of the UNet's modules (kohya SDXL files, ComfyUI ``diffusion_model.`` keys)."""
-        from mindone_lora_plugin.formats import sgm
+    def key_prefixes(self):
+        return KEY_PREFIXES
 
+    def name_layout(self, parsed):
+        """SGM names (kohya SDXL files, ComfyUI ``diffusion_model.`` keys) and the layers per block they imply."""
+        from mindone_lora_plugin.architectures.sd.keys import sgm_names
+
+        paths = sgm_names(parsed)
+        lpb = sgm.infer_layers_per_block(paths)
+        return bool(paths), ({"layers_per_block": lpb} if lpb is not None else {})
+
+    def base_aliases(self, component, paths, base_config=None):
+        """The SGM spellings of the UNet's modules (kohya SDXL files, ComfyUI ``diffusion_model.`` keys)."""
         if component != "unet":
             return {}
+        lpb = (base_config or {}).get("layers_per_block")
         paths = list(paths)
         attn_blocks = {int(m[1]) for p in paths for m in [_RE_UP_ATTN.match(p)] if m}
         out: dict[str, str] = {}
         for path in paths:
             try:
-                s = sgm.diffusers_to_sgm(path, layers_per_block, lambda b: b in attn_blocks)
+                s = sgm.diffusers_to_sgm(path, lpb, lambda b: b in attn_blocks)
             except ValueError:
                 continue
             spellings = [s]
@@ -147,101 +175,6 @@ class StableDiffusion(Architecture):
         out = super().kohya_metadata(meta, v_prediction)
         out["ss_v2"] = str(self.name == "sd2")
         return out
-
-    # ------------------------------------------------------------------ training (MindSpore)
-
-    def load_training_parts(self, trainer, folder: str) -> None:
-        import mindspore as ms
-        import numpy as np
-        from mindone.diffusers import AutoencoderKL, DDPMScheduler
-        from transformers import CLIPTokenizer
-
-        variant = trainer.args.variant
-        vae_kw = {"variant": variant} if variant else {}
-        if trainer.weight_dtype != ms.float32 and self.vae_half_precision:
-            vae_kw["mindspore_dtype"] = trainer.weight_dtype
-        trainer.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw)
-        trainer.vae.set_train(False)
-        for p in trainer.vae.get_parameters():
-            p.requires_grad = False
-        trainer.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        trainer.tokenizer_2 = (CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-                               if self.has_component("text_encoder_2") else None)
-        trainer.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        acp = trainer.noise_scheduler.alphas_cumprod
-        trainer.alphas_cumprod = np.asarray(acp.asnumpy() if hasattr(acp, "asnumpy") else acp, dtype=np.float64)
-        trainer.prediction_type = trainer.args.prediction_type or trainer.noise_scheduler.config.prediction_type
-        if trainer.prediction_type not in ("epsilon", "v_prediction"):
-            raise LoraError(f"prediction type {trainer.prediction_type!r} is not supported; use epsilon or "
-                            "v_prediction")
-
-    def text_conditioner(self, models):
-        from mindone_lora_plugin.train.step import TextConditioner
-
-        return TextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
-
-    def make_loss(self, trainer):
-        from mindone_lora_plugin.train.step import DenoiseLoss
-
-        return DenoiseLoss(trainer.models["unet"], trainer.conditioner, trainer.train_text,
-                           trainer.prediction_type == "v_prediction", self.uses_time_ids)
-
-    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
-        """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
-        :class:`~mindone_lora_plugin.train.step.DenoiseLoss`)."""
-        import numpy as np
-
-        from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.noise import draw_noise, loss_weights
-
-        ms = trainer._ms
-        args = trainer.args
-        latents = data_setup.sample_latents(trainer, batch, rng)
-        noise = draw_noise(rng, latents.shape, args)
-        n = latents.shape[0]
-        t = rng.integers(0, len(trainer.alphas_cumprod), size=n)
-        acp = trainer.alphas_cumprod[t]
-        # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
-        weights = (batch.loss_weights * loss_weights(acp, args, trainer.prediction_type == "v_prediction")
-                   if weighted else np.ones(n, dtype=np.float32))
-        if weighted:
-            weights = data_setup.prior_weighted(trainer, weights, n)
-        text = data_setup.batch_text(trainer, batch)
-        if self.uses_time_ids:  # each image's own original size and crop; the target is the batch's shape
-            time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
-                                   for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
-            cond = (text[0], text[1], ms.Tensor(time_ids, ms.float32))
-        else:
-            cond = (text[0],)  # see DenoiseLoss: only the inputs this architecture uses
-        f32 = ms.float32
-        return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
-                ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
-                                                                                     latents.shape[2:])
-
-    # ------------------------------------------------------------------ pipelines (MindSpore)
-
-    pipeline_class = "StableDiffusionPipeline"
-    _no_safety_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-    def load_pipeline(self, folder: str, dtype=None):
-        import mindone.diffusers as md
-
-        kw = {"mindspore_dtype": dtype} if dtype is not None else {}
-        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
-        return getattr(md, self.pipeline_class).from_pretrained(folder, **extra, **kw)
-
-    def training_pipeline(self, trainer):
-        import mindone.diffusers as md
-
-        m = trainer.models
-        scheduler = md.DDIMScheduler.from_config(trainer.noise_scheduler.config)
-        parts = {"vae": trainer.vae, "unet": m["unet"], "scheduler": scheduler, "tokenizer": trainer.tokenizer}
-        parts.update({c: m[c] for c in self.text_encoders()})
-        if self.has_component("text_encoder_2"):
-            parts["tokenizer_2"] = trainer.tokenizer_2
-        extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
-        return getattr(md, self.pipeline_class)(**parts, **extra)
 
 
 class SD1(StableDiffusion):
@@ -293,16 +226,14 @@ class SDXL(StableDiffusion):
     vae_half_precision = False
     pipeline_class = "StableDiffusionXLPipeline"
 
-    def kohya_name(self, component, path, layers_per_block=None):
+    def kohya_name(self, component, path, base_config=None):
         """The UNet in kohya's SGM names (``lora_unet_input_blocks_4_1_proj_in``), the text encoders as diffusers."""
-        from mindone_lora_plugin.formats import sgm
-
         if component == "unet":
             try:
-                path = sgm.diffusers_to_sgm(path, layers_per_block)
+                path = sgm.diffusers_to_sgm(path, (base_config or {}).get("layers_per_block"))
             except ValueError as e:
                 raise LoraError(f"cannot name unet.{path} in kohya's SDXL (SGM) layout: {e}") from None
-        return super().kohya_name(component, path, layers_per_block)
+        return super().kohya_name(component, path, base_config)
 
 
 FAMILY = (SDXL(), SD2(), SD1())  # the order metadata is looked at in
@@ -374,8 +305,3 @@ def _hint(arch, metadata):
 
 def _v2(arch, metadata):
     return "ss_v2=True" if arch.name == "sd2" and metadata.get("ss_v2") == "True" else ""
-
-
-def mindone_lora_architectures():
-    """The built-in SD architectures (registered by the ``core`` plugin)."""
-    yield from (SD1(), SD2(), SDXL())
