@@ -11,7 +11,7 @@ import numpy as np
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.compose._constants import MERGE_RECORD, _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES
-from mindone_lora_plugin.compose.maths import _as_list, _f64, grouped_modules, module_change
+from mindone_lora_plugin.compose.maths import _as_list, _f64, grouped_modules, module_change, module_shape
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
 
 
@@ -157,7 +157,7 @@ def _rewrite_weights(src: str, dst: str, comp: str, changes: dict[str, tuple[str
                 arr = _tensor(data, offset, header[k])
                 if k in changes:
                     path, parts = changes[k]
-                    implied = parts[0][0].base_shape()
+                    implied = module_shape(parts)
                     if int(np.prod(implied)) != arr.size:
                         raise LoraError(f"shape mismatch at {k} in {src}: the weight is {list(arr.shape)} but the "
                                         f"LoRA implies {list(implied)}")

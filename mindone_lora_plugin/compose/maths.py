@@ -33,6 +33,13 @@ def grouped_modules(loras) -> dict[tuple[str, str], list[tuple[LoraModule, float
     return groups
 
 
+def module_shape(parts) -> tuple[int, ...]:
+    """The base weight's shape that ``parts`` (``[(module, weight)]``) imply: the most specific one, since a module can
+    know a conv only flattened (a LoHa's ``[out, in·k·k]``) where another knows it whole (LoCon's ``[out, in, k, k]``).
+    """
+    return max((tuple(mod.base_shape()) for mod, _ in parts), key=len)
+
+
 def module_change(comp: str, path: str, parts, base_weight=None) -> np.ndarray:
     """``sum of weight * delta`` of one module over ``parts`` (``[(module, weight)]``), in float64.
 
@@ -56,7 +63,7 @@ def module_change(comp: str, path: str, parts, base_weight=None) -> np.ndarray:
                             f"{list(d.shape)}); they were made for different base models")
         else:
             out = out + d.reshape(out.shape)
-    return out
+    return out.reshape(module_shape(parts))
 
 
 def combined_deltas(loras, base_weights=None) -> dict[tuple[str, str], np.ndarray]:
@@ -141,7 +148,7 @@ def svd_reduce(loras, rank: int, dtype=np.float32, base_weights=None) -> tuple[L
     err2 = tot2 = 0.0
     for (comp, path), parts in sorted(grouped_modules(pairs).items()):  # one module's change in memory at a time
         delta = _looked_up_change((comp, path), parts, base_weights)
-        shape = parts[0][0].base_shape()
+        shape = module_shape(parts)
         mat = delta.reshape(shape[0], -1)
         u, sv, vt = np.linalg.svd(mat, full_matrices=False)
         r = min(rank, len(sv))
