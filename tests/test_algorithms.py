@@ -295,13 +295,24 @@ def test_runtime_allows_optimizers_over_many_adapter_tensors():
     """MindSpore's optimizers unroll a few calls per parameter when they compile; with a learning-rate schedule per
     group, 600 tensors (SDXL with LoHa on the UNet and both text encoders has 544) exceed MindSpore's default call
     depth of 1000 (checked by hand: "Exceed function call depth limit 1000"; compiling that optimizer takes about
-    two minutes here, too long for the suite). The runtime raises the limit."""
+    two minutes here, too long for the suite). The runtime raises the limit, through ``set_recursion_limit`` where
+    MindSpore has it (``get_context("max_call_depth")`` does not see that one), so the test compiles a call chain one
+    deeper than the default (about 2 s): it fails with "Exceed function call depth limit 1000" without the runtime."""
     import mindspore as ms
 
     from mindone_lora_plugin.runtime import MAX_CALL_DEPTH, setup
 
     setup("CPU", "pynative", seed=0)
-    assert ms.get_context("max_call_depth") >= MAX_CALL_DEPTH >= 20000
+    assert MAX_CALL_DEPTH >= 20000
+
+    def chain(x, n):
+        return x if n == 0 else chain(x, n - 1)
+
+    @ms.jit
+    def deep(x):
+        return chain(x, 1001)
+
+    assert float(deep(ms.Tensor(1.0))) == 1.0
 
 
 def test_adapter_dropouts_act_in_training_only(pm):
