@@ -1,7 +1,10 @@
 """The new-run form: built from ``mindone-lora train``'s own parser, validated with the CLI's own checks.
 
 Every flag of the parser becomes a field in the group it has in ``--help`` (plugin flags in the "plugins" group), so a
-flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options".
+flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options". Each
+field says when it applies, and the page shows (and sends) only the fields that do: ``source`` (the way of giving the
+training images it belongs to, :func:`_sources`), ``scope`` (the algorithm, architecture or strategy it is for,
+:func:`scope`) and ``needs`` (the flag it only works with, from the trainer's own ``train/validate.NEEDS``).
 Values come from the page as strings (booleans as booleans); :func:`to_argv` turns them into the ``train`` argument
 list, :func:`validate` reports one message per mistake keyed by flag dest, :func:`to_toml` writes a config file whose
 keys are the flag dests (kohya-style ``key = value``).
@@ -21,7 +24,7 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
-BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "class_data_dir",
+BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "instance_data_dir", "instance_prompt", "class_data_dir",
          "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed", "train_batch_size",
          "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
          "validation_prompt", "validation_steps", "num_validation_images", "lora_rank", "lora_alpha", "lora_strategy",
@@ -38,6 +41,9 @@ REQUIRED = ("pretrained_model_name_or_path", "output_dir")  # and one of DATA_FI
 DATA_FIELDS = ("train_data_dir", "dataset_name", "instance_data_dir")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
+# flags of noise-prediction training that an architecture's trainer ignores (FLUX trains by flow matching); no
+# architecture declares this itself, so it is listed here
+IGNORED_BY = {"flux": ("prediction_type", "snr_gamma", "debiased_estimation_loss")}
 
 PRESETS = {
     "SD1.x quick": dict(resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
@@ -94,7 +100,10 @@ def _plain(value):
 
 
 def schema(parser=None) -> dict:
-    """The form: ``{"groups": [{"title", "fields": [...]}], "presets": {...}}``, in ``--help`` order."""
+    """The form: ``{"groups": [{"title", "fields": [...]}], "presets", "sources", "architectures"}``, in ``--help``
+    order; ``architectures`` maps each installed architecture's name to its label."""
+    from mindone_lora_plugin.train.validate import NEEDS
+
     parser = parser or train_parser()
     groups = []
     for group in parser._action_groups:
@@ -108,11 +117,13 @@ def schema(parser=None) -> dict:
                            "default": _plain(a.default), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
-                           "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
+                           "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS,
+                           "needs": NEEDS[a.dest][0] if isinstance(NEEDS.get(a.dest, (None,))[0], str) else None,
+                           "source": None, "scope": None})
         if fields:
             groups.append({"title": group.title, "fields": fields})
-    _installed_names(groups)
-    return {"groups": groups, "presets": PRESETS}
+    architectures = _installed_names(groups)
+    return {"groups": groups, "presets": PRESETS, "sources": _sources(groups), "architectures": architectures}
 
 
 def label(action) -> str:
@@ -123,8 +134,8 @@ def label(action) -> str:
     return text[0].upper() + text[1:]
 
 
-def scope(help_text: str, names) -> list[str] | None:
-    """``[kind, name]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
+def scope(help_text: str, names) -> list | None:
+    """``[kind, [name]]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
     before a colon, as plugin flags' help does (``lokr: …``, ``FLUX: …``, ``lora-fa strategy: …``): the page shows
     the flag only while that one is chosen. None for every other flag."""
     head, colon, _ = help_text.partition(":")
@@ -134,25 +145,56 @@ def scope(help_text: str, names) -> list[str] | None:
     for kind, known in names:
         for name in known:
             if first == name or (kind == "architecture" and first.startswith(name + ".")):
-                return [kind, name]
+                return [kind, [name]]
     return None
 
 
-def _installed_names(groups) -> None:
-    """Offer the installed strategies as choices, name the installed formats (both come from plugins), and give each
-    plugin flag its scope (see :func:`scope`)."""
+def _installed_names(groups) -> dict:
+    """Offer the installed algorithms and strategies as choices (each strategy with the architectures it fits), name
+    the installed formats (all come from plugins), give each plugin flag its scope (see :func:`scope`) and each flag
+    an architecture ignores the others; return the installed architectures' labels."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(pm.architectures())),
+    archs = pm.architectures()
+    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(archs)),
              ("strategy", sorted(pm.strategies()))]
+    ignored = {dest: [a for a in sorted(archs) if dest not in IGNORED_BY.get(a, ())]
+               for dests in IGNORED_BY.values() for dest in dests}
     for g in groups:
         for f in g["fields"]:
-            f["scope"] = scope(f["help"], names) if g["title"] == "plugins" else None
-        if f["dest"] == "lora_strategy":
-            f.update(kind="choice", choices=sorted(pm.strategies()))
-        elif f["dest"] == "save_formats":
-            f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
+            if g["title"] == "plugins":
+                f["scope"] = scope(f["help"], names)
+            elif f["dest"] in ignored:
+                f["scope"] = ["architecture", ignored[f["dest"]]]
+            if f["dest"] == "lora_strategy":
+                f.update(kind="choice", choices=sorted(pm.strategies()),
+                         fits={n: list(s.architectures) if s.architectures else None
+                               for n, s in pm.strategies().items()})
+            elif f["dest"] == "lora_algo":
+                f.update(kind="choice", choices=sorted(pm.algorithms()))
+            elif f["dest"] == "save_formats":
+                f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
+    return {n: a.label or n for n, a in sorted(archs.items())}
+
+
+def _sources(groups) -> list[dict]:
+    """The ways of giving the training images (:data:`DATA_FIELDS`), for the page's "Training images" choice: a data
+    field shows only while its way is chosen, and so does every field of a group it leads (DreamBooth's group starts
+    with ``--instance_data_dir``)."""
+    found = {}
+    for g in groups:
+        for i, f in enumerate(g["fields"]):
+            if f["dest"] not in DATA_FIELDS:
+                continue
+            words = f["label"]
+            if i == 0:  # the group is this way of training
+                for other in g["fields"]:
+                    other["source"] = f["dest"]
+                words = f"{g['title'].split(' (')[0]}: {words[0].lower()}{words[1:]}"
+            f["source"] = f["dest"]
+            found[f["dest"]] = {"dest": f["dest"], "label": f"{words} ({f['flag']})"}
+    return [found[d] for d in DATA_FIELDS if d in found]
 
 
 def _flag(action) -> str:

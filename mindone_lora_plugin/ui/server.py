@@ -270,6 +270,7 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         "/api/run/files": lambda q: {"files": runs.files(runs.folder(q.get("id", "")))},
         "/api/dataset": lambda q: files.dataset_preview(guard, q.get("path", "")),
         "/api/browse": lambda q: files.browse(guard, q.get("path", "")),
+        "/api/progress": lambda q: files.progress(),
         "/api/file": serve_file,
     }
     posts = {

@@ -94,12 +94,14 @@ function buildForm() {
     const fs = el("fieldset", {class: "group"}, el("legend", {text: g.title}));
     const more = el("details", {}, el("summary", {text: "more options"}));
     for (const f of g.fields) {
+      if (f.source === f.dest && !$("f-_source")) fs.append(sourceRow());  // the choice before the first way
       const lab = el("label", {for: "f-" + f.dest}, f.label,
                      f.required ? el("span", {class: "req", text: " *", title: "required"}) : "",
                      el("span", {class: "flag", text: f.flag}));
       const row = el("div", {class: "field"}, lab, fieldInput(f),
         el("span", {class: "help", text: f.help || ""}),
         el("div", {class: "err", id: "err-" + f.dest}));
+      if (f.dest === "pretrained_model_name_or_path") row.append(el("div", {class: "info", id: "model-arch"}));
       (f.basic ? fs : more).append(row);
     }
     if (more.children.length > 1) fs.append(more);
@@ -109,30 +111,75 @@ function buildForm() {
     const i = $("f-" + d);
     if (i) i.addEventListener("change", () => previewDataset(i.value));
   }
-  form.addEventListener("input", () => { clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600); });
+  form.addEventListener("input", () => {
+    applyScopes();
+    clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600);
+  });
   form.addEventListener("change", () => applyScopes());
   const sel = $("preset");
   for (const name of Object.keys(schema.presets)) sel.append(el("option", {value: name, text: name}));
+  applyScopes();
 }
 
-// a plugin's flag (lokr_*, FLUX's, lora-fa's) shows only while its algorithm, architecture or strategy is chosen;
-// the architecture is the model's, known after a Check (until then they all show)
+// "Training images": an imagefolder, a dataset or DreamBooth images; only the chosen way's fields show (the
+// DreamBooth group with its own)
+function sourceRow() {
+  const s = el("select", {id: "f-_source", name: "_source"});
+  for (const src of schema.sources) s.append(el("option", {value: src.dest, text: src.label}));
+  s.addEventListener("change", () => { applyScopes(); validate(); });
+  return el("div", {class: "field"}, el("label", {for: "f-_source"}, "Training images",
+                                        el("span", {class: "req", text: " *", title: "required"})), s,
+            el("span", {class: "help", text: "how the training images are given; the fields of the others are hidden"}));
+}
+
+// pick the way of giving the images that the values use (a preset, a loaded config, a cloned run)
+function pickSource(values) {
+  const given = (d) => values[d] !== undefined && values[d] !== null && values[d] !== "" && values[d] !== false;
+  const fields = schema.groups.flatMap((g) => g.fields);
+  const found = schema.sources.find((s) => given(s.dest)) ||
+    schema.sources.find((s) => fields.some((f) => f.source === s.dest && given(f.dest)));
+  if (found) $("f-_source").value = found.dest;
+}
+
+// a field shows (and is sent) only where it applies: its way of giving the images is chosen, its algorithm,
+// architecture or strategy is (the architecture is the model's, known once a Check has read it; until then those
+// all show), and the flag it needs is set
 let architecture = null;
 
-function applyScopes() {
-  const chosen = {algorithm: ($("f-lora_algo") || {}).value || "lora", strategy: ($("f-lora_strategy") || {}).value,
-                  architecture};
-  for (const g of schema.groups) for (const f of g.fields) {
-    if (!f.scope) continue;
-    const [kind, name] = f.scope;
-    $("f-" + f.dest).closest(".field").hidden = !(chosen[kind] === name || (kind === "architecture" && !architecture));
+function applies(f) {
+  if (f.source && f.source !== $("f-_source").value) return false;
+  if (f.scope) {
+    const [kind, names] = f.scope;
+    const chosen = kind === "architecture" ? architecture :
+      ($("f-" + (kind === "algorithm" ? "lora_algo" : "lora_strategy")) || {}).value || (kind === "algorithm" ? "lora" : "");
+    if (!(names.includes(chosen) || (kind === "architecture" && !architecture))) return false;
   }
+  if (f.needs) {
+    const other = $("f-" + f.needs);
+    if (other && !(other.type === "checkbox" ? other.checked : other.value.trim())) return false;
+  }
+  return true;
+}
+
+function applyScopes() {
+  for (const g of schema.groups) for (const f of g.fields) $("f-" + f.dest).closest(".field").hidden = !applies(f);
+  const strategy = $("f-lora_strategy");  // the strategies that fit the model's architecture
+  const fits = (schema.groups.flatMap((g) => g.fields).find((f) => f.dest === "lora_strategy") || {}).fits || {};
+  if (strategy) for (const o of strategy.options) o.hidden = !!(architecture && fits[o.value] && !fits[o.value].includes(architecture));
+  for (const box of document.querySelectorAll("#train-form details, #train-form fieldset")) {
+    const rows = [...box.querySelectorAll(".field")];
+    box.hidden = rows.length > 0 && rows.every((r) => r.hidden);
+  }
+  const info = $("model-arch");
+  if (info) info.textContent = architecture ? `${schema.architectures[architecture] || architecture} model: options ` +
+    "for other architectures are hidden" : "";
 }
 
 function formValues() {
   const v = {};
   for (const g of schema.groups) for (const f of g.fields) {
     const i = $("f-" + f.dest);
+    if (i.closest(".field").hidden) continue;  // does not apply to these choices: left out of the run
     v[f.dest] = f.kind === "bool" ? i.checked : i.value;
   }
   return v;
@@ -146,6 +193,8 @@ function applyPreset() {
     if (!i) continue;
     if (i.type === "checkbox") i.checked = !!v; else i.value = v;
   }
+  pickSource(p);
+  applyScopes();
   validate();
 }
 
@@ -153,7 +202,9 @@ function showErrors(errors) {
   for (const e of document.querySelectorAll("#page-new .err")) { e.textContent = ""; }
   for (const e of document.querySelectorAll("#train-form .field")) e.classList.remove("bad");
   for (const [dest, msg] of Object.entries(errors || {})) {
-    const box = $("err-" + dest) || $("err-_form");
+    let box = $("err-" + dest) || $("err-_form");
+    if (box.closest(".field") && box.closest(".field").hidden)  // e.g. "give the training images": at the chosen way
+      box = schema.sources.some((s) => s.dest === dest) ? $("err-" + $("f-_source").value) : $("err-_form");
     box.textContent = msg;
     const row = box.closest(".field");
     if (row) { row.classList.add("bad"); const d = row.closest("details"); if (d) d.open = true; }
@@ -170,7 +221,9 @@ async function validate(path = "/api/validate", extra = {}) {
   if (seq !== checkSeq && path === "/api/validate") return r;
   if (r.error) { showErrors({_form: r.error}); return r; }
   showErrors(r.errors);
-  if (r.architecture) { architecture = r.architecture; applyScopes(); }
+  if (r.architecture || r.errors && r.errors.pretrained_model_name_or_path) {
+    architecture = r.architecture || null; applyScopes();
+  }
   $("cmdline").textContent = r.command || "mindone-lora train … (fix the marked fields)";
   return r;
 }
@@ -187,6 +240,8 @@ function setValues(values) {
     if (f.kind === "bool") i.checked = !!values[f.dest];
     else i.value = values[f.dest] === undefined || values[f.dest] === null ? (f.kind === "choice" && f.default !== null ? String(f.default) : "") : String(values[f.dest]);
   }
+  pickSource(values);
+  applyScopes();
 }
 
 async function loadConfig() {
@@ -440,15 +495,45 @@ function addLora(target) {
 
 async function simple(what, body, extra) {
   $(what + "-error").textContent = ""; $(what + "-message").textContent = "working …";
-  const bar = what === "generate" ? $("gen-progress") : null;
-  if (bar) bar.hidden = false;
+  const watch = what === "generate" ? watchGenerate() : null;
   let r = await api("/api/" + what, body);
   if (r.confirm && confirm(r.error)) r = await api("/api/" + what, Object.assign({}, body, {overwrite: true}));
   else if (r.confirm) r = {error: "not replaced"};
-  if (bar) bar.hidden = true;
+  if (watch) watch.stop();
   $(what + "-message").textContent = r.error ? "" : r.message;
   $(what + "-error").textContent = r.error || "";
   if (!r.error && extra) extra(r);
+}
+
+// generate's progress while it works: the worker reports each denoising step, the page asks every 0.4 s
+function describeProgress(p) {
+  if (p.phase === "denoising" || p.phase === "done") {
+    const which = p.first === p.last ? `image ${p.first}` : `images ${p.first}–${p.last}`;
+    return `${which} of ${p.images}: denoising step ${p.step} of ${p.steps}`;
+  }
+  return p.phase === "loading" ? "loading the model …" : "starting …";
+}
+
+function watchGenerate() {
+  const bar = $("gen-progress"), line = $("gen-progress-text");
+  bar.hidden = false; bar.removeAttribute("value"); line.textContent = "starting …";
+  let on = true, t = null;
+  const poll = async () => {
+    const p = await api("/api/progress");
+    if (!on) return;
+    if (p.action === "generate" && p.running) {
+      line.textContent = describeProgress(p);
+      if (p.fraction !== undefined) { bar.max = 1; bar.value = p.fraction; } else bar.removeAttribute("value");
+    }
+    t = setTimeout(poll, 400);
+  };
+  poll();
+  return {stop: async () => {
+    on = false; clearTimeout(t);
+    const p = await api("/api/progress");  // the last report: the steps it took
+    bar.hidden = true;
+    line.textContent = p.action === "generate" && !p.running && p.phase === "done" ? "done: " + describeProgress(p) : "";
+  }};
 }
 
 // ---------------------------------------------------------------- start
