@@ -126,12 +126,35 @@ def schema(parser=None) -> dict:
     return {"groups": groups, "presets": PRESETS, "sources": _sources(groups), "architectures": architectures}
 
 
+# words of flag names spelled out in labels made from a name
+NAME_WORDS = {"lora": "LoRA", "lr": "learning-rate", "dir": "folder", "num": "number of", "reso": "resolution",
+              "ema": "EMA", "snr": "SNR", "dora": "DoRA"}
+
+
+def _clause(text: str) -> str:
+    return re.split(r"[;(:]|\. |, e\.g\.| — ", text, maxsplit=1)[0].strip()
+
+
 def label(action) -> str:
-    """A field's label in words: the first clause of the flag's own help, else its name with spaces."""
-    text = re.split(r"[;(:]|\. |, e\.g\.", (action.help or "").replace("%(default)s", ""), maxsplit=1)[0].strip()
-    if not text or len(text) > 60 or text.lower().startswith(("e.g", "default")):
-        text = action.dest.replace("_", " ")
+    """A field's label in words: the first clause of the flag's own help, else (no help, or a clause that says less
+    than the name: "a preset", "AdamW") its name in words (``lr_warmup_steps`` → "Learning-rate warmup steps")."""
+    text = _clause((action.help or "").replace("%(default)s", ""))
+    if (not text or len(text) > 60 or text.lower().startswith(("e.g", "default"))
+            or re.fullmatch(r"((a|an|the) )?\S+", text.lower())):
+        text = " ".join(NAME_WORDS.get(w, w) for w in action.dest.split("_"))
     return text[0].upper() + text[1:]
+
+
+def _scoped_label(help_text: str, current: str) -> str:
+    """The label of a flag whose help starts with its scope (``FLUX: how noise levels are drawn``, ``FLUX
+    logit_normal sampling: mean``): the words after the scope's name."""
+    head, _, rest = help_text.partition(":")
+    words, clause = head.split()[1:], _clause(rest)
+    if len(clause.split()) == 1 and words:
+        clause = f"{' '.join(words)}: {clause}"
+    elif not clause or len(clause) > 60:
+        return current
+    return clause[0].upper() + clause[1:]
 
 
 def scope(help_text: str, names) -> list | None:
@@ -165,6 +188,8 @@ def _installed_names(groups) -> dict:
         for f in g["fields"]:
             if g["title"] == "plugins":
                 f["scope"] = scope(f["help"], names)
+                if f["scope"]:
+                    f["label"] = _scoped_label(f["help"], f["label"])
             elif f["dest"] in ignored:
                 f["scope"] = ["architecture", ignored[f["dest"]]]
             if f["dest"] == "lora_strategy":

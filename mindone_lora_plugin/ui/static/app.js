@@ -48,12 +48,17 @@ function fieldInput(f) {
     if (f.default !== null) s.value = String(f.default);
     return s;
   }
+  // a required field's default is never used (the form asks for a value): no "default:" shown
   const input = el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
-                             placeholder: f.default === null ? "" : "default: " + String(f.default)});
-  if (!f.path) return input;
+                             placeholder: f.required ? (f.path ? "required: pick or type a folder" : "required") :
+                               f.default === null ? "" : "default: " + String(f.default)});
+  return f.path ? el("span", {}, input, " ", pickButton(input)) : input;
+}
+
+function pickButton(input) {
   const pick = el("button", {type: "button", class: "small", text: "browse…", title: "pick inside the allowed folders"});
   pick.addEventListener("click", () => openPicker(input));
-  return el("span", {}, input, " ", pick);
+  return pick;
 }
 
 // ---------------------------------------------------------------- folder/file picker (allowed folders only)
@@ -90,11 +95,14 @@ function choose(path) {
 function buildForm() {
   const form = $("train-form");
   form.textContent = "";
+  let sourced = false;
   for (const g of schema.groups) {
-    const fs = el("fieldset", {class: "group"}, el("legend", {text: g.title}));
-    const more = el("details", {}, el("summary", {text: "more options"}));
+    const basic = g.fields.some((f) => f.basic);
+    // a group with nothing shown by default is one folded line under its title
+    const fs = el("fieldset", {class: "group"}, basic ? el("legend", {text: g.title}) : "");
+    const more = el("details", {}, el("summary", {text: basic ? "more options" : g.title}));
     for (const f of g.fields) {
-      if (f.source === f.dest && !$("f-_source")) fs.append(sourceRow());  // the choice before the first way
+      if (f.source === f.dest && !sourced) { fs.append(sourceRow()); sourced = true; }  // before the first way
       const lab = el("label", {for: "f-" + f.dest}, f.label,
                      f.required ? el("span", {class: "req", text: " *", title: "required"}) : "",
                      el("span", {class: "flag", text: f.flag}));
@@ -105,6 +113,7 @@ function buildForm() {
       (f.basic ? fs : more).append(row);
     }
     if (more.children.length > 1) fs.append(more);
+    if (!basic) fs.classList.add("folded");
     form.append(fs);
   }
   for (const d of ["train_data_dir", "instance_data_dir"]) {
@@ -301,6 +310,7 @@ async function refreshRuns() {
   const r = await api("/api/runs");
   const body = $("runs-list").tBodies[0];
   body.textContent = "";
+  $("runs-empty").hidden = !!(r.runs && r.runs.length);
   for (const run of r.runs || []) {
     const q = el("td", {});
     if (run.status === "queued") {
@@ -489,8 +499,9 @@ function loraRows(id) {
 }
 
 function addLora(target) {
-  $(target).append(el("div", {class: "lora-row"}, el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50}),
-                      el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"})));
+  const file = el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50});
+  $(target).append(el("div", {class: "lora-row"}, file, el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"}),
+                      " ", pickButton(file)));
 }
 
 async function simple(what, body, extra) {
@@ -566,6 +577,11 @@ async function main() {
   $("btn-resume").addEventListener("click", () => runAction("resume"));
   $("btn-files").addEventListener("click", showFiles);
   $("btn-inspect").addEventListener("click", inspect);
+  for (const i of document.querySelectorAll("#page-files input.path")) {
+    const row = el("span", {class: "pathrow"});
+    i.replaceWith(row);
+    row.append(i, pickButton(i));
+  }
   for (const b of document.querySelectorAll(".add-lora")) b.addEventListener("click", () => addLora(b.dataset.target));
   addLora("merge-loras"); addLora("gen-loras");
   $("btn-convert").addEventListener("click", () => simple("convert", {input: $("conv-in").value, output: $("conv-out").value,
