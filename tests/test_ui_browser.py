@@ -37,7 +37,7 @@ if not (CHROMIUM and CHROMEDRIVER and selenium):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 
 def start_ui(root: str) -> tuple[subprocess.Popen, str]:
@@ -269,7 +269,7 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.ID, "btn-stop").click()
         wait(d, lambda d: text(d, "run-status") == "stopped", 90)
         stopped_at = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
-        assert stopped_at < 24 and f"checkpoints: " in text(d, "run-numbers")
+        assert stopped_at < 24 and "checkpoints: " in text(d, "run-numbers")
         assert os.path.isdir(root / "runs" / "tiny" / f"checkpoint-{stopped_at}")
         shot(d, shots, "5-stopped")
         # resume to the end
@@ -287,7 +287,7 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.XPATH, "//table[@id='runs-list']//td[text()='runs/tiny']").click()
         wait(d, lambda d: text(d, "run-title") == "runs/tiny" and text(d, "run-status") == "finished", 150)
         assert "step 24 of 24" in text(d, "run-numbers") and not d.find_element(By.ID, "btn-resume").is_enabled()
-        assert f"resumed from" in text(d, "run-log")
+        assert "resumed from" in text(d, "run-log")
         d.execute_script("document.getElementById('gallery').open = true")
         wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery-images img")) >= 4, 10)
         shot(d, shots, "6-finished")

@@ -92,7 +92,8 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     assert {"SD1.x quick", "SDXL", "DreamBooth"} <= set(s["presets"])
     # plugin flags name their algorithm, architecture or strategy: the page shows them only while it is chosen
     scopes = {f["dest"]: f["scope"] for g in s["groups"] for f in g["fields"] if f["scope"]}
-    assert scopes["lokr_factor"] == ["algorithm", ["lokr"]] and scopes["timestep_sampling"] == ["architecture", ["flux"]]
+    assert scopes["lokr_factor"] == ["algorithm", ["lokr"]]
+    assert scopes["timestep_sampling"] == ["architecture", ["flux"]]
     assert scopes["lora_fa_init"] == ["strategy", ["lora-fa"]] and "lora_alpha" not in scopes
     assert "flux" not in scopes["snr_gamma"][1] and "sdxl" in scopes["snr_gamma"][1]  # FLUX ignores it
     assert s["architectures"]["sdxl"] == "SDXL"
@@ -388,7 +389,6 @@ def test_config_file_paths_are_confined(tree, tiny_sd1):
 def test_stop_refuses_a_pid_it_did_not_start_and_runs_ignore_the_users_modules(tree):
     import subprocess
     import sys
-    import time
 
     from mindone_lora_plugin.ui.runs import RUN_FILE, RunManager
 

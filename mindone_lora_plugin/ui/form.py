@@ -24,11 +24,12 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
-BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "instance_data_dir", "instance_prompt", "class_data_dir",
-         "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed", "train_batch_size",
-         "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
-         "validation_prompt", "validation_steps", "num_validation_images", "lora_rank", "lora_alpha", "lora_strategy",
-         "lora_algo", "lora_targets", "train_text_encoder", "save_formats", "output_name", "mode", "device_target")
+BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "instance_data_dir", "instance_prompt",
+         "class_data_dir", "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed",
+         "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+         "checkpointing_steps", "validation_prompt", "validation_steps", "num_validation_images", "lora_rank",
+         "lora_alpha", "lora_strategy", "lora_algo", "lora_targets", "train_text_encoder", "save_formats",
+         "output_name", "mode", "device_target")
 # folders the UI confines to the allowed ones (and checks); so is every flag named like a path (PATHISH), e.g. one a
 # plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",

@@ -138,7 +138,7 @@ function sourceRow() {
   s.addEventListener("change", () => { applyScopes(); validate(); });
   return el("div", {class: "field"}, el("label", {for: "f-_source"}, "Training images",
                                         el("span", {class: "req", text: " *", title: "required"})), s,
-            el("span", {class: "help", text: "how the training images are given; the fields of the others are hidden"}));
+            el("span", {class: "help", text: "how the training images are given; the others' fields are hidden"}));
 }
 
 // pick the way of giving the images that the values use (a preset, a loaded config, a cloned run)
@@ -159,8 +159,9 @@ function applies(f) {
   if (f.source && f.source !== $("f-_source").value) return false;
   if (f.scope) {
     const [kind, names] = f.scope;
+    const menu = $("f-" + (kind === "algorithm" ? "lora_algo" : "lora_strategy"));
     const chosen = kind === "architecture" ? architecture :
-      ($("f-" + (kind === "algorithm" ? "lora_algo" : "lora_strategy")) || {}).value || (kind === "algorithm" ? "lora" : "");
+      (menu && menu.value) || (kind === "algorithm" ? "lora" : "");
     if (!(names.includes(chosen) || (kind === "architecture" && !architecture))) return false;
   }
   if (f.needs) {
@@ -174,7 +175,8 @@ function applyScopes() {
   for (const g of schema.groups) for (const f of g.fields) $("f-" + f.dest).closest(".field").hidden = !applies(f);
   const strategy = $("f-lora_strategy");  // the strategies that fit the model's architecture
   const fits = (schema.groups.flatMap((g) => g.fields).find((f) => f.dest === "lora_strategy") || {}).fits || {};
-  if (strategy) for (const o of strategy.options) o.hidden = !!(architecture && fits[o.value] && !fits[o.value].includes(architecture));
+  const unfit = (name) => !!(architecture && fits[name] && !fits[name].includes(architecture));
+  if (strategy) for (const o of strategy.options) o.hidden = unfit(o.value);
   for (const box of document.querySelectorAll("#train-form details, #train-form fieldset")) {
     const rows = [...box.querySelectorAll(".field")];
     box.hidden = rows.length > 0 && rows.every((r) => r.hidden);
@@ -352,6 +354,8 @@ async function refreshRun() {
   $("run-error").textContent = r.message || "";
   $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
   $("btn-resume").disabled = !r.can_resume;
+  $("btn-resume").title = r.can_resume ? "start the run again from its newest checkpoint" :
+    "only a stopped or failed run with a complete checkpoint can resume";
   $("btn-clone").disabled = !r.argv;
   $("btn-delete").disabled = !r.argv || ["running", "starting", "stopping", "queued"].includes(r.status);
   const all = r.images || [];
@@ -371,6 +375,7 @@ async function refreshRun() {
   curve.vals = r.val_losses || [];  // few points: always sent whole
   drawLoss(curve.losses, curve.vals, r.resumes);
   document.querySelector(".legend .l-val").hidden = !curve.vals.length;
+  document.querySelector(".legend .l-resume").hidden = !(r.resumes || []).length;
   const imgs = $("run-images");
   const want = (r.images || []).slice(-12);
   if (imgs.dataset.key !== want.join("|")) {
@@ -387,9 +392,10 @@ let cloneArgv = null;
 
 function shq(a) { return /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"; }
 
-function niceTicks(lo, hi, n) {
+function niceTicks(lo, hi, n, whole = false) {
   const span = hi - lo || 1, step0 = span / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
+  let step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
+  if (whole) step = Math.max(1, Math.round(step));  // steps are whole numbers
   const out = [];
   for (let t = Math.ceil(lo / step) * step; t <= hi + 1e-12; t += step) out.push(t);
   return out;
@@ -413,7 +419,7 @@ function drawLoss(points, vals, resumes) {
     g.beginPath(); g.moveTo(L, Y(t)); g.lineTo(W - R, Y(t)); g.stroke();
     g.fillText(t.toPrecision(3), 4, Y(t) + 4);
   }
-  for (const t of niceTicks(x0, x1, 6)) {
+  for (const t of niceTicks(x0, x1, 6, true)) {
     g.beginPath(); g.moveTo(X(t), T); g.lineTo(X(t), H - B); g.stroke();
     g.fillText(String(Math.round(t)), X(t) - 8, H - B + 14);
   }
@@ -500,8 +506,8 @@ function loraRows(id) {
 
 function addLora(target) {
   const file = el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50});
-  $(target).append(el("div", {class: "lora-row"}, file, el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"}),
-                      " ", pickButton(file)));
+  const weight = el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"});
+  $(target).append(el("div", {class: "lora-row"}, file, weight, " ", pickButton(file)));
 }
 
 async function simple(what, body, extra) {
@@ -543,7 +549,8 @@ function watchGenerate() {
     on = false; clearTimeout(t);
     const p = await api("/api/progress");  // the last report: the steps it took
     bar.hidden = true;
-    line.textContent = p.action === "generate" && !p.running && p.phase === "done" ? "done: " + describeProgress(p) : "";
+    const done = p.action === "generate" && !p.running && p.phase === "done";
+    line.textContent = done ? "done: " + describeProgress(p) : "";
   }};
 }
 
