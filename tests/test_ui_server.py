@@ -130,6 +130,14 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     errors, _ = form.validate(dict(values, cache_dir="/etc", logging_dir="../../../x", output_name="../x",
                                    dataset_name="../secret"), g)
     assert set(errors) == {"cache_dir", "logging_dir", "output_name", "dataset_name"}
+    # the folders a run writes into are never read-only ones (the shipped demo model's)
+    ro = PathGuard(str(root), [os.path.dirname(tiny_sd1)], readonly=[str(allowed)])
+    errors, _ = form.validate(dict(values, class_data_dir=str(allowed), with_prior_preservation=True), ro)
+    assert "read-only" in errors["class_data_dir"]
+    errors, _ = form.validate(dict(values, train_data_dir=str(allowed)), ro)
+    assert "train_data_dir" not in errors or "read-only" not in errors["train_data_dir"]
+    errors, _ = form.validate(dict(values, train_data_dir=str(allowed), cache_latents_to_disk=True), ro)
+    assert "read-only" in errors["train_data_dir"]
     # the CLI's whole-run checks (train/settings.py) land on the flag they name
     errors, _ = form.validate(dict(values, with_prior_preservation=True), g)
     assert list(errors) == ["with_prior_preservation"]

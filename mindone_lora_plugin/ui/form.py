@@ -34,7 +34,8 @@ BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "ins
 # plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
                "cache_dir", "config_file", "output_config", "sample_prompts")
-WRITTEN = ("output_dir", "cache_dir", "output_config")  # folders the run writes: never a read-only one
+# folders the run writes (missing class images are generated into --class_data_dir): never a read-only one
+WRITTEN = ("output_dir", "cache_dir", "output_config", "class_data_dir")
 PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
 # set by the UI itself, not by the form
 HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help", "output_config")
@@ -56,8 +57,8 @@ PRESETS = {
                  gradient_checkpointing=True, checkpointing_steps="200", validation_steps="200",
                  num_validation_images="2", save_formats="diffusers,kohya"),
     "DreamBooth": dict(train_data_dir="", instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
-                       with_prior_preservation=True, num_class_images="100", resolution="512",
-                       train_batch_size="1", max_train_steps="500", learning_rate="1e-4", lr_scheduler="constant",
+                       with_prior_preservation=True, class_data_dir="class-images", num_class_images="100",
+                       resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4", lr_scheduler="constant",
                        lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
@@ -119,6 +120,7 @@ def schema(parser=None) -> dict:
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS,
+                           "written": a.dest in WRITTEN,
                            "needs": NEEDS[a.dest][0] if isinstance(NEEDS.get(a.dest, (None,))[0], str) else None,
                            "source": None, "scope": None})
         if fields:
@@ -294,9 +296,11 @@ def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) ->
             values = _with_config(values, guard, parser)
         except LoraError as e:
             errors["config_file"] = str(e)
+    # --cache_latents_to_disk writes into the image folders
+    written = WRITTEN + (DATA_FIELDS if values.get("cache_latents_to_disk") is True else ())
     for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
         try:
-            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in WRITTEN)
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in written)
         except LoraError as e:
             errors[dest] = str(e)
     name = str(values.get("output_name") or "").strip()

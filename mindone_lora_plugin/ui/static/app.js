@@ -50,7 +50,8 @@ function fieldInput(f) {
   }
   // a required field's default is never used (the form asks for a value): no "default:" shown
   const input = el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
-                             placeholder: f.required ? (f.path ? "required: pick or type a folder" : "required") :
+                             placeholder: f.required ? (f.written ? "required: a new folder, e.g. runs/my-lora" :
+                                                        f.path ? "required: pick or type a folder" : "required") :
                                f.default === null ? "" : "default: " + String(f.default)});
   return f.path ? el("span", {}, input, " ", pickButton(input)) : input;
 }
@@ -568,6 +569,7 @@ async function main() {
   $("btn-queue").addEventListener("click", () => startRun(true));
   $("btn-config").addEventListener("click", saveConfig);
   $("btn-load-config").addEventListener("click", loadConfig);
+  $("btn-load-config").before(pickButton($("config-path")));
   $("btn-clone").addEventListener("click", () => cloneArgv && cloneRun(cloneArgv));
   $("btn-delete").addEventListener("click", async () => {
     if (!confirm(`Delete the run ${current} and every file in its folder?`)) return;
