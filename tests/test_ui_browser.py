@@ -199,6 +199,14 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         Select(d.find_element(By.ID, "f-lora_algo")).select_by_value("lokr")
         assert displayed("lokr_factor")
         Select(d.find_element(By.ID, "f-lora_algo")).select_by_value("lora")
+        # a preset replaces what another preset filled in, not what the user typed
+        value = lambda dest: d.find_element(By.ID, "f-" + dest).get_attribute("value")  # noqa: E731
+        set_field(d, "output_dir", "runs/typed")
+        for preset in ("tiny model on CPU (a quick check)", "SDXL"):
+            Select(d.find_element(By.ID, "preset")).select_by_visible_text(preset)
+            d.find_element(By.ID, "btn-preset").click()
+        assert value("pretrained_model_name_or_path") == "" and value("mode") == "auto"
+        assert value("resolution") == "1024" and value("output_dir") == "runs/typed"
         # the two bad inputs, each with its message beside its field
         Select(d.find_element(By.ID, "preset")).select_by_visible_text("tiny model on CPU (a quick check)")
         d.find_element(By.ID, "btn-preset").click()

@@ -263,7 +263,8 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         return {"ok": True}
 
     gets = {
-        "/api/info": lambda q: {"root": guard.root, "allowed": guard.folders, "auth": bool(basic)},
+        "/api/info": lambda q: {"root": guard.root, "allowed": guard.folders, "readonly": guard.readonly,
+                                "auth": bool(basic)},
         "/api/form": lambda q: form.schema(),
         "/api/runs": lambda q: {"runs": runs.listing()},
         "/api/run": run_detail,

@@ -200,6 +200,17 @@ function formValues() {
 function applyPreset() {
   const p = schema.presets[$("preset").value];
   if (!p) return;
+  // what another preset filled in and this one does not set goes back to its default (not what the user typed)
+  const fields = Object.fromEntries(schema.groups.flatMap((g) => g.fields).map((f) => [f.dest, f]));
+  for (const [name, other] of Object.entries(schema.presets)) {
+    if (name === $("preset").value) continue;
+    for (const [k, v] of Object.entries(other)) {
+      const i = $("f-" + k), f = fields[k];
+      if (!i || k in p || (i.type === "checkbox" ? i.checked !== !!v : i.value !== String(v))) continue;
+      if (i.type === "checkbox") i.checked = !!f.default;
+      else i.value = f.kind === "choice" && f.default !== null ? String(f.default) : "";
+    }
+  }
   for (const [k, v] of Object.entries(p)) {
     const i = $("f-" + k);
     if (!i) continue;
@@ -560,7 +571,9 @@ function watchGenerate() {
 async function main() {
   for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showTab(t.dataset.tab));
   const info = await api("/api/info");
-  $("root-info").textContent = `root ${info.root}` + (info.allowed.length > 1 ? `; also ${info.allowed.slice(1).join(", ")}` : "");
+  const others = info.allowed.slice(1).filter((f) => !info.readonly.includes(f));
+  $("root-info").textContent = `runs in ${info.root}` + (others.length ? ` · also allowed: ${others.join(", ")}` : "") +
+    (info.readonly.length ? ` · read-only: ${info.readonly.join(", ")}` : "");
   schema = await api("/api/form");
   buildForm();
   $("btn-preset").addEventListener("click", applyPreset);
