@@ -1,16 +1,25 @@
 # Two commands matter: `make demo` and `make test`. Both create .venv when it is
-# missing or stale (the stamp is keyed on the packaging files' contents).
+# missing or stale (the stamp is keyed on the packaging files' contents), with the
+# exact versions of constraints.txt. `make smoke` checks a second environment.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py plugins/*/setup.cfg plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
+CONSTRAINTS := constraints.txt
+STAMP_KEY := $(shell cat setup.cfg pyproject.toml $(CONSTRAINTS) $(wildcard examples/plugins/*/setup.cfg examples/plugins/*/*/*.py plugins/*/setup.cfg plugins/*/*/*.py) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(STAMP_KEY)
 PYTEST_ARGS ?=
 # the suite runs on every core (at most 4: each worker may hold a few GiB), one test file per worker at a time so
 # module-scoped training runs are shared; JOBS=1 runs it serially
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: setup test demo bench clean browser
+# the smoke venv: what a mindone user already has (the newest MindSpore that works, docs/compatibility.md, and
+# mindone), into which tests/test_wheel.py installs this package's wheels; pip's cache keeps the downloads
+SMOKE_VENV := .venv-smoke
+SMOKE_MINDSPORE ?= 2.10.0
+SMOKE_PY := $(SMOKE_VENV)/bin/python
+SMOKE_STAMP := $(SMOKE_VENV)/.installed-mindspore-$(SMOKE_MINDSPORE)
+
+.PHONY: setup test smoke demo bench clean browser
 
 setup: $(STAMP)
 
@@ -18,8 +27,9 @@ $(STAMP):
 	@$(MAKE) --no-print-directory browser
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev,interop]'
-	@for p in plugins/*/ examples/plugins/*/; do [ -f $$p/setup.cfg ] && $(PY) -m pip install -q $$p || true; done
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,interop]'
+	@for p in plugins/*/ examples/plugins/*/; do \
+		[ -f $$p/setup.cfg ] && $(PY) -m pip install -q -c $(CONSTRAINTS) $$p || true; done
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "set-up done: $(VENV)"
@@ -35,6 +45,21 @@ browser:
 test: setup
 	$(PY) -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=15 $(PYTEST_ARGS)
 
+# the smoke subset (-m smoke) on the newest MindSpore that works: first the wheels, built and installed into the
+# smoke venv (which brings the package's own dependencies), then the rest, from this checkout
+smoke: $(SMOKE_STAMP)
+	PYTHONPATH=$(CURDIR) MINDONE_LORA_INSTALL_WHEELS=1 $(SMOKE_PY) -m pytest -m smoke tests/test_wheel.py $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(SMOKE_PY) -m pytest -m smoke --ignore=tests/test_wheel.py \
+		$(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=5 $(PYTEST_ARGS)
+
+$(SMOKE_STAMP):
+	@test -x $(SMOKE_PY) || $(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_PY) -m pip install -q --upgrade pip setuptools wheel build
+	$(SMOKE_PY) -m pip install -q mindspore==$(SMOKE_MINDSPORE) mindone==0.5.0 pytest pytest-xdist tensorboardX
+	@rm -f $(SMOKE_VENV)/.installed-*
+	@touch $@
+	@echo "smoke venv: $(SMOKE_VENV) (mindspore $(SMOKE_MINDSPORE))"
+
 demo: setup
 	$(VENV)/bin/mindone-lora train --demo
 
@@ -42,4 +67,4 @@ bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SMOKE_VENV) build dist *.egg-info .pytest_cache

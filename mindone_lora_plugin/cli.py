@@ -3,6 +3,10 @@
 Subcommands live in their own modules (``mindone_lora_plugin.commands.<name>``), each with ``add_parser(subparsers)``
 and ``run(args) -> int``; they are imported only when used, so ``mindone-lora --help`` answers quickly. A user mistake
 (:class:`~mindone_lora_plugin.errors.LoraError`, a bad flag) ends in one line on stderr and exit status 2.
+
+The command starts quietly: nothing on stderr that is not about the user's run (see :func:`entry`); ``--verbose``
+(``-v``), anywhere on the command line (with ``run``: before ``run``), lets MindSpore's C++ warnings and
+transformers' notices through.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import importlib
 import os
 import sys
 
-from mindone_lora_plugin import __version__
 from mindone_lora_plugin.errors import LoraError
 
 PROG = "mindone-lora"
 #: what :func:`entry` adds to the environment where it is not set (see there)
-COMMAND_ENV = {"USE_TORCH": "0"}
+COMMAND_ENV = {"USE_TORCH": "0", "GLOG_v": "3", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+               "DIFFUSERS_NO_ADVISORY_WARNINGS": "1"}
+#: the same with ``--verbose``: MindSpore's C++ log at WARNING, transformers' advice shown
+VERBOSE_ENV = {"USE_TORCH": "0", "GLOG_v": "2"}
+VERBOSE_FLAGS = ("-v", "--verbose")
 # subcommand → (module, one-line help)
 COMMANDS = {
     "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x or SDXL model"),
@@ -38,9 +45,25 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
 
 
+class VersionAction(argparse.Action):
+    """``--version``: :func:`mindone_lora_plugin.runtime.version_report` (imports MindSpore to ask for the device)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mindone_lora_plugin.runtime import version_report
+
+        print(version_report())
+        parser.exit(0)
+
+
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="LoRA training and LoRA files for Stable Diffusion on MindSpore.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action=VersionAction,
+                        help="show the versions of this package, MindSpore, mindone and Python, and the device")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show MindSpore's C++ warnings and transformers' notices (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module, help_text) in (commands or COMMANDS).items():
         if commands is None:
@@ -50,8 +73,17 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``-v``/``--verbose``, and whether one was there: anywhere on the line, except after ``run``
+    (``mindone-lora run SCRIPT ...`` passes what follows to the script, whose own ``-v`` it may be)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    end = argv.index(command) + 1 if command == "run" else len(argv)
+    kept = [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _split_verbose(list(sys.argv[1:] if argv is None else argv))[0]
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         parser = build_parser()
@@ -83,12 +115,18 @@ def entry(argv: list[str] | None = None) -> int:
     """The ``mindone-lora`` command (console script, ``python -m mindone_lora_plugin``): :func:`main` in a process
     of its own.
 
-    It tells transformers not to import torch (``USE_TORCH=0``, unless the environment says otherwise): where torch
-    is installed, transformers imports it at start-up, about 6 s and 280 MiB on a 2-core machine, though nothing a
-    command runs uses it (mindone brings its own MindSpore models). Child processes (msrun workers, the UI's runs)
-    inherit the setting. :func:`main` called from Python leaves the environment alone.
+    It tells transformers not to import torch (``USE_TORCH=0``): where torch is installed, transformers imports it
+    at start-up, about 6 s and 280 MiB on a 2-core machine, though nothing a command runs uses it (mindone brings its
+    own MindSpore models); and, unless ``--verbose``, it keeps start-up quiet: MindSpore's C++ log at ERROR
+    (``GLOG_v=3``: no ``[WARNING] ME`` lines) and no transformers advice: the "None of PyTorch, TensorFlow >= 2.0,
+    or Flax have been found" notice that ``USE_TORCH=0`` causes goes through ``Logger.warning_advice``, which
+    transformers guards with ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` and mindone.diffusers, replacing it once
+    imported, with ``DIFFUSERS_NO_ADVISORY_WARNINGS``. A setting the environment already has wins. Child processes
+    (msrun workers, the UI's runs) inherit them. :func:`main` called from Python leaves the environment alone.
     """
-    for key, value in COMMAND_ENV.items():
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = _split_verbose(argv)[1]
+    for key, value in (VERBOSE_ENV if verbose else COMMAND_ENV).items():
         os.environ.setdefault(key, value)
     return main(argv)
 

@@ -1,15 +1,26 @@
-"""Process-wide MindSpore set-up: device target, execution mode, the CPU backend, quiet mindone imports.
+"""Process-wide MindSpore set-up: the supported versions, device target, execution mode, the CPU backend, quiet
+mindone imports.
 
-Everything that touches MindSpore's global context lives here, so commands and tests set up the same way.
+Everything that touches MindSpore's global context lives here, so commands and tests set up the same way. Where the
+running MindSpore has the replacement of a deprecated ``set_context`` key (``set_recursion_limit``,
+``runtime.launch_blocking``), that is what is called, so MindSpore has no deprecation to warn about.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import warnings
 
+from mindone_lora_plugin.errors import LoraError
+
 _QUIETED = False
+#: the releases this package runs on: every MindSpore on PyPI in this range was measured (docs/compatibility.md);
+#: setup.cfg's install_requires states the same ranges (tests/test_environment.py checks that they agree)
+SUPPORTED = {"mindspore": ">=2.7.0,<2.11", "mindone": ">=0.5.0,<0.6"}
+#: ``MINDONE_LORA_ANY_VERSION=1`` starts on versions outside :data:`SUPPORTED` (at the user's own risk)
+ANY_VERSION_ENV = "MINDONE_LORA_ANY_VERSION"
 MAX_CALL_DEPTH = 20000
 #: ``--mode auto`` on CPU: a denoiser (``unet/`` or ``transformer/`` weights) at least this large trains in PyNative.
 #: MindSpore 2.7.1's CPU GRAPH_MODE runtime keeps far more of a step's buffers than PyNative (docs/benchmarks.md,
@@ -52,6 +63,56 @@ def resolve_mode(requested: str, target: str, model_path: str | None) -> tuple[s
     return ("graph" if requested == "auto" else requested), ""
 
 
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def unsupported_versions() -> list[str]:
+    """``"mindspore 2.11.0"``-style entries for each installed distribution outside :data:`SUPPORTED`."""
+    from packaging.specifiers import SpecifierSet
+
+    found = {name: installed_version(name) for name in SUPPORTED}
+    return [f"{name} {found[name] or 'not installed'}" for name, spec in SUPPORTED.items()
+            if found[name] is None or found[name] not in SpecifierSet(spec, prereleases=True)]
+
+
+def check_versions() -> None:
+    """Refuse to start, in one line naming the supported ranges, on a MindSpore or mindone outside :data:`SUPPORTED`
+    (``MINDONE_LORA_ANY_VERSION=1`` skips the check)."""
+    if os.environ.get(ANY_VERSION_ENV) == "1":
+        return
+    bad = unsupported_versions()
+    if bad:
+        ranges = ", ".join(f"{name}{spec}" for name, spec in SUPPORTED.items())
+        raise LoraError(f"found {', '.join(bad)}; mindone-lora runs on {ranges} (docs/compatibility.md): install "
+                        f"one of those, e.g. pip install 'mindspore{SUPPORTED['mindspore']}' "
+                        f"(or set {ANY_VERSION_ENV}=1 to try anyway)")
+
+
+def version_report() -> str:
+    """One line: this package's, MindSpore's, mindone's and Python's versions and the device MindSpore sees."""
+    from mindone_lora_plugin import __version__
+
+    ms_version = installed_version("mindspore")
+    device = "none (MindSpore is not installed)"
+    if ms_version:
+        os.environ.setdefault("GLOG_v", "3")
+        import mindspore as ms
+
+        device = ms.get_context("device_target")
+    bad = unsupported_versions()
+    note = f"; unsupported: {', '.join(bad)}, see docs/compatibility.md" if bad else ""
+    return (f"mindone-lora {__version__} (mindspore {ms_version or 'not installed'}, "
+            f"mindone {installed_version('mindone') or 'not installed'}, Python {platform.python_version()}, "
+            f"device {device}{note})")
+
+
 def quiet_mindone_imports() -> None:
     """Silence the noise importing mindone prints (no behaviour changes).
 
@@ -89,8 +150,26 @@ def launch_synchronously(device_target: str) -> bool:
         return False
     import mindspore as ms
 
-    ms.set_context(pynative_synchronize=True)
+    runtime = getattr(ms, "runtime", None)
+    if hasattr(runtime, "launch_blocking"):
+        runtime.launch_blocking()  # 2.7's replacement of set_context(pynative_synchronize=True): same speed-up
+    else:
+        ms.set_context(pynative_synchronize=True)
     return True
+
+
+def launches_synchronously() -> bool:
+    """Whether PyNative launches operators synchronously in this process (either way of asking for it)."""
+    import mindspore as ms
+
+    try:
+        from mindspore._c_expression import RuntimeConf  # what runtime.launch_blocking() sets
+
+        if RuntimeConf.get_instance().is_launch_blocking():
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return bool(ms.get_context("pynative_synchronize"))
 
 
 def setup(device_target: str | None = None, mode: str = "graph", seed: int | None = None,
@@ -99,8 +178,9 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     ``model_path``), activate the CPU backend on CPU, where PyNative also launches operators synchronously
     (:func:`launch_synchronously`: call this before the process's first operator).
 
-    Returns the device target in use.
+    Refuses versions outside :data:`SUPPORTED` (:func:`check_versions`). Returns the device target in use.
     """
+    check_versions()
     quiet_mindone_imports()
     import mindspore as ms
 
@@ -116,7 +196,10 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     # MindSpore's optimizers unroll one call per parameter when compiled: SDXL with LoHa on the UNet and both text
     # encoders (544 tensors) passes the default depth of 1000
-    ms.set_context(max_call_depth=max(MAX_CALL_DEPTH, ms.get_context("max_call_depth") or 0))
+    if hasattr(ms, "set_recursion_limit"):
+        ms.set_recursion_limit(MAX_CALL_DEPTH)
+    else:
+        ms.set_context(max_call_depth=max(MAX_CALL_DEPTH, ms.get_context("max_call_depth") or 0))
     if mode == "graph":
         ms.set_context(jit_syntax_level=ms.STRICT)
     launch_synchronously(target)

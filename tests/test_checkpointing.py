@@ -146,12 +146,13 @@ def test_bf16_embedding_rows_against_numpy():
     np.testing.assert_array_equal(emb32(ms.Tensor(ids)).asnumpy(), table[ids])
 
 
+@pytest.mark.smoke
 def test_pynative_on_cpu_launches_operators_synchronously():
     """MindSpore's asynchronous PyNative pipeline is slower on CPU (its queue threads compete with the kernels):
     setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1. Fresh
     processes: this one's setting comes from conftest, and it only counts before a process's first operator."""
     code = ("import mindspore as ms; from mindone_lora_plugin.runtime import setup; setup('CPU', 'pynative'); "
-            "print(ms.get_context('pynative_synchronize'))")
+            "from mindone_lora_plugin.runtime import launches_synchronously; print(launches_synchronously())")
     base = {k: v for k, v in os.environ.items() if k != "MINDONE_LORA_PYNATIVE_ASYNC"}
     for extra, expected in (({}, "True"), ({"MINDONE_LORA_PYNATIVE_ASYNC": "1"}, "False")):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -41,6 +41,7 @@ def sdxl_kohya(tmp_path_factory, sdxl_state):
                                metadata={"ss_learning_rate": "0.0001"}, output_name="style")
 
 
+@pytest.mark.smoke
 def test_convert_kohya_to_diffusers_folder(tmp_path, capsys, sdxl_state, sdxl_kohya):
     assert convert.run(parse("convert", sdxl_kohya, tmp_path / "out", "--to", "diffusers")) == 0
     written = tmp_path / "out" / "pytorch_lora_weights.safetensors"
@@ -95,6 +96,7 @@ def test_convert_unknown_architecture_needs_base(tmp_path):
     assert safetensors_io.read_metadata(str(tmp_path / "k.safetensors"))["ss_base_model_version"] == "sd_v1"
 
 
+@pytest.mark.smoke
 def test_inspect_json(capsys, sdxl_kohya, sdxl_state):
     assert inspect.run(parse("inspect", sdxl_kohya, "--json")) == 0
     out = json.loads(capsys.readouterr().out)

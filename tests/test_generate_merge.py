@@ -345,7 +345,7 @@ def test_applied_merged_and_concatenated_agree(runtime, folders, loras, merged, 
 # ---------------------------------------------------------------------------------------------------- generate
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", [pytest.param("sd1", marks=pytest.mark.smoke), "sdxl"])
 def test_generate_writes_images_with_metadata(runtime, folders, loras, tmp_path, monkeypatch, arch):
     from PIL import Image
 

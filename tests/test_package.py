@@ -13,12 +13,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_pinned_stack_and_entry_points_in_setup_cfg():
+def test_requirements_and_entry_points_in_setup_cfg():
+    """(The MindSpore/mindone/transformers/numpy ranges and the pinned stack: tests/test_environment.py.)"""
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     requires = cfg["options"]["install_requires"]
-    for pin in ("mindspore==2.7.1", "mindone==0.5.0", "transformers==4.57.1", "numpy<2", "pyarrow>=21,<22",
-                "datasets", "safetensors", "pluggy", "ml_dtypes", "tqdm", "pillow"):
+    for pin in ("mindspore>=", "mindone>=", "transformers>=", "numpy>=1.26,<2", "pyarrow>=21,<22",
+                "datasets", "safetensors", "pluggy", "ml_dtypes", "tqdm", "pillow", "packaging"):
         assert pin in requires, pin
     assert "torch==2.13.0" in cfg["options.extras_require"]["interop"]
     eps = cfg["options.entry_points"]
@@ -27,18 +28,13 @@ def test_pinned_stack_and_entry_points_in_setup_cfg():
         assert f"{name} = mindone_lora_plugin." in eps["mindone_lora"], name
 
 
-def test_cli_help_and_version_do_not_import_mindspore():
+def test_cli_help_does_not_import_mindspore():
     code = ("import sys\nfrom mindone_lora_plugin.cli import main\n"
             "rc = main(['--help'])\nassert 'mindspore' not in sys.modules and 'mindone' not in sys.modules, rc\n"
             "print('light', rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "light 0" in out.stdout, out.stderr
     assert "train" in out.stdout and "convert" in out.stdout
-    ver = subprocess.run([sys.executable, "-m", "mindone_lora_plugin", "--version"], capture_output=True, text=True,
-                         timeout=120)
-    from mindone_lora_plugin import __version__
-
-    assert ver.returncode == 0 and ver.stdout.strip() == f"mindone-lora {__version__}"
 
 
 def test_the_command_keeps_transformers_from_importing_torch():

@@ -47,6 +47,7 @@ def test_demo_concept_images_read_as_purple_crosses(tmp_path):
         assert shapes.classify(im) == ("purple", "cross")
 
 
+@pytest.mark.smoke
 def test_shipped_base_is_packaged_small_fp16_and_loads():
     from mindone_lora_plugin import safetensors_io
     from mindone_lora_plugin.basemodel import BaseModelInfo

@@ -53,6 +53,7 @@ def sd1_run(tiny_sd1, shapes, tmp_path_factory):
     return result, lora_params(result.models)
 
 
+@pytest.mark.smoke
 def test_sd1_outputs_and_layout(sd1_run):
     result, _ = sd1_run
     out = result.output_dir
@@ -86,6 +87,7 @@ def test_sd1_files_load_back_to_the_same_outputs(sd1_run, tiny_sd1):
     assert base_outputs_differ(tiny_sd1, result.models) > 1e-4  # the LoRA is not a no-op
 
 
+@pytest.mark.smoke
 def test_resume_is_exact(sd1_run, tiny_sd1, shapes, tmp_path):
     result, final = sd1_run
     out = str(tmp_path / "resumed")

@@ -2,7 +2,9 @@
 
 The only backend so far is the CPU one (:mod:`mindone_lora_plugin.backends.cpu`): mindone 0.5.0's UNet, VAE and CLIP
 text encoders use ``mindspore.mint`` primitives that have no kernel on MindSpore's CPU target, and the backend
-replaces them with CPU-capable equivalents. Ascend and GPU run mindone as shipped.
+replaces them with CPU-capable equivalents. Ascend and GPU run mindone as shipped. Which MindSpore versions it runs
+on is :data:`mindone_lora_plugin.runtime.SUPPORTED`; within them, the backend asks the running MindSpore what it
+needs by feature (:data:`mindone_lora_plugin.backends.cpu.FEATURES`).
 
 Importing this package does not import MindSpore; :func:`activate` does, and only when it has something to install.
 """
@@ -11,49 +13,36 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 
-__all__ = ["activate", "is_active", "ENV_SWITCH", "VERIFIED_VERSIONS"]
+__all__ = ["activate", "is_active", "ENV_SWITCH"]
 
 #: ``MINDONE_LORA_CPU_BACKEND=0`` (or ``false``/``no``/``off``) keeps the CPU backend off.
 ENV_SWITCH = "MINDONE_LORA_CPU_BACKEND"
 
-#: The versions the CPU backend was verified on (it leans on MindSpore's private module layout).
-VERIFIED_VERSIONS = {"mindspore": "2.7.1", "mindone": "0.5.0"}
-
 _lock = threading.Lock()
 _active = False
-_version_warned = False
 
 
 def _switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off")
 
 
-def _installed_version(distribution: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
+#: primitives a replacement table names that the running MindSpore does not have (renamed or removed internals):
+#: their replacements are skipped, the rest of the backend is installed
+ABSENT_PRIMITIVES: list[str] = []
 
 
-def _check_versions() -> str | None:
-    """Warn once per process when the installed versions are not the verified ones; return the warning text."""
-    global _version_warned
-    if _version_warned:
-        return None
-    found = {name: _installed_version(name) for name in VERIFIED_VERSIONS}
-    if all(found[name] == VERIFIED_VERSIONS[name] for name in VERIFIED_VERSIONS):
-        return None
-    _version_warned = True
-    have = ", ".join(f"{name} {found[name] or 'not installed'}" for name in VERIFIED_VERSIONS)
-    want = ", ".join(f"{name} {version}" for name, version in VERIFIED_VERSIONS.items())
-    message = (f"mindone-lora CPU backend: verified on {want}, found {have}; "
-               f"if models fail on CPU, install the verified versions or set {ENV_SWITCH}=0")
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return message
+def primitive_table(module, replacements: dict) -> dict:
+    """``{primitive class: replacement}`` for the classes named in ``replacements`` (``{name: replacement}``) that
+    ``module`` has; a name it lacks joins :data:`ABSENT_PRIMITIVES` instead of failing the import."""
+    table = {}
+    for name, replacement in replacements.items():
+        cls = getattr(module, name, None)
+        if isinstance(cls, type):
+            table[cls] = replacement
+        else:
+            ABSENT_PRIMITIVES.append(f"{module.__name__}.{name}")
+    return table
 
 
 def activate(device_target: str | None = None) -> bool:
@@ -75,7 +64,6 @@ def activate(device_target: str | None = None) -> bool:
         return False
     with _lock:
         if not _active:
-            _check_versions()
             from mindone_lora_plugin.backends import cpu
 
             cpu.install()

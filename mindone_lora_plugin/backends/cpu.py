@@ -40,8 +40,13 @@ with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, `
 ``repeat_interleave`` with a tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d``
 still have no CPU kernel.
 
-This leans on MindSpore's private module layout; it is verified on mindspore 2.7.1 with mindone 0.5.0
-(``VERIFIED_VERSIONS``), and every replacement has a numerical test against numpy.
+This leans on MindSpore's private module layout, so it asks by feature: the primitive tables are resolved by name
+(a primitive a MindSpore release renamed or dropped is skipped: ``backends.ABSENT_PRIMITIVES``), and the ``Generator``
+patch is installed only where PyNative's STEP does not advance the offset (2.7; 2.8 and later step natively, and lack
+the private ``pyboost_generator`` the patch runs). Which was done is in :data:`FEATURES`. None of the other replaced
+primitives has a CPU kernel in MindSpore 2.10.0 either (measured, docs/compatibility.md), so they stay replaced.
+The versions it runs on are ``mindone_lora_plugin.runtime.SUPPORTED``; every replacement has a numerical test against
+numpy.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ from mindspore.ops import functional_overload
 from mindspore.ops.operations import _inner_ops
 from mindspore.ops._primitive_cache import _get_cache_prim
 
-from mindone_lora_plugin.backends import VERIFIED_VERSIONS  # noqa: E402,F401  pyflakes: ignore (re-exported)
+from mindone_lora_plugin import backends
+from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.backends import cpu_attention, cpu_transformer
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -360,22 +366,23 @@ def _float_dtype(dtype):
     return mstype.float32 if dtype is None else dtype
 
 
-def randn_op(shape, seed, offset, dtype=None):
-    """``Randn``: standard normals keyed by ``(seed, offset)``."""
+def randn_op(shape, seed, offset, dtype=None, device=None):
+    """``Randn``: standard normals keyed by ``(seed, offset)``. (``device``, which MindSpore 2.8 and later pass to
+    every random primitive, is the CPU the replacements run on.)"""
     return _normal64(_shape_tuple(shape), seed, offset).astype(_float_dtype(dtype))
 
 
-def randn_like_op(input, seed, offset, dtype=None):
+def randn_like_op(input, seed, offset, dtype=None, device=None):
     """``RandnLike``."""
     return _normal64(input.shape, seed, offset).astype(input.dtype if dtype is None else dtype)
 
 
-def rand_ext_op(shape, seed, offset, dtype=None):
+def rand_ext_op(shape, seed, offset, dtype=None, device=None):
     """``RandExt``: uniforms in ``[0, 1)``."""
     return _uniform53(_shape_tuple(shape), seed, offset, 0).astype(_float_dtype(dtype))
 
 
-def rand_like_ext_op(tensor, seed, offset, dtype=None):
+def rand_like_ext_op(tensor, seed, offset, dtype=None, device=None):
     """``RandLikeExt``."""
     return _uniform53(tensor.shape, seed, offset, 0).astype(tensor.dtype if dtype is None else dtype)
 
@@ -386,13 +393,13 @@ def _randint(low, high, shape, seed, offset):
     return ops.floor(u * span).astype(mstype.int64) + low
 
 
-def randint_op(low, high, shape, seed, offset, dtype=None):
+def randint_op(low, high, shape, seed, offset, dtype=None, device=None):
     """``RandInt``: integers uniform in ``[low, high)``."""
     out = _randint(low, high, _shape_tuple(shape), seed, offset)
     return out.astype(mstype.int64 if dtype is None else dtype)
 
 
-def randint_like_op(input, low, high, seed, offset, dtype=None):
+def randint_like_op(input, low, high, seed, offset, dtype=None, device=None):
     """``RandIntLike``."""
     out = _randint(low, high, input.shape, seed, offset)
     return out.astype(input.dtype if dtype is None else dtype)
@@ -523,40 +530,39 @@ _CONSTRUCT_PATCHES.update(cpu_transformer.CONSTRUCT_PATCHES)
 # --------------------------------------------------------------------------------------------------------------------
 
 #: primitive class -> replacement (the classes are matched exactly, so subclasses with other kernels are untouched)
-PRIMITIVE_REPLACEMENTS = {
-    gen_ops_prim.Conv2DExt: conv2d_ext_op,
-    gen_ops_prim.Conv2DPadding: conv2d_padding_op,
-    gen_ops_prim.LayerNormExt: layer_norm_ext_op,
-    gen_ops_prim.GeluExt: gelu_ext_op,
-    gen_ops_prim.Arange: arange_op,
-    gen_ops_prim.MSELossExt: mse_loss_ext_op,
-    gen_ops_prim.ConstantPadND: constant_pad_nd_op,
-    gen_ops_prim.ZerosLikeExt: zeros_like_ext_op,
-    gen_ops_prim.OnesLikeExt: ones_like_ext_op,
-    pyboost_inner_prim._PyboostStackExtPrim: stack_ext_impl,  # pylint: disable=protected-access
-    gen_ops_prim.SplitWithSize: split_with_size_op,
-    gen_ops_prim.SplitTensor: split_tensor_op,
-    gen_ops_prim.Chunk: chunk_op,
-    gen_ops_prim.Randn: randn_op,
-    gen_ops_prim.RandnLike: randn_like_op,
-    gen_ops_prim.RandExt: rand_ext_op,
-    gen_ops_prim.RandLikeExt: rand_like_ext_op,
-    gen_ops_prim.RandInt: randint_op,
-    gen_ops_prim.RandIntLike: randint_like_op,
-    gen_ops_prim.NormalFloatFloat: normal_float_float_op,
-    gen_ops_prim.NormalTensorTensor: normal_tensor_tensor_op,
-    gen_ops_prim.NormalTensorFloat: normal_tensor_float_op,
-    gen_ops_prim.NormalFloatTensor: normal_float_tensor_op,
-    gen_ops_prim.DropoutExt: dropout_ext_op,
-    gen_ops_prim.FuncDropoutExt: func_dropout_ext_op,
-}
+PRIMITIVE_REPLACEMENTS = backends.primitive_table(gen_ops_prim, {
+    "Conv2DExt": conv2d_ext_op,
+    "Conv2DPadding": conv2d_padding_op,
+    "LayerNormExt": layer_norm_ext_op,
+    "GeluExt": gelu_ext_op,
+    "Arange": arange_op,
+    "MSELossExt": mse_loss_ext_op,
+    "ConstantPadND": constant_pad_nd_op,
+    "ZerosLikeExt": zeros_like_ext_op,
+    "OnesLikeExt": ones_like_ext_op,
+    "SplitWithSize": split_with_size_op,
+    "SplitTensor": split_tensor_op,
+    "Chunk": chunk_op,
+    "Randn": randn_op,
+    "RandnLike": randn_like_op,
+    "RandExt": rand_ext_op,
+    "RandLikeExt": rand_like_ext_op,
+    "RandInt": randint_op,
+    "RandIntLike": randint_like_op,
+    "NormalFloatFloat": normal_float_float_op,
+    "NormalTensorTensor": normal_tensor_tensor_op,
+    "NormalTensorFloat": normal_tensor_float_op,
+    "NormalFloatTensor": normal_float_tensor_op,
+    "DropoutExt": dropout_ext_op,
+    "FuncDropoutExt": func_dropout_ext_op,
+})
+PRIMITIVE_REPLACEMENTS.update(backends.primitive_table(pyboost_inner_prim, {"_PyboostStackExtPrim": stack_ext_impl}))
 PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1: rotary tables, T5 embeddings, mint.full
 
 #: original dispatcher function -> replacement
-DISPATCHER_REPLACEMENTS = {
-    functional_overload.conv2d: conv2d,
-    functional_overload.gelu: gelu,
-}
+DISPATCHER_REPLACEMENTS = {getattr(functional_overload, name): replacement
+                           for name, replacement in (("conv2d", conv2d), ("gelu", gelu))
+                           if hasattr(functional_overload, name)}
 
 _PACKAGES = ("mindspore", "mindone")
 
@@ -572,6 +578,8 @@ _lock = threading.RLock()
 _installed = False
 _rebound: list[tuple[str, str]] = []  # (module, attribute) pairs that were rebound, for diagnostics
 _original_calls: dict[type, object] = {}
+#: what :func:`install` found in the running MindSpore: feature -> "native" (left as shipped) or "patched"
+FEATURES: dict[str, str] = {}
 
 
 def _replacement_for(value):
@@ -678,9 +686,29 @@ _finder = _RebindOnImport()
 
 
 def _generator_call(self, cmd, inputs):
-    """PyNative ``Generator`` primitive that also runs the STEP command (stock 2.7.1 returns the seed/offset
+    """PyNative ``Generator`` primitive that also runs the STEP command (stock 2.7 returns the seed/offset
     Parameters without advancing them, leaving it to Ascend's random kernels); GRAPH_MODE already runs the kernel."""
     return _inner_ops.pyboost_generator(self, [cmd, inputs])
+
+
+def generator_steps_natively() -> bool:
+    """Whether a PyNative ``mindspore.Generator`` advances its offset on STEP as shipped (MindSpore 2.8 and later
+    run the command in C++; 2.7 returns the offset unchanged). Asked by behaviour, before :func:`install` patches."""
+    generator = ms.Generator()
+    first = int(generator._step(_GENERATOR_STEP)[1])  # pylint: disable=protected-access
+    return int(generator._step(_GENERATOR_STEP)[1]) != first  # pylint: disable=protected-access
+
+
+def _patch_generator() -> str:
+    """Make PyNative's STEP advance the offset where MindSpore does not; returns what was done, for diagnostics."""
+    if generator_steps_natively():
+        return "native"
+    if not callable(getattr(_inner_ops, "pyboost_generator", None)):
+        raise LoraError(f"MindSpore {ms.__version__}'s random-number generator does not step on CPU and the CPU "
+                        f"backend cannot patch it; install a MindSpore in the supported range (docs/compatibility.md)")
+    _original_calls[_inner_ops.Generator] = _inner_ops.Generator.__dict__.get("__call__")
+    _inner_ops.Generator.__call__ = _generator_call
+    return "patched"
 
 
 def install() -> int:
@@ -697,8 +725,7 @@ def install() -> int:
         if not _installed:
             for cls, replacement in PRIMITIVE_REPLACEMENTS.items():
                 _redirect_call(cls, replacement)
-            _original_calls[_inner_ops.Generator] = _inner_ops.Generator.__dict__.get("__call__")
-            _inner_ops.Generator.__call__ = _generator_call
+            FEATURES["generator_step"] = _patch_generator()
             if _finder not in sys.meta_path:
                 sys.meta_path.insert(0, _finder)
             _installed = True

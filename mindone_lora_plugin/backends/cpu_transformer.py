@@ -16,6 +16,7 @@ from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import gen_ops_prim
 
+from mindone_lora_plugin import backends
 from mindone_lora_plugin.backends import cpu_attention
 
 
@@ -249,10 +250,10 @@ def fill_tensor_op(size, fill_value, dtype=None):
     return ops.broadcast_to(fill_value.reshape(()), tuple(size)).astype(dtype)
 
 
-PRIMITIVE_REPLACEMENTS = {
-    gen_ops_prim.FillScalar: fill_scalar_op,
-    gen_ops_prim.FillTensor: fill_tensor_op,
-    gen_ops_prim.Embedding: embedding_op,
-    gen_ops_prim.Outer: outer_op,
-    gen_ops_prim.RepeatInterleaveInt: repeat_interleave_int_op,
-}
+PRIMITIVE_REPLACEMENTS = backends.primitive_table(gen_ops_prim, {
+    "FillScalar": fill_scalar_op,
+    "FillTensor": fill_tensor_op,
+    "Embedding": embedding_op,
+    "Outer": outer_op,
+    "RepeatInterleaveInt": repeat_interleave_int_op,
+})
