@@ -172,12 +172,12 @@ def serve_attack_page(ui_url: str, model: str):
     return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
 
 
-def test_train_watch_stop_resume_inspect(browser, tmp_path):
+def test_train_watch_stop_resume_inspect(browser, tmp_path, tmp_path_factory):
     from mindone_lora_plugin.shapes_eval import shipped_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
-    root, outside, shots = tmp_path / "lora-runs", tmp_path / "outside", str(tmp_path)
-    root.mkdir()
+    # the runs folder the screenshots show: <basetemp>/lora-runs
+    root, outside, shots = tmp_path_factory.mktemp("lora-runs", numbered=False), tmp_path / "outside", str(tmp_path)
     make_shapes_dataset(str(root / "shapes"), size=32, repeats=1)
     make_shapes_dataset(str(outside), size=16, repeats=1)
     ui, url = start_ui(str(root))
