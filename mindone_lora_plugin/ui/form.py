@@ -58,8 +58,8 @@ PRESETS = {
                  num_validation_images="2", save_formats="diffusers,kohya"),
     "DreamBooth": dict(train_data_dir="", instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
                        with_prior_preservation=True, class_data_dir="class-images", num_class_images="100",
-                       resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4", lr_scheduler="constant",
-                       lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
+                       resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
+                       lr_scheduler="constant", lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
     "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32",
@@ -178,7 +178,7 @@ def scope(help_text: str, names) -> list | None:
 def _installed_names(groups) -> dict:
     """Offer the installed algorithms and strategies as choices (each strategy with the architectures it fits), name
     the installed formats (all come from plugins), give each plugin flag its scope (see :func:`scope`) and each flag
-    an architecture ignores the others; return the installed architectures' labels."""
+    an architecture ignores (:data:`IGNORED_BY`) the other architectures; return the architectures' labels."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()

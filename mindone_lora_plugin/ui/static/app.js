@@ -572,7 +572,8 @@ async function main() {
   for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showTab(t.dataset.tab));
   const info = await api("/api/info");
   const others = info.allowed.slice(1).filter((f) => !info.readonly.includes(f));
-  $("root-info").textContent = `runs in ${info.root}` + (others.length ? ` · also allowed: ${others.join(", ")}` : "") +
+  $("root-info").textContent = `runs in ${info.root}` +
+    (others.length ? ` · also allowed: ${others.join(", ")}` : "") +
     (info.readonly.length ? ` · read-only: ${info.readonly.join(", ")}` : "");
   schema = await api("/api/form");
   buildForm();
