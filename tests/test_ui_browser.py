@@ -37,7 +37,7 @@ if not (CHROMIUM and CHROMEDRIVER and selenium):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 
 def start_ui(root: str) -> tuple[subprocess.Popen, str]:
@@ -172,12 +172,12 @@ def serve_attack_page(ui_url: str, model: str):
     return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
 
 
-def test_train_watch_stop_resume_inspect(browser, tmp_path):
+def test_train_watch_stop_resume_inspect(browser, tmp_path, tmp_path_factory):
     from mindone_lora_plugin.shapes_eval import shipped_model
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
-    root, outside, shots = tmp_path / "root", tmp_path / "outside", str(tmp_path)
-    root.mkdir()
+    # the runs folder the screenshots show: <basetemp>/lora-runs
+    root, outside, shots = tmp_path_factory.mktemp("lora-runs", numbered=False), tmp_path / "outside", str(tmp_path)
     make_shapes_dataset(str(root / "shapes"), size=32, repeats=1)
     make_shapes_dataset(str(outside), size=16, repeats=1)
     ui, url = start_ui(str(root))
@@ -186,6 +186,27 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.get(url)
         wait(d, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", 30)
         shot(d, shots, "1-new-run")
+        # only what applies shows: DreamBooth's fields once DreamBooth is the way the images come, lokr's with lokr
+        displayed = lambda dest: d.find_element(By.ID, "f-" + dest).is_displayed()  # noqa: E731
+        assert displayed("train_data_dir") and not displayed("instance_data_dir") and not displayed("instance_prompt")
+        Select(d.find_element(By.ID, "f-_source")).select_by_value("instance_data_dir")
+        assert displayed("instance_data_dir") and displayed("instance_prompt") and not displayed("train_data_dir")
+        assert not displayed("class_data_dir")  # it needs --with_prior_preservation
+        d.find_element(By.ID, "f-with_prior_preservation").click()
+        assert displayed("class_data_dir")
+        Select(d.find_element(By.ID, "f-_source")).select_by_value("train_data_dir")
+        assert not displayed("lokr_factor")
+        Select(d.find_element(By.ID, "f-lora_algo")).select_by_value("lokr")
+        assert displayed("lokr_factor")
+        Select(d.find_element(By.ID, "f-lora_algo")).select_by_value("lora")
+        # a preset replaces what another preset filled in, not what the user typed
+        value = lambda dest: d.find_element(By.ID, "f-" + dest).get_attribute("value")  # noqa: E731
+        set_field(d, "output_dir", "runs/typed")
+        for preset in ("tiny model on CPU (a quick check)", "SDXL"):
+            Select(d.find_element(By.ID, "preset")).select_by_visible_text(preset)
+            d.find_element(By.ID, "btn-preset").click()
+        assert value("pretrained_model_name_or_path") == "" and value("mode") == "auto"
+        assert value("resolution") == "1024" and value("output_dir") == "runs/typed"
         # the two bad inputs, each with its message beside its field
         Select(d.find_element(By.ID, "preset")).select_by_visible_text("tiny model on CPU (a quick check)")
         d.find_element(By.ID, "btn-preset").click()
@@ -217,10 +238,11 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.ID, "btn-validate").click()
         wait(d, lambda d: "--max_train_steps 24" in text(d, "cmdline"), 20)  # this Check's answer
         assert text(d, "cmdline").startswith("mindone-lora train --pretrained_model_name_or_path")
-        assert error_of(d, "train_data_dir") == ""
+        assert error_of(d, "train_data_dir") == "" and "--with_prior_preservation" not in text(d, "cmdline")
         # the model is SD1.x: FLUX's flags are hidden, lokr's only while lokr is chosen
-        assert not d.find_element(By.ID, "f-timestep_sampling").is_displayed()
-        assert not d.find_element(By.ID, "f-lokr_factor").is_displayed()
+        assert not displayed("timestep_sampling") and not displayed("lokr_factor")
+        assert not d.execute_script("return document.getElementById('f-snr_gamma').closest('.field').hidden")
+        assert "SD1.x model" in text(d, "model-arch")
         wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dataset-preview img")) >= 3, 20)
         assert "12 image(s)" in text(d, "dataset-preview") and "a blue circle" in text(d, "dataset-preview")
         shot(d, shots, "3-form-filled")
@@ -255,7 +277,7 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.ID, "btn-stop").click()
         wait(d, lambda d: text(d, "run-status") == "stopped", 90)
         stopped_at = int(re.search(r"step (\d+)", text(d, "run-numbers")).group(1))
-        assert stopped_at < 24 and f"checkpoints: " in text(d, "run-numbers")
+        assert stopped_at < 24 and "checkpoints: " in text(d, "run-numbers")
         assert os.path.isdir(root / "runs" / "tiny" / f"checkpoint-{stopped_at}")
         shot(d, shots, "5-stopped")
         # resume to the end
@@ -273,7 +295,7 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         d.find_element(By.XPATH, "//table[@id='runs-list']//td[text()='runs/tiny']").click()
         wait(d, lambda d: text(d, "run-title") == "runs/tiny" and text(d, "run-status") == "finished", 150)
         assert "step 24 of 24" in text(d, "run-numbers") and not d.find_element(By.ID, "btn-resume").is_enabled()
-        assert f"resumed from" in text(d, "run-log")
+        assert "resumed from" in text(d, "run-log")
         d.execute_script("document.getElementById('gallery').open = true")
         wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery-images img")) >= 4, 10)
         shot(d, shots, "6-finished")
@@ -303,6 +325,20 @@ def test_train_watch_stop_resume_inspect(browser, tmp_path):
         assert "exists; replace it?" in alert.text
         alert.dismiss()
         wait(d, lambda d: "not replaced" in text(d, "convert-error"), 10)
+        # generate with the run's LoRA: each denoising step is reported while it works, then the grid
+        for el_id, value in (("gen-model", shipped_model()), ("gen-prompt", "a red circle"), ("gen-steps", "3"),
+                             ("gen-n", "1"), ("gen-out", "generated")):
+            d.find_element(By.ID, el_id).clear()
+            d.find_element(By.ID, el_id).send_keys(value)
+        d.find_element(By.CSS_SELECTOR, "#gen-loras .lora-row input").send_keys(kohya)
+        d.find_element(By.ID, "btn-generate").click()
+        wait(d, lambda d: d.find_element(By.ID, "gen-progress").is_displayed(), 10, 0.1)
+        lines = set()
+        wait(d, lambda d: lines.add(text(d, "gen-progress-text")) or "done: " in text(d, "gen-progress-text"), 120, 0.1)
+        assert text(d, "gen-progress-text") == "done: image 1 of 1: denoising step 3 of 3", lines
+        wait(d, lambda d: d.execute_script("return document.getElementById('gen-grid-img').naturalWidth") > 0, 20)
+        assert not d.find_element(By.ID, "gen-progress").is_displayed() and "wrote 1 image" in text(
+            d, "generate-message")
     finally:
         stop_ui(ui)
         _stop_training(root)

@@ -92,8 +92,20 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     assert {"SD1.x quick", "SDXL", "DreamBooth"} <= set(s["presets"])
     # plugin flags name their algorithm, architecture or strategy: the page shows them only while it is chosen
     scopes = {f["dest"]: f["scope"] for g in s["groups"] for f in g["fields"] if f["scope"]}
-    assert scopes["lokr_factor"] == ["algorithm", "lokr"] and scopes["timestep_sampling"] == ["architecture", "flux"]
-    assert scopes["lora_fa_init"] == ["strategy", "lora-fa"] and "lora_alpha" not in scopes
+    assert scopes["lokr_factor"] == ["algorithm", ["lokr"]]
+    assert scopes["timestep_sampling"] == ["architecture", ["flux"]]
+    assert scopes["lora_fa_init"] == ["strategy", ["lora-fa"]] and "lora_alpha" not in scopes
+    assert "flux" not in scopes["snr_gamma"][1] and "sdxl" in scopes["snr_gamma"][1]  # FLUX ignores it
+    assert s["architectures"]["sdxl"] == "SDXL"
+    # the ways of giving the images: the DreamBooth group shows only with its own; a flag shows with the one it needs
+    assert [x["dest"] for x in s["sources"]] == list(form.DATA_FIELDS)
+    assert s["sources"][2]["label"].startswith("DreamBooth: ")
+    assert dests["instance_prompt"]["source"] == "instance_data_dir" and dests["train_data_dir"]["source"] == \
+        "train_data_dir" and dests["resolution"]["source"] is None
+    assert dests["min_bucket_reso"]["needs"] == "enable_bucket" and dests["class_data_dir"]["needs"] == \
+        "with_prior_preservation" and dests["lora_rank"]["needs"] is None
+    assert dests["lora_strategy"]["kind"] == "choice" and dests["lora_strategy"]["fits"]["sdxl"] == ["sdxl"]
+    assert {"lora", "lokr"} <= set(dests["lora_algo"]["choices"])
     root, allowed, _ = tree
     from mindone_lora_plugin.train.demo import make_shapes_dataset
 
@@ -118,6 +130,14 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     errors, _ = form.validate(dict(values, cache_dir="/etc", logging_dir="../../../x", output_name="../x",
                                    dataset_name="../secret"), g)
     assert set(errors) == {"cache_dir", "logging_dir", "output_name", "dataset_name"}
+    # the folders a run writes into are never read-only ones (the shipped demo model's)
+    ro = PathGuard(str(root), [os.path.dirname(tiny_sd1)], readonly=[str(allowed)])
+    errors, _ = form.validate(dict(values, class_data_dir=str(allowed), with_prior_preservation=True), ro)
+    assert "read-only" in errors["class_data_dir"]
+    errors, _ = form.validate(dict(values, train_data_dir=str(allowed)), ro)
+    assert "train_data_dir" not in errors or "read-only" not in errors["train_data_dir"]
+    errors, _ = form.validate(dict(values, train_data_dir=str(allowed), cache_latents_to_disk=True), ro)
+    assert "read-only" in errors["train_data_dir"]
     # the CLI's whole-run checks (train/settings.py) land on the flag they name
     errors, _ = form.validate(dict(values, with_prior_preservation=True), g)
     assert list(errors) == ["with_prior_preservation"]
@@ -259,14 +279,36 @@ def test_api_lora_tools(server, tree, tiny_sd1):
     lora = [{"path": str(allowed / "toy.safetensors"), "weight": "0.5"}, {"path": "conv", "weight": "0.5"}]
     status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "", "out": "gen"})
     assert status == 400 and "--prompt is required" in json.loads(body)["error"]
-    status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "a red circle",
-                                                    "steps": "1", "num_images": "2", "seed": "3", "out": "gen",
-                                                    "device_target": "CPU"})
+    seen, done = [], []  # the progress the page would poll while generate works
+
+    def poll():
+        while not done:
+            seen.append(json.loads(fetch(url + "/api/progress")[1]))
+            time.sleep(0.02)
+
+    import threading
+    import time
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        status, body, _ = fetch(url + "/api/generate", {"model": tiny_sd1, "loras": lora, "prompt": "a red circle",
+                                                        "steps": "3", "num_images": "5", "seed": "3", "out": "gen",
+                                                        "device_target": "CPU"})
+    finally:
+        done.append(True)
+        poller.join()
     r = json.loads(body)
     assert status == 200 and r["grid"] == str(root / "gen" / "grid.png"), body
+    assert any(p["running"] and p["action"] == "generate" for p in seen)  # answered while generate works
+    steps = [(p["first"], p["step"]) for p in seen if p.get("phase") == "denoising"]
+    assert all(0 <= s <= 3 for _, s in steps) and steps == sorted(steps)
+    last = json.loads(fetch(url + "/api/progress")[1])  # the last report: the second batch's last step
+    assert last == dict(last, running=False, action="generate", phase="done", step=3, steps=3, first=5, last=5,
+                        images=5, fraction=1.0)
     from PIL import Image
 
-    assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 3
+    assert Image.open(r["grid"]).format == "PNG" and len(os.listdir(root / "gen")) == 6
     assert not _workers()  # the generate/merge worker process has exited
 
 
@@ -355,7 +397,6 @@ def test_config_file_paths_are_confined(tree, tiny_sd1):
 def test_stop_refuses_a_pid_it_did_not_start_and_runs_ignore_the_users_modules(tree):
     import subprocess
     import sys
-    import time
 
     from mindone_lora_plugin.ui.runs import RUN_FILE, RunManager
 

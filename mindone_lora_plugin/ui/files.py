@@ -3,7 +3,9 @@
 Each action takes the page's JSON fields, confines every path with the :class:`~.paths.PathGuard`, builds the
 namespace the command's ``run`` takes and calls it, returning the line it prints (its one-line summary) and the files
 it wrote. A mistake raises the command's own :class:`LoraError`. ``merge`` and ``generate`` load a model: they run in
-a worker process (:func:`in_worker`, ``python -P -m mindone_lora_plugin.ui.files``) that exits when done.
+a worker process (:func:`in_worker`, ``python -P -m mindone_lora_plugin.ui.files``) that exits when done. The
+generate worker reports each denoising step in a small JSON file (:class:`StepReport`) that the page polls through
+:func:`progress`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.ui import bodies
 
 _MODEL_LOCK = threading.Lock()  # one model job (generate, merge) at a time
+_JOB = {"action": None, "path": None, "last": {}}  # the model job (running or last): its progress file, last report
 WORKER_TIMEOUT_S = 3600
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GENERATE_BATCH = 4  # images per pipeline call (generate's own default)
 
 
 def trigger_words(metadata: dict, limit: int = 20) -> list[list]:
@@ -150,36 +154,116 @@ def merge(guard, d: dict) -> dict:
     return {"message": message}
 
 
-def generate(guard, d: dict) -> dict:
+def generate(guard, d: dict, report: "StepReport | None" = None) -> dict:
+    from mindone_lora_plugin import compose
     from mindone_lora_plugin.commands import generate as cmd
 
     out = guard.resolve(bodies.text(d, "out"), "--out", write=True)
     prompt = bodies.text(d, "prompt")
     if not prompt.strip():
         raise LoraError("--prompt is required: what to draw")
-    message = _call(cmd.run, model=guard.resolve(bodies.text(d, "model"), "--model", True), lora=_loras(guard, d),
-                    prompt=prompt, negative_prompt=bodies.text(d, "negative_prompt") or None,
-                    num_images=_number(d, "num_images", int, 4), steps=_number(d, "steps", int, 30),
-                    guidance_scale=_number(d, "guidance_scale", float, 7.5), seed=_number(d, "seed", int, None),
-                    height=_number(d, "height", int, None), width=_number(d, "width", int, None), batch_size=4,
-                    out=out, overwrite=True, dtype=None, device_target=bodies.text(d, "device_target") or None)
+    num_images, steps = _number(d, "num_images", int, 4), _number(d, "steps", int, 30)
+    load = compose.load_pipeline
+
+    def loading(*args, **kw):  # the worker: the pipeline generate loads reports its steps
+        report.write(phase="loading")
+        return report.watch(load(*args, **kw))
+
+    if report is not None:
+        report.images, report.batch_size = num_images, GENERATE_BATCH
+        compose.load_pipeline = loading
+    try:
+        message = _call(cmd.run, model=guard.resolve(bodies.text(d, "model"), "--model", True),
+                        lora=_loras(guard, d), prompt=prompt, negative_prompt=bodies.text(d, "negative_prompt") or None,
+                        num_images=num_images, steps=steps, guidance_scale=_number(d, "guidance_scale", float, 7.5),
+                        seed=_number(d, "seed", int, None), height=_number(d, "height", int, None),
+                        width=_number(d, "width", int, None), batch_size=GENERATE_BATCH, out=out, overwrite=True,
+                        dtype=None, device_target=bodies.text(d, "device_target") or None)
+    finally:
+        compose.load_pipeline = load
     return {"message": message, "grid": os.path.join(out, "grid.png")}
 
 
-WORKER_ACTIONS = {"merge": merge, "generate": generate}
+class StepReport:
+    """A generate job's progress, written by its worker to a small JSON file the UI reads (:func:`progress`):
+    ``phase`` ("loading" the model, "denoising", "done"), and while denoising: step ``step`` of ``steps`` for images
+    ``first``–``last`` of ``images`` (a pipeline call draws a batch of them together) and ``fraction`` of the whole
+    job. Written at each step through the pipeline's own progress bar (``DiffusionPipeline.progress_bar``)."""
+
+    def __init__(self, path: str):
+        self.path, self.state, self.calls = path, {}, 0
+        self.images, self.batch_size = 1, 1
+
+    def write(self, **state) -> None:
+        self.state.update(state)
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:  # replaced whole: a reader never sees half
+            json.dump(self.state, f)
+        os.replace(self.path + ".tmp", self.path)
+
+    def watch(self, pipe):
+        """``pipe`` with a progress bar that reports each step here."""
+        bar_of = pipe.progress_bar
+        batches = -(-self.images // self.batch_size)
+
+        def progress_bar(iterable=None, total=None):
+            first = self.calls * self.batch_size + 1
+            done, self.calls = self.calls, self.calls + 1
+            bar = bar_of(iterable=iterable, total=total)
+            steps = total if total is not None else len(iterable)
+            last = min(self.images, first + self.batch_size - 1)
+
+            def report(step):
+                self.write(phase="denoising", step=step, steps=steps, first=first, last=last, images=self.images,
+                           fraction=(done + step / steps) / batches)
+
+            report(0)
+            if iterable is not None:  # for t in progress_bar(timesteps)
+                def counted():
+                    for i, item in enumerate(bar):
+                        yield item
+                        report(i + 1)
+                return counted()
+            update = bar.update
+
+            def counted_update(n=1):  # with progress_bar(total=steps) as bar: ... bar.update()
+                update(n)
+                report(bar.n)
+            bar.update = counted_update
+            return bar
+
+        pipe.progress_bar = progress_bar
+        return pipe
+
+
+def progress() -> dict:
+    """What the model job (the one running now, else the last one) reported last: ``running``, its ``action``
+    (merge or generate; None before the first) and, for generate, the :class:`StepReport` fields."""
+    path = _JOB["path"]
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                _JOB["last"] = json.load(f)
+        except (OSError, ValueError):  # not written yet
+            pass
+    return dict(_JOB["last"], running=path is not None, action=_JOB["action"])
 
 
 def in_worker(action: str, guard, d: dict) -> dict:
     """Run ``merge``/``generate`` in a fresh Python process that exits when done, so the model it loads never stays
     in the UI's memory; one at a time. Its LoraError comes back as this process's."""
-    request = json.dumps({"action": action, "root": guard.root, "allowed": guard.writable[1:],
-                          "readonly": guard.readonly, "body": d})
     with _MODEL_LOCK, tempfile.TemporaryDirectory(prefix="mindone-lora-ui-") as tmp:
         result_path = os.path.join(tmp, "result.json")
+        _JOB.update(action=action, path=os.path.join(tmp, "progress.json"), last={})
+        request = json.dumps({"action": action, "root": guard.root, "allowed": guard.writable[1:],
+                              "readonly": guard.readonly, "body": d, "progress": _JOB["path"]})
         env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
-        proc = subprocess.run([sys.executable, "-P", "-m", "mindone_lora_plugin.ui.files", result_path],
-                              input=request.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
-                              env=env, timeout=WORKER_TIMEOUT_S)
+        try:
+            proc = subprocess.run([sys.executable, "-P", "-m", "mindone_lora_plugin.ui.files", result_path],
+                                  input=request.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
+                                  env=env, timeout=WORKER_TIMEOUT_S)
+        finally:
+            progress()  # keep its last report
+            _JOB["path"] = None
         try:
             with open(result_path, encoding="utf-8") as f:
                 result = json.load(f)
@@ -196,8 +280,14 @@ def _worker(result_path: str) -> None:
 
     request = json.loads(sys.stdin.buffer.read())
     guard = PathGuard(request["root"], request["allowed"], request["readonly"])
+    action = request["action"]
     try:
-        out = {"result": WORKER_ACTIONS[request["action"]](guard, request["body"])}
+        if action == "generate":
+            report = StepReport(request["progress"])
+            out = {"result": generate(guard, request["body"], report)}
+            report.write(phase="done", fraction=1.0)
+        else:
+            out = {"result": merge(guard, request["body"])}
     except LoraError as e:
         out = {"error": str(e)}
     with open(result_path, "w", encoding="utf-8") as f:

@@ -1,7 +1,10 @@
 """The new-run form: built from ``mindone-lora train``'s own parser, validated with the CLI's own checks.
 
 Every flag of the parser becomes a field in the group it has in ``--help`` (plugin flags in the "plugins" group), so a
-flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options".
+flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options". Each
+field says when it applies, and the page shows (and sends) only the fields that do: ``source`` (the way of giving the
+training images it belongs to, :func:`_sources`), ``scope`` (the algorithm, architecture or strategy it is for,
+:func:`scope`) and ``needs`` (the flag it only works with, from the trainer's own ``train/validate.NEEDS``).
 Values come from the page as strings (booleans as booleans); :func:`to_argv` turns them into the ``train`` argument
 list, :func:`validate` reports one message per mistake keyed by flag dest, :func:`to_toml` writes a config file whose
 keys are the flag dests (kohya-style ``key = value``).
@@ -21,16 +24,18 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
-BASIC = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "class_data_dir",
-         "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed", "train_batch_size",
-         "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
-         "validation_prompt", "validation_steps", "num_validation_images", "lora_rank", "lora_alpha", "lora_strategy",
-         "lora_algo", "lora_targets", "train_text_encoder", "save_formats", "output_name", "mode", "device_target")
+BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "instance_data_dir", "instance_prompt",
+         "class_data_dir", "class_prompt", "with_prior_preservation", "resolution", "output_dir", "seed",
+         "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+         "checkpointing_steps", "validation_prompt", "validation_steps", "num_validation_images", "lora_rank",
+         "lora_alpha", "lora_strategy", "lora_algo", "lora_targets", "train_text_encoder", "save_formats",
+         "output_name", "mode", "device_target")
 # folders the UI confines to the allowed ones (and checks); so is every flag named like a path (PATHISH), e.g. one a
 # plugin or a newer train adds, and --dataset_name when its value is a path
 PATH_FIELDS = ("pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "class_data_dir", "output_dir",
                "cache_dir", "config_file", "output_config", "sample_prompts")
-WRITTEN = ("output_dir", "cache_dir", "output_config")  # folders the run writes: never a read-only one
+# folders the run writes (missing class images are generated into --class_data_dir): never a read-only one
+WRITTEN = ("output_dir", "cache_dir", "output_config", "class_data_dir")
 PATHISH = re.compile(r"(_dir|_path|_file|_folder|config|cache)$")
 # set by the UI itself, not by the form
 HIDDEN = ("demo", "distributed", "resume_from_checkpoint", "help", "output_config")
@@ -38,6 +43,9 @@ REQUIRED = ("pretrained_model_name_or_path", "output_dir")  # and one of DATA_FI
 DATA_FIELDS = ("train_data_dir", "dataset_name", "instance_data_dir")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
+# flags of noise-prediction training that an architecture's trainer ignores (FLUX trains by flow matching); no
+# architecture declares this itself, so it is listed here
+IGNORED_BY = {"flux": ("prediction_type", "snr_gamma", "debiased_estimation_loss")}
 
 PRESETS = {
     "SD1.x quick": dict(resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
@@ -49,9 +57,9 @@ PRESETS = {
                  gradient_checkpointing=True, checkpointing_steps="200", validation_steps="200",
                  num_validation_images="2", save_formats="diffusers,kohya"),
     "DreamBooth": dict(train_data_dir="", instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
-                       with_prior_preservation=True, num_class_images="100", resolution="512",
-                       train_batch_size="1", max_train_steps="500", learning_rate="1e-4", lr_scheduler="constant",
-                       lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
+                       with_prior_preservation=True, class_data_dir="class-images", num_class_images="100",
+                       resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
+                       lr_scheduler="constant", lr_warmup_steps="0", lora_rank="8", checkpointing_steps="100",
                        validation_prompt="a photo of sks dog in a bucket", validation_steps="100",
                        num_validation_images="2"),
     "tiny model on CPU (a quick check)": dict(pretrained_model_name_or_path=shipped_model(), resolution="32",
@@ -94,7 +102,10 @@ def _plain(value):
 
 
 def schema(parser=None) -> dict:
-    """The form: ``{"groups": [{"title", "fields": [...]}], "presets": {...}}``, in ``--help`` order."""
+    """The form: ``{"groups": [{"title", "fields": [...]}], "presets", "sources", "architectures"}``, in ``--help``
+    order; ``architectures`` maps each installed architecture's name to its label."""
+    from mindone_lora_plugin.train.validate import NEEDS
+
     parser = parser or train_parser()
     groups = []
     for group in parser._action_groups:
@@ -108,23 +119,49 @@ def schema(parser=None) -> dict:
                            "default": _plain(a.default), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
-                           "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS})
+                           "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS,
+                           "written": a.dest in WRITTEN,
+                           "needs": NEEDS[a.dest][0] if isinstance(NEEDS.get(a.dest, (None,))[0], str) else None,
+                           "source": None, "scope": None})
         if fields:
             groups.append({"title": group.title, "fields": fields})
-    _installed_names(groups)
-    return {"groups": groups, "presets": PRESETS}
+    architectures = _installed_names(groups)
+    return {"groups": groups, "presets": PRESETS, "sources": _sources(groups), "architectures": architectures}
+
+
+# words of flag names spelled out in labels made from a name
+NAME_WORDS = {"lora": "LoRA", "lr": "learning-rate", "dir": "folder", "num": "number of", "reso": "resolution",
+              "ema": "EMA", "snr": "SNR", "dora": "DoRA"}
+
+
+def _clause(text: str) -> str:
+    return re.split(r"[;(:]|\. |, e\.g\.| — ", text, maxsplit=1)[0].strip()
 
 
 def label(action) -> str:
-    """A field's label in words: the first clause of the flag's own help, else its name with spaces."""
-    text = re.split(r"[;(:]|\. |, e\.g\.", (action.help or "").replace("%(default)s", ""), maxsplit=1)[0].strip()
-    if not text or len(text) > 60 or text.lower().startswith(("e.g", "default")):
-        text = action.dest.replace("_", " ")
+    """A field's label in words: the first clause of the flag's own help, else (no help, or a clause that says less
+    than the name: "a preset", "AdamW") its name in words (``lr_warmup_steps`` → "Learning-rate warmup steps")."""
+    text = _clause((action.help or "").replace("%(default)s", ""))
+    if (not text or len(text) > 60 or text.lower().startswith(("e.g", "default"))
+            or re.fullmatch(r"((a|an|the) )?\S+", text.lower())):
+        text = " ".join(NAME_WORDS.get(w, w) for w in action.dest.split("_"))
     return text[0].upper() + text[1:]
 
 
-def scope(help_text: str, names) -> list[str] | None:
-    """``[kind, name]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
+def _scoped_label(help_text: str, current: str) -> str:
+    """The label of a flag whose help starts with its scope (``FLUX: how noise levels are drawn``, ``FLUX
+    logit_normal sampling: mean``): the words after the scope's name."""
+    head, _, rest = help_text.partition(":")
+    words, clause = head.split()[1:], _clause(rest)
+    if len(clause.split()) == 1 and words:
+        clause = f"{' '.join(words)}: {clause}"
+    elif not clause or len(clause) > 60:
+        return current
+    return clause[0].upper() + clause[1:]
+
+
+def scope(help_text: str, names) -> list | None:
+    """``[kind, [name]]`` when a flag's help starts with the name of an installed algorithm, architecture or strategy
     before a colon, as plugin flags' help does (``lokr: …``, ``FLUX: …``, ``lora-fa strategy: …``): the page shows
     the flag only while that one is chosen. None for every other flag."""
     head, colon, _ = help_text.partition(":")
@@ -134,25 +171,58 @@ def scope(help_text: str, names) -> list[str] | None:
     for kind, known in names:
         for name in known:
             if first == name or (kind == "architecture" and first.startswith(name + ".")):
-                return [kind, name]
+                return [kind, [name]]
     return None
 
 
-def _installed_names(groups) -> None:
-    """Offer the installed strategies as choices, name the installed formats (both come from plugins), and give each
-    plugin flag its scope (see :func:`scope`)."""
+def _installed_names(groups) -> dict:
+    """Offer the installed algorithms and strategies as choices (each strategy with the architectures it fits), name
+    the installed formats (all come from plugins), give each plugin flag its scope (see :func:`scope`) and each flag
+    an architecture ignores (:data:`IGNORED_BY`) the other architectures; return the architectures' labels."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(pm.architectures())),
+    archs = pm.architectures()
+    names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(archs)),
              ("strategy", sorted(pm.strategies()))]
+    ignored = {dest: [a for a in sorted(archs) if dest not in IGNORED_BY.get(a, ())]
+               for dests in IGNORED_BY.values() for dest in dests}
     for g in groups:
         for f in g["fields"]:
-            f["scope"] = scope(f["help"], names) if g["title"] == "plugins" else None
-        if f["dest"] == "lora_strategy":
-            f.update(kind="choice", choices=sorted(pm.strategies()))
-        elif f["dest"] == "save_formats":
-            f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
+            if g["title"] == "plugins":
+                f["scope"] = scope(f["help"], names)
+                if f["scope"]:
+                    f["label"] = _scoped_label(f["help"], f["label"])
+            elif f["dest"] in ignored:
+                f["scope"] = ["architecture", ignored[f["dest"]]]
+            if f["dest"] == "lora_strategy":
+                f.update(kind="choice", choices=sorted(pm.strategies()),
+                         fits={n: list(s.architectures) if s.architectures else None
+                               for n, s in pm.strategies().items()})
+            elif f["dest"] == "lora_algo":
+                f.update(kind="choice", choices=sorted(pm.algorithms()))
+            elif f["dest"] == "save_formats":
+                f["help"] = f"comma-separated; installed: {', '.join(sorted(pm.formats()))}"
+    return {n: a.label or n for n, a in sorted(archs.items())}
+
+
+def _sources(groups) -> list[dict]:
+    """The ways of giving the training images (:data:`DATA_FIELDS`), for the page's "Training images" choice: a data
+    field shows only while its way is chosen, and so does every field of a group it leads (DreamBooth's group starts
+    with ``--instance_data_dir``)."""
+    found = {}
+    for g in groups:
+        for i, f in enumerate(g["fields"]):
+            if f["dest"] not in DATA_FIELDS:
+                continue
+            words = f["label"]
+            if i == 0:  # the group is this way of training
+                for other in g["fields"]:
+                    other["source"] = f["dest"]
+                words = f"{g['title'].split(' (')[0]}: {words[0].lower()}{words[1:]}"
+            f["source"] = f["dest"]
+            found[f["dest"]] = {"dest": f["dest"], "label": f"{words} ({f['flag']})"}
+    return [found[d] for d in DATA_FIELDS if d in found]
 
 
 def _flag(action) -> str:
@@ -226,9 +296,11 @@ def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) ->
             values = _with_config(values, guard, parser)
         except LoraError as e:
             errors["config_file"] = str(e)
+    # --cache_latents_to_disk writes into the image folders
+    written = WRITTEN + (DATA_FIELDS if values.get("cache_latents_to_disk") is True else ())
     for dest in _path_dests(actions, values, guard):  # confine, and give the checks the resolved path
         try:
-            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in WRITTEN)
+            values[dest] = guard.resolve(str(values[dest]), _flag(actions[dest]), write=dest in written)
         except LoraError as e:
             errors[dest] = str(e)
     name = str(values.get("output_name") or "").strip()

@@ -263,13 +263,15 @@ def build_app(guard, token: str, basic: str | None = None, loopback: bool = True
         return {"ok": True}
 
     gets = {
-        "/api/info": lambda q: {"root": guard.root, "allowed": guard.folders, "auth": bool(basic)},
+        "/api/info": lambda q: {"root": guard.root, "allowed": guard.folders, "readonly": guard.readonly,
+                                "auth": bool(basic)},
         "/api/form": lambda q: form.schema(),
         "/api/runs": lambda q: {"runs": runs.listing()},
         "/api/run": run_detail,
         "/api/run/files": lambda q: {"files": runs.files(runs.folder(q.get("id", "")))},
         "/api/dataset": lambda q: files.dataset_preview(guard, q.get("path", "")),
         "/api/browse": lambda q: files.browse(guard, q.get("path", "")),
+        "/api/progress": lambda q: files.progress(),
         "/api/file": serve_file,
     }
     posts = {

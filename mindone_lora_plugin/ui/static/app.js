@@ -48,12 +48,18 @@ function fieldInput(f) {
     if (f.default !== null) s.value = String(f.default);
     return s;
   }
+  // a required field's default is never used (the form asks for a value): no "default:" shown
   const input = el("input", {type: "text", id, name: f.dest, size: f.path ? 60 : 24,
-                             placeholder: f.default === null ? "" : "default: " + String(f.default)});
-  if (!f.path) return input;
+                             placeholder: f.required ? (f.written ? "required: a new folder, e.g. runs/my-lora" :
+                                                        f.path ? "required: pick or type a folder" : "required") :
+                               f.default === null ? "" : "default: " + String(f.default)});
+  return f.path ? el("span", {}, input, " ", pickButton(input)) : input;
+}
+
+function pickButton(input) {
   const pick = el("button", {type: "button", class: "small", text: "browse…", title: "pick inside the allowed folders"});
   pick.addEventListener("click", () => openPicker(input));
-  return el("span", {}, input, " ", pick);
+  return pick;
 }
 
 // ---------------------------------------------------------------- folder/file picker (allowed folders only)
@@ -90,49 +96,102 @@ function choose(path) {
 function buildForm() {
   const form = $("train-form");
   form.textContent = "";
+  let sourced = false;
   for (const g of schema.groups) {
-    const fs = el("fieldset", {class: "group"}, el("legend", {text: g.title}));
-    const more = el("details", {}, el("summary", {text: "more options"}));
+    const basic = g.fields.some((f) => f.basic);
+    // a group with nothing shown by default is one folded line under its title
+    const fs = el("fieldset", {class: "group"}, basic ? el("legend", {text: g.title}) : "");
+    const more = el("details", {}, el("summary", {text: basic ? "more options" : g.title}));
     for (const f of g.fields) {
+      if (f.source === f.dest && !sourced) { fs.append(sourceRow()); sourced = true; }  // before the first way
       const lab = el("label", {for: "f-" + f.dest}, f.label,
                      f.required ? el("span", {class: "req", text: " *", title: "required"}) : "",
                      el("span", {class: "flag", text: f.flag}));
       const row = el("div", {class: "field"}, lab, fieldInput(f),
         el("span", {class: "help", text: f.help || ""}),
         el("div", {class: "err", id: "err-" + f.dest}));
+      if (f.dest === "pretrained_model_name_or_path") row.append(el("div", {class: "info", id: "model-arch"}));
       (f.basic ? fs : more).append(row);
     }
     if (more.children.length > 1) fs.append(more);
+    if (!basic) fs.classList.add("folded");
     form.append(fs);
   }
   for (const d of ["train_data_dir", "instance_data_dir"]) {
     const i = $("f-" + d);
     if (i) i.addEventListener("change", () => previewDataset(i.value));
   }
-  form.addEventListener("input", () => { clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600); });
+  form.addEventListener("input", () => {
+    applyScopes();
+    clearTimeout(buildForm.t); buildForm.t = setTimeout(validate, 600);
+  });
   form.addEventListener("change", () => applyScopes());
   const sel = $("preset");
   for (const name of Object.keys(schema.presets)) sel.append(el("option", {value: name, text: name}));
+  applyScopes();
 }
 
-// a plugin's flag (lokr_*, FLUX's, lora-fa's) shows only while its algorithm, architecture or strategy is chosen;
-// the architecture is the model's, known after a Check (until then they all show)
+// "Training images": an imagefolder, a dataset or DreamBooth images; only the chosen way's fields show (the
+// DreamBooth group with its own)
+function sourceRow() {
+  const s = el("select", {id: "f-_source", name: "_source"});
+  for (const src of schema.sources) s.append(el("option", {value: src.dest, text: src.label}));
+  s.addEventListener("change", () => { applyScopes(); validate(); });
+  return el("div", {class: "field"}, el("label", {for: "f-_source"}, "Training images",
+                                        el("span", {class: "req", text: " *", title: "required"})), s,
+            el("span", {class: "help", text: "how the training images are given; the others' fields are hidden"}));
+}
+
+// pick the way of giving the images that the values use (a preset, a loaded config, a cloned run)
+function pickSource(values) {
+  const given = (d) => values[d] !== undefined && values[d] !== null && values[d] !== "" && values[d] !== false;
+  const fields = schema.groups.flatMap((g) => g.fields);
+  const found = schema.sources.find((s) => given(s.dest)) ||
+    schema.sources.find((s) => fields.some((f) => f.source === s.dest && given(f.dest)));
+  if (found) $("f-_source").value = found.dest;
+}
+
+// a field shows (and is sent) only where it applies: its way of giving the images is chosen, its algorithm,
+// architecture or strategy is (the architecture is the model's, known once a Check has read it; until then those
+// all show), and the flag it needs is set
 let architecture = null;
 
-function applyScopes() {
-  const chosen = {algorithm: ($("f-lora_algo") || {}).value || "lora", strategy: ($("f-lora_strategy") || {}).value,
-                  architecture};
-  for (const g of schema.groups) for (const f of g.fields) {
-    if (!f.scope) continue;
-    const [kind, name] = f.scope;
-    $("f-" + f.dest).closest(".field").hidden = !(chosen[kind] === name || (kind === "architecture" && !architecture));
+function applies(f) {
+  if (f.source && f.source !== $("f-_source").value) return false;
+  if (f.scope) {
+    const [kind, names] = f.scope;
+    const menu = $("f-" + (kind === "algorithm" ? "lora_algo" : "lora_strategy"));
+    const chosen = kind === "architecture" ? architecture :
+      (menu && menu.value) || (kind === "algorithm" ? "lora" : "");
+    if (!(names.includes(chosen) || (kind === "architecture" && !architecture))) return false;
   }
+  if (f.needs) {
+    const other = $("f-" + f.needs);
+    if (other && !(other.type === "checkbox" ? other.checked : other.value.trim())) return false;
+  }
+  return true;
+}
+
+function applyScopes() {
+  for (const g of schema.groups) for (const f of g.fields) $("f-" + f.dest).closest(".field").hidden = !applies(f);
+  const strategy = $("f-lora_strategy");  // the strategies that fit the model's architecture
+  const fits = (schema.groups.flatMap((g) => g.fields).find((f) => f.dest === "lora_strategy") || {}).fits || {};
+  const unfit = (name) => !!(architecture && fits[name] && !fits[name].includes(architecture));
+  if (strategy) for (const o of strategy.options) o.hidden = unfit(o.value);
+  for (const box of document.querySelectorAll("#train-form details, #train-form fieldset")) {
+    const rows = [...box.querySelectorAll(".field")];
+    box.hidden = rows.length > 0 && rows.every((r) => r.hidden);
+  }
+  const info = $("model-arch");
+  if (info) info.textContent = architecture ? `${schema.architectures[architecture] || architecture} model: options ` +
+    "for other architectures are hidden" : "";
 }
 
 function formValues() {
   const v = {};
   for (const g of schema.groups) for (const f of g.fields) {
     const i = $("f-" + f.dest);
+    if (i.closest(".field").hidden) continue;  // does not apply to these choices: left out of the run
     v[f.dest] = f.kind === "bool" ? i.checked : i.value;
   }
   return v;
@@ -141,11 +200,24 @@ function formValues() {
 function applyPreset() {
   const p = schema.presets[$("preset").value];
   if (!p) return;
+  // what another preset filled in and this one does not set goes back to its default (not what the user typed)
+  const fields = Object.fromEntries(schema.groups.flatMap((g) => g.fields).map((f) => [f.dest, f]));
+  for (const [name, other] of Object.entries(schema.presets)) {
+    if (name === $("preset").value) continue;
+    for (const [k, v] of Object.entries(other)) {
+      const i = $("f-" + k), f = fields[k];
+      if (!i || k in p || (i.type === "checkbox" ? i.checked !== !!v : i.value !== String(v))) continue;
+      if (i.type === "checkbox") i.checked = !!f.default;
+      else i.value = f.kind === "choice" && f.default !== null ? String(f.default) : "";
+    }
+  }
   for (const [k, v] of Object.entries(p)) {
     const i = $("f-" + k);
     if (!i) continue;
     if (i.type === "checkbox") i.checked = !!v; else i.value = v;
   }
+  pickSource(p);
+  applyScopes();
   validate();
 }
 
@@ -153,7 +225,9 @@ function showErrors(errors) {
   for (const e of document.querySelectorAll("#page-new .err")) { e.textContent = ""; }
   for (const e of document.querySelectorAll("#train-form .field")) e.classList.remove("bad");
   for (const [dest, msg] of Object.entries(errors || {})) {
-    const box = $("err-" + dest) || $("err-_form");
+    let box = $("err-" + dest) || $("err-_form");
+    if (box.closest(".field") && box.closest(".field").hidden)  // e.g. "give the training images": at the chosen way
+      box = schema.sources.some((s) => s.dest === dest) ? $("err-" + $("f-_source").value) : $("err-_form");
     box.textContent = msg;
     const row = box.closest(".field");
     if (row) { row.classList.add("bad"); const d = row.closest("details"); if (d) d.open = true; }
@@ -170,7 +244,9 @@ async function validate(path = "/api/validate", extra = {}) {
   if (seq !== checkSeq && path === "/api/validate") return r;
   if (r.error) { showErrors({_form: r.error}); return r; }
   showErrors(r.errors);
-  if (r.architecture) { architecture = r.architecture; applyScopes(); }
+  if (r.architecture || r.errors && r.errors.pretrained_model_name_or_path) {
+    architecture = r.architecture || null; applyScopes();
+  }
   $("cmdline").textContent = r.command || "mindone-lora train … (fix the marked fields)";
   return r;
 }
@@ -187,6 +263,8 @@ function setValues(values) {
     if (f.kind === "bool") i.checked = !!values[f.dest];
     else i.value = values[f.dest] === undefined || values[f.dest] === null ? (f.kind === "choice" && f.default !== null ? String(f.default) : "") : String(values[f.dest]);
   }
+  pickSource(values);
+  applyScopes();
 }
 
 async function loadConfig() {
@@ -246,6 +324,7 @@ async function refreshRuns() {
   const r = await api("/api/runs");
   const body = $("runs-list").tBodies[0];
   body.textContent = "";
+  $("runs-empty").hidden = !!(r.runs && r.runs.length);
   for (const run of r.runs || []) {
     const q = el("td", {});
     if (run.status === "queued") {
@@ -287,6 +366,8 @@ async function refreshRun() {
   $("run-error").textContent = r.message || "";
   $("btn-stop").disabled = !(r.status === "running" || r.status === "starting");
   $("btn-resume").disabled = !r.can_resume;
+  $("btn-resume").title = r.can_resume ? "start the run again from its newest checkpoint" :
+    "only a stopped or failed run with a complete checkpoint can resume";
   $("btn-clone").disabled = !r.argv;
   $("btn-delete").disabled = !r.argv || ["running", "starting", "stopping", "queued"].includes(r.status);
   const all = r.images || [];
@@ -306,6 +387,7 @@ async function refreshRun() {
   curve.vals = r.val_losses || [];  // few points: always sent whole
   drawLoss(curve.losses, curve.vals, r.resumes);
   document.querySelector(".legend .l-val").hidden = !curve.vals.length;
+  document.querySelector(".legend .l-resume").hidden = !(r.resumes || []).length;
   const imgs = $("run-images");
   const want = (r.images || []).slice(-12);
   if (imgs.dataset.key !== want.join("|")) {
@@ -322,9 +404,10 @@ let cloneArgv = null;
 
 function shq(a) { return /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"; }
 
-function niceTicks(lo, hi, n) {
+function niceTicks(lo, hi, n, whole = false) {
   const span = hi - lo || 1, step0 = span / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
+  let step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
+  if (whole) step = Math.max(1, Math.round(step));  // steps are whole numbers
   const out = [];
   for (let t = Math.ceil(lo / step) * step; t <= hi + 1e-12; t += step) out.push(t);
   return out;
@@ -348,7 +431,7 @@ function drawLoss(points, vals, resumes) {
     g.beginPath(); g.moveTo(L, Y(t)); g.lineTo(W - R, Y(t)); g.stroke();
     g.fillText(t.toPrecision(3), 4, Y(t) + 4);
   }
-  for (const t of niceTicks(x0, x1, 6)) {
+  for (const t of niceTicks(x0, x1, 6, true)) {
     g.beginPath(); g.moveTo(X(t), T); g.lineTo(X(t), H - B); g.stroke();
     g.fillText(String(Math.round(t)), X(t) - 8, H - B + 14);
   }
@@ -434,21 +517,53 @@ function loraRows(id) {
 }
 
 function addLora(target) {
-  $(target).append(el("div", {class: "lora-row"}, el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50}),
-                      el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"})));
+  const file = el("input", {"aria-label": "LoRA file", placeholder: "LoRA file", size: 50});
+  const weight = el("input", {value: "1", size: 4, title: "weight", "aria-label": "weight"});
+  $(target).append(el("div", {class: "lora-row"}, file, weight, " ", pickButton(file)));
 }
 
 async function simple(what, body, extra) {
   $(what + "-error").textContent = ""; $(what + "-message").textContent = "working …";
-  const bar = what === "generate" ? $("gen-progress") : null;
-  if (bar) bar.hidden = false;
+  const watch = what === "generate" ? watchGenerate() : null;
   let r = await api("/api/" + what, body);
   if (r.confirm && confirm(r.error)) r = await api("/api/" + what, Object.assign({}, body, {overwrite: true}));
   else if (r.confirm) r = {error: "not replaced"};
-  if (bar) bar.hidden = true;
+  if (watch) watch.stop();
   $(what + "-message").textContent = r.error ? "" : r.message;
   $(what + "-error").textContent = r.error || "";
   if (!r.error && extra) extra(r);
+}
+
+// generate's progress while it works: the worker reports each denoising step, the page asks every 0.4 s
+function describeProgress(p) {
+  if (p.phase === "denoising" || p.phase === "done") {
+    const which = p.first === p.last ? `image ${p.first}` : `images ${p.first}–${p.last}`;
+    return `${which} of ${p.images}: denoising step ${p.step} of ${p.steps}`;
+  }
+  return p.phase === "loading" ? "loading the model …" : "starting …";
+}
+
+function watchGenerate() {
+  const bar = $("gen-progress"), line = $("gen-progress-text");
+  bar.hidden = false; bar.removeAttribute("value"); line.textContent = "starting …";
+  let on = true, t = null;
+  const poll = async () => {
+    const p = await api("/api/progress");
+    if (!on) return;
+    if (p.action === "generate" && p.running) {
+      line.textContent = describeProgress(p);
+      if (p.fraction !== undefined) { bar.max = 1; bar.value = p.fraction; } else bar.removeAttribute("value");
+    }
+    t = setTimeout(poll, 400);
+  };
+  poll();
+  return {stop: async () => {
+    on = false; clearTimeout(t);
+    const p = await api("/api/progress");  // the last report: the steps it took
+    bar.hidden = true;
+    const done = p.action === "generate" && !p.running && p.phase === "done";
+    line.textContent = done ? "done: " + describeProgress(p) : "";
+  }};
 }
 
 // ---------------------------------------------------------------- start
@@ -456,7 +571,10 @@ async function simple(what, body, extra) {
 async function main() {
   for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showTab(t.dataset.tab));
   const info = await api("/api/info");
-  $("root-info").textContent = `root ${info.root}` + (info.allowed.length > 1 ? `; also ${info.allowed.slice(1).join(", ")}` : "");
+  const others = info.allowed.slice(1).filter((f) => !info.readonly.includes(f));
+  $("root-info").textContent = `runs in ${info.root}` +
+    (others.length ? ` · also allowed: ${others.join(", ")}` : "") +
+    (info.readonly.length ? ` · read-only: ${info.readonly.join(", ")}` : "");
   schema = await api("/api/form");
   buildForm();
   $("btn-preset").addEventListener("click", applyPreset);
@@ -465,6 +583,7 @@ async function main() {
   $("btn-queue").addEventListener("click", () => startRun(true));
   $("btn-config").addEventListener("click", saveConfig);
   $("btn-load-config").addEventListener("click", loadConfig);
+  $("btn-load-config").before(pickButton($("config-path")));
   $("btn-clone").addEventListener("click", () => cloneArgv && cloneRun(cloneArgv));
   $("btn-delete").addEventListener("click", async () => {
     if (!confirm(`Delete the run ${current} and every file in its folder?`)) return;
@@ -481,6 +600,11 @@ async function main() {
   $("btn-resume").addEventListener("click", () => runAction("resume"));
   $("btn-files").addEventListener("click", showFiles);
   $("btn-inspect").addEventListener("click", inspect);
+  for (const i of document.querySelectorAll("#page-files input.path")) {
+    const row = el("span", {class: "pathrow"});
+    i.replaceWith(row);
+    row.append(i, pickButton(i));
+  }
   for (const b of document.querySelectorAll(".add-lora")) b.addEventListener("click", () => addLora(b.dataset.target));
   addLora("merge-loras"); addLora("gen-loras");
   $("btn-convert").addEventListener("click", () => simple("convert", {input: $("conv-in").value, output: $("conv-out").value,
