@@ -25,6 +25,8 @@ COMMAND_ENV = {"USE_TORCH": "0", "GLOG_v": "3", "TRANSFORMERS_NO_ADVISORY_WARNIN
 #: the same with ``--verbose``: MindSpore's C++ log at WARNING, transformers' advice shown
 VERBOSE_ENV = {"USE_TORCH": "0", "GLOG_v": "2"}
 VERBOSE_FLAGS = ("-v", "--verbose")
+#: what the top-level parser adds to every command's namespace (not a flag of the command itself)
+TOP_LEVEL_DESTS = ("command", "verbose")
 # subcommand → (module, one-line help)
 COMMANDS = {
     "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x or SDXL model"),
