@@ -1,5 +1,5 @@
-"""The training loop of ``mindone-lora train``: LoRA for any installed architecture (SD1.x/2.x and SDXL built in),
-talking to LoRA only through plugin hooks and to the model family only through its architecture object.
+"""The training loop of ``mindone-lora train``: LoRA for any installed architecture (SD1.x/2.x, SDXL and FLUX.1
+built in), talking to LoRA only through plugin hooks and to the model family only through its architecture object.
 
 Order of work: check arguments → load the models → add adapters (hook) → pick trainable parameters (hook) → build
 the optimizer and compiled step → resume if asked → train, checkpoint, validate → save every format (hook).
