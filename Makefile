@@ -42,7 +42,12 @@ browser:
 		echo "note: installing chromium failed; the UI browser tests will be skipped"; \
 	else echo "note: the UI browser tests will be skipped; install chromium and chromium-driver (as root: make browser)"; fi
 
-test: setup
+.PHONY: lint
+# ruff (pyproject.toml's [tool.ruff]: pyflakes, pycodestyle errors, import order); run first by make test
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=15 $(PYTEST_ARGS)
 
 # the smoke subset (-m smoke) on the newest MindSpore that works: first the wheels, built and installed into the

@@ -31,7 +31,6 @@ if _BENCH_DIR not in sys.path:
 #: unimported, so torch's libraries do not count in the MindSpore side's memory)
 from mindone_lora_plugin.cli import COMMAND_ENV as MINDSPORE_ENV  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------------- timing
 
 def median(xs) -> float:
@@ -380,7 +379,6 @@ class MindSporeLoraStep(LoraStep):
     ``build_steps`` with clipping at 1.0: the step ``mindone-lora train`` builds."""
 
     def _build(self, models, options, component: str, loss, inputs, *, before_optimizer=None) -> None:
-        from mindspore import nn
 
         from mindone_lora_plugin.plugins import get_plugin_manager
         from mindone_lora_plugin.train import optimizers

@@ -108,16 +108,15 @@ class HandSide:
     """A minimal mindone LoRA loop written directly against mindone: no plugin code at all."""
 
     def __init__(self, paths: dict, targets: list[str]):
-        import numpy as np
-
         import mindspore as ms
-        from mindspore import nn, ops
+        import numpy as np
         from mindone.diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from mindone.diffusers.optimization import get_scheduler
         from mindone.peft import LoraConfig
         from mindone.transformers import CLIPTextModel
-        from transformers import CLIPTokenizer
+        from mindspore import nn, ops
         from PIL import Image
+        from transformers import CLIPTokenizer
 
         folder = paths["model"]
         self.ms, self.np = ms, np

@@ -90,10 +90,11 @@ class Ops:
         self.d2k = {v: k for k, v in self.k2d.items()}
         self.hf = None
         if hf:
-            import _configs as K2
             from diffusers import StableDiffusionXLPipeline
             from diffusers.configuration_utils import FrozenDict
             from safetensors.torch import save_file as torch_save_file
+
+            import _configs as K2
 
             self.hf = StableDiffusionXLPipeline
             self.hf_unet_config = FrozenDict(K2.SDXL_UNET)
@@ -292,7 +293,8 @@ def _run(argv) -> int:
         print("(HF's lora_state_dict returns torch tensors still backed by the memory-mapped file, so its read touches "
               "only the bytes it needs; the file conversion writes every tensor and is the like-for-like comparison.)")
     else:
-        print("\nHugging Face diffusers comparison skipped: the interop extra (torch, diffusers, peft) is not installed")
+        print("\nHugging Face diffusers comparison skipped: "
+              "the interop extra (torch, diffusers, peft) is not installed")
 
     print("\nRATIOS " + "; ".join(f"{label} {med[a] / med[b]:.2f}" for label, a, b, _ in PAIRS))
     print("MISSED: " + ("; ".join(misses) if misses else "none"))

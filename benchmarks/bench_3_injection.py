@@ -37,9 +37,9 @@ def inject_child(first: str, reps: int) -> dict:
     from mindone_lora_plugin.runtime import setup
 
     setup("CPU", "graph", seed=0)
+    import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)
     from mindone.diffusers import UNet2DConditionModel
     from mindone.peft import LoraConfig
-    import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)
 
     from mindone_lora_plugin.models import Models, lora_layers
     from mindone_lora_plugin.options import LoraOptions

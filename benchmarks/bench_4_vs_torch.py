@@ -66,10 +66,10 @@ class MindSporeStep(C.MindSporeLoraStep):
         import mindspore as ms
         from mindone.diffusers import UNet2DConditionModel
 
+        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
+        from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
-        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
         unet = UNet2DConditionModel(**SD1_UNET)
         unet.set_train(False)

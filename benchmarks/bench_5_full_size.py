@@ -79,9 +79,9 @@ class MindSporeStep(C.MindSporeLoraStep):
         from mindone.diffusers import UNet2DConditionModel
 
         from mindone_lora_plugin import checkpointing
+        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
         t0 = time.perf_counter()
         unet = UNet2DConditionModel(**unet_config(model))

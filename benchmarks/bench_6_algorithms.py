@@ -34,10 +34,10 @@ def step_child(algo: str, reps: int) -> dict:
     setup("CPU", "pynative", seed=0)
     import mindspore as ms
 
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
 
     folder = ensure_tiny_model("sd1", os.path.join(C.workdir("tiny"), "sd1"))
     pm = get_plugin_manager()
@@ -70,8 +70,8 @@ def inject_child(algo: str) -> dict:
     from mindone_lora_plugin.runtime import setup
 
     setup("CPU", "graph", seed=0)
-    from mindone.diffusers import UNet2DConditionModel
     import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)
+    from mindone.diffusers import UNet2DConditionModel
 
     from mindone_lora_plugin.models import Models, lora_layers
     from mindone_lora_plugin.options import LoraOptions

@@ -115,8 +115,8 @@ def bench_caches(tmp: str, reps: int, resolution: int = 32) -> dict:
 
 
 def bench_vae(tmp: str, reps: int) -> dict:
-    import numpy as np
     import mindspore as ms
+    import numpy as np
     from mindone.diffusers import AutoencoderKL
 
     from mindone_lora_plugin.train.cache import LatentCache

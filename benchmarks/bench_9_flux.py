@@ -173,10 +173,10 @@ def inject_child(side: str, preset: str) -> dict:
     from mindone_lora_plugin.runtime import setup
 
     setup("CPU", "graph", seed=0)
-    from mindspore.nn.utils import no_init_parameters
+    import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)
     from mindone.diffusers import FluxTransformer2DModel
     from mindone.peft import LoraConfig
-    import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)
+    from mindspore.nn.utils import no_init_parameters
 
     from mindone_lora_plugin.models import Models, lora_layers
     from mindone_lora_plugin.options import LoraOptions

@@ -2,9 +2,10 @@
 
 :class:`BaseModelInfo` lists, per component, every module that owns a 2-D or 4-D ``weight`` (Linear and Conv2d; token
 and position embeddings are left out) with the weight's shape, plus the architecture (``sd1``, ``sd2``, ``sdxl`` or a
-plugin's) and its ``base_config`` (what its file names depend on: SD's UNet ``layers_per_block``). It is built either from a diffusers-layout model folder — from the ``config.json`` files and the
-safetensors *headers* only, so even a full SDXL folder is read in milliseconds and nothing is instantiated — or from live
-MindSpore models. Formats use it to resolve names and to check every key of a LoRA file against the real modules.
+plugin's) and its ``base_config`` (what its file names depend on: SD's UNet ``layers_per_block``). It is built either
+from a diffusers-layout model folder — from the ``config.json`` files and the safetensors *headers* only, so even a full
+SDXL folder is read in milliseconds and nothing is instantiated — or from live MindSpore models. Formats use it to
+resolve names and to check every key of a LoRA file against the real modules.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ class BaseModelInfo:
         """Read a diffusers-layout model folder (``model_index.json`` + one subfolder per component): the installed
         architecture that recognises its configs (:func:`~mindone_lora_plugin.architectures.detect_folder`) says
         which subfolders are its components."""
-        from mindone_lora_plugin.architectures import FolderInfo, detect_folder, get_architecture, installed_architectures
+        from mindone_lora_plugin.architectures import (
+            FolderInfo,
+            detect_folder,
+            get_architecture,
+            installed_architectures,
+        )
 
         index = _read_model_index(path)
         listed = [c for c, v in index.items() if not c.startswith("_") and v is not None and v != [None, None]]

@@ -29,13 +29,13 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 TOP_LEVEL_DESTS = ("command", "verbose")
 # subcommand → (module, one-line help)
 COMMANDS = {
-    "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x or SDXL model"),
+    "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x, SDXL or FLUX.1 model"),
     "convert": ("mindone_lora_plugin.commands.convert", "convert a LoRA file between formats (diffusers, kohya)"),
     "inspect": ("mindone_lora_plugin.commands.inspect", "show what a LoRA file contains"),
     "generate": ("mindone_lora_plugin.commands.generate", "generate images with one or more weighted LoRAs"),
     "merge": ("mindone_lora_plugin.commands.merge", "fuse LoRAs into a model folder, or combine them into one LoRA"),
     "run": ("mindone_lora_plugin.commands.run", "run an unmodified mindone LoRA training script with this plugin"),
-    "plugins": ("mindone_lora_plugin.commands.plugins", "list installed plugins, strategies and formats"),
+    "plugins": ("mindone_lora_plugin.commands.plugins", "list installed plugins and what they offer"),
     "ui": ("mindone_lora_plugin.commands.ui", "a web UI to set up, watch and use training runs"),
 }
 

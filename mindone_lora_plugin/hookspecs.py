@@ -14,8 +14,8 @@ There are two kinds of hooks.
 ``mindone_lora_architectures``, ``mindone_lora_add_arguments``) are called by the plugin manager; they yield named,
 typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
 :class:`~mindone_lora_plugin.formats.base.LoraFormat`, :class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`,
-:class:`~mindone_lora_plugin.architectures.base.Architecture`) or add command-line arguments. Names must be unique across all
-installed plugins.
+:class:`~mindone_lora_plugin.architectures.base.Architecture`) or add command-line arguments. Names must be unique
+across all installed plugins.
 
 *Operation hooks* (``mindone_lora_add_adapters``, ``mindone_lora_trainable_parameters``, ``mindone_lora_save_weights``,
 ``mindone_lora_load_weights``) are what a training entrypoint calls, and all it calls, to work with LoRA. They are

@@ -31,16 +31,15 @@ import re
 from dataclasses import replace
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import (PRESETS, LoraOptions, build_options,  # noqa: F401
-                                         default_strategy, parse_targets)
+from mindone_lora_plugin.options import PRESETS, LoraOptions, build_options, default_strategy, parse_targets  # noqa: F401
 
 __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "LoraIntegration", "DEFAULT_FORMATS",
            "FLAG_DESTS"]
 
 DEFAULT_FORMATS = "diffusers,kohya"
 #: The ``dest`` of every flag :func:`add_lora_arguments` adds itself (plugins add more, see ``_lora_plugin_dests``).
-FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_dora", "lora_alpha", "lora_targets", "lora_save_formats", "lora_resume_from",
-              "lora_output_name")
+FLAG_DESTS = ("lora_strategy", "lora_algo", "lora_dora", "lora_alpha", "lora_targets", "lora_save_formats",
+              "lora_resume_from", "lora_output_name")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint[-_]?\d+$")
 
 

@@ -122,7 +122,8 @@ def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:
 
 def load_models(folder: str, components=None, dtype=None, variant: str | None = None) -> Models:
     """Load the components (default: all the folder has) of a diffusers-layout model folder with mindone's
-    ``from_pretrained``, as its architecture says (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_component`)."""
+    ``from_pretrained``, as its architecture says
+    (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_component`)."""
     from mindone_lora_plugin.architectures import get_architecture
     from mindone_lora_plugin.basemodel import BaseModelInfo
     from mindone_lora_plugin.runtime import quiet_mindone_imports

@@ -439,9 +439,8 @@ def _install(undo: _Undo) -> None:
 
     quiet_mindone_imports()
     _alias_old_peft(undo)
-    from mindone.diffusers.loaders import lora_pipeline
-    from mindone.diffusers.loaders import peft as diffusers_peft
     from mindone.diffusers import optimization, training_utils
+    from mindone.diffusers.loaders import lora_pipeline, peft as diffusers_peft
     from mindone.transformers.integrations import peft as transformers_peft
 
     for mixin in (diffusers_peft.PeftAdapterMixin, transformers_peft.PeftAdapterMixin):

@@ -79,7 +79,6 @@ def unet_images(seed: int, variants: int = VARIANTS) -> tuple[np.ndarray, list[t
 def build_models(seed: int, workdir: str):
     """Fresh (seeded) tokenizer, CLIP text encoder, VAE and UNet."""
     import mindspore as ms
-
     from mindone.diffusers import AutoencoderKL, UNet2DConditionModel
     from mindone.transformers import CLIPTextModel
     from transformers import CLIPTextConfig
@@ -261,9 +260,8 @@ def text_embeddings(tokenizer, text_encoder, captions: list[str]) -> np.ndarray:
 def train_unet(unet, latents, labels, embeds: dict[str, np.ndarray], seed: int, steps: int, batch_size: int,
                lr: float, log, snapshot=None, snapshot_every: int = 0) -> list[float]:
     import mindspore as ms
-    from tqdm.auto import tqdm
-
     from mindone.diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
 
     VLoss, _ = _cells()
     acp = DDIMScheduler(**SCHEDULER).alphas_cumprod

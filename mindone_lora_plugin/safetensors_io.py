@@ -114,7 +114,8 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _numpy_dtype(code: str, key: str, path: str) -> np.dtype:
     found = from_code(code)
     if found is None:
-        raise LoraError(f"{path}: tensor '{key}' has dtype {code}, which LoRA weights never use; the file is not a LoRA")
+        raise LoraError(f"{path}: tensor '{key}' has dtype {code}, which LoRA weights never use; "
+                        f"the file is not a LoRA")
     return found
 
 

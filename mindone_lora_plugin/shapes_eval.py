@@ -38,9 +38,8 @@ class Sampler:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, resolution: int, batch: int = 8,
                  steps: int = STEPS, guidance: float = GUIDANCE):
         import mindspore as ms
-        from mindspore import nn
-
         from mindone.diffusers import DDIMScheduler
+        from mindspore import nn
 
         class _Unet(nn.Cell):
             def __init__(self, u):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-
 class LoraModule:
     """One adapted module: its algorithm's name, the algorithm's named tensors, ``alpha`` and the algorithm's settings.
 

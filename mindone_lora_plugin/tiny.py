@@ -17,15 +17,16 @@ WORDS = ("a", "an", "photo", "picture", "of", "the", "and", "on", "in", "with", 
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
            norm_num_groups=32, sample_size=32, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, max_position_embeddings=77,
-            layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1)
+CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+            max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1)
 SEED = 0
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte → printable character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     chars = keep[:]
     n = 0
     for b in range(256):

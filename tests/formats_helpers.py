@@ -101,7 +101,8 @@ def tiny_sd1() -> BaseModelInfo:
 
 def tiny_sdxl() -> BaseModelInfo:
     return BaseModelInfo("sdxl", {"layers_per_block": 2},
-                         {"unet": unet_modules(cross=64, linear_proj=True, transformer_layers=(1, 2), add_embedding_in=80),
+                         {"unet": unet_modules(cross=64, linear_proj=True, transformer_layers=(1, 2),
+                                               add_embedding_in=80),
                           "text_encoder": clip_modules(),
                           "text_encoder_2": clip_modules(projection=32)}, source="<tiny-sdxl>")
 

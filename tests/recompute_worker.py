@@ -17,11 +17,11 @@ def build(gc: bool):
     from mindone.diffusers import UNet2DConditionModel
 
     from mindone_lora_plugin import checkpointing
+    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
+    from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
-    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD1_UNET)

@@ -21,7 +21,7 @@ from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.errors import LoraError, PluginError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.formats.reader import open_lora, read_lora
+from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64]
@@ -278,8 +278,9 @@ def test_loha_on_sdxl_trains_the_unet_and_both_text_encoders(pm, tiny_sdxl, tmp_
     result = train(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", data, "--output_dir",
                     str(tmp_path / "xl"), "--max_train_steps", "1", "--train_batch_size", "2", "--learning_rate",
                     "1e-2", "--lr_warmup_steps", "0", "--seed", "2", "--report_to", "none", "--device_target", "CPU",
-                    "--mode", "pynative", "--lora_algo", "loha", "--train_text_encoder", "--lora_targets", "to_k,k_proj",
-                    "--save_formats", "kohya", "--output_name", "xl", "--checkpointing_steps", "0"])
+                    "--mode", "pynative", "--lora_algo", "loha", "--train_text_encoder",
+                    "--lora_targets", "to_k,k_proj", "--save_formats", "kohya", "--output_name", "xl",
+                    "--checkpointing_steps", "0"])
     [path] = result.files
     state = read_lora(path)
     assert set(state.algorithms()) == {"loha"}

@@ -13,8 +13,7 @@ import pytest
 
 from formats_helpers import clip_modules, fake_model_folder, random_state, tiny_sd1, tiny_sdxl, unet_modules
 from mindone_lora_plugin import safetensors_io
-from mindone_lora_plugin.architectures import (FolderInfo, component_of, detect_folder, detect_lora,
-                                               known_components)
+from mindone_lora_plugin.architectures import FolderInfo, component_of, detect_folder, detect_lora, known_components
 from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Architecture, Component, Evidence, TargetRule
 from mindone_lora_plugin.architectures.sd.arch import SD1
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -267,9 +266,8 @@ def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manage
 
 
 def test_a_family_preset_reaches_the_parser_and_the_strategy(plugin_manager):
-    from mindone_lora_plugin.options import parse_targets
+    from mindone_lora_plugin.options import LoraOptions, parse_targets
     from mindone_lora_plugin.strategies.base import target_rule
-    from mindone_lora_plugin.options import LoraOptions
 
     assert parse_targets("everything") == ["everything"]  # not a preset while no family defines it
     register(plugin_manager, "toy_plugin", Toy())

@@ -72,9 +72,8 @@ def test_enable_refuses_a_model_without_blocks_and_is_idempotent():
     quiet_mindone_imports()
     with pytest.raises(LoraError, match="no ResNet, transformer or CLIP encoder blocks to recompute; drop the flag"):
         checkpointing.enable(nn.SequentialCell([nn.Dense(4, 4), nn.ReLU()]), "the unet")
-    from transformers import CLIPTextConfig
-
     from mindone.transformers import CLIPTextModel
+    from transformers import CLIPTextConfig
 
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
                                       vocab_size=100))

@@ -35,8 +35,8 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend e
     pytest.skip("the CPU backend tests need MindSpore's CPU target", allow_module_level=True)
 
 from mindone_lora_plugin.backends import cpu  # noqa: E402
-from ms_helpers import T, graph_mode, pynative  # noqa: E402
 from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
+from ms_helpers import T, graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
 
@@ -521,9 +521,8 @@ def tiny_unet(config):
 
 
 def tiny_clip(with_projection=False, dropout=0.0):
-    from transformers import CLIPTextConfig
-
     from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
     _seed(0)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -602,7 +601,8 @@ class CLIPLoss(nn.Cell):
 def sd1_inputs(batch=1, size=16):
     rng = np.random.default_rng(5)
     return (T(rng.standard_normal((batch, 4, size, size)), ms.float32), T(np.array([10, 500][:batch]), ms.int32),
-            T(rng.standard_normal((batch, 7, 32)), ms.float32), T(rng.standard_normal((batch, 4, size, size)), ms.float32))
+            T(rng.standard_normal((batch, 7, 32)), ms.float32),
+            T(rng.standard_normal((batch, 4, size, size)), ms.float32))
 
 
 def sdxl_inputs(batch=1, size=16):

@@ -1,4 +1,5 @@
-"""DreamBooth LoRA through `mindone-lora train`: prior preservation on SD1.x, plain on SDXL (with LoHa), and bad input."""
+"""DreamBooth LoRA through `mindone-lora train`: prior preservation on SD1.x, plain on SDXL (with LoHa), and bad
+input."""
 
 from __future__ import annotations
 

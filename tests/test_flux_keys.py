@@ -6,8 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from flux_keys_helpers import (HIDDEN, N_LINEAR, assert_same_deltas, flux_base, flux_installed, linear_shapes,
-                               random_state, tiny_transformer)
+from flux_keys_helpers import (
+    HIDDEN,
+    N_LINEAR,
+    assert_same_deltas,
+    flux_base,
+    flux_installed,
+    linear_shapes,
+    random_state,
+    tiny_transformer,
+)
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures.flux import files, fuse, keys
 from mindone_lora_plugin.basemodel import BaseModelInfo
@@ -169,13 +177,15 @@ def test_non_separable_modules_cannot_be_split_or_fused():
 def _kohya_tensors(rng_seed=0):
     rng = np.random.default_rng(rng_seed)
     t = {}
-    for name, (r, out, inp) in {"double_blocks_0_img_attn_qkv": (4, 48, 16), "double_blocks_1_txt_attn_proj": (2, 16, 16),
+    for name, (r, out, inp) in {"double_blocks_0_img_attn_qkv": (4, 48, 16),
+                                "double_blocks_1_txt_attn_proj": (2, 16, 16),
                                 "single_blocks_0_linear1": (3, 112, 16), "single_blocks_1_modulation_lin": (2, 48, 16),
                                 "final_layer_adaLN_modulation_1": (2, 32, 16)}.items():
         t[f"lora_unet_{name}.lora_down.weight"] = rng.standard_normal((r, inp)).astype(np.float32)
         t[f"lora_unet_{name}.lora_up.weight"] = rng.standard_normal((out, r)).astype(np.float32)
         t[f"lora_unet_{name}.alpha"] = np.asarray(1.0 * r / 2, np.float32)
-    for stem in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"):
+    for stem in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                 "lora_te3_encoder_block_0_layer_0_SelfAttention_q"):
         t[f"{stem}.lora_down.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
         t[f"{stem}.lora_up.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
     return t
@@ -430,7 +440,8 @@ def test_dora_qkv_round_trips_through_the_kohya_layout(tmp_path):
     parts = ("to_q", "to_k", "to_v")
     state = LoraState(architecture="flux")
     for p in parts:
-        state.add("transformer", f"transformer_blocks.0.attn.{p}", _dora(rand(2, 16), rand(16, 2), np.abs(rand(16)) + 1))
+        state.add("transformer", f"transformer_blocks.0.attn.{p}",
+                  _dora(rand(2, 16), rand(16, 2), np.abs(rand(16)) + 1))
     path = KohyaFormat().write(state, str(tmp_path / "dora.safetensors"))
     tensors = safetensors_io.load(path)[0]
     assert tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"].shape == (48, 1)  # LyCORIS's output-row shape

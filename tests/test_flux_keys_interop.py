@@ -2,12 +2,12 @@
 injected and give the transformer outputs of this package's weight changes (<= 1e-4); files diffusers/peft write load
 here exactly. mindone 0.5.0's ``FluxPipeline.load_lora_weights`` injects every pair of both layouts with exact scales.
 
-Two limits of diffusers 0.39's (and mindone 0.5.0's) kohya FLUX converter (``_convert_kohya_flux_lora_to_diffusers``) shape these tests:
-it splits ``single_blocks.N.linear1`` with the full model's widths written into it (3 × 3072 + 12288 rows), so on the
-tiny model the single blocks' q/k/v/proj_mlp are checked with full-width tensors through the converter alone; and it
-returns the embedder and final-layer modules (``img_in``, ``time_in``, ``final_layer`` ...) without the
-``transformer.`` prefix, so ``load_lora_weights`` drops them without a word — they are checked on the converter's
-output (including its shift/scale swap of ``final_layer.adaLN_modulation.1``; it also ignores the final layer's alphas).
+Two limits of diffusers 0.39's (and mindone 0.5.0's) kohya FLUX converter (``_convert_kohya_flux_lora_to_diffusers``)
+shape these tests: it splits ``single_blocks.N.linear1`` with the full model's widths written into it (3 × 3072 + 12288
+rows), so on the tiny model the single blocks' q/k/v/proj_mlp are checked with full-width tensors through the converter
+alone; and it returns the embedder and final-layer modules (``img_in``, ``time_in``, ``final_layer`` ...) without the
+``transformer.`` prefix, so ``load_lora_weights`` drops them without a word — they are checked on the converter's output
+(including its shift/scale swap of ``final_layer.adaLN_modulation.1``; it also ignores the final layer's alphas).
 """
 
 import copy
@@ -15,8 +15,14 @@ import copy
 import numpy as np
 import pytest
 
-from flux_keys_helpers import (assert_same_deltas, flux_base, flux_installed, linear_shapes, random_state,
-                               tiny_transformer)
+from flux_keys_helpers import (
+    assert_same_deltas,
+    flux_base,
+    flux_installed,
+    linear_shapes,
+    random_state,
+    tiny_transformer,
+)
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
@@ -48,7 +54,8 @@ def shapes(base_model):
 
 def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
                 pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
                 guidance=torch.tensor([3.5]), img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
 
@@ -127,8 +134,8 @@ def test_files_made_by_diffusers_and_peft_read_exactly(tmp_path, base_model, sha
         for layer in injected(model, "default").values():
             layer.lora_B["default"].weight.normal_()
     layers = injected(model, "default")
-    want = {p: (l.lora_B["default"].weight @ l.lora_A["default"].weight * l.scaling["default"]).detach().numpy()
-            for p, l in layers.items()}
+    want = {p: (m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]).detach().numpy()
+            for p, m in layers.items()}
     meta = config.to_dict()
     meta["target_modules"] = targets
     diffusers.FluxPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(model),
@@ -195,7 +202,8 @@ def test_diffusers_converter_agrees_on_full_width_linear1(tmp_path, layout):
     _, sd = _converted(path)
     probe = rng.standard_normal((hidden, 3))  # compare delta @ probe through the factors: no 12288 × 3072 matrices
     for name in parts:
-        p, mod = f"single_transformer_blocks.0.{name}", state.components["transformer"][f"single_transformer_blocks.0.{name}"]
+        p = f"single_transformer_blocks.0.{name}"
+        mod = state.components["transformer"][p]
         a, b = (sd[f"transformer.{p}.lora_{x}.weight"].double().numpy() for x in "AB")
         np.testing.assert_allclose(b @ (a @ probe), mod.up.astype(np.float64) @ (mod.down @ probe) * mod.scale,
                                    atol=1e-6, err_msg=p)
@@ -204,9 +212,9 @@ def test_diffusers_converter_agrees_on_full_width_linear1(tmp_path, layout):
 def test_mindone_loads_both_layouts_with_every_pair_and_scale(tmp_path):
     """mindone 0.5.0's ``FluxPipeline.load_lora_weights`` (MindSpore, injection only: no forward pass on CPU here)."""
     pytest.importorskip("mindspore")
+    from mindone.diffusers import FluxPipeline as MsFluxPipeline, FluxTransformer2DModel as MsFlux
+
     from flux_keys_helpers import TINY
-    from mindone.diffusers import FluxPipeline as MsFluxPipeline
-    from mindone.diffusers import FluxTransformer2DModel as MsFlux
 
     for fmt in (DiffusersFormat(), KohyaFormat()):
         model = MsFlux(**TINY)

@@ -10,8 +10,8 @@ import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from mindone_lora_plugin.errors import LoraError  # noqa: E402
 from mindone_lora_plugin.architectures.flux import timesteps as ts  # noqa: E402
+from mindone_lora_plugin.errors import LoraError  # noqa: E402
 from ms_helpers import graph_mode, pynative  # noqa: E402
 
 

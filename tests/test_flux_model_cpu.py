@@ -18,9 +18,9 @@ from mindone_lora_plugin import backends  # noqa: E402
 if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend exists for CPU only
     pytest.skip("the CPU backend tests need MindSpore's CPU target", allow_module_level=True)
 
+import ms_helpers  # noqa: E402
 from mindone_lora_plugin.backends import cpu, cpu_transformer as ct  # noqa: E402
 from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
-import ms_helpers  # noqa: E402
 from ms_helpers import graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()

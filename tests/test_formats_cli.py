@@ -52,7 +52,7 @@ def test_convert_kohya_to_diffusers_folder(tmp_path, capsys, sdxl_state, sdxl_ko
 
 
 def test_convert_diffusers_to_kohya_file_with_base_and_dtype(tmp_path, sdxl_state):
-    d = DiffusersFormat().write(sdxl_state, str(tmp_path / "d"))
+    DiffusersFormat().write(sdxl_state, str(tmp_path / "d"))
     model = fake_model_folder(tiny_sdxl(), tmp_path / "model")
     out = tmp_path / "converted.safetensors"
     assert convert.run(parse("convert", tmp_path / "d", out, "--to", "kohya", "--base", model, "--dtype",

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from formats_helpers import random_state, tiny_sd1, tiny_sdxl
+from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET, SDXL_UNET
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET, SDXL_UNET
 from mindone_lora_plugin.tiny import CLIP
 
 pytestmark = pytest.mark.interop
@@ -72,7 +72,7 @@ def test_hf_diffusers_loads_diffusers_file_exactly(tmp_path, arch):
     state = random_state(base, np.random.default_rng(0))  # ranks and alphas vary per module
     DiffusersFormat().write(state, str(tmp_path))
     _load(pipe, models, str(tmp_path), "pytorch_lora_weights.safetensors", with_metadata=True)
-    check(state, {c: dict(m.named_modules()) for c, m in models.items()}, lambda l: l.weight.detach().numpy())
+    check(state, {c: dict(m.named_modules()) for c, m in models.items()}, lambda layer: layer.weight.detach().numpy())
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -84,8 +84,8 @@ def test_hf_diffusers_loads_kohya_file(tmp_path, arch):
                  else random_state(base, vary=False, ranks=(4,), alphas=(2.0,)))
         KohyaFormat().write(state, str(tmp_path / f"k{vary}.safetensors"))
         _load(pipe, models, str(tmp_path), f"k{vary}.safetensors", with_metadata=False)
-        check(state, {c: dict(m.named_modules()) for c, m in models.items()}, lambda l: l.weight.detach().numpy(),
-              scales=not vary)
+        check(state, {c: dict(m.named_modules()) for c, m in models.items()},
+              lambda layer: layer.weight.detach().numpy(), scales=not vary)
 
 
 def test_mindone_loads_diffusers_and_kohya_files(tmp_path):
@@ -109,13 +109,13 @@ def test_mindone_loads_diffusers_and_kohya_files(tmp_path):
     DiffusersFormat().write(state, str(tmp_path))
     ms = models()
     _load(StableDiffusionXLPipeline, ms, str(tmp_path), "pytorch_lora_weights.safetensors", with_metadata=True)
-    check(state, cells(ms), lambda l: l.weight.asnumpy())
+    check(state, cells(ms), lambda layer: layer.weight.asnumpy())
 
     uniform = random_state(tiny_sdxl(), vary=False, ranks=(4,), alphas=(2.0,))
     KohyaFormat().write(uniform, str(tmp_path / "k.safetensors"))
     ms = models()
     _load(StableDiffusionXLPipeline, ms, str(tmp_path), "k.safetensors", with_metadata=False)
-    check(uniform, cells(ms), lambda l: l.weight.asnumpy())
+    check(uniform, cells(ms), lambda layer: layer.weight.asnumpy())
 
 
 def test_lora_config_fields_accepted_by_both():

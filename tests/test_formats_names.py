@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from formats_helpers import (assert_states_equal, clip_modules, random_state, real_sd1_unet, real_sdxl_unet,
-                             tiny_sd1, tiny_sdxl)
-from mindone_lora_plugin.errors import LoraError
+from formats_helpers import (
+    assert_states_equal,
+    clip_modules,
+    random_state,
+    real_sd1_unet,
+    real_sdxl_unet,
+    tiny_sd1,
+    tiny_sdxl,
+)
 from mindone_lora_plugin.architectures.sd import sgm
 from mindone_lora_plugin.architectures.sd.keys import flat_to_dotted
+from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.names import NameResolver, parse_key
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState

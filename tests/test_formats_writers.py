@@ -11,9 +11,9 @@ import pytest
 from formats_helpers import assert_states_equal, random_state, tiny_sd1, tiny_sdxl
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.alphas import pattern_key
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.formats.alphas import pattern_key
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
 

@@ -390,7 +390,8 @@ def test_generate_writes_images_with_metadata(runtime, folders, loras, tmp_path,
 
 
 def test_merged_unet_loads_in_hugging_face_diffusers(folders, loras, merged):
-    """The merged folder is a plain diffusers folder: Hugging Face diffusers' ``from_pretrained`` loads the fused UNet."""
+    """The merged folder is a plain diffusers folder: Hugging Face diffusers' ``from_pretrained`` loads the fused
+    UNet."""
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from mindone_lora_plugin import safetensors_io

@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from test_interop_outputs import (STD, assert_outputs_match, mindone_outputs, runtime,  # noqa: E402,F401
-                                  torch_outputs, torch_pipeline)
+from test_interop_outputs import STD, assert_outputs_match, mindone_outputs, runtime, torch_outputs, torch_pipeline  # noqa: E402,F401
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -115,7 +114,7 @@ def test_diffusers_and_lycoris_load_our_dora_files_with_matching_outputs(tiny_sd
     apply_loras(models, [state])
     want = mindone_outputs(models)
 
-    dpath = DiffusersFormat().write(state, str(tmp_path / "d"))
+    DiffusersFormat().write(state, str(tmp_path / "d"))
     pipe = torch_pipeline("sd1", tiny_sd1)
     base = torch_outputs(pipe)
     pipe.load_lora_weights(str(tmp_path / "d"), weight_name="pytorch_lora_weights.safetensors", adapter_name="ours")

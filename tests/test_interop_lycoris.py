@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris")
 
-from test_interop_outputs import (STD, assert_outputs_match, mindone_outputs, runtime,  # noqa: E402,F401
-                                  torch_outputs, torch_pipeline)
+from test_interop_outputs import STD, assert_outputs_match, mindone_outputs, runtime, torch_outputs, torch_pipeline  # noqa: E402,F401
 
 ALGOS = ("loha", "lokr")
 TARGET_CLASSES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]

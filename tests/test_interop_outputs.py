@@ -11,11 +11,11 @@ Hugging Face diffusers 0.39 / peft (torch), in both directions, on the tiny SD1.
   no metadata, so alpha = r as everyone reads it). ``pm.load_weights`` loads them into mindone models; the outputs
   must match the torch models that were saved.
 
-kohya files: diffusers' kohya converter gets attention modules wrong only when their alpha is not the file's most
-common one (reference §0.4; seen here: one attention module's alpha changed from 2 to 2.2 in a kohya file gives
-diffusers the same outputs as before, the changed alpha is dropped). With ``kohya-conv`` here the attention and Linear modules all carry ``alpha`` (the most
-common value) and only the 3×3 convs carry ``conv_alpha``, which diffusers puts into ``alpha_pattern`` correctly, so
-the kohya files match exactly too, with conv_alpha ≠ alpha ≠ rank.
+kohya files: diffusers' kohya converter gets attention modules wrong only when their alpha is not the file's most common
+one (reference §0.4; seen here: one attention module's alpha changed from 2 to 2.2 in a kohya file gives diffusers the
+same outputs as before, the changed alpha is dropped). With ``kohya-conv`` here the attention and Linear modules all
+carry ``alpha`` (the most common value) and only the 3×3 convs carry ``conv_alpha``, which diffusers puts into
+``alpha_pattern`` correctly, so the kohya files match exactly too, with conv_alpha ≠ alpha ≠ rank.
 
 Outputs compared (max abs difference ≤ 1e-4; their magnitudes are O(1)): the UNet output for fixed latents, an
 integer timestep and fixed encoder hidden states (+ SDXL ``text_embeds``/``time_ids``), and for each text encoder

@@ -38,9 +38,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("lycoris")
 
-from test_interop_outputs import STD, runtime, torch_components, torch_pipeline  # noqa: E402,F401
-
 from mindone_lora_plugin.cli import main  # noqa: E402
+from test_interop_outputs import STD, runtime, torch_components, torch_pipeline  # noqa: E402,F401
 
 TOL = 1e-4
 UNET_DORA = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 from mindone_lora_plugin.errors import LoraError
+from train_helpers import base_outputs_differ, load_back, train
 
 pytestmark = pytest.mark.slow
-
-
-from train_helpers import base_outputs_differ, load_back, train
 
 
 @pytest.fixture(scope="module")

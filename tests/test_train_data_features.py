@@ -233,6 +233,7 @@ def test_kohya_bucketed_cached_run_records_its_settings(tiny_sd1, kohya, tmp_pat
     import json
 
     from safetensors import safe_open
+
     from train_helpers import train
 
     reg = tmp_path / "reg" / "1_thing"
@@ -265,10 +266,10 @@ def test_kohya_bucketed_cached_run_records_its_settings(tiny_sd1, kohya, tmp_pat
 def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path):
     import mindspore as ms
 
+    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.train.data import BatchPlan
     from mindone_lora_plugin.train.masks import MaskSource, latent_masks
-    from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 3] = 255

@@ -27,7 +27,8 @@ def shapes(tmp_path_factory):
 
 def feature_args(model, data, out, prompts, *extra):
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
-            "--max_train_steps", "6", "--train_batch_size", "2", "--max_train_samples", "7", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--max_train_steps", "6", "--train_batch_size", "2", "--max_train_samples", "7", "--learning_rate", "1e-3",
+            "--lr_warmup_steps", "0",
             "--seed", "3", "--device_target", "CPU", "--random_flip", "--lora_targets", "to_q,to_v",
             "--output_name", "feat", "--checkpointing_steps", "2",
             "--optimizer_type", "Lion", "--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99",

@@ -112,8 +112,8 @@ class LoraAlgorithm:
         """Raise :class:`LoraError` when the tensors do not form a module of this algorithm."""
         missing = [r for r in self.roles if r not in mod.tensors]
         if missing:
-            raise LoraError(f"{where}: a {self.name} module needs {', '.join(self.kohya_names.get(r, r) for r in missing)}"
-                            f" but it is missing; the file is incomplete")
+            needs = ', '.join(self.kohya_names.get(r, r) for r in missing)
+            raise LoraError(f"{where}: a {self.name} module needs {needs} but it is missing; the file is incomplete")
         for role, t in mod.tensors.items():
             if np.asarray(t).dtype.kind not in "fV" and str(np.asarray(t).dtype) != "bfloat16":
                 raise LoraError(f"{where}: tensor {self.kohya_names.get(role, role)} has dtype {np.asarray(t).dtype};"

@@ -11,7 +11,8 @@ DoRA (weight-decomposed LoRA) is plain LoRA with one more tensor, the ``magnitud
 (output side) or ``[1, in]`` (input side) in kohya/LyCORIS files. In memory the magnitude keeps the shape it was read
 with; the writers reshape it (:meth:`PlainLora.file_tensor`).
 
-Registered through the ``mindone_lora`` entry-point group like any plugin (``lora = mindone_lora_plugin.algorithms.lora``).
+Registered through the ``mindone_lora`` entry-point group like any plugin
+(``lora = mindone_lora_plugin.algorithms.lora``).
 """
 
 from __future__ import annotations
@@ -244,8 +245,8 @@ class PlainLora(LoraAlgorithm):
 
 
 def dora_axis(mod) -> str:
-    """``"out"`` when the module's DoRA magnitude normalises output rows (peft ``[out]``, LyCORIS ``[out, 1]``), ``"in"``
-    when it normalises input columns (LyCORIS ``[1, in]``)."""
+    """``"out"`` when the module's DoRA magnitude normalises output rows (peft ``[out]``, LyCORIS ``[out, 1]``),
+    ``"in"`` when it normalises input columns (LyCORIS ``[1, in]``)."""
     m = np.asarray(mod.tensors["magnitude"])
     out = int(mod.tensors["up"].shape[0])
     if m.ndim == 1 or (int(m.shape[0]) == out and m.size == out):

@@ -154,13 +154,14 @@ class Architecture:
     """Base class of model families. Subclasses set the class attributes and override what differs.
 
     Class attributes: :attr:`name` (what ``LoraState.architecture`` and ``Models.architecture`` hold), :attr:`label`
-    (for messages: ``SDXL``), :attr:`description` (one line), :attr:`components`, :attr:`default_strategy` (the
-    strategy a run uses when none is asked for), :attr:`default_resolution`, :attr:`denoiser` (the component that
-    predicts), :attr:`kohya_base_model_version` / :attr:`kohya_version_family` (kohya's ``ss_base_model_version`` and
-    the prefix that a kept value must have), :attr:`modelspec_architecture` (the ``modelspec.architecture`` written), :attr:`modelspec_prefix` (how every
-    value of this family starts, for detection) and :attr:`kohya_implementation` (``modelspec.implementation`` in
-    kohya files: the code base whose module names they use) and :attr:`kohya_network_module` (sd-scripts' network
-    module for plain LoRA: ``networks.lora``, ``networks.lora_flux`` ...).
+    (for messages: ``SDXL``), :attr:`description` (one line), :attr:`components`, :attr:`default_strategy` (the strategy
+    a run uses when none is asked for), :attr:`default_resolution`, :attr:`denoiser` (the component that predicts),
+    :attr:`kohya_base_model_version` / :attr:`kohya_version_family` (kohya's ``ss_base_model_version`` and the prefix
+    that a kept value must have), :attr:`modelspec_architecture` (the ``modelspec.architecture`` written),
+    :attr:`modelspec_prefix` (how every value of this family starts, for detection) and :attr:`kohya_implementation`
+    (``modelspec.implementation`` in kohya files: the code base whose module names they use) and
+    :attr:`kohya_network_module` (sd-scripts' network module for plain LoRA: ``networks.lora``, ``networks.lora_flux``
+    ...).
     """
 
     name: ClassVar[str] = ""

@@ -56,21 +56,18 @@ import math
 import sys
 import threading
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, ops
 from mindspore.common import dtype as mstype
-from mindspore.ops import operations as P
-from mindspore.ops.auto_generate import gen_ops_prim
-from mindspore.ops.auto_generate import pyboost_inner_prim
-from mindspore.ops import functional_overload
-from mindspore.ops.operations import _inner_ops
+from mindspore.ops import functional_overload, operations as P
 from mindspore.ops._primitive_cache import _get_cache_prim
+from mindspore.ops.auto_generate import gen_ops_prim, pyboost_inner_prim
+from mindspore.ops.operations import _inner_ops
 
 from mindone_lora_plugin import backends
-from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.backends import cpu_attention, cpu_transformer
+from mindone_lora_plugin.errors import LoraError
 
 # --------------------------------------------------------------------------------------------------------------------
 # Small helpers (all graph-mode safe: constant folding handles the Python-level shape arithmetic)

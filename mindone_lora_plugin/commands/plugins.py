@@ -6,8 +6,10 @@ import json
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("plugins", help="list installed plugins, strategies, formats, algorithms and architectures",
-                              description="List installed plugins (distribution and version), strategies, formats, adapter algorithms and model architectures.")
+    p = subparsers.add_parser("plugins",
+                              help="list installed plugins, strategies, formats, algorithms and architectures",
+                              description="List installed plugins (distribution and version), strategies, formats, "
+                                          "adapter algorithms and model architectures.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 

@@ -18,13 +18,19 @@ and exact up to the final cast; only :func:`apply_loras`, :func:`merge_into_mode
 """
 
 from mindone_lora_plugin.compose._constants import ADAPTER_PREFIX, DTYPES, MERGE_RECORD
-from mindone_lora_plugin.compose.specs import WeightedLora, load_loras, parse_lora_spec
-from mindone_lora_plugin.compose.maths import combined_deltas, concat_loras, module_delta, svd_reduce
-from mindone_lora_plugin.compose.live import active_deltas, apply_loras, merge_into_models, set_lora_weights
-from mindone_lora_plugin.compose.folders import FolderWeights, merge_into_folder, output_is_taken
 from mindone_lora_plugin.compose.files import pick_format, write_concatenated, write_lora
-from mindone_lora_plugin.compose.generation import (GeneratedImage, generate_images, image_metadata, load_pipeline,
-                                                    pipeline_models, save_png)
+from mindone_lora_plugin.compose.folders import FolderWeights, merge_into_folder, output_is_taken
+from mindone_lora_plugin.compose.generation import (
+                                                    GeneratedImage,
+                                                    generate_images,
+                                                    image_metadata,
+                                                    load_pipeline,
+                                                    pipeline_models,
+                                                    save_png,
+)
+from mindone_lora_plugin.compose.live import active_deltas, apply_loras, merge_into_models, set_lora_weights
+from mindone_lora_plugin.compose.maths import combined_deltas, concat_loras, module_delta, svd_reduce
+from mindone_lora_plugin.compose.specs import WeightedLora, load_loras, parse_lora_spec
 
 __all__ = [
     'ADAPTER_PREFIX', 'DTYPES', 'MERGE_RECORD', 'WeightedLora', 'load_loras', 'parse_lora_spec', 'combined_deltas',

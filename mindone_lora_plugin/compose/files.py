@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.state import LoraState
 from mindone_lora_plugin.compose.folders import output_is_taken
 from mindone_lora_plugin.compose.maths import concat_loras
 from mindone_lora_plugin.compose.specs import _formats
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.state import LoraState
 
 
 def pick_format(out: str, format: str | None = None, formats=None):

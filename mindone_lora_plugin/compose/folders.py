@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
-from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.compose._constants import MERGE_RECORD, _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES
+from mindone_lora_plugin.compose._constants import _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES, MERGE_RECORD
 from mindone_lora_plugin.compose.maths import _as_list, _f64, grouped_modules, module_change, module_shape
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
+from mindone_lora_plugin.errors import LoraError
 
 
 def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None, overwrite: bool = False) -> str:
@@ -26,9 +26,8 @@ def merge_into_folder(model_dir: str, loras, out: str, dtype: str | None = None,
     renamed into place, so ``out`` is either complete or absent. An ``out`` that exists and is not empty is refused
     unless ``overwrite``. Pickled weight files in merged components (they would keep the unmerged weights) are left out.
     """
-    from mindone_lora_plugin.dtypes import numpy_dtype
-
     from mindone_lora_plugin.architectures import get_architecture
+    from mindone_lora_plugin.dtypes import numpy_dtype
 
     info = BaseModelInfo.from_folder(model_dir)
     folders = {c.folder: c.name for c in get_architecture(info.architecture).components}  # subfolder → component

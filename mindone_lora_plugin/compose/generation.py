@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
-from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.compose.live import apply_loras
 from mindone_lora_plugin.compose.maths import _as_list
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
+from mindone_lora_plugin.errors import LoraError
 
 
 @dataclass

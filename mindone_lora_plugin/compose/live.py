@@ -6,10 +6,10 @@ import warnings
 
 import numpy as np
 
-from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.compose._constants import ADAPTER_PREFIX
 from mindone_lora_plugin.compose.maths import _f64, combined_deltas
 from mindone_lora_plugin.compose.specs import _arch_of, _pairs
+from mindone_lora_plugin.errors import LoraError
 
 
 def apply_loras(models, loras, prefix: str = ADAPTER_PREFIX) -> list[str]:

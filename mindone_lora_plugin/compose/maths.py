@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
+from mindone_lora_plugin.compose.specs import WeightedLora, _arch_of, _pairs
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.state import LoraModule, LoraState
-from mindone_lora_plugin.compose.specs import WeightedLora, _arch_of, _pairs
 
 
 def _f64(arr) -> np.ndarray:

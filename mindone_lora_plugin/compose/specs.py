@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 
 from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.compose._constants import _PATH_LIKE_SUFFIXES
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.state import LoraState
-from mindone_lora_plugin.compose._constants import _PATH_LIKE_SUFFIXES
 
 
 @dataclass

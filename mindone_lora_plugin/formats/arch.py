@@ -1,17 +1,20 @@
 """Which architecture a LoRA file was made for, and refusing a LoRA made for another one than the base model.
 
-Every installed architecture looks at the file (:meth:`~mindone_lora_plugin.architectures.base.Architecture.detect_lora`:
-parsed keys, tensor shapes, header metadata) and the strongest evidence wins (see
-:func:`mindone_lora_plugin.architectures.detect_lora`; the SD family's own rules are in
-:mod:`mindone_lora_plugin.architectures.sd`). Only strong evidence (keys, shapes, metadata) makes a LoRA refused for a
-base model of another architecture; weak hints are shown by ``inspect`` and decide names only when nothing else is
+Every installed architecture looks at the file
+(:meth:`~mindone_lora_plugin.architectures.base.Architecture.detect_lora`: parsed keys, tensor shapes, header metadata)
+and the strongest evidence wins (see :func:`mindone_lora_plugin.architectures.detect_lora`; the SD family's own rules
+are in :mod:`mindone_lora_plugin.architectures.sd`). Only strong evidence (keys, shapes, metadata) makes a LoRA refused
+for a base model of another architecture; weak hints are shown by ``inspect`` and decide names only when nothing else is
 known.
 """
 
 from __future__ import annotations
 
-from mindone_lora_plugin.architectures import detect_lora, find_architecture
-from mindone_lora_plugin.architectures import label as label  # noqa: PLC0414  (re-exported: convert, inspect)
+from mindone_lora_plugin.architectures import (
+    detect_lora,
+    find_architecture,
+    label as label,  # noqa: PLC0414  (re-exported: convert, inspect)
+)
 from mindone_lora_plugin.errors import LoraError
 
 

@@ -12,7 +12,6 @@ from typing import ClassVar
 from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.state import LoraState
 
-
 CLAIM_WEAK = 1  # the default claim of a format that only sniffs
 CLAIM_SURE = 100  # a marker only this format writes (diffusers' lora_adapter_metadata header entry)
 
@@ -62,7 +61,8 @@ class LoraFormat:
 
             able = [n for n, f in get_plugin_manager().formats().items() if f.supports(algo)]
             raise LoraError(f"the {self.name} format cannot hold {name} modules; formats that can: "
-                            f"{', '.join(able) or 'none installed'} (e.g. --save_formats/--to {able[0] if able else 'kohya'})")
+                            f"{', '.join(able) or 'none installed'} "
+                            f"(e.g. --save_formats/--to {able[0] if able else 'kohya'})")
 
     def sniff(self, keys: list[str], metadata: dict[str, str]) -> bool:
         """True when a file with these tensor keys and header metadata is in this format."""

@@ -2,9 +2,10 @@
 
 One ``.safetensors`` file. Each module ``M`` has ``M.lora_down.weight``, ``M.lora_up.weight`` and ``M.alpha`` (a 0-dim
 float32: the module's true alpha, scale = alpha / rank); modules of other algorithms carry their algorithm's LyCORIS
-tensor names instead (``M.hada_w1_a``, ``M.lokr_w1``, ...) and the file says ``ss_network_module=lycoris.kohya``.
-``M`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``) followed by the module path with every ``.`` as ``_``. SD1.x/2.x UNet paths are diffusers paths;
-SDXL UNet paths are SGM paths (``input_blocks``/``middle_block``/``output_blocks``, see :mod:`.sgm`).
+tensor names instead (``M.hada_w1_a``, ``M.lokr_w1``, ...) and the file says ``ss_network_module=lycoris.kohya``. ``M``
+is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``) followed by the module path with every ``.`` as
+``_``. SD1.x/2.x UNet paths are diffusers paths; SDXL UNet paths are SGM paths
+(``input_blocks``/``middle_block``/``output_blocks``, see :mod:`.sgm`).
 
 The header holds kohya's minimum ``ss_*`` metadata, ``ss_output_name``, the training arguments given, the
 ``modelspec.*`` keys sd-scripts writes, and ``sshs_model_hash``/``sshs_legacy_hash`` computed exactly as kohya does.
@@ -13,11 +14,19 @@ The header holds kohya's minimum ``ss_*`` metadata, ``ss_output_name``, the trai
 from __future__ import annotations
 
 import json
+
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats.common import (PlainLoraFormat, is_v_prediction, merged_metadata, modelspec, names_for,
-                                                resolve_dtype, writer_architecture)
+from mindone_lora_plugin.formats.common import (
+    PlainLoraFormat,
+    is_v_prediction,
+    merged_metadata,
+    modelspec,
+    names_for,
+    resolve_dtype,
+    writer_architecture,
+)
 from mindone_lora_plugin.formats.hashes import save_with_sshs
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState

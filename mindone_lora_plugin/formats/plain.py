@@ -10,8 +10,18 @@ from mindone_lora_plugin.basemodel import BaseModelInfo
 from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.alphas import adapter_config_next_to, alpha_value, configs_from_metadata
-from mindone_lora_plugin.formats.names import (ALPHA, DOWN, UP, NameResolver, ParsedKey, algorithm_suffixes,
-                                               example_keys, parse_key, parse_keys, split_role)
+from mindone_lora_plugin.formats.names import (
+    ALPHA,
+    DOWN,
+    UP,
+    NameResolver,
+    ParsedKey,
+    algorithm_suffixes,
+    example_keys,
+    parse_key,
+    parse_keys,
+    split_role,
+)
 from mindone_lora_plugin.state import LoraModule, LoraState
 
 
@@ -138,7 +148,8 @@ def build_state(tensors: dict, metadata: dict[str, str], base: BaseModelInfo | N
             raise LoraError(f"{where}: {len(unresolved)} LoRA module(s) match no module of the {base.architecture} "
                             f"base model, e.g. {example_keys(unresolved)}; the LoRA was made for another model")
         raise LoraError(f"{where}: {len(unresolved)} LoRA module name(s) are not Stable Diffusion UNet/text-encoder "
-                        f"modules, e.g. {example_keys(unresolved)}; pass --base MODEL_DIR if the model has other modules")
+                        f"modules, e.g. {example_keys(unresolved)}; "
+                        f"pass --base MODEL_DIR if the model has other modules")
     info.alpha_source = "+".join(sorted(alpha_sources))
     if base is not None:
         base.fit_shapes(state)

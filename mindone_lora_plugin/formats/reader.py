@@ -1,13 +1,13 @@
 """Read any LoRA file into a :class:`~mindone_lora_plugin.state.LoraState`, picking its format by sniffing.
 
-Only safetensors is read (pickles are refused before they are opened); a tensor holding NaN or Inf is refused with
-one line naming it; modules of an algorithm no installed plugin provides are refused with an error naming the algorithm
-and the plugin that reads it. The formats to choose from are passed in (the plugin manager's);
-without them the two built-in formats are used. Every format says how strongly it claims a file
-(:meth:`~.base.LoraFormat.claim`, 0 = not mine); the strongest claim wins whichever plugin offers the format, a tie is
-an error naming both, and ``format=`` chooses explicitly. A format that only sniffs claims weakly, so the built-ins keep
-the plain-LoRA namings they read unless a plugin claims a file more strongly. A folder is offered first to formats with a ``sniff_folder(path)`` method
-(formats whose files are folders); otherwise the LoRA file inside it is read.
+Only safetensors is read (pickles are refused before they are opened); a tensor holding NaN or Inf is refused with one
+line naming it; modules of an algorithm no installed plugin provides are refused with an error naming the algorithm and
+the plugin that reads it. The formats to choose from are passed in (the plugin manager's); without them the two built-in
+formats are used. Every format says how strongly it claims a file (:meth:`~.base.LoraFormat.claim`, 0 = not mine); the
+strongest claim wins whichever plugin offers the format, a tie is an error naming both, and ``format=`` chooses
+explicitly. A format that only sniffs claims weakly, so the built-ins keep the plain-LoRA namings they read unless a
+plugin claims a file more strongly. A folder is offered first to formats with a ``sniff_folder(path)`` method (formats
+whose files are folders); otherwise the LoRA file inside it is read.
 """
 
 from __future__ import annotations

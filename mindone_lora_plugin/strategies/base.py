@@ -18,7 +18,6 @@ from mindone_lora_plugin.options import PRESETS, LoraOptions
 from mindone_lora_plugin.state import LoraState
 
 
-
 class LoraStrategy:
     """Base class of LoRA strategies.
 

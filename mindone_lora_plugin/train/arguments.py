@@ -38,7 +38,8 @@ class _Refuse(argparse.Action):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data (as mindone's train_text_to_image_lora.py)")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="a diffusers-layout model folder (SD1.x/2.x or SDXL); architecture is detected from it")
+                   help="a diffusers-layout model folder (SD1.x/2.x, SDXL, FLUX.1 or a plugin's family); "
+                        "the architecture is detected from it")
     g.add_argument("--revision", type=str, default=None, help="accepted for compatibility; local folders have none")
     g.add_argument("--variant", type=str, default=None, help="weight file variant, e.g. fp16")
     g.add_argument("--dataset_name", type=str, default=None,

@@ -31,9 +31,8 @@ def run(args) -> int:
         from mindone_lora_plugin.train.demo import run_demo
 
         return run_demo(args)
-    from mindone_lora_plugin.train.trainer import Trainer
-
     from mindone_lora_plugin.train.events import record_failure
+    from mindone_lora_plugin.train.trainer import Trainer
 
     try:
         Trainer(args).run()

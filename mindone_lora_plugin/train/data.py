@@ -223,7 +223,8 @@ class BatchPlan:
             self.batches_per_epoch = (len(examples) // world) // batch_size
         if self.batches_per_epoch == 0:
             raise LoraError(f"{len(examples)} training image(s) are fewer than one batch per worker "
-                            f"(--train_batch_size {batch_size} × {world} worker(s)); lower the batch size or add images")
+                            f"(--train_batch_size {batch_size} × {world} worker(s)); "
+                            f"lower the batch size or add images")
 
     def order(self, epoch: int):
         """This worker's example indices for ``epoch`` (computed once per epoch): an array, or with buckets a list of

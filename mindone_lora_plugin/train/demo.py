@@ -361,7 +361,8 @@ def _outputs(models) -> dict[str, np.ndarray]:
         pooled = models["text_encoder_2"](ids)[0]
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ms.Tensor([[32, 32, 0, 0, 32, 32]],
                                                                                       ms.float32)}
-    out["unet"] = unet(x, ms.Tensor([500], ms.int32), encoder_hidden_states=emb, return_dict=False, **kwargs)[0].asnumpy()
+    out["unet"] = unet(x, ms.Tensor([500], ms.int32), encoder_hidden_states=emb, return_dict=False,
+                       **kwargs)[0].asnumpy()
     return out
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import ast
 import difflib
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from mindone_lora_plugin.errors import LoraError

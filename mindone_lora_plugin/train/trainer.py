@@ -1,5 +1,5 @@
-"""The training loop of ``mindone-lora train``: LoRA for any installed architecture (SD1.x/2.x and SDXL built in),
-talking to LoRA only through plugin hooks and to the model family only through its architecture object.
+"""The training loop of ``mindone-lora train``: LoRA for any installed architecture (SD1.x/2.x, SDXL and FLUX.1
+built in), talking to LoRA only through plugin hooks and to the model family only through its architecture object.
 
 Order of work: check arguments → load the models → add adapters (hook) → pick trainable parameters (hook) → build
 the optimizer and compiled step → resume if asked → train, checkpoint, validate → save every format (hook).
@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.train.settings import (barrier, check_args, check_writable, default_resolution,
-                                                options_from_args, replace_options, training_metadata,
-                                                write_hparams)
+from mindone_lora_plugin.train.settings import (
+    barrier,
+    check_args,
+    check_writable,
+    default_resolution,
+    options_from_args,
+    replace_options,
+    training_metadata,
+    write_hparams,
+)
 
 log = logging.getLogger("mindone_lora.train")
 
@@ -188,7 +195,6 @@ class Trainer:
     def _build_optimizer(self):
         args = self.args
         import mindspore as ms
-
         from mindone.diffusers.optimization import get_scheduler
 
         accum = max(1, args.gradient_accumulation_steps)
@@ -353,7 +359,8 @@ class Trainer:
         self._say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
                   f"batch {args.train_batch_size} × {accum} accumulation × {self.world} worker(s)) in "
                   f"{args.mode} mode on {ms.get_context('device_target')}")
-        bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main,
+                   dynamic_ncols=True)
         from mindone_lora_plugin.train.events import RunEvents
 
         events = self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
@@ -396,7 +403,8 @@ class Trainer:
                 events.uninstall()
                 self._say(f"stopped at step {global_step}; resume with --resume_from_checkpoint latest")
                 return result
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
+            if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0
+                    and global_step < self.max_steps):
                 if not self._weights_finite():  # never write a poisoned checkpoint over a good one
                     bar.close()
                     events.uninstall()  # the signal handlers go with the loop, also when it fails
@@ -487,8 +495,8 @@ class Trainer:
     # ------------------------------------------------------------------ validation, logging, metadata
 
     def _validate(self, tag: str) -> str:
-        from mindone_lora_plugin.train.visuals import save_grid
         from mindone_lora_plugin.train.sampling import generate
+        from mindone_lora_plugin.train.visuals import save_grid
 
         args = self.args
         with self.features.image_weights():  # the EMA weights with --use_ema

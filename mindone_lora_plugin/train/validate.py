@@ -17,7 +17,8 @@ AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "num_train_ep
                 "max_train_samples", "resolution")
 NOT_NEGATIVE = ("lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers", "noise_offset", "keep_tokens",
                 "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "seed")
-POSITIVE = ("learning_rate", "text_encoder_lr", "adam_epsilon", "lora_alpha", "lora_conv_alpha")  # snr_gamma: feature_args
+# snr_gamma's check is in feature_args
+POSITIVE = ("learning_rate", "text_encoder_lr", "adam_epsilon", "lora_alpha", "lora_conv_alpha")
 FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "caption_dropout_rate": (0.0, 1.0, True)}
 NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
              "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",

@@ -370,9 +370,9 @@ class UIServer:
         self.loopback = host in LOOPBACK
         app = build_app(guard, self.token, auth, self.loopback, self.server_address[1])
         self.app = app
-        config = uvicorn.Config(app, http=_protocol(request_timeout_s), ws="none", loop="asyncio", lifespan="off", access_log=False,
-                                log_level="warning", server_header=False, backlog=BACKLOG, limit_concurrency=1024,
-                                timeout_keep_alive=15, timeout_graceful_shutdown=3,
+        config = uvicorn.Config(app, http=_protocol(request_timeout_s), ws="none", loop="asyncio", lifespan="off",
+                                access_log=False, log_level="warning", server_header=False, backlog=BACKLOG,
+                                limit_concurrency=1024, timeout_keep_alive=15, timeout_graceful_shutdown=3,
                                 h11_max_incomplete_event_size=64 * 1024)
         self.uvicorn = uvicorn.Server(config)
         self._thread = None

@@ -15,14 +15,8 @@ import argparse
 import json
 import os
 
-import numpy as np
-from PIL import Image
-from transformers import CLIPTokenizer
-
 import mindspore as ms
-from mindspore import mint, nn
-from mindspore.amp import StaticLossScaler
-
+import numpy as np
 from mindone.diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from mindone.diffusers.optimization import get_scheduler
 from mindone.diffusers.training_utils import TrainStep, set_seed
@@ -30,6 +24,10 @@ from mindone.diffusers.utils import convert_state_dict_to_diffusers
 from mindone.peft import LoraConfig
 from mindone.peft.utils import get_peft_model_state_dict
 from mindone.transformers import CLIPTextModel
+from mindspore import mint, nn
+from mindspore.amp import StaticLossScaler
+from PIL import Image
+from transformers import CLIPTokenizer
 
 
 def parse_args():

@@ -52,8 +52,8 @@ def _plain(mod: LoraModule, where: str, what: str) -> None:
             label += " (input-column magnitude)"
         fix = ("write the LoRA in the diffusers format (--save_formats/--to diffusers), which keeps every module "
                "separate" if mod.algorithm == "lora" else
-               f"the diffusers format holds plain LoRA only, so train plain LoRA on these modules (--lora_algo lora) "
-               f"or leave the fused q/k/v/proj_mlp modules out of --lora_targets")
+               "the diffusers format holds plain LoRA only, so train plain LoRA on these modules (--lora_algo lora) "
+               "or leave the fused q/k/v/proj_mlp modules out of --lora_targets")
         raise LoraError(f"{where} is a {label} module, whose weight change cannot be {what} exactly (only plain LoRA "
                         f"and output-row DoRA can); {fix}")
     if np.ndim(mod.down) != 2:

@@ -12,7 +12,6 @@ tiny`, and a T5-style Unigram (sentencepiece "▁" word boundaries) one. Saved i
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

@@ -17,8 +17,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from mindone_lora_plugin.architectures.base import (HINT, METADATA, SHAPES, STRUCTURE, Architecture, Component,
-                                                    Evidence, FolderInfo, KeyPrefixes, TargetRule)
+from mindone_lora_plugin.architectures.base import (
+    HINT,
+    METADATA,
+    SHAPES,
+    STRUCTURE,
+    Architecture,
+    Component,
+    Evidence,
+    FolderInfo,
+    KeyPrefixes,
+    TargetRule,
+)
 from mindone_lora_plugin.architectures.sd import sgm
 from mindone_lora_plugin.architectures.sd.training import SDTraining
 from mindone_lora_plugin.errors import LoraError

@@ -37,8 +37,13 @@ def build_pipeline(kind: str = "sd1", workdir: str | None = None):
     from mindone_lora_plugin.runtime import quiet_mindone_imports
 
     quiet_mindone_imports()
-    from mindone.diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                                   StableDiffusionXLPipeline, UNet2DConditionModel)
+    from mindone.diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTextConfig
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import functools
 
-from mindone_lora_plugin.algorithms.layers import adapter_layer_class
-
 from mindone_lora_lycoris.common import mindspore_kron
+from mindone_lora_plugin.algorithms.layers import adapter_layer_class
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from mindone_lora_lycoris.common import LycorisAlgorithm
 from mindone_lora_plugin.algorithms.base import as_f64
 from mindone_lora_plugin.errors import LoraError
-
-from mindone_lora_lycoris.common import LycorisAlgorithm
 
 ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mindone_lora_plugin.algorithms.base import as_f64, kaiming_uniform
-from mindone_lora_plugin.errors import LoraError
-
 from mindone_lora_lycoris.common import LycorisAlgorithm
 from mindone_lora_lycoris.loha import _dropouts
+from mindone_lora_plugin.algorithms.base import as_f64, kaiming_uniform
+from mindone_lora_plugin.errors import LoraError
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 

@@ -5,10 +5,9 @@ Importing it is cheap: MindSpore is imported only when a layer is built.
 
 from __future__ import annotations
 
-from mindone_lora_plugin.hookspecs import hookimpl
-
 from mindone_lora_lycoris.loha import LohaAlgorithm
 from mindone_lora_lycoris.lokr import LokrAlgorithm
+from mindone_lora_plugin.hookspecs import hookimpl
 
 
 @hookimpl

@@ -6,10 +6,9 @@ only inside the methods that need it.
 
 from __future__ import annotations
 
-from mindone_lora_plugin.hookspecs import hookimpl
-
 from mindone_lora_fa.peft_format import PeftFormat
 from mindone_lora_fa.strategy import A_INITS, LoraFaStrategy
+from mindone_lora_plugin.hookspecs import hookimpl
 
 # ------------------------------------------------------------------ discovery hooks
 
