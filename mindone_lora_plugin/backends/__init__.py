@@ -27,24 +27,6 @@ def _switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off")
 
 
-#: primitives a replacement table names that the running MindSpore does not have (renamed or removed internals):
-#: their replacements are skipped, the rest of the backend is installed
-ABSENT_PRIMITIVES: list[str] = []
-
-
-def primitive_table(module, replacements: dict) -> dict:
-    """``{primitive class: replacement}`` for the classes named in ``replacements`` (``{name: replacement}``) that
-    ``module`` has; a name it lacks joins :data:`ABSENT_PRIMITIVES` instead of failing the import."""
-    table = {}
-    for name, replacement in replacements.items():
-        cls = getattr(module, name, None)
-        if isinstance(cls, type):
-            table[cls] = replacement
-        else:
-            ABSENT_PRIMITIVES.append(f"{module.__name__}.{name}")
-    return table
-
-
 def activate(device_target: str | None = None) -> bool:
     """Install the CPU backend when the device target is CPU; return whether it is active.
 

@@ -41,10 +41,10 @@ with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, `
 still have no CPU kernel.
 
 This leans on MindSpore's private module layout, so it asks by feature: the primitive tables are resolved by name
-(a primitive a MindSpore release renamed or dropped is skipped: ``backends.ABSENT_PRIMITIVES``), and the ``Generator``
-patch is installed only where PyNative's STEP does not advance the offset (2.7; 2.8 and later step natively, and lack
-the private ``pyboost_generator`` the patch runs). Which was done is in :data:`FEATURES`. None of the other replaced
-primitives has a CPU kernel in MindSpore 2.10.0 either (measured, docs/compatibility.md), so they stay replaced.
+(a primitive a MindSpore release renamed or dropped is skipped: ``backends.primitives.ABSENT_PRIMITIVES``), and the
+``Generator`` patch is installed only where PyNative's STEP does not advance the offset (2.7; 2.8 and later step
+natively, and lack the private ``pyboost_generator`` the patch runs). Which was done is in :data:`FEATURES`. None of
+the other replaced primitives has a CPU kernel in MindSpore 2.10.0 either (measured, docs/compatibility.md), so they stay replaced.
 The versions it runs on are ``mindone_lora_plugin.runtime.SUPPORTED``; every replacement has a numerical test against
 numpy.
 """
@@ -65,8 +65,9 @@ from mindspore.ops._primitive_cache import _get_cache_prim
 from mindspore.ops.auto_generate import gen_ops_prim, pyboost_inner_prim
 from mindspore.ops.operations import _inner_ops
 
-from mindone_lora_plugin import backends
-from mindone_lora_plugin.backends import cpu_attention, cpu_transformer
+import mindone_lora_plugin.backends.cpu_attention as cpu_attention
+import mindone_lora_plugin.backends.cpu_transformer as cpu_transformer
+import mindone_lora_plugin.backends.primitives as primitives
 from mindone_lora_plugin.errors import LoraError
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ _CONSTRUCT_PATCHES.update(cpu_transformer.CONSTRUCT_PATCHES)
 # --------------------------------------------------------------------------------------------------------------------
 
 #: primitive class -> replacement (the classes are matched exactly, so subclasses with other kernels are untouched)
-PRIMITIVE_REPLACEMENTS = backends.primitive_table(gen_ops_prim, {
+PRIMITIVE_REPLACEMENTS = primitives.primitive_table(gen_ops_prim, {
     "Conv2DExt": conv2d_ext_op,
     "Conv2DPadding": conv2d_padding_op,
     "LayerNormExt": layer_norm_ext_op,
@@ -553,7 +554,7 @@ PRIMITIVE_REPLACEMENTS = backends.primitive_table(gen_ops_prim, {
     "DropoutExt": dropout_ext_op,
     "FuncDropoutExt": func_dropout_ext_op,
 })
-PRIMITIVE_REPLACEMENTS.update(backends.primitive_table(pyboost_inner_prim, {"_PyboostStackExtPrim": stack_ext_impl}))
+PRIMITIVE_REPLACEMENTS.update(primitives.primitive_table(pyboost_inner_prim, {"_PyboostStackExtPrim": stack_ext_impl}))
 PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1: rotary tables, T5 embeddings, mint.full
 
 #: original dispatcher function -> replacement

@@ -16,8 +16,8 @@ from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import gen_ops_prim
 
-from mindone_lora_plugin import backends
-from mindone_lora_plugin.backends import cpu_attention
+import mindone_lora_plugin.backends.cpu_attention as cpu_attention
+import mindone_lora_plugin.backends.primitives as primitives
 
 
 def outer_op(input, vec2):
@@ -250,7 +250,7 @@ def fill_tensor_op(size, fill_value, dtype=None):
     return ops.broadcast_to(fill_value.reshape(()), tuple(size)).astype(dtype)
 
 
-PRIMITIVE_REPLACEMENTS = backends.primitive_table(gen_ops_prim, {
+PRIMITIVE_REPLACEMENTS = primitives.primitive_table(gen_ops_prim, {
     "FillScalar": fill_scalar_op,
     "FillTensor": fill_tensor_op,
     "Embedding": embedding_op,
