@@ -44,9 +44,9 @@ This leans on MindSpore's private module layout, so it asks by feature: the prim
 (a primitive a MindSpore release renamed or dropped is skipped: ``backends.primitives.ABSENT_PRIMITIVES``), and the
 ``Generator`` patch is installed only where PyNative's STEP does not advance the offset (2.7; 2.8 and later step
 natively, and lack the private ``pyboost_generator`` the patch runs). Which was done is in :data:`FEATURES`. None of
-the other replaced primitives has a CPU kernel in MindSpore 2.10.0 either (measured, docs/compatibility.md), so they stay replaced.
-The versions it runs on are ``mindone_lora_plugin.runtime.SUPPORTED``; every replacement has a numerical test against
-numpy.
+the other replaced primitives has a CPU kernel in MindSpore 2.10.0 either (measured, docs/compatibility.md), so they
+stay replaced. The versions it runs on are ``mindone_lora_plugin.runtime.SUPPORTED``; every replacement has a numerical
+test against numpy.
 """
 
 from __future__ import annotations
