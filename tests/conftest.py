@@ -22,9 +22,9 @@ def pytest_configure(config):
 #: so these start first and the run ends on short files instead of one worker finishing a long one alone
 SLOWEST_FIRST = ("test_cpu_backend.py", "test_algorithms.py", "test_integration.py", "test_shapes_demo.py",
                  "test_checkpointing.py", "test_lora_dropout.py", "test_train.py", "test_plugins.py",
-                 "test_train_features.py", "test_ui_browser.py", "test_interop_outputs.py",
-                 "test_train_data_features.py", "test_dora.py", "test_dreambooth.py", "test_flux_model.py",
-                 "test_flux_ops.py")
+                 "test_train_features.py", "test_ui_browser.py", "test_distributed.py", "test_train_events.py",
+                 "test_interop_outputs.py", "test_train_data_features.py", "test_dora.py", "test_dreambooth.py",
+                 "test_flux_model_arch.py", "test_flux_model.py", "test_flux_ops.py")
 
 
 @pytest.hookimpl(trylast=True)
