@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 # the suite runs on every core (at most 4: each worker may hold a few GiB), one test file per worker at a time so
 # module-scoped training runs are shared; JOBS=1 runs it serially
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+# files go to the workers in the order tests/conftest.py gives them (the slowest first, so the run ends on short ones)
+XDIST := $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 # the smoke venv: what a mindone user already has (the newest MindSpore that works, docs/compatibility.md, and
 # mindone), into which tests/test_wheel.py installs this package's wheels; pip's cache keeps the downloads
@@ -19,7 +21,7 @@ SMOKE_MINDSPORE ?= 2.10.0
 SMOKE_PY := $(SMOKE_VENV)/bin/python
 SMOKE_STAMP := $(SMOKE_VENV)/.installed-mindspore-$(SMOKE_MINDSPORE)
 
-.PHONY: setup test smoke demo bench clean browser
+.PHONY: setup test smoke smoke-setup smoke-wheels smoke-rest demo bench clean browser
 
 setup: $(STAMP)
 
@@ -48,14 +50,22 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup lint
-	$(PY) -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
-# the smoke subset (-m smoke) on the newest MindSpore that works: first the wheels, built and installed into the
-# smoke venv (which brings the package's own dependencies), then the rest, from this checkout
-smoke: $(SMOKE_STAMP)
+# the smoke subset (-m smoke) on the newest MindSpore that works, in two steps: smoke-wheels builds the wheels and
+# installs them into the smoke venv (which brings the package's own dependencies) and runs the installed command;
+# smoke-rest then runs the rest of the subset from this checkout (it needs those dependencies)
+smoke: smoke-wheels
+	@$(MAKE) --no-print-directory smoke-rest
+
+smoke-setup: $(SMOKE_STAMP)
+
+smoke-wheels: $(SMOKE_STAMP)
 	PYTHONPATH=$(CURDIR) MINDONE_LORA_INSTALL_WHEELS=1 $(SMOKE_PY) -m pytest -m smoke tests/test_wheel.py $(PYTEST_ARGS)
-	PYTHONPATH=$(CURDIR) $(SMOKE_PY) -m pytest -m smoke --ignore=tests/test_wheel.py \
-		$(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) --durations=5 $(PYTEST_ARGS)
+
+smoke-rest: $(SMOKE_STAMP)
+	PYTHONPATH=$(CURDIR) $(SMOKE_PY) -m pytest -m smoke --ignore=tests/test_wheel.py $(XDIST) --durations=5 \
+		$(PYTEST_ARGS)
 
 $(SMOKE_STAMP):
 	@test -x $(SMOKE_PY) || $(PYTHON) -m venv $(SMOKE_VENV)
