@@ -25,8 +25,6 @@ COMMAND_ENV = {"USE_TORCH": "0", "GLOG_v": "3", "TRANSFORMERS_NO_ADVISORY_WARNIN
 #: the same with ``--verbose``: MindSpore's C++ log at WARNING, transformers' advice shown
 VERBOSE_ENV = {"USE_TORCH": "0", "GLOG_v": "2"}
 VERBOSE_FLAGS = ("-v", "--verbose")
-#: what the top-level parser adds to every command's namespace (not a flag of the command itself)
-TOP_LEVEL_DESTS = ("command", "verbose")
 # subcommand → (module, one-line help)
 COMMANDS = {
     "train": ("mindone_lora_plugin.train.cli", "train a LoRA for an SD1.x/2.x, SDXL or FLUX.1 model"),
@@ -64,7 +62,9 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="LoRA training and LoRA files for Stable Diffusion on MindSpore.")
     parser.add_argument("--version", action=VersionAction,
                         help="show the versions of this package, MindSpore, mindone and Python, and the device")
-    parser.add_argument("-v", "--verbose", action="store_true",
+    # main() takes -v/--verbose off the line before parsing (entry() acts on it), so it never reaches a command's
+    # namespace, its metadata or a written config
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="also show MindSpore's C++ warnings and transformers' notices (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module, help_text) in (commands or COMMANDS).items():

@@ -149,7 +149,6 @@ def toml_value(value) -> str:
 
 def write_config(args, path: str) -> str:
     """Write the effective flags (those with a value) to ``path`` as TOML; refuse to overwrite a file."""
-    from mindone_lora_plugin.cli import TOP_LEVEL_DESTS
     from mindone_lora_plugin.safetensors_io import write_bytes_atomic
     from mindone_lora_plugin.train.settings import plain_args
 
@@ -158,7 +157,7 @@ def write_config(args, path: str) -> str:
                         f"overwritten)")
     lines = ["# mindone-lora train: effective flags (read back with --config_file)"]
     for key, value in plain_args(args).items():
-        if key in NOT_FROM_FILE or key in TOP_LEVEL_DESTS or key == "demo" or value is None:
+        if key in NOT_FROM_FILE or key in ("command", "demo") or value is None:
             continue
         lines.append(f"{key} = {toml_value(value)}")
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
