@@ -77,7 +77,7 @@ def test_dreambooth_prior_preservation_and_text_encoders(root, straight):
     assert len(trainer.plan.prior) == 2
     batch = trainer.plan.batch(0, 0)
     assert list(batch.captions) == [INSTANCE, CLASS]  # instance half, then class half
-    inputs = trainer._model_inputs(batch, np.random.default_rng(0))
+    inputs = trainer.model_inputs(batch, np.random.default_rng(0))
     np.testing.assert_allclose(inputs[3].asnumpy(), [2.0, 2.0 * 0.5])  # mean(instance) + 0.5 × mean(class)
     assert set(trainer.adapted) == {"transformer", "text_encoder", "text_encoder_2"}
     weights = tensors(os.path.join(result.output_dir, "pytorch_lora_weights.safetensors"))

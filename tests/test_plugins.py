@@ -30,7 +30,7 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "plugins", "mindone-lora-fa")
-BUILTINS = ("core", "diffusers", "flux", "kohya", "lora", "sd")
+BUILTINS = ("core", "diffusers", "features", "flux", "kohya", "lora", "sd")
 LOGGER = "mindone_lora_plugin.plugins"
 
 
@@ -122,7 +122,7 @@ def test_builtins_are_the_listed_modules_of_this_distribution(plugin_manager):
 def test_one_registry_for_every_kind(plugin_manager):
     from mindone_lora_plugin.plugins import KINDS
 
-    assert list(KINDS) == ["strategies", "formats", "algorithms", "architectures"]
+    assert list(KINDS) == ["strategies", "formats", "algorithms", "architectures", "training_features"]
     for kind, spec in KINDS.items():
         found = plugin_manager.objects(kind)
         assert found and all(plugin_manager.get(kind, n) is obj for n, obj in found.items())

@@ -144,7 +144,8 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_num_train_images": str(len(trainer.plan.examples)),
         "ss_num_reg_images": str(len(trainer.plan.prior)),
         "ss_prediction_type": trainer.parts.prediction_type,
-        **feature_metadata(args),  # ss_optimizer and the other features' keys
+        **feature_metadata(args),  # ss_optimizer, the loss and LoRA+ keys
+        **trainer.features.metadata(),  # EMA, validation loss, save cadence, … (each feature's keys)
         **dropout_metadata(args),
         "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
     }

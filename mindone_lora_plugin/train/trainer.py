@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.train.settings import (barrier, check_args, check_writable, default_resolution,
-                                                options_from_args, replace_options, training_metadata,
+from mindone_lora_plugin.train.settings import (barrier, check_writable, replace_options, training_metadata,
                                                 write_hparams)
 
 log = logging.getLogger("mindone_lora.train")
@@ -49,33 +48,17 @@ class Trainer:
 
     def run(self) -> TrainResult:
         args = self.args
-        from mindone_lora_plugin.basemodel import BaseModelInfo
-        from mindone_lora_plugin.operations import check_save_formats, exact_format
         from mindone_lora_plugin.plugins import get_plugin_manager
-
-        if not args.pretrained_model_name_or_path:
-            raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
-                            "--demo")
         from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.validate import check_resolution, validate_train_args
+        from mindone_lora_plugin.train.checks import check_flags
+        from mindone_lora_plugin.train.features.active import ActiveFeatures
 
-        validate_train_args(args)  # every flag, before any model is loaded
-        info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
-        self.architecture = info.architecture
-        self.arch = get_plugin_manager().get_architecture(info.architecture)  # loss, conditioning, pipelines
-        self.resolution = check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path,
-                                                                                 info))
-        check_args(args)
-        from mindone_lora_plugin.train.features import TrainingFeatures
-
-        self.features = TrainingFeatures(self)  # EMA, validation loss, samples, save cadence (flags checked here)
-        self.sizer = data_setup.make_sizer(args, self.resolution)  # bucket settings are checked here
-        self.masks = data_setup.make_masks(args)
         self.pm = get_plugin_manager()
-        self.options = options_from_args(args, info.architecture, self.pm)
-        self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
-        check_save_formats(self.pm, self.formats, self.options)  # unknown names, or formats that cannot hold the algo
-        self.exact_format = exact_format(self.pm, self.options)  # what checkpoints hold and a resume reads
+        checked = check_flags(args, self.pm)  # every flag, before any model is loaded
+        self.architecture, self.arch, self.resolution = checked.info.architecture, checked.arch, checked.resolution
+        self.sizer, self.masks, self.options = checked.sizer, checked.masks, checked.options
+        self.formats, self.exact_format = checked.formats, checked.exact_format
+        self.features = ActiveFeatures(args, self.pm)  # EMA, validation loss, samples, save cadence, ...
         strategy = self.pm.get_strategy(self.options.strategy)
         self._setup_runtime()
         if self.is_main:
@@ -90,14 +73,14 @@ class Trainer:
                             set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
         self._is_dreambooth = bool(args.instance_data_dir)
         examples, prior = self._load_data()
-        examples = self.features.split(examples)
+        examples = self.features.select_examples(self, examples)
         self.plan = data_setup.make_plan(self, examples, prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
-        self.features.setup()  # before the caches: validation-loss inputs are encoded from held-out images
+        self.features.setup(self)  # before the caches: validation-loss inputs are encoded from held-out images
         data_setup.setup_caches(self)
         start = self._maybe_resume()
         return self._train(start)
@@ -111,7 +94,7 @@ class Trainer:
         target = setup(args.device_target, args.mode, seed=self.seed, model_path=args.pretrained_model_name_or_path)
         notice = resolve_mode(args.mode, target, args.pretrained_model_name_or_path)[1]
         if notice:
-            self._say(notice)
+            self.say(notice)
         args.mode = current_mode()
         import mindspore as ms
 
@@ -174,16 +157,16 @@ class Trainer:
         prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
                                                args.on_bad_image, "--class_data_dir", self.sizer, self.masks)
         self.skipped += bad
-        self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
-                  f"{args.prior_loss_weight}")
+        self.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
+                 f"{args.prior_loss_weight}")
         return examples, prior
 
     def _log_parameter_summary(self):
         trainable = sum(int(np.prod(p.shape)) for g in self.groups for p in g["params"])
         total = sum(int(np.prod(p.shape)) for cell in self.models.values() for p in cell.get_parameters())
         modules = ", ".join(f"{c}: {len(v)} modules" for c, v in self.adapted.items())
-        self._say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
-                  f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
+        self.say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
+                 f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
 
     def _build_optimizer(self):
         args = self.args
@@ -223,7 +206,7 @@ class Trainer:
             from mindone_lora_plugin.checkpointing import enable_for_training
 
             counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
-            self._say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
+            self.say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
         self.conditioner = self.arch.text_conditioner(self.models)
         self.loss_cell = self.arch.make_loss(self)
         self.loss_cell.masked = bool(self.args.masked_loss)
@@ -253,7 +236,7 @@ class Trainer:
             return start
         folder = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
         if folder is None:
-            self._say(f"no complete checkpoint in {self.args.output_dir}; starting from scratch")
+            self.say(f"no complete checkpoint in {self.args.output_dir}; starting from scratch")
             return start
         state = checkpoint.read_state(folder)
         checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
@@ -261,7 +244,7 @@ class Trainer:
                              os.path.join(folder, self.exact_format.default_filename(self.output_name)))
         self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
         self.features.resume(folder, state)
-        self._say(f"resumed from {folder} at step {state['global_step']}")
+        self.say(f"resumed from {folder} at step {state['global_step']}")
         return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
 
     def _weights_finite(self) -> bool:
@@ -303,8 +286,8 @@ class Trainer:
                 continue
             p.set_data(self._ms.Tensor(tensors[name], dtype=p.dtype))
         if changed:
-            self._say(f"the learning-rate schedule differs from the checkpoint's (other --max_train_steps, "
-                      f"--lr_scheduler, --lr_warmup_steps or --learning_rate); continuing on the new schedule for "
+            self.say(f"the learning-rate schedule differs from the checkpoint's (other --max_train_steps, "
+                     f"--lr_scheduler, --lr_warmup_steps or --learning_rate); continuing on the new schedule for "
                       f"{self.max_steps} steps")
 
     def _save_checkpoint(self, global_step: int, losses: list[float]) -> str | None:
@@ -340,84 +323,108 @@ class Trainer:
     def _train(self, start: dict) -> TrainResult:
         from tqdm.auto import tqdm
 
-        args = self.args
-        ms = self._ms
-        accum = max(1, args.gradient_accumulation_steps)
-        global_step = start["global_step"]
-        losses = list(start["losses"])
-        result = TrainResult(args.output_dir, [], global_step, losses, skipped_images=self.skipped,
-                             models=self.models)
-        writer = self._tensorboard()
-        if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
-            result.validation_images.append(self._validate("before"))
-        self._say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
-                  f"batch {args.train_batch_size} × {accum} accumulation × {self.world} worker(s)) in "
-                  f"{args.mode} mode on {ms.get_context('device_target')}")
-        bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main, dynamic_ncols=True)
         from mindone_lora_plugin.train.events import RunEvents
 
-        events = self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
-        events.start(global_step, self.max_steps)
-        last_ckpt = None
+        args = self.args
+        global_step, losses = start["global_step"], list(start["losses"])
+        result = TrainResult(args.output_dir, [], global_step, losses, skipped_images=self.skipped,
+                             models=self.models)
+        self.writer = self._tensorboard()
+        if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
+            result.validation_images.append(self._validate("before"))
+        self.say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
+                 f"batch {args.train_batch_size} × {max(1, args.gradient_accumulation_steps)} accumulation × "
+                 f"{self.world} worker(s)) in {args.mode} mode on {self._ms.get_context('device_target')}")
+        self.bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main,
+                        dynamic_ncols=True)
+        self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
+        self.events.start(global_step, self.max_steps)
+        self.last_checkpoint = None
         t0 = time.time()
         while global_step < self.max_steps:
-            epoch, in_epoch = divmod(global_step, self.updates_per_epoch)
-            micro_losses = []
-            for k in range(accum):
-                micro = (global_step * accum + k)
-                batch_index = in_epoch * accum + k
-                inputs = self._inputs(epoch, batch_index, micro)
-                cell = self.update_step if k == accum - 1 else self.micro_step
-                started = time.perf_counter()
-                micro_losses.append(float(cell(*inputs).asnumpy()))
-                self._note_shape(inputs[0].shape, time.perf_counter() - started)
-            loss = float(np.mean(micro_losses))
             global_step += 1
-            if not np.isfinite(loss):
-                bar.close()
-                events.uninstall()  # the signal handlers go with the loop, also when it fails
-                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise LoraError(f"the loss became {loss} at step {global_step}; training stopped and nothing more was "
-                                f"saved ({kept}); lower --learning_rate or check the data")
+            loss = self._update(global_step)
             losses.append(loss)
-            lr = self.lr_schedules[next(iter(self.lr_schedules))][global_step - 1]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, global_step)
-                writer.add_scalar("train/lr", lr, global_step)
-            log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
-            self.features.after_update(global_step, writer)  # EMA, validation loss, samples, save cadence
-            events.step(global_step, self.max_steps, loss, lr)
-            if events.stop_requested and global_step < self.max_steps:  # a graceful stop: checkpoint, then return
-                bar.close()
-                result.global_step, result.checkpoints = global_step, [self._save_checkpoint(global_step, losses)]
-                events.end("stopped", global_step)
-                events.uninstall()
-                self._say(f"stopped at step {global_step}; resume with --resume_from_checkpoint latest")
-                return result
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < self.max_steps:
-                if not self._weights_finite():  # never write a poisoned checkpoint over a good one
-                    bar.close()
-                    events.uninstall()  # the signal handlers go with the loop, also when it fails
-                    raise LoraError(f"the LoRA weights became non-finite at step {global_step}; training stopped "
-                                    f"(the last good checkpoint is {last_ckpt or 'none'}); lower --learning_rate")
-                last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
-            end_of_epoch = global_step % self.updates_per_epoch == 0
-            if self.is_main and args.validation_prompt and (
-                    (end_of_epoch and (global_step // self.updates_per_epoch) % max(1, args.validation_epochs) == 0
-                     and global_step < self.max_steps)
-                    or (args.validation_steps and global_step % args.validation_steps == 0
-                        and global_step < self.max_steps)):
-                result.validation_images.append(self._validate(f"step-{global_step:06d}"))
-        bar.close()
-        elapsed = time.time() - t0
+            self._report(global_step, loss)
+            if self.events.stop_requested and global_step < self.max_steps:  # a graceful stop: checkpoint, return
+                return self._stop(result, global_step, losses)
+            self._periodic(result, global_step, losses)
+        return self._finish(result, global_step, losses, time.time() - t0)
+
+    def _update(self, step: int) -> float:
+        """Optimizer update number ``step`` (from 1): its micro-steps; their mean loss (non-finite ends the run)."""
+        accum = max(1, self.args.gradient_accumulation_steps)
+        epoch, in_epoch = divmod(step - 1, self.updates_per_epoch)
+        micro_losses = []
+        for k in range(accum):
+            inputs = self._inputs(epoch, in_epoch * accum + k, (step - 1) * accum + k)
+            cell = self.update_step if k == accum - 1 else self.micro_step
+            started = time.perf_counter()
+            micro_losses.append(float(cell(*inputs).asnumpy()))
+            self._note_shape(inputs[0].shape, time.perf_counter() - started)
+        loss = float(np.mean(micro_losses))
+        if not np.isfinite(loss):
+            self._end_loop()
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was written yet")
+            raise LoraError(f"the loss became {loss} at step {step}; training stopped and nothing more was "
+                            f"saved ({kept}); lower --learning_rate or check the data")
+        return loss
+
+    def _end_loop(self) -> None:
+        self.bar.close()
+        self.events.uninstall()  # the signal handlers go with the loop, also when it fails
+
+    def _report(self, step: int, loss: float) -> None:
+        """The progress bar, scalars and log line of update ``step``, then every feature's per-step work."""
+        lr = self.lr_schedules[next(iter(self.lr_schedules))][step - 1]
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.bar.update(1)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        log.info("step %d loss %.6f lr %.3e", step, loss, lr)
+        self.features.after_step(self, step, self.writer)  # EMA, validation loss, samples, save cadence
+        self.events.step(step, self.max_steps, loss, lr)
+
+    def _stop(self, result: TrainResult, step: int, losses: list[float]) -> TrainResult:
+        self.bar.close()
+        result.global_step, result.checkpoints = step, [self._save_checkpoint(step, losses)]
+        self.events.end("stopped", step)
+        self.events.uninstall()
+        self.say(f"stopped at step {step}; resume with --resume_from_checkpoint latest")
+        return result
+
+    def _periodic(self, result: TrainResult, step: int, losses: list[float]) -> None:
+        """The checkpoint and validation images due after update ``step`` (after the last one, the end writes
+        them)."""
+        args = self.args
+        if step >= self.max_steps:
+            return
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            if not self._weights_finite():  # never write a poisoned checkpoint over a good one
+                self._end_loop()
+                raise LoraError(f"the LoRA weights became non-finite at step {step}; training stopped "
+                                f"(the last good checkpoint is {self.last_checkpoint or 'none'}); lower "
+                                f"--learning_rate")
+            self.last_checkpoint = self._save_checkpoint(step, losses) or self.last_checkpoint
+        epochs, in_epoch = divmod(step, self.updates_per_epoch)
+        if self.is_main and args.validation_prompt and (
+                (in_epoch == 0 and epochs % max(1, args.validation_epochs) == 0)
+                or (args.validation_steps and step % args.validation_steps == 0)):
+            result.validation_images.append(self._validate(f"step-{step:06d}"))
+
+    def _finish(self, result: TrainResult, global_step: int, losses: list[float], elapsed: float) -> TrainResult:
+        """The final files, the features' finish, the last checkpoint, hparams, loss curve and images."""
+        args, writer = self.args, self.writer
+        self.bar.close()
         result.global_step = global_step
         if self.is_main:
             result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
                                                 self.output_name, training_metadata(self, global_step))
-        result.files += self.features.finish(global_step, writer)  # final validation loss, <name>-ema files
-        result.validation_losses, result.samples = self.features.validation_losses, self.features.samples
+        result.files += self.features.finish(self, global_step, writer)  # final validation loss, <name>-ema files
+        for name, value in self.features.results().items():  # validation losses, samples
+            setattr(result, name, value)
         if self.is_main:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 self._save_checkpoint(global_step, losses)
@@ -429,16 +436,16 @@ class Trainer:
 
             result.loss_curve = save_loss_curve(losses, os.path.join(args.output_dir, "loss_curve.png"),
                                                 f"{self.output_name}: loss per step",
-                                                validation=self.features.validation_losses)
+                                                validation=result.validation_losses)
             if args.validation_prompt:
                 result.validation_images.append(self._validate("final"))
-            self._say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
+            self.say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
         if self.world > 1:  # every worker reports, so identical weights across workers can be checked
             print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {self._weights_digest()}", flush=True)
         if writer is not None:
             writer.close()
-        events.end("finished", global_step)
-        events.uninstall()
+        self.events.end("finished", global_step)
+        self.events.uninstall()
         return result
 
     def _note_shape(self, shape, seconds: float) -> None:
@@ -447,8 +454,8 @@ class Trainer:
         if tuple(shape) not in seen:
             seen.add(tuple(shape))
             if self.sizer is not None:
-                self._say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
-                          f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
+                self.say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
+                         f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
 
     def _weights_digest(self) -> str:
         import hashlib
@@ -466,9 +473,9 @@ class Trainer:
 
         if dropout_rates(self.options):  # the adapter dropout masks of this micro-step, the same after a resume
             seed_dropout(self.seed, micro, self.rank)
-        return self._model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
+        return self.model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
 
-    def _model_inputs(self, batch, rng, weighted: bool = True):
+    def model_inputs(self, batch, rng, weighted: bool = True):
         """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one):
         the architecture's (:meth:`~mindone_lora_plugin.architectures.base.Architecture.model_inputs`)."""
         return self.arch.model_inputs(self, batch, rng, weighted)
@@ -491,14 +498,45 @@ class Trainer:
         from mindone_lora_plugin.train.sampling import generate
 
         args = self.args
-        with self.features.image_weights():  # the EMA weights with --use_ema
+        with self.drawing_weights():  # the EMA weights with --use_ema
             images = generate(self, args.validation_prompt, args.num_validation_images,
                               steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
         path = os.path.join(args.output_dir, "validation", f"{tag}.png")
         save_grid(images, path, f"{tag}: {args.validation_prompt}",
                   {"prompt": args.validation_prompt, "seed": self.seed, "tag": tag})
-        self._say(f"validation images: {path}")
+        self.say(f"validation images: {path}")
         return path
+
+    # ------------------------------------------------------------------ what features see (features/base.FeatureRun)
+
+    def drawing_weights(self):
+        return self.features.drawing_weights()
+
+    def draw(self, prompt: str, num_images: int, steps: int, seed: int, **options) -> list:
+        from mindone_lora_plugin.train.sampling import generate
+
+        return generate(self, prompt, num_images, steps=steps, seed=seed, **options)
+
+    def metadata(self, global_step: int) -> dict[str, str]:
+        return training_metadata(self, global_step)
+
+    def save_lora(self, name: str, metadata: dict) -> list[str]:
+        paths = []
+        for fmt_name in self.formats:
+            folder = self.args.output_dir
+            if name not in self.pm.get_format(fmt_name).default_filename(name):  # diffusers: a folder of that name
+                folder = os.path.join(folder, name)
+                os.makedirs(folder, exist_ok=True)
+            paths += self.pm.save_weights(self.models, self.options, folder, [fmt_name], name, metadata)
+        return paths
+
+    def save_named(self, name: str, metadata: dict) -> list[str]:
+        return self.save_lora(name, metadata) + self.features.on_save(self, name, metadata)
+
+    def log_event(self, kind: str, **fields) -> None:
+        events = getattr(self, "events", None)  # train_log.jsonl, which the UI draws
+        if events is not None:
+            events.write(kind, **fields)
 
     def _tensorboard(self):
         if self.args.report_to != "tensorboard" or not self.is_main:
@@ -510,7 +548,7 @@ class Trainer:
             return None
         return SummaryWriter(os.path.join(self.args.output_dir, self.args.logging_dir))
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         if self.is_main:
             log.info(message)
             print(message, flush=True)

@@ -51,6 +51,7 @@ class Flux(files.FluxKeyGrammar, Architecture):
     denoiser = "transformer"
     default_strategy = "flux"
     default_resolution = 1024
+    unused_flags = ("prediction_type", "snr_gamma", "debiased_estimation_loss")  # flow matching: no SNR, no epsilon
     kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
     kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
     modelspec_architecture = "flux-1-dev/lora"
