@@ -219,3 +219,34 @@ def data_metadata(trainer) -> dict[str, str]:
                 d["img_count"] += 1
             meta[key] = json.dumps(dirs)
     return meta
+
+
+def load_data(trainer):
+    """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth): ``(examples, prior)``;
+    sets ``trainer.skipped`` (unreadable images skipped)."""
+    args = trainer.args
+    from mindone_lora_plugin.train import data
+
+    if not args.instance_data_dir:
+        examples, trainer.skipped = load_text_to_image(trainer)
+        return examples, None
+    examples, trainer.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
+                                                          trainer.resolution, args.on_bad_image,
+                                                          "--instance_data_dir", trainer.sizer, trainer.masks)
+    if not args.with_prior_preservation:
+        return examples, None
+    if trainer.is_main:
+        from mindone_lora_plugin.train.dreambooth import ensure_class_images
+
+        ensure_class_images(trainer, args.class_data_dir, args.class_prompt, args.num_class_images,
+                            args.sample_batch_size)
+    if trainer.world > 1:
+        from mindone_lora_plugin.train.settings import barrier
+
+        barrier()
+    prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, trainer.resolution,
+                                           args.on_bad_image, "--class_data_dir", trainer.sizer, trainer.masks)
+    trainer.skipped += bad
+    trainer.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
+                f"{args.prior_loss_weight}")
+    return examples, prior

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.train.settings import (barrier, check_writable, replace_options, training_metadata,
-                                                write_hparams)
+from mindone_lora_plugin.train import resume
+from mindone_lora_plugin.train.sampling import validation_images
+from mindone_lora_plugin.train.settings import check_writable, start_distributed, training_metadata, write_hparams
 
 log = logging.getLogger("mindone_lora.train")
 
@@ -72,7 +73,7 @@ class Trainer:
         check_fused_targets(self.arch, strategy, self.models, self.options,
                             set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
         self._is_dreambooth = bool(args.instance_data_dir)
-        examples, prior = self._load_data()
+        examples, prior = data_setup.load_data(self)
         examples = self.features.select_examples(self, examples)
         self.plan = data_setup.make_plan(self, examples, prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
@@ -82,7 +83,7 @@ class Trainer:
         self._build_step()
         self.features.setup(self)  # before the caches: validation-loss inputs are encoded from held-out images
         data_setup.setup_caches(self)
-        start = self._maybe_resume()
+        start = resume.maybe_resume(self)
         return self._train(start)
 
     def _setup_runtime(self):
@@ -99,20 +100,7 @@ class Trainer:
         import mindspore as ms
 
         if args.distributed:
-            from mindspore.communication import get_group_size, get_rank, init
-
-            if not (os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE") or os.environ.get("MS_WORKER_NUM")):
-                raise LoraError("--distributed needs MindSpore's launcher: run under msrun (e.g. msrun "
-                                "--worker_num=2 --local_worker_num=2 $(which mindone-lora) train --distributed ...)")
-            try:
-                init()
-            except RuntimeError as e:
-                raise LoraError(f"--distributed: MindSpore could not start collective communication "
-                                f"({' '.join(str(e).split())[:200]}); check the msrun settings") from None
-            self.rank, self.world = get_rank(), get_group_size()
-            ms.reset_auto_parallel_context()
-            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                         device_num=self.world)
+            self.rank, self.world = start_distributed()
             self.is_main = self.rank == 0
         from mindone_lora_plugin.precision import weight_dtype
 
@@ -131,35 +119,6 @@ class Trainer:
             for p in cell.get_parameters():
                 p.requires_grad = False
         self.parts = self.arch.load_training_parts(folder, self.args, self.models, self.weight_dtype)
-
-    def _load_data(self):
-        """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth)."""
-        args = self.args
-        from mindone_lora_plugin.train import data
-
-        if not args.instance_data_dir:
-            from mindone_lora_plugin.train.data_setup import load_text_to_image
-
-            examples, self.skipped = load_text_to_image(self)
-            return examples, None
-        examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
-                                                           self.resolution, args.on_bad_image, "--instance_data_dir",
-                                                           self.sizer, self.masks)
-        if not args.with_prior_preservation:
-            return examples, None
-        if self.is_main:
-            from mindone_lora_plugin.train.dreambooth import ensure_class_images
-
-            ensure_class_images(self, args.class_data_dir, args.class_prompt, args.num_class_images,
-                                args.sample_batch_size)
-        if self.world > 1:
-            barrier()
-        prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
-                                               args.on_bad_image, "--class_data_dir", self.sizer, self.masks)
-        self.skipped += bad
-        self.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
-                 f"{args.prior_loss_weight}")
-        return examples, prior
 
     def _log_parameter_summary(self):
         trainable = sum(int(np.prod(p.shape)) for g in self.groups for p in g["params"])
@@ -219,104 +178,8 @@ class Trainer:
                                                         accum, reducer)
         self.encode_cell = VaeEncode(self.parts.vae)
 
-    # ------------------------------------------------------------------ resume
-
-    def _lora_settings(self) -> dict:
-        o = self.options
-        return {"strategy": o.strategy, "algorithm": o.algorithm, "rank": o.rank, "alpha": o.effective_alpha,
-                "targets": o.targets if isinstance(o.targets, str) else sorted(o.targets),
-                "conv_rank": o.effective_conv_rank, "conv_alpha": o.effective_conv_alpha,
-                "components": sorted(self.adapted), "architecture": self.architecture}
-
-    def _maybe_resume(self) -> dict:
-        from mindone_lora_plugin.train import checkpoint
-
-        start = {"global_step": 0, "losses": []}
-        if not self.args.resume_from_checkpoint:
-            return start
-        folder = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
-        if folder is None:
-            self.say(f"no complete checkpoint in {self.args.output_dir}; starting from scratch")
-            return start
-        state = checkpoint.read_state(folder)
-        checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
-        self.pm.load_weights(self.models, self.options,
-                             os.path.join(folder, self.exact_format.default_filename(self.output_name)))
-        self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
-        self.features.resume(folder, state)
-        self.say(f"resumed from {folder} at step {state['global_step']}")
-        return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
-
     def _weights_finite(self) -> bool:
         return all(np.isfinite(p.asnumpy()).all() for g in self.groups for p in g["params"])
-
-    def _optimizer_state(self) -> dict:
-        trained = {id(p) for p in self.optimizer.parameters}
-        return {p.name: p for _, p in self.optimizer.parameters_and_names() if id(p) not in trained}
-
-    def _schedule_names(self) -> set[str]:
-        """Names of the optimizer's learning-rate schedule tensors (one per parameter group)."""
-        from mindspore import Parameter, nn
-
-        lr = self.optimizer.learning_rate
-        cells = list(lr) if isinstance(lr, (nn.CellList, list, tuple)) else [lr]
-        ids = {id(c) for c in cells if isinstance(c, Parameter)}
-        ids |= {id(p) for c in cells if isinstance(c, nn.Cell) for p in c.get_parameters()}
-        return {name for name, p in self._optimizer_state().items() if id(p) in ids}
-
-    def _load_optimizer(self, path: str):
-        """Moments and step counter from the checkpoint. The learning-rate schedule is not read back: it is a
-        function of the flags (``--max_train_steps``, ``--lr_scheduler``, ``--lr_warmup_steps``, ``--learning_rate``)
-        and was just built from them, so a resume with the same flags continues exactly and one with other schedule
-        flags continues from the saved step on the new schedule (said in one line)."""
-        from mindone_lora_plugin import safetensors_io
-
-        tensors, _ = safetensors_io.load(path)
-        current = self._optimizer_state()
-        schedule = self._schedule_names()
-        missing = sorted(set(current) - set(tensors) - schedule)
-        if missing:
-            raise LoraError(f"the checkpoint's optimizer state lacks {len(missing)} tensor(s) (e.g. {missing[0]}); it "
-                            f"was made with other settings")
-        changed = False
-        for name, p in current.items():
-            if name in schedule:
-                old, new = tensors.get(name), p.asnumpy()
-                changed |= old is None or old.shape != new.shape or not np.array_equal(old, new)
-                continue
-            p.set_data(self._ms.Tensor(tensors[name], dtype=p.dtype))
-        if changed:
-            self.say(f"the learning-rate schedule differs from the checkpoint's (other --max_train_steps, "
-                     f"--lr_scheduler, --lr_warmup_steps or --learning_rate); continuing on the new schedule for "
-                      f"{self.max_steps} steps")
-
-    def _save_checkpoint(self, global_step: int, losses: list[float]) -> str | None:
-        if not self.is_main:
-            return None
-        from mindone_lora_plugin import safetensors_io
-        from mindone_lora_plugin.train import checkpoint
-
-        def fill(tmp):
-            # the exact file (diffusers; kohya for algorithms diffusers cannot hold) is what a resume reads, so it is
-            # always there and always exact (fp32)
-            metadata = training_metadata(self, global_step)
-            first = self.exact_format.name
-            others = [f for f in self.formats if f != first]
-            if self.options.save_dtype is None:
-                self.pm.save_weights(self.models, self.options, tmp, [first] + others, self.output_name, metadata)
-            else:
-                exact = replace_options(self.options, save_dtype=None)
-                self.pm.save_weights(self.models, exact, tmp, [first], self.output_name, metadata)
-                if others:
-                    self.pm.save_weights(self.models, self.options, tmp, others, self.output_name, metadata)
-            safetensors_io.save({k: p.asnumpy() for k, p in self._optimizer_state().items()},
-                                os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
-            checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // self.updates_per_epoch,
-                                         "seed": self.seed, "lora": self._lora_settings(), "losses": losses,
-                                         "rng": "derived from (seed, micro-step); see train/data.py and trainer.py",
-                                         **self.features.checkpoint(tmp)})
-
-        return checkpoint.write(self.args.output_dir, global_step, fill, self.args.checkpoints_total_limit)
 
     # ------------------------------------------------------------------ the loop
 
@@ -331,7 +194,7 @@ class Trainer:
                              models=self.models)
         self.writer = self._tensorboard()
         if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
-            result.validation_images.append(self._validate("before"))
+            result.validation_images.append(validation_images(self, "before"))
         self.say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
                  f"batch {args.train_batch_size} × {max(1, args.gradient_accumulation_steps)} accumulation × "
                  f"{self.world} worker(s)) in {args.mode} mode on {self._ms.get_context('device_target')}")
@@ -389,7 +252,7 @@ class Trainer:
 
     def _stop(self, result: TrainResult, step: int, losses: list[float]) -> TrainResult:
         self.bar.close()
-        result.global_step, result.checkpoints = step, [self._save_checkpoint(step, losses)]
+        result.global_step, result.checkpoints = step, [resume.save_checkpoint(self, step, losses)]
         self.events.end("stopped", step)
         self.events.uninstall()
         self.say(f"stopped at step {step}; resume with --resume_from_checkpoint latest")
@@ -407,12 +270,12 @@ class Trainer:
                 raise LoraError(f"the LoRA weights became non-finite at step {step}; training stopped "
                                 f"(the last good checkpoint is {self.last_checkpoint or 'none'}); lower "
                                 f"--learning_rate")
-            self.last_checkpoint = self._save_checkpoint(step, losses) or self.last_checkpoint
+            self.last_checkpoint = resume.save_checkpoint(self, step, losses) or self.last_checkpoint
         epochs, in_epoch = divmod(step, self.updates_per_epoch)
         if self.is_main and args.validation_prompt and (
                 (in_epoch == 0 and epochs % max(1, args.validation_epochs) == 0)
                 or (args.validation_steps and step % args.validation_steps == 0)):
-            result.validation_images.append(self._validate(f"step-{step:06d}"))
+            result.validation_images.append(validation_images(self, f"step-{step:06d}"))
 
     def _finish(self, result: TrainResult, global_step: int, losses: list[float], elapsed: float) -> TrainResult:
         """The final files, the features' finish, the last checkpoint, hparams, loss curve and images."""
@@ -427,7 +290,7 @@ class Trainer:
             setattr(result, name, value)
         if self.is_main:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                self._save_checkpoint(global_step, losses)
+                resume.save_checkpoint(self, global_step, losses)
             from mindone_lora_plugin.train.checkpoint import complete_checkpoints
 
             result.checkpoints = [p for _, p in complete_checkpoints(args.output_dir)]  # after pruning
@@ -438,10 +301,11 @@ class Trainer:
                                                 f"{self.output_name}: loss per step",
                                                 validation=result.validation_losses)
             if args.validation_prompt:
-                result.validation_images.append(self._validate("final"))
+                result.validation_images.append(validation_images(self, "final"))
             self.say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
         if self.world > 1:  # every worker reports, so identical weights across workers can be checked
-            print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {self._weights_digest()}", flush=True)
+            digest = resume.weights_digest(self.groups)
+            print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {digest}", flush=True)
         if writer is not None:
             writer.close()
         self.events.end("finished", global_step)
@@ -456,16 +320,6 @@ class Trainer:
             if self.sizer is not None:
                 self.say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
                          f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
-
-    def _weights_digest(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for g in self.groups:
-            for p in g["params"]:
-                h.update(p.name.encode())
-                h.update(np.ascontiguousarray(p.asnumpy(), dtype=np.float32).tobytes())
-        return h.hexdigest()
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
@@ -492,20 +346,6 @@ class Trainer:
         return found[0], found[-1]  # one text encoder: its ids twice
 
     # ------------------------------------------------------------------ validation, logging, metadata
-
-    def _validate(self, tag: str) -> str:
-        from mindone_lora_plugin.train.visuals import save_grid
-        from mindone_lora_plugin.train.sampling import generate
-
-        args = self.args
-        with self.drawing_weights():  # the EMA weights with --use_ema
-            images = generate(self, args.validation_prompt, args.num_validation_images,
-                              steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
-        path = os.path.join(args.output_dir, "validation", f"{tag}.png")
-        save_grid(images, path, f"{tag}: {args.validation_prompt}",
-                  {"prompt": args.validation_prompt, "seed": self.seed, "tag": tag})
-        self.say(f"validation images: {path}")
-        return path
 
     # ------------------------------------------------------------------ what features see (features/base.FeatureRun)
 
