@@ -63,9 +63,9 @@ def data(tmp_path_factory):
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=32, repeats=1)
 
 
-def train_args(model, data, out, *extra):
+def train_args(model, data, out, *extra, steps: int = 2):
     return ["train", "--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
-            "--max_train_steps", "2", "--train_batch_size", "2", "--resolution", "32", "--report_to", "none",
+            "--max_train_steps", str(steps), "--train_batch_size", "2", "--resolution", "32", "--report_to", "none",
             "--mode", "pynative", "--device_target", "CPU", "--seed", "1", *extra]
 
 
@@ -103,3 +103,9 @@ def test_training_a_toy_family_with_a_toy_feature(toy_plugin, toy_model, data, t
     with open(os.path.join(out, "checkpoint-1", "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
     assert state["toy_count"] == 1 and state["lora"]["architecture"] == "toy_sd"
+    # a resume gives the feature its checkpointed state back
+    assert main(train_args(toy_model, data, out, "--toy_every", "1", "--save_formats", "kohya", "--output_name", "toy",
+                           "--resume_from_checkpoint", "latest", steps=3)) == 0
+    with open(os.path.join(out, "toy_feature_calls.json"), encoding="utf-8") as f:
+        seen = json.load(f)
+    assert "resume" in seen["calls"] and seen["calls"][-2:] == ["after_step:3", "finish:3"] and seen["count"] == 3

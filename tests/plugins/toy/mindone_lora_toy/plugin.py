@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from mindone_lora_plugin.architectures.base import STRUCTURE, Evidence
 from mindone_lora_plugin.architectures.sd.arch import SD1
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.hookspecs import hookimpl
@@ -22,12 +23,16 @@ class ToySD(SD1):
     label = "Toy SD"
     description = "a toy family: SD1.x-shaped, told apart by its model_index.json"
     unused_flags = ("snr_gamma",)
+    modelspec_architecture = "toy-sd/lora"  # its files say so; SD1.x's would claim them by their widths otherwise
+    modelspec_prefix = "toy-sd"
 
     def detect_folder(self, folder) -> int:
         return 5 if folder.class_name == PIPELINE else 0
 
     def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
-        return None  # its files read as SD1.x ones
+        if metadata.get("modelspec.architecture") == self.modelspec_architecture:
+            return Evidence(self.name, STRUCTURE, f"its header has modelspec.architecture={self.modelspec_architecture}")
+        return None
 
 
 class ToyCounter(TrainingFeature):
