@@ -23,7 +23,7 @@ class ToySD(SD1):
     label = "Toy SD"
     description = "a toy family: SD1.x-shaped, told apart by its model_index.json"
     unused_flags = ("snr_gamma",)
-    modelspec_architecture = "toy-sd/lora"  # its files say so; SD1.x's would claim them by their widths otherwise
+    modelspec_architecture = "toy-sd/lora"  # its files say so (SD1.x would claim them by their widths)
     modelspec_prefix = "toy-sd"
 
     def detect_folder(self, folder) -> int:
@@ -31,7 +31,7 @@ class ToySD(SD1):
 
     def detect_lora(self, parsed, tensors, metadata, sgm_used=False):
         if metadata.get("modelspec.architecture") == self.modelspec_architecture:
-            return Evidence(self.name, STRUCTURE, f"its header has modelspec.architecture={self.modelspec_architecture}")
+            return Evidence(self.name, STRUCTURE, f"its header names {self.modelspec_architecture}")
         return None
 
 
