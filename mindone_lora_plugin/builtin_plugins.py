@@ -9,4 +9,5 @@ BUILTIN_PLUGINS = {
     "kohya": "mindone_lora_plugin.formats.kohya",
     "sd": "mindone_lora_plugin.architectures.sd.plugin",
     "flux": "mindone_lora_plugin.architectures.flux.plugin",
+    "features": "mindone_lora_plugin.train.features.plugin",
 }

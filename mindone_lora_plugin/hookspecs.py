@@ -11,10 +11,11 @@ below, registered through the setuptools entry-point group ``mindone_lora`` (the
 There are two kinds of hooks.
 
 *Discovery hooks* (``mindone_lora_strategies``, ``mindone_lora_formats``, ``mindone_lora_algorithms``,
-``mindone_lora_architectures``, ``mindone_lora_add_arguments``) are called by the plugin manager; they yield named,
-typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
+``mindone_lora_architectures``, ``mindone_lora_training_features``, ``mindone_lora_add_arguments``) are called by the
+plugin manager; they yield named, typed objects (:class:`~mindone_lora_plugin.strategies.base.LoraStrategy`,
 :class:`~mindone_lora_plugin.formats.base.LoraFormat`, :class:`~mindone_lora_plugin.algorithms.base.LoraAlgorithm`,
-:class:`~mindone_lora_plugin.architectures.base.Architecture`) or add command-line arguments. Names must be unique
+:class:`~mindone_lora_plugin.architectures.base.Architecture`, and the classes of
+:class:`~mindone_lora_plugin.train.features.base.TrainingFeature`) or add command-line arguments. Names must be unique
 across all installed plugins.
 
 *Operation hooks* (``mindone_lora_add_adapters``, ``mindone_lora_trainable_parameters``, ``mindone_lora_save_weights``,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mindone_lora_plugin.plugins import LoraPluginManager
     from mindone_lora_plugin.state import LoraState
     from mindone_lora_plugin.strategies.base import LoraStrategy
+    from mindone_lora_plugin.train.features.base import TrainingFeature
 
 PROJECT_NAME = "mindone_lora"
 
@@ -64,6 +66,7 @@ def mindone_lora_strategies() -> Iterable["LoraStrategy"]:
 
         from mindone_lora_plugin.hookspecs import hookimpl
         from mindone_lora_plugin.strategies.base import LoraStrategy
+    from mindone_lora_plugin.train.features.base import TrainingFeature
 
         class FeedForwardOnly(LoraStrategy):
             name = "ff"
@@ -168,6 +171,42 @@ def mindone_lora_architectures() -> Iterable["Architecture"]:
         @hookimpl
         def mindone_lora_architectures():
             yield MySD()
+    """
+
+
+@hookspec
+def mindone_lora_training_features() -> Iterable[type["TrainingFeature"]]:
+    """Yield the training feature classes this plugin offers (the class, not an instance: the trainer makes one per
+    run).
+
+    A training feature is one module around the training step with a small lifecycle
+    (:mod:`mindone_lora_plugin.train.features.base`): its flags, their checks (before any model loads), set-up,
+    per-step work, its part of checkpoints and resume, its ``ss_*`` metadata and a finish. The trainer calls every
+    installed feature at each point, in ``order`` then name.
+
+    Example::
+
+        from mindone_lora_plugin.hookspecs import hookimpl
+        from mindone_lora_plugin.train.features.base import TrainingFeature
+
+        class LossPrinter(TrainingFeature):
+            name = "loss_printer"
+            description = "--print_every N: a line every N steps"
+
+            @classmethod
+            def add_arguments(cls, parser):
+                parser.add_argument_group("loss printer").add_argument("--print_every", type=int, default=None)
+
+            def after_step(self, run, global_step, writer):
+                if self.args.print_every and global_step % self.args.print_every == 0:
+                    run.say(f"step {global_step}")
+
+            def metadata(self):
+                return {"ss_print_every": str(self.args.print_every)}
+
+        @hookimpl
+        def mindone_lora_training_features():
+            yield LossPrinter
     """
 
 

@@ -1,5 +1,5 @@
 """The plugin manager: loads the built-in plugins and the ``mindone_lora`` entry-point group; finds the plugin
-objects of every kind (strategies, formats, algorithms, architectures) by name through one registry.
+objects of every kind (strategies, formats, algorithms, architectures, training features) by name through one registry.
 
 Built-in plugins are listed once, in :data:`~mindone_lora_plugin.builtin_plugins.BUILTIN_PLUGINS`, and registered
 like any third-party plugin. A third-party plugin that fails to import, or raises while registering, is reported in
@@ -49,6 +49,7 @@ KINDS = {k.plural: k for k in (
     PluginKind("mindone_lora_formats", "format", "formats", "LoRA format"),
     PluginKind("mindone_lora_algorithms", "algorithm", "algorithms", "LoRA algorithm", plugin_for_algorithm),
     PluginKind("mindone_lora_architectures", "architecture", "architectures", "architecture"),
+    PluginKind("mindone_lora_training_features", "training feature", "training_features", "training feature"),
 )}
 
 

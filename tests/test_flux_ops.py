@@ -77,7 +77,7 @@ def test_dreambooth_prior_preservation_and_text_encoders(root, straight):
     assert len(trainer.plan.prior) == 2
     batch = trainer.plan.batch(0, 0)
     assert list(batch.captions) == [INSTANCE, CLASS]  # instance half, then class half
-    inputs = trainer._model_inputs(batch, np.random.default_rng(0))
+    inputs = trainer.model_inputs(batch, np.random.default_rng(0))
     np.testing.assert_allclose(inputs[3].asnumpy(), [2.0, 2.0 * 0.5])  # mean(instance) + 0.5 × mean(class)
     assert set(trainer.adapted) == {"transformer", "text_encoder", "text_encoder_2"}
     weights = tensors(os.path.join(result.output_dir, "pytorch_lora_weights.safetensors"))
@@ -109,9 +109,11 @@ def test_resume_with_more_steps_rebuilds_the_learning_rate_schedule(root, straig
     assert "learning-rate schedule differs from the checkpoint's" in capsys.readouterr().out
     assert more.global_step == 4 and len(more.losses) == 4
     np.testing.assert_array_equal(more.losses[:3], first.losses)  # same data order, same weights at step 2
+    from mindone_lora_plugin.train import resume
+
     saved = tensors(os.path.join(first.output_dir, "checkpoint-2", "optimizer.safetensors"))
-    name = next(iter(trainer._schedule_names()))
-    live = trainer._optimizer_state()[name].asnumpy()
+    name = next(iter(resume.schedule_names(trainer.optimizer)))
+    live = resume.optimizer_state(trainer.optimizer)[name].asnumpy()
     assert saved[name].shape == (4,) and live.shape == (5,)  # 3 and 4 steps (+1 read past the end)
     np.testing.assert_allclose(live, trainer.lr_schedules[next(iter(trainer.lr_schedules))], rtol=1e-6)
     assert not np.allclose(live[:4], saved[name])  # linear decay over 4 steps, not 3

@@ -30,7 +30,7 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "plugins", "mindone-lora-fa")
-BUILTINS = ("core", "diffusers", "flux", "kohya", "lora", "sd")
+BUILTINS = ("core", "diffusers", "features", "flux", "kohya", "lora", "sd")
 LOGGER = "mindone_lora_plugin.plugins"
 
 
@@ -111,6 +111,11 @@ def test_builtins_are_the_listed_modules_of_this_distribution(plugin_manager):
         assert plugin_manager.plugin_of("strategies", name) == family
     for name in ("diffusers", "kohya"):
         assert plugin_manager.plugin_of("formats", name) == name
+    # the built-in training features come through the same registry, as classes (one instance per run)
+    features = plugin_manager.objects("training_features")
+    assert set(features) == {"ema", "sample_prompts", "save_cadence", "validation_loss"}
+    assert all(isinstance(f, type) and plugin_manager.plugin_of("training_features", n) == "features"
+               for n, f in features.items())
     hooks = {p["name"]: p["hooks"] for p in plugin_manager.describe()["plugins"]}
     assert "mindone_lora_add_arguments" in hooks["flux"] and "mindone_lora_add_arguments" not in hooks["core"]
     # no entry point of this distribution stands for a built-in: the list above is the only one
@@ -122,7 +127,7 @@ def test_builtins_are_the_listed_modules_of_this_distribution(plugin_manager):
 def test_one_registry_for_every_kind(plugin_manager):
     from mindone_lora_plugin.plugins import KINDS
 
-    assert list(KINDS) == ["strategies", "formats", "algorithms", "architectures"]
+    assert list(KINDS) == ["strategies", "formats", "algorithms", "architectures", "training_features"]
     for kind, spec in KINDS.items():
         found = plugin_manager.objects(kind)
         assert found and all(plugin_manager.get(kind, n) is obj for n, obj in found.items())

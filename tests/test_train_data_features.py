@@ -115,7 +115,7 @@ def test_reg_images_are_balanced_and_weighted(kohya, tmp_path):
     class T:  # the attributes load_text_to_image reads from a Trainer
         args = parse(["--train_data_dir", kohya, "--reg_data_dir", str(tmp_path / "reg"), "--prior_loss_weight",
                       "0.5"])
-        sizer, resolution, _say = None, 32, staticmethod(lambda m: None)
+        sizer, resolution, say = None, 32, staticmethod(lambda m: None)
 
     examples, bad = load_text_to_image(T)
     weights = [ex.loss_weight for ex in examples]

@@ -128,3 +128,16 @@ def test_distributed_without_a_launcher(capsys, tiny_sd1, data, tmp_path, monkey
         monkeypatch.delenv(var, raising=False)
     code, err = run(capsys, *args(tiny_sd1, data, str(tmp_path / "o"), "--distributed"))
     one_error_line(code, err, "msrun")
+
+
+@pytest.mark.parametrize("extra", [["--snr_gamma", "5"], ["--prediction_type", "epsilon"],
+                                   ["--debiased_estimation_loss", "--min_snr_gamma", "5"]])
+def test_flags_flux_training_does_not_use_are_refused(capsys, data, tmp_path_factory, extra):
+    """FLUX declares the SD-only flags it does not use (Architecture.unused_flags); given, they end the run in one line
+    before any model loads instead of being silently ignored."""
+    from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model
+
+    model = ensure_tiny_model("dev", str(tmp_path_factory.getbasetemp() / "tiny-flux-unused"))
+    code, err = run(capsys, *args(model, data, str(tmp_path_factory.mktemp("out")), *extra))
+    flags = [f for f in extra if f.startswith("--")]
+    one_error_line(code, err, "not apply to FLUX.1 training", *(f.replace("min_", "") for f in flags))

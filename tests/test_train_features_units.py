@@ -12,7 +12,7 @@ from mindone_lora_plugin.errors import LoraError
 def test_ema_follows_the_formula_with_warm_up():
     import mindspore as ms
 
-    from mindone_lora_plugin.train.ema import EMA, decay_at
+    from mindone_lora_plugin.train.features.ema import EMA, decay_at
 
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def test_multires_noise_and_loss_weights():
 
 
 def test_prompt_file_syntax(tmp_path):
-    from mindone_lora_plugin.train.sample_prompts import read_prompts
+    from mindone_lora_plugin.train.features.sample_prompts import read_prompts
 
     f = tmp_path / "p.txt"
     f.write_text("# comment\n\na cat, photo --n blurry, bad --w 100 --h 64 --d 7 --l 5.5 --s 12\na dog\n")
@@ -79,7 +79,7 @@ def test_prompt_file_syntax(tmp_path):
 def test_sample_cadence():
     import argparse
 
-    from mindone_lora_plugin.train.sample_prompts import is_due
+    from mindone_lora_plugin.train.features.sample_prompts import is_due
 
     args = argparse.Namespace(sample_prompts="p.txt", sample_every_n_steps=3, sample_every_n_epochs=None)
     assert [s for s in range(1, 10) if is_due(args, s, 4)] == [3, 6, 9]
@@ -88,7 +88,7 @@ def test_sample_cadence():
 
 
 def test_save_cadence_names_and_pruning(tmp_path):
-    from mindone_lora_plugin.train import cadence
+    from mindone_lora_plugin.train.features import save_cadence as cadence
 
     assert cadence.step_name("x", 200) == "x-step00000200" and cadence.epoch_name("x", 3) == "x-000003"
     assert [s for s in range(1, 11) if cadence.due(3, s, 10)] == [3, 6, 9]

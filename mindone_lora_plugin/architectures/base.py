@@ -177,6 +177,9 @@ class Architecture:
     modelspec_prefix: ClassVar[str] = ""
     kohya_implementation: ClassVar[str] = "diffusers"
     kohya_network_module: ClassVar[str] = "networks.lora"  # ss_network_module of plain-LoRA kohya files
+    # the training flags (argparse dests) this family's training does not use: given, they are refused before any
+    # model loads (train/checks.py) instead of silently ignored; the UI hides their fields for this family
+    unused_flags: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ components
 

@@ -152,9 +152,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth", "flux"), default=None,
                    help="train a built-in tiny model on a generated dataset (sd1, sdxl, flux, or dreambooth on sd1)")
 
-    from mindone_lora_plugin.train.feature_args import add_arguments as add_feature_arguments
+    from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.train.feature_args import add_arguments as add_kohya_arguments
+    from mindone_lora_plugin.train.features import active as features
 
-    add_feature_arguments(parser)  # kohya's training features: loss options, LoRA+, EMA, optimizers, ...
+    add_kohya_arguments(parser)  # kohya's loss options, LoRA+, optimizers
+    features.add_arguments(parser, get_plugin_manager())  # EMA, validation loss, samples, save cadence, ...
 
     g = parser.add_argument_group("refused (mindone accepted these but they cannot be honoured)")
     for dest in REFUSED:

@@ -44,7 +44,7 @@ def load_text_to_image(trainer):
     regularisation images of ``--reg_data_dir``; returns ``(examples, unreadable images skipped)``."""
     from mindone_lora_plugin.train import data, kohya_data
 
-    args, sizer, say, masks = trainer.args, trainer.sizer, trainer._say, getattr(trainer, "masks", None)
+    args, sizer, say, masks = trainer.args, trainer.sizer, trainer.say, getattr(trainer, "masks", None)
     trainer.dataset_info = {}
     kohya = bool(args.train_data_dir and kohya_data.is_kohya_folder(args.train_data_dir))
     if kohya and args.max_train_samples is not None:
@@ -85,14 +85,14 @@ def make_plan(trainer, examples, prior):
         if not with_mask:
             raise LoraError("--masked_loss: no training image has an alpha channel or a mask in "
                             "--conditioning_data_dir; add masks or drop --masked_loss")
-        trainer._say(f"masked loss: {with_mask} of {len(examples)} example(s) have a mask (the rest count fully)")
+        trainer.say(f"masked loss: {with_mask} of {len(examples)} example(s) have a mask (the rest count fully)")
     trainer.too_small = trainer.sizer.too_small if trainer.sizer is not None else 0
     if trainer.sizer is not None:
         from mindone_lora_plugin.train.buckets import log_buckets
 
         if trainer.too_small:
-            trainer._say(f"skipped {trainer.too_small} image(s) smaller than the smallest bucket (--bucket_no_upscale)")
-        trainer.bucket_counts = log_buckets(examples + (prior or []), trainer._say)
+            trainer.say(f"skipped {trainer.too_small} image(s) smaller than the smallest bucket (--bucket_no_upscale)")
+        trainer.bucket_counts = log_buckets(examples + (prior or []), trainer.say)
     if args.cache_latents or args.cache_latents_to_disk:
         from mindone_lora_plugin.train.cache import check_crops_cacheable
 
@@ -117,8 +117,8 @@ def setup_caches(trainer) -> None:
         cache = LatentCache(encode, vae_id, folder, args.train_batch_size)
         cache.fill(list(trainer.plan.examples) + list(trainer.plan.prior), bool(args.random_flip))
         s = cache.stats
-        trainer._say(f"latent cache: {s['encoded']} encoded, {s['read']} read from disk, {s['rebuilt']} rebuilt "
-                     f"(stale or unreadable)" + (f" in {folder}" if folder else ""))
+        trainer.say(f"latent cache: {s['encoded']} encoded, {s['read']} read from disk, {s['rebuilt']} rebuilt "
+                    f"(stale or unreadable)" + (f" in {folder}" if folder else ""))
         trainer.latent_cache = cache
         needs_vae = (args.validation_prompt or getattr(args, "sample_prompts", None)
                      or getattr(args, "validation_split", None) or getattr(args, "validation_data_dir", None))
@@ -132,7 +132,7 @@ def setup_caches(trainer) -> None:
 
         cache = TextCache(trainer.conditioner, trainer._tokenize, args.train_batch_size)
         cache.fill(c for ex in list(trainer.plan.examples) + list(trainer.plan.prior) for c in ex.captions)
-        trainer._say(f"text-encoder cache: {len(cache.entries)} caption(s) encoded")
+        trainer.say(f"text-encoder cache: {len(cache.entries)} caption(s) encoded")
         trainer.text_cache = cache
 
 
@@ -219,3 +219,34 @@ def data_metadata(trainer) -> dict[str, str]:
                 d["img_count"] += 1
             meta[key] = json.dumps(dirs)
     return meta
+
+
+def load_data(trainer):
+    """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth): ``(examples, prior)``;
+    sets ``trainer.skipped`` (unreadable images skipped)."""
+    args = trainer.args
+    from mindone_lora_plugin.train import data
+
+    if not args.instance_data_dir:
+        examples, trainer.skipped = load_text_to_image(trainer)
+        return examples, None
+    examples, trainer.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
+                                                          trainer.resolution, args.on_bad_image,
+                                                          "--instance_data_dir", trainer.sizer, trainer.masks)
+    if not args.with_prior_preservation:
+        return examples, None
+    if trainer.is_main:
+        from mindone_lora_plugin.train.dreambooth import ensure_class_images
+
+        ensure_class_images(trainer, args.class_data_dir, args.class_prompt, args.num_class_images,
+                            args.sample_batch_size)
+    if trainer.world > 1:
+        from mindone_lora_plugin.train.settings import barrier
+
+        barrier()
+    prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, trainer.resolution,
+                                           args.on_bad_image, "--class_data_dir", trainer.sizer, trainer.masks)
+    trainer.skipped += bad
+    trainer.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
+                f"{args.prior_loss_weight}")
+    return examples, prior

@@ -30,3 +30,20 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
             c.set_train(was)
         ms.set_context(mode=mode)
     return out[0]
+
+
+def validation_images(trainer, tag: str) -> str:
+    """``--validation_prompt``: a grid of ``--num_validation_images`` images as ``validation/<tag>.png``; its path."""
+    import os
+
+    from mindone_lora_plugin.train.visuals import save_grid
+
+    args = trainer.args
+    with trainer.drawing_weights():  # the EMA weights with --use_ema
+        images = generate(trainer, args.validation_prompt, args.num_validation_images,
+                          steps=args.num_inference_steps or (8 if trainer.resolution <= 64 else 30), seed=trainer.seed)
+    path = os.path.join(args.output_dir, "validation", f"{tag}.png")
+    save_grid(images, path, f"{tag}: {args.validation_prompt}",
+              {"prompt": args.validation_prompt, "seed": trainer.seed, "tag": tag})
+    trainer.say(f"validation images: {path}")
+    return path

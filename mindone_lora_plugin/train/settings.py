@@ -145,7 +145,27 @@ def training_metadata(trainer, global_step: int) -> dict[str, str]:
         "ss_num_train_images": str(len(trainer.plan.examples)),
         "ss_num_reg_images": str(len(trainer.plan.prior)),
         "ss_prediction_type": trainer.parts.prediction_type,
-        **feature_metadata(args),  # ss_optimizer and the other features' keys
+        **feature_metadata(args),  # ss_optimizer, the loss and LoRA+ keys
+        **trainer.features.metadata(),  # EMA, validation loss, save cadence, … (each feature's keys)
         **dropout_metadata(args),
         "mindone_lora.training_args": json.dumps(plain_args(args), sort_keys=True),
     }
+
+
+def start_distributed() -> tuple[int, int]:
+    """``--distributed``: collective communication and data parallelism under msrun; ``(rank, world size)``."""
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    if not (os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE") or os.environ.get("MS_WORKER_NUM")):
+        raise LoraError("--distributed needs MindSpore's launcher: run under msrun (e.g. msrun "
+                        "--worker_num=2 --local_worker_num=2 $(which mindone-lora) train --distributed ...)")
+    try:
+        init()
+    except RuntimeError as e:
+        raise LoraError(f"--distributed: MindSpore could not start collective communication "
+                        f"({' '.join(str(e).split())[:200]}); check the msrun settings") from None
+    rank, world = get_rank(), get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
+    return rank, world

@@ -15,16 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.train.settings import (
-    barrier,
-    check_args,
-    check_writable,
-    default_resolution,
-    options_from_args,
-    replace_options,
-    training_metadata,
-    write_hparams,
-)
+from mindone_lora_plugin.train import resume
+from mindone_lora_plugin.train.sampling import validation_images
+from mindone_lora_plugin.train.settings import check_writable, start_distributed, training_metadata, write_hparams
 
 log = logging.getLogger("mindone_lora.train")
 
@@ -56,33 +49,17 @@ class Trainer:
 
     def run(self) -> TrainResult:
         args = self.args
-        from mindone_lora_plugin.basemodel import BaseModelInfo
-        from mindone_lora_plugin.operations import check_save_formats, exact_format
         from mindone_lora_plugin.plugins import get_plugin_manager
-
-        if not args.pretrained_model_name_or_path:
-            raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "
-                            "--demo")
         from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.validate import check_resolution, validate_train_args
+        from mindone_lora_plugin.train.checks import check_flags
+        from mindone_lora_plugin.train.features.active import ActiveFeatures
 
-        validate_train_args(args)  # every flag, before any model is loaded
-        info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
-        self.architecture = info.architecture
-        self.arch = get_plugin_manager().get_architecture(info.architecture)  # loss, conditioning, pipelines
-        self.resolution = check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path,
-                                                                                 info))
-        check_args(args)
-        from mindone_lora_plugin.train.features import TrainingFeatures
-
-        self.features = TrainingFeatures(self)  # EMA, validation loss, samples, save cadence (flags checked here)
-        self.sizer = data_setup.make_sizer(args, self.resolution)  # bucket settings are checked here
-        self.masks = data_setup.make_masks(args)
         self.pm = get_plugin_manager()
-        self.options = options_from_args(args, info.architecture, self.pm)
-        self.formats = [f.strip() for f in args.save_formats.split(",") if f.strip()]
-        check_save_formats(self.pm, self.formats, self.options)  # unknown names, or formats that cannot hold the algo
-        self.exact_format = exact_format(self.pm, self.options)  # what checkpoints hold and a resume reads
+        checked = check_flags(args, self.pm)  # every flag, before any model is loaded
+        self.architecture, self.arch, self.resolution = checked.info.architecture, checked.arch, checked.resolution
+        self.sizer, self.masks, self.options = checked.sizer, checked.masks, checked.options
+        self.formats, self.exact_format = checked.formats, checked.exact_format
+        self.features = ActiveFeatures(args, self.pm)  # EMA, validation loss, samples, save cadence, ...
         strategy = self.pm.get_strategy(self.options.strategy)
         self._setup_runtime()
         if self.is_main:
@@ -96,17 +73,17 @@ class Trainer:
         check_fused_targets(self.arch, strategy, self.models, self.options,
                             set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
         self._is_dreambooth = bool(args.instance_data_dir)
-        examples, prior = self._load_data()
-        examples = self.features.split(examples)
+        examples, prior = data_setup.load_data(self)
+        examples = self.features.select_examples(self, examples)
         self.plan = data_setup.make_plan(self, examples, prior)
         self.adapted = self.pm.add_adapters(self.models, self.options)
         self.groups = self.pm.trainable_parameters(self.models, self.options)
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
-        self.features.setup()  # before the caches: validation-loss inputs are encoded from held-out images
+        self.features.setup(self)  # before the caches: validation-loss inputs are encoded from held-out images
         data_setup.setup_caches(self)
-        start = self._maybe_resume()
+        start = resume.maybe_resume(self)
         return self._train(start)
 
     def _setup_runtime(self):
@@ -118,25 +95,12 @@ class Trainer:
         target = setup(args.device_target, args.mode, seed=self.seed, model_path=args.pretrained_model_name_or_path)
         notice = resolve_mode(args.mode, target, args.pretrained_model_name_or_path)[1]
         if notice:
-            self._say(notice)
+            self.say(notice)
         args.mode = current_mode()
         import mindspore as ms
 
         if args.distributed:
-            from mindspore.communication import get_group_size, get_rank, init
-
-            if not (os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE") or os.environ.get("MS_WORKER_NUM")):
-                raise LoraError("--distributed needs MindSpore's launcher: run under msrun (e.g. msrun "
-                                "--worker_num=2 --local_worker_num=2 $(which mindone-lora) train --distributed ...)")
-            try:
-                init()
-            except RuntimeError as e:
-                raise LoraError(f"--distributed: MindSpore could not start collective communication "
-                                f"({' '.join(str(e).split())[:200]}); check the msrun settings") from None
-            self.rank, self.world = get_rank(), get_group_size()
-            ms.reset_auto_parallel_context()
-            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                         device_num=self.world)
+            self.rank, self.world = start_distributed()
             self.is_main = self.rank == 0
         from mindone_lora_plugin.precision import weight_dtype
 
@@ -156,41 +120,12 @@ class Trainer:
                 p.requires_grad = False
         self.parts = self.arch.load_training_parts(folder, self.args, self.models, self.weight_dtype)
 
-    def _load_data(self):
-        """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth)."""
-        args = self.args
-        from mindone_lora_plugin.train import data
-
-        if not args.instance_data_dir:
-            from mindone_lora_plugin.train.data_setup import load_text_to_image
-
-            examples, self.skipped = load_text_to_image(self)
-            return examples, None
-        examples, self.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
-                                                           self.resolution, args.on_bad_image, "--instance_data_dir",
-                                                           self.sizer, self.masks)
-        if not args.with_prior_preservation:
-            return examples, None
-        if self.is_main:
-            from mindone_lora_plugin.train.dreambooth import ensure_class_images
-
-            ensure_class_images(self, args.class_data_dir, args.class_prompt, args.num_class_images,
-                                args.sample_batch_size)
-        if self.world > 1:
-            barrier()
-        prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, self.resolution,
-                                               args.on_bad_image, "--class_data_dir", self.sizer, self.masks)
-        self.skipped += bad
-        self._say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
-                  f"{args.prior_loss_weight}")
-        return examples, prior
-
     def _log_parameter_summary(self):
         trainable = sum(int(np.prod(p.shape)) for g in self.groups for p in g["params"])
         total = sum(int(np.prod(p.shape)) for cell in self.models.values() for p in cell.get_parameters())
         modules = ", ".join(f"{c}: {len(v)} modules" for c, v in self.adapted.items())
-        self._say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
-                  f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
+        self.say(f"LoRA strategy '{self.options.strategy}' ({modules}); trainable parameters {trainable:,} of "
+                 f"{total:,} ({100.0 * trainable / max(total, 1):.3f}%)")
 
     def _build_optimizer(self):
         args = self.args
@@ -229,7 +164,7 @@ class Trainer:
             from mindone_lora_plugin.checkpointing import enable_for_training
 
             counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
-            self._say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
+            self.say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
         self.conditioner = self.arch.text_conditioner(self.models)
         self.loss_cell = self.arch.make_loss(self)
         self.loss_cell.masked = bool(self.args.masked_loss)
@@ -242,193 +177,119 @@ class Trainer:
                                                         accum, reducer)
         self.encode_cell = VaeEncode(self.parts.vae)
 
-    # ------------------------------------------------------------------ resume
-
-    def _lora_settings(self) -> dict:
-        o = self.options
-        return {"strategy": o.strategy, "algorithm": o.algorithm, "rank": o.rank, "alpha": o.effective_alpha,
-                "targets": o.targets if isinstance(o.targets, str) else sorted(o.targets),
-                "conv_rank": o.effective_conv_rank, "conv_alpha": o.effective_conv_alpha,
-                "components": sorted(self.adapted), "architecture": self.architecture}
-
-    def _maybe_resume(self) -> dict:
-        from mindone_lora_plugin.train import checkpoint
-
-        start = {"global_step": 0, "losses": []}
-        if not self.args.resume_from_checkpoint:
-            return start
-        folder = checkpoint.resolve(self.args.resume_from_checkpoint, self.args.output_dir)
-        if folder is None:
-            self._say(f"no complete checkpoint in {self.args.output_dir}; starting from scratch")
-            return start
-        state = checkpoint.read_state(folder)
-        checkpoint.check_compatible(state.get("lora", {}), self._lora_settings(), folder)
-        self.pm.load_weights(self.models, self.options,
-                             os.path.join(folder, self.exact_format.default_filename(self.output_name)))
-        self._load_optimizer(os.path.join(folder, checkpoint.OPTIMIZER_FILE))
-        self.features.resume(folder, state)
-        self._say(f"resumed from {folder} at step {state['global_step']}")
-        return {"global_step": int(state["global_step"]), "losses": list(state.get("losses", []))}
-
     def _weights_finite(self) -> bool:
         return all(np.isfinite(p.asnumpy()).all() for g in self.groups for p in g["params"])
-
-    def _optimizer_state(self) -> dict:
-        trained = {id(p) for p in self.optimizer.parameters}
-        return {p.name: p for _, p in self.optimizer.parameters_and_names() if id(p) not in trained}
-
-    def _schedule_names(self) -> set[str]:
-        """Names of the optimizer's learning-rate schedule tensors (one per parameter group)."""
-        from mindspore import Parameter, nn
-
-        lr = self.optimizer.learning_rate
-        cells = list(lr) if isinstance(lr, (nn.CellList, list, tuple)) else [lr]
-        ids = {id(c) for c in cells if isinstance(c, Parameter)}
-        ids |= {id(p) for c in cells if isinstance(c, nn.Cell) for p in c.get_parameters()}
-        return {name for name, p in self._optimizer_state().items() if id(p) in ids}
-
-    def _load_optimizer(self, path: str):
-        """Moments and step counter from the checkpoint. The learning-rate schedule is not read back: it is a
-        function of the flags (``--max_train_steps``, ``--lr_scheduler``, ``--lr_warmup_steps``, ``--learning_rate``)
-        and was just built from them, so a resume with the same flags continues exactly and one with other schedule
-        flags continues from the saved step on the new schedule (said in one line)."""
-        from mindone_lora_plugin import safetensors_io
-
-        tensors, _ = safetensors_io.load(path)
-        current = self._optimizer_state()
-        schedule = self._schedule_names()
-        missing = sorted(set(current) - set(tensors) - schedule)
-        if missing:
-            raise LoraError(f"the checkpoint's optimizer state lacks {len(missing)} tensor(s) (e.g. {missing[0]}); it "
-                            f"was made with other settings")
-        changed = False
-        for name, p in current.items():
-            if name in schedule:
-                old, new = tensors.get(name), p.asnumpy()
-                changed |= old is None or old.shape != new.shape or not np.array_equal(old, new)
-                continue
-            p.set_data(self._ms.Tensor(tensors[name], dtype=p.dtype))
-        if changed:
-            self._say(f"the learning-rate schedule differs from the checkpoint's (other --max_train_steps, "
-                      f"--lr_scheduler, --lr_warmup_steps or --learning_rate); continuing on the new schedule for "
-                      f"{self.max_steps} steps")
-
-    def _save_checkpoint(self, global_step: int, losses: list[float]) -> str | None:
-        if not self.is_main:
-            return None
-        from mindone_lora_plugin import safetensors_io
-        from mindone_lora_plugin.train import checkpoint
-
-        def fill(tmp):
-            # the exact file (diffusers; kohya for algorithms diffusers cannot hold) is what a resume reads, so it is
-            # always there and always exact (fp32)
-            metadata = training_metadata(self, global_step)
-            first = self.exact_format.name
-            others = [f for f in self.formats if f != first]
-            if self.options.save_dtype is None:
-                self.pm.save_weights(self.models, self.options, tmp, [first] + others, self.output_name, metadata)
-            else:
-                exact = replace_options(self.options, save_dtype=None)
-                self.pm.save_weights(self.models, exact, tmp, [first], self.output_name, metadata)
-                if others:
-                    self.pm.save_weights(self.models, self.options, tmp, others, self.output_name, metadata)
-            safetensors_io.save({k: p.asnumpy() for k, p in self._optimizer_state().items()},
-                                os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
-            checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // self.updates_per_epoch,
-                                         "seed": self.seed, "lora": self._lora_settings(), "losses": losses,
-                                         "rng": "derived from (seed, micro-step); see train/data.py and trainer.py",
-                                         **self.features.checkpoint(tmp)})
-
-        return checkpoint.write(self.args.output_dir, global_step, fill, self.args.checkpoints_total_limit)
 
     # ------------------------------------------------------------------ the loop
 
     def _train(self, start: dict) -> TrainResult:
         from tqdm.auto import tqdm
 
-        args = self.args
-        ms = self._ms
-        accum = max(1, args.gradient_accumulation_steps)
-        global_step = start["global_step"]
-        losses = list(start["losses"])
-        result = TrainResult(args.output_dir, [], global_step, losses, skipped_images=self.skipped,
-                             models=self.models)
-        writer = self._tensorboard()
-        if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
-            result.validation_images.append(self._validate("before"))
-        self._say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
-                  f"batch {args.train_batch_size} × {accum} accumulation × {self.world} worker(s)) in "
-                  f"{args.mode} mode on {ms.get_context('device_target')}")
-        bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main,
-                   dynamic_ncols=True)
         from mindone_lora_plugin.train.events import RunEvents
 
-        events = self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
-        events.start(global_step, self.max_steps)
-        last_ckpt = None
+        args = self.args
+        global_step, losses = start["global_step"], list(start["losses"])
+        result = TrainResult(args.output_dir, [], global_step, losses, skipped_images=self.skipped,
+                             models=self.models)
+        self.writer = self._tensorboard()
+        if self.is_main and args.validation_prompt and global_step == 0 and getattr(args, "_validate_before", False):
+            result.validation_images.append(validation_images(self, "before"))
+        self.say(f"training {self.max_steps} steps ({self.num_epochs} epochs × {self.updates_per_epoch} steps, "
+                 f"batch {args.train_batch_size} × {max(1, args.gradient_accumulation_steps)} accumulation × "
+                 f"{self.world} worker(s)) in {args.mode} mode on {self._ms.get_context('device_target')}")
+        self.bar = tqdm(total=self.max_steps, initial=global_step, desc="steps", disable=not self.is_main,
+                        dynamic_ncols=True)
+        self.events = RunEvents(args.output_dir, enabled=self.is_main).install()  # SIGTERM → stop
+        self.events.start(global_step, self.max_steps)
+        self.last_checkpoint = None
         t0 = time.time()
         while global_step < self.max_steps:
-            epoch, in_epoch = divmod(global_step, self.updates_per_epoch)
-            micro_losses = []
-            for k in range(accum):
-                micro = (global_step * accum + k)
-                batch_index = in_epoch * accum + k
-                inputs = self._inputs(epoch, batch_index, micro)
-                cell = self.update_step if k == accum - 1 else self.micro_step
-                started = time.perf_counter()
-                micro_losses.append(float(cell(*inputs).asnumpy()))
-                self._note_shape(inputs[0].shape, time.perf_counter() - started)
-            loss = float(np.mean(micro_losses))
             global_step += 1
-            if not np.isfinite(loss):
-                bar.close()
-                events.uninstall()  # the signal handlers go with the loop, also when it fails
-                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise LoraError(f"the loss became {loss} at step {global_step}; training stopped and nothing more was "
-                                f"saved ({kept}); lower --learning_rate or check the data")
+            loss = self._update(global_step)
             losses.append(loss)
-            lr = self.lr_schedules[next(iter(self.lr_schedules))][global_step - 1]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, global_step)
-                writer.add_scalar("train/lr", lr, global_step)
-            log.info("step %d loss %.6f lr %.3e", global_step, loss, lr)
-            self.features.after_update(global_step, writer)  # EMA, validation loss, samples, save cadence
-            events.step(global_step, self.max_steps, loss, lr)
-            if events.stop_requested and global_step < self.max_steps:  # a graceful stop: checkpoint, then return
-                bar.close()
-                result.global_step, result.checkpoints = global_step, [self._save_checkpoint(global_step, losses)]
-                events.end("stopped", global_step)
-                events.uninstall()
-                self._say(f"stopped at step {global_step}; resume with --resume_from_checkpoint latest")
-                return result
-            if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0
-                    and global_step < self.max_steps):
-                if not self._weights_finite():  # never write a poisoned checkpoint over a good one
-                    bar.close()
-                    events.uninstall()  # the signal handlers go with the loop, also when it fails
-                    raise LoraError(f"the LoRA weights became non-finite at step {global_step}; training stopped "
-                                    f"(the last good checkpoint is {last_ckpt or 'none'}); lower --learning_rate")
-                last_ckpt = self._save_checkpoint(global_step, losses) or last_ckpt
-            end_of_epoch = global_step % self.updates_per_epoch == 0
-            if self.is_main and args.validation_prompt and (
-                    (end_of_epoch and (global_step // self.updates_per_epoch) % max(1, args.validation_epochs) == 0
-                     and global_step < self.max_steps)
-                    or (args.validation_steps and global_step % args.validation_steps == 0
-                        and global_step < self.max_steps)):
-                result.validation_images.append(self._validate(f"step-{global_step:06d}"))
-        bar.close()
-        elapsed = time.time() - t0
+            self._report(global_step, loss)
+            if self.events.stop_requested and global_step < self.max_steps:  # a graceful stop: checkpoint, return
+                return self._stop(result, global_step, losses)
+            self._periodic(result, global_step, losses)
+        return self._finish(result, global_step, losses, time.time() - t0)
+
+    def _update(self, step: int) -> float:
+        """Optimizer update number ``step`` (from 1): its micro-steps; their mean loss (non-finite ends the run)."""
+        accum = max(1, self.args.gradient_accumulation_steps)
+        epoch, in_epoch = divmod(step - 1, self.updates_per_epoch)
+        micro_losses = []
+        for k in range(accum):
+            inputs = self._inputs(epoch, in_epoch * accum + k, (step - 1) * accum + k)
+            cell = self.update_step if k == accum - 1 else self.micro_step
+            started = time.perf_counter()
+            micro_losses.append(float(cell(*inputs).asnumpy()))
+            self._note_shape(inputs[0].shape, time.perf_counter() - started)
+        loss = float(np.mean(micro_losses))
+        if not np.isfinite(loss):
+            self._end_loop()
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was written yet")
+            raise LoraError(f"the loss became {loss} at step {step}; training stopped and nothing more was "
+                            f"saved ({kept}); lower --learning_rate or check the data")
+        return loss
+
+    def _end_loop(self) -> None:
+        self.bar.close()
+        self.events.uninstall()  # the signal handlers go with the loop, also when it fails
+
+    def _report(self, step: int, loss: float) -> None:
+        """The progress bar, scalars and log line of update ``step``, then every feature's per-step work."""
+        lr = self.lr_schedules[next(iter(self.lr_schedules))][step - 1]
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.bar.update(1)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        log.info("step %d loss %.6f lr %.3e", step, loss, lr)
+        self.features.after_step(self, step, self.writer)  # EMA, validation loss, samples, save cadence
+        self.events.step(step, self.max_steps, loss, lr)
+
+    def _stop(self, result: TrainResult, step: int, losses: list[float]) -> TrainResult:
+        self.bar.close()
+        result.global_step, result.checkpoints = step, [resume.save_checkpoint(self, step, losses)]
+        self.events.end("stopped", step)
+        self.events.uninstall()
+        self.say(f"stopped at step {step}; resume with --resume_from_checkpoint latest")
+        return result
+
+    def _periodic(self, result: TrainResult, step: int, losses: list[float]) -> None:
+        """The checkpoint and validation images due after update ``step`` (after the last one, the end writes
+        them)."""
+        args = self.args
+        if step >= self.max_steps:
+            return
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            if not self._weights_finite():  # never write a poisoned checkpoint over a good one
+                self._end_loop()
+                raise LoraError(f"the LoRA weights became non-finite at step {step}; training stopped "
+                                f"(the last good checkpoint is {self.last_checkpoint or 'none'}); lower "
+                                f"--learning_rate")
+            self.last_checkpoint = resume.save_checkpoint(self, step, losses) or self.last_checkpoint
+        epochs, in_epoch = divmod(step, self.updates_per_epoch)
+        if self.is_main and args.validation_prompt and (
+                (in_epoch == 0 and epochs % max(1, args.validation_epochs) == 0)
+                or (args.validation_steps and step % args.validation_steps == 0)):
+            result.validation_images.append(validation_images(self, f"step-{step:06d}"))
+
+    def _finish(self, result: TrainResult, global_step: int, losses: list[float], elapsed: float) -> TrainResult:
+        """The final files, the features' finish, the last checkpoint, hparams, loss curve and images."""
+        args, writer = self.args, self.writer
+        self.bar.close()
         result.global_step = global_step
         if self.is_main:
             result.files = self.pm.save_weights(self.models, self.options, args.output_dir, self.formats,
                                                 self.output_name, training_metadata(self, global_step))
-        result.files += self.features.finish(global_step, writer)  # final validation loss, <name>-ema files
-        result.validation_losses, result.samples = self.features.validation_losses, self.features.samples
+        result.files += self.features.finish(self, global_step, writer)  # final validation loss, <name>-ema files
+        for name, value in self.features.results().items():  # validation losses, samples
+            setattr(result, name, value)
         if self.is_main:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                self._save_checkpoint(global_step, losses)
+                resume.save_checkpoint(self, global_step, losses)
             from mindone_lora_plugin.train.checkpoint import complete_checkpoints
 
             result.checkpoints = [p for _, p in complete_checkpoints(args.output_dir)]  # after pruning
@@ -437,16 +298,17 @@ class Trainer:
 
             result.loss_curve = save_loss_curve(losses, os.path.join(args.output_dir, "loss_curve.png"),
                                                 f"{self.output_name}: loss per step",
-                                                validation=self.features.validation_losses)
+                                                validation=result.validation_losses)
             if args.validation_prompt:
-                result.validation_images.append(self._validate("final"))
-            self._say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
+                result.validation_images.append(validation_images(self, "final"))
+            self.say(f"trained {global_step} steps in {elapsed:.1f}s; wrote {', '.join(result.files)}")
         if self.world > 1:  # every worker reports, so identical weights across workers can be checked
-            print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {self._weights_digest()}", flush=True)
+            digest = resume.weights_digest(self.groups)
+            print(f"worker {self.rank}/{self.world}: LoRA weights sha256 {digest}", flush=True)
         if writer is not None:
             writer.close()
-        events.end("finished", global_step)
-        events.uninstall()
+        self.events.end("finished", global_step)
+        self.events.uninstall()
         return result
 
     def _note_shape(self, shape, seconds: float) -> None:
@@ -455,18 +317,8 @@ class Trainer:
         if tuple(shape) not in seen:
             seen.add(tuple(shape))
             if self.sizer is not None:
-                self._say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
-                          f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
-
-    def _weights_digest(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for g in self.groups:
-            for p in g["params"]:
-                h.update(p.name.encode())
-                h.update(np.ascontiguousarray(p.asnumpy(), dtype=np.float32).tobytes())
-        return h.hexdigest()
+                self.say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
+                         f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
@@ -474,9 +326,9 @@ class Trainer:
 
         if dropout_rates(self.options):  # the adapter dropout masks of this micro-step, the same after a resume
             seed_dropout(self.seed, micro, self.rank)
-        return self._model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
+        return self.model_inputs(batch, np.random.default_rng([self.seed, micro, self.rank, 101]))
 
-    def _model_inputs(self, batch, rng, weighted: bool = True):
+    def model_inputs(self, batch, rng, weighted: bool = True):
         """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one):
         the architecture's (:meth:`~mindone_lora_plugin.architectures.base.Architecture.model_inputs`)."""
         return self.arch.model_inputs(self, batch, rng, weighted)
@@ -494,19 +346,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation, logging, metadata
 
-    def _validate(self, tag: str) -> str:
-        from mindone_lora_plugin.train.sampling import generate
-        from mindone_lora_plugin.train.visuals import save_grid
+    # ------------------------------------------------------------------ what features see (features/base.FeatureRun)
 
-        args = self.args
-        with self.features.image_weights():  # the EMA weights with --use_ema
-            images = generate(self, args.validation_prompt, args.num_validation_images,
-                              steps=args.num_inference_steps or (8 if self.resolution <= 64 else 30), seed=self.seed)
-        path = os.path.join(args.output_dir, "validation", f"{tag}.png")
-        save_grid(images, path, f"{tag}: {args.validation_prompt}",
-                  {"prompt": args.validation_prompt, "seed": self.seed, "tag": tag})
-        self._say(f"validation images: {path}")
-        return path
+    def drawing_weights(self):
+        return self.features.drawing_weights()
+
+    def draw(self, prompt: str, num_images: int, steps: int, seed: int, **options) -> list:
+        from mindone_lora_plugin.train.sampling import generate
+
+        return generate(self, prompt, num_images, steps=steps, seed=seed, **options)
+
+    def metadata(self, global_step: int) -> dict[str, str]:
+        return training_metadata(self, global_step)
+
+    def save_lora(self, name: str, metadata: dict) -> list[str]:
+        paths = []
+        for fmt_name in self.formats:
+            folder = self.args.output_dir
+            if name not in self.pm.get_format(fmt_name).default_filename(name):  # diffusers: a folder of that name
+                folder = os.path.join(folder, name)
+                os.makedirs(folder, exist_ok=True)
+            paths += self.pm.save_weights(self.models, self.options, folder, [fmt_name], name, metadata)
+        return paths
+
+    def save_named(self, name: str, metadata: dict) -> list[str]:
+        return self.save_lora(name, metadata) + self.features.on_save(self, name, metadata)
+
+    def log_event(self, kind: str, **fields) -> None:
+        events = getattr(self, "events", None)  # train_log.jsonl, which the UI draws
+        if events is not None:
+            events.write(kind, **fields)
 
     def _tensorboard(self):
         if self.args.report_to != "tensorboard" or not self.is_main:
@@ -518,7 +387,7 @@ class Trainer:
             return None
         return SummaryWriter(os.path.join(self.args.output_dir, self.args.logging_dir))
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         if self.is_main:
             log.info(message)
             print(message, flush=True)

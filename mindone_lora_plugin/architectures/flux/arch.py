@@ -51,6 +51,7 @@ class Flux(files.FluxKeyGrammar, Architecture):
     denoiser = "transformer"
     default_strategy = "flux"
     default_resolution = 1024
+    unused_flags = ("prediction_type", "snr_gamma", "debiased_estimation_loss")  # flow matching: no SNR, no epsilon
     kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
     kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
     modelspec_architecture = "flux-1-dev/lora"
@@ -129,13 +130,13 @@ class Flux(files.FluxKeyGrammar, Architecture):
     def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
         """Flow matching: latents ``(z − shift_factor)·scaling_factor``, noise, σ, per-sample weights, then the
         conditioning (see :class:`~.loss.FlowMatchLoss`)."""
+        import mindspore as ms
         import numpy as np
 
         from mindone_lora_plugin.architectures.flux.timesteps import sample_sigmas
         from mindone_lora_plugin.train import data_setup
         from mindone_lora_plugin.train.noise import draw_noise
 
-        ms = trainer._ms
         args = trainer.args
         latents = data_setup.sample_latents(trainer, batch, rng)
         noise = draw_noise(rng, latents.shape, args)

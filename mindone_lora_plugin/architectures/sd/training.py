@@ -61,12 +61,12 @@ class SDTraining:
     def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
         """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
         :class:`~.loss.DenoiseLoss`)."""
+        import mindspore as ms
         import numpy as np
 
         from mindone_lora_plugin.train import data_setup
         from mindone_lora_plugin.train.noise import draw_noise, loss_weights
 
-        ms = trainer._ms
         args = trainer.args
         latents = data_setup.sample_latents(trainer, batch, rng)
         noise = draw_noise(rng, latents.shape, args)

@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.train.features.base import TrainingFeature
 
 OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance_scale", "s": "steps"}
 
@@ -91,22 +92,68 @@ def file_name(output_name: str, step: int, index: int) -> str:
     return f"{output_name}_{step:06d}_{index:02d}.png"
 
 
-def draw(trainer, prompts: list[SamplePrompt], global_step: int) -> list[str]:
-    """Generate one image per prompt with the trainer's current weights; return the PNG paths."""
-    from mindone_lora_plugin.train.sampling import generate
+def draw(run, prompts: list[SamplePrompt], global_step: int) -> list[str]:
+    """Generate one image per prompt with the run's current weights; return the PNG paths."""
     from mindone_lora_plugin.train.visuals import save_png
 
-    args = trainer.args
+    args = run.args
     folder = os.path.join(args.output_dir, "samples")
-    default_steps = args.num_inference_steps or (8 if trainer.resolution <= 64 else 30)
+    default_steps = args.num_inference_steps or (8 if run.resolution <= 64 else 30)
     paths = []
     for i, p in enumerate(prompts):
-        settings = dict(asdict(p), width=p.width or trainer.resolution, height=p.height or trainer.resolution,
-                        seed=trainer.seed if p.seed is None else p.seed, steps=p.steps or default_steps)
-        image = generate(trainer, p.prompt, 1, steps=settings["steps"], seed=settings["seed"],
+        settings = dict(asdict(p), width=p.width or run.resolution, height=p.height or run.resolution,
+                        seed=run.seed if p.seed is None else p.seed, steps=p.steps or default_steps)
+        image = run.draw(p.prompt, 1, steps=settings["steps"], seed=settings["seed"],
                          negative_prompt=p.negative_prompt, width=settings["width"], height=settings["height"],
                          guidance_scale=p.guidance_scale)[0]
-        path = os.path.join(folder, file_name(trainer.output_name, global_step, i))
+        path = os.path.join(folder, file_name(run.output_name, global_step, i))
         save_png(image, path, dict(settings, step=global_step))
         paths.append(path)
     return paths
+
+
+class SamplePrompts(TrainingFeature):
+    name = "sample_prompts"
+    description = "--sample_prompts FILE: images drawn every N steps or epochs (kohya's prompt syntax)"
+    order = 30
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        g = parser.add_argument_group("sample images during training")
+        g.add_argument("--sample_prompts", type=str, default=None,
+                       help="a text file, one prompt a line, options as kohya: --n negative --w width --h height "
+                            "--d seed --l CFG scale --s steps")
+        g.add_argument("--sample_every_n_steps", type=int, default=None, help="draw the sample prompts every N steps")
+        g.add_argument("--sample_every_n_epochs", type=int, default=None,
+                       help="draw the sample prompts every N epochs")
+
+    @classmethod
+    def check(cls, args) -> None:
+        for flag in ("sample_every_n_steps", "sample_every_n_epochs"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise LoraError(f"--{flag} must be at least 1, got {value}")
+        if (args.sample_every_n_steps or args.sample_every_n_epochs) and not args.sample_prompts:
+            raise LoraError("--sample_every_n_steps/--sample_every_n_epochs need --sample_prompts FILE")
+        if args.sample_prompts and not (args.sample_every_n_steps or args.sample_every_n_epochs):
+            raise LoraError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs (when to draw "
+                            "them)")
+        if args.sample_prompts:
+            read_prompts(args.sample_prompts)
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.prompts = read_prompts(args.sample_prompts) if args.sample_prompts else []
+        self.samples: list[str] = []
+        self.drawing = None
+
+    def setup(self, run) -> None:
+        self.drawing = run.drawing_weights  # the EMA weights with --use_ema
+
+    def after_step(self, run, global_step: int, writer) -> None:
+        if run.is_main and self.prompts and is_due(self.args, global_step, run.updates_per_epoch):
+            with self.drawing():
+                self.samples += draw(run, self.prompts, global_step)
+
+    def results(self) -> dict:
+        return {"samples": self.samples}

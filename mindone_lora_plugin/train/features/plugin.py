@@ -1,0 +1,15 @@
+"""The built-in ``features`` plugin: registers the training features of this package."""
+
+from __future__ import annotations
+
+from mindone_lora_plugin.hookspecs import hookimpl
+
+
+@hookimpl
+def mindone_lora_training_features():
+    from mindone_lora_plugin.train.features.ema import EmaFeature
+    from mindone_lora_plugin.train.features.sample_prompts import SamplePrompts
+    from mindone_lora_plugin.train.features.save_cadence import SaveCadence
+    from mindone_lora_plugin.train.features.validation_loss import ValidationLossFeature
+
+    yield from (EmaFeature, ValidationLossFeature, SamplePrompts, SaveCadence)
