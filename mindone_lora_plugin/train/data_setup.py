@@ -241,7 +241,6 @@ def load_data(trainer):
         ensure_class_images(trainer, args.class_data_dir, args.class_prompt, args.num_class_images,
                             args.sample_batch_size)
     if trainer.world > 1:
-        from mindone_lora_plugin.train.settings import barrier
 
         barrier()
     prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, trainer.resolution,
@@ -250,3 +249,10 @@ def load_data(trainer):
     trainer.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "
                 f"{args.prior_loss_weight}")
     return examples, prior
+
+
+def barrier() -> None:
+    """Wait until every worker gets here (rank 0 may be generating class images meanwhile)."""
+    from mindspore.communication import comm_func
+
+    comm_func.barrier()

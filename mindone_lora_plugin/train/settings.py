@@ -54,13 +54,6 @@ def check_args(args):
             raise LoraError(message)
 
 
-def barrier() -> None:
-    """Wait until every worker gets here (rank 0 may be generating class images meanwhile)."""
-    from mindspore.communication import comm_func
-
-    comm_func.barrier()
-
-
 def check_writable(folder: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
