@@ -43,9 +43,6 @@ REQUIRED = ("pretrained_model_name_or_path", "output_dir")  # and one of DATA_FI
 DATA_FIELDS = ("train_data_dir", "dataset_name", "instance_data_dir")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_GROUPS = ("positional arguments", "options", "optional arguments")
-# flags of noise-prediction training that an architecture's trainer ignores (FLUX trains by flow matching); no
-# architecture declares this itself, so it is listed here
-IGNORED_BY = {"flux": ("prediction_type", "snr_gamma", "debiased_estimation_loss")}
 
 PRESETS = {
     "SD1.x quick": dict(resolution="512", train_batch_size="1", max_train_steps="500", learning_rate="1e-4",
@@ -178,15 +175,16 @@ def scope(help_text: str, names) -> list | None:
 def _installed_names(groups) -> dict:
     """Offer the installed algorithms and strategies as choices (each strategy with the architectures it fits), name
     the installed formats (all come from plugins), give each plugin flag its scope (see :func:`scope`) and each flag
-    an architecture ignores (:data:`IGNORED_BY`) the other architectures; return the architectures' labels."""
+    an architecture does not use (its ``unused_flags``, which training refuses) the other architectures; return the
+    architectures' labels."""
     from mindone_lora_plugin.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     archs = pm.architectures()
     names = [("algorithm", sorted(pm.algorithms())), ("architecture", sorted(archs)),
              ("strategy", sorted(pm.strategies()))]
-    ignored = {dest: [a for a in sorted(archs) if dest not in IGNORED_BY.get(a, ())]
-               for dests in IGNORED_BY.values() for dest in dests}
+    ignored = {dest: [a for a in sorted(archs) if dest not in archs[a].unused_flags]
+               for arch in archs.values() for dest in arch.unused_flags}
     for g in groups:
         for f in g["fields"]:
             if g["title"] == "plugins":
