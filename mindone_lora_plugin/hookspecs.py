@@ -66,7 +66,6 @@ def mindone_lora_strategies() -> Iterable["LoraStrategy"]:
 
         from mindone_lora_plugin.hookspecs import hookimpl
         from mindone_lora_plugin.strategies.base import LoraStrategy
-    from mindone_lora_plugin.train.features.base import TrainingFeature
 
         class FeedForwardOnly(LoraStrategy):
             name = "ff"

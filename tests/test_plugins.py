@@ -643,3 +643,17 @@ def test_peft_folder_loads_in_hugging_face_peft(peft, tiny_sd1, tmp_path):
         np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), mod.up)
         assert layer.scaling["default"] == pytest.approx(mod.scale), path
     assert torch is not None
+
+
+def test_every_hookspec_example_is_valid_python():
+    """Each hookspec's ``Example::`` block compiles (a line pasted into one at the wrong indentation broke it once);
+    the strategy, algorithm and architecture examples are also run in their own tests."""
+    import textwrap
+
+    from mindone_lora_plugin import hookspecs
+
+    examples = {name: textwrap.dedent(f.__doc__.split("Example::", 1)[1]) for name, f in vars(hookspecs).items()
+                if name.startswith("mindone_lora_") and "Example::" in (getattr(f, "__doc__", None) or "")}
+    assert len(examples) >= 10
+    for name, src in examples.items():
+        compile(src, name, "exec")
