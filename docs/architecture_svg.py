@@ -18,7 +18,6 @@ COLOURS = {
     "plugin": ("#fff7ed", "#ea580c"),
     "train": ("#fdf2f8", "#db2777"),
     "runtime": ("#f1f5f9", "#475569"),
-    "new": ("#ffffff", "#ea580c"),
 }
 
 
@@ -88,21 +87,21 @@ def picture() -> str:
                              "algorithms/base.py"]),
              ("Formats", ["how a state is stored", "diffusers, kohya", "claim / read / write",
                           "formats/base.py"]),
-             ("Training features", ["the kind the registry", "has room for (a fifth", "kind, being added)",
-                                    "now: train/features.py"])]
+             ("Training features", ["around the step: EMA,", "validation loss, samples,", "save cadence",
+                                    "train/features/base.py"])]
     for i, (title, lines) in enumerate(kinds):
-        parts += box(45 + i * 184, 370, 170, 115, "new" if i == 4 else "plugin", title, lines, dashed=(i == 4))
+        parts += box(45 + i * 184, 370, 170, 115, "plugin", title, lines)
     # trainer and contracts
     parts += band(535, 130, "training")
     parts += box(30, 535, 290, 130, "train", "Family contract",
                  ["Architecture (architectures/base.py)", "load_training_parts → TrainingParts",
                   "text_conditioner · make_loss", "model_inputs · training_pipeline"])
     parts += box(385, 535, 290, 130, "train", "Trainer (train/trainer.py)",
-                 ["flags checked first (train/validate.py)", "the loop: step, checkpoints, resume",
+                 ["flags checked first (train/checks.py)", "the loop: step, checkpoints, resume",
                   "LoRA only through the operation hooks", "(operations.py: the core plugin)"])
     parts += box(740, 535, 230, 130, "train", "Feature contract",
-                 ["train/features.py today:", "setup · after_update", "checkpoint · resume · finish",
-                  "(EMA, validation, samples)"])
+                 ["TrainingFeature (features/base.py)", "check · setup · after_step",
+                  "checkpoint · resume · finish", "sees the run as FeatureRun"])
     parts += arrow(385, 600, 320, 600, "asks")
     parts += arrow(675, 600, 740, 600, "calls")
     # runtime
