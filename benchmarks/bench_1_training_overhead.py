@@ -39,11 +39,11 @@ TARGET_RATIO = 1.02
 
 def prepare(folder: str) -> dict:
     """The tiny SD1.x model folder and a captioned imagefolder (both built from code, nothing downloaded)."""
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "graph", seed=0)
     from mindone_lora_plugin.architectures.sd.tiny import RESOLUTION, ensure_tiny_model
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(folder, "tiny-sd1"))
     data = make_shapes_dataset(os.path.join(folder, "shapes"), size=RESOLUTION, repeats=1)
@@ -52,14 +52,15 @@ def prepare(folder: str) -> dict:
 
 def _import_everything() -> None:
     """Import what both sides use, so neither side's set-up time contains the other's imports."""
-    from mindone_lora_plugin.runtime import quiet_mindone_imports, setup
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports, setup
 
     quiet_mindone_imports()
     setup("CPU", "graph", seed=0)
     import importlib
 
     for name in ("mindone.diffusers", "mindone.peft", "mindone.transformers", "transformers", "PIL.Image",
-                 "mindone.diffusers.optimization", "mindone_lora_plugin.train.data", "mindone_lora_plugin.train.step",
+                 "mindone.diffusers.optimization", "mindone_lora_plugin.train.data.loader",
+                 "mindone_lora_plugin.train.step",
                  "mindone_lora_plugin.train.trainer"):
         importlib.import_module(name)
 

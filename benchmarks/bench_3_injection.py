@@ -34,7 +34,7 @@ TARGET_RATIO = 1.05
 def inject_child(first: str, reps: int) -> dict:
     """Build the SD1.5 UNet, then inject ``reps`` times per side, alternating, starting with ``first``."""
     import _configs as K
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "graph", seed=0)
     import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)

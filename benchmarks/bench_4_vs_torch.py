@@ -60,7 +60,7 @@ class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's training step on the tiny UNet, GRAPH_MODE, CPU backend."""
 
     def __init__(self):
-        from mindone_lora_plugin.runtime import setup
+        from mindone_lora_plugin.runtime.process import setup
 
         setup("CPU", "graph", seed=0)
         import mindspore as ms

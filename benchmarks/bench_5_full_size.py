@@ -72,16 +72,16 @@ class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's step (``DenoiseLoss`` + ``build_steps``) on the full-size UNet."""
 
     def __init__(self, resolution, mode="graph", dtype="fp32", gc=False, model="sd15"):
-        from mindone_lora_plugin.runtime import setup
+        from mindone_lora_plugin.runtime.process import setup
 
         setup("CPU", mode, seed=0)
         import mindspore as ms
         from mindone.diffusers import UNet2DConditionModel
 
-        from mindone_lora_plugin import checkpointing
         from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
+        from mindone_lora_plugin.runtime import recompute as checkpointing
 
         t0 = time.perf_counter()
         unet = UNet2DConditionModel(**unet_config(model))

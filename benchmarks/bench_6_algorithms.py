@@ -29,7 +29,7 @@ def step_child(algo: str, reps: int) -> dict:
     """Median seconds of one forward+backward of the tiny UNet with ``algo`` adapters (PyNative)."""
     import numpy as np
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     import mindspore as ms
@@ -67,7 +67,7 @@ def step_child(algo: str, reps: int) -> dict:
 def inject_child(algo: str) -> dict:
     """Seconds to add ``algo`` adapters (kohya preset, rank 32) to a freshly built full-size SD1.5 UNet."""
     import _configs as K
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "graph", seed=0)
     import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)

@@ -91,7 +91,7 @@ def epoch_sums(steps: list[float], per_epoch: int) -> list[float]:
 
 def bench_caches(tmp: str, reps: int, resolution: int = 32) -> dict:
     from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(tmp, "tiny-sd1"))
     data = make_shapes_dataset(os.path.join(tmp, f"shapes{resolution}"), size=resolution, repeats=2)
@@ -119,8 +119,8 @@ def bench_vae(tmp: str, reps: int) -> dict:
     import numpy as np
     from mindone.diffusers import AutoencoderKL
 
-    from mindone_lora_plugin.train.cache import LatentCache
-    from mindone_lora_plugin.train.data import Example
+    from mindone_lora_plugin.train.data.cache import LatentCache
+    from mindone_lora_plugin.train.data.loader import Example
     from mindone_lora_plugin.train.step import VaeEncode
 
     vae = AutoencoderKL(**SD15_VAE)
@@ -189,7 +189,7 @@ def run(argv=None) -> int:
                          "and the UNet four times the pixels)")
     ap.add_argument("--caches_only", action="store_true", help="only the cache comparison (no buckets, no VAE)")
     opts = ap.parse_args(argv)
-    from mindone_lora_plugin.runtime import quiet_mindone_imports, setup
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports, setup
 
     quiet_mindone_imports()
     setup("CPU", "graph", seed=0)

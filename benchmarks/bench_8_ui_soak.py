@@ -106,7 +106,7 @@ def keepalive_vs_fresh(port: int, n: int) -> tuple[float, float]:
 
 def start_real(url: str, root: str, steps: int) -> str:
     from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     model = ensure_tiny_model("sd1", os.path.join(root, "tiny-sd1"))
     make_shapes_dataset(os.path.join(root, "shapes"), size=32, repeats=1)

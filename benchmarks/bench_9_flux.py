@@ -59,7 +59,7 @@ TARGET_RATIO = 1.05
 
 def make_folder(folder: str) -> str:
     """Save the tiny dev-layout FLUX pipeline at ``folder`` (run in a child process)."""
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model
@@ -87,7 +87,7 @@ class MindSporeStep(C.MindSporeLoraStep):
     """The plugin's FLUX LoRA step on the tiny transformer, GRAPH_MODE, CPU backend."""
 
     def __init__(self, folder):
-        from mindone_lora_plugin.runtime import setup
+        from mindone_lora_plugin.runtime.process import setup
 
         setup("CPU", "graph", seed=0)
         import mindspore as ms
@@ -170,7 +170,7 @@ def inject_child(side: str, preset: str) -> dict:
     """In a fresh process: build the full-size FLUX.1-dev transformer without allocating its weights, inject
     ``preset`` once through ``side`` (``plugin`` or ``direct``), check the result."""
     import _configs as K
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "graph", seed=0)
     import mindone.peft.tuners.lora.layer  # noqa: F401  (imported before any timing)

@@ -97,7 +97,7 @@ def picture() -> str:
                  ["Architecture (architectures/base.py)", "load_training_parts → TrainingParts",
                   "text_conditioner · make_loss", "model_inputs · training_pipeline"])
     parts += box(385, 535, 290, 130, "train", "Trainer (train/trainer.py)",
-                 ["flags checked first (train/checks.py)", "the loop: step, checkpoints, resume",
+                 ["flags checked first (train/flags/checks.py)", "the loop: step, checkpoints, resume",
                   "LoRA only through the operation hooks", "(operations.py: the core plugin)"])
     parts += box(740, 535, 230, 130, "train", "Feature contract",
                  ["TrainingFeature (features/base.py)", "check · setup · after_step",

@@ -1,4 +1,4 @@
-"""mindone-lora-plugin: pluggable LoRA training for Stable Diffusion on MindSpore/mindone.
+"""mindone-lora-plugin: pluggable LoRA training for diffusion models on MindSpore/mindone.
 
 Importing this package is cheap: MindSpore and mindone are imported only where they are used.
 """

@@ -3,7 +3,7 @@ before any third-party plugin, exactly as it registers an entry point of another
 is one plugin registering its architectures, strategies and flags."""
 
 BUILTIN_PLUGINS = {
-    "core": "mindone_lora_plugin.operations",
+    "core": "mindone_lora_plugin.core_plugin",
     "lora": "mindone_lora_plugin.algorithms.lora",
     "diffusers": "mindone_lora_plugin.formats.diffusers",
     "kohya": "mindone_lora_plugin.formats.kohya",

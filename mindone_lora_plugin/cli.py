@@ -46,13 +46,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class VersionAction(argparse.Action):
-    """``--version``: :func:`mindone_lora_plugin.runtime.version_report` (imports MindSpore to ask for the device)."""
+    """``--version``: :func:`mindone_lora_plugin.runtime.process.version_report` (imports MindSpore to ask for the
+    device)."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from mindone_lora_plugin.runtime import version_report
+        from mindone_lora_plugin.runtime.process import version_report
 
         print(version_report())
         parser.exit(0)

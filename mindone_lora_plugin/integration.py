@@ -20,7 +20,7 @@ format works in the script::
     lora.load(path)                                # load a LoRA file of any readable format into the adapters
 
 ``mindone-lora run`` (:mod:`mindone_lora_plugin.commands.run`) uses the same flags and options to switch the plugin
-into scripts that were not changed at all (see :mod:`mindone_lora_plugin.patching`).
+into scripts that were not changed at all (see :mod:`mindone_lora_plugin.scripts.seams`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import re
 from dataclasses import replace
 
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import PRESETS, LoraOptions, build_options, default_strategy, parse_targets  # noqa: F401
+from mindone_lora_plugin.options import PRESETS, LoraOptions, build_options, default_strategy, parse_targets
 
 __all__ = ["add_lora_arguments", "lora_argument_parser", "split_lora_args", "LoraIntegration", "DEFAULT_FORMATS",
            "FLAG_DESTS"]
@@ -156,7 +156,7 @@ class LoraIntegration:
         self.alpha = None if alpha is None else float(alpha)
         self.targets = parse_targets(targets) if isinstance(targets, str) else list(targets)
         self.save_formats = _formats_list(save_formats)
-        from mindone_lora_plugin.operations import check_save_formats
+        from mindone_lora_plugin.core_plugin import check_save_formats
 
         check_save_formats(self.pm, self.save_formats, self)  # unknown formats, or ones that cannot hold the algo
         if resume_from is not None and not os.path.isfile(resume_from):

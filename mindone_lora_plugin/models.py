@@ -125,8 +125,8 @@ def load_models(folder: str, components=None, dtype=None, variant: str | None = 
     ``from_pretrained``, as its architecture says
     (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_component`)."""
     from mindone_lora_plugin.architectures import get_architecture
-    from mindone_lora_plugin.basemodel import BaseModelInfo
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     info = BaseModelInfo.from_folder(folder)  # checks the layout, one clear error if it is not a model folder
     arch = get_architecture(info.architecture)

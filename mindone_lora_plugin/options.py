@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mindone_lora_plugin.dtypes import SAVE_DTYPES  # noqa: F401  (re-exported: what --save_dtype / --dtype accept)
-
 PRESETS = ("attn", "kohya", "kohya-conv")
 INITS = ("gaussian", "default")
 

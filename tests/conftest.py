@@ -12,7 +12,7 @@ os.environ.setdefault("GLOG_v", "3")
 def pytest_configure(config):
     """PyNative's synchronous launches on CPU, as the ``mindone-lora`` commands set them: it has to happen before
     the first operator of a test process (a fixture building a tiny model), or it never takes effect there."""
-    from mindone_lora_plugin.runtime import launch_synchronously
+    from mindone_lora_plugin.runtime.process import launch_synchronously
 
     launch_synchronously("CPU")
 

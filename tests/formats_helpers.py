@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.state import LoraModule, LoraState
 
 

@@ -2,7 +2,7 @@
 
     python tests/recompute_worker.py MODE GC LATENT BATCH OUT.npz
 
-MODE is ``graph`` or ``pynative``, GC ``1`` to recompute the blocks (:mod:`mindone_lora_plugin.checkpointing`).
+MODE is ``graph`` or ``pynative``, GC ``1`` to recompute the blocks (:mod:`mindone_lora_plugin.runtime.recompute`).
 Writes the loss and every LoRA gradient to OUT.npz and prints ``peak_kib=N`` (the process's ``VmHWM``).
 """
 
@@ -16,12 +16,12 @@ def build(gc: bool):
     import mindspore as ms
     from mindone.diffusers import UNet2DConditionModel
 
-    from mindone_lora_plugin import checkpointing
     from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
     from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.runtime import recompute as checkpointing
 
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD1_UNET)
@@ -55,7 +55,7 @@ def inputs(latent: int, batch: int):
 
 
 def main(mode, gc, latent, batch, out):
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", mode, seed=0)
     import mindspore as ms

@@ -235,7 +235,7 @@ def test_train_refuses_a_format_that_cannot_hold_the_algorithm(pm, tiny_sd1, tmp
 def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path):
     """GRAPH_MODE LoKr training (attention targets): checkpoints hold the kohya file, a resume from
     step 1 ends with the very same weights as the straight run, and the file loads back to the same outputs."""
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
     from train_helpers import load_back, train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
@@ -270,8 +270,8 @@ def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path):
 def test_loha_on_sdxl_trains_the_unet_and_both_text_encoders(pm, tiny_sdxl, tmp_path):
     """SDXL with LoHa on the UNet and both text encoders: the kohya file holds LoHa for all three (SGM names,
     lora_te1_/lora_te2_ prefixes) and loads back into fresh models to the trained outputs."""
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
     from mindone_lora_plugin.safetensors_io import read_header
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
     from train_helpers import load_back, train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
@@ -301,7 +301,7 @@ def test_runtime_allows_optimizers_over_many_adapter_tensors():
     deeper than the default (about 2 s): it fails with "Exceed function call depth limit 1000" without the runtime."""
     import mindspore as ms
 
-    from mindone_lora_plugin.runtime import MAX_CALL_DEPTH, setup
+    from mindone_lora_plugin.runtime.process import MAX_CALL_DEPTH, setup
 
     setup("CPU", "pynative", seed=0)
     assert MAX_CALL_DEPTH >= 20000
@@ -322,7 +322,7 @@ def test_adapter_dropouts_act_in_training_only(pm):
     import mindspore as ms
     from mindspore import mint
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     algo = pm.get_algorithm("loha")

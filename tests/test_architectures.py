@@ -16,7 +16,7 @@ from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures import FolderInfo, component_of, detect_folder, detect_lora, known_components
 from mindone_lora_plugin.architectures.base import METADATA, STRUCTURE, Architecture, Component, Evidence, TargetRule
 from mindone_lora_plugin.architectures.sd.arch import SD1
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.errors import LoraError, PluginError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat

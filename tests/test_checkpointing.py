@@ -28,7 +28,7 @@ WORKER = os.path.join(HERE, "recompute_worker.py")
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> str:
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=32, repeats=1)
 
@@ -66,8 +66,8 @@ def test_recompute_keeps_gradients_and_lowers_peak_memory(tmp_path):
 def test_enable_refuses_a_model_without_blocks_and_is_idempotent():
     from mindspore import nn
 
-    from mindone_lora_plugin import checkpointing
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime import recompute as checkpointing
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     with pytest.raises(LoraError, match="no ResNet, transformer or CLIP encoder blocks to recompute; drop the flag"):
@@ -102,7 +102,7 @@ def test_run_passes_the_scripts_gradient_checkpointing_flag(tiny_sd1, shapes, tm
                                                     "pynative", "--max_train_steps", "1"))
     assert result.exit_code == 0
     assert "gradient checkpointing: 18 blocks of UNet2DConditionModel recomputed" in capsys.readouterr().err
-    from mindone_lora_plugin import checkpointing
+    from mindone_lora_plugin.runtime import recompute as checkpointing
 
     assert checkpointing.is_enabled(result.session.models["unet"])
 
@@ -124,10 +124,10 @@ def test_bf16_on_cpu_is_refused_before_any_model_loads(tiny_sd1, shapes, tmp_pat
 def test_bf16_embedding_rows_against_numpy():
     from mindspore import nn
 
-    from mindone_lora_plugin import backends
-    from mindone_lora_plugin.backends import cpu
+    from mindone_lora_plugin.runtime import cpu  # noqa: E402
+    from mindone_lora_plugin.runtime.cpu import kernels
 
-    backends.activate("CPU")
+    cpu.activate("CPU")
     rng = np.random.default_rng(0)
     table = rng.standard_normal((50, 8)).astype(np.float32)
     ids = np.array([[3, 0, 49], [7, 7, 1]], np.int32)
@@ -135,7 +135,7 @@ def test_bf16_embedding_rows_against_numpy():
     emb.embedding_table.set_dtype(ms.bfloat16)
     emb.embedding_table.set_data(ms.Tensor(table).astype(ms.bfloat16))
     assert emb.embedding_table.dtype == ms.bfloat16
-    assert type(emb).construct is cpu.embedding_construct
+    assert type(emb).construct is kernels.embedding_construct
     got = emb(ms.Tensor(ids))
     assert got.dtype == ms.bfloat16 and got.shape == (2, 3, 8)
     bf16_table = ms.Tensor(table).astype(ms.bfloat16).astype(ms.float32).asnumpy()  # what the table holds
@@ -150,8 +150,8 @@ def test_pynative_on_cpu_launches_operators_synchronously():
     """MindSpore's asynchronous PyNative pipeline is slower on CPU (its queue threads compete with the kernels):
     setup turns it off there (docs/benchmarks.md, benchmark 5), unless MINDONE_LORA_PYNATIVE_ASYNC=1. Fresh
     processes: this one's setting comes from conftest, and it only counts before a process's first operator."""
-    code = ("import mindspore as ms; from mindone_lora_plugin.runtime import setup; setup('CPU', 'pynative'); "
-            "from mindone_lora_plugin.runtime import launches_synchronously; print(launches_synchronously())")
+    code = ("import mindspore as ms; from mindone_lora_plugin.runtime.process import setup; setup('CPU', 'pynative'); "
+            "from mindone_lora_plugin.runtime.process import launches_synchronously; print(launches_synchronously())")
     base = {k: v for k, v in os.environ.items() if k != "MINDONE_LORA_PYNATIVE_ASYNC"}
     for extra, expected in (({}, "True"), ({"MINDONE_LORA_PYNATIVE_ASYNC": "1"}, "False")):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -161,7 +161,7 @@ def test_pynative_on_cpu_launches_operators_synchronously():
 
 
 def test_mode_auto_keeps_graph_for_small_models_and_picks_pynative_at_full_size(tiny_sd1, tmp_path):
-    from mindone_lora_plugin.runtime import FULL_SIZE_BYTES, denoiser_bytes, resolve_mode
+    from mindone_lora_plugin.runtime.process import FULL_SIZE_BYTES, denoiser_bytes, resolve_mode
 
     assert 0 < denoiser_bytes(tiny_sd1) < FULL_SIZE_BYTES
     assert resolve_mode("auto", "CPU", tiny_sd1) == ("graph", "")

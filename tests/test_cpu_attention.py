@@ -1,4 +1,4 @@
-"""The CPU backend's chunked attention (``backends/cpu_attention.py``): the same values and gradients as the
+"""The CPU backend's chunked attention (``runtime/cpu/attention.py``): the same values and gradients as the
 materialised ``softmax(q kᵀ) v``, in PyNative and GRAPH_MODE, chosen only for large unmasked calls, and a UNet LoRA
 step through it equal to mindone's own attention path."""
 
@@ -11,8 +11,8 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import mint, nn  # noqa: E402
 
-from mindone_lora_plugin import backends  # noqa: E402
-from mindone_lora_plugin.backends import cpu_attention  # noqa: E402
+from mindone_lora_plugin.runtime import cpu  # noqa: E402
+from mindone_lora_plugin.runtime.cpu import attention as cpu_attention  # noqa: E402
 from ms_helpers import T, graph_mode, pynative  # noqa: E402
 
 if ms.get_context("device_target") != "CPU":  # pragma: no cover
@@ -21,8 +21,8 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover
 
 @pytest.fixture(autouse=True)
 def backend(monkeypatch):
-    monkeypatch.delenv(backends.ENV_SWITCH, raising=False)
-    assert backends.activate() is True
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    assert cpu.activate() is True
     with pynative():
         yield
 
@@ -157,7 +157,7 @@ def test_unet_lora_gradients_equal_through_chunked_attention(monkeypatch):
 def test_flux_attention_function_takes_the_chunked_path_when_large(monkeypatch):
     """mindone's ``layers_compat.scaled_dot_product_attention`` (FLUX) as replaced by the backend: the chunked path
     for a large unmasked call gives the materialised path's values."""
-    from mindone_lora_plugin.backends import cpu_transformer
+    from mindone_lora_plugin.runtime.cpu import transformer as cpu_transformer
 
     rng = np.random.default_rng(3)
     q, k, v = (T(rng.standard_normal((1, 2, 33, 8)), ms.float32) for _ in range(3))

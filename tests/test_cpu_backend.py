@@ -29,13 +29,13 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import mint, nn  # noqa: E402
 
-from mindone_lora_plugin import backends  # noqa: E402
+from mindone_lora_plugin.runtime import cpu  # noqa: E402
 
 if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend exists for CPU only
     pytest.skip("the CPU backend tests need MindSpore's CPU target", allow_module_level=True)
 
-from mindone_lora_plugin.backends import cpu  # noqa: E402
-from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
+from mindone_lora_plugin.runtime.cpu import install, kernels, rng  # noqa: E402
+from mindone_lora_plugin.runtime.process import quiet_mindone_imports  # noqa: E402
 from ms_helpers import T, graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
@@ -56,8 +56,8 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 @pytest.fixture(autouse=True)
 def cpu_backend_in_pynative(monkeypatch):
     """Every test runs with the backend active, in PyNative (whatever an earlier test module left behind)."""
-    monkeypatch.delenv(backends.ENV_SWITCH, raising=False)
-    assert backends.activate() is True
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    assert cpu.activate() is True
     with pynative():
         yield
 
@@ -208,7 +208,7 @@ def test_conv2d_ext_matches_numpy(stride, padding, dilation, groups, bias):
     args = [x, w] + ([randn(6)] if bias else [])
 
     def ms_fn(x, w, b=None):
-        return cpu.conv2d_ext_op(x, w, b, stride, padding, dilation, groups)
+        return kernels.conv2d_ext_op(x, w, b, stride, padding, dilation, groups)
 
     def np_fn(x, w, b=None):
         return np_conv2d(x, w, b, stride, padding, dilation, groups)
@@ -219,7 +219,7 @@ def test_conv2d_ext_matches_numpy(stride, padding, dilation, groups, bias):
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_conv2d_padding_matches_numpy(padding):
     x, w, b = randn(1, 3, 5, 5), randn(4, 3, 3, 3), randn(4)
-    check_op(lambda x, w, b: cpu.conv2d_padding_op(x, w, b, 1, padding),
+    check_op(lambda x, w, b: kernels.conv2d_padding_op(x, w, b, 1, padding),
              lambda x, w, b: np_conv2d(x, w, b, 1, padding), [x, w, b], wrt=(0, 1, 2), atol=1e-4, rtol=1e-4)
 
 
@@ -238,18 +238,18 @@ def test_layer_norm_matches_numpy(affine):
     x = randn(2, 3, 6)
     if affine:
         args, wrt = [x, randn(6), randn(6)], (0, 1, 2)
-        ms_fn = lambda x, w, b: cpu.layer_norm_ext_op(x, (6,), w, b, 1e-5)[0]  # noqa: E731
+        ms_fn = lambda x, w, b: kernels.layer_norm_ext_op(x, (6,), w, b, 1e-5)[0]  # noqa: E731
         np_fn = lambda x, w, b: np_layer_norm(x, (6,), w, b)  # noqa: E731
     else:
         args, wrt = [x], (0,)
-        ms_fn = lambda x: cpu.layer_norm_ext_op(x, (3, 6))[0]  # noqa: E731
+        ms_fn = lambda x: kernels.layer_norm_ext_op(x, (3, 6))[0]  # noqa: E731
         np_fn = lambda x: np_layer_norm(x, (3, 6))  # noqa: E731
     check_op(ms_fn, np_fn, args, wrt=wrt, atol=1e-4, rtol=1e-4)
 
 
 def test_layer_norm_statistics_half_precision_and_mint():
     x = randn(2, 5, 8)
-    out, mean, rstd = cpu.layer_norm_ext_op(T(x, ms.float32), (8,))
+    out, mean, rstd = kernels.layer_norm_ext_op(T(x, ms.float32), (8,))
     np.testing.assert_allclose(mean.asnumpy().reshape(2, 5), x.mean(-1), atol=1e-5)
     np.testing.assert_allclose(rstd.asnumpy().reshape(2, 5), 1 / np.sqrt(x.var(-1) + 1e-5), rtol=1e-4)
     half = mint.nn.functional.layer_norm(T(x, ms.float16), (8,))
@@ -261,7 +261,7 @@ def test_layer_norm_statistics_half_precision_and_mint():
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_matches_numpy(approximate):
-    check_op(lambda x: cpu.gelu_ext_op(x, approximate), lambda x: np_gelu(x, approximate), [randn(3, 7) * 2],
+    check_op(lambda x: kernels.gelu_ext_op(x, approximate), lambda x: np_gelu(x, approximate), [randn(3, 7) * 2],
              atol=1e-5, rtol=1e-4)
     got = mint.nn.functional.gelu(T(randn(4), ms.float32), approximate=approximate)
     assert got.shape == (4,)
@@ -271,8 +271,8 @@ def test_arange_matches_numpy():
     out = mint.arange(0, 7)
     assert out.dtype == ms.int64 and out.asnumpy().tolist() == list(range(7))
     np.testing.assert_allclose(mint.arange(start=0, end=5, dtype=ms.float32).asnumpy(), np.arange(5.0))
-    np.testing.assert_allclose(cpu.arange_op(1.0, 2.0, 0.25).asnumpy(), np.arange(1.0, 2.0, 0.25))
-    np.testing.assert_array_equal(cpu.arange_op(10, 2, -3, ms.int32).asnumpy(), np.arange(10, 2, -3))
+    np.testing.assert_allclose(kernels.arange_op(1.0, 2.0, 0.25).asnumpy(), np.arange(1.0, 2.0, 0.25))
+    np.testing.assert_array_equal(kernels.arange_op(10, 2, -3, ms.int32).asnumpy(), np.arange(10, 2, -3))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -284,7 +284,7 @@ def test_mse_loss_matches_numpy(reduction):
 
 @pytest.mark.parametrize("padding", [(0, 1, 0, 1), (1, 2), (-1, 1, 2, 0, 1, 1)])
 def test_constant_pad_nd_matches_numpy(padding):
-    check_op(lambda x: cpu.constant_pad_nd_op(x, padding, 0.5), lambda x: np_pad(x, padding, 0.5),
+    check_op(lambda x: kernels.constant_pad_nd_op(x, padding, 0.5), lambda x: np_pad(x, padding, 0.5),
              [randn(2, 3, 4)])
     got = mint.nn.functional.pad(T(randn(1, 2, 3, 3), ms.float32), padding)
     assert got.shape == np_pad(np.zeros((1, 2, 3, 3)), padding).shape
@@ -299,15 +299,15 @@ def test_zeros_ones_like():
 
 def test_stack_split_chunk_match_numpy():
     a, b = randn(2, 5), randn(2, 5)
-    check_op(lambda a, b: cpu.stack_ext_impl([a, b], 1), lambda a, b: np.stack([a, b], 1), [a, b], wrt=(0, 1))
+    check_op(lambda a, b: kernels.stack_ext_impl([a, b], 1), lambda a, b: np.stack([a, b], 1), [a, b], wrt=(0, 1))
     np.testing.assert_allclose(mint.stack([T(a, ms.float32), T(b, ms.float32)]).asnumpy(), np.stack([a, b]),
                                atol=1e-6)
     x = randn(3, 7)
     pieces = {
-        "sizes": (lambda x: cpu.split_with_size_op(x, (2, 4, 1), 1), lambda x: np.split(x, [2, 6], 1)),
-        "size": (lambda x: cpu.split_tensor_op(x, 3, -1), lambda x: np.split(x, [3, 6], 1)),
-        "chunk": (lambda x: cpu.chunk_op(x, 3, 1), lambda x: np.split(x, [3, 6], 1)),
-        "chunk0": (lambda x: cpu.chunk_op(x, 2, 0), lambda x: np.split(x, [2], 0)),
+        "sizes": (lambda x: kernels.split_with_size_op(x, (2, 4, 1), 1), lambda x: np.split(x, [2, 6], 1)),
+        "size": (lambda x: kernels.split_tensor_op(x, 3, -1), lambda x: np.split(x, [3, 6], 1)),
+        "chunk": (lambda x: kernels.chunk_op(x, 3, 1), lambda x: np.split(x, [3, 6], 1)),
+        "chunk0": (lambda x: kernels.chunk_op(x, 2, 0), lambda x: np.split(x, [2], 0)),
     }
     for name, (ms_split, np_split) in pieces.items():
         count = len(np_split(x))
@@ -319,7 +319,7 @@ def test_stack_split_chunk_match_numpy():
 def test_geglu_is_routed_through_slicing():
     from mindone.diffusers.models.activations import GEGLU
 
-    assert GEGLU.construct is cpu.geglu_construct
+    assert GEGLU.construct is kernels.geglu_construct
     layer = GEGLU(4, 3)
     x = randn(2, 4)
     weight, bias = layer.proj.weight.asnumpy().astype(np.float64), layer.proj.bias.asnumpy()
@@ -334,12 +334,12 @@ def test_installation_is_idempotent_and_covers_the_known_primitives():
     from mindspore.ops.auto_generate import gen_ops_prim
 
     start = time.perf_counter()
-    assert backends.activate("CPU") is True and backends.activate() is True and backends.is_active()
-    assert cpu.install() == 0  # nothing left to rebind
+    assert cpu.activate("CPU") is True and cpu.activate() is True and cpu.is_active()
+    assert install.install() == 0  # nothing left to rebind
     assert time.perf_counter() - start < 0.5
-    assert gen_ops_prim.conv2d_ext_op is cpu.conv2d_ext_op
-    assert mint.nn.functional.gelu is cpu.gelu
-    rebound = {name for _, name in cpu.rebound_attributes()}
+    assert gen_ops_prim.conv2d_ext_op is kernels.conv2d_ext_op
+    assert mint.nn.functional.gelu is kernels.gelu
+    rebound = {name for _, name in install.rebound_attributes()}
     for name in ("conv2d_ext_op", "conv2d_padding_op", "layer_norm_ext_op", "gelu_ext_op", "randn_", "randint_"):
         assert name in rebound
 
@@ -359,7 +359,7 @@ def test_patch_cells_and_the_pynative_safety_net():
     holder = Holder()
     expected = np_conv2d(x, w, None, 1, 1)
     np.testing.assert_allclose(holder(T(x, ms.float32), T(w, ms.float32)).asnumpy(), expected, atol=1e-5)  # __call__
-    assert cpu.patch_cells(holder) == 1 and holder.conv is cpu.conv2d_ext_op
+    assert install.patch_cells(holder) == 1 and holder.conv is kernels.conv2d_ext_op
     np.testing.assert_allclose(holder(T(x, ms.float32), T(w, ms.float32)).asnumpy(), expected, atol=1e-5)
 
 
@@ -374,13 +374,13 @@ def test_modules_imported_after_install_are_rebound(tmp_path, monkeypatch):
         "draw = Randn()\n"
         "gelu = functional_overload.__dict__['gelu']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cpu, "_PACKAGES", cpu._PACKAGES + ("cpu_backend_probe_pkg",))
+    monkeypatch.setattr(install, "_PACKAGES", install._PACKAGES + ("cpu_backend_probe_pkg",))
     import importlib
 
     late = importlib.import_module("cpu_backend_probe_pkg.late")
     try:
-        assert late.norm is cpu.layer_norm_ext_op and late.draw is cpu.randn_op
-        assert late.gelu is cpu.gelu  # already rebound in functional_overload itself
+        assert late.norm is kernels.layer_norm_ext_op and late.draw is rng.randn_op
+        assert late.gelu is kernels.gelu  # already rebound in functional_overload itself
     finally:
         sys.modules.pop("cpu_backend_probe_pkg.late", None)
         sys.modules.pop("cpu_backend_probe_pkg", None)
@@ -394,30 +394,30 @@ def test_modules_imported_after_install_are_rebound(tmp_path, monkeypatch):
 def test_random_replacements_match_numpy_reference():
     shape, seed, offset = (3, 4, 5), 1234567, 36
     s, o = T(np.int64(seed)), T(np.int64(offset))
-    np.testing.assert_allclose(cpu.randn_op(shape, s, o).asnumpy(), np_randn(shape, seed, offset), atol=1e-6)
-    np.testing.assert_allclose(cpu.randn_like_op(T(np.zeros(shape), ms.float16), s, o).asnumpy(),
+    np.testing.assert_allclose(rng.randn_op(shape, s, o).asnumpy(), np_randn(shape, seed, offset), atol=1e-6)
+    np.testing.assert_allclose(rng.randn_like_op(T(np.zeros(shape), ms.float16), s, o).asnumpy(),
                                np_randn(shape, seed, offset), atol=2e-3)
-    np.testing.assert_allclose(cpu.rand_ext_op(shape, s, o).asnumpy(), np_uniform53(shape, seed, offset, 0),
+    np.testing.assert_allclose(rng.rand_ext_op(shape, s, o).asnumpy(), np_uniform53(shape, seed, offset, 0),
                                atol=1e-7)
     expected = np.floor(np_uniform53(shape, seed, offset, 0) * 13).astype(np.int64) - 3
-    np.testing.assert_array_equal(cpu.randint_op(-3, 10, shape, s, o).asnumpy(), expected)
-    normal = cpu.normal_float_float_op(2.0, 0.5, shape, s, o)
+    np.testing.assert_array_equal(rng.randint_op(-3, 10, shape, s, o).asnumpy(), expected)
+    normal = rng.normal_float_float_op(2.0, 0.5, shape, s, o)
     np.testing.assert_allclose(normal.asnumpy(), 2.0 + 0.5 * np_randn(shape, seed, offset), atol=1e-6)
 
 
 def test_random_statistics():
     s, o = T(np.int64(7)), T(np.int64(0))
-    normal = cpu.randn_op((200_000,), s, o).asnumpy().astype(np.float64)
+    normal = rng.randn_op((200_000,), s, o).asnumpy().astype(np.float64)
     assert abs(normal.mean()) < 0.01 and abs(normal.std() - 1) < 0.01
     grid = np.linspace(-3, 3, 13)
     cdf = 0.5 * (1 + _erf(grid / math.sqrt(2)))
     assert np.abs((normal[:, None] <= grid).mean(0) - cdf).max() < 0.005  # Kolmogorov-Smirnov-style distance
-    uniform = cpu.rand_ext_op((200_000,), s, o).asnumpy()
+    uniform = rng.rand_ext_op((200_000,), s, o).asnumpy()
     assert uniform.min() >= 0 and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.005
-    ints = cpu.randint_op(0, 10, (200_000,), s, o).asnumpy()
+    ints = rng.randint_op(0, 10, (200_000,), s, o).asnumpy()
     counts = np.bincount(ints, minlength=10)
     assert len(counts) == 10 and np.abs(counts / len(ints) - 0.1).max() < 0.005
-    other = cpu.randn_op((200_000,), s, T(np.int64(12))).asnumpy()
+    other = rng.randn_op((200_000,), s, T(np.int64(12))).asnumpy()
     assert abs(np.corrcoef(normal, other)[0, 1]) < 0.01  # the next offset is an independent stream
 
 
@@ -434,7 +434,7 @@ def test_mint_random_ops_follow_manual_seed():
     assert not np.array_equal(first[0].asnumpy(), first[1].asnumpy())  # successive draws differ
     assert first[2].dtype == ms.int64 and 0 <= first[2].asnumpy().min() and first[2].asnumpy().max() < 100
     ms.manual_seed(42)
-    np.testing.assert_array_equal(cpu.randn((2, 3)).asnumpy(), first[0].asnumpy())
+    np.testing.assert_array_equal(rng.randn((2, 3)).asnumpy(), first[0].asnumpy())
     state = ms.get_rng_state()  # exact resume: restoring the generator state replays the stream
     draw = mint.randn(5).asnumpy()
     ms.set_rng_state(state)
@@ -828,7 +828,7 @@ def test_import_does_not_import_mindspore_and_env_switch_turns_it_off():
     out = _python("import sys\n"
                   "from mindone_lora_plugin import backends\n"
                   "assert 'mindspore' not in sys.modules\n"
-                  "assert backends.activate('CPU') is False and not backends.is_active()\n"
+                  "assert cpu.activate('CPU') is False and not cpu.is_active()\n"
                   "assert 'mindspore' not in sys.modules\n"
                   "print('ok')", MINDONE_LORA_CPU_BACKEND="0")
     assert out.strip() == "ok"
@@ -836,4 +836,4 @@ def test_import_does_not_import_mindspore_and_env_switch_turns_it_off():
 
 @pytest.mark.parametrize("target", ["Ascend", "GPU", "ascend"])
 def test_activation_on_other_targets_returns_false(target):
-    assert backends.activate(target) is False
+    assert cpu.activate(target) is False

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_two_workers_keep_identical_weights_and_only_rank0_writes(algo, request, tmp_path):
     """``lora``: plain LoRA on the tiny SD1 UNet; ``flux-loha``: LoHa (LyCORIS plugin) on the attention outputs of
     the tiny FLUX.1 dev transformer (32 px; the modules the kohya layout keeps unfused)."""
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     if algo == "flux-loha":
         from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model

@@ -146,10 +146,10 @@ def test_dora_layers_match_the_merged_weight_and_refuse_convs(plugin_manager, ti
     import mindspore as ms
 
     from mindone_lora_plugin.compose import apply_loras
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import load_models, lora_layers
     from mindone_lora_plugin.options import LoraOptions
-    from mindone_lora_plugin.runtime import setup
-    from mindone_lora_plugin.train.demo import _outputs
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     pm = plugin_manager
@@ -193,8 +193,8 @@ def _train_args(model, data, out, *extra):
 def dora_run(tiny_sd1, tmp_path_factory):
     """``mindone-lora train --lora_dora`` (PyNative, 2 steps, a checkpoint after each): the run and its data folder,
     shared by the tests below."""
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
     from mindone_lora_plugin.plugins import reset_plugin_manager
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
     from train_helpers import train
 
     reset_plugin_manager()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mindone_lora_plugin.cli import main
-from mindone_lora_plugin.train.demo import make_instance_images
+from mindone_lora_plugin.demo.training import make_instance_images
 from train_helpers import load_back, train
 
 pytestmark = pytest.mark.slow

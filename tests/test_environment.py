@@ -15,10 +15,11 @@ from importlib import metadata
 import pytest
 from packaging.requirements import Requirement
 
-from mindone_lora_plugin import __version__, runtime
+from mindone_lora_plugin import __version__
+from mindone_lora_plugin.runtime import process as runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_MODEL = os.path.join(ROOT, "mindone_lora_plugin", "assets", "shapes-sd1")
+DEMO_MODEL = os.path.join(ROOT, "mindone_lora_plugin", "demo", "assets", "shapes-sd1")
 #: a tqdm progress bar segment ("label:  50%|█████     | 1/2 [00:00<00:00,  2.22it/s]"): about the run, allowed
 PROGRESS = re.compile(r"^[^|]*\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*\]$")
 
@@ -86,7 +87,7 @@ def test_verbose_lets_mindspore_warnings_through_and_the_default_does_not():
 
 @pytest.mark.smoke
 def test_quiet_start_a_short_run_and_three_failures(tmp_path):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     # a successful short run: models loaded, two denoising steps, an image written
     ok = _command(["generate", "--model", DEMO_MODEL, "--prompt", "a red circle", "--steps", "2", "--num_images", "1",
@@ -141,13 +142,13 @@ def test_cpu_backend_asks_mindspore_by_feature():
     (they no longer have the private ``pyboost_generator`` the patch runs). No replaced primitive is missing."""
     from packaging.version import Version
 
-    from mindone_lora_plugin import backends
-    from mindone_lora_plugin.backends import cpu, primitives
+    from mindone_lora_plugin.runtime import cpu  # noqa: E402
+    from mindone_lora_plugin.runtime.cpu import install, primitives, rng
 
-    assert backends.activate("CPU")
+    assert cpu.activate("CPU")
     native = Version(metadata.version("mindspore")) >= Version("2.8")
-    assert cpu.FEATURES["generator_step"] == ("native" if native else "patched")
-    assert cpu.generator_steps_natively()  # patched or not, a STEP now advances the offset
+    assert install.FEATURES["generator_step"] == ("native" if native else "patched")
+    assert rng.generator_steps_natively()  # patched or not, a STEP now advances the offset
     assert primitives.ABSENT_PRIMITIVES == []
 
 

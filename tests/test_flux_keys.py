@@ -18,7 +18,7 @@ from flux_keys_helpers import (
 )
 from mindone_lora_plugin import safetensors_io
 from mindone_lora_plugin.architectures.flux import files, fuse, keys
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat

@@ -17,7 +17,7 @@ from ms_helpers import graph_mode, pynative  # noqa: E402
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model

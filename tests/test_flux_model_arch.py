@@ -14,7 +14,7 @@ pytest.importorskip("mindspore")
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory) -> str:
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model
@@ -37,7 +37,7 @@ def test_tiny_folder_is_detected_as_flux_and_presets_cover_every_component(tiny_
     from mindone.transformers import CLIPTextModel, T5EncoderModel
 
     from mindone_lora_plugin.architectures.flux.targets import targets
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     assert BaseModelInfo.from_folder(tiny_flux).architecture == "flux"
     clip = CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder")
@@ -57,7 +57,7 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     file names the original model's fused modules and ``inspect`` calls it FLUX.1."""
     from mindone_lora_plugin import safetensors_io
     from mindone_lora_plugin.cli import main
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
     out = tmp_path / "out"
@@ -80,10 +80,10 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     # merge into a model folder: its transformer computes what the base model with the LoRA loaded computes
     import mindspore as ms
 
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.demo import _outputs
 
     assert main(["merge", "--model", tiny_flux, "--lora", str(out / "out.safetensors"), "--out",
                  str(tmp_path / "merged")]) == 0

@@ -1,4 +1,4 @@
-"""The CPU backend's replacements for the primitives FLUX.1 reaches (backends/cpu_transformer.py), each against numpy:
+"""The CPU backend's replacements for the primitives FLUX.1 reaches (runtime/cpu/transformer.py), each against numpy:
 forward values, gradients by finite differences where the replacement is on the training path, and GRAPH_MODE for
 the replaced constructs."""
 
@@ -13,14 +13,14 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import mint, nn, ops  # noqa: E402
 
-from mindone_lora_plugin import backends  # noqa: E402
+from mindone_lora_plugin.runtime import cpu  # noqa: E402
 
 if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend exists for CPU only
     pytest.skip("the CPU backend tests need MindSpore's CPU target", allow_module_level=True)
 
 import ms_helpers  # noqa: E402
-from mindone_lora_plugin.backends import cpu, cpu_transformer as ct  # noqa: E402
-from mindone_lora_plugin.runtime import quiet_mindone_imports  # noqa: E402
+from mindone_lora_plugin.runtime.cpu import install, transformer as ct  # noqa: E402
+from mindone_lora_plugin.runtime.process import quiet_mindone_imports  # noqa: E402
 from ms_helpers import graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
@@ -32,8 +32,8 @@ def T(array, dtype=ms.float32):
 
 @pytest.fixture(autouse=True)
 def cpu_backend_in_pynative(monkeypatch):
-    monkeypatch.delenv(backends.ENV_SWITCH, raising=False)
-    assert backends.activate() is True
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    assert cpu.activate() is True
     with pynative():
         yield
 
@@ -236,7 +236,7 @@ def test_rotary_attention_and_modulation_compile_in_graph_mode():
 
 def test_transformer_replacements_are_installed():
     for cls in ct.PRIMITIVE_REPLACEMENTS:
-        assert cls in cpu.PRIMITIVE_REPLACEMENTS
+        assert cls in install.PRIMITIVE_REPLACEMENTS
     import mindone.diffusers.models.attention_dispatch as dispatch
     from mindone.diffusers.models.transformers import transformer_flux
 

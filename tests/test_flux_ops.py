@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mindone_lora_plugin.cli import main
-from mindone_lora_plugin.train.demo import make_instance_images, make_shapes_dataset
+from mindone_lora_plugin.demo.training import make_instance_images, make_shapes_dataset
 from train_helpers import parse
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import pytest
 
 from formats_helpers import random_state, tiny_sd1, tiny_sdxl
 from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET, SDXL_UNET
+from mindone_lora_plugin.demo.tiny import CLIP
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from mindone_lora_plugin.tiny import CLIP
 
 pytestmark = pytest.mark.interop
 
@@ -90,7 +90,7 @@ def test_hf_diffusers_loads_kohya_file(tmp_path, arch):
 
 def test_mindone_loads_diffusers_and_kohya_files(tmp_path):
     pytest.importorskip("mindspore")
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     from mindone.diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -125,7 +125,7 @@ def test_lora_config_fields_accepted_by_both():
 
     from peft import LoraConfig as PeftLoraConfig
 
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     from mindone.peft import LoraConfig as MindoneLoraConfig

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from formats_helpers import assert_states_equal, random_state, tiny_sd1, tiny_sdxl
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat

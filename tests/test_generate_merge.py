@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mindone_lora_plugin import compose
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.state import LoraModule, LoraState
@@ -82,7 +82,7 @@ def loras(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime():
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
 
@@ -302,8 +302,8 @@ def test_applied_merged_and_concatenated_agree(runtime, folders, loras, merged, 
     LoRA applied = the two applied (weights); merge_into_models = the merged folder (weights). That the LoRAs change
     the weights substantially is checked in test_merged_folder_weights_and_files."""
     from mindone_lora_plugin import safetensors_io
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import base_layer_of, load_models, lora_layers
-    from mindone_lora_plugin.train.demo import _outputs
 
     folder, lo = folders[arch], loras[arch]
     specs = compose.load_loras(lo["specs"], base=lo["info"])

@@ -27,7 +27,7 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> str:
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=32, repeats=1)
 
@@ -182,8 +182,9 @@ def test_run_help_and_missing_script(capsys, tmp_path):
 
 def test_patches_are_installed_and_undone():
     from mindone_lora_plugin.integration import LoraIntegration
-    from mindone_lora_plugin.patching import ScriptSession, patched
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
+    from mindone_lora_plugin.scripts.seams import patched
+    from mindone_lora_plugin.scripts.session import ScriptSession
 
     quiet_mindone_imports()
     from mindone.diffusers import StableDiffusionPipeline, optimization, training_utils
@@ -276,7 +277,7 @@ def test_integration_api_four_seams_through_the_hooks(tiny_sd1, tmp_path, plugin
 def test_run_sd1_script_kohya_targets_graph_mode(tiny_sd1, shapes, tmp_path):
     """mindone's default mode; targets beyond attention (the mixed-key pitfall); alpha ≠ rank; checkpoints."""
     from mindone_lora_plugin.formats.reader import read_lora
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     out = str(tmp_path / "sd1-lora")
     result = run_in_process(SD1_SCRIPT, script_args(tiny_sd1, shapes, out, "--checkpointing_steps", "1",
@@ -338,7 +339,7 @@ def test_run_sdxl_script_with_both_text_encoders(tiny_sdxl, shapes, tmp_path, ca
     """SDXL: UNet + both text encoders, alpha 8 with the script's rank 4, through the command line."""
     from mindone_lora_plugin.cli import main
     from mindone_lora_plugin.formats.reader import read_lora
-    from mindone_lora_plugin.patching import ScriptSession
+    from mindone_lora_plugin.scripts.session import ScriptSession
 
     out = str(tmp_path / "sdxl-lora")
     sessions = []

@@ -65,7 +65,7 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 def runtime():
     from diffusers.utils import logging as hf_logging
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ def test_rank_and_network_dropout_drop_as_kohya_does():
     from mindspore import mint
 
     from mindone_lora_plugin.algorithms.layers import seed_dropout
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     base = mint.nn.Linear(6, 5)
@@ -82,7 +82,7 @@ def test_locon_conv_dropout_and_graph_mode_masks():
     from mindspore import mint, nn
 
     from mindone_lora_plugin.algorithms.layers import seed_dropout
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     conv = mint.nn.Conv2d(3, 4, 3, padding=1)
@@ -134,10 +134,10 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
     module_dropout=1 is the base model in train mode; the saved files equal the no-dropout files key for key."""
     import mindspore as ms
 
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import load_models, lora_layers
     from mindone_lora_plugin.options import LoraOptions
-    from mindone_lora_plugin.runtime import setup
-    from mindone_lora_plugin.train.demo import _outputs
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     pm = plugin_manager
@@ -194,7 +194,7 @@ def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
     """The flags go to the options (no refusal for plain lora); DoRA takes module_dropout only (a DoRA layer with
     module_dropout=1 is the base layer in train mode), refusing the others in one line before any model loads."""
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.settings import options_from_args
+    from mindone_lora_plugin.train.flags.settings import options_from_args
     from train_helpers import parse
 
     pm = get_plugin_manager()
@@ -207,7 +207,7 @@ def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
     assert pm.get_algorithm("lora").settings_from(d) == {"dora_axis": "out", "module_dropout": 0.3}
     from mindspore import mint
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     base = mint.nn.Linear(6, 4)
@@ -233,8 +233,8 @@ def test_dropout_training_resumes_exactly_and_changes_training(tiny_sd1, tmp_pat
     """``train`` with the three dropouts (PyNative, 2 steps): a resume from step 1 repeats step 2's loss and
     tensors exactly; the same resume without dropout gives another loss and other tensors; the files hold the
     trained state and nothing else; the flags are recorded in the metadata."""
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
     from mindone_lora_plugin.formats.reader import read_lora
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
     from train_helpers import train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)

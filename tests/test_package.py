@@ -72,7 +72,7 @@ def test_building_the_tiny_model_twice_gives_identical_files(tiny_sd1, tmp_path)
 
 
 def test_generated_tokenizer_knows_the_demo_words(tmp_path):
-    from mindone_lora_plugin.tiny import build_tokenizer
+    from mindone_lora_plugin.demo.tiny import build_tokenizer
 
     tok = build_tokenizer(str(tmp_path / "tok"))
     ids = tok("a red circle")["input_ids"]

@@ -621,7 +621,7 @@ def test_peft_folder_loads_in_hugging_face_peft(peft, tiny_sd1, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from peft import PeftModel
 
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     shapes = BaseModelInfo.from_folder(tiny_sd1).modules["unet"]
     rng = np.random.default_rng(0)

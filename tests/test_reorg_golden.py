@@ -64,7 +64,7 @@ def run_all(models: dict, data: str, tmp: str) -> dict:
 def _models(tmp: str) -> tuple[dict, str]:
     from mindone_lora_plugin.architectures.flux.tiny import ensure_tiny_model as ensure_tiny_flux
     from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     models = {f: ensure_tiny_model(f, os.path.join(tmp, f"tiny-{f}")) for f in ("sd1", "sdxl")}
     models["flux"] = ensure_tiny_flux("dev", os.path.join(tmp, "tiny-flux"))
@@ -89,7 +89,7 @@ def test_fixed_seed_runs_write_the_recorded_tensors_and_metadata(tmp_path):
 if __name__ == "__main__" and sys.argv[1:] == ["record"]:
     import tempfile
 
-    from mindone_lora_plugin.runtime import launch_synchronously
+    from mindone_lora_plugin.runtime.process import launch_synchronously
 
     launch_synchronously("CPU")
     with tempfile.TemporaryDirectory() as tmp:

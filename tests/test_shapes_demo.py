@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from mindone_lora_plugin import shapes
-from mindone_lora_plugin.shapes_eval import shipped_model
+from mindone_lora_plugin.demo import shapes
+from mindone_lora_plugin.demo.shapes_eval import shipped_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_scorer_refuses_what_is_not_a_figure():
 def test_demo_concept_images_read_as_purple_crosses(tmp_path):
     from PIL import Image
 
-    from mindone_lora_plugin.train.demo import make_instance_images
+    from mindone_lora_plugin.demo.training import make_instance_images
 
     folder = make_instance_images(str(tmp_path / "inst"), count=4)
     for name in sorted(os.listdir(folder)):
@@ -50,7 +50,7 @@ def test_demo_concept_images_read_as_purple_crosses(tmp_path):
 @pytest.mark.smoke
 def test_shipped_base_is_packaged_small_fp16_and_loads():
     from mindone_lora_plugin import safetensors_io
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
     from mindone_lora_plugin.models import load_models
 
     folder = shipped_model()
@@ -63,7 +63,7 @@ def test_shipped_base_is_packaged_small_fp16_and_loads():
         assert {str(v.dtype) for v in tensors.values()} == {"float16"}, f
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
-    patterns = cfg["options.package_data"]["mindone_lora_plugin"]
+    patterns = cfg["options.package_data"]["mindone_lora_plugin.demo"]
     assert "assets/shapes-sd1/*" in patterns and "assets/shapes-sd1/*/*" in patterns
     assert BaseModelInfo.from_folder(folder).architecture == "sd1"
     models = load_models(folder)
@@ -72,7 +72,7 @@ def test_shipped_base_is_packaged_small_fp16_and_loads():
 
 @pytest.mark.slow
 def test_pretraining_reproduces_its_weights(tmp_path):
-    from mindone_lora_plugin.pretrain_tiny import pretrain
+    from mindone_lora_plugin.demo.pretrain import pretrain
 
     def run(name, seed):
         out = pretrain(str(tmp_path / name), seed=seed, unet_steps=2, batch_size=2, mode="pynative",
@@ -93,9 +93,9 @@ def test_pretraining_reproduces_its_weights(tmp_path):
 @pytest.mark.slow
 def test_lora_moves_the_score_toward_the_concept_and_weight_zero_is_the_base(tmp_path):
     from mindone_lora_plugin import compose
+    from mindone_lora_plugin.demo.shapes_eval import Sampler, score_prompt
+    from mindone_lora_plugin.demo.training import CONCEPT, CONCEPT_PROMPT, make_concept_dataset
     from mindone_lora_plugin.models import Models
-    from mindone_lora_plugin.shapes_eval import Sampler, score_prompt
-    from mindone_lora_plugin.train.demo import CONCEPT, CONCEPT_PROMPT, make_concept_dataset
     from train_helpers import train
 
     base = shipped_model()

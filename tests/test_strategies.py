@@ -390,7 +390,7 @@ def test_apply_refuses_a_state_for_another_model(tiny_sd1, tiny_sdxl, plugin_man
 
 @pytest.fixture(scope="module")
 def cpu_pynative():
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", mode="pynative", seed=0)
 

@@ -13,7 +13,7 @@ from train_helpers import parse
 
 
 def pynative_cpu():
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
 
@@ -39,7 +39,7 @@ def kohya(tmp_path):
 # ---------------------------------------------------------------------------------------------------- buckets
 
 def test_bucket_set_follows_the_settings():
-    from mindone_lora_plugin.train.buckets import make_buckets
+    from mindone_lora_plugin.train.data.buckets import make_buckets
 
     buckets = make_buckets(512, 256, 1024, 64)
     assert (512, 512) in buckets and (256, 1024) in buckets and (1024, 256) in buckets
@@ -48,9 +48,9 @@ def test_bucket_set_follows_the_settings():
 
 
 def test_every_bucketed_batch_has_one_shape_and_plans_repeat(kohya):
-    from mindone_lora_plugin.train import data_setup
-    from mindone_lora_plugin.train.data import BatchPlan
-    from mindone_lora_plugin.train.kohya_data import load_kohya_examples
+    from mindone_lora_plugin.train.data import setup as data_setup
+    from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
+    from mindone_lora_plugin.train.data.loader import BatchPlan
 
     args = parse(["--train_data_dir", kohya, "--enable_bucket", "--resolution", "32"])
     sizer = data_setup.make_sizer(args, 32)
@@ -72,7 +72,7 @@ def test_every_bucketed_batch_has_one_shape_and_plans_repeat(kohya):
 
 
 def test_bucket_no_upscale_skips_and_counts_small_images():
-    from mindone_lora_plugin.train.buckets import BucketSizer, make_buckets
+    from mindone_lora_plugin.train.data.buckets import BucketSizer, make_buckets
 
     sizer = BucketSizer(make_buckets(32, 16, 64, 8), no_upscale=True)
     assert sizer(Image.new("RGB", (8, 40))) is None and sizer.too_small == 1
@@ -84,7 +84,7 @@ def test_bucket_no_upscale_skips_and_counts_small_images():
                                           (["--bucket_reso_steps", "12"], "multiple of 8"),
                                           (["--min_bucket_reso", "20"], "multiple of --bucket_reso_steps")])
 def test_impossible_bucket_settings(flags, words):
-    from mindone_lora_plugin.train.data_setup import make_sizer
+    from mindone_lora_plugin.train.data.setup import make_sizer
 
     with pytest.raises(LoraError, match=words):
         make_sizer(parse(["--enable_bucket", *flags]), 32)
@@ -93,7 +93,7 @@ def test_impossible_bucket_settings(flags, words):
 # ---------------------------------------------------------------------------------------------------- kohya folders
 
 def test_kohya_folders_captions_repeats_and_regularisation(kohya, tmp_path):
-    from mindone_lora_plugin.train.kohya_data import balance_regularisation, is_kohya_folder, scan
+    from mindone_lora_plugin.train.data.kohya_folders import balance_regularisation, is_kohya_folder, scan
 
     assert is_kohya_folder(kohya)
     items = scan(kohya, "--train_data_dir", ".txt")
@@ -106,7 +106,7 @@ def test_kohya_folders_captions_repeats_and_regularisation(kohya, tmp_path):
 
 
 def test_reg_images_are_balanced_and_weighted(kohya, tmp_path):
-    from mindone_lora_plugin.train.data_setup import load_text_to_image
+    from mindone_lora_plugin.train.data.setup import load_text_to_image
 
     reg = tmp_path / "reg" / "1_thing"
     reg.mkdir(parents=True)
@@ -124,7 +124,7 @@ def test_reg_images_are_balanced_and_weighted(kohya, tmp_path):
 
 
 def test_caption_shuffle_keep_tokens_and_dropout_are_deterministic():
-    from mindone_lora_plugin.train.captions import CaptionAugment
+    from mindone_lora_plugin.train.data.captions import CaptionAugment
 
     caption = "sks, one, two, three, four, five"
     aug = CaptionAugment(shuffle=True, keep_tokens=1)
@@ -142,8 +142,8 @@ def test_latent_cache_rebuilds_changed_corrupt_and_foreign_entries(tiny_sd1, tmp
     import mindspore as ms
     from mindone.diffusers import AutoencoderKL
 
-    from mindone_lora_plugin.train.cache import LatentCache
-    from mindone_lora_plugin.train.data import prepare
+    from mindone_lora_plugin.train.data.cache import LatentCache
+    from mindone_lora_plugin.train.data.loader import prepare
     from mindone_lora_plugin.train.step import VaeEncode
 
     pynative_cpu()
@@ -211,10 +211,10 @@ def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya):
     import mindspore as ms
     from mindone.diffusers import AutoencoderKL
 
-    from mindone_lora_plugin.train import data_setup
-    from mindone_lora_plugin.train.cache import LatentCache
-    from mindone_lora_plugin.train.data import BatchPlan
-    from mindone_lora_plugin.train.kohya_data import load_kohya_examples
+    from mindone_lora_plugin.train.data import setup as data_setup
+    from mindone_lora_plugin.train.data.cache import LatentCache
+    from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
+    from mindone_lora_plugin.train.data.loader import BatchPlan
     from mindone_lora_plugin.train.step import VaeEncode
 
     pynative_cpu()
@@ -268,8 +268,8 @@ def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path
 
     from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
     from mindone_lora_plugin.models import load_models
-    from mindone_lora_plugin.train.data import BatchPlan
-    from mindone_lora_plugin.train.masks import MaskSource, latent_masks
+    from mindone_lora_plugin.train.data.loader import BatchPlan
+    from mindone_lora_plugin.train.data.masks import MaskSource, latent_masks
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 3] = 255
@@ -277,7 +277,7 @@ def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path
     path = tmp_path / "a.png"
     Image.fromarray(rgba, "RGBA").save(path)
     masks = MaskSource(None)
-    from mindone_lora_plugin.train.data import _decode, prepare
+    from mindone_lora_plugin.train.data.loader import _decode, prepare
 
     ex = prepare(_decode(str(path), str(path), "stop"), 32, None, masks(str(path), str(path)))
     ex.captions = ["x"]

@@ -12,7 +12,7 @@ from mindone_lora_plugin.cli import main
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=40, repeats=1)
 
@@ -104,7 +104,7 @@ def test_unreadable_images_skip_or_stop(capsys, tiny_sd1, data, tmp_path):
     one_error_line(code, err, "cannot read image", "broken.png", "--on_bad_image skip")
 
     from mindone_lora_plugin.cli import COMMANDS, build_parser
-    from mindone_lora_plugin.train.data import load_examples
+    from mindone_lora_plugin.train.data.loader import load_examples
 
     ns = build_parser({"train": COMMANDS["train"]}).parse_args(["train", *args(tiny_sd1, str(folder), "o")])
     examples, skipped = load_examples(ns, 32)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigterm_checkpoints_then_stops_and_resume_finishes(tiny_sd1, tmp_path):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
     out = str(tmp_path / "run")

@@ -20,7 +20,7 @@ PROMPTS = ("# two prompts in kohya's syntax\na red circle --w 32 --h 48 --d 5 --
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=40, repeats=1)
 

@@ -106,7 +106,7 @@ def test_save_cadence_names_and_pruning(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=40, repeats=1)
 

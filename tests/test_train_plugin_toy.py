@@ -58,7 +58,7 @@ def toy_model(tiny_sd1, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), size=32, repeats=1)
 

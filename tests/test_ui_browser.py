@@ -173,8 +173,8 @@ def serve_attack_page(ui_url: str, model: str):
 
 
 def test_train_watch_stop_resume_inspect(browser, tmp_path, tmp_path_factory):
-    from mindone_lora_plugin.shapes_eval import shipped_model
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.shapes_eval import shipped_model
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     # the runs folder the screenshots show: <basetemp>/lora-runs
     root, outside, shots = tmp_path_factory.mktemp("lora-runs", numbered=False), tmp_path / "outside", str(tmp_path)

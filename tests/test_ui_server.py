@@ -107,7 +107,7 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     assert dests["lora_strategy"]["kind"] == "choice" and dests["lora_strategy"]["fits"]["sdxl"] == ["sdxl"]
     assert {"lora", "lokr"} <= set(dests["lora_algo"]["choices"])
     root, allowed, _ = tree
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     data = make_shapes_dataset(str(root / "data"), size=16, repeats=1)
     g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])
@@ -138,7 +138,7 @@ def test_form_follows_the_parser_and_config_round_trips(tree, tiny_sd1):
     assert "train_data_dir" not in errors or "read-only" not in errors["train_data_dir"]
     errors, _ = form.validate(dict(values, train_data_dir=str(allowed), cache_latents_to_disk=True), ro)
     assert "read-only" in errors["train_data_dir"]
-    # the CLI's whole-run checks (train/settings.py) land on the flag they name
+    # the CLI's whole-run checks (train/flags/settings.py) land on the flag they name
     errors, _ = form.validate(dict(values, with_prior_preservation=True), g)
     assert list(errors) == ["with_prior_preservation"]
     errors, _ = form.validate(dict(values, save_formats="diffusers,nope"), g)
@@ -249,7 +249,7 @@ def test_api_lora_tools(server, tree, tiny_sd1):
     root, allowed, outside = tree
     url = server(allow=[os.path.dirname(tiny_sd1)])
     # a tiny kohya file with tag frequencies, written as kohya does
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     info = BaseModelInfo.from_folder(tiny_sd1)
     module = next(m for m in sorted(info.modules["unet"]) if m.endswith("attn1.to_q"))
@@ -330,7 +330,7 @@ def _workers() -> list[int]:
 
 def test_api_saves_a_config_and_refuses_a_bad_run(server, tree, tiny_sd1):
     root, _, outside = tree
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     make_shapes_dataset(str(root / "data"), size=16, repeats=1)
     url = server(allow=[os.path.dirname(tiny_sd1)])
@@ -368,7 +368,7 @@ def test_malformed_bodies_are_one_line_400s(server):
 def test_config_file_paths_are_confined(tree, tiny_sd1):
     """A --config_file's values join the form's and go through the same guard; the run never reads the file."""
     root, allowed, outside = tree
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     make_shapes_dataset(str(root / "data"), size=16, repeats=1)
     g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])
@@ -451,7 +451,7 @@ def test_api_deletes_only_finished_runs_the_ui_started(server, tree):
 def test_check_reports_every_mistake_at_once(tree, tiny_sd1):
     """A field's mistake does not hide a whole-run one: both come back from one Check."""
     root = tree[0]
-    from mindone_lora_plugin.train.demo import make_shapes_dataset
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
 
     make_shapes_dataset(str(root / "data"), size=16, repeats=1)
     g = PathGuard(str(root), [os.path.dirname(tiny_sd1)])

@@ -81,11 +81,11 @@ def test_install_leaves_mindspore_alone_and_ships_the_package_data(installed):
     where, static = out.stdout.splitlines()
     assert where == os.path.join(sysconfig.get_paths()["purelib"], "mindone_lora_plugin")  # the installed copy
     assert static == str(sorted(os.listdir(os.path.join(ROOT, "mindone_lora_plugin", "ui", "static"))))
-    shipped = os.path.join(ROOT, "mindone_lora_plugin", "assets", "shapes-sd1")
+    shipped = os.path.join(ROOT, "mindone_lora_plugin", "demo", "assets", "shapes-sd1")
     for root, _, files in os.walk(shipped):
         for f in files:
             rel = os.path.relpath(os.path.join(root, f), shipped)
-            assert os.path.isfile(os.path.join(where, "assets", "shapes-sd1", rel)), rel
+            assert os.path.isfile(os.path.join(where, "demo", "assets", "shapes-sd1", rel)), rel
 
 
 def test_installed_command_trains_the_demo_and_lists_the_plugin(installed):

@@ -21,10 +21,10 @@ def load_back(model: str, files, strategy: str, trained_models):
     """Load each file into fresh models; return ``[(state, {output: max abs difference vs the trained models})]``."""
     import mindspore as ms
 
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.demo import _outputs
 
     pm = get_plugin_manager()
     mode = ms.get_context("mode")
@@ -46,8 +46,8 @@ def base_outputs_differ(model: str, trained_models) -> float:
     """Max abs difference between the base model's UNet output and the trained one's (the LoRA is not a no-op)."""
     import mindspore as ms
 
+    from mindone_lora_plugin.demo.training import _outputs
     from mindone_lora_plugin.models import load_models
-    from mindone_lora_plugin.train.demo import _outputs
 
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)

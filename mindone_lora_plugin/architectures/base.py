@@ -178,7 +178,7 @@ class Architecture:
     kohya_implementation: ClassVar[str] = "diffusers"
     kohya_network_module: ClassVar[str] = "networks.lora"  # ss_network_module of plain-LoRA kohya files
     # the training flags (argparse dests) this family's training does not use: given, they are refused before any
-    # model loads (train/checks.py) instead of silently ignored; the UI hides their fields for this family
+    # model loads (train/flags/checks.py) instead of silently ignored; the UI hides their fields for this family
     unused_flags: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ components
@@ -262,7 +262,7 @@ class Architecture:
 
     def base_config(self, denoiser_config: dict) -> dict:
         """What this family's file names depend on in the base model's denoiser config (its ``config.json``, or a
-        live cell's config): carried by :class:`~mindone_lora_plugin.basemodel.BaseModelInfo` and
+        live cell's config): carried by :class:`~mindone_lora_plugin.base_model_info.BaseModelInfo` and
         :class:`~mindone_lora_plugin.state.LoraState` to :meth:`kohya_name`, :meth:`resolve_name` and
         :meth:`base_aliases`. Default: nothing (SD: the UNet's ``layers_per_block``, which SDXL's SGM names need)."""
         return {}

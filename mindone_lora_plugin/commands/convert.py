@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPE_CHOICES
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import SAVE_DTYPES as DTYPE_CHOICES
 
 
 def add_parser(subparsers):
@@ -62,8 +62,8 @@ def output_name_for(in_path: str, out: str) -> str:
 
 
 def run(args, formats=None) -> int:
-    from mindone_lora_plugin.basemodel import BaseModelInfo
-    from mindone_lora_plugin.formats.arch import label
+    from mindone_lora_plugin.architectures import label
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
     from mindone_lora_plugin.formats.common import PlainLoraFormat
     from mindone_lora_plugin.formats.reader import open_lora
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import secrets
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import SAVE_DTYPES
 
 
 def add_parser(subparsers):
@@ -47,7 +47,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from mindone_lora_plugin import compose
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     if args.num_images < 1:
         raise LoraError(f"--num_images must be at least 1, got {args.num_images}")
@@ -68,7 +68,7 @@ def run(args) -> int:
     loras = compose.load_loras(args.lora, base=info)
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup(args.device_target, "pynative", seed)
     for lo in loras:

@@ -105,7 +105,7 @@ def _short(v: str, n: int = 70) -> str:
 
 
 def render(lf) -> str:
-    from mindone_lora_plugin.formats.arch import label
+    from mindone_lora_plugin.architectures import label
 
     state, info = lf.state, lf.info
     lines = [f"file:          {lf.path}"]

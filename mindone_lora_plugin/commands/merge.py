@@ -14,8 +14,8 @@
 
 from __future__ import annotations
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPE_CHOICES
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import SAVE_DTYPES as DTYPE_CHOICES
 
 
 def add_parser(subparsers):
@@ -47,7 +47,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from mindone_lora_plugin import compose
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     if args.rank is not None and not args.to_lora:
         raise LoraError("--rank only applies with --to-lora (it sets the rank of the combined LoRA)")

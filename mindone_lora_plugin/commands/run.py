@@ -1,7 +1,8 @@
 """``mindone-lora run SCRIPT.py [script arguments] [--lora_* flags]``: run an unmodified mindone LoRA script.
 
 The script runs in this Python process (as ``python SCRIPT.py ...`` would run it) with the plugin switched in at the
-seams mindone's LoRA scripts share (:mod:`mindone_lora_plugin.patching`): the ``--lora_*`` flags are taken out of the
+seams mindone's LoRA scripts share (:mod:`mindone_lora_plugin.scripts.seams`): the ``--lora_*`` flags are taken out of
+the
 argument list before the script parses it, its ``add_adapter(LoraConfig)`` calls get the chosen strategy's adapters,
 and its ``save_lora_weights`` calls write every ``--lora_save_formats`` format. On CPU the CPU backend is active.
 """
@@ -82,8 +83,9 @@ def run_script(script: str, script_argv, lora, *, cpu_backend: bool = True) -> R
     Returns the script's exit status and the session (its models, the files written). A request the script cannot
     honour raises :class:`LoraError` before its first training step; everything patched is restored afterwards.
     """
-    from mindone_lora_plugin.patching import ScriptSession, patched
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
+    from mindone_lora_plugin.scripts.seams import patched
+    from mindone_lora_plugin.scripts.session import ScriptSession
 
     path = check_script(script)
     session = ScriptSession(lora, path, script_argv)
@@ -91,10 +93,10 @@ def run_script(script: str, script_argv, lora, *, cpu_backend: bool = True) -> R
     import mindspore as ms
 
     if cpu_backend:
-        from mindone_lora_plugin import backends
-        from mindone_lora_plugin.runtime import launch_synchronously
+        from mindone_lora_plugin.runtime import cpu
+        from mindone_lora_plugin.runtime.process import launch_synchronously
 
-        if backends.activate():  # only on a CPU device target
+        if cpu.activate():  # only on a CPU device target
             launch_synchronously("CPU")  # before the script's first operator, or never
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]

@@ -78,7 +78,7 @@ def check_args(args) -> str | None:
 
 
 def make_server(args):
-    from mindone_lora_plugin.shapes_eval import shipped_model
+    from mindone_lora_plugin.demo.shapes_eval import shipped_model
     from mindone_lora_plugin.ui.paths import PathGuard
 
     auth = check_args(args)

@@ -17,7 +17,7 @@ and exact up to the final cast; only :func:`apply_loras`, :func:`merge_into_mode
 :func:`generate_images` touch MindSpore (imported when called).
 """
 
-from mindone_lora_plugin.compose._constants import ADAPTER_PREFIX, DTYPES, MERGE_RECORD
+from mindone_lora_plugin.compose._constants import ADAPTER_PREFIX, MERGE_RECORD
 from mindone_lora_plugin.compose.files import pick_format, write_concatenated, write_lora
 from mindone_lora_plugin.compose.folders import FolderWeights, merge_into_folder, output_is_taken
 from mindone_lora_plugin.compose.generation import (
@@ -33,7 +33,7 @@ from mindone_lora_plugin.compose.maths import combined_deltas, concat_loras, mod
 from mindone_lora_plugin.compose.specs import WeightedLora, load_loras, parse_lora_spec
 
 __all__ = [
-    'ADAPTER_PREFIX', 'DTYPES', 'MERGE_RECORD', 'WeightedLora', 'load_loras', 'parse_lora_spec', 'combined_deltas',
+    'ADAPTER_PREFIX', 'MERGE_RECORD', 'WeightedLora', 'load_loras', 'parse_lora_spec', 'combined_deltas',
     'concat_loras', 'module_delta', 'active_deltas', 'apply_loras', 'merge_into_models', 'set_lora_weights',
     'merge_into_folder', 'output_is_taken', 'FolderWeights', 'svd_reduce', 'pick_format', 'write_concatenated',
     'write_lora', 'GeneratedImage',

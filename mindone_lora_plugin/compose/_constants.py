@@ -1,10 +1,5 @@
 """Names and limits shared by the compose modules."""
 
-from mindone_lora_plugin.dtypes import (
-                          FLOAT_CODES as _FLOAT_CODES,  # noqa: F401  (re-exported)
-                          SAVE_DTYPES as DTYPES,  # noqa: F401  (re-exported)
-)
-
 ADAPTER_PREFIX = "lora"  # apply_loras names the adapters lora0, lora1, ...
 MERGE_RECORD = "mindone_lora_merge.json"  # written at the root of a merged model folder
 # pickled or foreign weight files; left out of a merged component because they would still hold the unmerged weights

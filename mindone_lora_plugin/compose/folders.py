@@ -8,10 +8,11 @@ import shutil
 
 import numpy as np
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
-from mindone_lora_plugin.compose._constants import _FLOAT_CODES, _STALE_WEIGHT_SUFFIXES, MERGE_RECORD
+from mindone_lora_plugin.base_model_info import BaseModelInfo
+from mindone_lora_plugin.compose._constants import _STALE_WEIGHT_SUFFIXES, MERGE_RECORD
 from mindone_lora_plugin.compose.maths import _as_list, _f64, grouped_modules, module_change, module_shape
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
+from mindone_lora_plugin.dtypes import FLOAT_CODES
 from mindone_lora_plugin.errors import LoraError
 
 
@@ -144,7 +145,7 @@ def _rewrite_weights(src: str, dst: str, comp: str, changes: dict[str, tuple[str
     header, offset = read_header(src)
     names = [k for k in header if k != "__metadata__"]
     order = sorted(names, key=lambda k: header[k]["data_offsets"][0])  # the source's own order: one forward pass
-    out_codes = {k: (safetensors_dtype(dtype) if dtype is not None and header[k]["dtype"] in _FLOAT_CODES
+    out_codes = {k: (safetensors_dtype(dtype) if dtype is not None and header[k]["dtype"] in FLOAT_CODES
                      else header[k]["dtype"]) for k in names}
     entries = [(k, out_codes[k], tuple(header[k]["shape"]),
                 int(np.prod(header[k]["shape"], dtype=np.int64)) * _np_dtype(out_codes[k]).itemsize) for k in order]
@@ -202,7 +203,7 @@ class FolderWeights:
     def _files(self, comp: str) -> dict[str, tuple[str, dict, int]]:
         """Weight name → (the safetensors file of ``comp`` holding it, its header, its data offset): the main file,
         or the shards of its index."""
-        from mindone_lora_plugin.basemodel import _WEIGHT_FILES
+        from mindone_lora_plugin.base_model_info import _WEIGHT_FILES
         from mindone_lora_plugin.safetensors_io import read_header
 
         if comp not in self._where:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.compose.live import apply_loras
 from mindone_lora_plugin.compose.maths import _as_list
 from mindone_lora_plugin.compose.specs import WeightedLora, _pairs
@@ -27,10 +27,10 @@ def load_pipeline(model_dir: str, loras=(), dtype: str | None = None):
     ``StableDiffusionPipeline`` for SD1.x/2.x without a safety checker, ``StableDiffusionXLPipeline`` for SDXL) from a
     diffusers-layout folder, with ``loras`` applied at once (:func:`apply_loras`).
 
-    Call :func:`mindone_lora_plugin.runtime.setup` first (it turns the CPU backend on when the target is CPU).
+    Call :func:`mindone_lora_plugin.runtime.process.setup` first (it turns the CPU backend on when the target is CPU).
     """
     from mindone_lora_plugin.architectures import get_architecture
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     info = BaseModelInfo.from_folder(model_dir)
     quiet_mindone_imports()

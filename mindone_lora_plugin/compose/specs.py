@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.compose._constants import _PATH_LIKE_SUFFIXES
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.state import LoraState

@@ -10,11 +10,7 @@ known.
 
 from __future__ import annotations
 
-from mindone_lora_plugin.architectures import (
-    detect_lora,
-    find_architecture,
-    label as label,  # noqa: PLC0414  (re-exported: convert, inspect)
-)
+from mindone_lora_plugin.architectures import detect_lora, find_architecture, label
 from mindone_lora_plugin.errors import LoraError
 
 

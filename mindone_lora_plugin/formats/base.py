@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.state import LoraState
 
 CLAIM_WEAK = 1  # the default claim of a format that only sniffs

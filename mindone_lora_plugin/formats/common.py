@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
-from mindone_lora_plugin.dtypes import (
-    SAVE_DTYPES as DTYPES,  # noqa: F401  (re-exported)
-    as_dtype as cast,  # noqa: F401  (re-exported for the writers)
-    numpy_dtype as resolve_dtype,  # noqa: F401  (re-exported for the writers)
-)
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.state import LoraState

@@ -17,8 +17,9 @@ import json
 from collections import Counter
 
 from mindone_lora_plugin import safetensors_io
+from mindone_lora_plugin.dtypes import as_dtype, numpy_dtype
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.formats.common import PlainLoraFormat, cast, merged_metadata, modelspec, resolve_dtype
+from mindone_lora_plugin.formats.common import PlainLoraFormat, merged_metadata, modelspec
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraState, most_common
 
@@ -104,7 +105,8 @@ class DiffusersFormat(PlainLoraFormat):
         for comp, path, mod in state.modules():
             names = mod.algo.peft_names
             for role, value in mod.tensors.items():
-                tensors[f"{comp}.{path}.{names[role]}"] = cast(mod.algo.file_tensor(mod, role, value, "peft"), dtype)
+                value = mod.algo.file_tensor(mod, role, value, "peft")
+                tensors[f"{comp}.{path}.{names[role]}"] = as_dtype(value, dtype)
         return tensors
 
     def metadata_for(self, state: LoraState, metadata: dict[str, str] | None, output_name: str) -> dict[str, str]:
@@ -124,7 +126,7 @@ class DiffusersFormat(PlainLoraFormat):
         if not len(state):
             raise LoraError("the LoRA has no modules; nothing to write")
         self.check_algorithms(state)
-        np_dtype = resolve_dtype(dtype)
+        np_dtype = numpy_dtype(dtype)
         tensors = self.state_dict(state, np_dtype)
         meta = self.metadata_for(state, metadata, output_name)
         path = self.output_path(out, output_name)

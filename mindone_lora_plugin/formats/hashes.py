@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from mindone_lora_plugin.dtypes import as_dtype, safetensors_dtype, standard_dtype  # noqa: F401  (re-exported)
+from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, header_bytes, layout, tensor_json
 
 _BATCH_BYTES = 4 << 20

@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 
+from mindone_lora_plugin.dtypes import numpy_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.common import (
     PlainLoraFormat,
@@ -24,7 +25,6 @@ from mindone_lora_plugin.formats.common import (
     merged_metadata,
     modelspec,
     names_for,
-    resolve_dtype,
     writer_architecture,
 )
 from mindone_lora_plugin.formats.hashes import save_with_sshs
@@ -188,7 +188,7 @@ class KohyaFormat(PlainLoraFormat):
               metadata: dict[str, str] | None = None, output_name: str = "lora") -> str:
         if not len(state):
             raise LoraError("the LoRA has no modules; nothing to write")
-        np_dtype = resolve_dtype(dtype)
+        np_dtype = numpy_dtype(dtype)
         tensors, arch = self.state_dict(state, np_dtype)
         meta = self.metadata_for(state, arch, metadata, output_name)
         path = self.output_path(out, output_name)

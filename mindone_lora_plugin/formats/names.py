@@ -25,7 +25,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 
 DOWN, UP, ALPHA = "down", "up", "alpha"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.alphas import adapter_config_next_to, alpha_value, configs_from_metadata

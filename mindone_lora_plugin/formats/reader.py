@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from mindone_lora_plugin import safetensors_io
-from mindone_lora_plugin.basemodel import BaseModelInfo
+from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.state import LoraState

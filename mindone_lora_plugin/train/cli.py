@@ -7,7 +7,7 @@ import logging
 
 
 def add_parser(subparsers):
-    from mindone_lora_plugin.train.arguments import add_plugin_arguments, add_train_arguments
+    from mindone_lora_plugin.train.flags.training import add_plugin_arguments, add_train_arguments
 
     p = subparsers.add_parser(
         "train", help="train a LoRA for an SD1.x/2.x, SDXL or FLUX.1 model",
@@ -17,7 +17,7 @@ def add_parser(subparsers):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(p)
     add_plugin_arguments(p)
-    from mindone_lora_plugin.train.config_file import install
+    from mindone_lora_plugin.train.flags.config_file import install
 
     install(p)  # --config_file: the file's values become defaults, the command line overrides them
     return p
@@ -28,7 +28,7 @@ def run(args) -> int:
     if args.output_config:
         return _output_config(args)
     if args.demo:
-        from mindone_lora_plugin.train.demo import run_demo
+        from mindone_lora_plugin.demo.training import run_demo
 
         return run_demo(args)
     from mindone_lora_plugin.train.events import record_failure
@@ -44,8 +44,8 @@ def run(args) -> int:
 
 def _output_config(args) -> int:
     from mindone_lora_plugin.errors import LoraError
-    from mindone_lora_plugin.train.config_file import write_config
-    from mindone_lora_plugin.train.validate import validate_train_args
+    from mindone_lora_plugin.train.flags.config_file import write_config
+    from mindone_lora_plugin.train.flags.rules import validate_train_args
 
     if not args.config_file:
         raise LoraError("--output_config needs --config_file PATH: the .toml file to write (kohya's convention)")

@@ -10,7 +10,7 @@ import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.train import checkpoint
-from mindone_lora_plugin.train.settings import replace_options, training_metadata
+from mindone_lora_plugin.train.flags.settings import replace_options, training_metadata
 
 
 def lora_settings(trainer) -> dict:
@@ -111,7 +111,7 @@ def save_checkpoint(trainer, global_step: int, losses: list[float]) -> str | Non
                             os.path.join(tmp, checkpoint.OPTIMIZER_FILE))
         checkpoint.write_state(tmp, {"global_step": global_step, "epoch": global_step // trainer.updates_per_epoch,
                                      "seed": trainer.seed, "lora": lora_settings(trainer), "losses": losses,
-                                     "rng": "derived from (seed, micro-step); see train/data.py and trainer.py",
+                                     "rng": "derived from (seed, micro-step); see train/data/loader.py and trainer.py",
                                      **trainer.features.checkpoint(tmp)})
 
     return checkpoint.write(trainer.args.output_dir, global_step, fill, trainer.args.checkpoints_total_limit)

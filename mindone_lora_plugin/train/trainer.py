@@ -16,8 +16,8 @@ import numpy as np
 
 from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.train import resume
+from mindone_lora_plugin.train.flags.settings import check_writable, start_distributed, training_metadata, write_hparams
 from mindone_lora_plugin.train.sampling import validation_images
-from mindone_lora_plugin.train.settings import check_writable, start_distributed, training_metadata, write_hparams
 
 log = logging.getLogger("mindone_lora.train")
 
@@ -38,7 +38,7 @@ class TrainResult:
 
 
 class Trainer:
-    """One training run. ``args`` is the namespace ``mindone-lora train`` parses (see ``train/arguments.py``)."""
+    """One training run. ``args`` is the namespace ``mindone-lora train`` parses (see ``train/flags/training.py``)."""
 
     def __init__(self, args):
         self.args = args
@@ -50,9 +50,9 @@ class Trainer:
     def run(self) -> TrainResult:
         args = self.args
         from mindone_lora_plugin.plugins import get_plugin_manager
-        from mindone_lora_plugin.train import data_setup
-        from mindone_lora_plugin.train.checks import check_flags
+        from mindone_lora_plugin.train.data import setup as data_setup
         from mindone_lora_plugin.train.features.active import ActiveFeatures
+        from mindone_lora_plugin.train.flags.checks import check_flags
 
         self.pm = get_plugin_manager()
         checked = check_flags(args, self.pm)  # every flag, before any model is loaded
@@ -68,7 +68,7 @@ class Trainer:
 
         self._load_models()
         strategy.check(self.models, self.options)  # before data loading: a wrong strategy fails fast
-        from mindone_lora_plugin.train.validate import check_fused_targets
+        from mindone_lora_plugin.train.flags.rules import check_fused_targets
 
         check_fused_targets(self.arch, strategy, self.models, self.options,
                             set(self.formats) | {self.exact_format.name})  # LoHa/LoKr on FLUX's fused qkv
@@ -88,7 +88,7 @@ class Trainer:
 
     def _setup_runtime(self):
         args = self.args
-        from mindone_lora_plugin.runtime import current_mode, resolve_mode, setup
+        from mindone_lora_plugin.runtime.process import current_mode, resolve_mode, setup
 
         self.seed = args.seed if args.seed is not None else 0
 
@@ -102,7 +102,7 @@ class Trainer:
         if args.distributed:
             self.rank, self.world = start_distributed()
             self.is_main = self.rank == 0
-        from mindone_lora_plugin.precision import weight_dtype
+        from mindone_lora_plugin.runtime.precision import weight_dtype
 
         self.weight_dtype = weight_dtype(args.mixed_precision, ms.get_context("device_target"))
 
@@ -161,7 +161,7 @@ class Trainer:
         te_trained = {c for c in self.adapted if c != self.arch.denoiser}
         self.train_text = bool(te_trained)
         if self.args.gradient_checkpointing:  # the UNet, and the text encoders that train
-            from mindone_lora_plugin.checkpointing import enable_for_training
+            from mindone_lora_plugin.runtime.recompute import enable_for_training
 
             counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
             self.say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))

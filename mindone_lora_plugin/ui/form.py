@@ -20,8 +20,8 @@ import os
 import re
 import shlex
 
+from mindone_lora_plugin.demo.shapes_eval import shipped_model
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.shapes_eval import shipped_model
 
 # shown without "more options"; the rest of each group is folded
 BASIC = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "instance_data_dir", "instance_prompt",
@@ -101,7 +101,7 @@ def _plain(value):
 def schema(parser=None) -> dict:
     """The form: ``{"groups": [{"title", "fields": [...]}], "presets", "sources", "architectures"}``, in ``--help``
     order; ``architectures`` maps each installed architecture's name to its label."""
-    from mindone_lora_plugin.train.validate import NEEDS
+    from mindone_lora_plugin.train.flags.rules import NEEDS
 
     parser = parser or train_parser()
     groups = []
@@ -277,13 +277,14 @@ def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) ->
     """``(errors, argv)``: ``errors`` maps a flag dest (or ``_form``) to one message; ``argv`` is None on errors.
 
     The checks are the CLI's: the parser's types and choices, the model folder read as ``train`` reads it
-    (:class:`BaseModelInfo`), ``check_args`` and ``options_from_args`` of ``train/settings.py``, the plugin manager's
+    (:class:`BaseModelInfo`), ``check_args`` and ``options_from_args`` of ``train/flags/settings.py``, the plugin
+    manager's
     strategy and format names; plus the UI's own: every path inside the allowed folders.
     """
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.settings import check_args, default_resolution, options_from_args
-    from mindone_lora_plugin.train.validate import check_resolution
+    from mindone_lora_plugin.train.flags.rules import check_resolution
+    from mindone_lora_plugin.train.flags.settings import check_args, default_resolution, options_from_args
 
     parser = train_parser()
     actions = _actions(parser)
@@ -374,7 +375,7 @@ def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) ->
 def _with_config(values: dict, guard, parser) -> dict:
     """The form's values with a ``--config_file``'s filled in where the form leaves a field empty; the file itself
     is dropped, so the run's command line holds every value and each goes through the form's checks."""
-    from mindone_lora_plugin.train.config_file import read_config
+    from mindone_lora_plugin.train.flags.config_file import read_config
 
     path = guard.resolve(str(values["config_file"]), "--config_file", must_exist=True)
     out = dict(values, config_file="")
@@ -386,7 +387,7 @@ def _with_config(values: dict, guard, parser) -> dict:
 
 def load_config(guard, path: str) -> dict:
     """A TOML config (as Save config writes it) as form values, for the page's Load config."""
-    from mindone_lora_plugin.train.config_file import read_config
+    from mindone_lora_plugin.train.flags.config_file import read_config
 
     real = guard.resolve(path, "config file", must_exist=True)
     values = read_config(real, train_parser())

@@ -75,7 +75,7 @@ class Flux(files.FluxKeyGrammar, Architecture):
         """``(kohya module name, the paths it fuses)`` of a target fused with others when one of ``formats`` is the
         kohya layout (the original BFL model's ``img_attn_qkv``/``txt_attn_qkv``/``linear1``), else None.
 
-        LoHa/LoKr on those modules are refused before training (:func:`~mindone_lora_plugin.train.validate.
+        LoHa/LoKr on those modules are refused before training (:func:`~mindone_lora_plugin.train.flags.rules.
         check_fused_targets`). LyCORIS wraps whatever torch model it is given. In the kohya layout (sd-scripts,
         ComfyUI) that is the original BFL model, whose ``qkv``/``linear1`` are single Linears, so a LoHa/LoKr module
         there adapts the fused weight as a whole. That is a different module from separate q/k/v ones, and no exact
@@ -134,7 +134,7 @@ class Flux(files.FluxKeyGrammar, Architecture):
         import numpy as np
 
         from mindone_lora_plugin.architectures.flux.timesteps import sample_sigmas
-        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.data import setup as data_setup
         from mindone_lora_plugin.train.noise import draw_noise
 
         args = trainer.args

@@ -127,7 +127,8 @@ def _part_sizes(parts, mod: LoraModule, base, where: str = "a fused module") -> 
 def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str = "the LoRA file"):
     """``(LoraState, ReadInfo)`` of a FLUX LoRA file's tensors, every fused module split exactly.
 
-    With ``base`` (a FLUX :class:`~mindone_lora_plugin.basemodel.BaseModelInfo`) every module must exist with fitting
+    With ``base`` (a FLUX :class:`~mindone_lora_plugin.base_model_info.BaseModelInfo`) every module must exist with
+    fitting
     shapes. Raises :class:`LoraError` (one line) for anything wrong."""
     from mindone_lora_plugin.formats.alphas import alpha_value
     from mindone_lora_plugin.formats.plain import ReadInfo, _module_from_roles
@@ -257,7 +258,7 @@ def modelspec(meta: dict[str, str], title: str, implementation: str, flux_varian
 
 def refuse_mismatch(is_flux: str, base, where: str, sd_guess: str = "") -> None:
     """A FLUX LoRA for a Stable Diffusion base model, or the reverse: one line naming both architectures."""
-    from mindone_lora_plugin.formats.arch import label
+    from mindone_lora_plugin.architectures import label
 
     if base is None:
         return

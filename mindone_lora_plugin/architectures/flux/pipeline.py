@@ -13,7 +13,7 @@ DEFAULT_GUIDANCE = 3.5
 
 def load_pipeline(folder: str, dtype=None):
     """``FluxPipeline.from_pretrained(folder)`` (``dtype``: a MindSpore dtype for the weights, or None)."""
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     from mindone.diffusers import FluxPipeline

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mindone_lora_plugin import tiny as sd_tiny
+from mindone_lora_plugin.demo import tiny as sd_tiny
 
 LATENT_CHANNELS = 16
 #: ``in_channels`` is 16 latent channels × a 2×2 patch; the rotary axes (4+6+6) add up to the head dim (16)
@@ -67,7 +67,7 @@ def build_pipeline(kind: str = "dev", workdir: str | None = None):
     import mindspore as ms
     import numpy as np
 
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     from mindone.diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -114,7 +114,7 @@ def _untie_t5_embeddings(path: str) -> None:
 
 def ensure_tiny_model(kind: str, folder: str) -> str:
     """Save the tiny FLUX model at ``folder`` unless a complete one is already there."""
-    from mindone_lora_plugin.tiny import ensure_folder
+    from mindone_lora_plugin.demo.tiny import ensure_folder
 
     return ensure_folder(folder, "transformer", lambda tmp: save_tiny_model(kind, tmp))
 

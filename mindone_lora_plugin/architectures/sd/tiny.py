@@ -3,7 +3,7 @@
 They keep every module kind a real model has (ResNet blocks with 3×3 and 1×1 convs, down/upsamplers, transformer
 blocks with self/cross attention and GEGLU feed-forward, CLIP text encoders, a VAE), but are small enough to train on
 a laptop CPU. They are saved in the diffusers folder layout with ``save_pretrained``, so tiny and real models go
-through the same ``from_pretrained`` path (the shared parts: :mod:`mindone_lora_plugin.tiny`).
+through the same ``from_pretrained`` path (the shared parts: :mod:`mindone_lora_plugin.demo.tiny`).
 
     python -m mindone_lora_plugin.architectures.sd.tiny sd1 ./tiny-sd1
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mindone_lora_plugin.tiny import CLIP, SEED, VAE, build_tokenizer, ensure_folder, save_pipeline
+from mindone_lora_plugin.demo.tiny import CLIP, SEED, VAE, build_tokenizer, ensure_folder, save_pipeline
 
 SD1_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
                 cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
@@ -34,7 +34,7 @@ def build_pipeline(kind: str = "sd1", workdir: str | None = None):
     import mindspore as ms
     import numpy as np
 
-    from mindone_lora_plugin.runtime import quiet_mindone_imports
+    from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     from mindone.diffusers import (

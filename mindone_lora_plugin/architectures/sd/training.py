@@ -64,7 +64,7 @@ class SDTraining:
         import mindspore as ms
         import numpy as np
 
-        from mindone_lora_plugin.train import data_setup
+        from mindone_lora_plugin.train.data import setup as data_setup
         from mindone_lora_plugin.train.noise import draw_noise, loss_weights
 
         args = trainer.args

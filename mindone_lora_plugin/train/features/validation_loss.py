@@ -22,7 +22,7 @@ WEIGHTS = 5  # position of the per-sample loss weights among DenoiseLoss's input
 def split(examples: list, args, seed: int, resolution: int) -> tuple[list, list]:
     """``(training examples, validation examples)``: a seeded held-out fraction, a folder, or none."""
     if args.validation_data_dir:
-        from mindone_lora_plugin.train.data import load_examples
+        from mindone_lora_plugin.train.data.loader import load_examples
 
         other = copy.copy(args)
         other.train_data_dir, other.dataset_name, other.max_train_samples = args.validation_data_dir, None, None
@@ -48,7 +48,7 @@ class ValidationLoss:
     def __init__(self, run, examples: list, seed: int):
         import mindspore as ms
 
-        from mindone_lora_plugin.train.data import Batch
+        from mindone_lora_plugin.train.data.loader import Batch
 
         self.run = run
         self.count = len(examples)

@@ -45,7 +45,7 @@ def mindone_lora_load_weights(manager, models, options, path):
     fmt = PeftFormat()
     if not fmt.sniff_folder(path):
         return None
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
 
     state = fmt.read(path, base=BaseModelInfo.from_models(models))
     manager.get_strategy(options.strategy).apply(models, state, options)

@@ -19,7 +19,7 @@ class MaskSource:
     def __init__(self, conditioning_data_dir: str | None):
         self.files = {}
         if conditioning_data_dir:
-            from mindone_lora_plugin.train.data import IMAGE_SUFFIXES
+            from mindone_lora_plugin.train.data.loader import IMAGE_SUFFIXES
 
             if not os.path.isdir(conditioning_data_dir):
                 raise LoraError(f"--conditioning_data_dir {conditioning_data_dir} does not exist; it accepts a folder "

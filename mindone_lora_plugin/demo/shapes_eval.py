@@ -1,9 +1,9 @@
 """Measure what a shapes model draws: fast DDIM sampling (compiled once) and the colour-and-shape scores.
 
-    python -m mindone_lora_plugin.shapes_eval [MODEL_DIR] [--lora FILE[:WEIGHT]] [--seeds 8]
+    python -m mindone_lora_plugin.demo.shapes_eval [MODEL_DIR] [--lora FILE[:WEIGHT]] [--seeds 8]
 
 prints, for each of the 12 base prompts (or ``--prompt``), how many of the seeds draw the asked colour and shape
-(:mod:`mindone_lora_plugin.shapes`). The UNet and the VAE decoder run as GRAPH_MODE cells with fixed shapes, so
+(:mod:`mindone_lora_plugin.demo.shapes`). The UNet and the VAE decoder run as GRAPH_MODE cells with fixed shapes, so
 sampling 8 images × 20 steps costs a fraction of a second per step on a CPU once compiled; the pipeline's PyNative
 path would take minutes for the same images. Image ``i`` starts from the noise of seed ``i`` (a numpy generator).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mindone_lora_plugin import shapes
+from mindone_lora_plugin.demo import shapes
 
 STEPS = 20
 GUIDANCE = 5.0
@@ -181,7 +181,7 @@ def score_base(sampler: Sampler, prompts=shapes.BASE_PROMPTS, seeds=range(8)) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mindone_lora_plugin.shapes_eval",
+    p = argparse.ArgumentParser(prog="python -m mindone_lora_plugin.demo.shapes_eval",
                                 description="Score a shapes model: how often it draws the asked colour and shape.")
     p.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped shapes base)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRAs to fuse in first")
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE)
     p.add_argument("--grid", default=None, help="also write the images as one PNG grid (a row per prompt)")
     a = p.parse_args(argv)
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "graph", 0)
     model = a.model or shipped_model()

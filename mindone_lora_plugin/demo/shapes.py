@@ -4,7 +4,7 @@ The scorer reads pixel statistics only (no classifier, nothing downloaded): it s
 background, names the figure's mean colour after the nearest palette colour, and names its shape after the template
 (disc, box, upright triangle, plus sign; at a few sizes, positions and blurs) that best overlaps the figure.
 
-    >>> from mindone_lora_plugin.shapes import draw, classify
+    >>> from mindone_lora_plugin.demo.shapes import draw, classify
     >>> classify(draw("red", "circle", 32))
     ('red', 'circle')
 """

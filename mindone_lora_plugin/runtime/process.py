@@ -184,7 +184,7 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     quiet_mindone_imports()
     import mindspore as ms
 
-    from mindone_lora_plugin import backends
+    from mindone_lora_plugin.runtime import cpu
 
     if device_target and ms.get_context("device_target") != device_target:
         try:
@@ -203,7 +203,7 @@ def setup(device_target: str | None = None, mode: str = "graph", seed: int | Non
     if mode == "graph":
         ms.set_context(jit_syntax_level=ms.STRICT)
     launch_synchronously(target)
-    backends.activate(target)
+    cpu.activate(target)
     if seed is not None:
         import numpy as np
 

@@ -109,8 +109,8 @@ def dropout_metadata(args) -> dict[str, str]:
 
 def training_metadata(trainer, global_step: int) -> dict[str, str]:
     """The training arguments as kohya ``ss_*`` keys (strings) plus the full flag set as JSON."""
-    from mindone_lora_plugin.train.data_setup import data_metadata
-    from mindone_lora_plugin.train.feature_args import metadata as feature_metadata
+    from mindone_lora_plugin.train.data.setup import data_metadata
+    from mindone_lora_plugin.train.flags.loss_and_optimizer import metadata as feature_metadata
 
     args = trainer.args
     epoch = -(-global_step // trainer.updates_per_epoch)

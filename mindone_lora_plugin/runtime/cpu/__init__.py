@@ -1,10 +1,11 @@
-"""Compute backends.
+"""The CPU backend: mindone on MindSpore's CPU target.
 
-The only backend so far is the CPU one (:mod:`mindone_lora_plugin.backends.cpu`): mindone 0.5.0's UNet, VAE and CLIP
+Its replacements are in :mod:`~mindone_lora_plugin.runtime.cpu.kernels`, ``rng``, ``attention`` and ``transformer``,
+installed by :mod:`~mindone_lora_plugin.runtime.cpu.install`: mindone 0.5.0's UNet, VAE and CLIP
 text encoders use ``mindspore.mint`` primitives that have no kernel on MindSpore's CPU target, and the backend
 replaces them with CPU-capable equivalents. Ascend and GPU run mindone as shipped. Which MindSpore versions it runs
-on is :data:`mindone_lora_plugin.runtime.SUPPORTED`; within them, the backend asks the running MindSpore what it
-needs by feature (:data:`mindone_lora_plugin.backends.cpu.FEATURES`).
+on is :data:`mindone_lora_plugin.runtime.process.SUPPORTED`; within them, the backend asks the running MindSpore what it
+needs by feature (:data:`mindone_lora_plugin.runtime.cpu.install.FEATURES`).
 
 Importing this package does not import MindSpore; :func:`activate` does, and only when it has something to install.
 """
@@ -46,9 +47,9 @@ def activate(device_target: str | None = None) -> bool:
         return False
     with _lock:
         if not _active:
-            from mindone_lora_plugin.backends import cpu
+            from mindone_lora_plugin.runtime.cpu import install
 
-            cpu.install()
+            install.install()
             _active = True
     return True
 

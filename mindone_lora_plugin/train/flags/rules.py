@@ -101,7 +101,7 @@ def validate_train_args(args) -> None:
 
 
 def _check_combinations(args) -> None:
-    from mindone_lora_plugin.train.cache import check_cache_args
+    from mindone_lora_plugin.train.data.cache import check_cache_args
 
     if args.reg_data_dir and args.instance_data_dir:
         raise LoraError("--reg_data_dir (kohya regularisation folders) goes with --train_data_dir kohya folders; with "
@@ -113,7 +113,7 @@ def _check_combinations(args) -> None:
         raise LoraError("--keep_tokens accepts 0 or more")
     check_cache_args(args)
     if args.enable_bucket:
-        from mindone_lora_plugin.train.buckets import check_bucket_values
+        from mindone_lora_plugin.train.data.buckets import check_bucket_values
 
         check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
 

@@ -1,7 +1,7 @@
 """CPU replacements for the primitives that mindone 0.5.0's FLUX.1 models reach and MindSpore 2.7.1's CPU backend
 lacks (rotary position embeddings, RMS norms, attention, T5's gated GELU, flow-matching sampling).
 
-Kept apart from :mod:`mindone_lora_plugin.backends.cpu` so each module reads in one sitting; ``cpu`` merges
+Kept apart from :mod:`mindone_lora_plugin.runtime.cpu.kernels` so each module reads in one sitting; ``cpu`` merges
 :data:`PRIMITIVE_REPLACEMENTS` into its own table and installs them the same way (rebinding module attributes, and
 the primitive classes' ``__call__`` as a PyNative safety net). Every replacement has the primitive object's call
 signature and is built from primitives with CPU kernels; tests/test_flux_model_cpu.py checks each against numpy.
@@ -16,8 +16,8 @@ from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 from mindspore.ops.auto_generate import gen_ops_prim
 
-import mindone_lora_plugin.backends.cpu_attention as cpu_attention
-import mindone_lora_plugin.backends.primitives as primitives
+import mindone_lora_plugin.runtime.cpu.attention as cpu_attention
+import mindone_lora_plugin.runtime.cpu.primitives as primitives
 
 
 def outer_op(input, vec2):

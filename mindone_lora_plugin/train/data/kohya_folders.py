@@ -32,7 +32,7 @@ def is_kohya_folder(folder: str) -> bool:
 
 def scan(folder: str, flag: str, caption_extension: str) -> list[tuple[str, str, int]]:
     """``[(image path, caption, repeats)]`` of every ``<repeats>_<name>/`` sub-folder, sorted by path."""
-    from mindone_lora_plugin.train.data import IMAGE_SUFFIXES
+    from mindone_lora_plugin.train.data.loader import IMAGE_SUFFIXES
 
     if not os.path.isdir(folder):
         raise LoraError(f"{flag} {folder} does not exist; pass a folder of <repeats>_<name>/ image folders")
@@ -84,7 +84,7 @@ def load_kohya_examples(folder: str, flag: str, args, resolution: int, sizer=Non
     """The examples of a kohya folder, each repeated as its folder says; ``(examples, unreadable, distinct images)``."""
     from tqdm.auto import tqdm
 
-    from mindone_lora_plugin.train.data import _decode, prepare
+    from mindone_lora_plugin.train.data.loader import _decode, prepare
 
     items = scan(folder, flag, args.caption_extension)
     examples, bad = [], 0

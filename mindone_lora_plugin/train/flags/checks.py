@@ -1,9 +1,10 @@
 """Every flag check of ``mindone-lora train``, in one pipeline that runs before any model loads.
 
-The stages, in order: the flags' own values (:mod:`~mindone_lora_plugin.train.validate`), the model folder's
+The stages, in order: the flags' own values (:mod:`~mindone_lora_plugin.train.flags.rules`), the model folder's
 architecture (its ``config.json`` files only) and the flags it does not use
 (:attr:`~mindone_lora_plugin.architectures.base.Architecture.unused_flags`), the resolution, how the flags combine
-(:func:`~mindone_lora_plugin.train.settings.check_args`), kohya's loss/LoRA+/optimizer flags, every installed training
+(:func:`~mindone_lora_plugin.train.flags.settings.check_args`), kohya's loss/LoRA+/optimizer flags, every installed
+training
 feature's :meth:`~mindone_lora_plugin.train.features.base.TrainingFeature.check`, buckets and masks, the LoRA options
 (the algorithm's checks and the dropouts) and the save formats. A flag that cannot be used is one
 :class:`~mindone_lora_plugin.errors.LoraError` line naming it.
@@ -41,12 +42,13 @@ def check_unused_flags(args, arch) -> None:
 
 def check_flags(args, pm) -> CheckedFlags:
     """Run every check; return what they found. Raises :class:`LoraError` at the first flag that cannot be used."""
-    from mindone_lora_plugin.basemodel import BaseModelInfo
-    from mindone_lora_plugin.operations import check_save_formats, exact_format
-    from mindone_lora_plugin.train import data_setup, feature_args
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
+    from mindone_lora_plugin.core_plugin import check_save_formats, exact_format
+    from mindone_lora_plugin.train.data import setup as data_setup
     from mindone_lora_plugin.train.features import active as features
-    from mindone_lora_plugin.train.settings import check_args, default_resolution, options_from_args
-    from mindone_lora_plugin.train.validate import check_resolution, validate_train_args
+    from mindone_lora_plugin.train.flags import loss_and_optimizer as feature_args
+    from mindone_lora_plugin.train.flags.rules import check_resolution, validate_train_args
+    from mindone_lora_plugin.train.flags.settings import check_args, default_resolution, options_from_args
 
     if not args.pretrained_model_name_or_path:
         raise LoraError("--pretrained_model_name_or_path is required (a diffusers-layout model folder), or use "

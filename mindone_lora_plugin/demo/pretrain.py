@@ -1,6 +1,6 @@
 """Pretrain the tiny SD1.x "shapes" base model that the demo ships: it draws coloured shapes from captions.
 
-    python -m mindone_lora_plugin.pretrain_tiny --seed 0 --out ./shapes-sd1
+    python -m mindone_lora_plugin.demo.pretrain --seed 0 --out ./shapes-sd1
 
 Full-parameter training on MindSpore's CPU backend, in GRAPH_MODE, deterministic given ``--seed``:
 
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from mindone_lora_plugin.shapes import COLOURS, SHAPES, draw
+from mindone_lora_plugin.demo.shapes import COLOURS, SHAPES, draw
 
 RESOLUTION = 32
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -83,7 +83,7 @@ def build_models(seed: int, workdir: str):
     from mindone.transformers import CLIPTextModel
     from transformers import CLIPTextConfig
 
-    from mindone_lora_plugin.tiny import CLIP, build_tokenizer
+    from mindone_lora_plugin.demo.tiny import CLIP, build_tokenizer
 
     tokenizer = build_tokenizer(os.path.join(workdir, "tokenizer"))
 
@@ -303,7 +303,7 @@ def save_folder(out: str, tokenizer, text_encoder, vae, unet, info: dict) -> str
     from mindone.diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from mindone_lora_plugin import safetensors_io
-    from mindone_lora_plugin.tiny import _to_transformers_names
+    from mindone_lora_plugin.demo.tiny import _to_transformers_names
 
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -334,7 +334,7 @@ def pretrain(out: str, seed: int = 0, unet_steps: int = 6000, batch_size: int = 
     weights.)"""
     import tempfile
 
-    from mindone_lora_plugin.runtime import setup
+    from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", mode, seed)
     t0 = time.time()
@@ -354,7 +354,7 @@ def pretrain(out: str, seed: int = 0, unet_steps: int = 6000, batch_size: int = 
             return {"seed": seed, "unet_steps": steps_done, "batch_size": batch_size, "unet_lr": unet_lr,
                     "mode": mode, "variants": variants, "scaling_factor": scaling,
                     "final_unet_loss": float(np.mean(losses[-100:])),
-                    "command": f"python -m mindone_lora_plugin.pretrain_tiny --seed {seed} --unet_steps {unet_steps} "
+                    "command": f"python -m mindone_lora_plugin.demo.pretrain --seed {seed} --unet_steps {unet_steps} "
                                f"--batch_size {batch_size} --unet_lr {unet_lr:g} --out OUT"}
 
         def snapshot(steps_done, losses):
@@ -370,7 +370,7 @@ def pretrain(out: str, seed: int = 0, unet_steps: int = 6000, batch_size: int = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mindone_lora_plugin.pretrain_tiny",
+    p = argparse.ArgumentParser(prog="python -m mindone_lora_plugin.demo.pretrain",
                                 description="Pretrain the tiny SD1.x shapes base model on the CPU.")
     p.add_argument("--out", required=True, help="the model folder to write (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)

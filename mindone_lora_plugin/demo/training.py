@@ -1,11 +1,12 @@
 """``mindone-lora train --demo [sd1|sdxl|dreambooth|flux]``: the whole job on a tiny model, on CPU, in a few minutes.
 
-``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/assets/shapes-sd1``, made
-by :mod:`mindone_lora_plugin.pretrain_tiny`), which draws red/green/blue/yellow circles, squares and triangles from
+``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/demo/assets/shapes-sd1``,
+made
+by :mod:`mindone_lora_plugin.demo.pretrain`), which draws red/green/blue/yellow circles, squares and triangles from
 captions. It trains a LoRA in GRAPH_MODE on twelve images of a concept the base never saw — "a photo of sks", a purple
 cross — writes both formats, checkpoints, the loss curve and the hparams, checks that every saved file loads back to
 the same outputs, and then *measures* what the LoRA did: over 8 seeds, how often the concept prompt draws a purple
-cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.shapes`).
+cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.demo.shapes`).
 ``dreambooth`` does the same as DreamBooth with prior preservation ("a sks shape", class "a shape"). ``sdxl`` keeps
 the randomly initialised tiny SDXL model: its pictures are noise, it shows the job running end to end; ``flux`` does the
 same with a tiny FLUX.1-dev model (flow matching, kohya FLUX and diffusers files).
@@ -19,8 +20,8 @@ import os
 
 import numpy as np
 
+from mindone_lora_plugin.demo.shapes import COLOURS, SHAPES
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.shapes import COLOURS, SHAPES  # noqa: F401  (re-exported: tests and benchmarks use them)
 
 DEMO_DEFAULTS = dict(train_batch_size=4, max_train_steps=120, learning_rate=1e-3, lr_scheduler="constant",
                      lr_warmup_steps=0, lora_rank=4, lora_alpha=4.0, lora_targets="kohya", checkpointing_steps=60,
@@ -86,7 +87,7 @@ def make_concept_dataset(folder: str, count: int = 12, reference: bool = True) -
     """An imagefolder of the demo concept — :func:`make_instance_images` captioned "a photo of sks" — and, with
     ``reference``, one drawing of each of the 12 base classes captioned as the base model knows it ("a red circle"),
     so that training on the concept keeps the base prompts drawing what they drew (regularisation images)."""
-    from mindone_lora_plugin.shapes import draw
+    from mindone_lora_plugin.demo.shapes import draw
 
     make_instance_images(folder, count=count)
     rows = [{"file_name": f, "text": CONCEPT_PROMPT} for f in sorted(os.listdir(folder)) if f.startswith("sks_")]
@@ -108,7 +109,7 @@ DREAMBOOTH_DEFAULTS = dict(instance_prompt="a sks shape", class_prompt="a shape"
 
 def run_demo(args) -> int:
     from mindone_lora_plugin.architectures.sd.tiny import RESOLUTION, ensure_tiny_model
-    from mindone_lora_plugin.train.arguments import add_train_arguments
+    from mindone_lora_plugin.train.flags.training import add_train_arguments
     from mindone_lora_plugin.train.trainer import Trainer
 
     pretrained = args.demo in ("sd1", "dreambooth")
@@ -123,12 +124,12 @@ def run_demo(args) -> int:
             setattr(args, key, value)
     if args.pretrained_model_name_or_path is None:
         if pretrained:
-            from mindone_lora_plugin.shapes_eval import shipped_model
+            from mindone_lora_plugin.demo.shapes_eval import shipped_model
 
             args.pretrained_model_name_or_path = shipped_model()
             if not os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
                 raise LoraError(f"the shipped shapes base model is missing ({args.pretrained_model_name_or_path}); "
-                                f"reinstall the package or rebuild it with python -m mindone_lora_plugin.pretrain_tiny "
+                                f"reinstall the package or rebuild it with python -m mindone_lora_plugin.demo.pretrain "
                                 f"--seed 0 --out {args.pretrained_model_name_or_path}")
             print(f"base model: the pretrained shapes model {args.pretrained_model_name_or_path}", flush=True)
         else:
@@ -151,8 +152,8 @@ def run_demo(args) -> int:
         result = Trainer(args).run()
         return _report_files(result, args, verify_saved_files(result, args))
 
-    from mindone_lora_plugin.runtime import setup
-    from mindone_lora_plugin.shapes_eval import Sampler
+    from mindone_lora_plugin.demo.shapes_eval import Sampler
+    from mindone_lora_plugin.runtime.process import setup
 
     setup(args.device_target, args.mode, seed=args.seed)
     args._validate_before = bool(args.validation_prompt)  # the trainer's own validation only when asked for
@@ -184,13 +185,13 @@ def run_demo(args) -> int:
 
 
 def _is_base_figure(reading) -> bool:
-    from mindone_lora_plugin.shapes_eval import is_base_figure
+    from mindone_lora_plugin.demo.shapes_eval import is_base_figure
 
     return is_base_figure(reading)
 
 
 def _measure(sampler, checks):
-    from mindone_lora_plugin.shapes_eval import score_prompt
+    from mindone_lora_plugin.demo.shapes_eval import score_prompt
 
     return [score_prompt(sampler, prompt, SEEDS, want) for prompt, want, _ in checks]
 
@@ -249,13 +250,13 @@ def _write_pictures(folder: str, checks, before, after, by_weight) -> list[str]:
 
 
 def _asked(prompt):
-    from mindone_lora_plugin.shapes import asked
+    from mindone_lora_plugin.demo.shapes import asked
 
     return asked(prompt)
 
 
 def _print_scores(checks, before, after, same_at_zero: bool) -> None:
-    print("\nMeasured in this run (8 seeds per prompt, colour-and-shape scorer, mindone_lora_plugin.shapes):")
+    print("\nMeasured in this run (8 seeds per prompt, colour-and-shape scorer, mindone_lora_plugin.demo.shapes):")
     print(f"  {'prompt':22s} {'looking for':16s} {'before':>7s} {'after':>7s}  target")
     for (prompt, want, role), b, a in zip(checks, before, after):
         what = " ".join(want) if isinstance(want, tuple) else ("any base shape" if callable(want) else
@@ -274,7 +275,7 @@ def _fill_class_images(sampler, folder: str, prompt: str, wanted: int) -> None:
     """Class images for prior preservation, drawn by the base model with the fast sampler (the trainer would make
     the same kind of images with the slower PyNative pipeline)."""
     from mindone_lora_plugin.safetensors_io import atomic_path
-    from mindone_lora_plugin.train.data import IMAGE_SUFFIXES
+    from mindone_lora_plugin.train.data.loader import IMAGE_SUFFIXES
 
     os.makedirs(folder, exist_ok=True)
     have = len([f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES)])
@@ -306,7 +307,7 @@ def verify_saved_files(result, args) -> dict[str, str]:
 
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.settings import options_from_args
+    from mindone_lora_plugin.train.flags.settings import options_from_args
 
     pm = get_plugin_manager()
     trained = result.models

@@ -17,7 +17,7 @@ def ensure_class_images(trainer, folder: str, prompt: str, wanted: int, batch_si
     from tqdm.auto import tqdm
 
     from mindone_lora_plugin.safetensors_io import atomic_path
-    from mindone_lora_plugin.train.data import IMAGE_SUFFIXES
+    from mindone_lora_plugin.train.data.loader import IMAGE_SUFFIXES
     from mindone_lora_plugin.train.sampling import generate
 
     try:

@@ -12,10 +12,10 @@ from mindone_lora_plugin.errors import LoraError
 
 
 def make_sizer(args, resolution: int):
-    """A :class:`~mindone_lora_plugin.train.buckets.BucketSizer` with ``--enable_bucket``, else None (square)."""
+    """A :class:`~mindone_lora_plugin.train.data.buckets.BucketSizer` with ``--enable_bucket``, else None (square)."""
     if not args.enable_bucket:
         return None
-    from mindone_lora_plugin.train.buckets import BucketSizer, make_buckets, resolve_bucket_args
+    from mindone_lora_plugin.train.data.buckets import BucketSizer, make_buckets, resolve_bucket_args
 
     low, high, steps = resolve_bucket_args(args, resolution)
     return BucketSizer(make_buckets(resolution, low, high, steps), args.bucket_no_upscale)
@@ -25,7 +25,7 @@ def make_masks(args):
     """The mask source of ``--masked_loss`` (alpha channels or ``--conditioning_data_dir``), else None."""
     if not args.masked_loss:
         return None
-    from mindone_lora_plugin.train.masks import MaskSource
+    from mindone_lora_plugin.train.data.masks import MaskSource
 
     return MaskSource(args.conditioning_data_dir)
 
@@ -34,7 +34,7 @@ def mask_input(trainer, batch, latent_hw) -> tuple:
     """``(mask tensor,)`` for the loss with ``--masked_loss``, else ``()``."""
     if batch.masks is None:
         return ()
-    from mindone_lora_plugin.train.masks import latent_masks
+    from mindone_lora_plugin.train.data.masks import latent_masks
 
     return (trainer._ms.Tensor(latent_masks(batch.masks, tuple(latent_hw))),)
 
@@ -42,7 +42,7 @@ def mask_input(trainer, batch, latent_hw) -> tuple:
 def load_text_to_image(trainer):
     """Examples of ``--train_data_dir`` (an imagefolder or kohya folders) / ``--dataset_name``, plus kohya
     regularisation images of ``--reg_data_dir``; returns ``(examples, unreadable images skipped)``."""
-    from mindone_lora_plugin.train import data, kohya_data
+    from mindone_lora_plugin.train.data import kohya_folders as kohya_data, loader as data
 
     args, sizer, say, masks = trainer.args, trainer.sizer, trainer.say, getattr(trainer, "masks", None)
     trainer.dataset_info = {}
@@ -72,8 +72,8 @@ def load_text_to_image(trainer):
 
 
 def make_plan(trainer, examples, prior):
-    from mindone_lora_plugin.train.captions import CaptionAugment
-    from mindone_lora_plugin.train.data import BatchPlan
+    from mindone_lora_plugin.train.data.captions import CaptionAugment
+    from mindone_lora_plugin.train.data.loader import BatchPlan
 
     args = trainer.args
     captions = CaptionAugment.from_args(args)
@@ -88,13 +88,13 @@ def make_plan(trainer, examples, prior):
         trainer.say(f"masked loss: {with_mask} of {len(examples)} example(s) have a mask (the rest count fully)")
     trainer.too_small = trainer.sizer.too_small if trainer.sizer is not None else 0
     if trainer.sizer is not None:
-        from mindone_lora_plugin.train.buckets import log_buckets
+        from mindone_lora_plugin.train.data.buckets import log_buckets
 
         if trainer.too_small:
             trainer.say(f"skipped {trainer.too_small} image(s) smaller than the smallest bucket (--bucket_no_upscale)")
         trainer.bucket_counts = log_buckets(examples + (prior or []), trainer.say)
     if args.cache_latents or args.cache_latents_to_disk:
-        from mindone_lora_plugin.train.cache import check_crops_cacheable
+        from mindone_lora_plugin.train.data.cache import check_crops_cacheable
 
         check_crops_cacheable(plan)
     return plan
@@ -106,7 +106,7 @@ def setup_caches(trainer) -> None:
     ms = trainer._ms
     trainer.latent_cache = trainer.text_cache = None
     if args.cache_latents or args.cache_latents_to_disk:
-        from mindone_lora_plugin.train.cache import LatentCache, cache_folder, vae_identity
+        from mindone_lora_plugin.train.data.cache import LatentCache, cache_folder, vae_identity
 
         folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
         vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.parts.vae.dtype))
@@ -128,7 +128,7 @@ def setup_caches(trainer) -> None:
             trainer.encode_cell = None
             trainer.parts.vae = types.SimpleNamespace(config=trainer.parts.vae.config, dtype=trainer.parts.vae.dtype)
     if args.cache_text_encoder_outputs and not trainer.train_text:
-        from mindone_lora_plugin.train.cache import TextCache
+        from mindone_lora_plugin.train.data.cache import TextCache
 
         cache = TextCache(trainer.conditioner, trainer._tokenize, args.train_batch_size)
         cache.fill(c for ex in list(trainer.plan.examples) + list(trainer.plan.prior) for c in ex.captions)
@@ -200,7 +200,7 @@ def data_metadata(trainer) -> dict[str, str]:
             "ss_caption_extension": args.caption_extension,
             "ss_masked_loss": str(bool(args.masked_loss))}
     if trainer.sizer is not None:
-        from mindone_lora_plugin.train.buckets import resolve_bucket_args
+        from mindone_lora_plugin.train.data.buckets import resolve_bucket_args
 
         low, high, steps = resolve_bucket_args(args, trainer.resolution)
         meta.update(ss_min_bucket_reso=str(low), ss_max_bucket_reso=str(high), ss_bucket_reso_steps=str(steps))
@@ -208,7 +208,7 @@ def data_metadata(trainer) -> dict[str, str]:
         buckets = {str(i): {"resolution": [int(k.split("x")[1]), int(k.split("x")[0])], "count": n}
                    for i, (k, n) in enumerate(sorted(counts.items()))}
         meta["ss_bucket_info"] = json.dumps({"buckets": buckets, "skipped_too_small": trainer.too_small})
-    from mindone_lora_plugin.train import kohya_data
+    from mindone_lora_plugin.train.data import kohya_folders as kohya_data
 
     for flag, key in (("train_data_dir", "ss_dataset_dirs"), ("reg_data_dir", "ss_reg_dataset_dirs")):
         folder = getattr(args, flag)
@@ -225,7 +225,7 @@ def load_data(trainer):
     """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth): ``(examples, prior)``;
     sets ``trainer.skipped`` (unreadable images skipped)."""
     args = trainer.args
-    from mindone_lora_plugin.train import data
+    from mindone_lora_plugin.train.data import loader as data
 
     if not args.instance_data_dir:
         examples, trainer.skipped = load_text_to_image(trainer)
@@ -236,7 +236,7 @@ def load_data(trainer):
     if not args.with_prior_preservation:
         return examples, None
     if trainer.is_main:
-        from mindone_lora_plugin.train.dreambooth import ensure_class_images
+        from mindone_lora_plugin.train.data.dreambooth import ensure_class_images
 
         ensure_class_images(trainer, args.class_data_dir, args.class_prompt, args.num_class_images,
                             args.sample_batch_size)

@@ -78,7 +78,7 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
                                 f"training, e.g. 512 or \"512,512\"); for other shapes use enable_bucket = true")
             value = sides[0]
         if type(actions[dest]).__name__ == "_Refuse":
-            from mindone_lora_plugin.train.arguments import REFUSED
+            from mindone_lora_plugin.train.flags.training import REFUSED
 
             raise LoraError(f"--config_file {path}: {key} is not supported: {REFUSED[dest]}")
         out[dest] = _checked(path, key, value, actions[dest])
@@ -150,7 +150,7 @@ def toml_value(value) -> str:
 def write_config(args, path: str) -> str:
     """Write the effective flags (those with a value) to ``path`` as TOML; refuse to overwrite a file."""
     from mindone_lora_plugin.safetensors_io import write_bytes_atomic
-    from mindone_lora_plugin.train.settings import plain_args
+    from mindone_lora_plugin.train.flags.settings import plain_args
 
     if os.path.exists(path):
         raise LoraError(f"--output_config: {path} already exists; choose a new --config_file path (nothing is "

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+from mindone_lora_plugin.dtypes import SAVE_DTYPES
 from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.options import PRESETS, SAVE_DTYPES
-from mindone_lora_plugin.runtime import MODES
+from mindone_lora_plugin.options import PRESETS
+from mindone_lora_plugin.runtime.process import MODES
 
 # Flags the mindone script accepted but nothing here can honour → the reason given when one is used.
 REFUSED = {
@@ -140,7 +141,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_name", type=str, default=None, help="kohya file name (default: the output folder's name)")
     g.add_argument("--save_dtype", choices=SAVE_DTYPES, default=None)
 
-    from mindone_lora_plugin.train.data_arguments import add_data_feature_arguments
+    from mindone_lora_plugin.train.flags.data import add_data_feature_arguments
 
     add_data_feature_arguments(parser)
 
@@ -153,8 +154,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train a built-in tiny model on a generated dataset (sd1, sdxl, flux, or dreambooth on sd1)")
 
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.train.feature_args import add_arguments as add_kohya_arguments
     from mindone_lora_plugin.train.features import active as features
+    from mindone_lora_plugin.train.flags.loss_and_optimizer import add_arguments as add_kohya_arguments
 
     add_kohya_arguments(parser)  # kohya's loss options, LoRA+, optimizers
     features.add_arguments(parser, get_plugin_manager())  # EMA, validation loss, samples, save cadence, ...

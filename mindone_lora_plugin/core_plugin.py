@@ -55,7 +55,7 @@ def mindone_lora_save_weights(manager, models, options, output_dir, formats, out
 
 @hookimpl
 def mindone_lora_load_weights(manager, models, options, path):
-    from mindone_lora_plugin.basemodel import BaseModelInfo
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
     from mindone_lora_plugin.formats.reader import read_lora
 
     state = read_lora(path, base=BaseModelInfo.from_models(models), formats=list(manager.formats().values()))
