@@ -81,7 +81,7 @@ class MindSporeStep(C.MindSporeLoraStep):
         from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss, TextConditioner
         from mindone_lora_plugin.models import Models
         from mindone_lora_plugin.options import LoraOptions
-        from mindone_lora_plugin.runtime import recompute as checkpointing
+        from mindone_lora_plugin.runtime import recompute
 
         t0 = time.perf_counter()
         unet = UNet2DConditionModel(**unet_config(model))
@@ -98,7 +98,7 @@ class MindSporeStep(C.MindSporeLoraStep):
         inputs = [ms.Tensor(b[k]) for k in names]
         self._build(Models(unet=unet, architecture="sdxl" if sdxl else "sd1"), options, "unet",
                     DenoiseLoss(unet, TextConditioner(None), False, False, sdxl), inputs,
-                    before_optimizer=(lambda: checkpointing.enable(unet, "unet")) if gc else None)
+                    before_optimizer=(lambda: recompute.enable(unet, "unet")) if gc else None)
         self.extra_info = {"build_s": time.perf_counter() - t0, "lora_dtypes": self.lora_dtypes}
         self._first()
 

@@ -21,7 +21,7 @@ def build(gc: bool):
     from mindone_lora_plugin.models import Models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
-    from mindone_lora_plugin.runtime import recompute as checkpointing
+    from mindone_lora_plugin.runtime import recompute
 
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD1_UNET)
@@ -36,7 +36,7 @@ def build(gc: bool):
     rng = np.random.default_rng(0)
     for p in params:  # B ≠ 0, so every LoRA gradient is non-trivial
         p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.05))
-    blocks = checkpointing.enable(unet, "unet") if gc else 0
+    blocks = recompute.enable(unet, "unet") if gc else 0
     loss = DenoiseLoss(unet, TextConditioner(None), False, False, False)
     loss.set_train(True)
     return loss, params, blocks

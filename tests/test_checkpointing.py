@@ -66,20 +66,20 @@ def test_recompute_keeps_gradients_and_lowers_peak_memory(tmp_path):
 def test_enable_refuses_a_model_without_blocks_and_is_idempotent():
     from mindspore import nn
 
-    from mindone_lora_plugin.runtime import recompute as checkpointing
+    from mindone_lora_plugin.runtime import recompute
     from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
     with pytest.raises(LoraError, match="no ResNet, transformer or CLIP encoder blocks to recompute; drop the flag"):
-        checkpointing.enable(nn.SequentialCell([nn.Dense(4, 4), nn.ReLU()]), "the unet")
+        recompute.enable(nn.SequentialCell([nn.Dense(4, 4), nn.ReLU()]), "the unet")
     from mindone.transformers import CLIPTextModel
     from transformers import CLIPTextConfig
 
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
                                       vocab_size=100))
-    assert not checkpointing.is_enabled(te)
-    assert checkpointing.enable(te) == checkpointing.enable(te) == 3  # one per encoder layer; twice is harmless
-    assert checkpointing.is_enabled(te)
+    assert not recompute.is_enabled(te)
+    assert recompute.enable(te) == recompute.enable(te) == 3  # one per encoder layer; twice is harmless
+    assert recompute.is_enabled(te)
 
 
 def test_train_with_gradient_checkpointing_and_text_encoder(tiny_sd1, shapes, tmp_path, capsys):
@@ -102,9 +102,9 @@ def test_run_passes_the_scripts_gradient_checkpointing_flag(tiny_sd1, shapes, tm
                                                     "pynative", "--max_train_steps", "1"))
     assert result.exit_code == 0
     assert "gradient checkpointing: 18 blocks of UNet2DConditionModel recomputed" in capsys.readouterr().err
-    from mindone_lora_plugin.runtime import recompute as checkpointing
+    from mindone_lora_plugin.runtime import recompute
 
-    assert checkpointing.is_enabled(result.session.models["unet"])
+    assert recompute.is_enabled(result.session.models["unet"])
 
 
 def test_bf16_on_cpu_is_refused_before_any_model_loads(tiny_sd1, shapes, tmp_path, monkeypatch):

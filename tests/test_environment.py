@@ -122,7 +122,8 @@ def test_quiet_start_a_short_run_and_three_failures(tmp_path):
 def test_an_unsupported_mindspore_is_refused_in_one_line(tmp_path):
     """A MindSpore outside the supported range (here: the range moved past the installed one) ends at start-up in
     one line naming the range; MINDONE_LORA_ANY_VERSION=1 lets it start."""
-    code = ("import sys\nfrom mindone_lora_plugin import runtime\nruntime.SUPPORTED['mindspore'] = '>=9.0,<9.1'\n"
+    code = ("import sys\nfrom mindone_lora_plugin.runtime import process\n"
+            "process.SUPPORTED['mindspore'] = '>=9.0,<9.1'\n"
             "from mindone_lora_plugin.cli import entry\nsys.exit(entry(sys.argv[1:]))")
     argv = ["generate", "--model", DEMO_MODEL, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32",
             "--out", str(tmp_path / "images")]

@@ -79,7 +79,7 @@ PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1:
 
 #: original dispatcher function -> replacement
 DISPATCHER_REPLACEMENTS = {getattr(functional_overload, name): replacement
-                           for name, replacement in (("kernels.conv2d", kernels.conv2d), ("kernels.gelu", kernels.gelu))
+                           for name, replacement in (("conv2d", kernels.conv2d), ("gelu", kernels.gelu))
                            if hasattr(functional_overload, name)}
 
 #: construct methods replaced, by module and class

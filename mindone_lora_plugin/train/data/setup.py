@@ -42,11 +42,11 @@ def mask_input(trainer, batch, latent_hw) -> tuple:
 def load_text_to_image(trainer):
     """Examples of ``--train_data_dir`` (an imagefolder or kohya folders) / ``--dataset_name``, plus kohya
     regularisation images of ``--reg_data_dir``; returns ``(examples, unreadable images skipped)``."""
-    from mindone_lora_plugin.train.data import kohya_folders as kohya_data, loader as data
+    from mindone_lora_plugin.train.data import kohya_folders, loader
 
     args, sizer, say, masks = trainer.args, trainer.sizer, trainer.say, getattr(trainer, "masks", None)
     trainer.dataset_info = {}
-    kohya = bool(args.train_data_dir and kohya_data.is_kohya_folder(args.train_data_dir))
+    kohya = bool(args.train_data_dir and kohya_folders.is_kohya_folder(args.train_data_dir))
     if kohya and args.max_train_samples is not None:
         raise LoraError("--max_train_samples applies to imagefolder/datasets data; with <repeats>_<name>/ folders "
                         "choose the images and repeats by folder instead")
@@ -54,17 +54,17 @@ def load_text_to_image(trainer):
         raise LoraError(f"--caption_extension {args.caption_extension} applies to <repeats>_<name>/ folders, but "
                         f"--train_data_dir is an imagefolder (captions come from its metadata); drop the flag")
     if kohya:
-        examples, bad, distinct = kohya_data.load_kohya_examples(args.train_data_dir, "--train_data_dir", args,
+        examples, bad, distinct = kohya_folders.load_kohya_examples(args.train_data_dir, "--train_data_dir", args,
                                                                  trainer.resolution, sizer, masks=masks)
         trainer.dataset_info["train"] = (distinct, len(examples))
         say(f"kohya dataset: {distinct} image(s), {len(examples)} with repeats")
     else:
-        examples, bad = data.load_examples(args, trainer.resolution, sizer, masks)
+        examples, bad = loader.load_examples(args, trainer.resolution, sizer, masks)
     if args.reg_data_dir:
-        reg, reg_bad, reg_distinct = kohya_data.load_kohya_examples(args.reg_data_dir, "--reg_data_dir", args,
+        reg, reg_bad, reg_distinct = kohya_folders.load_kohya_examples(args.reg_data_dir, "--reg_data_dir", args,
                                                                     trainer.resolution, sizer,
                                                                     loss_weight=args.prior_loss_weight, masks=masks)
-        reg = kohya_data.balance_regularisation(reg, len(examples))
+        reg = kohya_folders.balance_regularisation(reg, len(examples))
         trainer.dataset_info["reg"] = (reg_distinct, len(reg))
         say(f"regularisation: {reg_distinct} image(s), {len(reg)} used per epoch, loss weight {args.prior_loss_weight}")
         examples, bad = examples + reg, bad + reg_bad
@@ -208,13 +208,13 @@ def data_metadata(trainer) -> dict[str, str]:
         buckets = {str(i): {"resolution": [int(k.split("x")[1]), int(k.split("x")[0])], "count": n}
                    for i, (k, n) in enumerate(sorted(counts.items()))}
         meta["ss_bucket_info"] = json.dumps({"buckets": buckets, "skipped_too_small": trainer.too_small})
-    from mindone_lora_plugin.train.data import kohya_folders as kohya_data
+    from mindone_lora_plugin.train.data import kohya_folders
 
     for flag, key in (("train_data_dir", "ss_dataset_dirs"), ("reg_data_dir", "ss_reg_dataset_dirs")):
         folder = getattr(args, flag)
-        if folder and kohya_data.is_kohya_folder(folder):
+        if folder and kohya_folders.is_kohya_folder(folder):
             dirs: dict[str, dict] = {}
-            for path, _, repeats in kohya_data.scan(folder, "--" + flag, args.caption_extension):
+            for path, _, repeats in kohya_folders.scan(folder, "--" + flag, args.caption_extension):
                 d = dirs.setdefault(os.path.basename(os.path.dirname(path)), {"n_repeats": repeats, "img_count": 0})
                 d["img_count"] += 1
             meta[key] = json.dumps(dirs)
@@ -225,12 +225,12 @@ def load_data(trainer):
     """Captioned examples (text-to-image), or instance (+ class) examples (DreamBooth): ``(examples, prior)``;
     sets ``trainer.skipped`` (unreadable images skipped)."""
     args = trainer.args
-    from mindone_lora_plugin.train.data import loader as data
+    from mindone_lora_plugin.train.data import loader
 
     if not args.instance_data_dir:
         examples, trainer.skipped = load_text_to_image(trainer)
         return examples, None
-    examples, trainer.skipped = data.load_folder_examples(args.instance_data_dir, args.instance_prompt,
+    examples, trainer.skipped = loader.load_folder_examples(args.instance_data_dir, args.instance_prompt,
                                                           trainer.resolution, args.on_bad_image,
                                                           "--instance_data_dir", trainer.sizer, trainer.masks)
     if not args.with_prior_preservation:
@@ -243,7 +243,7 @@ def load_data(trainer):
     if trainer.world > 1:
 
         barrier()
-    prior, bad = data.load_folder_examples(args.class_data_dir, args.class_prompt, trainer.resolution,
+    prior, bad = loader.load_folder_examples(args.class_data_dir, args.class_prompt, trainer.resolution,
                                            args.on_bad_image, "--class_data_dir", trainer.sizer, trainer.masks)
     trainer.skipped += bad
     trainer.say(f"DreamBooth: {len(examples)} instance and {len(prior)} class image(s), prior loss weight "

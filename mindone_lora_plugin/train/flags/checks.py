@@ -46,7 +46,7 @@ def check_flags(args, pm) -> CheckedFlags:
     from mindone_lora_plugin.core_plugin import check_save_formats, exact_format
     from mindone_lora_plugin.train.data import setup as data_setup
     from mindone_lora_plugin.train.features import active as features
-    from mindone_lora_plugin.train.flags import loss_and_optimizer as feature_args
+    from mindone_lora_plugin.train.flags import loss_and_optimizer
     from mindone_lora_plugin.train.flags.rules import check_resolution, validate_train_args
     from mindone_lora_plugin.train.flags.settings import check_args, default_resolution, options_from_args
 
@@ -58,7 +58,7 @@ def check_flags(args, pm) -> CheckedFlags:
     arch = pm.get_architecture(info.architecture)  # loss, conditioning, pipelines
     resolution = check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info))
     check_args(args)
-    feature_args.check(args)
+    loss_and_optimizer.check(args)
     features.check(args, pm)
     check_unused_flags(args, arch)
     sizer = data_setup.make_sizer(args, resolution)  # bucket settings
