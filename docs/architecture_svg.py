@@ -58,7 +58,7 @@ def picture() -> str:
     parts += band(45, 70, "commands")
     parts += box(30, 45, 940, 70, "command", "mindone-lora (cli.py → commands/*, train/cli.py, ui/)",
                  ["train · run · convert · inspect · generate · merge · plugins · ui",
-                  "integration.py / patching.py: the same operations inside a user's own mindone script"])
+                  "integration.py / scripts/: the same operations inside a user's own mindone script"])
     # the three layers
     parts += band(150, 150, "core model")
     parts += box(30, 150, 250, 150, "core", "Model", ["MindSpore cells from mindone", "models.Models: component → cell",
@@ -98,7 +98,7 @@ def picture() -> str:
                   "text_conditioner · make_loss", "model_inputs · training_pipeline"])
     parts += box(385, 535, 290, 130, "train", "Trainer (train/trainer.py)",
                  ["flags checked first (train/flags/checks.py)", "the loop: step, checkpoints, resume",
-                  "LoRA only through the operation hooks", "(operations.py: the core plugin)"])
+                  "LoRA only through the operation hooks", "(core_plugin.py: the core plugin)"])
     parts += box(740, 535, 230, 130, "train", "Feature contract",
                  ["TrainingFeature (features/base.py)", "check · setup · after_step",
                   "checkpoint · resume · finish", "sees the run as FeatureRun"])
@@ -106,9 +106,10 @@ def picture() -> str:
     parts += arrow(675, 600, 740, 600, "calls")
     # runtime
     parts += band(700, 60, "runtime")
-    parts += box(30, 700, 940, 60, "runtime", "runtime.py (versions, context, quiet start) · backends/ (CPU backend)",
-                 ["cpu.py kernels replacing mint primitives MindSpore's CPU target lacks · cpu_attention.py · "
-                  "cpu_transformer.py (FLUX.1)"])
+    parts += box(30, 700, 940, 60, "runtime",
+                 "runtime/: process.py (versions, context, quiet start) · precision · recompute · cpu/ (CPU backend)",
+                 ["cpu/: kernels.py, rng.py, attention.py, transformer.py (FLUX.1) replace the mint primitives "
+                  "MindSpore's CPU target lacks; install.py puts them in place"])
     body = "\n".join(parts)
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{HEIGHT}' "
             f"viewBox='0 0 {WIDTH} {HEIGHT}'>\n{body}\n</svg>\n")
