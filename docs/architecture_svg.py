@@ -95,7 +95,7 @@ def picture() -> str:
     parts += band(535, 130, "training")
     parts += box(30, 535, 290, 130, "train", "Family contract",
                  ["Architecture (architectures/base.py)", "load_training_parts → TrainingParts",
-                  "text_conditioner · make_loss", "model_inputs · training_pipeline"])
+                  "make_loss · model_inputs (TrainingContext)", "training_pipeline · text_conditioner"])
     parts += box(385, 535, 290, 130, "train", "Trainer (train/trainer.py)",
                  ["flags checked first (train/flags/checks.py)", "the loop: step, checkpoints, resume",
                   "LoRA only through the operation hooks", "(core_plugin.py: the core plugin)"])

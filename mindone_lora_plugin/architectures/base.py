@@ -82,10 +82,10 @@ class Component:
 @dataclass
 class TrainingParts:
     """What an architecture loads for training besides the components LoRA adapts (returned by
-    :meth:`Architecture.load_training_parts`; the trainer keeps it as ``trainer.parts``): the VAE, one tokenizer per
-    text encoder (in the order its text conditioner takes their token ids), the noise scheduler and the prediction
-    type (``epsilon``, ``v_prediction``, ``flow_matching``: what ``ss_prediction_type`` records). A family adds what
-    its own loss and inputs need in a subclass (SD: the DDPM ``alphas_cumprod``; FLUX.1: the flow shift)."""
+    :meth:`Architecture.load_training_parts`; the family gets it back as ``TrainingContext.parts``): the VAE, one
+    tokenizer per text encoder (in the order its text conditioner takes their token ids), the noise scheduler and the
+    prediction type (``epsilon``, ``v_prediction``, ``flow_matching``: what ``ss_prediction_type`` records). A family
+    adds what its own loss and inputs need in a subclass (SD: the DDPM ``alphas_cumprod``; FLUX.1: the flow shift)."""
 
     vae: object
     tokenizers: tuple
@@ -358,21 +358,23 @@ class Architecture:
         """A cell: ``(ids, ids_2) → (prompt embeds, pooled)`` for this family's text encoders."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
-    def make_loss(self, trainer):
-        """The training loss cell for ``trainer`` (a :class:`~mindone_lora_plugin.train.trainer.Trainer` whose
-        models, VAE, scheduler, tokenizers and adapters are set up); its inputs are :meth:`model_inputs`' tuple."""
+    def make_loss(self, context):
+        """The training loss cell of a run (``context``: a :class:`~mindone_lora_plugin.architectures.context.
+        TrainingContext` whose models have their adapters); its inputs are :meth:`model_inputs`' tuple."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
-    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
-        """The loss cell's inputs for one batch, every random draw from ``rng``."""
+    def model_inputs(self, context, batch, rng, weighted: bool = True) -> tuple:
+        """The loss cell's inputs for one batch, every random draw from ``rng`` (the batch's latents, text,
+        weighting and mask come from ``context.inputs``); ``weighted=False``: unit per-sample weights."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
     def load_pipeline(self, folder: str, dtype=None):
         """A mindone pipeline for ``generate``, loaded from a diffusers-layout folder (MindSpore dtype or None)."""
         raise NotImplementedError(f"the {self.name} architecture has no pipeline")
 
-    def training_pipeline(self, trainer):
-        """A pipeline around the trainer's own (adapted) models, for validation images."""
+    def training_pipeline(self, models, parts):
+        """A pipeline around a run's own (adapted) ``models`` and its :class:`TrainingParts`, for validation,
+        sample and DreamBooth class images."""
         raise NotImplementedError(f"the {self.name} architecture has no pipeline")
 
     # ------------------------------------------------------------------ reporting

@@ -11,7 +11,7 @@ def generate(trainer, prompt: str, num_images: int, steps: int, seed: int, negat
     training resolution; default CFG scale: the pipeline's)."""
     import mindspore as ms
 
-    pipe = trainer.arch.training_pipeline(trainer)
+    pipe = trainer.arch.training_pipeline(trainer.models, trainer.parts)
     pipe.set_progress_bar_config(disable=True)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)

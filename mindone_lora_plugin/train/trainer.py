@@ -156,6 +156,8 @@ class Trainer:
     def _build_step(self):
         from mindspore import nn
 
+        from mindone_lora_plugin.architectures.context import TrainingContext
+        from mindone_lora_plugin.train.data.setup import StepInputs
         from mindone_lora_plugin.train.step import VaeEncode, build_steps
 
         te_trained = {c for c in self.adapted if c != self.arch.denoiser}
@@ -166,7 +168,11 @@ class Trainer:
             counts = enable_for_training(self.models, [self.arch.denoiser] + sorted(te_trained))
             self.say("gradient checkpointing: " + ", ".join(f"{c} {n} blocks" for c, n in counts.items()))
         self.conditioner = self.arch.text_conditioner(self.models)
-        self.loss_cell = self.arch.make_loss(self)
+        self.inputs = StepInputs(self.args, self.parts, VaeEncode(self.parts.vae), self.conditioner, self.train_text,
+                                 bool(self.plan.prior))
+        self.context = TrainingContext(self.args, self.models, self.parts, self.conditioner, self.train_text,
+                                       self.inputs)  # all a family sees of the run
+        self.loss_cell = self.arch.make_loss(self.context)
         self.loss_cell.masked = bool(self.args.masked_loss)
         self.loss_cell.set_train(True)
         reducer = None
@@ -175,7 +181,6 @@ class Trainer:
         accum = max(1, self.args.gradient_accumulation_steps)
         self.micro_step, self.update_step = build_steps(self.loss_cell, self.optimizer, self.args.max_grad_norm,
                                                         accum, reducer)
-        self.encode_cell = VaeEncode(self.parts.vae)
 
     def _weights_finite(self) -> bool:
         return all(np.isfinite(p.asnumpy()).all() for g in self.groups for p in g["params"])
@@ -331,18 +336,7 @@ class Trainer:
     def model_inputs(self, batch, rng, weighted: bool = True):
         """The compiled step's inputs for ``batch``, every random draw from ``rng`` (validation passes a fixed one):
         the architecture's (:meth:`~mindone_lora_plugin.architectures.base.Architecture.model_inputs`)."""
-        return self.arch.model_inputs(self, batch, rng, weighted)
-
-    def _tokenize(self, captions):
-        ms = self._ms
-
-        def ids(tok):
-            out = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="np")
-            return ms.Tensor(out.input_ids.astype(np.int32))
-
-        found = [ids(tok) for tok in self.parts.tokenizers]
-        return found[0], found[-1]  # one text encoder: its ids twice
+        return self.arch.model_inputs(self.context, batch, rng, weighted)
 
     # ------------------------------------------------------------------ validation, logging, metadata
 

@@ -122,38 +122,36 @@ class Flux(files.FluxKeyGrammar, Architecture):
 
         return FluxTextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
 
-    def make_loss(self, trainer):
+    def make_loss(self, context):
         from mindone_lora_plugin.architectures.flux.loss import FlowMatchLoss
 
-        return FlowMatchLoss(trainer.models["transformer"], trainer.conditioner, trainer.train_text)
+        return FlowMatchLoss(context.models["transformer"], context.conditioner, context.train_text)
 
-    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
+    def model_inputs(self, context, batch, rng, weighted: bool = True) -> tuple:
         """Flow matching: latents ``(z − shift_factor)·scaling_factor``, noise, σ, per-sample weights, then the
         conditioning (see :class:`~.loss.FlowMatchLoss`)."""
         import mindspore as ms
         import numpy as np
 
         from mindone_lora_plugin.architectures.flux.timesteps import sample_sigmas
-        from mindone_lora_plugin.train.data import setup as data_setup
         from mindone_lora_plugin.train.noise import draw_noise
 
-        args = trainer.args
-        latents = data_setup.sample_latents(trainer, batch, rng)
+        args, parts, inputs = context.args, context.parts, context.inputs
+        latents = inputs.latents(batch, rng)
         noise = draw_noise(rng, latents.shape, args)
         n = latents.shape[0]
-        sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), trainer.parts.flow_shift,
+        sigmas = sample_sigmas(rng, n, _option(args, "timestep_sampling"), parts.flow_shift,
                                _option(args, "logit_mean"), _option(args, "logit_std"), _option(args, "sigmoid_scale"))
         weights = batch.loss_weights.astype(np.float64) if weighted else np.ones(n)
         if weighted:
-            weights = data_setup.prior_weighted(trainer, weights, n)
-        text = data_setup.batch_text(trainer, batch)
+            weights = inputs.prior_weighted(weights, n)
+        text = inputs.text(batch)
         cond = (text[0], text[1])
-        if trainer.parts.guidance:
+        if parts.guidance:
             cond = cond + (ms.Tensor(np.full(n, _option(args, "guidance_scale"), np.float32)),)
         f32 = ms.float32
         return (ms.Tensor(latents.astype(np.float32), f32), ms.Tensor(noise, f32), ms.Tensor(sigmas, f32),
-                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
-                                                                                     latents.shape[2:])
+                ms.Tensor(weights.astype(np.float32))) + cond + inputs.mask(batch, latents.shape[2:])
 
     # ------------------------------------------------------------------ pipelines (MindSpore)
 
@@ -162,12 +160,12 @@ class Flux(files.FluxKeyGrammar, Architecture):
 
         return pipeline.load_pipeline(folder, dtype)
 
-    def training_pipeline(self, trainer):
+    def training_pipeline(self, models, parts):
         from mindone.diffusers import FlowMatchEulerDiscreteScheduler
 
         from mindone_lora_plugin.architectures.flux import pipeline
 
-        m, loaded = trainer.models, trainer.parts
+        m, loaded = models, parts
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(loaded.noise_scheduler.config)
         return pipeline.live_pipeline(m["transformer"], loaded.vae, m["text_encoder"], m["text_encoder_2"],
                                       *loaded.tokenizers, scheduler)

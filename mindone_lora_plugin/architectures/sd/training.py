@@ -52,33 +52,32 @@ class SDTraining:
 
         return TextConditioner(models.get("text_encoder"), models.get("text_encoder_2"))
 
-    def make_loss(self, trainer):
+    def make_loss(self, context):
         from mindone_lora_plugin.architectures.sd.loss import DenoiseLoss
 
-        return DenoiseLoss(trainer.models["unet"], trainer.conditioner, trainer.train_text,
-                           trainer.parts.prediction_type == "v_prediction", self.uses_time_ids)
+        return DenoiseLoss(context.models["unet"], context.conditioner, context.train_text,
+                           context.parts.prediction_type == "v_prediction", self.uses_time_ids)
 
-    def model_inputs(self, trainer, batch, rng, weighted: bool = True) -> tuple:
+    def model_inputs(self, context, batch, rng, weighted: bool = True) -> tuple:
         """DDPM: latents, noise, timesteps, the schedule at them, per-sample weights, then the conditioning (see
         :class:`~.loss.DenoiseLoss`)."""
         import mindspore as ms
         import numpy as np
 
-        from mindone_lora_plugin.train.data import setup as data_setup
         from mindone_lora_plugin.train.noise import draw_noise, loss_weights
 
-        args = trainer.args
-        latents = data_setup.sample_latents(trainer, batch, rng)
+        args, parts, inputs = context.args, context.parts, context.inputs
+        latents = inputs.latents(batch, rng)
         noise = draw_noise(rng, latents.shape, args)
         n = latents.shape[0]
-        t = rng.integers(0, len(trainer.parts.alphas_cumprod), size=n)
-        acp = trainer.parts.alphas_cumprod[t]
+        t = rng.integers(0, len(parts.alphas_cumprod), size=n)
+        acp = parts.alphas_cumprod[t]
         # batch.loss_weights: 1, or --prior_loss_weight for kohya regularisation images
-        weights = (batch.loss_weights * loss_weights(acp, args, trainer.parts.prediction_type == "v_prediction")
+        weights = (batch.loss_weights * loss_weights(acp, args, parts.prediction_type == "v_prediction")
                    if weighted else np.ones(n, dtype=np.float32))
         if weighted:
-            weights = data_setup.prior_weighted(trainer, weights, n)
-        text = data_setup.batch_text(trainer, batch)
+            weights = inputs.prior_weighted(weights, n)
+        text = inputs.text(batch)
         if self.uses_time_ids:  # each image's own original size and crop; the target is the batch's shape
             time_ids = np.asarray([list(o) + list(c) + list(batch.pixels.shape[2:])
                                    for o, c in zip(batch.original_sizes, batch.crops_top_left)], dtype=np.float32)
@@ -88,8 +87,7 @@ class SDTraining:
         f32 = ms.float32
         return (ms.Tensor(latents, f32), ms.Tensor(noise, f32), ms.Tensor(t.astype(np.int32)),
                 ms.Tensor(np.sqrt(acp).astype(np.float32)), ms.Tensor(np.sqrt(1.0 - acp).astype(np.float32)),
-                ms.Tensor(weights.astype(np.float32))) + cond + data_setup.mask_input(trainer, batch,
-                                                                                     latents.shape[2:])
+                ms.Tensor(weights.astype(np.float32))) + cond + inputs.mask(batch, latents.shape[2:])
 
     # ------------------------------------------------------------------ pipelines (MindSpore)
 
@@ -103,10 +101,10 @@ class SDTraining:
         extra = self._no_safety_checker if self.pipeline_class == "StableDiffusionPipeline" else {}
         return getattr(md, self.pipeline_class).from_pretrained(folder, **extra, **kw)
 
-    def training_pipeline(self, trainer):
+    def training_pipeline(self, models, parts):
         import mindone.diffusers as md
 
-        m, loaded = trainer.models, trainer.parts
+        m, loaded = models, parts
         scheduler = md.DDIMScheduler.from_config(loaded.noise_scheduler.config)
         parts = {"vae": loaded.vae, "unet": m["unet"], "scheduler": scheduler}
         parts.update({c: m[c] for c in self.text_encoders()})

@@ -1,7 +1,7 @@
 """The trainer's data hooks: which loader and sizer to use, the batch plan, the caches and what a step reads from them.
 
-Kept apart from ``trainer.py`` so the loop itself only calls :func:`load_text_to_image`, :func:`make_plan`,
-:func:`setup_caches`, :func:`moments` and :func:`text_embeddings`.
+Kept apart from ``trainer.py`` so the loop itself only calls :func:`load_data`, :func:`make_plan`,
+:func:`setup_caches` and builds a :class:`StepInputs`, the side of a batch that a family's loss reads.
 """
 
 from __future__ import annotations
@@ -30,13 +30,74 @@ def make_masks(args):
     return MaskSource(args.conditioning_data_dir)
 
 
-def mask_input(trainer, batch, latent_hw) -> tuple:
-    """``(mask tensor,)`` for the loss with ``--masked_loss``, else ``()``."""
-    if batch.masks is None:
-        return ()
-    from mindone_lora_plugin.train.data.masks import latent_masks
+class StepInputs:
+    """A batch as a family's loss needs it (:class:`~mindone_lora_plugin.architectures.context.BatchInputs`): latents
+    from the latent cache or the VAE, the text from the text cache, the tokenizers or the frozen encoders,
+    DreamBooth's weighting and the loss masks. :func:`setup_caches` gives it the caches once they are filled."""
 
-    return (trainer._ms.Tensor(latent_masks(batch.masks, tuple(latent_hw))),)
+    def __init__(self, args, parts, encode_cell, conditioner, train_text: bool, has_prior: bool):
+        self.args, self.parts, self.encode_cell = args, parts, encode_cell
+        self.conditioner, self.train_text, self.has_prior = conditioner, train_text, has_prior
+        self.latent_cache = self.text_cache = None
+
+    def moments(self, batch) -> np.ndarray:
+        """The VAE moments of a batch: from the latent cache, or encoded now."""
+        if self.latent_cache is not None:
+            return self.latent_cache.moments(batch.keys)
+        import mindspore as ms
+
+        pixels = ms.Tensor(batch.pixels, dtype=self.parts.vae.dtype)
+        return self.encode_cell(pixels).asnumpy().astype(np.float32)
+
+    def latents(self, batch, rng) -> np.ndarray:
+        """A draw from the VAE's posterior (cached moments or a fresh encode), shifted and scaled as the VAE's config
+        says (``shift_factor`` for FLUX's VAE, none for SD's)."""
+        config = self.parts.vae.config
+        mean, logvar = np.split(self.moments(batch), 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+    def prior_weighted(self, weights: np.ndarray, n: int) -> np.ndarray:
+        """DreamBooth's loss, mean(instance) + prior_loss_weight × mean(class), as per-sample weights: a prior batch
+        is its instance images, then as many class images."""
+        if not self.has_prior:
+            return weights
+        half = n // 2
+        return weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * self.args.prior_loss_weight)])
+
+    def text(self, batch) -> tuple:
+        """Cached ``(embeds, pooled)``, the token ids when the text encoders train, or the frozen encoders'
+        outputs."""
+        if self.text_cache is not None:
+            import mindspore as ms
+
+            embeds, pooled = self.text_cache.lookup(batch.captions)
+            return ms.Tensor(embeds), ms.Tensor(pooled)
+        ids, ids_2 = self.tokenize(batch.captions)
+        return (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
+
+    def tokenize(self, captions) -> tuple:
+        """The token ids of ``captions`` for each text encoder (one text encoder: its ids twice)."""
+        import mindspore as ms
+
+        def ids(tok):
+            out = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="np")
+            return ms.Tensor(out.input_ids.astype(np.int32))
+
+        found = [ids(tok) for tok in self.parts.tokenizers]
+        return found[0], found[-1]
+
+    def mask(self, batch, latent_hw) -> tuple:
+        """``(mask tensor,)`` for the loss with ``--masked_loss``, else ``()``."""
+        if batch.masks is None:
+            return ()
+        import mindspore as ms
+
+        from mindone_lora_plugin.train.data.masks import latent_masks
+
+        return (ms.Tensor(latent_masks(batch.masks, tuple(latent_hw))),)
 
 
 def load_text_to_image(trainer):
@@ -101,10 +162,9 @@ def make_plan(trainer, examples, prior):
 
 
 def setup_caches(trainer) -> None:
-    """Fill the latent and text caches (when asked) once the encoders are built."""
-    args = trainer.args
-    ms = trainer._ms
-    trainer.latent_cache = trainer.text_cache = None
+    """Fill the latent and text caches (when asked) once the encoders are built; ``trainer.inputs`` reads them."""
+    args, inputs = trainer.args, trainer.inputs
+    examples = list(trainer.plan.examples) + list(trainer.plan.prior)
     if args.cache_latents or args.cache_latents_to_disk:
         from mindone_lora_plugin.train.data.cache import LatentCache, cache_folder, vae_identity
 
@@ -112,74 +172,30 @@ def setup_caches(trainer) -> None:
         vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.parts.vae.dtype))
 
         def encode(pixels):
-            return trainer.encode_cell(ms.Tensor(pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
+            import mindspore as ms
+
+            return inputs.encode_cell(ms.Tensor(pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
 
         cache = LatentCache(encode, vae_id, folder, args.train_batch_size)
-        cache.fill(list(trainer.plan.examples) + list(trainer.plan.prior), bool(args.random_flip))
+        cache.fill(examples, bool(args.random_flip))
         s = cache.stats
         trainer.say(f"latent cache: {s['encoded']} encoded, {s['read']} read from disk, {s['rebuilt']} rebuilt "
                     f"(stale or unreadable)" + (f" in {folder}" if folder else ""))
-        trainer.latent_cache = cache
+        inputs.latent_cache = cache
         needs_vae = (args.validation_prompt or getattr(args, "sample_prompts", None)
                      or getattr(args, "validation_split", None) or getattr(args, "validation_data_dir", None))
         if not needs_vae:  # nothing encodes or decodes images any more: let the VAE's weights go
             import types
 
-            trainer.encode_cell = None
+            inputs.encode_cell = None
             trainer.parts.vae = types.SimpleNamespace(config=trainer.parts.vae.config, dtype=trainer.parts.vae.dtype)
     if args.cache_text_encoder_outputs and not trainer.train_text:
         from mindone_lora_plugin.train.data.cache import TextCache
 
-        cache = TextCache(trainer.conditioner, trainer._tokenize, args.train_batch_size)
-        cache.fill(c for ex in list(trainer.plan.examples) + list(trainer.plan.prior) for c in ex.captions)
+        cache = TextCache(trainer.conditioner, inputs.tokenize, args.train_batch_size)
+        cache.fill(c for ex in examples for c in ex.captions)
         trainer.say(f"text-encoder cache: {len(cache.entries)} caption(s) encoded")
-        trainer.text_cache = cache
-
-
-def moments(trainer, batch) -> np.ndarray:
-    """The VAE moments of a batch: from the latent cache, or encoded now."""
-    if getattr(trainer, "latent_cache", None) is not None:
-        return trainer.latent_cache.moments(batch.keys)
-    ms = trainer._ms
-    return trainer.encode_cell(ms.Tensor(batch.pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
-
-
-def sample_latents(trainer, batch, rng) -> np.ndarray:
-    """Latents of the batch's images: a draw from the VAE's posterior (cached moments or a fresh encode), shifted
-    and scaled as the VAE's config says (``shift_factor`` for FLUX's VAE, none for SD's)."""
-    config = trainer.parts.vae.config
-    mean, logvar = np.split(moments(trainer, batch), 2, axis=1)
-    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-    sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
-
-
-def prior_weighted(trainer, weights: np.ndarray, n: int) -> np.ndarray:
-    """DreamBooth's loss, mean(instance) + prior_loss_weight × mean(class), as per-sample weights: a prior batch is
-    its instance images, then as many class images."""
-    if not trainer.plan.prior:
-        return weights
-    half = n // 2
-    return weights * np.concatenate([np.full(half, 2.0), np.full(n - half, 2.0 * trainer.args.prior_loss_weight)])
-
-
-def batch_text(trainer, batch):
-    """The batch's text input: cached ``(embeds, pooled)``, the token ids when the text encoders train, or the
-    frozen encoders' outputs."""
-    text = text_embeddings(trainer, batch)
-    if text is None:
-        ids, ids_2 = trainer._tokenize(batch.captions)
-        text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
-    return text
-
-
-def text_embeddings(trainer, batch):
-    """``(embeds, pooled)`` tensors of the batch's captions from the text cache, or None when there is none."""
-    if getattr(trainer, "text_cache", None) is None:
-        return None
-    ms = trainer._ms
-    embeds, pooled = trainer.text_cache.lookup(batch.captions)
-    return ms.Tensor(embeds), ms.Tensor(pooled)
+        inputs.text_cache = cache
 
 
 def data_metadata(trainer) -> dict[str, str]:
@@ -191,7 +207,7 @@ def data_metadata(trainer) -> dict[str, str]:
     meta = {"ss_enable_bucket": str(bool(args.enable_bucket)),
             "ss_bucket_no_upscale": str(bool(args.bucket_no_upscale)),
             "ss_cache_latents": str(bool(args.cache_latents or args.cache_latents_to_disk)),
-            "ss_cache_text_encoder_outputs": str(bool(getattr(trainer, "text_cache", None) is not None)),
+            "ss_cache_text_encoder_outputs": str(trainer.inputs.text_cache is not None),
             "ss_caption_dropout_rate": str(args.caption_dropout_rate),
             "ss_keep_tokens": str(args.keep_tokens),
             "ss_shuffle_caption": str(bool(args.shuffle_caption)),
