@@ -87,7 +87,7 @@ def picture() -> str:
                              "algorithms/base.py"]),
              ("Formats", ["how a state is stored", "diffusers, kohya", "claim / read / write",
                           "formats/base.py"]),
-             ("Training features", ["around the step: EMA,", "validation loss, samples,", "save cadence",
+             ("Training features", ["EMA, validation loss,", "caches, buckets, captions,", "masks, samples, cadence",
                                     "train/features/base.py"])]
     for i, (title, lines) in enumerate(kinds):
         parts += box(45 + i * 184, 370, 170, 115, "plugin", title, lines)

@@ -113,7 +113,8 @@ def test_builtins_are_the_listed_modules_of_this_distribution(plugin_manager):
         assert plugin_manager.plugin_of("formats", name) == name
     # the built-in training features come through the same registry, as classes (one instance per run)
     features = plugin_manager.objects("training_features")
-    assert set(features) == {"ema", "sample_prompts", "save_cadence", "validation_loss"}
+    assert set(features) == {"ema", "sample_prompts", "save_cadence", "validation_loss", "caches", "buckets",
+                             "captions", "masked_loss"}
     assert all(isinstance(f, type) and plugin_manager.plugin_of("training_features", n) == "features"
                for n, f in features.items())
     hooks = {p["name"]: p["hooks"] for p in plugin_manager.describe()["plugins"]}

@@ -48,12 +48,12 @@ def test_bucket_set_follows_the_settings():
 
 
 def test_every_bucketed_batch_has_one_shape_and_plans_repeat(kohya):
-    from mindone_lora_plugin.train.data import setup as data_setup
     from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
     from mindone_lora_plugin.train.data.loader import BatchPlan
+    from mindone_lora_plugin.train.features.buckets import Buckets
 
     args = parse(["--train_data_dir", kohya, "--enable_bucket", "--resolution", "32"])
-    sizer = data_setup.make_sizer(args, 32)
+    sizer = Buckets(args).image_sizer(32)
     examples, bad, distinct = load_kohya_examples(kohya, "--train_data_dir", args, 32, sizer)
     assert (bad, distinct, len(examples)) == (0, 5, 3 * 3 + 2 * 2)
     assert len({ex.target for ex in examples}) >= 3  # wide, tall and square images get their own buckets
@@ -84,10 +84,10 @@ def test_bucket_no_upscale_skips_and_counts_small_images():
                                           (["--bucket_reso_steps", "12"], "multiple of 8"),
                                           (["--min_bucket_reso", "20"], "multiple of --bucket_reso_steps")])
 def test_impossible_bucket_settings(flags, words):
-    from mindone_lora_plugin.train.data.setup import make_sizer
+    from mindone_lora_plugin.train.features.buckets import Buckets
 
     with pytest.raises(LoraError, match=words):
-        make_sizer(parse(["--enable_bucket", *flags]), 32)
+        Buckets(parse(["--enable_bucket", *flags])).image_sizer(32)
 
 
 # ---------------------------------------------------------------------------------------------------- kohya folders
@@ -211,16 +211,16 @@ def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya):
     import mindspore as ms
     from mindone.diffusers import AutoencoderKL
 
-    from mindone_lora_plugin.train.data import setup as data_setup
     from mindone_lora_plugin.train.data.cache import LatentCache
     from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
     from mindone_lora_plugin.train.data.loader import BatchPlan
+    from mindone_lora_plugin.train.features.buckets import Buckets
     from mindone_lora_plugin.train.step import VaeEncode
 
     pynative_cpu()
     encode_cell = VaeEncode(AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae"))
     args = parse(["--train_data_dir", kohya, "--enable_bucket"])
-    examples, _, _ = load_kohya_examples(kohya, "--train_data_dir", args, 32, data_setup.make_sizer(args, 32))
+    examples, _, _ = load_kohya_examples(kohya, "--train_data_dir", args, 32, Buckets(args).image_sizer(32))
     plan = BatchPlan(examples, 2, 32, seed=1, center_crop=True, random_flip=True, bucketed=True)
     cache = LatentCache(lambda p: encode_cell(ms.Tensor(p)).asnumpy(), "v", None, batch_size=2)
     cache.fill(examples, flips=True)

@@ -44,11 +44,13 @@ def run(args) -> int:
 
 def _output_config(args) -> int:
     from mindone_lora_plugin.errors import LoraError
+    from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.train.features.active import needs
     from mindone_lora_plugin.train.flags.config_file import write_config
     from mindone_lora_plugin.train.flags.rules import validate_train_args
 
     if not args.config_file:
         raise LoraError("--output_config needs --config_file PATH: the .toml file to write (kohya's convention)")
-    validate_train_args(args)
+    validate_train_args(args, needs(get_plugin_manager()))
     print(f"wrote {write_config(args, args.config_file)}", flush=True)
     return 0

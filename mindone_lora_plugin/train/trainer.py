@@ -51,7 +51,6 @@ class Trainer:
         args = self.args
         from mindone_lora_plugin.plugins import get_plugin_manager
         from mindone_lora_plugin.train.data import setup as data_setup
-        from mindone_lora_plugin.train.features.active import ActiveFeatures
         from mindone_lora_plugin.train.flags.checks import check_flags
 
         self.pm = get_plugin_manager()
@@ -59,7 +58,7 @@ class Trainer:
         self.architecture, self.arch, self.resolution = checked.info.architecture, checked.arch, checked.resolution
         self.sizer, self.masks, self.options = checked.sizer, checked.masks, checked.options
         self.formats, self.exact_format = checked.formats, checked.exact_format
-        self.features = ActiveFeatures(args, self.pm)  # EMA, validation loss, samples, save cadence, ...
+        self.features = checked.features  # EMA, validation loss, caches, buckets, samples, save cadence, ...
         strategy = self.pm.get_strategy(self.options.strategy)
         self._setup_runtime()
         if self.is_main:
@@ -81,8 +80,7 @@ class Trainer:
         self._log_parameter_summary()
         self._build_optimizer()
         self._build_step()
-        self.features.setup(self)  # before the caches: validation-loss inputs are encoded from held-out images
-        data_setup.setup_caches(self)
+        self.features.setup(self)  # in order: validation-loss inputs are encoded before the caches are filled
         start = resume.maybe_resume(self)
         return self._train(start)
 
@@ -323,7 +321,7 @@ class Trainer:
             seen.add(tuple(shape))
             if self.sizer is not None:
                 self.say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
-                         f"{len(getattr(self, 'bucket_counts', {})) or '?'}; includes its compile in graph mode)")
+                         f"{len(self.sizer.used) or '?'}; includes its compile in graph mode)")
 
     def _inputs(self, epoch: int, batch_index: int, micro: int):
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)

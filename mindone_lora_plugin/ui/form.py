@@ -4,7 +4,8 @@ Every flag of the parser becomes a field in the group it has in ``--help`` (plug
 flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options". Each
 field says when it applies, and the page shows (and sends) only the fields that do: ``source`` (the way of giving the
 training images it belongs to, :func:`_sources`), ``scope`` (the algorithm, architecture or strategy it is for,
-:func:`scope`) and ``needs`` (the flag it only works with, from the trainer's own ``train/validate.NEEDS``).
+:func:`scope`) and ``needs`` (the flag it only works with, from the trainer's own ``train/flags/rules.NEEDS`` and
+the training features' ``needs``).
 Values come from the page as strings (booleans as booleans); :func:`to_argv` turns them into the ``train`` argument
 list, :func:`validate` reports one message per mistake keyed by flag dest, :func:`to_toml` writes a config file whose
 keys are the flag dests (kohya-style ``key = value``).
@@ -101,8 +102,11 @@ def _plain(value):
 def schema(parser=None) -> dict:
     """The form: ``{"groups": [{"title", "fields": [...]}], "presets", "sources", "architectures"}``, in ``--help``
     order; ``architectures`` maps each installed architecture's name to its label."""
+    from mindone_lora_plugin.plugins import get_plugin_manager
+    from mindone_lora_plugin.train.features.active import needs as feature_needs
     from mindone_lora_plugin.train.flags.rules import NEEDS
 
+    needs = {**NEEDS, **feature_needs(get_plugin_manager())}
     parser = parser or train_parser()
     groups = []
     for group in parser._action_groups:
@@ -118,7 +122,7 @@ def schema(parser=None) -> dict:
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS,
                            "written": a.dest in WRITTEN,
-                           "needs": NEEDS[a.dest][0] if isinstance(NEEDS.get(a.dest, (None,))[0], str) else None,
+                           "needs": needs[a.dest][0] if a.dest in needs else None,
                            "source": None, "scope": None})
         if fields:
             groups.append({"title": group.title, "fields": fields})

@@ -78,6 +78,7 @@ class BucketSizer:
         self.no_upscale = no_upscale
         self._ratios = np.asarray([w / h for h, w in buckets], dtype=np.float64)
         self.too_small = 0
+        self.used: dict[str, int] = {}  # bucket "HxW" → images in it (filled once the batch plan exists)
 
     def choose(self, height: int, width: int) -> tuple[int, int] | None:
         candidates = np.arange(len(self.buckets))

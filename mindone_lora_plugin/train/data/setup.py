@@ -1,7 +1,7 @@
 """The trainer's data hooks: which loader and sizer to use, the batch plan, the caches and what a step reads from them.
 
-Kept apart from ``trainer.py`` so the loop itself only calls :func:`load_data`, :func:`make_plan`,
-:func:`setup_caches` and builds a :class:`StepInputs`, the side of a batch that a family's loss reads.
+Kept apart from ``trainer.py`` so the loop itself only calls :func:`load_data` and :func:`make_plan` and builds a
+:class:`StepInputs`, the side of a batch that a family's loss reads (the caches feature fills its caches).
 """
 
 from __future__ import annotations
@@ -11,29 +11,10 @@ import numpy as np
 from mindone_lora_plugin.errors import LoraError
 
 
-def make_sizer(args, resolution: int):
-    """A :class:`~mindone_lora_plugin.train.data.buckets.BucketSizer` with ``--enable_bucket``, else None (square)."""
-    if not args.enable_bucket:
-        return None
-    from mindone_lora_plugin.train.data.buckets import BucketSizer, make_buckets, resolve_bucket_args
-
-    low, high, steps = resolve_bucket_args(args, resolution)
-    return BucketSizer(make_buckets(resolution, low, high, steps), args.bucket_no_upscale)
-
-
-def make_masks(args):
-    """The mask source of ``--masked_loss`` (alpha channels or ``--conditioning_data_dir``), else None."""
-    if not args.masked_loss:
-        return None
-    from mindone_lora_plugin.train.data.masks import MaskSource
-
-    return MaskSource(args.conditioning_data_dir)
-
-
 class StepInputs:
     """A batch as a family's loss needs it (:class:`~mindone_lora_plugin.architectures.context.BatchInputs`): latents
     from the latent cache or the VAE, the text from the text cache, the tokenizers or the frozen encoders,
-    DreamBooth's weighting and the loss masks. :func:`setup_caches` gives it the caches once they are filled."""
+    DreamBooth's weighting and the loss masks. The caches feature gives it the caches once they are filled."""
 
     def __init__(self, args, parts, encode_cell, conditioner, train_text: bool, has_prior: bool):
         self.args, self.parts, self.encode_cell = args, parts, encode_cell
@@ -133,97 +114,27 @@ def load_text_to_image(trainer):
 
 
 def make_plan(trainer, examples, prior):
-    from mindone_lora_plugin.train.data.captions import CaptionAugment
+    """The batch plan of the run (with the features' caption augmentation); every feature's ``plan_ready``."""
     from mindone_lora_plugin.train.data.loader import BatchPlan
 
     args = trainer.args
-    captions = CaptionAugment.from_args(args)
     plan = BatchPlan(examples, args.train_batch_size, trainer.resolution, trainer.seed, args.center_crop,
                      args.random_flip, trainer.rank, trainer.world, prior=prior, bucketed=trainer.sizer is not None,
-                     captions=captions if captions.active else None, masked=bool(args.masked_loss))
-    if args.masked_loss:
-        with_mask = sum(ex.mask is not None for ex in examples)
-        if not with_mask:
-            raise LoraError("--masked_loss: no training image has an alpha channel or a mask in "
-                            "--conditioning_data_dir; add masks or drop --masked_loss")
-        trainer.say(f"masked loss: {with_mask} of {len(examples)} example(s) have a mask (the rest count fully)")
-    trainer.too_small = trainer.sizer.too_small if trainer.sizer is not None else 0
-    if trainer.sizer is not None:
-        from mindone_lora_plugin.train.data.buckets import log_buckets
-
-        if trainer.too_small:
-            trainer.say(f"skipped {trainer.too_small} image(s) smaller than the smallest bucket (--bucket_no_upscale)")
-        trainer.bucket_counts = log_buckets(examples + (prior or []), trainer.say)
-    if args.cache_latents or args.cache_latents_to_disk:
-        from mindone_lora_plugin.train.data.cache import check_crops_cacheable
-
-        check_crops_cacheable(plan)
+                     captions=trainer.features.caption_augment(), masked=trainer.masks is not None)
+    trainer.features.plan_ready(trainer, plan)  # buckets logged, masks counted, crops checked for a latent cache
     return plan
 
 
-def setup_caches(trainer) -> None:
-    """Fill the latent and text caches (when asked) once the encoders are built; ``trainer.inputs`` reads them."""
-    args, inputs = trainer.args, trainer.inputs
-    examples = list(trainer.plan.examples) + list(trainer.plan.prior)
-    if args.cache_latents or args.cache_latents_to_disk:
-        from mindone_lora_plugin.train.data.cache import LatentCache, cache_folder, vae_identity
-
-        folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
-        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.parts.vae.dtype))
-
-        def encode(pixels):
-            import mindspore as ms
-
-            return inputs.encode_cell(ms.Tensor(pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)
-
-        cache = LatentCache(encode, vae_id, folder, args.train_batch_size)
-        cache.fill(examples, bool(args.random_flip))
-        s = cache.stats
-        trainer.say(f"latent cache: {s['encoded']} encoded, {s['read']} read from disk, {s['rebuilt']} rebuilt "
-                    f"(stale or unreadable)" + (f" in {folder}" if folder else ""))
-        inputs.latent_cache = cache
-        needs_vae = (args.validation_prompt or getattr(args, "sample_prompts", None)
-                     or getattr(args, "validation_split", None) or getattr(args, "validation_data_dir", None))
-        if not needs_vae:  # nothing encodes or decodes images any more: let the VAE's weights go
-            import types
-
-            inputs.encode_cell = None
-            trainer.parts.vae = types.SimpleNamespace(config=trainer.parts.vae.config, dtype=trainer.parts.vae.dtype)
-    if args.cache_text_encoder_outputs and not trainer.train_text:
-        from mindone_lora_plugin.train.data.cache import TextCache
-
-        cache = TextCache(trainer.conditioner, inputs.tokenize, args.train_batch_size)
-        cache.fill(c for ex in examples for c in ex.captions)
-        trainer.say(f"text-encoder cache: {len(cache.entries)} caption(s) encoded")
-        inputs.text_cache = cache
-
-
 def data_metadata(trainer) -> dict[str, str]:
-    """kohya's ``ss_*`` keys for buckets, caches, captions and dataset folders (strings, as kohya writes them)."""
+    """kohya's ``ss_*`` keys for the data (strings, as kohya writes them); buckets, caches, caption augmentation and
+    the masked loss add theirs as training features."""
     import json
     import os
 
     args = trainer.args
-    meta = {"ss_enable_bucket": str(bool(args.enable_bucket)),
-            "ss_bucket_no_upscale": str(bool(args.bucket_no_upscale)),
-            "ss_cache_latents": str(bool(args.cache_latents or args.cache_latents_to_disk)),
-            "ss_cache_text_encoder_outputs": str(trainer.inputs.text_cache is not None),
-            "ss_caption_dropout_rate": str(args.caption_dropout_rate),
-            "ss_keep_tokens": str(args.keep_tokens),
-            "ss_shuffle_caption": str(bool(args.shuffle_caption)),
-            "ss_flip_aug": str(bool(args.random_flip)),
+    meta = {"ss_flip_aug": str(bool(args.random_flip)),
             "ss_random_crop": str(not args.center_crop),
-            "ss_caption_extension": args.caption_extension,
-            "ss_masked_loss": str(bool(args.masked_loss))}
-    if trainer.sizer is not None:
-        from mindone_lora_plugin.train.data.buckets import resolve_bucket_args
-
-        low, high, steps = resolve_bucket_args(args, trainer.resolution)
-        meta.update(ss_min_bucket_reso=str(low), ss_max_bucket_reso=str(high), ss_bucket_reso_steps=str(steps))
-        counts = getattr(trainer, "bucket_counts", {})
-        buckets = {str(i): {"resolution": [int(k.split("x")[1]), int(k.split("x")[0])], "count": n}
-                   for i, (k, n) in enumerate(sorted(counts.items()))}
-        meta["ss_bucket_info"] = json.dumps({"buckets": buckets, "skipped_too_small": trainer.too_small})
+            "ss_caption_extension": args.caption_extension}
     from mindone_lora_plugin.train.data import kohya_folders
 
     for flag, key in (("train_data_dir", "ss_dataset_dirs"), ("reg_data_dir", "ss_reg_dataset_dirs")):

@@ -26,16 +26,38 @@ def check(args, pm) -> None:
         cls.check(args)
 
 
+def needs(pm) -> dict:
+    """Flag dest → (the flag it needs, words): every installed feature's :attr:`TrainingFeature.needs`."""
+    return {dest: need for cls in installed(pm) for dest, need in cls.needs.items()}
+
+
+def _first(values):
+    return next((v for v in values if v is not None), None)
+
+
 class ActiveFeatures:
     """One instance of every installed feature for this run."""
 
     def __init__(self, args, pm):
         self.features = [cls(args) for cls in installed(pm)]
 
+    def image_sizer(self, resolution: int):
+        return _first(f.image_sizer(resolution) for f in self.features)
+
+    def mask_source(self):
+        return _first(f.mask_source() for f in self.features)
+
+    def caption_augment(self):
+        return _first(f.caption_augment() for f in self.features)
+
     def select_examples(self, run, examples: list) -> list:
         for f in self.features:
             examples = f.select_examples(run, examples)
         return examples
+
+    def plan_ready(self, run, plan) -> None:
+        for f in self.features:
+            f.plan_ready(run, plan)
 
     def setup(self, run) -> None:
         for f in self.features:

@@ -3,11 +3,15 @@
 A feature is a class (the registry holds the class; the trainer makes one instance per run, so no state leaks between
 runs). Its class methods run before any model loads; its instance methods run at fixed points of the run::
 
-    add_arguments(parser)           the flags (an argparse group of its own)
+    add_arguments(parser)           the flags (an argparse group of its own); ``needs``: flag → the flag it needs
     check(args)                     every check of those flags, before any model loads (one LoraError line)
     __init__(args)                  per run, after the checks
+    image_sizer(resolution)         how the loaders size images (buckets), or None: square crops
+    mask_source()                   where a loader finds an image's loss mask, or None
+    caption_augment()               what the batch plan does to a caption each time (shuffle, dropout), or None
     select_examples(run, examples)  may hold examples out of training (the validation loss does)
-    setup(run)                      the models, adapters, optimizer and step exist
+    plan_ready(run, plan)           the batch plan exists (log it, refuse what it cannot do)
+    setup(run)                      the models, adapters, optimizer and step exist (caches are filled here)
     after_step(run, step, writer)   after each optimizer update (step counts from 1)
     on_save(run, name, metadata)    LoRA files called ``name`` were saved: write companions (the EMA's ``-ema``)
     drawing_weights()               a context in which images are drawn (the EMA weights)
@@ -41,6 +45,11 @@ class FeatureRun(Protocol):
     groups: list  # the optimizer's parameter groups ({"params": [...], ...}); their params are the trained weights
 
     loss_cell: object  # the loss cell the step trains (set_train(False) for a loss without dropout)
+    plan: object  # the BatchPlan: ``examples``, ``prior`` (DreamBooth class images), ``batch(epoch, i)``
+    parts: object  # the family's TrainingParts (VAE, tokenizers, scheduler, ...)
+    inputs: object  # the run's batch inputs (train/data/setup.StepInputs): where the caches go
+    conditioner: object  # the family's text conditioner cell
+    train_text: bool  # whether text encoders train
 
     def model_inputs(self, batch, rng, weighted: bool = True) -> tuple:
         """The loss cell's inputs for a batch, every random draw from ``rng``."""
@@ -75,6 +84,8 @@ class TrainingFeature:
     name = ""
     description = ""
     order = 100
+    #: flag dest → (the flag dest it only works with, words naming it): checked with the others, shown by the UI
+    needs: dict = {}
 
     @classmethod
     def describe(cls) -> dict:
@@ -91,8 +102,20 @@ class TrainingFeature:
     def __init__(self, args):
         self.args = args
 
+    def image_sizer(self, resolution: int):
+        return None
+
+    def mask_source(self):
+        return None
+
+    def caption_augment(self):
+        return None
+
     def select_examples(self, run: FeatureRun, examples: list) -> list:
         return examples
+
+    def plan_ready(self, run: FeatureRun, plan) -> None:
+        pass
 
     def setup(self, run: FeatureRun) -> None:
         pass

@@ -15,26 +15,19 @@ AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "num_train_ep
                 "num_class_images", "sample_batch_size", "num_validation_images", "validation_epochs",
                 "validation_steps", "num_inference_steps", "checkpoints_total_limit", "lora_conv_rank",
                 "max_train_samples", "resolution")
-NOT_NEGATIVE = ("lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers", "noise_offset", "keep_tokens",
-                "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "seed")
+NOT_NEGATIVE = ("lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm",
+                "adam_weight_decay", "prior_loss_weight", "seed")
 # snr_gamma's check is in feature_args
 POSITIVE = ("learning_rate", "text_encoder_lr", "adam_epsilon", "lora_alpha", "lora_conv_alpha")
-FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "caption_dropout_rate": (0.0, 1.0, True)}
+FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False)}
 NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
              "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",
              "pretrained_model_name_or_path", "report_to")
-EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path",
-                    "conditioning_data_dir")
-# flag → the flag it needs (or a test of args and the words saying what is needed)
+EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path")
+# flag → the flag it needs and the words naming it (training features add theirs: TrainingFeature.needs)
 NEEDS = {
-    "min_bucket_reso": ("enable_bucket", "--enable_bucket"),
-    "max_bucket_reso": ("enable_bucket", "--enable_bucket"),
-    "bucket_reso_steps": ("enable_bucket", "--enable_bucket"),
-    "bucket_no_upscale": ("enable_bucket", "--enable_bucket"),
-    "keep_tokens": ("shuffle_caption", "--shuffle_caption (it is the number of tags left in place)"),
     "validation_steps": ("validation_prompt", "--validation_prompt"),
     "class_data_dir": ("with_prior_preservation", "--with_prior_preservation"),
-    "conditioning_data_dir": ("masked_loss", "--masked_loss"),
 }
 
 
@@ -49,8 +42,10 @@ def _given(value) -> bool:
     return value not in (None, False, 0, 0.0)
 
 
-def validate_train_args(args) -> None:
-    """Raise :class:`LoraError` (one line) for the first flag whose value cannot be used."""
+def validate_train_args(args, needs: dict | None = None) -> None:
+    """Raise :class:`LoraError` (one line) for the first flag whose value cannot be used; ``needs``: the installed
+    training features' flag dependencies (:func:`mindone_lora_plugin.train.features.active.needs`), checked with
+    :data:`NEEDS`."""
     v = vars(args)
     for name in AT_LEAST_ONE:
         if v.get(name) is not None and v[name] < 1:
@@ -94,28 +89,16 @@ def validate_train_args(args) -> None:
     if resume and resume != "latest" and not os.path.isdir(resume):
         raise LoraError(f"--resume_from_checkpoint {resume} does not exist; it accepts a checkpoint-N folder or "
                         f"'latest'")
-    for name, (other, words) in NEEDS.items():
+    for name, (other, words) in {**NEEDS, **(needs or {})}.items():
         if _given(v.get(name)) and not _given(v.get(other)):
             raise LoraError(f"--{name} only works together with {words}; add it or drop --{name}")
     _check_combinations(args)
 
 
 def _check_combinations(args) -> None:
-    from mindone_lora_plugin.train.data.cache import check_cache_args
-
     if args.reg_data_dir and args.instance_data_dir:
         raise LoraError("--reg_data_dir (kohya regularisation folders) goes with --train_data_dir kohya folders; with "
                         "--instance_data_dir use --class_data_dir and --with_prior_preservation")
-    if args.enable_bucket and args.with_prior_preservation:
-        raise LoraError("--enable_bucket cannot be combined with --with_prior_preservation (class images are drawn "
-                        "regardless of shape); use kohya folders with --reg_data_dir, whose images join the buckets")
-    if args.shuffle_caption and args.keep_tokens is not None and args.keep_tokens < 0:
-        raise LoraError("--keep_tokens accepts 0 or more")
-    check_cache_args(args)
-    if args.enable_bucket:
-        from mindone_lora_plugin.train.data.buckets import check_bucket_values
-
-        check_bucket_values(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
 
 
 def check_fused_targets(arch, strategy, models, options, formats) -> None:

@@ -141,9 +141,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_name", type=str, default=None, help="kohya file name (default: the output folder's name)")
     g.add_argument("--save_dtype", choices=SAVE_DTYPES, default=None)
 
-    from mindone_lora_plugin.train.flags.data import add_data_feature_arguments
+    from mindone_lora_plugin.train.flags.data import add_data_arguments
 
-    add_data_feature_arguments(parser)
+    add_data_arguments(parser)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--mode", choices=MODES, default="auto",
