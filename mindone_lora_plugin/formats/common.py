@@ -71,7 +71,10 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
 
     families = installed_architectures()
     first = families.get(base.architecture) if base is not None else None
-    for family in ([first] if first is not None else []) + [a for a in families.values() if a is not first]:
+    # the base model's family first, then those the file's header names, then the rest
+    named = [a for a in families.values() if a is not first and a.detect_metadata(metadata)]
+    rest = [a for a in families.values() if a is not first and a not in named]
+    for family in ([first] if first is not None else []) + named + rest:
         done = family.read_file(tensors, metadata, base, path)  # a family with its own key layout
         if done is not None:
             return done

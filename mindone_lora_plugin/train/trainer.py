@@ -342,7 +342,7 @@ class Trainer:
             return ms.Tensor(out.input_ids.astype(np.int32))
 
         found = [ids(tok) for tok in self.parts.tokenizers]
-        return found[0], found[-1]  # one text encoder: its ids twice
+        return tuple(found) if len(found) > 2 else (found[0], found[-1])  # one text encoder: its ids twice
 
     # ------------------------------------------------------------------ validation, logging, metadata
 

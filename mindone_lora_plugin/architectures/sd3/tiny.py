@@ -46,9 +46,11 @@ def build_pipeline(kind: str = "3.5", workdir: str | None = None):
     import mindspore as ms
     import numpy as np
 
+    from mindone_lora_plugin.runtime import cpu
     from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
     quiet_mindone_imports()
+    cpu.activate()  # on CPU: SD3's position table needs the backend's Arange
     from mindone import diffusers
     from mindone.transformers import CLIPTextModelWithProjection, T5EncoderModel
     from transformers import CLIPTextConfig, T5Config
@@ -94,6 +96,24 @@ def save_tiny_model(kind: str, folder: str) -> str:
 def ensure_tiny_model(kind: str, folder: str) -> str:
     """Save the tiny SD3 model at ``folder`` unless a complete one is already there."""
     return sd_tiny.ensure_folder(folder, "transformer", lambda tmp: save_tiny_model(kind, tmp))
+
+
+def probe_outputs(models) -> dict:
+    """Fixed-input outputs of an SD3 model's transformer and text encoders (numpy): what the demo compares between
+    the trained models and fresh ones with a saved file loaded."""
+    import mindspore as ms
+    import numpy as np
+
+    from mindone_lora_plugin.architectures.sd3.loss import SD3TextConditioner
+
+    transformer = models["transformer"]
+    cfg = transformer.config
+    ids = ms.Tensor(np.arange(8, dtype=np.int32)[None] + 3)
+    embeds, pooled = SD3TextConditioner(models["text_encoder"], models["text_encoder_2"], models.get("text_encoder_3"),
+                                        int(cfg.joint_attention_dim), 8)(ids, ids, ids)
+    x = np.random.default_rng(123).standard_normal((1, cfg.in_channels, 16, 16)).astype(np.float32)
+    out = transformer(ms.Tensor(x), embeds, pooled, ms.Tensor([500.0], ms.float32), return_dict=False)[0]
+    return {"transformer": out.asnumpy(), "text": embeds.asnumpy(), "pooled": pooled.asnumpy()}
 
 
 if __name__ == "__main__":  # pragma: no cover - a convenience for people

@@ -166,15 +166,17 @@ def permutation(equation: str) -> tuple[int, ...] | None:
     return tuple(source.index(c) for c in target)
 
 
+#: the einsum equations mindone reaches on the LoRA paths → their axis order (SD3's unpatchify); a table, so GRAPH_MODE
+#: looks the order up instead of parsing the string
+PERMUTATIONS = {e: permutation(e) for e in ("nhwpqc->nchpwq",)}
+
+
 def einsum(equation, *operands):
-    """The ``functional_overload.einsum`` dispatcher (``mint.einsum``, Ascend only as shipped) for one-operand axis
-    permutations, as a transpose; any other equation keeps the shipped error."""
+    """The ``functional_overload.einsum`` dispatcher (``mint.einsum``, Ascend only as shipped) for the one-operand
+    axis permutations of :data:`PERMUTATIONS`, as a transpose (another equation: ``KeyError``)."""
     if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
-        operands = tuple(operands[0])
-    order = permutation(equation) if isinstance(equation, str) else None
-    if order is None or len(operands) != 1:
-        raise NotImplementedError(f"einsum '{equation}' has no CPU replacement (only one-operand permutations)")
-    return operands[0].transpose(order)
+        operands = operands[0]
+    return operands[0].transpose(PERMUTATIONS[equation])
 
 
 def arange_op(start, end, step, dtype=None):

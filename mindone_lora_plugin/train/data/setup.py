@@ -168,8 +168,8 @@ def batch_text(trainer, batch):
     frozen encoders' outputs."""
     text = text_embeddings(trainer, batch)
     if text is None:
-        ids, ids_2 = trainer._tokenize(batch.captions)
-        text = (ids, ids_2) if trainer.train_text else trainer.conditioner(ids, ids_2)
+        ids = trainer._tokenize(batch.captions)  # one tensor per tokenizer (two at least: SD's one given twice)
+        text = ids if trainer.train_text else trainer.conditioner(*ids)
     return text
 
 
