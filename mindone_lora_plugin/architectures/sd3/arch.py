@@ -17,6 +17,7 @@ from mindone_lora_plugin.architectures.base import (
     Component,
     Evidence,
     FolderInfo,
+    KeyPrefixes,
     TargetRule,
 )
 from mindone_lora_plugin.architectures.sd3 import files, keys, targets
@@ -104,6 +105,11 @@ class SD3(SD3Training, Architecture):
             return parts[0] if len(parts) == 1 and not keys.SWAPPED_WHEN_PRE_ONLY.fullmatch(name) \
                 and name != keys.SWAPPED else None
         return keys.diffusers_path(component, name)
+
+    def key_prefixes(self) -> KeyPrefixes:
+        """None for the core's parser: SD3 files are read whole by :meth:`read_file` (:mod:`.files` parses every SD3
+        naming), so SD3 casts no vote on what a shared prefix (``lora_unet_``) means in another family's file."""
+        return KeyPrefixes(text_encoders=self.text_encoders())
 
     def fused_file_module(self, component: str, path: str, formats) -> tuple[str, tuple[str, ...]] | None:
         """``(kohya module name, the paths it fuses)`` of q/k/v when one of ``formats`` is the kohya layout (the

@@ -133,10 +133,12 @@ def kohya_module_name(component: str, path: str) -> str:
 
 # ----------------------------------------------------------------------------- detection
 
-#: key spellings only SD3 has: MMDiT names, SD3.5's second attention, a CLIP-G/T5 pair beside CLIP-L
+#: key spellings only SD3 has: MMDiT names, SD3.5's second attention at the transformer's top (SD's UNet has
+#: ``…attentions.0.transformer_blocks.0.attn2`` deeper down), a third text encoder (not CLIP-G's names: SDXL's
+#: second encoder is a CLIP-G too)
 _ONLY_SD3 = re.compile(r"(?:^|[._])joint_blocks[._]\d+[._](?:x|context)_block[._]|"
-                       r"(?:^|[._])transformer_blocks[._]\d+[._]attn2[._]|^text_encoder_3\.|^lora_te2_.*_mlp_fc\d|"
-                       r"^text_encoders\.clip_g\.")
+                       r"^(?:transformer\.|lora_transformer_|base_model\.model\.)?transformer_blocks[._]\d+[._]attn2[._]|"
+                       r"^text_encoder_3\.")
 
 
 def detect_metadata(metadata: dict[str, str]) -> str:

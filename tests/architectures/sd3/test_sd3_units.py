@@ -75,6 +75,8 @@ def test_lora_files_are_detected_from_keys_or_metadata(plugin_manager):
     assert "sd3" not in evidence(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
     assert "sd3" not in evidence(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
                                  {"modelspec.architecture": "flux-1-dev/lora"})
+    # SDXL's second text encoder is a CLIP-G too: its kohya names are not SD3's
+    assert "sd3" not in evidence(["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"])
 
 
 def test_the_mmdit_table_round_trips_and_names_kohya_modules():
