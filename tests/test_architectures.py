@@ -59,7 +59,8 @@ def test_builtin_architectures_are_listed_with_their_family_plugins(plugin_manag
     assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sd3", "sdxl"]
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
-    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sd3": "sd3", "sdxl": "sd"}
+    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sd3": "sd3",
+                                                           "sdxl": "sd"}
     assert listed["sdxl"]["components"] == ["unet", "text_encoder", "text_encoder_2"]
     assert listed["sdxl"]["default_strategy"] == "sdxl" and listed["sd1"]["presets"] == ["attn", "kohya",
                                                                                            "kohya-conv"]
@@ -135,8 +136,8 @@ def test_a_folder_no_architecture_knows_is_one_line(tmp_path):
     (tmp_path / "transformer" / "config.json").write_text("{}")
     (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "Unknown"],
                                                            "vae": ["diffusers", "AutoencoderKL"]}))
-    with pytest.raises(LoraError, match=r"^no installed architecture \(flux, sd1, sd2, sd3, sdxl\) recognises the model "
-                                        r"folder .* \(components with a config: transformer\)"):
+    with pytest.raises(LoraError, match=r"^no installed architecture \(flux, sd1, sd2, sd3, sdxl\) recognises the "
+                                        r"model folder .* \(components with a config: transformer\)"):
         BaseModelInfo.from_folder(str(tmp_path))
 
 

@@ -56,7 +56,8 @@ class SD3(SD3Training, Architecture):
     denoiser = "transformer"
     default_strategy = "sd3"
     default_resolution = 1024
-    unused_flags = ("prediction_type", "snr_gamma", "debiased_estimation_loss", "timestep_sampling", "sigmoid_scale")
+    unused_flags = ("prediction_type", "snr_gamma", "debiased_estimation_loss", "timestep_sampling", "sigmoid_scale",
+                    "guidance_scale")  # flow matching: no SNR, no epsilon; FLUX.1's sampling and guidance flags
     kohya_base_model_version = keys.KOHYA_BASE_MODEL_VERSION
     kohya_version_family = keys.KOHYA_BASE_MODEL_VERSION
     modelspec_architecture = MODELSPEC["3-medium"]
