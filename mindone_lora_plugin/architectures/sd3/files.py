@@ -11,8 +11,9 @@ load_lora_weights`` reads.
 Names read (``.lora_down/.lora_up/.lora_A/.lora_B`` or another installed algorithm's tensor names, optional
 ``.alpha``): kohya sd-scripts ``lora_unet_joint_blocks_0_x_block_attn_qkv``, ``lora_te1_``/``lora_te2_``/``lora_te3_``;
 ComfyUI ``diffusion_model.joint_blocks.0.x_block.attn.qkv``; diffusers/PEFT ``transformer.transformer_blocks.0.attn.
-to_q`` (``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.``); OneTrainer ``lora_transformer_transformer_
-blocks_0_attn_to_q``. Keys of no known naming are refused in one line (nothing is dropped silently).
+to_q`` (``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.``; bare PEFT ``base_model.model.``); OneTrainer
+``lora_transformer_transformer_blocks_0_attn_to_q``. Keys of no known naming are refused in one line (nothing is
+dropped silently).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ _DOTTED = (("text_encoders.clip_l.transformer.", "text_encoder"),
            ("text_encoders.clip_g.transformer.", "text_encoder_2"),
            ("text_encoders.t5xxl.transformer.", "text_encoder_3"), ("text_encoder_2.", "text_encoder_2"),
            ("text_encoder_3.", "text_encoder_3"), ("text_encoder.", "text_encoder"), ("transformer.", "transformer"),
-           ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"))
+           ("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
+           ("base_model.model.", "transformer"))
 
 
 @dataclass(frozen=True)

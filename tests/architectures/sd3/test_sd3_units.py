@@ -191,3 +191,23 @@ def test_cpu_einsum_and_sd35_adaln_match_numpy(tiny):
     np.testing.assert_allclose(out[5], ln * (1 + pieces[7][:, None]) + pieces[6][:, None], atol=1e-5)
     for i, k in ((1, 2), (2, 3), (3, 4), (4, 5), (6, 8)):
         np.testing.assert_allclose(out[i], pieces[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("key, component, name", [
+    ("transformer.transformer_blocks.0.attn2.to_q.lora_A.weight", "transformer", "transformer_blocks.0.attn2.to_q"),
+    ("base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight", "transformer", "transformer_blocks.0.attn.to_q"),
+    ("lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight", "transformer",
+     "transformer_blocks.0.attn.to_out.0"),
+    ("diffusion_model.joint_blocks.1.context_block.attn.qkv.lora_up.weight", "transformer",
+     "joint_blocks_1_context_block_attn_qkv"),
+    ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.alpha", "text_encoder_3",
+     "encoder.block.0.layer.0.SelfAttention.q"),
+    ("text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.lora_down.weight", "text_encoder_2",
+     "text_model.encoder.layers.0.mlp.fc1"),
+])
+def test_every_naming_parses_to_its_module(key, component, name, plugin_manager):
+    from mindone_lora_plugin.architectures.sd3.files import parse_key
+
+    found = parse_key(key)
+    assert (found.component, found.name) == (component, name)
+    assert parse_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight") is None  # SD's UNet
