@@ -9,5 +9,6 @@ BUILTIN_PLUGINS = {
     "kohya": "mindone_lora_plugin.formats.kohya",
     "sd": "mindone_lora_plugin.architectures.sd.plugin",
     "flux": "mindone_lora_plugin.architectures.flux.plugin",
+    "sd3": "mindone_lora_plugin.architectures.sd3.plugin",
     "features": "mindone_lora_plugin.train.features.plugin",
 }

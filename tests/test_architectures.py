@@ -56,10 +56,11 @@ def register(pm, name: str, *architectures):
 
 
 def test_builtin_architectures_are_listed_with_their_family_plugins(plugin_manager, capsys):
-    assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sdxl"]
+    assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sd3", "sdxl"]
     assert main(["plugins", "--json"]) == 0
     listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)["architectures"]}
-    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sdxl": "sd"}
+    assert {n: a["plugin"] for n, a in listed.items()} == {"flux": "flux", "sd1": "sd", "sd2": "sd", "sd3": "sd3",
+                                                           "sdxl": "sd"}
     assert listed["sdxl"]["components"] == ["unet", "text_encoder", "text_encoder_2"]
     assert listed["sdxl"]["default_strategy"] == "sdxl" and listed["sd1"]["presets"] == ["attn", "kohya",
                                                                                            "kohya-conv"]
@@ -69,8 +70,8 @@ def test_builtin_architectures_are_listed_with_their_family_plugins(plugin_manag
 
 
 def test_unknown_and_duplicate_architecture_names(plugin_manager):
-    with pytest.raises(PluginError, match=r"^unknown architecture 'sd3'; choose one of: flux, sd1, sd2, sdxl$"):
-        plugin_manager.get_architecture("sd3")
+    with pytest.raises(PluginError, match=r"^unknown architecture 'sd9'; choose one of: flux, sd1, sd2, sd3, sdxl$"):
+        plugin_manager.get_architecture("sd9")
 
     class Again(SD1):
         pass
@@ -82,7 +83,7 @@ def test_unknown_and_duplicate_architecture_names(plugin_manager):
 
 def test_a_nameless_architecture_drops_its_plugin_in_one_warning(plugin_manager, caplog):
     register(plugin_manager, "nameless", Architecture())
-    assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sdxl"]
+    assert list(plugin_manager.architectures()) == ["flux", "sd1", "sd2", "sd3", "sdxl"]
     assert "nameless" in plugin_manager.broken and "has no name" in plugin_manager.broken["nameless"]
 
 
@@ -135,8 +136,8 @@ def test_a_folder_no_architecture_knows_is_one_line(tmp_path):
     (tmp_path / "transformer" / "config.json").write_text("{}")
     (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "Unknown"],
                                                            "vae": ["diffusers", "AutoencoderKL"]}))
-    with pytest.raises(LoraError, match=r"^no installed architecture \(flux, sd1, sd2, sdxl\) recognises the model "
-                                        r"folder .* \(components with a config: transformer\)"):
+    with pytest.raises(LoraError, match=r"^no installed architecture \(flux, sd1, sd2, sd3, sdxl\) recognises the "
+                                        r"model folder .* \(components with a config: transformer\)"):
         BaseModelInfo.from_folder(str(tmp_path))
 
 

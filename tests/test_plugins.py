@@ -30,7 +30,7 @@ from mindone_lora_plugin.state import LoraModule, LoraState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "plugins", "mindone-lora-fa")
-BUILTINS = ("core", "diffusers", "features", "flux", "kohya", "lora", "sd")
+BUILTINS = ("core", "diffusers", "features", "flux", "kohya", "lora", "sd", "sd3")
 LOGGER = "mindone_lora_plugin.plugins"
 
 

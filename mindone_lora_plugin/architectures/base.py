@@ -355,7 +355,8 @@ class Architecture:
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
     def text_conditioner(self, models):
-        """A cell: ``(ids, ids_2) → (prompt embeds, pooled)`` for this family's text encoders."""
+        """A cell: the token ids of each tokenizer (``ids, ids_2[, ids_3]``; one tokenizer's given twice) →
+        ``(prompt embeds, pooled)`` for this family's text encoders."""
         raise NotImplementedError(f"the {self.name} architecture does not train")
 
     def make_loss(self, context):

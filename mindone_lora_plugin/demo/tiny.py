@@ -77,7 +77,7 @@ def save_pipeline(build, folder: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build(tmp)
         pipe.save_pretrained(folder)
-    for sub in ("text_encoder", "text_encoder_2"):
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         path = os.path.join(folder, sub, "model.safetensors")
         if os.path.isfile(path):
             _to_transformers_names(path)

@@ -1,4 +1,4 @@
-"""``mindone-lora train --demo [sd1|sdxl|dreambooth|flux]``: the whole job on a tiny model, on CPU, in a few minutes.
+"""``mindone-lora train --demo [sd1|sdxl|dreambooth|flux|sd3]``: the whole job on a tiny model, on CPU, in minutes.
 
 ``sd1`` (the default) starts from the shipped pretrained shapes base (``mindone_lora_plugin/demo/assets/shapes-sd1``,
 made
@@ -9,7 +9,7 @@ the same outputs, and then *measures* what the LoRA did: over 8 seeds, how often
 cross before and after, and whether two base prompts still draw their shapes (:mod:`mindone_lora_plugin.demo.shapes`).
 ``dreambooth`` does the same as DreamBooth with prior preservation ("a sks shape", class "a shape"). ``sdxl`` keeps
 the randomly initialised tiny SDXL model: its pictures are noise, it shows the job running end to end; ``flux`` does the
-same with a tiny FLUX.1-dev model (flow matching, kohya FLUX and diffusers files).
+same with a tiny FLUX.1-dev model (flow matching, kohya FLUX and diffusers files), ``sd3`` with a tiny SD3.5 model.
 Flags given on the command line override the demo's defaults.
 """
 
@@ -35,6 +35,8 @@ SD1_DEFAULTS = dict(DEMO_DEFAULTS, train_batch_size=6, max_train_steps=100, lear
                     lora_alpha=8.0, checkpointing_steps=50)
 #: the tiny FLUX.1-dev demo: fewer, shorter validation images (the PyNative FluxPipeline is the slow part on CPU)
 FLUX_DEFAULTS = dict(DEMO_DEFAULTS, num_validation_images=2, num_inference_steps=4)
+#: the tiny SD3.5 demo: every Linear of the joint blocks (kohya's default), short validation as for FLUX
+SD3_DEFAULTS = dict(FLUX_DEFAULTS, lora_targets="all-linear")
 SEEDS = range(8)
 TARGETS = {"before": 1, "after": 6, "kept": 6}  # out of 8 seeds
 
@@ -116,7 +118,7 @@ def run_demo(args) -> int:
     kind = "sd1" if args.demo == "dreambooth" else args.demo
     root = os.path.abspath("demo-output")
     parser_defaults = _parser_defaults(add_train_arguments)
-    defaults = {"sd1": SD1_DEFAULTS, "sdxl": DEMO_DEFAULTS, "flux": FLUX_DEFAULTS,
+    defaults = {"sd1": SD1_DEFAULTS, "sdxl": DEMO_DEFAULTS, "flux": FLUX_DEFAULTS, "sd3": SD3_DEFAULTS,
                 "dreambooth": dict(SD1_DEFAULTS, **DREAMBOOTH_DEFAULTS)}[args.demo]
     given = {k for k in defaults if getattr(args, k) != parser_defaults.get(k)}
     for key, value in defaults.items():  # the demo's defaults, unless the user gave the flag
@@ -138,6 +140,10 @@ def run_demo(args) -> int:
                 from mindone_lora_plugin.architectures.flux import tiny as flux_tiny
 
                 args.pretrained_model_name_or_path = flux_tiny.ensure_tiny_model("dev", os.path.join(root, "tiny-flux"))
+            elif kind == "sd3":
+                from mindone_lora_plugin.architectures.sd3 import tiny as sd3_tiny
+
+                args.pretrained_model_name_or_path = sd3_tiny.ensure_tiny_model("3.5", os.path.join(root, "tiny-sd3"))
             else:
                 args.pretrained_model_name_or_path = ensure_tiny_model(kind, os.path.join(root, f"tiny-{kind}"))
     if args.output_dir == parser_defaults["output_dir"]:
@@ -332,6 +338,10 @@ def verify_saved_files(result, args) -> dict[str, str]:
 def _outputs(models) -> dict[str, np.ndarray]:
     import mindspore as ms
 
+    if models.architecture == "sd3":
+        from mindone_lora_plugin.architectures.sd3.tiny import probe_outputs
+
+        return probe_outputs(models)
     if "transformer" in models:
         from mindone_lora_plugin.architectures.flux.loss import image_ids
 

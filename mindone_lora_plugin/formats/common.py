@@ -71,7 +71,10 @@ def read_plain_lora(path: str, base: BaseModelInfo | None = None):
 
     families = installed_architectures()
     first = families.get(base.architecture) if base is not None else None
-    for family in ([first] if first is not None else []) + [a for a in families.values() if a is not first]:
+    # the base model's family first, then those the file's header names, then the rest
+    named = [a for a in families.values() if a is not first and a.detect_metadata(metadata)]
+    rest = [a for a in families.values() if a is not first and a not in named]
+    for family in ([first] if first is not None else []) + named + rest:
         done = family.read_file(tensors, metadata, base, path)  # a family with its own key layout
         if done is not None:
             return done
@@ -88,9 +91,19 @@ class PlainLoraFormat(LoraFormat):
         return state
 
 
+def _names_every_module(arch, state: LoraState) -> bool:
+    try:
+        for comp, path, _ in state.modules():
+            arch.kohya_name(comp, path, state.base_config)
+    except (LoraError, ValueError, KeyError):
+        return False
+    return True
+
+
 def writer_architecture(state: LoraState, what: str, required: bool = True) -> str | None:
     """The architecture a writer must know: the state's, else the only installed one that has all its components
-    (SDXL for a LoRA with a second text encoder). When it cannot be told: an error, or None unless ``required``."""
+    (SDXL for a LoRA with a second text encoder) and, among several, names all its modules. When it cannot be told:
+    an error, or None unless ``required``."""
     from mindone_lora_plugin.architectures import find_architecture, installed_architectures
 
     comps = set(state.components)
@@ -103,6 +116,8 @@ def writer_architecture(state: LoraState, what: str, required: bool = True) -> s
             raise LoraError(f"the LoRA has {missing[0]} weights but is marked {state.architecture}; only {owners} has "
                             f"a {missing[0]}")
         return arch.name
+    if len(fits) > 1:  # several have the components: those whose key grammar names every module (FLUX's single blocks)
+        fits = {n: a for n, a in fits.items() if _names_every_module(a, state)} or fits
     if len(fits) == 1:
         return next(iter(fits))
     if not required:

@@ -117,7 +117,7 @@ def schema(parser=None) -> dict:
             if a.help == argparse.SUPPRESS or a.dest in HIDDEN or not a.option_strings:
                 continue
             fields.append({"dest": a.dest, "flag": _flag(a), "label": label(a), "kind": _kind(a),
-                           "default": _plain(a.default), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
+                           "default": _plain(_default(a)), "required": a.dest in REQUIRED or a.dest in DATA_FIELDS,
                            "choices": [c for c in (a.choices or ()) if c is not None] or None,
                            "help": (a.help or "").replace("%(default)s", str(a.default)),
                            "basic": a.dest in BASIC or group.title == "plugins", "path": a.dest in PATH_FIELDS,
@@ -230,6 +230,11 @@ def _sources(groups) -> list[dict]:
 def _flag(action) -> str:
     longs = [o for o in action.option_strings if o.startswith("--")]
     return next((o for o in longs if o[2:] == action.dest), longs[0] if longs else action.option_strings[0])
+
+
+def _default(action):
+    """An action's default for the form: None for a flag left out of the arguments unless given (SUPPRESS)."""
+    return None if action.default == argparse.SUPPRESS else action.default
 
 
 def _actions(parser) -> dict:

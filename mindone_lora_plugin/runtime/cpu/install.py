@@ -79,7 +79,8 @@ PRIMITIVE_REPLACEMENTS.update(cpu_transformer.PRIMITIVE_REPLACEMENTS)  # FLUX.1:
 
 #: original dispatcher function -> replacement
 DISPATCHER_REPLACEMENTS = {getattr(functional_overload, name): replacement
-                           for name, replacement in (("conv2d", kernels.conv2d), ("gelu", kernels.gelu))
+                           for name, replacement in (("conv2d", kernels.conv2d), ("gelu", kernels.gelu),
+                                                              ("einsum", kernels.einsum))
                            if hasattr(functional_overload, name)}
 
 #: construct methods replaced, by module and class

@@ -13,7 +13,8 @@ The random-number primitives are in :mod:`~mindone_lora_plugin.runtime.cpu.rng`,
 Known limits (not on the SD/SDXL/FLUX LoRA paths, left as shipped; measured with the backend active): ``mint.mul``
 with a Python scalar (``Muls``; the ``*`` operator works), ``mint.full_like``, ``mint.empty``, ``mint.argmax``,
 ``mint.topk``/``mint.sort``, ``mint.norm``, ``mint.std``, ``mint.baddbmm``, ``mint.index_select``,
-``repeat_interleave`` with a tensor of counts, ``mint.einsum``, avg/max/adaptive pooling and ``conv_transpose2d``
+``repeat_interleave`` with a tensor of counts, ``mint.einsum`` other than a one-operand permutation (SD3's
+unpatchify ``nhwpqc->nchpwq``: :func:`einsum`), avg/max/adaptive pooling and ``conv_transpose2d``
 still have no CPU kernel.
 """
 
@@ -151,6 +152,31 @@ def gelu_ext_op(input, approximate="none"):
 def gelu(input, approximate="none"):
     """The ``functional_overload.gelu`` dispatcher (``mint.nn.functional.gelu``)."""
     return gelu_ext_op(input, approximate)
+
+
+def permutation(equation: str) -> tuple[int, ...] | None:
+    """The axis order of a one-operand einsum ``equation`` that only permutes axes (``"nhwpqc->nchpwq"`` →
+    ``(0, 5, 1, 3, 2, 4)``), else None."""
+    equation = equation.replace(" ", "")
+    if equation.count("->") != 1 or "," in equation or "." in equation:
+        return None
+    source, target = equation.split("->")
+    if len(set(source)) != len(source) or sorted(source) != sorted(target):
+        return None
+    return tuple(source.index(c) for c in target)
+
+
+#: the einsum equations mindone reaches on the LoRA paths → their axis order (SD3's unpatchify); a table, so GRAPH_MODE
+#: looks the order up instead of parsing the string
+PERMUTATIONS = {e: permutation(e) for e in ("nhwpqc->nchpwq",)}
+
+
+def einsum(equation, *operands):
+    """The ``functional_overload.einsum`` dispatcher (``mint.einsum``, Ascend only as shipped) for the one-operand
+    axis permutations of :data:`PERMUTATIONS`, as a transpose (another equation: ``KeyError``)."""
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = operands[0]
+    return operands[0].transpose(PERMUTATIONS[equation])
 
 
 def arange_op(start, end, step, dtype=None):

@@ -118,6 +118,15 @@ def ada_layer_norm_zero_single_construct(self, x, emb=None):
     return _modulate(self.norm, x, shift, scale), gate
 
 
+def sd35_ada_layer_norm_zero_x_construct(self, hidden_states, emb=None):
+    """``SD35AdaLayerNormZeroX.construct`` (SD3.5's dual-attention blocks): nine modulation vectors from ``emb``."""
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2,
+     gate_msa2) = _equal_pieces(self.linear(self.silu(emb)), 9, 1)
+    norm = self.norm(hidden_states)
+    return (norm * (1 + scale_msa.expand_dims(1)) + shift_msa.expand_dims(1), gate_msa, shift_mlp, scale_mlp, gate_mlp,
+            norm * (1 + scale_msa2.expand_dims(1)) + shift_msa2.expand_dims(1), gate_msa2)
+
+
 def _rotary_axis(pos, dim, theta):
     """cos/sin tables ``(S, dim)`` of one rotary axis: angles ``pos · theta^(-2j/dim)``, each repeated twice in
     place (what ``get_1d_rotary_pos_embed(..., use_real=True, repeat_interleave_real=True)`` returns)."""
@@ -188,7 +197,8 @@ def flux_attn_processor_call(self, attn, hidden_states, encoder_hidden_states=No
 #: module -> {class name (or "Class.method"; the default method is construct): replacement}
 CONSTRUCT_PATCHES = {
     "mindone.diffusers.models.normalization": {"AdaLayerNormZero": ada_layer_norm_zero_construct,
-                                               "AdaLayerNormZeroSingle": ada_layer_norm_zero_single_construct},
+                                               "AdaLayerNormZeroSingle": ada_layer_norm_zero_single_construct,
+                                               "SD35AdaLayerNormZeroX": sd35_ada_layer_norm_zero_x_construct},
     "mindone.diffusers.models.transformers.transformer_flux": {"FluxPosEmbed": flux_pos_embed_construct,
                                                                "FluxAttnProcessor.__call__": flux_attn_processor_call},
 }

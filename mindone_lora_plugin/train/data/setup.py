@@ -55,11 +55,11 @@ class StepInputs:
 
             embeds, pooled = self.text_cache.lookup(batch.captions)
             return ms.Tensor(embeds), ms.Tensor(pooled)
-        ids, ids_2 = self.tokenize(batch.captions)
-        return (ids, ids_2) if self.train_text else self.conditioner(ids, ids_2)
+        ids = self.tokenize(batch.captions)  # one tensor per tokenizer (two at least: SD's one given twice)
+        return ids if self.train_text else self.conditioner(*ids)
 
     def tokenize(self, captions) -> tuple:
-        """The token ids of ``captions`` for each text encoder (one text encoder: its ids twice)."""
+        """The token ids of ``captions``, one tensor per tokenizer (one text encoder: its ids twice)."""
         import mindspore as ms
 
         def ids(tok):
@@ -68,7 +68,7 @@ class StepInputs:
             return ms.Tensor(out.input_ids.astype(np.int32))
 
         found = [ids(tok) for tok in self.parts.tokenizers]
-        return found[0], found[-1]
+        return tuple(found) if len(found) > 2 else (found[0], found[-1])
 
     def mask(self, batch, latent_hw) -> tuple:
         """``(mask tensor,)`` for the loss with ``--masked_loss``, else ``()``."""

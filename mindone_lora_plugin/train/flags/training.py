@@ -150,8 +150,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="MindSpore execution mode; auto: GRAPH_MODE, except PyNative for full-size models on CPU, "
                         "where GRAPH_MODE keeps several times the memory")
     g.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
-    g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth", "flux"), default=None,
-                   help="train a built-in tiny model on a generated dataset (sd1, sdxl, flux, or dreambooth on sd1)")
+    g.add_argument("--demo", nargs="?", const="sd1", choices=("sd1", "sdxl", "dreambooth", "flux", "sd3"), default=None,
+                   help="train a built-in tiny model on generated data (sd1, sdxl, flux, sd3, or dreambooth on sd1)")
 
     from mindone_lora_plugin.plugins import get_plugin_manager
     from mindone_lora_plugin.train.features import active as features
