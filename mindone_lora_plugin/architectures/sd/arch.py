@@ -117,6 +117,16 @@ class StableDiffusion(SDTraining, Architecture):
         found = family_evidence(parsed, tensors, metadata, sgm_used)
         return found if found is not None and found.architecture == self.name else None
 
+    def detect_single_file(self, keys, header, metadata, path):
+        from mindone_lora_plugin.architectures.sd.single_file import family
+
+        return 1 if family(keys, header, path) == self.name else 0
+
+    def write_single_file_folder(self, path, header, out, vae=None, config=None):
+        from mindone_lora_plugin.architectures.sd.single_file import write_folder
+
+        write_folder(self, path, header, out, vae, config)
+
     # ------------------------------------------------------------------ targets and names
 
     def target_rules(self, component: str) -> dict[str, TargetRule]:

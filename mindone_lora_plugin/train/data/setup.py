@@ -106,10 +106,11 @@ def setup_caches(trainer) -> None:
     ms = trainer._ms
     trainer.latent_cache = trainer.text_cache = None
     if args.cache_latents or args.cache_latents_to_disk:
+        from mindone_lora_plugin.model_files import model_folder
         from mindone_lora_plugin.train.data.cache import LatentCache, cache_folder, vae_identity
 
         folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
-        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(trainer.parts.vae.dtype))
+        vae_id = vae_identity(model_folder(args), args.variant, str(trainer.parts.vae.dtype))
 
         def encode(pixels):
             return trainer.encode_cell(ms.Tensor(pixels, dtype=trainer.parts.vae.dtype)).asnumpy().astype(np.float32)

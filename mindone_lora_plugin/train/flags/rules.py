@@ -23,8 +23,7 @@ FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "
 NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
              "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",
              "pretrained_model_name_or_path", "report_to")
-EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path",
-                    "conditioning_data_dir")
+EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "conditioning_data_dir", "model_config")
 # flag → the flag it needs (or a test of args and the words saying what is needed)
 NEEDS = {
     "min_bucket_reso": ("enable_bucket", "--enable_bucket"),
