@@ -100,5 +100,20 @@ def resolve_model(path: str, vae: str | None = None, config: str | None = None) 
 
 def model_folder(args) -> str:
     """The model folder of a run's ``--pretrained_model_name_or_path`` (with its ``--vae`` and ``--model_config``)."""
-    return resolve_model(args.pretrained_model_name_or_path, getattr(args, "vae", None),
-                         getattr(args, "model_config", None))
+    return model_arg(args.pretrained_model_name_or_path, args)
+
+
+def add_model_file_arguments(parser) -> None:
+    """``--vae`` and ``--model_config``: what a single-file checkpoint given as the base model may need."""
+    parser.add_argument("--vae", default=None, metavar="FILE",
+                        help="a single-file checkpoint's VAE replaced by this .safetensors file (as kohya's --vae)")
+    parser.add_argument("--model_config", default=None, metavar="FOLDER",
+                        help="a single-file checkpoint's configs and tokenizers: a diffusers-layout folder of its "
+                             "base model (its weights are not read)")
+
+
+def model_arg(path: str | None, args) -> str | None:
+    """:func:`resolve_model` of a command's model path with its :func:`add_model_file_arguments` options."""
+    if not path:
+        return path
+    return resolve_model(path, getattr(args, "vae", None), getattr(args, "model_config", None))

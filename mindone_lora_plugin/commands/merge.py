@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPE_CHOICES
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.model_files import add_model_file_arguments, model_arg
 
 
 def add_parser(subparsers):
@@ -23,9 +24,11 @@ def add_parser(subparsers):
         "merge", help="fuse LoRAs into a model folder, or combine them into one LoRA",
         description="Fuse weighted LoRAs into the UNet and text encoders of a diffusers-layout model folder, or "
                     "(--to-lora) combine them into one LoRA file by concatenating ranks.")
-    p.add_argument("--model", default=None, metavar="MODEL_DIR",
-                   help="the base model folder (diffusers layout); required unless --to-lora, where it checks the "
-                        "LoRAs against it (and gives DoRA modules the base weights they need with --rank)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="the base model folder (diffusers layout) or single-file checkpoint; required unless "
+                        "--to-lora, where it checks the LoRAs against it (and gives DoRA modules the base weights "
+                        "they need with --rank)")
+    add_model_file_arguments(p)
     p.add_argument("--lora", action="append", default=[], required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file or folder with an optional weight after the last colon (default 1; may be "
                         "negative). Repeat for several LoRAs")
@@ -55,13 +58,14 @@ def run(args) -> int:
         raise LoraError("--format only applies with --to-lora (a merged model is a diffusers folder)")
     if not args.to_lora and not args.model:
         raise LoraError("--model MODEL_DIR is required to merge LoRAs into a model (or pass --to-lora)")
-    info = BaseModelInfo.from_folder(args.model) if args.model else None
+    folder = model_arg(args.model, args)
+    info = BaseModelInfo.from_folder(folder) if folder else None
     if not args.to_lora:
         if compose.output_is_taken(args.out) and not args.overwrite:
             raise LoraError(f"the output folder {args.out} already exists; choose another --out or pass --overwrite "
                             f"to replace it")
         loras = compose.load_loras(args.lora, base=info)
-        out = compose.merge_into_folder(args.model, loras, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        out = compose.merge_into_folder(folder, loras, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out}: {info.architecture} model with {_describe(loras)} fused into "
               f"{', '.join(sorted({c for lo in loras for c in lo.state.components}))}"
               f"{f' ({args.dtype})' if args.dtype else ''}")
@@ -69,7 +73,7 @@ def run(args) -> int:
     fmt = compose.pick_format(args.out, args.format)
     loras = compose.load_loras(args.lora, base=info)
     if args.rank is not None:
-        bases = compose.FolderWeights(args.model) if args.model else None  # DoRA's change needs the base weights
+        bases = compose.FolderWeights(folder) if folder else None  # DoRA's change needs the base weights
         state, error = compose.svd_reduce(loras, args.rank, base_weights=bases)
         how = f"reduced by SVD to rank {args.rank} (relative approximation error {error:.3e})"
     else:

@@ -72,7 +72,8 @@ def ldm_vae(sd: dict, cfg: dict) -> dict:
     L, n = cfg["layers_per_block"], len(cfg["block_out_channels"])
     pre = []
     for side in ("encoder", "decoder"):
-        pre += [(f"{side}.conv_norm_out.", f"{side}.norm_out."), (f"{side}.mid_block.attentions.0.", f"{side}.mid.attn_1.")]
+        pre += [(f"{side}.conv_norm_out.", f"{side}.norm_out."),
+                (f"{side}.mid_block.attentions.0.", f"{side}.mid.attn_1.")]
         pre += [(f"{side}.mid_block.resnets.{j}.", f"{side}.mid.block_{j + 1}.") for j in range(2)]
     for i in range(n):
         pre += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(L)]
