@@ -245,14 +245,17 @@ class Architecture:
         return ""
 
     def detect_single_file(self, keys, header: dict, metadata: dict[str, str], path: str) -> int:
-        """How surely a single-file checkpoint (tensor ``keys``, safetensors ``header``) is this family's: 0 = not
-        mine; a file of this family that cannot be trained (inpainting, refiner ...) is one :class:`LoraError` line."""
+        """How surely a single-file checkpoint is this family's (0: not mine; one that cannot train: a LoraError)."""
         return 0
 
-    def write_single_file_folder(self, path: str, header: dict, out: str, vae: str | None = None,
-                                 config: str | None = None) -> None:
+    def write_single_file_folder(self, path, header, out, vae=None, config=None) -> None:
         """Write the diffusers-layout folder equivalent to the single file ``path`` into the empty folder ``out``."""
         raise LoraError(f"the {self.label} architecture reads no single-file checkpoints")
+
+    def single_file_sources(self, path: str, header: dict, folder: str) -> dict[str, list]:
+        """Source key → ``[(component, diffusers name, transform: None, "linear", "t" or ("split", i, n))]`` of the
+        adapted components (merging into a single file; ``folder``: the converted one)."""
+        raise LoraError(f"the {self.label} architecture writes no single-file checkpoints")
 
     # ------------------------------------------------------------------ targets
 

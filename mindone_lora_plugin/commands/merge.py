@@ -32,9 +32,12 @@ def add_parser(subparsers):
     p.add_argument("--lora", action="append", default=[], required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file or folder with an optional weight after the last colon (default 1; may be "
                         "negative). Repeat for several LoRAs")
-    p.add_argument("--out", required=True, help="the model folder to write (or, with --to-lora, the LoRA file)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="cast the written weights (default: keep the model's dtype; a combined LoRA is fp32)")
+    p.add_argument("--out", required=True,
+                   help="the model folder to write, or a .safetensors file (a single-file --model merged in its own "
+                        "layout, what A1111/ComfyUI load); with --to-lora, the LoRA file")
+    p.add_argument("--dtype", "--save_dtype", dest="dtype", choices=DTYPE_CHOICES, default=None,
+                   help="cast the written weights (default: keep the model's dtype; a single file: fp16; a combined "
+                        "LoRA: fp32)")
     p.add_argument("--to-lora", dest="to_lora", action="store_true",
                    help="write one LoRA file combining the LoRAs instead of a model folder")
     p.add_argument("--format", default=None,
@@ -60,6 +63,8 @@ def run(args) -> int:
         raise LoraError("--model MODEL_DIR is required to merge LoRAs into a model (or pass --to-lora)")
     folder = model_arg(args.model, args)
     info = BaseModelInfo.from_folder(folder) if folder else None
+    if not args.to_lora and args.out.lower().endswith(".safetensors"):
+        return _merge_single_file(args, folder, info)
     if not args.to_lora:
         if compose.output_is_taken(args.out) and not args.overwrite:
             raise LoraError(f"the output folder {args.out} already exists; choose another --out or pass --overwrite "
@@ -88,3 +93,23 @@ def run(args) -> int:
 
 def _describe(loras) -> str:
     return ", ".join(f"{lo.name}×{lo.weight:g}" for lo in loras)
+
+
+def _merge_single_file(args, folder, info) -> int:
+    import os
+
+    from mindone_lora_plugin import compose
+    from mindone_lora_plugin.compose.single_file import merge_into_file
+
+    if not args.model or os.path.isdir(args.model):
+        raise LoraError(f"--out {args.out} is a single file, written in the layout of a single-file --model; with a "
+                        "model folder, give --out a folder (the merged diffusers-layout model)")
+    if args.vae:
+        raise LoraError("--vae does not apply to a single-file merge: the merged file keeps the checkpoint's VAE")
+    loras = compose.load_loras(args.lora, base=info)
+    dtype = args.dtype or "fp16"
+    out = merge_into_file(args.model, loras, args.out, dtype=dtype, overwrite=args.overwrite,
+                          config=args.model_config)
+    print(f"wrote {out}: single-file {info.architecture} checkpoint with {_describe(loras)} fused into "
+          f"{', '.join(sorted({c for lo in loras for c in lo.state.components}))} ({dtype})")
+    return 0

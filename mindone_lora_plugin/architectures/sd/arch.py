@@ -127,6 +127,15 @@ class StableDiffusion(SDTraining, Architecture):
 
         write_folder(self, path, header, out, vae, config)
 
+    def single_file_sources(self, path, header, folder):
+        from mindone_lora_plugin.architectures.sd.single_file import adapted_maps
+
+        sources: dict[str, list] = {}
+        for comp, mapping in adapted_maps(self, [k for k in header if k != "__metadata__"], folder).items():
+            for name, (key, how) in mapping.items():
+                sources.setdefault(key, []).append((comp, name, how))
+        return sources
+
     # ------------------------------------------------------------------ targets and names
 
     def target_rules(self, component: str) -> dict[str, TargetRule]:

@@ -60,7 +60,7 @@ def family(keys, header: dict, path: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- key maps
 # each map: diffusers name → (source key, transform); transform: None, "linear" (1×1 conv → Linear), "t"
-# (transpose) or ("split", i) (the i-th third along the first axis)
+# (transpose) or ("split", i, n) (the i-th of n equal parts along the first axis)
 
 def unet_map(keys, layers_per_block: int) -> dict:
     out = {}
@@ -147,7 +147,7 @@ def openclip_map(keys, prefix: str, layers: int, projection: bool) -> dict:
         if m[2] == "attn" and m[3] in ("in_proj_weight", "in_proj_bias"):
             param = "weight" if m[3].endswith("weight") else "bias"
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"{layer}self_attn.{proj}.{param}"] = (k, ("split", i))
+                out[f"{layer}self_attn.{proj}.{param}"] = (k, ("split", i, 3))
         elif m[2] in _OPENCLIP:
             out[f"{layer}{_OPENCLIP[m[2]]}.{m[3]}"] = (k, None)
     return out
@@ -170,13 +170,25 @@ def write_folder(arch, path: str, header: dict, out: str, vae: str | None, confi
         raise LoraError(f"--model_config {config} is not a diffusers-layout model folder (no model_index.json)")
     _copy_configs(config, out)
     keys = [k for k in header if k != "__metadata__"]
-    unet_cfg = _read_json(os.path.join(out, "unet", "config.json"))
-    maps = {"unet": unet_map(keys, int(unet_cfg.get("layers_per_block", 2)))}
+    maps = adapted_maps(arch, keys, out)
     n_up = len(_read_json(os.path.join(out, "vae", "config.json"))["block_out_channels"])
     if vae:
         _write_vae_file(vae, out, n_up)
     else:
         maps["vae"] = vae_map(keys, VAE, n_up)
+    for comp, mapping in maps.items():
+        if not mapping:
+            raise LoraError(f"{path} has no {comp} weights: pass a full {arch.label} checkpoint (UNet, VAE and text "
+                            "encoders in one file)")
+        write_component(path, header, mapping, os.path.join(out, comp, _WEIGHTS[comp]))
+
+
+def adapted_maps(arch, keys, folder: str) -> dict[str, dict]:
+    """The key maps (diffusers name → (source key, transform)) of the UNet and text encoders of an ``arch``
+    checkpoint with ``keys``, given the configs in the diffusers-layout ``folder``."""
+    unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"))
+    maps = {"unet": unet_map(keys, int(unet_cfg.get("layers_per_block", 2)))}
+    out = folder
     te_layers = {c: _read_json(os.path.join(out, c, "config.json"))["num_hidden_layers"]
                  for c in arch.text_encoders() if os.path.isfile(os.path.join(out, c, "config.json"))}
     if arch.name == "sdxl":
@@ -186,11 +198,7 @@ def write_folder(arch, path: str, header: dict, out: str, vae: str | None, confi
         maps["text_encoder"] = openclip_map(keys, OPENCLIP_SD2, te_layers.get("text_encoder", 0), False)
     else:
         maps["text_encoder"] = clip_map(keys, CLIP_SD1)
-    for comp, mapping in maps.items():
-        if not mapping:
-            raise LoraError(f"{path} has no {comp} weights: pass a full {arch.label} checkpoint (UNet, VAE and text "
-                            "encoders in one file)")
-        write_component(path, header, mapping, os.path.join(out, comp, _WEIGHTS[comp]))
+    return maps
 
 
 def _copy_configs(config: str, out: str) -> None:
@@ -236,8 +244,8 @@ def write_component(path: str, header: dict, mapping: dict, dst: str) -> None:
         if how == "t":
             return arr.T
         if how is not None:
-            third = arr.shape[0] // 3
-            return arr[how[1] * third:(how[1] + 1) * third]
+            part = arr.shape[0] // how[2]
+            return arr[how[1] * part:(how[1] + 1) * part]
         return arr
 
     entries = []
