@@ -102,3 +102,38 @@ def write_ldm_sd1(folder: str, path: str, dtype=None) -> str:
         sd = {k: v.astype(dtype) for k, v in sd.items()}
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
     return path
+
+
+OPENCLIP_XL, CLIP_XL = "conditioner.embedders.1.model.", "conditioner.embedders.0.transformer."
+_OPENCLIP = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
+             ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+
+
+def open_clip(sd: dict, prefix: str) -> dict:
+    """A transformers CLIP text model (with projection) in OpenCLIP's names: q/k/v fused into ``in_proj``, the
+    projection transposed."""
+    out = {prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"]}
+    for p in ("weight", "bias"):
+        out[f"{prefix}ln_final.{p}"] = sd[f"text_model.final_layer_norm.{p}"]
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = np.ascontiguousarray(sd["text_projection.weight"].T)
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{p}"] = np.concatenate([sd[f"{src}self_attn.{x}_proj.{p}"] for x in "qkv"])
+        for k, v in sd.items():
+            if k.startswith(src) and "_proj." not in k.replace("out_proj.", ""):
+                out[dst + _rename(k[len(src):], _OPENCLIP)] = v
+    return out
+
+
+def write_ldm_sdxl(folder: str, path: str) -> str:
+    """The single-file SDXL checkpoint of the diffusers folder ``folder``."""
+    sd = ldm_unet(weights(folder, "unet"), config(folder, "unet"))
+    sd.update(ldm_vae(weights(folder, "vae"), config(folder, "vae")))
+    sd.update({CLIP_XL + k: v for k, v in weights(folder, "text_encoder").items()})
+    sd.update(open_clip(weights(folder, "text_encoder_2"), OPENCLIP_XL))
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
+    return path

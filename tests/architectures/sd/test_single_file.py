@@ -10,7 +10,17 @@ import struct
 
 import numpy as np
 import pytest
-from ldm_reference import config, ldm_unet, ldm_vae, weights, write_ldm_sd1
+from ldm_reference import (
+    CLIP_XL,
+    OPENCLIP_XL,
+    config,
+    ldm_unet,
+    ldm_vae,
+    open_clip,
+    weights,
+    write_ldm_sd1,
+    write_ldm_sdxl,
+)
 from safetensors.numpy import load_file, save_file
 
 from mindone_lora_plugin.errors import LoraError
@@ -169,3 +179,47 @@ def test_header_lengths_are_checked_before_anything_is_read(tmp_path):
     bad.write_bytes(struct.pack("<Q", 10**12) + json.dumps({}).encode())
     with pytest.raises(LoraError, match="not a safetensors file or is truncated"):
         detect_single_file(str(bad))
+
+
+def test_sdxl_file_converts_as_diffusers_reads_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
+    from mindone_lora_plugin.base_model_info import BaseModelInfo
+
+    tiny_xl = ensure_tiny_model("sdxl", str(tmp_path / "tiny-sdxl"))
+    path = write_ldm_sdxl(tiny_xl, str(tmp_path / "xl.safetensors"))
+    ckpt = {k: torch.from_numpy(v) for k, v in load_file(path).items()}
+    read = {"unet": convert_ldm_unet_checkpoint(ckpt, config(tiny_xl, "unet")),
+            "vae": convert_ldm_vae_checkpoint(ckpt, config(tiny_xl, "vae")),
+            "text_encoder": convert_ldm_clip_checkpoint(ckpt, remove_prefix=CLIP_XL),
+            "text_encoder_2": convert_open_clip_checkpoint(None, ckpt, prefix=OPENCLIP_XL)}
+    assert detect_single_file(path)[0].name == "sdxl"
+    folder = resolve_model(path, config=tiny_xl)
+    for comp, by_diffusers in read.items():
+        ref, got = weights(tiny_xl, comp), weights(folder, comp)
+        assert set(by_diffusers) == set(ref) == set(got), comp
+        for k, v in ref.items():
+            np.testing.assert_array_equal(by_diffusers[k].numpy(), v, err_msg=k)  # the reference file is right
+            np.testing.assert_array_equal(got[k], v, err_msg=k)  # and the package reads it as diffusers does
+    assert BaseModelInfo.from_folder(folder).architecture == "sdxl"
+
+
+def test_sd2_open_clip_text_encoder_converts(tiny, tmp_path):
+    # SD2.x files hold OpenCLIP under cond_stage_model.model. (no projection); the tiny SD1 encoder stands in
+    sd = ldm_unet(weights(tiny, "unet"), config(tiny, "unet"))
+    sd.update(ldm_vae(weights(tiny, "vae"), config(tiny, "vae")))
+    sd.update(open_clip(weights(tiny, "text_encoder"), "cond_stage_model.model."))
+    save_file(sd, str(tmp_path / "sd2.safetensors"))
+    assert detect_single_file(str(tmp_path / "sd2.safetensors"))[0].name == "sd2"
+    folder = resolve_model(str(tmp_path / "sd2.safetensors"), config=tiny)
+    ref, got = weights(tiny, "text_encoder"), weights(folder, "text_encoder")
+    assert set(ref) == set(got)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
