@@ -29,7 +29,7 @@ def cache_root() -> str:
 
 
 def is_single_file(path: str) -> bool:
-    return bool(path) and not os.path.isdir(path) and os.path.splitext(path)[1] != ""
+    return bool(path) and (os.path.isfile(path) or (not os.path.isdir(path) and os.path.splitext(path)[1] != ""))
 
 
 def detect_single_file(path: str):

@@ -223,3 +223,25 @@ def test_sd2_open_clip_text_encoder_converts(tiny, tmp_path):
     assert set(ref) == set(got)
     for k, v in ref.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_generate_and_convert_take_the_file(tiny, ldm_file, tmp_path):
+    from PIL import Image
+
+    from mindone_lora_plugin.cli import main
+
+    images = {}
+    for name, model in (("folder", [tiny]), ("file", [ldm_file, "--model_config", tiny])):
+        out = tmp_path / name
+        assert main(["generate", "--model", *model, "--prompt", "a red circle", "--steps", "2", "--seed", "4",
+                     "--height", "32", "--width", "32", "--device_target", "CPU", "--out", str(out)]) == 0
+        pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+        images[name] = [np.asarray(Image.open(out / p)) for p in pngs]
+    assert len(images["file"]) == len(images["folder"]) >= 1
+    for a, b in zip(images["file"], images["folder"]):
+        np.testing.assert_array_equal(a, b)
+    # a file name without an extension is a file too; a missing config is one line
+    bare = tmp_path / "bare"
+    bare.write_bytes(open(ldm_file, "rb").read())
+    with pytest.raises(LoraError, match="--model_config"):
+        resolve_model(str(bare))
