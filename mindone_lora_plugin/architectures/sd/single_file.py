@@ -170,6 +170,7 @@ def write_folder(arch, path: str, header: dict, out: str, vae: str | None, confi
         raise LoraError(f"--model_config {config} is not a diffusers-layout model folder (no model_index.json)")
     _copy_configs(config, out)
     keys = [k for k in header if k != "__metadata__"]
+    _check_config(path, header, keys, out, config)
     maps = adapted_maps(arch, keys, out)
     n_up = len(_read_json(os.path.join(out, "vae", "config.json"))["block_out_channels"])
     if vae:
@@ -199,6 +200,22 @@ def adapted_maps(arch, keys, folder: str) -> dict[str, dict]:
     else:
         maps["text_encoder"] = clip_map(keys, CLIP_SD1)
     return maps
+
+
+def _check_config(path: str, header: dict, keys, out: str, config: str) -> None:
+    """The UNet config of ``--model_config`` against the file's UNet widths: one line when they do not fit."""
+    try:
+        unet = _read_json(os.path.join(out, "unet", "config.json"))
+    except (OSError, ValueError):
+        raise LoraError(f"--model_config {config} has no readable unet/config.json: give the diffusers-layout folder "
+                        "of the checkpoint's base model") from None
+    cross = next((header[k]["shape"][1] for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+    width = header.get(UNET + "input_blocks.0.0.weight", {}).get("shape", [None])[0]
+    for what, in_file, in_config in (("cross-attention width", cross, unet.get("cross_attention_dim")),
+                                     ("first block width", width, (unet.get("block_out_channels") or [None])[0])):
+        if in_file is not None and in_config is not None and int(in_file) != int(in_config):
+            raise LoraError(f"--model_config {config} does not fit {path}: its UNet's {what} is {in_config}, the "
+                            f"file's {in_file}; give the diffusers-layout folder of the checkpoint's base model")
 
 
 def _copy_configs(config: str, out: str) -> None:

@@ -245,3 +245,11 @@ def test_generate_and_convert_take_the_file(tiny, ldm_file, tmp_path):
     bare.write_bytes(open(ldm_file, "rb").read())
     with pytest.raises(LoraError, match="--model_config"):
         resolve_model(str(bare))
+
+
+def test_a_config_of_another_model_is_one_line(ldm_file, tmp_path):
+    from mindone_lora_plugin.architectures.sd.tiny import ensure_tiny_model
+
+    tiny_xl = ensure_tiny_model("sdxl", str(tmp_path / "tiny-sdxl"))
+    with pytest.raises(LoraError, match="does not fit .*cross-attention width is 64, the file's 32"):
+        resolve_model(ldm_file, config=tiny_xl)
