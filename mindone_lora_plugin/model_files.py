@@ -61,12 +61,19 @@ def detect_single_file(path: str):
 def resolve_model(path: str, vae: str | None = None, config: str | None = None) -> str:
     """The diffusers-layout folder for ``path``: ``path`` itself when it is a folder, else the converted folder of a
     single-file checkpoint (``vae``: a VAE file that replaces the checkpoint's; ``config``: a diffusers-layout folder
-    whose configs, tokenizers and scheduler are used instead of the family's shipped ones)."""
+    whose configs, tokenizers and scheduler the family uses)."""
     if not is_single_file(path):
+        for flag, value in (("--vae", vae), ("--model_config", config)):
+            if value:
+                raise LoraError(f"{flag} applies to a single-file checkpoint; {path} is a model folder, whose own "
+                                "VAE and configs are used")
         return path
     if not os.path.isfile(path):
         raise LoraError(f"model {path} does not exist: pass a diffusers-layout model folder or a .safetensors "
                         "single-file checkpoint")
+    for flag, value, ok in (("--vae", vae, os.path.isfile), ("--model_config", config, os.path.isdir)):
+        if value and not ok(value):
+            raise LoraError(f"{flag} {value} is not {'a file' if flag == '--vae' else 'a folder'}")
     arch, header = detect_single_file(path)
     stat = os.stat(path)
     parts = [FORMAT, arch.name, os.path.abspath(path), stat.st_size, int(stat.st_mtime)]

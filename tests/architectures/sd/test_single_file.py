@@ -253,3 +253,12 @@ def test_a_config_of_another_model_is_one_line(ldm_file, tmp_path):
     tiny_xl = ensure_tiny_model("sdxl", str(tmp_path / "tiny-sdxl"))
     with pytest.raises(LoraError, match="does not fit .*cross-attention width is 64, the file's 32"):
         resolve_model(ldm_file, config=tiny_xl)
+
+
+def test_single_file_options_are_checked(tiny, ldm_file, tmp_path):
+    with pytest.raises(LoraError, match="--vae applies to a single-file checkpoint"):
+        resolve_model(tiny, vae=ldm_file)
+    with pytest.raises(LoraError, match="--model_config .* is not a folder"):
+        resolve_model(ldm_file, config=str(tmp_path / "missing"))
+    with pytest.raises(LoraError, match="--vae .* is not a file"):
+        resolve_model(ldm_file, vae=str(tmp_path / "missing.safetensors"), config=tiny)
