@@ -262,3 +262,23 @@ def test_single_file_options_are_checked(tiny, ldm_file, tmp_path):
         resolve_model(ldm_file, config=str(tmp_path / "missing"))
     with pytest.raises(LoraError, match="--vae .* is not a file"):
         resolve_model(ldm_file, vae=str(tmp_path / "missing.safetensors"), config=tiny)
+
+
+def test_convert_checks_a_lora_against_the_file(tiny, ldm_file, tmp_path, capsys):
+    from mindone_lora_plugin import compose
+    from mindone_lora_plugin.cli import main
+    from mindone_lora_plugin.state import LoraModule, LoraState
+
+    state = LoraState(architecture="sd1")
+    state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+              LoraModule(np.ones((2, 64), np.float32), np.ones((64, 2), np.float32), 2.0))
+    good = compose.write_lora(state, str(tmp_path / "good.safetensors"), format="kohya")
+    assert main(["convert", good, "--to", "diffusers", "--base", ldm_file, "--model_config", tiny,
+                 str(tmp_path / "out")]) == 0
+    state = LoraState(architecture="sd1")
+    state.add("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+              LoraModule(np.ones((2, 48), np.float32), np.ones((64, 2), np.float32), 2.0))
+    bad = compose.write_lora(state, str(tmp_path / "bad.safetensors"), format="kohya")
+    assert main(["convert", bad, "--to", "diffusers", "--base", ldm_file, "--model_config", tiny,
+                 str(tmp_path / "out2")]) != 0
+    assert "shape mismatch" in capsys.readouterr().err
