@@ -3,7 +3,9 @@
 * ``merge --model MODEL_DIR --lora FILE[:WEIGHT] ... --out MODEL_OUT [--dtype {fp32,fp16,bf16}] [--overwrite]``
   writes a full diffusers-layout folder whose UNet and text-encoder weights are ``W + sum(weight * delta)``; the rest
   (VAE, tokenizers, scheduler, configs) is copied. It loads with ``from_pretrained``. Pure numpy, one tensor at a time;
-  the folder is written under a temporary name and renamed into place.
+  the folder is written under a temporary name and renamed into place. ``--model`` may be a single-file checkpoint;
+  ``--out FILE.safetensors`` then writes the merged model as one file in that checkpoint's own layout (fp16 unless
+  ``--save_dtype``/``--dtype``), streamed (:mod:`mindone_lora_plugin.compose.single_file`).
 * ``merge --to-lora --lora FILE[:WEIGHT] ... --out FILE [--format {kohya,diffusers}] [--model MODEL_DIR]`` writes one
   LoRA equal to the weighted LoRAs together: ranks are concatenated, each LoRA's weight and scale folded into its up
   matrices (exact, no SVD; plain LoRA only). With ``--rank N`` (needed for LoHa/LoKr/DoRA) the merged weight changes

@@ -39,7 +39,7 @@ def _view(arr: np.ndarray, how):
 
 def merge_into_file(model_file: str, loras, out: str, dtype: str | None = "fp16", overwrite: bool = False,
                     config: str | None = None) -> str:
-    """Write ``model_file`` (a single-file checkpoint) with ``loras`` fused into its UNet and text encoders at
+    """Write ``model_file`` (a single-file checkpoint) with ``loras`` fused into its adapted components at
     ``out``, in the same layout, floating tensors in ``dtype`` (None: keep); return ``out``."""
     import os
 
