@@ -140,3 +140,21 @@ def test_single_file_merge_errors(tiny, ldm_file, lora, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and "Traceback" not in err
     assert taken.read_bytes() == b"x"
+
+
+def test_single_file_merge_streams(tiny, ldm_file, lora, tmp_path):
+    """Memory allocated while merging stays well below the model's size (one tensor and its change at a time)."""
+    import tracemalloc
+
+    from mindone_lora_plugin.compose.single_file import merge_into_file
+
+    path, _ = lora
+    loras = compose.load_loras([f"{path}:{WEIGHT}"], base=BaseModelInfo.from_folder(tiny))
+    merge_into_file(ldm_file, loras, str(tmp_path / "warm.safetensors"), config=tiny)  # first-call allocations
+    tracemalloc.start()
+    try:
+        merge_into_file(ldm_file, loras, str(tmp_path / "merged.safetensors"), config=tiny)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < os.path.getsize(ldm_file) // 3, (peak, os.path.getsize(ldm_file))  # a full read: > the size
