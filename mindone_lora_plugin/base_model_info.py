@@ -38,14 +38,17 @@ class BaseModelInfo:
     def from_folder(cls, path: str) -> "BaseModelInfo":
         """Read a diffusers-layout model folder (``model_index.json`` + one subfolder per component): the installed
         architecture that recognises its configs (:func:`~mindone_lora_plugin.architectures.detect_folder`) says
-        which subfolders are its components."""
+        which subfolders are its components. A single-file checkpoint is read through the folder it converts to
+        (:func:`~mindone_lora_plugin.model_files.resolve_model`; ``source`` is that folder)."""
         from mindone_lora_plugin.architectures import (
             FolderInfo,
             detect_folder,
             get_architecture,
             installed_architectures,
         )
+        from mindone_lora_plugin.model_files import resolve_model
 
+        path = resolve_model(path)
         index = _read_model_index(path)
         listed = [c for c, v in index.items() if not c.startswith("_") and v is not None and v != [None, None]]
         configs: dict[str, dict] = {}

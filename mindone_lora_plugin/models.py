@@ -121,7 +121,8 @@ def module_weight_shapes(cell) -> dict[str, tuple[int, ...]]:
 
 
 def load_models(folder: str, components=None, dtype=None, variant: str | None = None) -> Models:
-    """Load the components (default: all the folder has) of a diffusers-layout model folder with mindone's
+    """Load the components (default: all the folder has) of a diffusers-layout model folder (or a single-file
+    checkpoint: :func:`~mindone_lora_plugin.model_files.resolve_model`) with mindone's
     ``from_pretrained``, as its architecture says
     (:meth:`~mindone_lora_plugin.architectures.base.Architecture.load_component`)."""
     from mindone_lora_plugin.architectures import get_architecture
@@ -134,5 +135,5 @@ def load_models(folder: str, components=None, dtype=None, variant: str | None = 
     cells = {}
     for comp in arch.components:
         if (components is None or comp.name in components) and comp.name in info.modules:
-            cells[comp.name] = arch.load_component(folder, comp.name, dtype=dtype, variant=variant)
+            cells[comp.name] = arch.load_component(info.source, comp.name, dtype=dtype, variant=variant)
     return Models(**cells, architecture=info.architecture)

@@ -8,9 +8,10 @@ architecture owns:
 * its **components** (:class:`Component`: name, model class, folder, kohya and diffusers key prefixes, the classes that
   identify a live cell) and how to load them;
 * **detection**: from a model folder's ``model_index.json`` and component configs (:meth:`Architecture.detect_folder`,
-  a score, 0 = not mine), and from a LoRA file's parsed keys, tensor shapes and header metadata
-  (:meth:`Architecture.detect_lora`, an :class:`Evidence`); the detectors in :mod:`mindone_lora_plugin.architectures`
-  ask every installed architecture and take the best answer;
+  a score, 0 = not mine), from a single-file checkpoint's keys (:meth:`Architecture.detect_single_file`, with
+  :meth:`Architecture.write_single_file_folder` converting it), and from a LoRA file's parsed keys, tensor shapes and
+  header metadata (:meth:`Architecture.detect_lora`, an :class:`Evidence`); the detectors in
+  :mod:`mindone_lora_plugin.architectures` ask every installed architecture and take the best answer;
 * the **target presets** per component (:meth:`Architecture.target_rules`: ``attn``, ``kohya``, ``kohya-conv`` ...);
 * the **key grammar** of its modules: kohya names (:meth:`kohya_name`), names resolved without a base model
   (:meth:`resolve_name`), extra spellings of a base model's modules (:meth:`base_aliases`: SDXL's SGM names);
@@ -242,6 +243,19 @@ class Architecture:
         if (metadata.get("mindone_lora.architecture") or "").strip() == self.name:
             return f"mindone_lora.architecture={self.name}"
         return ""
+
+    def detect_single_file(self, keys, header: dict, metadata: dict[str, str], path: str) -> int:
+        """How surely a single-file checkpoint is this family's (0: not mine; one that cannot train: a LoraError)."""
+        return 0
+
+    def write_single_file_folder(self, path, header, out, vae=None, config=None) -> None:
+        """Write the diffusers-layout folder equivalent to the single file ``path`` into the empty folder ``out``."""
+        raise LoraError(f"the {self.label} architecture reads no single-file checkpoints")
+
+    def single_file_sources(self, path: str, header: dict, folder: str) -> dict[str, list]:
+        """Source key → ``[(component, diffusers name, transform: None, "linear", "t" or ("split", i, n))]`` of the
+        adapted components (merging into a single file; ``folder``: the converted one)."""
+        raise LoraError(f"the {self.label} architecture writes no single-file checkpoints")
 
     # ------------------------------------------------------------------ targets
 

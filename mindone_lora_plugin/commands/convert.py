@@ -12,6 +12,7 @@ import os
 
 from mindone_lora_plugin.dtypes import SAVE_DTYPES as DTYPE_CHOICES
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.model_files import add_model_file_arguments, model_arg
 
 
 def add_parser(subparsers):
@@ -23,9 +24,10 @@ def add_parser(subparsers):
     p.add_argument("output", metavar="OUT",
                    help="the file to write, or a folder (diffusers: OUT/pytorch_lora_weights.safetensors)")
     p.add_argument("--to", required=True, metavar="{diffusers,kohya}", help="the format to write")
-    p.add_argument("--base", metavar="MODEL_DIR", default=None,
-                   help="the base model folder (diffusers layout): checks every key and shape against it and fixes "
-                        "the architecture")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="the base model folder (diffusers layout) or single-file checkpoint: checks every key and "
+                        "shape against it and fixes the architecture")
+    add_model_file_arguments(p)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="save dtype (default: keep the file's); kohya casts alphas too")
     return p
@@ -76,7 +78,7 @@ def run(args, formats=None) -> int:
     if isinstance(target, PlainLoraFormat) and ext and ext.lower() != ".safetensors" and not os.path.isdir(out):
         raise LoraError(f"OUT {out} must be a .safetensors file or a folder; LoRA files are only written as "
                         "safetensors")
-    base = BaseModelInfo.from_folder(args.base) if args.base else None
+    base = BaseModelInfo.from_folder(model_arg(args.base, args)) if args.base else None
     lf = open_lora(args.input, base=base, formats=known)
     state = lf.state
     name = output_name_for(lf.path, out)

@@ -15,6 +15,7 @@ import secrets
 
 from mindone_lora_plugin.dtypes import SAVE_DTYPES
 from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.model_files import add_model_file_arguments, model_arg
 
 
 def add_parser(subparsers):
@@ -22,7 +23,9 @@ def add_parser(subparsers):
         "generate", help="generate images with one or more weighted LoRAs",
         description="Generate images with a Stable Diffusion 1.x/2.x or SDXL model and any number of LoRAs applied "
                     "together, each with its own weight.")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="the base model folder (diffusers layout)")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="the base model folder (diffusers layout) or a single-file .safetensors checkpoint")
+    add_model_file_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA file (kohya/A1111/civitai, diffusers/PEFT, this package's) or folder, with an optional "
                         "weight after the last colon (default 1; may be negative). Repeat for several LoRAs")
@@ -64,7 +67,8 @@ def run(args) -> int:
                         f"--overwrite")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise LoraError(f"--out {args.out} is a file; give a folder")
-    info = BaseModelInfo.from_folder(args.model)
+    folder = model_arg(args.model, args)
+    info = BaseModelInfo.from_folder(folder)
     loras = compose.load_loras(args.lora, base=info)
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
 
@@ -73,7 +77,7 @@ def run(args) -> int:
     setup(args.device_target, "pynative", seed)
     for lo in loras:
         print(f"LoRA {lo.path} (weight {lo.weight:g}, {lo.format}, {len(lo.state)} modules)")
-    pipe = compose.load_pipeline(args.model, loras, dtype=args.dtype)
+    pipe = compose.load_pipeline(folder, loras, dtype=args.dtype)
     images = compose.generate_images(pipe, args.prompt, args.negative_prompt, args.num_images, args.steps,
                                      args.guidance_scale, seed, args.height, args.width,
                                      batch_size=args.batch_size)

@@ -107,9 +107,10 @@ class Trainer:
     def _load_models(self):
         import mindspore as ms
 
+        from mindone_lora_plugin.model_files import model_folder
         from mindone_lora_plugin.models import load_models
 
-        folder = self.args.pretrained_model_name_or_path
+        folder = model_folder(self.args)
         self.models = load_models(folder, dtype=self.weight_dtype if self.weight_dtype != ms.float32 else None,
                                   variant=self.args.variant)
         for cell in self.models.values():

@@ -337,7 +337,11 @@ def validate(values: dict, guard, running_dirs=(), facts: dict | None = None) ->
                                                            "diffusers-layout model folder")
     elif "pretrained_model_name_or_path" not in errors:
         try:
-            info = BaseModelInfo.from_folder(values["pretrained_model_name_or_path"])
+            from mindone_lora_plugin.model_files import resolve_model
+
+            info = BaseModelInfo.from_folder(resolve_model(values["pretrained_model_name_or_path"],
+                                                           values.get("vae") or None,
+                                                           values.get("model_config") or None))
         except LoraError as e:
             errors["pretrained_model_name_or_path"] = str(e)
     data_fields = [d for d in DATA_FIELDS if str(values.get(d) or "")]

@@ -117,6 +117,25 @@ class StableDiffusion(SDTraining, Architecture):
         found = family_evidence(parsed, tensors, metadata, sgm_used)
         return found if found is not None and found.architecture == self.name else None
 
+    def detect_single_file(self, keys, header, metadata, path):
+        from mindone_lora_plugin.architectures.sd.single_file import family
+
+        return 1 if family(keys, header, path) == self.name else 0
+
+    def write_single_file_folder(self, path, header, out, vae=None, config=None):
+        from mindone_lora_plugin.architectures.sd.single_file import write_folder
+
+        write_folder(self, path, header, out, vae, config)
+
+    def single_file_sources(self, path, header, folder):
+        from mindone_lora_plugin.architectures.sd.single_file import adapted_maps
+
+        sources: dict[str, list] = {}
+        for comp, mapping in adapted_maps(self, [k for k in header if k != "__metadata__"], folder).items():
+            for name, (key, how) in mapping.items():
+                sources.setdefault(key, []).append((comp, name, how))
+        return sources
+
     # ------------------------------------------------------------------ targets and names
 
     def target_rules(self, component: str) -> dict[str, TargetRule]:

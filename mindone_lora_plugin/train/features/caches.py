@@ -63,11 +63,12 @@ class Caches(TrainingFeature):
     def _latent_cache(self, run, examples):
         import mindspore as ms
 
+        from mindone_lora_plugin.model_files import model_folder
         from mindone_lora_plugin.train.data.cache import LatentCache, cache_folder, vae_identity
 
         args, inputs, parts = self.args, run.inputs, run.parts
         folder = cache_folder(args, args.output_dir) if args.cache_latents_to_disk else None
-        vae_id = vae_identity(args.pretrained_model_name_or_path, args.variant, str(parts.vae.dtype))
+        vae_id = vae_identity(model_folder(args), args.variant, str(parts.vae.dtype))
 
         def encode(pixels):
             return inputs.encode_cell(ms.Tensor(pixels, dtype=parts.vae.dtype)).asnumpy().astype(np.float32)

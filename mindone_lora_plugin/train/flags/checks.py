@@ -45,6 +45,7 @@ def check_flags(args, pm) -> CheckedFlags:
     """Run every check; return what they found. Raises :class:`LoraError` at the first flag that cannot be used."""
     from mindone_lora_plugin.base_model_info import BaseModelInfo
     from mindone_lora_plugin.core_plugin import check_save_formats, exact_format
+    from mindone_lora_plugin.model_files import model_folder
     from mindone_lora_plugin.train.features import active as features
     from mindone_lora_plugin.train.flags import loss_and_optimizer
     from mindone_lora_plugin.train.flags.rules import check_resolution, validate_train_args
@@ -55,9 +56,9 @@ def check_flags(args, pm) -> CheckedFlags:
                         "--demo")
     validate_train_args(args, features.needs(pm))
     features.check(args, pm)  # every installed feature's flags (buckets, caches, captions, EMA, ...)
-    info = BaseModelInfo.from_folder(args.pretrained_model_name_or_path)
+    info = BaseModelInfo.from_folder(model_folder(args))
     arch = pm.get_architecture(info.architecture)  # loss, conditioning, pipelines
-    resolution = check_resolution(args.resolution or default_resolution(args.pretrained_model_name_or_path, info))
+    resolution = check_resolution(args.resolution or default_resolution(info.source, info))
     check_args(args)
     loss_and_optimizer.check(args)
     check_unused_flags(args, arch)

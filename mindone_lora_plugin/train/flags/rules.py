@@ -23,7 +23,7 @@ FRACTIONS = {"adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False)}
 NOT_EMPTY = ("output_dir", "save_formats", "lora_targets", "image_column", "caption_column", "logging_dir",
              "instance_prompt", "class_prompt", "validation_prompt", "output_name", "caption_extension",
              "pretrained_model_name_or_path", "report_to")
-EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "pretrained_model_name_or_path")
+EXISTING_FOLDERS = ("train_data_dir", "instance_data_dir", "reg_data_dir", "model_config")
 # flag → the flag it needs and the words naming it (training features add theirs: TrainingFeature.needs)
 NEEDS = {
     "validation_steps": ("validation_prompt", "--validation_prompt"),

@@ -78,9 +78,14 @@ def default_resolution(folder: str, info) -> int:
     return get_architecture(info.architecture).default_resolution
 
 
+# flags recorded only when given, so runs from a model folder keep the metadata they had before these flags existed
+RECORDED_WHEN_GIVEN = ("vae", "model_config")
+
+
 def plain_args(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and
-            isinstance(v, (str, int, float, bool, type(None), list))}
+            isinstance(v, (str, int, float, bool, type(None), list))
+            and not (k in RECORDED_WHEN_GIVEN and v is None)}
 
 
 def write_hparams(args, path: str) -> None:

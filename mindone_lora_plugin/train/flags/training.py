@@ -39,8 +39,14 @@ class _Refuse(argparse.Action):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data (as mindone's train_text_to_image_lora.py)")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="a diffusers-layout model folder (SD1.x/2.x, SDXL, FLUX.1 or a plugin's family); "
-                        "the architecture is detected from it")
+                   help="a diffusers-layout model folder (SD1.x/2.x, SDXL, FLUX.1 or a plugin's family) or a "
+                        "single-file .safetensors checkpoint in the original (A1111/ComfyUI) layout; the "
+                        "architecture is detected from it")
+    g.add_argument("--vae", type=str, default=None,
+                   help="a single-file checkpoint's VAE replaced by this .safetensors file (as kohya's --vae)")
+    g.add_argument("--model_config", type=str, default=None,
+                   help="a single-file checkpoint's configs and tokenizers: a diffusers-layout folder of its base "
+                        "model (its weights are not read)")
     g.add_argument("--revision", type=str, default=None, help="accepted for compatibility; local folders have none")
     g.add_argument("--variant", type=str, default=None, help="weight file variant, e.g. fp16")
     g.add_argument("--dataset_name", type=str, default=None,
