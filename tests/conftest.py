@@ -17,20 +17,27 @@ def pytest_configure(config):
     launch_synchronously("CPU")
 
 
-#: the test files that take longest (a minute or more of one core each in a full run on the 2-core machine), longest
-#: first: under ``make test``'s ``--dist loadfile --no-loadscope-reorder`` the workers take files in collection order,
-#: so these start first and the run ends on short files instead of one worker finishing a long one alone
-SLOWEST_FIRST = ("test_cpu_backend.py", "test_algorithms.py", "test_integration.py", "test_shapes_demo.py",
-                 "test_checkpointing.py", "test_lora_dropout.py", "test_train.py", "test_plugins.py",
-                 "test_train_features.py", "test_ui_browser.py", "test_distributed.py", "test_train_events.py",
-                 "test_interop_outputs.py", "test_train_data_features.py", "test_dora.py", "test_dreambooth.py",
-                 "test_flux_model_arch.py", "test_flux_model.py", "test_flux_ops.py")
+#: the test files (paths under tests/) that take longest (a minute or more of one core each in a full run on the
+#: 2-core machine), longest first: under ``make test``'s ``--dist loadfile --no-loadscope-reorder`` the workers take
+#: files in collection order, so these start first and the run ends on short files instead of one worker finishing a
+#: long one alone
+SLOWEST_FIRST = ("runtime/cpu/test_cpu_backend.py", "algorithms/test_algorithms.py", "scripts/test_integration.py",
+                 "demo/test_shapes_demo.py", "runtime/test_checkpointing.py", "algorithms/test_lora_dropout.py",
+                 "train/test_train.py", "test_plugins.py", "train/features/test_train_features.py",
+                 "ui/test_ui_browser.py", "train/test_distributed.py", "train/test_train_events.py",
+                 "compose/test_interop_outputs.py", "train/data/test_train_data_features.py", "algorithms/test_dora.py",
+                 "train/test_dreambooth.py", "architectures/flux/test_flux_model_arch.py",
+                 "architectures/flux/test_flux_model.py", "architectures/flux/test_flux_ops.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    def where(item) -> str:  # the file's path under tests/, with forward slashes
+        return os.path.relpath(str(item.path), HERE).replace(os.sep, "/")
+
+    items.sort(key=lambda item: rank.get(where(item), len(rank)))  # stable: each file keeps its own order
 
 
 @pytest.fixture(scope="session")

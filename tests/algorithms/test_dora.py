@@ -1,0 +1,293 @@
+"""DoRA on the built-in ``lora`` algorithm: maths (both norm axes), file layouts, reading, converting, inspecting.
+
+Numpy only (no MindSpore model): the MindSpore and torch sides are in ``test_interop_dora.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mindone_lora_plugin.cli import main
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.formats.diffusers import DiffusersFormat
+from mindone_lora_plugin.formats.kohya import KohyaFormat
+from mindone_lora_plugin.formats.reader import read_lora
+from mindone_lora_plugin.state import LoraModule, LoraState
+from tests.formats_helpers import random_state, tiny_sd1
+
+
+def _dora_state(axis: str, seed: int = 3) -> tuple[LoraState, dict]:
+    """A random SD1 LoRA whose linear modules carry a DoRA magnitude (``axis`` "out": [out]; "in": [1, in]), and
+    random base weights for them."""
+    base = tiny_sd1()
+    plain = random_state(base, np.random.default_rng(seed), conv=False)
+    rng = np.random.default_rng(seed + 1)
+    out, weights = LoraState(architecture="sd1", base_config=base.base_config), {}
+    for comp, path, mod in plain.modules():
+        shape = mod.base_shape()
+        if len(shape) != 2:
+            continue  # linear modules only (1x1 proj convs of SD1 are left out)
+        mag = rng.uniform(0.5, 2.0, shape[0] if axis == "out" else (1, shape[1])).astype(np.float32)
+        out.add(comp, path, LoraModule(algorithm="lora", alpha=mod.alpha, settings={"dora_axis": axis},
+                                       tensors={"down": mod.down, "up": mod.up, "magnitude": mag}))
+        weights[(comp, path)] = rng.standard_normal(shape)
+    return out, weights
+
+
+def _hand_dora(mod: LoraModule, w: np.ndarray, axis: str) -> np.ndarray:
+    """``m * (W + dW) / ||W + dW||`` written out: peft's row norm, or LyCORIS's ``wd_on_out=False`` column norm."""
+    v = w + (mod.up.astype(np.float64) @ mod.down.astype(np.float64)) * mod.alpha / mod.down.shape[0]
+    m = mod.tensors["magnitude"].astype(np.float64).reshape(-1)
+    if axis == "out":
+        return v * (m / np.sqrt((v ** 2).sum(axis=1)))[:, None]
+    return v * (m / np.sqrt((v ** 2).sum(axis=0)))[None, :]
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_dora_merged_weight_matches_the_formula_of_each_axis(axis):
+    state, weights = _dora_state(axis)
+    other = "in" if axis == "out" else "out"
+    for comp, path, mod in state.modules():
+        w = weights[(comp, path)]
+        assert mod.algo.needs_base_weight(mod) and mod.algo.label(mod) == "lora+dora"
+        got = mod.algo.merged_weight(mod, w)
+        np.testing.assert_allclose(got, _hand_dora(mod, w, axis), rtol=1e-12, atol=1e-12)
+        if w.shape[0] == w.shape[1]:  # the two axes really differ
+            assert np.abs(got - _hand_dora(mod, w, other)).max() > 1e-3
+    with pytest.raises(LoraError, match="depends on the base weight"):
+        mod.delta()
+
+
+def _file_tensors(path):
+    return load_file(path)
+
+
+def test_dora_files_hold_each_tools_layout_and_convert_exactly(tmp_path):
+    state, weights = _dora_state("out")
+    dpath = DiffusersFormat().write(state, str(tmp_path / "d"))
+    kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora")
+    d, k = _file_tensors(dpath), _file_tensors(kpath)
+    mags_d = {key: v for key, v in d.items() if key.endswith(".lora_magnitude_vector")}
+    mags_k = {key: v for key, v in k.items() if key.endswith(".dora_scale")}
+    assert len(mags_d) == len(mags_k) == len(state)
+    assert all(v.ndim == 1 for v in mags_d.values())  # peft: [out]
+    assert all(v.ndim == 2 and v.shape[1] == 1 for v in mags_k.values())  # LyCORIS wd_on_out: [out, 1]
+    from safetensors import safe_open
+
+    with safe_open(dpath, framework="numpy") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.use_dora"] is True and meta["text_encoder.use_dora"] is True
+    with safe_open(kpath, framework="numpy") as f:
+        args = json.loads(f.metadata()["ss_network_args"])
+    assert args["dora_wd"] == "True" and args["wd_on_out"] == "True"
+
+    # diffusers → kohya → diffusers through the CLI: the same merged weights, bit for bit
+    k2 = str(tmp_path / "k2.safetensors")
+    assert main(["convert", dpath, k2, "--to", "kohya"]) == 0
+    d2 = str(tmp_path / "d2")
+    assert main(["convert", k2, d2, "--to", "diffusers"]) == 0
+    for path in (dpath, kpath, k2, d2):
+        back = read_lora(path)
+        assert len(back) == len(state)
+        for comp, p, mod in state.modules():
+            got = back.components[comp][p]
+            assert got.settings == {"dora_axis": "out"}
+            assert np.array_equal(got.algo.merged_weight(got, weights[(comp, p)]),
+                                  mod.algo.merged_weight(mod, weights[(comp, p)])), (path, comp, p)
+
+
+def test_input_side_dora_stays_kohya(tmp_path, capsys):
+    state, weights = _dora_state("in")
+    kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora_in")
+    mags = [v for key, v in _file_tensors(kpath).items() if key.endswith(".dora_scale")]
+    assert mags and all(v.ndim == 2 and v.shape[0] == 1 for v in mags)  # LyCORIS wd_on_out=False: [1, in]
+    back = read_lora(kpath)
+    for comp, p, mod in state.modules():
+        got = back.components[comp][p]
+        assert got.settings == {"dora_axis": "in"}
+        np.testing.assert_array_equal(got.algo.merged_weight(got, weights[(comp, p)]),
+                                      mod.algo.merged_weight(mod, weights[(comp, p)]))
+    assert main(["convert", kpath, str(tmp_path / "d"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "input side" in err and "kohya" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "d" / "pytorch_lora_weights.safetensors")
+
+
+def test_dora_inspect_and_bad_magnitude(tmp_path, capsys):
+    state, _ = _dora_state("out")
+    path = KohyaFormat().write(state, str(tmp_path), output_name="dora")
+    assert main(["inspect", path]) == 0
+    assert "lora+dora" in capsys.readouterr().out
+    assert main(["inspect", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["components"]["unet"]["algorithms"] == {"lora+dora": len(state.components["unet"])}
+
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith(".dora_scale"))
+    tensors[key] = np.ones((3, 5), np.float32)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad)
+    assert main(["inspect", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DoRA magnitude" in err and "[3, 5]" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ MindSpore layers
+
+
+def test_dora_layers_match_the_merged_weight_and_refuse_convs(plugin_manager, tiny_sd1):
+    """``--lora_dora`` layers: W' = W at the start; with random tensors, the layer's outputs equal the numpy merge of
+    what it holds; convs are refused in one line."""
+    import mindspore as ms
+
+    from mindone_lora_plugin.compose import apply_loras
+    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.models import load_models, lora_layers
+    from mindone_lora_plugin.options import LoraOptions
+    from mindone_lora_plugin.runtime.process import setup
+
+    setup("CPU", "pynative", seed=0)
+    pm = plugin_manager
+    base = _outputs(load_models(tiny_sd1))
+    models = load_models(tiny_sd1)
+    options = LoraOptions(strategy="unet", rank=4, alpha=2, targets="attn", dora=True)
+    pm.add_adapters(models, options)
+    layers = [layer for _, layer in lora_layers(models["unet"])]
+    assert layers and all(type(layer).__name__ == "DoraLayer" for layer in layers)
+    start = _outputs(models)
+    assert max(float(np.abs(start[k] - base[k]).max()) for k in base) < 1e-5  # m = ||W||, up = 0
+    rng = np.random.default_rng(1)
+    for layer in layers:
+        for p in (layer.down, layer.up):
+            p.set_data(ms.Tensor((0.15 * rng.standard_normal(p.shape)).astype(np.float32)))
+        layer.magnitude.set_data(ms.Tensor((layer.magnitude.asnumpy() * rng.uniform(0.5, 1.5, layer.magnitude.shape))
+                                           .astype(np.float32)))
+    got = _outputs(models)
+    state = pm.get_strategy("unet").extract(models)
+    assert set(state.labels()) == {"lora+dora"} and len(state) == len(layers)
+    fresh = load_models(tiny_sd1)
+    apply_loras(fresh, [state])
+    want = _outputs(fresh)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4
+    assert max(float(np.abs(got[k] - base[k]).max()) for k in base) > 1e-2
+
+    with pytest.raises(LoraError, match=r"--lora_dora adapts Linear layers only.*conv") as err:
+        pm.add_adapters(load_models(tiny_sd1), LoraOptions(strategy="unet", targets="kohya-conv", dora=True))
+    assert "\n" not in str(err.value)
+
+
+def _train_args(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+            "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-2",
+            "--lr_warmup_steps", "0", "--seed", "5", "--report_to", "none", "--device_target", "CPU",
+            "--mode", "pynative", "--resolution", "32", "--lora_dora", "--lora_targets", "attn",
+            "--lora_alpha", "2", "--output_name", "d", "--checkpointing_steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def dora_run(tiny_sd1, tmp_path_factory):
+    """``mindone-lora train --lora_dora`` (PyNative, 2 steps, a checkpoint after each): the run and its data folder,
+    shared by the tests below."""
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
+    from mindone_lora_plugin.plugins import reset_plugin_manager
+    from tests.train_helpers import train
+
+    reset_plugin_manager()
+    tmp = tmp_path_factory.mktemp("dora-run")
+    data = make_shapes_dataset(str(tmp / "data"), size=32, repeats=1)
+    run = train(_train_args(tiny_sd1, data, str(tmp / "a")))
+    reset_plugin_manager()
+    return run, data, tmp
+
+
+@pytest.mark.slow
+def test_dora_trains_and_resumes_exactly(dora_run, tiny_sd1):
+    """Both files hold every magnitude, the metadata records DoRA, and a resume from step 1 ends with the very same
+    tensors (outputs of DoRA layers: the test above)."""
+    import shutil
+
+    from tests.train_helpers import train
+
+    straight, data, tmp = dora_run
+    shutil.copytree(tmp / "a" / "checkpoint-1", tmp / "b" / "checkpoint-1")
+    resumed = train(_train_args(tiny_sd1, data, str(tmp / "b"), "--resume_from_checkpoint", "latest"))
+    assert len(straight.files) == 2
+    for path in straight.files:
+        a = read_lora(path)
+        assert set(a.labels()) == {"lora+dora"} and len(a) > 10
+    a = read_lora(next(f for f in straight.files if f.endswith("pytorch_lora_weights.safetensors")))
+    b = read_lora(next(f for f in resumed.files if f.endswith("pytorch_lora_weights.safetensors")))
+    assert json.loads(a.metadata["mindone_lora.training_args"])["lora_dora"] is True
+    k = read_lora(next(f for f in straight.files if f.endswith("d.safetensors")))
+    assert json.loads(k.metadata["ss_network_args"])["dora_wd"] == "True"
+    moved = 0.0
+    for comp, p, m in a.modules():
+        for r, t in m.tensors.items():
+            np.testing.assert_array_equal(t, b.components[comp][p].tensors[r])
+        moved = max(moved, float(np.abs(m.up).max()))
+    assert moved > 0
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_merge_of_our_trained_dora_files_equals_diffusers_and_lycoris(dora_run, tiny_sd1, tmp_path):
+    """``mindone-lora merge`` of the run's diffusers file gives diffusers' own merge of it (``load_lora_weights`` +
+    ``fuse_lora``), and of its kohya file LyCORIS's forward of it, to 1e-4 (issue #25: the folder merge refused
+    every DoRA file)."""
+    pytest.importorskip("lycoris")
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    from mindone_lora_plugin import safetensors_io
+    from tests.compose.test_merge_dora import TOL, peft_reference, torch_pipeline, weights_of
+
+    straight, _, _ = dora_run
+    (dfile,) = [f for f in straight.files if f.endswith("pytorch_lora_weights.safetensors")]
+    (kfile,) = [f for f in straight.files if f.endswith("d.safetensors")]
+    base = weights_of(torch_pipeline("sd1", tiny_sd1))
+    refs = {dfile: peft_reference("sd1", tiny_sd1, dfile, 1.0)}
+    saved = (LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME)
+    LycorisNetworkKohya.apply_preset({"unet_target_module": ["Transformer2DModel"], "unet_target_name": []})
+    try:
+        pipe = torch_pipeline("sd1", tiny_sd1)
+        network, _ = create_network_from_weights(1.0, kfile, None, pipe.text_encoder, pipe.unet)
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = saved
+    assert len(network.unet_loras) == len(read_lora(kfile)) and all(m.wd for m in network.unet_loras)
+    network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    for m in network.unet_loras:
+        m.org_module[0]._lycoris = True
+    refs[kfile] = weights_of(pipe)
+    for path, ref in refs.items():
+        out = str(tmp_path / os.path.basename(path))
+        assert main(["merge", "--model", tiny_sd1, "--lora", path, "--out", out]) == 0
+        merged, _ = safetensors_io.load(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+        moved = 0.0
+        for (comp, key), want in ref.items():
+            if comp == "unet":
+                got = merged[key].astype(np.float64).reshape(want.shape)
+                assert float(np.abs(got - want).max()) <= TOL * max(1.0, float(np.abs(want).max())), (path, key)
+                moved = max(moved, float(np.abs(want - base[(comp, key)]).max()))
+        assert moved > 10 * TOL, f"training moved the weights by {moved:.1e} only; the check would be void"
+
+
+def test_lora_dora_flag_in_the_integration_api(plugin_manager):
+    import argparse
+
+    from mindone_lora_plugin.integration import FLAG_DESTS, LoraIntegration, add_lora_arguments
+
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    parser.add_argument("--rank", type=int, default=4)
+    lora = LoraIntegration.from_args(parser.parse_args(["--lora_dora"]), manager=plugin_manager)
+    options = lora.make_options("sd1")
+    assert options.dora and options.to_metadata()["dora"] == "True" and "lora_dora" in FLAG_DESTS
+    assert options.algorithm == "lora" and plugin_manager.get_algorithm("lora").settings_from(options) == {
+        "dora_axis": "out"}
+    assert not LoraIntegration.from_args(parser.parse_args([]), manager=plugin_manager).make_options("sd1").dora
+    with pytest.raises(LoraError, match="--lora_dora applies to --lora_algo lora, not loha"):
+        LoraIntegration.from_args(parser.parse_args(["--lora_dora", "--lora_algo", "loha"]), manager=plugin_manager)
