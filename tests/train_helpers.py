@@ -21,7 +21,7 @@ def load_back(model: str, files, strategy: str, trained_models):
     """Load each file into fresh models; return ``[(state, {output: max abs difference vs the trained models})]``."""
     import mindspore as ms
 
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
@@ -30,12 +30,12 @@ def load_back(model: str, files, strategy: str, trained_models):
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        ref = _outputs(trained_models)
+        ref = model_outputs(trained_models)
         found = []
         for path in files:
             fresh = load_models(model)
             state = pm.load_weights(fresh, LoraOptions(strategy=strategy), path)
-            got = _outputs(fresh)
+            got = model_outputs(fresh)
             found.append((state, {k: float(np.abs(got[k] - ref[k]).max()) for k in ref}))
         return found
     finally:
@@ -46,12 +46,12 @@ def base_outputs_differ(model: str, trained_models) -> float:
     """Max abs difference between the base model's UNet output and the trained one's (the LoRA is not a no-op)."""
     import mindspore as ms
 
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import load_models
 
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        return float(np.abs(_outputs(load_models(model))["unet"] - _outputs(trained_models)["unet"]).max())
+        return float(np.abs(model_outputs(load_models(model))["unet"] - model_outputs(trained_models)["unet"]).max())
     finally:
         ms.set_context(mode=mode)

@@ -146,20 +146,20 @@ def test_dora_layers_match_the_merged_weight_and_refuse_convs(plugin_manager, ti
     import mindspore as ms
 
     from mindone_lora_plugin.compose import apply_loras
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import load_models, lora_layers
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.runtime.process import setup
 
     setup("CPU", "pynative", seed=0)
     pm = plugin_manager
-    base = _outputs(load_models(tiny_sd1))
+    base = model_outputs(load_models(tiny_sd1))
     models = load_models(tiny_sd1)
     options = LoraOptions(strategy="unet", rank=4, alpha=2, targets="attn", dora=True)
     pm.add_adapters(models, options)
     layers = [layer for _, layer in lora_layers(models["unet"])]
     assert layers and all(type(layer).__name__ == "DoraLayer" for layer in layers)
-    start = _outputs(models)
+    start = model_outputs(models)
     assert max(float(np.abs(start[k] - base[k]).max()) for k in base) < 1e-5  # m = ||W||, up = 0
     rng = np.random.default_rng(1)
     for layer in layers:
@@ -167,12 +167,12 @@ def test_dora_layers_match_the_merged_weight_and_refuse_convs(plugin_manager, ti
             p.set_data(ms.Tensor((0.15 * rng.standard_normal(p.shape)).astype(np.float32)))
         layer.magnitude.set_data(ms.Tensor((layer.magnitude.asnumpy() * rng.uniform(0.5, 1.5, layer.magnitude.shape))
                                            .astype(np.float32)))
-    got = _outputs(models)
+    got = model_outputs(models)
     state = pm.get_strategy("unet").extract(models)
     assert set(state.labels()) == {"lora+dora"} and len(state) == len(layers)
     fresh = load_models(tiny_sd1)
     apply_loras(fresh, [state])
-    want = _outputs(fresh)
+    want = model_outputs(fresh)
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4
     assert max(float(np.abs(got[k] - base[k]).max()) for k in base) > 1e-2
 

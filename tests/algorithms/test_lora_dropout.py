@@ -134,7 +134,7 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
     module_dropout=1 is the base model in train mode; the saved files equal the no-dropout files key for key."""
     import mindspore as ms
 
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import load_models, lora_layers
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.runtime.process import setup
@@ -145,7 +145,7 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
     plain = LoraOptions(strategy="unet", rank=2, alpha=2, targets=targets, conv_rank=2)
     dropped = LoraOptions(strategy="unet", rank=2, alpha=2, targets=targets, conv_rank=2, extra=dict(RATES))
     models = load_models(tiny_sd1)
-    base = _outputs(models)
+    base = model_outputs(models)
     pm.add_adapters(models, dropped)
     layers = dict(lora_layers(models["unet"]))
     assert layers and {type(v).__name__ for v in layers.values()} == {"LoraLayer"}
@@ -162,8 +162,8 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
     pm.add_adapters(reference, plain)
     assert not any(type(v).__name__ == "LoraLayer" for _, v in lora_layers(reference["unet"]))
     strategy.apply(reference, state)
-    want = _outputs(reference)
-    got = _outputs(models)  # eval mode
+    want = model_outputs(reference)
+    got = model_outputs(models)  # eval mode
     np.testing.assert_allclose(got["unet"], want["unet"], rtol=1e-4, atol=1e-4)
     assert np.abs(got["unet"] - base["unet"]).max() > 1e-2
 
@@ -171,11 +171,11 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
     from mindone_lora_plugin.algorithms.layers import seed_dropout
 
     seed_dropout(0, 0)
-    train_out = _outputs(models)["unet"]
+    train_out = model_outputs(models)["unet"]
     assert np.abs(train_out - want["unet"]).max() > 1e-3  # dropout acts in train mode
     for layer in layers.values():
         layer.module_dropout = 1.0
-    np.testing.assert_allclose(_outputs(models)["unet"], base["unet"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model_outputs(models)["unet"], base["unet"], rtol=1e-5, atol=1e-5)
     models["unet"].set_train(False)
 
     written = {}

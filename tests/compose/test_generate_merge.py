@@ -302,7 +302,7 @@ def test_applied_merged_and_concatenated_agree(runtime, folders, loras, merged, 
     LoRA applied = the two applied (weights); merge_into_models = the merged folder (weights). That the LoRAs change
     the weights substantially is checked in test_merged_folder_weights_and_files."""
     from mindone_lora_plugin import safetensors_io
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import base_layer_of, load_models, lora_layers
 
     folder, lo = folders[arch], loras[arch]
@@ -317,10 +317,10 @@ def test_applied_merged_and_concatenated_agree(runtime, folders, loras, merged, 
         adapters = {n for _, layer in lora_layers(cell) for n in layer.active_adapters}
         expected = {n for n, s in zip(names, (lo["a"], lo["b"])) if comp in s.components}
         assert adapters == expected, comp
-    out_applied = _outputs(applied)
+    out_applied = model_outputs(applied)
 
     fused = load_models(merged[arch])
-    out_merged = _outputs(fused)
+    out_merged = model_outputs(fused)
     for k in out_applied:
         scale = max(1.0, float(np.abs(out_applied[k]).max()))
         np.testing.assert_allclose(out_merged[k], out_applied[k], rtol=0, atol=1e-4 * scale, err_msg=k)

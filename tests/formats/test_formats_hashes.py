@@ -75,8 +75,8 @@ def test_model_hash_ignores_non_ss_metadata_and_order():
 def test_save_with_sshs_writes_a_valid_file(tmp_path, monkeypatch, dtype, threaded):
     from mindone_lora_plugin.formats import hashes
 
-    monkeypatch.setattr(hashes, "_THREAD_BYTES", 0 if threaded else 1 << 40)
-    monkeypatch.setattr(hashes, "_BATCH_BYTES", 100_000)
+    monkeypatch.setattr(hashes, "THREAD_BYTES", 0 if threaded else 1 << 40)
+    monkeypatch.setattr(hashes, "BATCH_BYTES", 100_000)
     rng = np.random.default_rng(5)
     tensors = make_tensors(rng, 30, [np.float32], max_dim=400)
     meta = {"ss_output_name": "n", "ss_network_dim": "4", "modelspec.title": "t"}
@@ -119,9 +119,9 @@ def test_save_with_sshs_failure_leaves_nothing(tmp_path, monkeypatch):
 
     from mindone_lora_plugin.formats import hashes
 
-    monkeypatch.setattr(hashes, "_THREAD_BYTES", 0)
-    monkeypatch.setattr(hashes, "_BATCH_BYTES", 1)
-    real, calls = hashes._as_bytes, []
+    monkeypatch.setattr(hashes, "THREAD_BYTES", 0)
+    monkeypatch.setattr(hashes, "BATCH_BYTES", 1)
+    real, calls = hashes.as_bytes, []
 
     def flaky(arr):
         calls.append(1)
@@ -129,7 +129,7 @@ def test_save_with_sshs_failure_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(arr)
 
-    monkeypatch.setattr(hashes, "_as_bytes", flaky)
+    monkeypatch.setattr(hashes, "as_bytes", flaky)
     tensors = {f"t{i}": np.ones(1000, np.float32) for i in range(10)}
     with pytest.raises(Exception, match="No space left"):
         save_with_sshs(tensors, str(tmp_path / "f.safetensors"), {})

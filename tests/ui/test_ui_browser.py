@@ -348,11 +348,11 @@ def _stop_training(root) -> None:
     """Never leave a training process behind when the test fails half-way."""
     import json
 
-    from mindone_lora_plugin.ui.runs import _alive
+    from mindone_lora_plugin.ui.runs import pid_alive
 
     for top, _, names in os.walk(root):
         if "ui_run.json" in names:
             with open(os.path.join(top, "ui_run.json")) as f:
                 for launch in json.load(f).get("launches", []):
-                    if _alive(launch["pid"]):
+                    if pid_alive(launch["pid"]):
                         os.kill(launch["pid"], signal.SIGKILL)

@@ -402,10 +402,10 @@ def test_lycoris_module_on_a_fused_module_is_refused(tmp_path):
 
 
 def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
-    assert files._part_sizes(keys.bfl_parts("single_blocks_0_linear1"), LoraModule(rand(2, HIDDEN), rand(112, 2), 1.0),
+    assert files.part_sizes(keys.bfl_parts("single_blocks_0_linear1"), LoraModule(rand(2, HIDDEN), rand(112, 2), 1.0),
                              None) == [16, 16, 16, 64]
     with pytest.raises(LoraError, match="--base"):
-        files._part_sizes(keys.bfl_parts("double_blocks_0_img_attn_qkv"), LoraModule(rand(2, 16), rand(50, 2), 1.0),
+        files.part_sizes(keys.bfl_parts("double_blocks_0_img_attn_qkv"), LoraModule(rand(2, 16), rand(50, 2), 1.0),
                           None)
 
 

@@ -80,7 +80,7 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     # merge into a model folder: its transformer computes what the base model with the LoRA loaded computes
     import mindspore as ms
 
-    from mindone_lora_plugin.demo.training import _outputs
+    from mindone_lora_plugin.demo.training import model_outputs
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
     from mindone_lora_plugin.plugins import get_plugin_manager
@@ -91,8 +91,8 @@ def test_train_on_tiny_flux_writes_both_layouts(tiny_flux, tmp_path):
     with_lora = load_models(tiny_flux)
     get_plugin_manager().load_weights(with_lora, LoraOptions(strategy="flux", architecture="flux"),
                                       str(out / "out.safetensors"))
-    expected, base = _outputs(with_lora)["transformer"], _outputs(load_models(tiny_flux))["transformer"]
-    merged = _outputs(load_models(str(tmp_path / "merged")))["transformer"]
+    expected, base = model_outputs(with_lora)["transformer"], model_outputs(load_models(tiny_flux))["transformer"]
+    merged = model_outputs(load_models(str(tmp_path / "merged")))["transformer"]
     assert np.abs(expected - base).max() > 1e-4  # the LoRA changes the output
     np.testing.assert_allclose(merged, expected, atol=1e-5)
 

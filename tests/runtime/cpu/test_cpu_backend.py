@@ -374,7 +374,7 @@ def test_modules_imported_after_install_are_rebound(tmp_path, monkeypatch):
         "draw = Randn()\n"
         "gelu = functional_overload.__dict__['gelu']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(install, "_PACKAGES", install._PACKAGES + ("cpu_backend_probe_pkg",))
+    monkeypatch.setattr(install, "PACKAGES", install.PACKAGES + ("cpu_backend_probe_pkg",))
     import importlib
 
     late = importlib.import_module("cpu_backend_probe_pkg.late")

@@ -277,9 +277,9 @@ def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path
     path = tmp_path / "a.png"
     Image.fromarray(rgba, "RGBA").save(path)
     masks = MaskSource(None)
-    from mindone_lora_plugin.train.data.loader import _decode, prepare
+    from mindone_lora_plugin.train.data.loader import decode_image, prepare
 
-    ex = prepare(_decode(str(path), str(path), "stop"), 32, None, masks(str(path), str(path)))
+    ex = prepare(decode_image(str(path), str(path), "stop"), 32, None, masks(str(path), str(path)))
     ex.captions = ["x"]
     plan = BatchPlan([ex, ex], 2, 32, seed=0, center_crop=True, random_flip=True, masked=True)
     batch = plan.batch(0, 0)
