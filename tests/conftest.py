@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny SD1.x/SDXL model folders (built once per test session, from config, no hub)."""
+"""Shared fixtures: tiny SD1.x/SDXL model folders (built once per test session, from config, no hub), a fresh plugin
+manager, and ``training``: parse and run ``mindone-lora train``, load written files back."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
@@ -62,3 +65,89 @@ def plugin_manager():
     reset_plugin_manager()
     yield get_plugin_manager()
     reset_plugin_manager()
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+
+def parse(argv):
+    from mindone_lora_plugin.cli import COMMANDS, build_parser
+
+    return build_parser({"train": COMMANDS["train"]}).parse_args(["train"] + list(argv))
+
+
+def train(argv):
+    from mindone_lora_plugin.train.trainer import Trainer
+
+    return Trainer(parse(argv)).run()
+
+
+def load_back(model: str, files, strategy: str, trained_models):
+    """Load each file into fresh models; return ``[(state, {output: max abs difference vs the trained models})]``."""
+    import mindspore as ms
+
+    from mindone_lora_plugin.demo.training import model_outputs
+    from mindone_lora_plugin.models import load_models
+    from mindone_lora_plugin.options import LoraOptions
+    from mindone_lora_plugin.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        ref = model_outputs(trained_models)
+        found = []
+        for path in files:
+            fresh = load_models(model)
+            state = pm.load_weights(fresh, LoraOptions(strategy=strategy), path)
+            got = model_outputs(fresh)
+            found.append((state, {k: float(np.abs(got[k] - ref[k]).max()) for k in ref}))
+        return found
+    finally:
+        ms.set_context(mode=mode)
+
+
+def base_outputs_differ(model: str, trained_models) -> float:
+    """Max abs difference between the base model's UNet output and the trained one's (the LoRA is not a no-op)."""
+    import mindspore as ms
+
+    from mindone_lora_plugin.demo.training import model_outputs
+    from mindone_lora_plugin.models import load_models
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        return float(np.abs(model_outputs(load_models(model))["unet"] - model_outputs(trained_models)["unet"]).max())
+    finally:
+        ms.set_context(mode=mode)
+
+
+@pytest.fixture(scope="session")
+def training():
+    """``parse(argv)`` and ``train(argv)`` (``mindone-lora train``'s arguments, without the command: the namespace and
+    the finished run), ``load_back`` and ``base_outputs_differ`` (above)."""
+    return SimpleNamespace(parse=parse, train=train, load_back=load_back, base_outputs_differ=base_outputs_differ)
+
+
+def dora_train_args(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+            "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-2",
+            "--lr_warmup_steps", "0", "--seed", "5", "--report_to", "none", "--device_target", "CPU",
+            "--mode", "pynative", "--resolution", "32", "--lora_dora", "--lora_targets", "attn",
+            "--lora_alpha", "2", "--output_name", "d", "--checkpointing_steps", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def dora_run(tiny_sd1, tmp_path_factory):
+    """``mindone-lora train --lora_dora`` (PyNative, 2 steps, a checkpoint after each), shared by the DoRA training
+    test (algorithms/) and the DoRA merge test (compose/): the run, its data folder, the folder holding both, and the
+    arguments it ran with (a function of model, data, output folder and extra flags)."""
+    from mindone_lora_plugin.demo.training import make_shapes_dataset
+    from mindone_lora_plugin.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    tmp = tmp_path_factory.mktemp("dora-run")
+    data = make_shapes_dataset(str(tmp / "data"), size=32, repeats=1)
+    run = train(dora_train_args(tiny_sd1, data, str(tmp / "a")))
+    reset_plugin_manager()
+    return run, data, tmp, dora_train_args

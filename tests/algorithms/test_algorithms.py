@@ -220,9 +220,8 @@ def test_scaled_and_merge_to_lora(pm, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_train_refuses_a_format_that_cannot_hold_the_algorithm(pm, tiny_sd1, tmp_path):
-    from tests.train_helpers import train
-
+def test_train_refuses_a_format_that_cannot_hold_the_algorithm(pm, tiny_sd1, tmp_path, training):
+    train = training.train
     with pytest.raises(LoraError, match=r"the diffusers format cannot hold loha adapters; formats that can: kohya"):
         train(["--pretrained_model_name_or_path", tiny_sd1, "--train_data_dir", str(tmp_path), "--output_dir",
                str(tmp_path / "o"), "--lora_algo", "loha", "--save_formats", "diffusers,kohya"])
@@ -232,11 +231,12 @@ def test_train_refuses_a_format_that_cannot_hold_the_algorithm(pm, tiny_sd1, tmp
 
 
 @pytest.mark.slow
-def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path):
+def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path, training):
     """GRAPH_MODE LoKr training (attention targets): checkpoints hold the kohya file, a resume from
     step 1 ends with the very same weights as the straight run, and the file loads back to the same outputs."""
     from mindone_lora_plugin.demo.training import make_shapes_dataset
-    from tests.train_helpers import load_back, train
+
+    load_back, train = training.load_back, training.train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
 
@@ -267,12 +267,13 @@ def test_lokr_trains_in_graph_mode_and_resumes_exactly(pm, tiny_sd1, tmp_path):
 
 
 @pytest.mark.slow
-def test_loha_on_sdxl_trains_the_unet_and_both_text_encoders(pm, tiny_sdxl, tmp_path):
+def test_loha_on_sdxl_trains_the_unet_and_both_text_encoders(pm, tiny_sdxl, tmp_path, training):
     """SDXL with LoHa on the UNet and both text encoders: the kohya file holds LoHa for all three (SGM names,
     lora_te1_/lora_te2_ prefixes) and loads back into fresh models to the trained outputs."""
     from mindone_lora_plugin.demo.training import make_shapes_dataset
     from mindone_lora_plugin.safetensors_io import read_header
-    from tests.train_helpers import load_back, train
+
+    load_back, train = training.load_back, training.train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
     result = train(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", data, "--output_dir",

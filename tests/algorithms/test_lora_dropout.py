@@ -190,12 +190,13 @@ def test_dropout_layers_on_a_unet_eval_as_peft_and_save_no_trace(plugin_manager,
             np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
 
 
-def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
+def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout(training):
     """The flags go to the options (no refusal for plain lora); DoRA takes module_dropout only (a DoRA layer with
     module_dropout=1 is the base layer in train mode), refusing the others in one line before any model loads."""
     from mindone_lora_plugin.plugins import get_plugin_manager
     from mindone_lora_plugin.train.flags.settings import options_from_args
-    from tests.train_helpers import parse
+
+    parse = training.parse
 
     pm = get_plugin_manager()
     common = ["--pretrained_model_name_or_path", "m", "--output_dir", "o"]
@@ -229,13 +230,14 @@ def test_flags_reach_lora_and_dora_refuses_rank_and_network_dropout():
 
 
 @pytest.mark.slow
-def test_dropout_training_resumes_exactly_and_changes_training(tiny_sd1, tmp_path):
+def test_dropout_training_resumes_exactly_and_changes_training(tiny_sd1, tmp_path, training):
     """``train`` with the three dropouts (PyNative, 2 steps): a resume from step 1 repeats step 2's loss and
     tensors exactly; the same resume without dropout gives another loss and other tensors; the files hold the
     trained state and nothing else; the flags are recorded in the metadata."""
     from mindone_lora_plugin.demo.training import make_shapes_dataset
     from mindone_lora_plugin.formats.reader import read_lora
-    from tests.train_helpers import train
+
+    train = training.train
 
     data = make_shapes_dataset(str(tmp_path / "data"), size=32, repeats=1)
     drop = ["--network_dropout", "0.3", "--rank_dropout", "0.3", "--module_dropout", "0.1"]

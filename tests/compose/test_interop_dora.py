@@ -11,23 +11,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_runtime")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from tests.compose.test_interop_outputs import (  # noqa: E402,F401
-    STD,
-    assert_outputs_match,
-    mindone_outputs,
-    runtime,
-    torch_outputs,
-    torch_pipeline,
-)
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -46,7 +40,7 @@ def torch_dora_count(pipe, adapter: str) -> int:
                for comp in (pipe.unet, pipe.text_encoder) for m in comp.modules())
 
 
-def test_we_load_peft_dora_files_with_matching_outputs(tiny_sd1, tmp_path):
+def test_we_load_peft_dora_files_with_matching_outputs(tiny_sd1, tmp_path, interop):
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
@@ -55,8 +49,8 @@ def test_we_load_peft_dora_files_with_matching_outputs(tiny_sd1, tmp_path):
     from mindone_lora_plugin.formats.reader import read_lora
     from mindone_lora_plugin.models import load_models
 
-    pipe = torch_pipeline("sd1", tiny_sd1)
-    base = torch_outputs(pipe)
+    pipe = interop.torch_pipeline("sd1", tiny_sd1)
+    base = interop.torch_outputs(pipe)
     configs = {"unet": LoraConfig(r=4, lora_alpha=8, target_modules=UNET_ATTN, use_dora=True,
                                   rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 3}),
                "text_encoder": LoraConfig(r=4, lora_alpha=2, target_modules=TE_ATTN, use_dora=True)}
@@ -68,10 +62,10 @@ def test_we_load_peft_dora_files_with_matching_outputs(tiny_sd1, tmp_path):
             for m in comp.modules():
                 if isinstance(m, LoraLayer):
                     for w in (m.lora_A["default"].weight, m.lora_B["default"].weight):
-                        w.copy_(STD * torch.randn(w.shape, generator=gen))
+                        w.copy_(interop.STD * torch.randn(w.shape, generator=gen))
                     mag = m.lora_magnitude_vector["default"].weight
                     mag.mul_(0.5 + torch.rand(mag.shape, generator=gen))
-    want = torch_outputs(pipe)
+    want = interop.torch_outputs(pipe)
     theirs = torch_dora_count(pipe, "default")
     assert theirs == N_ATTN
     kwargs = {}
@@ -85,10 +79,10 @@ def test_we_load_peft_dora_files_with_matching_outputs(tiny_sd1, tmp_path):
     assert set(state.labels()) == {"lora+dora"}
     models = load_models(tiny_sd1)
     apply_loras(models, [state])
-    assert_outputs_match(mindone_outputs(models), want, base, "peft DoRA→ours")
+    interop.assert_outputs_match(interop.mindone_outputs(models), want, base, "peft DoRA→ours")
 
 
-def _our_dora_state(models, seed: int):
+def _our_dora_state(models, seed: int, interop):
     """A DoRA state on the attention Linears of the mindone models: random A/B, magnitudes near the base norms."""
     from mindone_lora_plugin.state import LoraModule, LoraState
 
@@ -101,32 +95,32 @@ def _our_dora_state(models, seed: int):
                 continue
             w = w.asnumpy().astype(np.float64)
             r = 4
-            down = (STD * rng.standard_normal((r, w.shape[1]))).astype(np.float32)
-            up = (STD * rng.standard_normal((w.shape[0], r))).astype(np.float32)
+            down = (interop.STD * rng.standard_normal((r, w.shape[1]))).astype(np.float32)
+            up = (interop.STD * rng.standard_normal((w.shape[0], r))).astype(np.float32)
             mag = (np.linalg.norm(w, axis=1) * rng.uniform(0.5, 1.5, w.shape[0])).astype(np.float32)
             state.add(comp, path, LoraModule(algorithm="lora", alpha=2.0, settings={"dora_axis": "out"},
                                              tensors={"down": down, "up": up, "magnitude": mag}))
     return state
 
 
-def test_diffusers_and_lycoris_load_our_dora_files_with_matching_outputs(tiny_sd1, tmp_path):
+def test_diffusers_and_lycoris_load_our_dora_files_with_matching_outputs(tiny_sd1, tmp_path, interop):
     from mindone_lora_plugin.compose import apply_loras
     from mindone_lora_plugin.formats.diffusers import DiffusersFormat
     from mindone_lora_plugin.formats.kohya import KohyaFormat
     from mindone_lora_plugin.models import load_models
 
     models = load_models(tiny_sd1)
-    state = _our_dora_state(models, seed=9)
+    state = _our_dora_state(models, seed=9, interop=interop)
     assert len(state) == N_ATTN
     apply_loras(models, [state])
-    want = mindone_outputs(models)
+    want = interop.mindone_outputs(models)
 
     DiffusersFormat().write(state, str(tmp_path / "d"))
-    pipe = torch_pipeline("sd1", tiny_sd1)
-    base = torch_outputs(pipe)
+    pipe = interop.torch_pipeline("sd1", tiny_sd1)
+    base = interop.torch_outputs(pipe)
     pipe.load_lora_weights(str(tmp_path / "d"), weight_name="pytorch_lora_weights.safetensors", adapter_name="ours")
     assert torch_dora_count(pipe, "ours") == len(state), "not every DoRA magnitude was injected"
-    assert_outputs_match(torch_outputs(pipe), want, base, "ours→diffusers DoRA")
+    interop.assert_outputs_match(interop.torch_outputs(pipe), want, base, "ours→diffusers DoRA")
 
     lycoris = pytest.importorskip("lycoris")
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
@@ -135,7 +129,7 @@ def test_diffusers_and_lycoris_load_our_dora_files_with_matching_outputs(tiny_sd
     saved = (LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME)
     LycorisNetworkKohya.apply_preset({"unet_target_module": ["Transformer2DModel"], "unet_target_name": []})
     try:
-        pipe = torch_pipeline("sd1", tiny_sd1)
+        pipe = interop.torch_pipeline("sd1", tiny_sd1)
         network, _ = create_network_from_weights(1.0, kpath, None, pipe.text_encoder, pipe.unet)
     finally:
         LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = saved
@@ -144,4 +138,49 @@ def test_diffusers_and_lycoris_load_our_dora_files_with_matching_outputs(tiny_sd
     assert all(getattr(m, "wd", False) for m in loras), "LyCORIS dropped a dora_scale"
     network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
     assert lycoris is not None
-    assert_outputs_match(torch_outputs(pipe), want, base, "ours→LyCORIS DoRA")
+    interop.assert_outputs_match(interop.torch_outputs(pipe), want, base, "ours→LyCORIS DoRA")
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_merge_of_our_trained_dora_files_equals_diffusers_and_lycoris(dora_run, tiny_sd1, tmp_path, interop):
+    """``mindone-lora merge`` of the run's diffusers file gives diffusers' own merge of it (``load_lora_weights`` +
+    ``fuse_lora``), and of its kohya file LyCORIS's forward of it, to 1e-4 (issue #25: the folder merge refused
+    every DoRA file)."""
+    pytest.importorskip("lycoris")
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    from mindone_lora_plugin import safetensors_io
+    from mindone_lora_plugin.cli import main
+    from mindone_lora_plugin.formats.reader import read_lora
+
+    straight = dora_run[0]
+    TOL, peft_reference, weights_of = interop.TOL, interop.peft_reference, interop.weights_of
+    torch_pipeline = interop.torch_pipeline
+    (dfile,) = [f for f in straight.files if f.endswith("pytorch_lora_weights.safetensors")]
+    (kfile,) = [f for f in straight.files if f.endswith("d.safetensors")]
+    base = weights_of(torch_pipeline("sd1", tiny_sd1))
+    refs = {dfile: peft_reference("sd1", tiny_sd1, dfile, 1.0)}
+    saved = (LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME)
+    LycorisNetworkKohya.apply_preset({"unet_target_module": ["Transformer2DModel"], "unet_target_name": []})
+    try:
+        pipe = torch_pipeline("sd1", tiny_sd1)
+        network, _ = create_network_from_weights(1.0, kfile, None, pipe.text_encoder, pipe.unet)
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = saved
+    assert len(network.unet_loras) == len(read_lora(kfile)) and all(m.wd for m in network.unet_loras)
+    network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    for m in network.unet_loras:
+        m.org_module[0]._lycoris = True
+    refs[kfile] = weights_of(pipe)
+    for path, ref in refs.items():
+        out = str(tmp_path / os.path.basename(path))
+        assert main(["merge", "--model", tiny_sd1, "--lora", path, "--out", out]) == 0
+        merged, _ = safetensors_io.load(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+        moved = 0.0
+        for (comp, key), want in ref.items():
+            if comp == "unet":
+                got = merged[key].astype(np.float64).reshape(want.shape)
+                assert float(np.abs(got - want).max()) <= TOL * max(1.0, float(np.abs(want).max())), (path, key)
+                moved = max(moved, float(np.abs(want - base[(comp, key)]).max()))
+        assert moved > 10 * TOL, f"training moved the weights by {moved:.1e} only; the check would be void"

@@ -14,20 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_runtime")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris")
 
-from tests.compose.test_interop_outputs import (  # noqa: E402,F401
-    STD,
-    assert_outputs_match,
-    mindone_outputs,
-    runtime,
-    torch_outputs,
-    torch_pipeline,
-)
 
 ALGOS = ("loha", "lokr")
 TARGET_CLASSES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
@@ -59,7 +51,7 @@ def file_modules(path: str) -> int:
         return len({k.split(".", 1)[0] for k in f.keys()})
 
 
-def randomize(models, seed: int) -> None:
+def randomize(models, seed: int, interop) -> None:
     import mindspore as ms
 
     from mindone_lora_plugin.models import lora_layers
@@ -69,11 +61,11 @@ def randomize(models, seed: int) -> None:
     for cell in models.values():
         for _, layer in lora_layers(cell):
             for p in algorithm_of_layer(layer).layer_parameters(layer).values():
-                p.set_data(ms.Tensor((STD * rng.standard_normal(p.shape)).astype(np.float32)))
+                p.set_data(ms.Tensor((interop.STD * rng.standard_normal(p.shape)).astype(np.float32)))
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_lycoris_loads_our_files_with_matching_outputs(tiny_sd1, tmp_path, pm, kohya_targets, algo):
+def test_lycoris_loads_our_files_with_matching_outputs(tiny_sd1, tmp_path, pm, kohya_targets, algo, interop):
     from lycoris.kohya import create_network_from_weights
 
     from mindone_lora_plugin.models import load_models, lora_layers
@@ -84,30 +76,30 @@ def test_lycoris_loads_our_files_with_matching_outputs(tiny_sd1, tmp_path, pm, k
     models = load_models(tiny_sd1)
     pm.add_adapters(models, options)
     ours = sum(1 for cell in models.values() for _ in lora_layers(cell))
-    randomize(models, seed=len(algo))
-    want = mindone_outputs(models)
+    randomize(models, seed=len(algo), interop=interop)
+    want = interop.mindone_outputs(models)
     (path,) = pm.save_weights(models, options, str(tmp_path), ["kohya"], f"ours-{algo}")
     assert file_modules(path) == ours
 
-    pipe = torch_pipeline("sd1", tiny_sd1)
-    base = torch_outputs(pipe)
+    pipe = interop.torch_pipeline("sd1", tiny_sd1)
+    base = interop.torch_outputs(pipe)
     network, _ = create_network_from_weights(1.0, path, None, pipe.text_encoder, pipe.unet)
     matched = len(network.unet_loras) + len(network.text_encoder_loras)
     assert matched == ours, f"LyCORIS built {matched} of the file's {ours} modules"
     assert {type(m).__name__ for m in network.unet_loras} == {"LohaModule" if algo == "loha" else "LokrModule"}
     network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
-    assert_outputs_match(torch_outputs(pipe), want, base, f"ours→LyCORIS {algo}")
+    interop.assert_outputs_match(interop.torch_outputs(pipe), want, base, f"ours→LyCORIS {algo}")
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_we_load_lycoris_files_with_matching_outputs(tiny_sd1, tmp_path, pm, kohya_targets, algo):
+def test_we_load_lycoris_files_with_matching_outputs(tiny_sd1, tmp_path, pm, kohya_targets, algo, interop):
     from lycoris.kohya import create_network
 
     from mindone_lora_plugin.models import load_models, lora_layers
     from mindone_lora_plugin.options import LoraOptions
 
-    pipe = torch_pipeline("sd1", tiny_sd1)
-    base = torch_outputs(pipe)
+    pipe = interop.torch_pipeline("sd1", tiny_sd1)
+    base = interop.torch_outputs(pipe)
     preset = tmp_path / "kohya.toml"  # kohya's target classes (see kohya_targets)
     preset.write_text(f"enable_conv = true\nunet_target_module = {TARGET_CLASSES!r}\nunet_target_name = []\n"
                       "text_encoder_target_module = ['CLIPAttention', 'CLIPMLP']\ntext_encoder_target_name = []\n")
@@ -117,8 +109,8 @@ def test_we_load_lycoris_files_with_matching_outputs(tiny_sd1, tmp_path, pm, koh
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, p in network.named_parameters():
-            p.copy_(STD * torch.randn(p.shape, generator=gen))
-    want = torch_outputs(pipe)
+            p.copy_(interop.STD * torch.randn(p.shape, generator=gen))
+    want = interop.torch_outputs(pipe)
     path = str(tmp_path / f"theirs-{algo}.safetensors")
     network.save_weights(path, torch.float32, {})
     theirs = len(network.unet_loras) + len(network.text_encoder_loras)
@@ -128,4 +120,4 @@ def test_we_load_lycoris_files_with_matching_outputs(tiny_sd1, tmp_path, pm, koh
     state = pm.load_weights(models, LoraOptions(strategy="unet", algorithm=algo), path)
     assert set(state.algorithms()) == {algo}
     assert sum(1 for cell in models.values() for _ in lora_layers(cell)) == theirs == len(state)
-    assert_outputs_match(mindone_outputs(models), want, base, f"LyCORIS→ours {algo}")
+    interop.assert_outputs_match(interop.mindone_outputs(models), want, base, f"LyCORIS→ours {algo}")

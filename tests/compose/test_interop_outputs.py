@@ -32,7 +32,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_runtime")]
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -40,12 +40,6 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("mindspore")
 
-TOL = 1e-4
-MOVES = 100 * TOL  # how far each output must move when the LoRA is loaded
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-IDS = [[0, 5, 9, 12, 20, 33, 47, 1]]  # bos … eos (the pooled/projected output reads the eos position)
-TIME_IDS = [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
-STD = 0.15  # of the random LoRA weights: outputs move by O(0.1–1), not by orders of magnitude
 
 # kohya prefixes of the components (SD1's lora_te and SDXL's lora_te1 are both ``text_encoder``)
 KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -61,22 +55,6 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # ------------------------------------------------------------------------------------------------ set-up and inputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    from diffusers.utils import logging as hf_logging
-
-    from mindone_lora_plugin.runtime.process import setup
-
-    setup("CPU", "pynative", seed=0)
-    torch.manual_seed(0)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(verbosity)
-    hf_logging.enable_progress_bar()
-
-
 @pytest.fixture
 def pm(plugin_manager):
     return plugin_manager
@@ -84,71 +62,6 @@ def pm(plugin_manager):
 
 def tiny(request, arch: str) -> str:
     return request.getfixturevalue(f"tiny_{arch}")
-
-
-def unet_inputs(cfg) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(123)
-    size = cfg["sample_size"]
-    out = {"sample": rng.standard_normal((1, cfg["in_channels"], size, size)).astype(np.float32),
-           "encoder_hidden_states": rng.standard_normal((1, 8, cfg["cross_attention_dim"])).astype(np.float32)}
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        out["text_embeds"] = rng.standard_normal((1, pooled)).astype(np.float32)
-        out["time_ids"] = np.asarray(TIME_IDS, np.float32)
-    return out
-
-
-def mindone_outputs(models) -> dict[str, np.ndarray]:
-    import mindspore as ms
-
-    out = {}
-    ids = ms.Tensor(np.asarray(IDS, np.int32))
-    for comp in TEXT_ENCODERS:
-        if comp in models:
-            res = models[comp](ids, output_hidden_states=True, return_dict=False)  # mindone's CLIP returns tuples
-            out[f"{comp}.first"] = res[0].asnumpy()
-            out[f"{comp}.hidden_states"] = np.stack([h.asnumpy() for h in res[-1]])
-    unet = models["unet"]
-    x = unet_inputs(dict(unet.config))
-    kw = {}
-    if "text_embeds" in x:
-        kw["added_cond_kwargs"] = {"text_embeds": ms.Tensor(x["text_embeds"]), "time_ids": ms.Tensor(x["time_ids"])}
-    out["unet"] = unet(ms.Tensor(x["sample"]), ms.Tensor([500], ms.int32),
-                       encoder_hidden_states=ms.Tensor(x["encoder_hidden_states"]), return_dict=False,
-                       **kw)[0].asnumpy()
-    return out
-
-
-def torch_components(pipe) -> dict:
-    return {c: getattr(pipe, c) for c in ("unet",) + TEXT_ENCODERS if getattr(pipe, c, None) is not None}
-
-
-@torch.no_grad()
-def torch_outputs(pipe) -> dict[str, np.ndarray]:
-    out = {}
-    comps = torch_components(pipe)
-    ids = torch.tensor(IDS, dtype=torch.long)
-    for comp in TEXT_ENCODERS:
-        if comp in comps:
-            res = comps[comp](ids, output_hidden_states=True, return_dict=True)
-            first = res.text_embeds if comp == "text_encoder_2" else res.last_hidden_state
-            out[f"{comp}.first"] = first.numpy()
-            out[f"{comp}.hidden_states"] = np.stack([h.numpy() for h in res.hidden_states])
-    unet = comps["unet"]
-    x = {k: torch.from_numpy(v) for k, v in unet_inputs(dict(unet.config)).items()}
-    kw = {}
-    if "text_embeds" in x:
-        kw["added_cond_kwargs"] = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}
-    out["unet"] = unet(x["sample"], torch.tensor([500]), encoder_hidden_states=x["encoder_hidden_states"],
-                       return_dict=False, **kw)[0].numpy()
-    return out
-
-
-def torch_pipeline(arch: str, folder: str):
-    if arch == "sdxl":
-        return diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
-    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                            requires_safety_checker=False)
 
 
 # ------------------------------------------------------------------------------------------------ counting and checks
@@ -173,10 +86,10 @@ def file_module_counts(path: str) -> Counter:
     return counts
 
 
-def torch_lora_counts(pipe, adapter: str) -> Counter:
+def torch_lora_counts(pipe, adapter: str, interop) -> Counter:
     from peft.tuners.lora import LoraLayer
 
-    return Counter({c: n for c, m in torch_components(pipe).items()
+    return Counter({c: n for c, m in interop.torch_components(pipe).items()
                     if (n := sum(isinstance(s, LoraLayer) and adapter in s.lora_A for s in m.modules()))})
 
 
@@ -187,24 +100,10 @@ def mindone_lora_counts(models) -> Counter:
                     if (n := sum(ADAPTER in layer.lora_A for _, layer in lora_layers(cell)))})
 
 
-def assert_outputs_match(got: dict, want: dict, base: dict, what: str) -> dict[str, float]:
-    assert set(got) == set(want), (sorted(got), sorted(want))
-    diffs = {}
-    for key in sorted(want):
-        assert got[key].shape == want[key].shape, (what, key, got[key].shape, want[key].shape)
-        diffs[key] = float(np.abs(got[key] - want[key]).max())
-        moved = float(np.abs(want[key] - base[key]).max())
-        assert moved > MOVES, f"{what}: the LoRA does not change {key} (moved {moved:.2e}); the check is void"
-    bad = {k: d for k, d in diffs.items() if not d <= TOL}
-    assert not bad, f"{what}: outputs differ by more than {TOL}: {bad}"
-    print(f"{what}: max abs differences {', '.join(f'{k} {d:.1e}' for k, d in diffs.items())}")
-    return diffs
-
-
 # ------------------------------------------------------------------------------------------------ ours → diffusers
 
 
-def randomize_mindone_lora(models, seed: int) -> None:
+def randomize_mindone_lora(models, seed: int, interop) -> None:
     """Random non-zero A and B for every LoRA layer (B starts at zero, which would hide any scale error)."""
     import mindspore as ms
 
@@ -214,12 +113,12 @@ def randomize_mindone_lora(models, seed: int) -> None:
     for comp in models:
         for _, layer in lora_layers(models[comp]):
             for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
-                w.set_data(ms.Tensor((STD * rng.standard_normal(w.shape)).astype(np.float32)))
+                w.set_data(ms.Tensor((interop.STD * rng.standard_normal(w.shape)).astype(np.float32)))
 
 
 @pytest.mark.parametrize("preset", ["attn", "kohya", "kohya-conv"])
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_diffusers_loads_our_files_with_matching_outputs(request, tmp_path, pm, arch, preset):
+def test_diffusers_loads_our_files_with_matching_outputs(request, tmp_path, pm, arch, preset, interop):
     from mindone_lora_plugin.models import load_models
     from mindone_lora_plugin.options import LoraOptions
 
@@ -229,26 +128,26 @@ def test_diffusers_loads_our_files_with_matching_outputs(request, tmp_path, pm, 
     models = load_models(folder)
     pm.add_adapters(models, options)
     ours = mindone_lora_counts(models)
-    assert set(ours) == {"unet", *(c for c in TEXT_ENCODERS if c in models)}, ours
-    randomize_mindone_lora(models, seed=len(preset))
-    want = mindone_outputs(models)
+    assert set(ours) == {"unet", *(c for c in interop.TEXT_ENCODERS if c in models)}, ours
+    randomize_mindone_lora(models, seed=len(preset), interop=interop)
+    want = interop.mindone_outputs(models)
     files = pm.save_weights(models, options, str(tmp_path), ["diffusers", "kohya"], f"ours-{arch}-{preset}")
     assert len(files) == 2
 
     for path in files:
         what = f"{arch}/{preset}/{os.path.basename(path)}"
         assert file_module_counts(path) == ours, what
-        pipe = torch_pipeline(arch, folder)
-        base = torch_outputs(pipe)
+        pipe = interop.torch_pipeline(arch, folder)
+        base = interop.torch_outputs(pipe)
         pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name="ours")
-        assert torch_lora_counts(pipe, "ours") == ours, f"{what}: not every LoRA pair was injected"
-        assert_outputs_match(torch_outputs(pipe), want, base, what)
+        assert torch_lora_counts(pipe, "ours", interop) == ours, f"{what}: not every LoRA pair was injected"
+        interop.assert_outputs_match(interop.torch_outputs(pipe), want, base, what)
 
 
 # ------------------------------------------------------------------------------------------------ diffusers → ours
 
 
-def add_peft_adapters(pipe, classic: bool) -> dict:
+def add_peft_adapters(pipe, classic: bool, interop) -> dict:
     """peft adapters on every component (random weights); return the LoraConfig per component."""
     from peft import LoraConfig
 
@@ -261,7 +160,7 @@ def add_peft_adapters(pipe, classic: bool) -> dict:
                    "te": LoraConfig(r=4, lora_alpha=2, target_modules=TE_TARGETS,
                                     rank_pattern={"fc1": 2}, alpha_pattern={"q_proj": 6})}
     out = {}
-    for comp, model in torch_components(pipe).items():
+    for comp, model in interop.torch_components(pipe).items():
         config = configs["unet" if comp == "unet" else "te"]
         if comp == "unet":
             model.add_adapter(config)
@@ -272,17 +171,17 @@ def add_peft_adapters(pipe, classic: bool) -> dict:
     from peft.tuners.lora import LoraLayer
 
     with torch.no_grad():
-        for model in torch_components(pipe).values():
+        for model in interop.torch_components(pipe).values():
             for m in model.modules():
                 if isinstance(m, LoraLayer):
                     for w in (m.lora_A["default"].weight, m.lora_B["default"].weight):
-                        w.copy_(STD * torch.randn(w.shape, generator=gen))
+                        w.copy_(interop.STD * torch.randn(w.shape, generator=gen))
     return out
 
 
 @pytest.mark.parametrize("classic", [False, True], ids=["peft-with-metadata", "classic-no-metadata"])
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_we_load_diffusers_files_with_matching_outputs(request, tmp_path, pm, arch, classic):
+def test_we_load_diffusers_files_with_matching_outputs(request, tmp_path, pm, arch, classic, interop):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -290,13 +189,13 @@ def test_we_load_diffusers_files_with_matching_outputs(request, tmp_path, pm, ar
     from mindone_lora_plugin.options import LoraOptions
 
     folder = tiny(request, arch)
-    pipe = torch_pipeline(arch, folder)
-    base = torch_outputs(pipe)
-    configs = add_peft_adapters(pipe, classic)
-    want = torch_outputs(pipe)
-    theirs = torch_lora_counts(pipe, "default")
+    pipe = interop.torch_pipeline(arch, folder)
+    base = interop.torch_outputs(pipe)
+    configs = add_peft_adapters(pipe, classic, interop)
+    want = interop.torch_outputs(pipe)
+    theirs = torch_lora_counts(pipe, "default", interop)
     kwargs = {}
-    for comp, model in torch_components(pipe).items():
+    for comp, model in interop.torch_components(pipe).items():
         layers = get_peft_model_state_dict(model)
         kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(layers) if classic else layers
         if not classic:
@@ -316,4 +215,4 @@ def test_we_load_diffusers_files_with_matching_outputs(request, tmp_path, pm, ar
     models = load_models(folder)
     pm.load_weights(models, LoraOptions(strategy="sdxl" if arch == "sdxl" else "unet"), path)
     assert mindone_lora_counts(models) == theirs, f"{what}: not every LoRA pair was injected"
-    assert_outputs_match(mindone_outputs(models), want, base, what)
+    interop.assert_outputs_match(interop.mindone_outputs(models), want, base, what)

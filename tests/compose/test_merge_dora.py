@@ -16,7 +16,7 @@ All five are merged at once by the CLI; every UNet/text-encoder weight must equa
 files' reference weights to 1e-4 (each file's change taken from the base model's own weight, as LyCORIS's and peft's
 forwards do with several adapters), and every other tensor must be unchanged. ``merge --to-lora --rank N`` of a DoRA
 file reports the SVD error of the reference change. This package's own ``train --lora_dora`` files are checked in
-``test_dora.py`` next to the training run they come from.
+``test_interop_dora.py``, from the DoRA training run in the tests' ``conftest.py``.
 
 The existing merge tests built their LoRAs from plain LoRA only, and the DoRA tests used DoRA on live models
 (``apply_loras``/``merge_into_models``, which read the base weights from the models), so no test ever sent a DoRA
@@ -31,7 +31,7 @@ import re
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_runtime")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -39,7 +39,6 @@ pytest.importorskip("peft")
 pytest.importorskip("lycoris")
 
 from mindone_lora_plugin.cli import main  # noqa: E402
-from tests.compose.test_interop_outputs import STD, runtime, torch_components, torch_pipeline  # noqa: E402,F401
 
 TOL = 1e-4
 UNET_DORA = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -77,7 +76,7 @@ def text_encoders(pipe):
     return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
 
 
-def peft_file(pipe, out: str, dora: bool, seed: int) -> str:
+def peft_file(pipe, out: str, dora: bool, seed: int, interop) -> str:
     """A diffusers LoRA file made by peft on ``pipe``: DoRA on the attention Linears, or plain LoRA on a mix of
     Linears and convs; random A/B (and magnitudes around the base norms)."""
     from peft import LoraConfig
@@ -101,7 +100,7 @@ def peft_file(pipe, out: str, dora: bool, seed: int) -> str:
             for m in model.modules():
                 if isinstance(m, LoraLayer):
                     for w in (m.lora_A["default"].weight, m.lora_B["default"].weight):
-                        w.copy_(STD * torch.randn(w.shape, generator=gen))
+                        w.copy_(interop.STD * torch.randn(w.shape, generator=gen))
                     if dora:
                         mag = m.lora_magnitude_vector["default"].weight
                         mag.mul_(0.5 + torch.rand(mag.shape, generator=gen))
@@ -111,13 +110,16 @@ def peft_file(pipe, out: str, dora: bool, seed: int) -> str:
     return out
 
 
-def lycoris_file(pipe, out: str, seed: int, preset: str, multiplier: float = 1.0, std: float = STD, **kwargs):
+def lycoris_file(pipe, out: str, seed: int, preset: str, interop, multiplier: float = 1.0, std: float | None = None,
+                 **kwargs):
     """A kohya file made by LyCORIS's kohya network on ``pipe`` (``kwargs``: ``algo``, ``dora_wd``, ...; random
     factors, DoRA scales around LyCORIS's own initial ones), and the weights LyCORIS's forward gives at
     ``multiplier``: that network's, as applied to ``pipe`` (LyCORIS cannot reload an input-side ``dora_scale``:
-    ``make_module_from_state_dict`` builds every DoRA module on the output side)."""
+    ``make_module_from_state_dict`` builds every DoRA module on the output side); ``std``: the factors' (default:
+    the folder's ``STD``)."""
     from lycoris.kohya import create_network
 
+    std = interop.STD if std is None else std
     tes = text_encoders(pipe)
     te = tes if len(tes) > 1 else tes[0]
     network = create_network(multiplier, 4, 2.0, None, te, pipe.unet, preset=preset, **kwargs)
@@ -131,74 +133,34 @@ def lycoris_file(pipe, out: str, seed: int, preset: str, multiplier: float = 1.0
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     network.save_weights(out, torch.float32, {})
     loras = list(network.unet_loras) + list(network.text_encoder_loras)
-    assert len(loras) == file_modules(out)
+    assert len(loras) == interop.file_modules(out)
     for lo in loras:
         assert isinstance(lo.org_module[0], torch.nn.Linear)
         lo.org_module[0]._lycoris = True
-    return out, weights_of(pipe)
-
-
-def file_modules(path: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return len({re.sub(r"\.(lora_[AB]|lora_down|lora_up|hada_w[12]_[ab]|alpha|dora_scale|lora_magnitude_vector)"
-                           r"(\.weight)?$", "", k) for k in f.keys()})
-
-
-@torch.no_grad()
-def weights_of(pipe) -> dict[tuple[str, str], np.ndarray]:
-    """``(component, tensor name) → weight`` of every Linear and Conv2d as the torch models compute with it: peft's
-    fused base weights under their plain names; for a Linear LyCORIS wraps, its forward on the identity."""
-    out = {}
-    for comp, model in torch_components(pipe).items():
-        for name, m in model.named_modules():
-            if "lora_" in name or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            name = name.replace(".base_layer", "")
-            if isinstance(m, torch.nn.Linear) and hasattr(m, "_lycoris"):
-                y = m(torch.eye(m.in_features, dtype=m.weight.dtype))
-                w = (y - (m.bias if m.bias is not None else 0)).T
-            else:
-                w = m.weight
-            out[(comp, name + ".weight")] = w.double().numpy()
-    return out
-
-
-def peft_reference(arch: str, folder: str, path: str, scale: float):
-    """diffusers' own merge of a diffusers LoRA file: ``load_lora_weights`` + ``fuse_lora(lora_scale=scale)``."""
-    from peft.tuners.lora import LoraLayer
-
-    pipe = torch_pipeline(arch, folder)
-    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name="x")
-    loaded = sum(isinstance(m, LoraLayer) and "x" in m.lora_A for c in torch_components(pipe).values()
-                 for m in c.modules())
-    assert loaded == file_modules(path), f"diffusers loaded {loaded} of the file's {file_modules(path)} modules"
-    pipe.fuse_lora(components=list(torch_components(pipe)), lora_scale=scale, adapter_names=["x"])
-    return weights_of(pipe)
-
+    return out, interop.weights_of(pipe)
 
 
 # ------------------------------------------------------------------------------------------------ the files, merged
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
-def case(request, tmp_path_factory, lycoris_preset):
+def case(request, tmp_path_factory, lycoris_preset, interop):
     """Per architecture: the five files, each file's reference weights, and the folder the CLI merged them into."""
     arch = request.param
     folder = request.getfixturevalue(f"tiny_{arch}")
     d = tmp_path_factory.mktemp(f"dora-merge-{arch}")
     files, refs = {}, {}  # name → (path, weight); name → reference weights
     for name, dora, seed, weight in (("peft_dora", True, 1, 1.0), ("peft_plain", False, 4, PLAIN_WEIGHT)):
-        files[name] = (peft_file(torch_pipeline(arch, folder), str(d / f"{name}.safetensors"), dora, seed), weight)
-        refs[name] = peft_reference(arch, folder, files[name][0], weight)
+        path = peft_file(interop.torch_pipeline(arch, folder), str(d / f"{name}.safetensors"), dora, seed, interop)
+        files[name] = (path, weight)
+        refs[name] = interop.peft_reference(arch, folder, files[name][0], weight)
     for name, seed, weight, kwargs in (("lycoris_dora_out", 2, 1.0, {"dora_wd": True, "wd_on_output": True}),
                                        ("lycoris_dora_in", 3, 1.0, {"dora_wd": True, "wd_on_output": False}),
                                        ("lycoris_loha", 5, LOHA_WEIGHT, {"algo": "loha", "std": 0.5})):
-        path, refs[name] = lycoris_file(torch_pipeline(arch, folder), str(d / f"{name}.safetensors"), seed,
-                                        lycoris_preset, weight, **kwargs)
+        path, refs[name] = lycoris_file(interop.torch_pipeline(arch, folder), str(d / f"{name}.safetensors"), seed,
+                                        lycoris_preset, interop, weight, **kwargs)
         files[name] = (path, weight)
-    base = weights_of(torch_pipeline(arch, folder))
+    base = interop.weights_of(interop.torch_pipeline(arch, folder))
     out = str(d / "merged")
     argv = ["merge", "--model", folder, "--out", out]
     for path, weight in files.values():
@@ -207,7 +169,7 @@ def case(request, tmp_path_factory, lycoris_preset):
     return {"arch": arch, "folder": folder, "files": files, "base": base, "refs": refs, "out": out, "dir": d}
 
 
-def test_the_files_are_what_they_claim(case):
+def test_the_files_are_what_they_claim(case, interop):
     from mindone_lora_plugin.formats.reader import read_lora
 
     want = {"peft_dora": ({"lora+dora"}, {"out"}), "lycoris_dora_out": ({"lora+dora"}, {"out"}),
@@ -217,7 +179,8 @@ def test_the_files_are_what_they_claim(case):
         state = read_lora(path, base=case["folder"])
         axes = {m.settings.get("dora_axis") for _, _, m in state.modules()}
         assert (set(state.labels()), axes) == want[name], name
-        assert len(state) == file_modules(path) and {c for c, _, _ in state.modules()} >= {"unet", "text_encoder"}
+        assert len(state) == interop.file_modules(path)
+        assert {c for c, _, _ in state.modules()} >= {"unet", "text_encoder"}
         if case["arch"] == "sdxl":
             assert "text_encoder_2" in state.components, name
         moved = max(float(np.abs(case["refs"][name][k] - case["base"][k]).max()) for k in case["base"])

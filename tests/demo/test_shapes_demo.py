@@ -91,12 +91,13 @@ def test_pretraining_reproduces_its_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_moves_the_score_toward_the_concept_and_weight_zero_is_the_base(tmp_path):
+def test_lora_moves_the_score_toward_the_concept_and_weight_zero_is_the_base(tmp_path, training):
     from mindone_lora_plugin import compose
     from mindone_lora_plugin.demo.shapes_eval import Sampler, score_prompt
     from mindone_lora_plugin.demo.training import CONCEPT, CONCEPT_PROMPT, make_concept_dataset
     from mindone_lora_plugin.models import Models
-    from tests.train_helpers import train
+
+    train = training.train
 
     base = shipped_model()
     data = make_concept_dataset(str(tmp_path / "concept"), count=6, reference=False)

@@ -82,9 +82,8 @@ def test_enable_refuses_a_model_without_blocks_and_is_idempotent():
     assert recompute.is_enabled(te)
 
 
-def test_train_with_gradient_checkpointing_and_text_encoder(tiny_sd1, shapes, tmp_path, capsys):
-    from tests.train_helpers import train
-
+def test_train_with_gradient_checkpointing_and_text_encoder(tiny_sd1, shapes, tmp_path, capsys, training):
+    train = training.train
     result = train(["--pretrained_model_name_or_path", tiny_sd1, "--train_data_dir", shapes, "--output_dir",
                     str(tmp_path / "gc"), "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "1",
                     "--seed", "0", "--mode", "pynative", "--checkpointing_steps", "0", "--save_formats",
@@ -94,22 +93,10 @@ def test_train_with_gradient_checkpointing_and_text_encoder(tiny_sd1, shapes, tm
     assert "gradient checkpointing: unet 18 blocks, text_encoder 5 blocks" in out
 
 
-def test_run_passes_the_scripts_gradient_checkpointing_flag(tiny_sd1, shapes, tmp_path, capsys):
-    from tests.scripts.test_integration import SD1_SCRIPT, run_in_process, script_args
-
-    out = str(tmp_path / "run-gc")
-    result = run_in_process(SD1_SCRIPT, script_args(tiny_sd1, shapes, out, "--gradient_checkpointing", "--mode",
-                                                    "pynative", "--max_train_steps", "1"))
-    assert result.exit_code == 0
-    assert "gradient checkpointing: 18 blocks of UNet2DConditionModel recomputed" in capsys.readouterr().err
-    from mindone_lora_plugin.runtime import recompute
-
-    assert recompute.is_enabled(result.session.models["unet"])
-
-
-def test_bf16_on_cpu_is_refused_before_any_model_loads(tiny_sd1, shapes, tmp_path, monkeypatch):
+def test_bf16_on_cpu_is_refused_before_any_model_loads(tiny_sd1, shapes, tmp_path, monkeypatch, training):
     from mindone_lora_plugin import models
-    from tests.train_helpers import train
+
+    train = training.train
 
     def never(*a, **k):
         raise AssertionError("a model was loaded")

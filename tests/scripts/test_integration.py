@@ -316,6 +316,17 @@ def test_run_sd1_script_kohya_targets_graph_mode(tiny_sd1, shapes, tmp_path):
         assert loaded[path][2] == 0.5  # alpha 2 / rank 4
 
 
+def test_run_passes_the_scripts_gradient_checkpointing_flag(tiny_sd1, shapes, tmp_path, capsys):
+    out = str(tmp_path / "run-gc")
+    result = run_in_process(SD1_SCRIPT, script_args(tiny_sd1, shapes, out, "--gradient_checkpointing", "--mode",
+                                                    "pynative", "--max_train_steps", "1"))
+    assert result.exit_code == 0
+    assert "gradient checkpointing: 18 blocks of UNet2DConditionModel recomputed" in capsys.readouterr().err
+    from mindone_lora_plugin.runtime import recompute
+
+    assert recompute.is_enabled(result.session.models["unet"])
+
+
 @pytest.mark.slow
 def test_run_sd1_script_with_lokr(tiny_sd1, shapes, tmp_path):
     """`mindone-lora run --lora_algo lokr`: mindone's own script trains LoKr adapters (its optimizer gets their

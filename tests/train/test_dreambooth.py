@@ -10,7 +10,6 @@ import pytest
 
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.demo.training import make_instance_images
-from tests.train_helpers import load_back, train
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,13 @@ def common(model, out, *extra):
             "--seed", "0", "--learning_rate", "1e-3", "--num_inference_steps", "2", *extra]
 
 
-def assert_loads_back(model, files, strategy, trained_models):
-    for _, diffs in load_back(model, files, strategy, trained_models):
+def assert_loads_back(training, model, files, strategy, trained_models):
+    for _, diffs in training.load_back(model, files, strategy, trained_models):
         assert max(diffs.values()) <= 1e-4, diffs
 
 
-def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
+def test_sd1_with_prior_preservation(tiny_sd1, tmp_path, training):
+    train = training.train
     inst = make_instance_images(str(tmp_path / "inst"), size=40, count=2)
     cls = str(tmp_path / "class")
     argv = common(tiny_sd1, str(tmp_path / "out"), "--instance_data_dir", inst, "--instance_prompt",
@@ -39,7 +39,7 @@ def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
     mtimes = {f: os.path.getmtime(os.path.join(cls, f)) for f in made}
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert {"unet", "text_encoder"} <= set(result.models)
-    assert_loads_back(tiny_sd1, result.files, "unet", result.models)
+    assert_loads_back(training, tiny_sd1, result.files, "unet", result.models)
     # a second run reuses the class images; resuming works in DreamBooth mode too
     again = train(argv[:argv.index("--max_train_steps") + 1] + ["3"] + argv[argv.index("--max_train_steps") + 2:]
                   + ["--resume_from_checkpoint", "latest"])
@@ -48,9 +48,11 @@ def test_sd1_with_prior_preservation(tiny_sd1, tmp_path):
     np.testing.assert_allclose(again.losses[:2], result.losses, rtol=1e-6)
 
 
-def test_sdxl_without_prior_preservation_with_loha(tiny_sdxl, tmp_path):
+def test_sdxl_without_prior_preservation_with_loha(tiny_sdxl, tmp_path, training):
     """DreamBooth on SDXL with another adapter algorithm (LoHa, kohya file)."""
     from mindone_lora_plugin.formats.reader import read_lora
+
+    train = training.train
 
     inst = make_instance_images(str(tmp_path / "inst"), size=40, count=2)
     result = train(common(tiny_sdxl, str(tmp_path / "out"), "--instance_data_dir", inst, "--instance_prompt",
@@ -59,7 +61,7 @@ def test_sdxl_without_prior_preservation_with_loha(tiny_sdxl, tmp_path):
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     [path] = result.files
     assert set(read_lora(path).algorithms()) == {"loha"}
-    assert_loads_back(tiny_sdxl, result.files, "sdxl", result.models)
+    assert_loads_back(training, tiny_sdxl, result.files, "sdxl", result.models)
 
 
 @pytest.mark.parametrize("case,expect", [

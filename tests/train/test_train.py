@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mindone_lora_plugin.errors import LoraError
-from tests.train_helpers import base_outputs_differ, load_back, train
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,8 @@ def lora_params(models):
 
 
 @pytest.fixture(scope="module")
-def sd1_run(tiny_sd1, shapes, tmp_path_factory):
+def sd1_run(tiny_sd1, shapes, tmp_path_factory, training):
+    train = training.train
     out = str(tmp_path_factory.mktemp("runs") / "sd1")
     args = [a for a in base_args(tiny_sd1, shapes, out, 4) if a not in ("--report_to", "none")]  # tensorboard on
     result = train(args + ["--checkpointing_steps", "2", "--lora_alpha", "8",
@@ -77,7 +77,8 @@ def test_sd1_outputs_and_layout(sd1_run):
     assert hp["lora_rank"] == 4 and hp["lora_alpha"] == 8.0
 
 
-def test_sd1_files_load_back_to_the_same_outputs(sd1_run, tiny_sd1):
+def test_sd1_files_load_back_to_the_same_outputs(sd1_run, tiny_sd1, training):
+    base_outputs_differ, load_back = training.base_outputs_differ, training.load_back
     result, _ = sd1_run
     for state, diffs in load_back(tiny_sd1, result.files, "unet", result.models):
         assert len(state) == 72 and set(state.alphas("unet")) == {8.0}
@@ -86,7 +87,8 @@ def test_sd1_files_load_back_to_the_same_outputs(sd1_run, tiny_sd1):
 
 
 @pytest.mark.smoke
-def test_resume_is_exact(sd1_run, tiny_sd1, shapes, tmp_path):
+def test_resume_is_exact(sd1_run, tiny_sd1, shapes, tmp_path, training):
+    train = training.train
     result, final = sd1_run
     out = str(tmp_path / "resumed")
     os.makedirs(out)
@@ -101,7 +103,8 @@ def test_resume_is_exact(sd1_run, tiny_sd1, shapes, tmp_path):
         np.testing.assert_allclose(after[k], final[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_resume_refuses_other_settings(sd1_run, tiny_sd1, shapes, tmp_path):
+def test_resume_refuses_other_settings(sd1_run, tiny_sd1, shapes, tmp_path, training):
+    train = training.train
     result, _ = sd1_run
     out = str(tmp_path / "other")
     shutil.copytree(os.path.join(result.output_dir, "checkpoint-2"), os.path.join(out, "checkpoint-2"))
@@ -138,8 +141,9 @@ def test_checkpoints_total_limit_prunes_oldest(tmp_path):
     assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [2, 3]
 
 
-def test_sdxl_trains_and_files_load_back(tiny_sdxl, shapes, tmp_path):
+def test_sdxl_trains_and_files_load_back(tiny_sdxl, shapes, tmp_path, training):
     # PyNative: SDXL's GRAPH_MODE step is test_cpu_backend's (a 2-step run would spend a minute compiling)
+    load_back, train = training.load_back, training.train
     result = train(base_args(tiny_sdxl, shapes, str(tmp_path / "xl"), 2, "--checkpointing_steps", "0",
                              "--lora_alpha", "2", "--mode", "pynative"))
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
@@ -150,7 +154,8 @@ def test_sdxl_trains_and_files_load_back(tiny_sdxl, shapes, tmp_path):
         assert diffs["unet"] <= 1e-4, diffs
 
 
-def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path):
+def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path, training):
+    train = training.train
     out = str(tmp_path / "nan")
     with pytest.raises(LoraError, match=r"loss became (nan|inf) at step \d+.*checkpoint-1"):
         train(base_args(tiny_sd1, shapes, out, 6, "--learning_rate", "1e30", "--max_grad_norm", "0",
@@ -159,8 +164,10 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_sd1, shapes, tmp_path):
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
-def test_fp16_accumulation_snr_v_prediction_text_encoder(tiny_sd1, shapes, tmp_path):
+def test_fp16_accumulation_snr_v_prediction_text_encoder(tiny_sd1, shapes, tmp_path, training):
     import mindspore as ms
+
+    train = training.train
 
     result = train(base_args(tiny_sd1, shapes, str(tmp_path / "fp16"), 1, "--mixed_precision", "fp16",
                              "--mode", "pynative", "--checkpointing_steps", "0", "--save_formats", "kohya",
@@ -178,9 +185,11 @@ def test_fp16_accumulation_snr_v_prediction_text_encoder(tiny_sd1, shapes, tmp_p
     assert state.dtype() == "float16"
 
 
-def test_third_party_strategy_and_format_through_the_train_cli(tiny_sd1, shapes, tmp_path):
+def test_third_party_strategy_and_format_through_the_train_cli(tiny_sd1, shapes, tmp_path, training):
     """The example plugin (installed with pip by the set-up) trains and saves through `mindone-lora train`."""
     from mindone_lora_plugin.plugins import get_plugin_manager
+
+    load_back, train = training.load_back, training.train
 
     if "lora-fa" not in get_plugin_manager().strategies():
         pytest.skip("the example plugin examples/plugins/mindone-lora-fa is not installed (make setup installs it)")

@@ -13,7 +13,6 @@ import pytest
 
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.demo.training import make_instance_images, make_shapes_dataset
-from tests.train_helpers import parse
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +42,10 @@ def dreambooth_argv(root, out, steps):
                   "--lr_scheduler", "linear", "--checkpointing_steps", "2")
 
 
-def run(argv):
+def run(training, argv):
     from mindone_lora_plugin.train.trainer import Trainer
 
-    trainer = Trainer(parse(argv))
+    trainer = Trainer(training.parse(argv))
     return trainer, trainer.run()
 
 
@@ -57,16 +56,16 @@ def tensors(path):
 
 
 @pytest.fixture(scope="module")
-def straight(root):
+def straight(root, training):
     """3 steps of DreamBooth + prior preservation + CLIP/T5 LoRA, linear schedule, checkpoint at step 2."""
-    return run(dreambooth_argv(root, root["base"] / "straight", 3))
+    return run(training, dreambooth_argv(root, root["base"] / "straight", 3))
 
 
-def resumed(root, name, steps):
+def resumed(training, root, name, steps):
     """A fresh output folder holding only the straight run's checkpoint-2, resumed to ``steps``."""
     out = root["base"] / name
     shutil.copytree(root["base"] / "straight" / "checkpoint-2", out / "checkpoint-2")
-    return run(dreambooth_argv(root, out, steps) + ["--resume_from_checkpoint", "latest"])
+    return run(training, dreambooth_argv(root, out, steps) + ["--resume_from_checkpoint", "latest"])
 
 
 def test_dreambooth_prior_preservation_and_text_encoders(root, straight):
@@ -89,11 +88,11 @@ def test_dreambooth_prior_preservation_and_text_encoders(root, straight):
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in kohya)
 
 
-def test_resume_from_a_checkpoint_gives_the_same_weights(root, straight):
+def test_resume_from_a_checkpoint_gives_the_same_weights(root, straight, training):
     _, first = straight
     cls = root["base"] / "class"
     mtimes = {f: os.path.getmtime(cls / f) for f in os.listdir(cls)}
-    trainer, again = resumed(root, "resumed", 3)
+    trainer, again = resumed(training, root, "resumed", 3)
     assert again.global_step == 3 and {f: os.path.getmtime(cls / f) for f in os.listdir(cls)} == mtimes
     np.testing.assert_array_equal(again.losses, first.losses)
     for name in ("pytorch_lora_weights.safetensors",):
@@ -103,9 +102,9 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(root, straight):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_resume_with_more_steps_rebuilds_the_learning_rate_schedule(root, straight, capsys):
+def test_resume_with_more_steps_rebuilds_the_learning_rate_schedule(root, straight, capsys, training):
     _, first = straight
-    trainer, more = resumed(root, "more-steps", 4)
+    trainer, more = resumed(training, root, "more-steps", 4)
     assert "learning-rate schedule differs from the checkpoint's" in capsys.readouterr().out
     assert more.global_step == 4 and len(more.losses) == 4
     np.testing.assert_array_equal(more.losses[:3], first.losses)  # same data order, same weights at step 2
@@ -129,7 +128,7 @@ def delta(mod):
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
-def test_algorithms_train_on_what_the_kohya_layout_can_hold(algo, root, shapes):
+def test_algorithms_train_on_what_the_kohya_layout_can_hold(algo, root, shapes, training):
     """LoHa/LoKr on modules the kohya layout keeps as they are; DoRA on every part of the fused ones (kohya preset),
     its fused kohya file reading back as the diffusers one."""
     from mindone_lora_plugin.formats.reader import read_lora
@@ -137,8 +136,8 @@ def test_algorithms_train_on_what_the_kohya_layout_can_hold(algo, root, shapes):
     unfused = "to_out.0,to_add_out,ff.net.2,proj_out"
     extra = (["--lora_dora", "--lora_targets", "kohya", "--save_formats", "kohya,diffusers"] if algo == "dora" else
              ["--lora_algo", algo, "--save_formats", "kohya", "--lora_targets", unfused])
-    _, result = run(common(root["model"], root["base"] / algo, "--train_data_dir", shapes, "--max_train_steps", "1",
-                           *extra))
+    argv = common(root["model"], root["base"] / algo, "--train_data_dir", shapes, "--max_train_steps", "1", *extra)
+    _, result = run(training, argv)
     state = read_lora(result.files[0])
     mods = {path: mod for _, path, mod in state.modules()}
     if algo == "dora":

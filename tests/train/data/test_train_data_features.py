@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from mindone_lora_plugin.errors import LoraError
-from tests.train_helpers import parse
 
 
 def pynative_cpu():
@@ -47,10 +46,12 @@ def test_bucket_set_follows_the_settings():
         assert h * w <= 512 * 512 and h % 64 == 0 and w % 64 == 0 and 256 <= min(h, w) and max(h, w) <= 1024
 
 
-def test_every_bucketed_batch_has_one_shape_and_plans_repeat(kohya):
+def test_every_bucketed_batch_has_one_shape_and_plans_repeat(kohya, training):
     from mindone_lora_plugin.train.data import setup as data_setup
     from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
     from mindone_lora_plugin.train.data.loader import BatchPlan
+
+    parse = training.parse
 
     args = parse(["--train_data_dir", kohya, "--enable_bucket", "--resolution", "32"])
     sizer = data_setup.make_sizer(args, 32)
@@ -83,8 +84,10 @@ def test_bucket_no_upscale_skips_and_counts_small_images():
 @pytest.mark.parametrize("flags, words", [(["--min_bucket_reso", "64", "--max_bucket_reso", "32"], "larger than"),
                                           (["--bucket_reso_steps", "12"], "multiple of 8"),
                                           (["--min_bucket_reso", "20"], "multiple of --bucket_reso_steps")])
-def test_impossible_bucket_settings(flags, words):
+def test_impossible_bucket_settings(flags, words, training):
     from mindone_lora_plugin.train.data.setup import make_sizer
+
+    parse = training.parse
 
     with pytest.raises(LoraError, match=words):
         make_sizer(parse(["--enable_bucket", *flags]), 32)
@@ -105,8 +108,10 @@ def test_kohya_folders_captions_repeats_and_regularisation(kohya, tmp_path):
     assert balance_regularisation([1, 2], 5) == [1, 2, 1, 2, 1] and balance_regularisation([1, 2, 3], 2) == [1, 2]
 
 
-def test_reg_images_are_balanced_and_weighted(kohya, tmp_path):
+def test_reg_images_are_balanced_and_weighted(kohya, tmp_path, training):
     from mindone_lora_plugin.train.data.setup import load_text_to_image
+
+    parse = training.parse
 
     reg = tmp_path / "reg" / "1_thing"
     reg.mkdir(parents=True)
@@ -183,7 +188,8 @@ def test_latent_cache_rebuilds_changed_corrupt_and_foreign_entries(tiny_sd1, tmp
 
 # ---------------------------------------------------------------------------------------------------- config files
 
-def test_config_file_values_are_defaults_and_the_command_line_wins(tmp_path):
+def test_config_file_values_are_defaults_and_the_command_line_wins(tmp_path, training):
+    parse = training.parse
     cfg = tmp_path / "train.toml"
     cfg.write_text('[model]\npretrained_model_name_or_path = "m"\n[training]\nnetwork_dim = 16\n'
                    'learning_rate = 0.0005\nenable_bucket = true\nsave_precision = "float"\n'
@@ -194,8 +200,10 @@ def test_config_file_values_are_defaults_and_the_command_line_wins(tmp_path):
     assert parse([]).lora_rank == 4  # the file's values do not stick to the parser
 
 
-def test_output_config_round_trips(tmp_path, capsys):
+def test_output_config_round_trips(tmp_path, capsys, training):
     from mindone_lora_plugin.cli import main
+
+    parse = training.parse
 
     out = tmp_path / "effective.toml"
     assert main(["train", "--config_file", str(out), "--output_config", "--lora_rank", "8", "--enable_bucket",
@@ -206,7 +214,7 @@ def test_output_config_round_trips(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya):
+def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya, training):
     """A cached run trains the same numbers: the cache's moments of a batch equal encoding its pixels now."""
     import mindspore as ms
     from mindone.diffusers import AutoencoderKL
@@ -216,6 +224,8 @@ def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya):
     from mindone_lora_plugin.train.data.kohya_folders import load_kohya_examples
     from mindone_lora_plugin.train.data.loader import BatchPlan
     from mindone_lora_plugin.train.step import VaeEncode
+
+    parse = training.parse
 
     pynative_cpu()
     encode_cell = VaeEncode(AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae"))
@@ -229,12 +239,13 @@ def test_cached_moments_equal_encoding_the_batch(tiny_sd1, kohya):
         assert np.allclose(cache.moments(batch.keys), encode_cell(ms.Tensor(batch.pixels)).asnumpy(), atol=1e-5)
 
 
-def test_kohya_bucketed_cached_run_records_its_settings(tiny_sd1, kohya, tmp_path):
+def test_kohya_bucketed_cached_run_records_its_settings(tiny_sd1, kohya, tmp_path, training):
     import json
 
     from safetensors import safe_open
 
-    from tests.train_helpers import train
+    train = training.train
+
 
     reg = tmp_path / "reg" / "1_thing"
     reg.mkdir(parents=True)
@@ -305,8 +316,10 @@ def test_masks_follow_alpha_crop_and_flip_and_weight_the_loss(tiny_sd1, tmp_path
     assert 0 < float(loss(*inputs, t(lat)).asnumpy()) < plain
 
 
-def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, kohya, tmp_path):
+def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, kohya, tmp_path, training):
     from mindone_lora_plugin.train.trainer import Trainer
+
+    parse = training.parse
 
     trainer = Trainer(parse(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", kohya,
                              "--output_dir", str(tmp_path / "o"), "--train_batch_size", "2", "--report_to", "none",

@@ -10,8 +10,6 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.train_helpers import train
-
 pytestmark = pytest.mark.slow
 
 PROMPTS = ("# two prompts in kohya's syntax\na red circle --w 32 --h 48 --d 5 --l 3 --s 1\n\n"
@@ -45,7 +43,8 @@ def weights(path):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sd1, shapes, tmp_path_factory):
+def run(tiny_sd1, shapes, tmp_path_factory, training):
+    train = training.train
     root = tmp_path_factory.mktemp("features")
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS)
@@ -119,7 +118,8 @@ def test_ema_file_differs_from_the_raw_weights(run):
     assert ups and max(float(np.abs(raw[k] - ema[k]).max()) for k in ups) > 1e-6
 
 
-def test_resume_is_exact_with_lion_ema_and_validation(run, tiny_sd1, shapes, tmp_path):
+def test_resume_is_exact_with_lion_ema_and_validation(run, tiny_sd1, shapes, tmp_path, training):
+    train = training.train
     result, prompts = run
     out = str(tmp_path / "resumed")
     os.makedirs(out)
