@@ -1,8 +1,10 @@
 """Shared fixtures: tiny SD1.x/SDXL model folders (built once per test session, from config, no hub), a fresh plugin
-manager, and ``training``: parse and run ``mindone-lora train``, load written files back."""
+manager, ``ms_tools`` (MindSpore tensors and modes), ``training`` (parse and run ``mindone-lora train``, load written
+files back) and ``dora_run`` (a DoRA training run)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -65,6 +67,48 @@ def plugin_manager():
     reset_plugin_manager()
     yield get_plugin_manager()
     reset_plugin_manager()
+
+
+# ------------------------------------------------------------------------------------------------ MindSpore
+
+
+def T(array, dtype=None):
+    """A MindSpore tensor of ``array`` (``dtype``: a MindSpore dtype, None keeps numpy's)."""
+    import mindspore as ms
+
+    return ms.Tensor(np.asarray(array), dtype=dtype)
+
+
+@contextlib.contextmanager
+def pynative():
+    """PyNative for the block (whatever an earlier test module left behind); the previous mode comes back."""
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)
+
+
+@contextlib.contextmanager
+def graph_mode():
+    """GRAPH_MODE with the STRICT syntax level mindone's scripts use; the previous context comes back afterwards."""
+    import mindspore as ms
+
+    mode, level = ms.get_context("mode"), ms.get_context("jit_syntax_level")
+    ms.set_context(mode=ms.GRAPH_MODE, jit_syntax_level=ms.STRICT)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode, jit_syntax_level=level)
+
+
+@pytest.fixture(scope="session")
+def ms_tools():
+    """``T(array, dtype=None)``, and the ``pynative()`` and ``graph_mode()`` context managers (above)."""
+    return SimpleNamespace(T=T, pynative=pynative, graph_mode=graph_mode)
 
 
 # ------------------------------------------------------------------------------------------------ training runs

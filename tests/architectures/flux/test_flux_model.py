@@ -12,7 +12,6 @@ ms = pytest.importorskip("mindspore")
 
 from mindone_lora_plugin.architectures.flux import timesteps as ts  # noqa: E402
 from mindone_lora_plugin.errors import LoraError  # noqa: E402
-from tests.ms_helpers import graph_mode, pynative  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,8 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def in_pynative():
+def in_pynative(ms_tools):
+    pynative = ms_tools.pynative
     with pynative():
         yield
 
@@ -272,9 +272,10 @@ def lora_training(model, preset, data, steps, lr=1e-2):
     return losses, params
 
 
-def test_lora_on_the_dev_transformer_trains_in_graph_mode(folders):
+def test_lora_on_the_dev_transformer_trains_in_graph_mode(folders, ms_tools):
     """Attention-projection LoRA, the package's TrainStep (value_and_grad, clipping, AdamW), GRAPH_MODE: the loss
     is finite and goes down on a fixed batch."""
+    graph_mode = ms_tools.graph_mode
     model = transformer(folders["dev"])
     with graph_mode():
         losses, params = lora_training(model, "attn", batch(guidance=True), steps=4)

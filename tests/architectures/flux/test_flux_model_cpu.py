@@ -20,18 +20,18 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend e
 
 from mindone_lora_plugin.runtime.cpu import install, transformer as ct  # noqa: E402
 from mindone_lora_plugin.runtime.process import quiet_mindone_imports  # noqa: E402
-from tests import ms_helpers  # noqa: E402
-from tests.ms_helpers import graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
 
 
 def T(array, dtype=ms.float32):
-    return ms_helpers.T(array, dtype)
+    """A MindSpore tensor of ``array``, float32 unless told."""
+    return ms.Tensor(np.asarray(array), dtype=dtype)
 
 
 @pytest.fixture(autouse=True)
-def cpu_backend_in_pynative(monkeypatch):
+def cpu_backend_in_pynative(monkeypatch, ms_tools):
+    pynative = ms_tools.pynative
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     assert cpu.activate() is True
     with pynative():
@@ -203,10 +203,12 @@ def test_ada_layer_norm_constructs_match_numpy():
             np.testing.assert_allclose(got.asnumpy(), want, atol=1e-6)
 
 
-def test_rotary_attention_and_modulation_compile_in_graph_mode():
+def test_rotary_attention_and_modulation_compile_in_graph_mode(ms_tools):
     """The replaced constructs compile with STRICT syntax and give the PyNative values."""
     from mindone.diffusers.models.normalization import AdaLayerNormZero
     from mindone.diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    graph_mode = ms_tools.graph_mode
 
     class Net(nn.Cell):
         def __init__(self):

@@ -13,14 +13,14 @@ from mindspore import mint, nn  # noqa: E402
 
 from mindone_lora_plugin.runtime import cpu  # noqa: E402
 from mindone_lora_plugin.runtime.cpu import attention as cpu_attention  # noqa: E402
-from tests.ms_helpers import T, graph_mode, pynative  # noqa: E402
 
 if ms.get_context("device_target") != "CPU":  # pragma: no cover
     pytest.skip("the CPU backend exists for CPU only", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
-def backend(monkeypatch):
+def backend(monkeypatch, ms_tools):
+    pynative = ms_tools.pynative
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     assert cpu.activate() is True
     with pynative():
@@ -46,7 +46,8 @@ class WeightedSum(nn.Cell):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_chunked_attention_matches_numpy(mode, monkeypatch):
+def test_chunked_attention_matches_numpy(mode, monkeypatch, ms_tools):
+    T, graph_mode, pynative = ms_tools.T, ms_tools.graph_mode, ms_tools.pynative
     monkeypatch.setattr(cpu_attention, "CHUNK_ELEMENTS", 2 * 3 * 5 * 11)  # 5 queries a chunk: 4 chunks for 17
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((2, 3, 17, 8)), rng.standard_normal((2, 3, 11, 8))
@@ -60,7 +61,8 @@ def test_chunked_attention_matches_numpy(mode, monkeypatch):
         np.testing.assert_allclose(got.asnumpy(), want, atol=1e-5)
 
 
-def test_half_precision_inputs_come_back_in_their_dtype():
+def test_half_precision_inputs_come_back_in_their_dtype(ms_tools):
+    T = ms_tools.T
     rng = np.random.default_rng(1)
     q, k, v = (T(rng.standard_normal((1, 2, 9, 4)), ms.float16) for _ in range(3))
     out = cpu_attention.chunked_attention(q, k, v)
@@ -69,7 +71,8 @@ def test_half_precision_inputs_come_back_in_their_dtype():
     np.testing.assert_allclose(float(out.astype(ms.float32).asnumpy().sum()), ref, rtol=1e-2)
 
 
-def test_only_large_unmasked_calls_take_the_chunked_path():
+def test_only_large_unmasked_calls_take_the_chunked_path(ms_tools):
+    T = ms_tools.T
     small = T(np.zeros((1, 8, 64, 40)), ms.float32)
     large = T(np.zeros((1, 8, 4096, 40)), ms.float32)  # SD1.5's first level at 512 px: 8 × 4096 × 4096 scores
     assert not cpu_attention.wanted(small, small)
@@ -103,9 +106,11 @@ class UNetLoss(nn.Cell):
         return mint.nn.functional.mse_loss(pred, target)
 
 
-def _lora_unet():
+def _lora_unet(ms_tools):
     from mindone.diffusers import UNet2DConditionModel
     from mindone.peft import LoraConfig
+
+    T = ms_tools.T
 
     ms.set_seed(0)
     np.random.seed(0)
@@ -121,15 +126,16 @@ def _lora_unet():
     return unet
 
 
-def test_unet_lora_gradients_equal_through_chunked_attention(monkeypatch):
+def test_unet_lora_gradients_equal_through_chunked_attention(monkeypatch, ms_tools):
     """mindone's attention (PyNative) against the chunked path (GRAPH_MODE, every self-attention in 4 chunks): the
     loss and every LoRA gradient agree."""
+    T, graph_mode = ms_tools.T, ms_tools.graph_mode
     rng = np.random.default_rng(5)
     inputs = (T(rng.standard_normal((1, 4, 16, 16)), ms.float32), T(np.array([500]), ms.int32),
               T(rng.standard_normal((1, 7, 32)), ms.float32), T(rng.standard_normal((1, 4, 16, 16)), ms.float32))
     results = []
     for chunked in (False, True):
-        unet = _lora_unet()
+        unet = _lora_unet(ms_tools)
         params = [p for p in unet.get_parameters() if p.requires_grad]
         grad = ms.value_and_grad(UNetLoss(unet), None, params)
         if chunked:  # self-attention at 16×16: 256 queries and keys, 2 heads; 64 queries a chunk
@@ -149,15 +155,17 @@ def test_unet_lora_gradients_equal_through_chunked_attention(monkeypatch):
     calls = []
     inner = cpu_attention.chunked_attention
     monkeypatch.setattr(cpu_attention, "chunked_attention", lambda q, k, v: calls.append(q.shape) or inner(q, k, v))
-    UNetLoss(_lora_unet())(*inputs)
+    UNetLoss(_lora_unet(ms_tools))(*inputs)
     # self- and cross-attention: 1 down, 1 mid and 2 up transformer layers
     assert calls == [(1, 2, 256, 16)] * 2 + [(1, 4, 64, 16)] * 2 + [(1, 2, 256, 16)] * 4
 
 
-def test_flux_attention_function_takes_the_chunked_path_when_large(monkeypatch):
+def test_flux_attention_function_takes_the_chunked_path_when_large(monkeypatch, ms_tools):
     """mindone's ``layers_compat.scaled_dot_product_attention`` (FLUX) as replaced by the backend: the chunked path
     for a large unmasked call gives the materialised path's values."""
     from mindone_lora_plugin.runtime.cpu import transformer as cpu_transformer
+
+    T = ms_tools.T
 
     rng = np.random.default_rng(3)
     q, k, v = (T(rng.standard_normal((1, 2, 33, 8)), ms.float32) for _ in range(3))

@@ -36,7 +36,6 @@ if ms.get_context("device_target") != "CPU":  # pragma: no cover - the backend e
 
 from mindone_lora_plugin.runtime.cpu import install, kernels, rng  # noqa: E402
 from mindone_lora_plugin.runtime.process import quiet_mindone_imports  # noqa: E402
-from tests.ms_helpers import T, graph_mode, pynative  # noqa: E402
 
 quiet_mindone_imports()
 
@@ -54,8 +53,9 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @pytest.fixture(autouse=True)
-def cpu_backend_in_pynative(monkeypatch):
+def cpu_backend_in_pynative(monkeypatch, ms_tools):
     """Every test runs with the backend active, in PyNative (whatever an earlier test module left behind)."""
+    pynative = ms_tools.pynative
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     assert cpu.activate() is True
     with pynative():
@@ -159,9 +159,10 @@ def np_randn(shape, seed, offset):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_op(ms_fn, np_fn, inputs, wrt=(0,), atol=2e-5, rtol=2e-5, grad_tol=2e-3, seed=0):
+def check_op(ms_tools, ms_fn, np_fn, inputs, wrt=(0,), atol=2e-5, rtol=2e-5, grad_tol=2e-3, seed=0):
     """``ms_fn`` on float32 tensors matches ``np_fn`` on float64 arrays; so do the gradients of ``sum(out * R)``
     with respect to the inputs in ``wrt`` (MindSpore's autodiff vs numpy central differences)."""
+    T = ms_tools.T
     rng = np.random.default_rng(seed)
     inputs64 = [np.asarray(a, np.float64) for a in inputs]
     expected = np_fn(*inputs64)
@@ -203,7 +204,7 @@ def randn(*shape):
     (2, (1, 0), 1, 1, False),
     (1, 0, 2, 2, True),
 ])
-def test_conv2d_ext_matches_numpy(stride, padding, dilation, groups, bias):
+def test_conv2d_ext_matches_numpy(stride, padding, dilation, groups, bias, ms_tools):
     x, w = randn(2, 4, 6, 5), randn(6, 4 // groups, 3, 3)
     args = [x, w] + ([randn(6)] if bias else [])
 
@@ -213,17 +214,18 @@ def test_conv2d_ext_matches_numpy(stride, padding, dilation, groups, bias):
     def np_fn(x, w, b=None):
         return np_conv2d(x, w, b, stride, padding, dilation, groups)
 
-    check_op(ms_fn, np_fn, args, wrt=tuple(range(len(args))), atol=1e-4, rtol=1e-4)
+    check_op(ms_tools, ms_fn, np_fn, args, wrt=tuple(range(len(args))), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_conv2d_padding_matches_numpy(padding):
+def test_conv2d_padding_matches_numpy(padding, ms_tools):
     x, w, b = randn(1, 3, 5, 5), randn(4, 3, 3, 3), randn(4)
-    check_op(lambda x, w, b: kernels.conv2d_padding_op(x, w, b, 1, padding),
+    check_op(ms_tools, lambda x, w, b: kernels.conv2d_padding_op(x, w, b, 1, padding),
              lambda x, w, b: np_conv2d(x, w, b, 1, padding), [x, w, b], wrt=(0, 1, 2), atol=1e-4, rtol=1e-4)
 
 
-def test_conv2d_through_mint_and_unbatched_input():
+def test_conv2d_through_mint_and_unbatched_input(ms_tools):
+    T = ms_tools.T
     x, w, b = randn(3, 5, 5), randn(4, 3, 1, 1), randn(4)
     got = mint.nn.functional.conv2d(T(x, ms.float32), T(w, ms.float32), T(b, ms.float32), 1, "same")
     np.testing.assert_allclose(got.asnumpy(), np_conv2d(x[None], w, b, 1, "same")[0], atol=1e-5)
@@ -234,7 +236,7 @@ def test_conv2d_through_mint_and_unbatched_input():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_matches_numpy(affine):
+def test_layer_norm_matches_numpy(affine, ms_tools):
     x = randn(2, 3, 6)
     if affine:
         args, wrt = [x, randn(6), randn(6)], (0, 1, 2)
@@ -244,10 +246,11 @@ def test_layer_norm_matches_numpy(affine):
         args, wrt = [x], (0,)
         ms_fn = lambda x: kernels.layer_norm_ext_op(x, (3, 6))[0]  # noqa: E731
         np_fn = lambda x: np_layer_norm(x, (3, 6))  # noqa: E731
-    check_op(ms_fn, np_fn, args, wrt=wrt, atol=1e-4, rtol=1e-4)
+    check_op(ms_tools, ms_fn, np_fn, args, wrt=wrt, atol=1e-4, rtol=1e-4)
 
 
-def test_layer_norm_statistics_half_precision_and_mint():
+def test_layer_norm_statistics_half_precision_and_mint(ms_tools):
+    T = ms_tools.T
     x = randn(2, 5, 8)
     out, mean, rstd = kernels.layer_norm_ext_op(T(x, ms.float32), (8,))
     np.testing.assert_allclose(mean.asnumpy().reshape(2, 5), x.mean(-1), atol=1e-5)
@@ -260,9 +263,10 @@ def test_layer_norm_statistics_half_precision_and_mint():
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_matches_numpy(approximate):
-    check_op(lambda x: kernels.gelu_ext_op(x, approximate), lambda x: np_gelu(x, approximate), [randn(3, 7) * 2],
-             atol=1e-5, rtol=1e-4)
+def test_gelu_matches_numpy(approximate, ms_tools):
+    T = ms_tools.T
+    check_op(ms_tools, lambda x: kernels.gelu_ext_op(x, approximate), lambda x: np_gelu(x, approximate),
+             [randn(3, 7) * 2], atol=1e-5, rtol=1e-4)
     got = mint.nn.functional.gelu(T(randn(4), ms.float32), approximate=approximate)
     assert got.shape == (4,)
 
@@ -276,30 +280,34 @@ def test_arange_matches_numpy():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_mse_loss_matches_numpy(reduction):
+def test_mse_loss_matches_numpy(reduction, ms_tools):
     reduce = {"mean": np.mean, "sum": np.sum, "none": lambda v: v}[reduction]
-    check_op(lambda a, b: mint.nn.functional.mse_loss(a, b, reduction=reduction) * 1.0,
+    check_op(ms_tools, lambda a, b: mint.nn.functional.mse_loss(a, b, reduction=reduction) * 1.0,
              lambda a, b: reduce((a - b) ** 2), [randn(2, 3), randn(2, 3)], wrt=(0, 1))
 
 
 @pytest.mark.parametrize("padding", [(0, 1, 0, 1), (1, 2), (-1, 1, 2, 0, 1, 1)])
-def test_constant_pad_nd_matches_numpy(padding):
-    check_op(lambda x: kernels.constant_pad_nd_op(x, padding, 0.5), lambda x: np_pad(x, padding, 0.5),
+def test_constant_pad_nd_matches_numpy(padding, ms_tools):
+    T = ms_tools.T
+    check_op(ms_tools, lambda x: kernels.constant_pad_nd_op(x, padding, 0.5), lambda x: np_pad(x, padding, 0.5),
              [randn(2, 3, 4)])
     got = mint.nn.functional.pad(T(randn(1, 2, 3, 3), ms.float32), padding)
     assert got.shape == np_pad(np.zeros((1, 2, 3, 3)), padding).shape
 
 
-def test_zeros_ones_like():
+def test_zeros_ones_like(ms_tools):
+    T = ms_tools.T
     x = T(randn(2, 3), ms.float32)
     assert mint.zeros_like(x).asnumpy().tolist() == np.zeros((2, 3)).tolist()
     ones = mint.ones_like(x, dtype=ms.int32)
     assert ones.dtype == ms.int32 and ones.asnumpy().tolist() == np.ones((2, 3)).tolist()
 
 
-def test_stack_split_chunk_match_numpy():
+def test_stack_split_chunk_match_numpy(ms_tools):
+    T = ms_tools.T
     a, b = randn(2, 5), randn(2, 5)
-    check_op(lambda a, b: kernels.stack_ext_impl([a, b], 1), lambda a, b: np.stack([a, b], 1), [a, b], wrt=(0, 1))
+    check_op(ms_tools, lambda a, b: kernels.stack_ext_impl([a, b], 1), lambda a, b: np.stack([a, b], 1), [a, b],
+             wrt=(0, 1))
     np.testing.assert_allclose(mint.stack([T(a, ms.float32), T(b, ms.float32)]).asnumpy(), np.stack([a, b]),
                                atol=1e-6)
     x = randn(3, 7)
@@ -312,12 +320,14 @@ def test_stack_split_chunk_match_numpy():
     for name, (ms_split, np_split) in pieces.items():
         count = len(np_split(x))
         for k in range(count):
-            check_op(lambda x, k=k: ms_split(x)[k] * 1.0, lambda x, k=k: np_split(x)[k], [x])
+            check_op(ms_tools, lambda x, k=k: ms_split(x)[k] * 1.0, lambda x, k=k: np_split(x)[k], [x])
         assert len(ms_split(T(x, ms.float32))) == count, name
 
 
-def test_geglu_is_routed_through_slicing():
+def test_geglu_is_routed_through_slicing(ms_tools):
     from mindone.diffusers.models.activations import GEGLU
+
+    T = ms_tools.T
 
     assert GEGLU.construct is kernels.geglu_construct
     layer = GEGLU(4, 3)
@@ -344,8 +354,10 @@ def test_installation_is_idempotent_and_covers_the_known_primitives():
         assert name in rebound
 
 
-def test_patch_cells_and_the_pynative_safety_net():
+def test_patch_cells_and_the_pynative_safety_net(ms_tools):
     from mindspore.ops.auto_generate import gen_ops_prim
+
+    T = ms_tools.T
 
     class Holder(nn.Cell):
         def __init__(self):
@@ -391,7 +403,8 @@ def test_modules_imported_after_install_are_rebound(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_random_replacements_match_numpy_reference():
+def test_random_replacements_match_numpy_reference(ms_tools):
+    T = ms_tools.T
     shape, seed, offset = (3, 4, 5), 1234567, 36
     s, o = T(np.int64(seed)), T(np.int64(offset))
     np.testing.assert_allclose(rng.randn_op(shape, s, o).asnumpy(), np_randn(shape, seed, offset), atol=1e-6)
@@ -405,7 +418,8 @@ def test_random_replacements_match_numpy_reference():
     np.testing.assert_allclose(normal.asnumpy(), 2.0 + 0.5 * np_randn(shape, seed, offset), atol=1e-6)
 
 
-def test_random_statistics():
+def test_random_statistics(ms_tools):
+    T = ms_tools.T
     s, o = T(np.int64(7)), T(np.int64(0))
     normal = rng.randn_op((200_000,), s, o).asnumpy().astype(np.float64)
     assert abs(normal.mean()) < 0.01 and abs(normal.std() - 1) < 0.01
@@ -422,7 +436,8 @@ def test_random_statistics():
 
 
 @pytest.mark.smoke
-def test_mint_random_ops_follow_manual_seed():
+def test_mint_random_ops_follow_manual_seed(ms_tools):
+    T = ms_tools.T
     ms.manual_seed(42)
     first = [mint.randn(2, 3), mint.randn_like(T(np.zeros((2, 3)), ms.float32)), mint.randint(0, 100, (5,)),
              mint.rand(4), mint.normal(0.0, 1.0, (3,))]
@@ -441,7 +456,8 @@ def test_mint_random_ops_follow_manual_seed():
     np.testing.assert_array_equal(mint.randn(5).asnumpy(), draw)
 
 
-def test_dropout():
+def test_dropout(ms_tools):
+    T = ms_tools.T
     x = T(np.ones((100, 100)), ms.float32)
     layer = mint.nn.Dropout(p=0.25)
     layer.set_train(True)
@@ -458,8 +474,9 @@ def test_dropout():
 
 
 @pytest.mark.slow
-def test_random_numbers_identical_in_graph_mode():
+def test_random_numbers_identical_in_graph_mode(ms_tools):
     """Compile 1 of 4: GRAPH_MODE draws the same numbers as PyNative from the same generator state."""
+    T, graph_mode = ms_tools.T, ms_tools.graph_mode
 
     class Draw(nn.Cell):
         def construct(self, x):
@@ -494,39 +511,40 @@ def _seed(value=0):
     ms.manual_seed(value)
 
 
-def _randomise_lora_b(model, seed=0):
+def _randomise_lora_b(ms_tools, model, seed=0):
     """LoRA B starts at zero, which makes every A gradient zero on the first step; give B small values instead."""
+    T = ms_tools.T
     rng = np.random.default_rng(seed)
     for param in model.get_parameters():
         if param.requires_grad and "lora_B" in param.name:
             param.set_data(T(rng.normal(0, 0.02, param.shape).astype(np.float32)))
 
 
-def _add_lora(model, targets, rank=4, dropout=0.0):
+def _add_lora(ms_tools, model, targets, rank=4, dropout=0.0):
     from mindone.peft import LoraConfig
 
     for param in model.get_parameters():
         param.requires_grad = False
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets,
                                  lora_dropout=dropout))
-    _randomise_lora_b(model)
+    _randomise_lora_b(ms_tools, model)
     return model
 
 
-def tiny_unet(config):
+def tiny_unet(ms_tools, config):
     from mindone.diffusers import UNet2DConditionModel
 
     _seed(0)
-    return _add_lora(UNet2DConditionModel(**config), UNET_TARGETS)
+    return _add_lora(ms_tools, UNet2DConditionModel(**config), UNET_TARGETS)
 
 
-def tiny_clip(with_projection=False, dropout=0.0):
+def tiny_clip(ms_tools, with_projection=False, dropout=0.0):
     from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTextConfig
 
     _seed(0)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return _add_lora(cls(CLIPTextConfig(**CLIP)), CLIP_TARGETS, dropout=dropout)
+    return _add_lora(ms_tools, cls(CLIPTextConfig(**CLIP)), CLIP_TARGETS, dropout=dropout)
 
 
 class GradStep(nn.Cell):
@@ -544,8 +562,9 @@ class GradStep(nn.Cell):
         return loss, grads
 
 
-def run_lora_step(model, loss_cell, inputs, graph):
+def run_lora_step(ms_tools, model, loss_cell, inputs, graph):
     """One training step on ``model``'s trainable (LoRA) parameters; checks what a LoRA step must do."""
+    graph_mode = ms_tools.graph_mode
     trainable = [p for p in model.get_parameters() if p.requires_grad]
     frozen = [p for p in model.get_parameters() if not p.requires_grad]
     assert trainable and all("lora_" in p.name for p in trainable)
@@ -598,14 +617,16 @@ class CLIPLoss(nn.Cell):
         return (hidden * self.weights).sum()
 
 
-def sd1_inputs(batch=1, size=16):
+def sd1_inputs(ms_tools, batch=1, size=16):
+    T = ms_tools.T
     rng = np.random.default_rng(5)
     return (T(rng.standard_normal((batch, 4, size, size)), ms.float32), T(np.array([10, 500][:batch]), ms.int32),
             T(rng.standard_normal((batch, 7, 32)), ms.float32),
             T(rng.standard_normal((batch, 4, size, size)), ms.float32))
 
 
-def sdxl_inputs(batch=1, size=16):
+def sdxl_inputs(ms_tools, batch=1, size=16):
+    T = ms_tools.T
     rng = np.random.default_rng(6)
     return (T(rng.standard_normal((batch, 4, size, size)), ms.float32), T(np.array([10, 500][:batch]), ms.int32),
             T(rng.standard_normal((batch, 7, 64)), ms.float32), T(rng.standard_normal((batch, 32)), ms.float32),
@@ -613,17 +634,18 @@ def sdxl_inputs(batch=1, size=16):
             T(rng.standard_normal((batch, 4, size, size)), ms.float32))
 
 
-def clip_inputs():
+def clip_inputs(ms_tools):
+    T = ms_tools.T
     return (T(np.array([[0, 5, 17, 300, 999, 1, 1]]), ms.int32),)
 
 
 @pytest.mark.slow
-def test_sdxl_unet_lora_step_pynative_and_graph():
+def test_sdxl_unet_lora_step_pynative_and_graph(ms_tools):
     """Compile 2 of 4. Both modes start from the same weights and get the same loss, gradients and update."""
     results = []
     for graph in (False, True):
-        unet = tiny_unet(SDXL_UNET)
-        loss, grads = run_lora_step(unet, SDXLUNetLoss(unet), sdxl_inputs(), graph=graph)
+        unet = tiny_unet(ms_tools, SDXL_UNET)
+        loss, grads = run_lora_step(ms_tools, unet, SDXLUNetLoss(unet), sdxl_inputs(ms_tools), graph=graph)
         results.append((loss, grads, [p.asnumpy() for p in unet.get_parameters() if p.requires_grad]))
     (eager_loss, eager_grads, eager_params), (graph_loss, graph_grads, graph_params) = results
     np.testing.assert_allclose(graph_loss, eager_loss, rtol=1e-4)
@@ -634,25 +656,27 @@ def test_sdxl_unet_lora_step_pynative_and_graph():
 
 
 @pytest.mark.slow
-def test_clip_text_encoder_lora_step_pynative_and_graph():
+def test_clip_text_encoder_lora_step_pynative_and_graph(ms_tools):
     """Compile 3 of 4: hidden_act="gelu" puts the GELU replacement on the path, lora_dropout=0.1 the dropout one
     (same generator seed in both modes, so the same dropout masks and the same loss)."""
+    T = ms_tools.T
     weights = T(np.random.default_rng(2).standard_normal((1, 7, 32)), ms.float32)
     losses = []
     for graph in (False, True):
-        encoder = tiny_clip(dropout=0.1)
+        encoder = tiny_clip(ms_tools, dropout=0.1)
         encoder.set_train(True)
         ms.manual_seed(5)
-        losses.append(run_lora_step(encoder, CLIPLoss(encoder, weights), clip_inputs(), graph=graph)[0])
+        inputs = clip_inputs(ms_tools)
+        losses.append(run_lora_step(ms_tools, encoder, CLIPLoss(encoder, weights), inputs, graph=graph)[0])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    encoder = tiny_clip(dropout=0.1)
+    encoder = tiny_clip(ms_tools, dropout=0.1)
     encoder.set_train(True)
     ms.manual_seed(6)
-    assert abs(CLIPLoss(encoder, weights)(*clip_inputs()).asnumpy() - losses[0]) > 1e-6  # dropout is active
+    assert abs(CLIPLoss(encoder, weights)(*clip_inputs(ms_tools)).asnumpy() - losses[0]) > 1e-6  # dropout is active
 
 
-def test_clip_with_projection_lora_step():
-    encoder = tiny_clip(with_projection=True)
+def test_clip_with_projection_lora_step(ms_tools):
+    encoder = tiny_clip(ms_tools, with_projection=True)
 
     class ProjectionLoss(nn.Cell):
         def __init__(self):
@@ -663,7 +687,7 @@ def test_clip_with_projection_lora_step():
             out = self.encoder(input_ids, return_dict=False)
             return (out[0] ** 2).sum() + out[1].sum()  # text_embeds and last_hidden_state
 
-    run_lora_step(encoder, ProjectionLoss(), clip_inputs(), graph=False)
+    run_lora_step(ms_tools, encoder, ProjectionLoss(), clip_inputs(ms_tools), graph=False)
 
 
 class SDTrainStep:
@@ -726,15 +750,16 @@ def _scheduler():
 
 
 @pytest.mark.slow
-def test_mindone_train_step_pynative_and_graph():
+def test_mindone_train_step_pynative_and_graph(ms_tools):
     """Compile 4 of 4: a LoRA step on the tiny SD1.x UNet with mindone's TrainStep (value_and_grad +
     AdamWeightDecay) in both modes, from the same weights and generator seed: the same loss and the same update."""
+    T, graph_mode = ms_tools.T, ms_tools.graph_mode
     rng = np.random.default_rng(9)
     pixels = T(rng.uniform(-1, 1, (2, 3, 32, 32)), ms.float32)
     text = T(rng.standard_normal((2, 7, 32)), ms.float32)
     results = []
     for graph in (False, True):
-        unet = tiny_unet(SD1_UNET)
+        unet = tiny_unet(ms_tools, SD1_UNET)
         trainable = [p for p in unet.get_parameters() if p.requires_grad]
         before = {id(p): p.asnumpy().copy() for p in unet.get_parameters()}
         vae = tiny_vae()
@@ -763,8 +788,10 @@ def test_mindone_train_step_pynative_and_graph():
         np.testing.assert_allclose(b, a, atol=1e-5)
 
 
-def test_add_noise_and_compute_snr_match_numpy():
+def test_add_noise_and_compute_snr_match_numpy(ms_tools):
     from mindone.diffusers.training_utils import compute_snr
+
+    T = ms_tools.T
 
     scheduler = _scheduler()
     alphas = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
@@ -777,20 +804,21 @@ def test_add_noise_and_compute_snr_match_numpy():
                                rtol=1e-4)
 
 
-def test_half_precision_unet_with_float32_lora():
+def test_half_precision_unet_with_float32_lora(ms_tools):
     """fp16 frozen weights, LoRA weights upcast by cast_training_params: the step runs and stays finite."""
     from mindone.diffusers.training_utils import cast_training_params
 
-    unet = tiny_unet(SD1_UNET)
+    unet = tiny_unet(ms_tools, SD1_UNET)
     unet.to(ms.float16)
     cast_training_params(unet, ms.float32)
     dtypes = {p.requires_grad: p.dtype for p in unet.get_parameters()}
     assert dtypes == {True: ms.float32, False: ms.float16}
-    latents, timesteps, text, target = sd1_inputs()
-    run_lora_step(unet, UNetLoss(unet), (latents.half(), timesteps, text.half(), target), graph=False)
+    latents, timesteps, text, target = sd1_inputs(ms_tools)
+    run_lora_step(ms_tools, unet, UNetLoss(unet), (latents.half(), timesteps, text.half(), target), graph=False)
 
 
-def test_vae_round_trip_is_finite():
+def test_vae_round_trip_is_finite(ms_tools):
+    T = ms_tools.T
     vae = tiny_vae()
     images = T(np.random.default_rng(3).uniform(-1, 1, (1, 3, 32, 32)), ms.float32)
     moments = vae.encode(images)[0]
