@@ -14,20 +14,9 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.flux_keys_helpers import (
-    HIDDEN,
-    N_LINEAR,
-    assert_same_deltas,
-    flux_base,
-    flux_installed,
-    linear_shapes,
-    random_state,
-    tiny_transformer,
-)
 
 RNG = np.random.default_rng(7)
 pytestmark = pytest.mark.usefixtures("flux_installed")
-assert flux_installed  # a fixture, used by every test here
 
 
 def rand(*shape):
@@ -35,7 +24,8 @@ def rand(*shape):
 
 
 @pytest.fixture(scope="module")
-def shapes():
+def shapes(flux_keys):
+    linear_shapes, tiny_transformer = flux_keys.linear_shapes, flux_keys.tiny_transformer
     return linear_shapes(tiny_transformer())
 
 
@@ -48,7 +38,8 @@ def save(tmp_path, tensors, metadata=None, name="f.safetensors"):
 # ----------------------------------------------------------------------------- grammar vs the real model
 
 
-def test_every_linear_of_the_model_has_a_kohya_name_that_reads_back(shapes):
+def test_every_linear_of_the_model_has_a_kohya_name_that_reads_back(shapes, flux_keys):
+    N_LINEAR = flux_keys.N_LINEAR
     assert len(shapes) == N_LINEAR
     names = {}
     for path in shapes:
@@ -191,7 +182,8 @@ def _kohya_tensors(rng_seed=0):
     return t
 
 
-def test_kohya_file_reads_split_and_writes_back_fused(tmp_path, shapes):
+def test_kohya_file_reads_split_and_writes_back_fused(tmp_path, shapes, flux_keys):
+    assert_same_deltas = flux_keys.assert_same_deltas
     t = _kohya_tensors()
     path = save(tmp_path, t, {"ss_base_model_version": "flux1"})
     lf = open_lora(path)
@@ -225,7 +217,10 @@ def test_kohya_file_reads_split_and_writes_back_fused(tmp_path, shapes):
     assert meta["ss_network_module"] == "networks.lora_flux"
 
 
-def test_split_state_round_trips_through_both_formats(tmp_path, shapes):
+def test_split_state_round_trips_through_both_formats(tmp_path, shapes, flux_keys):
+    assert_same_deltas = flux_keys.assert_same_deltas
+    flux_base = flux_keys.flux_base
+    random_state = flux_keys.random_state
     state = random_state(shapes, seed=3)
     for fmt in (KohyaFormat(), DiffusersFormat()):
         path = fmt.write(state, str(tmp_path / fmt.name))
@@ -248,7 +243,8 @@ def _renamed(t, fn):
 
 
 @pytest.mark.parametrize("naming", ["comfyui", "comfyui_peft", "bare"])
-def test_comfyui_namings_read_like_kohya(tmp_path, naming):
+def test_comfyui_namings_read_like_kohya(tmp_path, naming, flux_keys):
+    assert_same_deltas = flux_keys.assert_same_deltas
     t = {k: v for k, v in _kohya_tensors().items() if k.startswith("lora_unet_")}
     want = read_lora(save(tmp_path, t, name="k.safetensors"))
 
@@ -318,7 +314,8 @@ def test_detection_from_keys_and_metadata():
     assert keys.variant_from_metadata({"modelspec.architecture": "flux-1-schnell/lora"}) == "schnell"
 
 
-def test_schnell_is_kept_when_converting(tmp_path, shapes):
+def test_schnell_is_kept_when_converting(tmp_path, shapes, flux_keys):
+    random_state = flux_keys.random_state
     state = random_state(shapes, paths=["proj_out"])
     state.metadata["modelspec.architecture"] = "flux-1-schnell/lora"
     path = KohyaFormat().write(state, str(tmp_path / "s.safetensors"))
@@ -332,7 +329,8 @@ def one_line(excinfo):
     return msg
 
 
-def test_flux_file_for_sd_base_and_sd_file_for_flux_base(tmp_path, shapes):
+def test_flux_file_for_sd_base_and_sd_file_for_flux_base(tmp_path, shapes, flux_keys):
+    flux_base = flux_keys.flux_base
     flux_path = save(tmp_path, _kohya_tensors(), name="flux.safetensors")
     sd1 = BaseModelInfo("sd1", {"layers_per_block": 2},
                         {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 768)}},
@@ -372,7 +370,8 @@ def test_unknown_keys_are_named_not_dropped(tmp_path):
     assert "img_attn_norm_query_norm" in one_line(e) and "1 key(s)" in one_line(e)
 
 
-def test_shape_mismatch_with_base_is_one_line(tmp_path, shapes):
+def test_shape_mismatch_with_base_is_one_line(tmp_path, shapes, flux_keys):
+    flux_base = flux_keys.flux_base
     t = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": rand(2, 16),
          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": rand(3 * 24, 2)}
     with pytest.raises(LoraError) as e:
@@ -401,7 +400,8 @@ def test_lycoris_module_on_a_fused_module_is_refused(tmp_path):
     assert "lora_unet_double_blocks_0_img_attn_qkv" in one_line(e) and "transformer_blocks.0.attn.to_q" in one_line(e)
 
 
-def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
+def test_hidden_width_is_taken_from_the_down_matrix_without_a_base(flux_keys):
+    HIDDEN = flux_keys.HIDDEN
     assert files.part_sizes(keys.bfl_parts("single_blocks_0_linear1"), LoraModule(rand(2, HIDDEN), rand(112, 2), 1.0),
                              None) == [16, 16, 16, 64]
     with pytest.raises(LoraError, match="--base"):
@@ -412,10 +412,12 @@ def test_hidden_width_is_taken_from_the_down_matrix_without_a_base():
 # ----------------------------------------------------------------------------- as an installed architecture
 
 
-def test_the_flux_architecture_is_asked_by_the_formats_and_the_reader(tmp_path, shapes, capsys):
+def test_the_flux_architecture_is_asked_by_the_formats_and_the_reader(tmp_path, shapes, capsys, flux_keys):
     from mindone_lora_plugin.architectures import detect_lora, label
     from mindone_lora_plugin.cli import main
     from mindone_lora_plugin.formats.names import parse_key as sd_parse_key
+
+    random_state = flux_keys.random_state
 
     assert label("flux") == "FLUX.1"
     state = random_state(shapes, seed=5, paths=[p for p in shapes if p.startswith("single_transformer_blocks.0.")])

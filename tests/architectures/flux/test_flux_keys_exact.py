@@ -23,15 +23,14 @@ from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.flux_keys_helpers import flux_installed, linear_shapes, tiny_transformer
 
 pytestmark = pytest.mark.usefixtures("flux_installed")
-assert flux_installed  # a fixture, used by every test here
 FUSED = ("_attn_qkv", "_linear1")
 
 
 @pytest.fixture(scope="module")
-def shapes():
+def shapes(flux_keys):
+    linear_shapes, tiny_transformer = flux_keys.linear_shapes, flux_keys.tiny_transformer
     return linear_shapes(tiny_transformer())
 
 

@@ -20,17 +20,8 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.flux_keys_helpers import (
-    assert_same_deltas,
-    flux_base,
-    flux_installed,
-    linear_shapes,
-    random_state,
-    tiny_transformer,
-)
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("flux_installed")]
-assert flux_installed  # a fixture, used by every test here
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -43,12 +34,14 @@ def _linear1_part(path):
 
 
 @pytest.fixture(scope="module")
-def base_model():
+def base_model(flux_keys):
+    tiny_transformer = flux_keys.tiny_transformer
     return tiny_transformer(seed=1)
 
 
 @pytest.fixture(scope="module")
-def shapes(base_model):
+def shapes(base_model, flux_keys):
+    linear_shapes = flux_keys.linear_shapes
     return linear_shapes(base_model)
 
 
@@ -81,8 +74,9 @@ def injected(model, adapter):
     return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter in m.lora_A}
 
 
-def test_kohya_file_loads_in_diffusers_with_the_same_outputs(tmp_path, base_model, shapes):
+def test_kohya_file_loads_in_diffusers_with_the_same_outputs(tmp_path, base_model, shapes, flux_keys):
     # kohya's default targets (every Linear of the double and single blocks) minus linear1 (see the module docstring)
+    random_state = flux_keys.random_state
     paths = [p for p in shapes if not p.startswith(OUTSIDE_BLOCKS) and not _linear1_part(p)]
     # one rank (as kohya trains): diffusers gives every converted module lora_alpha = the first module's rank, so
     # a kohya file whose ranks differ gets wrong scales there (ComfyUI and kohya read alpha / rank per module)
@@ -102,7 +96,8 @@ def test_kohya_file_loads_in_diffusers_with_the_same_outputs(tmp_path, base_mode
         assert float((want - base_model(**inputs())[0]).abs().max()) > 1e-2  # the LoRA does change the output
 
 
-def test_diffusers_file_loads_in_diffusers_exactly(tmp_path, base_model, shapes):
+def test_diffusers_file_loads_in_diffusers_exactly(tmp_path, base_model, shapes, flux_keys):
+    random_state = flux_keys.random_state
     state = random_state(shapes, seed=12)  # every Linear, alphas and ranks varying
     path = DiffusersFormat().write(state, str(tmp_path / "d"))
     model = copy.deepcopy(base_model)
@@ -119,9 +114,11 @@ def test_diffusers_file_loads_in_diffusers_exactly(tmp_path, base_model, shapes)
     assert float((got - merged_output(base_model, state)).abs().max()) <= 1e-4
 
 
-def test_files_made_by_diffusers_and_peft_read_exactly(tmp_path, base_model, shapes):
+def test_files_made_by_diffusers_and_peft_read_exactly(tmp_path, base_model, shapes, flux_keys):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    assert_same_deltas, flux_base = flux_keys.assert_same_deltas, flux_keys.flux_base
 
     model = copy.deepcopy(base_model)
     targets = sorted(shapes)
@@ -166,7 +163,8 @@ def _delta(sd, path):
     return (sd[f"{pre}.lora_B.weight"] @ sd[f"{pre}.lora_A.weight"]).double().numpy()  # scale folded in
 
 
-def test_diffusers_converter_agrees_on_embedders_and_final_layer(tmp_path, shapes):
+def test_diffusers_converter_agrees_on_embedders_and_final_layer(tmp_path, shapes, flux_keys):
+    random_state = flux_keys.random_state
     paths = [p for p in shapes if p.startswith(OUTSIDE_BLOCKS)]
     state = random_state(shapes, seed=13, paths=paths)
     names, sd = _converted(KohyaFormat().write(state, str(tmp_path / "outside.safetensors")))
@@ -209,12 +207,12 @@ def test_diffusers_converter_agrees_on_full_width_linear1(tmp_path, layout):
                                    atol=1e-6, err_msg=p)
 
 
-def test_mindone_loads_both_layouts_with_every_pair_and_scale(tmp_path):
+def test_mindone_loads_both_layouts_with_every_pair_and_scale(tmp_path, flux_keys):
     """mindone 0.5.0's ``FluxPipeline.load_lora_weights`` (MindSpore, injection only: no forward pass on CPU here)."""
+    TINY, random_state = flux_keys.TINY, flux_keys.random_state
     pytest.importorskip("mindspore")
     from mindone.diffusers import FluxPipeline as MsFluxPipeline, FluxTransformer2DModel as MsFlux
 
-    from tests.flux_keys_helpers import TINY
 
     for fmt in (DiffusersFormat(), KohyaFormat()):
         model = MsFlux(**TINY)

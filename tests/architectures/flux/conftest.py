@@ -1,7 +1,10 @@
-"""Shared by the FLUX format tests: a tiny torch ``FluxTransformer2DModel`` (module names and shapes as in mindone
-0.5.0 and the full model, widths tiny) and random LoRA states on its modules."""
+"""Shared by the FLUX format tests (the ``flux_keys`` and ``flux_installed`` fixtures): a tiny torch
+``FluxTransformer2DModel`` (module names and shapes as in mindone 0.5.0 and the full model, widths tiny) and random
+LoRA states on its modules."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,3 +93,11 @@ def flux_installed():
     get_plugin_manager().register_plugin(Plugin(), name="flux_formats_test")
     yield arch
     reset_plugin_manager()
+
+
+@pytest.fixture(scope="session")
+def flux_keys():
+    """The helpers and constants above, as attributes."""
+    return SimpleNamespace(TINY=TINY, HIDDEN=HIDDEN, N_LINEAR=N_LINEAR, tiny_transformer=tiny_transformer,
+                           linear_shapes=linear_shapes, flux_base=flux_base, random_state=random_state,
+                           assert_same_deltas=assert_same_deltas)
