@@ -22,7 +22,6 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import tiny_sd1 as tiny_sd1_info
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64]
 CONV = "down_blocks.1.resnets.0.conv1"  # [64, 32, 3, 3]
@@ -104,7 +103,7 @@ def test_hookspec_example_runs(plugin_manager):
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
-def test_kohya_round_trip_is_exact_and_inspect_names_the_algorithm(pm, tmp_path, capsys, algo):
+def test_kohya_round_trip_is_exact_and_inspect_names_the_algorithm(pm, tmp_path, capsys, algo, sd_fakes):
     st = state_of(pm, algo)
     path = KohyaFormat().write(st, str(tmp_path / f"{algo}.safetensors"))
     from safetensors import safe_open
@@ -114,7 +113,7 @@ def test_kohya_round_trip_is_exact_and_inspect_names_the_algorithm(pm, tmp_path,
     prefix = {"loha": "hada_", "lokr": "lokr_"}[algo]
     assert all(k.split(".", 1)[1].startswith(prefix) or k.endswith(".alpha") for k in keys)
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == algo
-    back = read_lora(path, base=tiny_sd1_info())
+    back = read_lora(path, base=sd_fakes.tiny_sd1())
     for comp, p, m in st.modules():
         got = back.components[comp][p]
         assert got.algorithm == algo and got.alpha == m.alpha and got.base_shape() == m.base_shape()

@@ -18,12 +18,12 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import random_state, tiny_sd1
 
 
-def _dora_state(axis: str, seed: int = 3) -> tuple[LoraState, dict]:
+def _dora_state(sd_fakes, axis: str, seed: int = 3) -> tuple[LoraState, dict]:
     """A random SD1 LoRA whose linear modules carry a DoRA magnitude (``axis`` "out": [out]; "in": [1, in]), and
     random base weights for them."""
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     base = tiny_sd1()
     plain = random_state(base, np.random.default_rng(seed), conv=False)
     rng = np.random.default_rng(seed + 1)
@@ -49,8 +49,8 @@ def _hand_dora(mod: LoraModule, w: np.ndarray, axis: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])
-def test_dora_merged_weight_matches_the_formula_of_each_axis(axis):
-    state, weights = _dora_state(axis)
+def test_dora_merged_weight_matches_the_formula_of_each_axis(axis, sd_fakes):
+    state, weights = _dora_state(sd_fakes, axis)
     other = "in" if axis == "out" else "out"
     for comp, path, mod in state.modules():
         w = weights[(comp, path)]
@@ -67,8 +67,8 @@ def _file_tensors(path):
     return load_file(path)
 
 
-def test_dora_files_hold_each_tools_layout_and_convert_exactly(tmp_path):
-    state, weights = _dora_state("out")
+def test_dora_files_hold_each_tools_layout_and_convert_exactly(tmp_path, sd_fakes):
+    state, weights = _dora_state(sd_fakes, "out")
     dpath = DiffusersFormat().write(state, str(tmp_path / "d"))
     kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora")
     d, k = _file_tensors(dpath), _file_tensors(kpath)
@@ -101,8 +101,8 @@ def test_dora_files_hold_each_tools_layout_and_convert_exactly(tmp_path):
                                   mod.algo.merged_weight(mod, weights[(comp, p)])), (path, comp, p)
 
 
-def test_input_side_dora_stays_kohya(tmp_path, capsys):
-    state, weights = _dora_state("in")
+def test_input_side_dora_stays_kohya(tmp_path, capsys, sd_fakes):
+    state, weights = _dora_state(sd_fakes, "in")
     kpath = KohyaFormat().write(state, str(tmp_path / "k"), output_name="dora_in")
     mags = [v for key, v in _file_tensors(kpath).items() if key.endswith(".dora_scale")]
     assert mags and all(v.ndim == 2 and v.shape[0] == 1 for v in mags)  # LyCORIS wd_on_out=False: [1, in]
@@ -118,8 +118,8 @@ def test_input_side_dora_stays_kohya(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "d" / "pytorch_lora_weights.safetensors")
 
 
-def test_dora_inspect_and_bad_magnitude(tmp_path, capsys):
-    state, _ = _dora_state("out")
+def test_dora_inspect_and_bad_magnitude(tmp_path, capsys, sd_fakes):
+    state, _ = _dora_state(sd_fakes, "out")
     path = KohyaFormat().write(state, str(tmp_path), output_name="dora")
     assert main(["inspect", path]) == 0
     assert "lora+dora" in capsys.readouterr().out

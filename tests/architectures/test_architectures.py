@@ -24,23 +24,26 @@ from mindone_lora_plugin.formats.names import parse_key, parse_keys
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.hookspecs import hookimpl
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import clip_modules, fake_model_folder, random_state, tiny_sd1, tiny_sdxl, unet_modules
 
 
-def tiny_sd2() -> BaseModelInfo:
+def tiny_sd2(sd_fakes) -> BaseModelInfo:
+    clip_modules, unet_modules = sd_fakes.clip_modules, sd_fakes.unet_modules
     return BaseModelInfo("sd2", {"layers_per_block": 2}, {"unet": unet_modules(cross=1024, linear_proj=True),
                                     "text_encoder": clip_modules(hidden=1024, layers=2, intermediate=64)},
                          source="<tiny-sd2>")
 
 
-def small_sd1() -> BaseModelInfo:
+def small_sd1(sd_fakes) -> BaseModelInfo:
     """SD1.x's real cross-attention width (768) on a tiny UNet (the tiny test model's 32 says nothing)."""
+    clip_modules, unet_modules = sd_fakes.clip_modules, sd_fakes.unet_modules
     return BaseModelInfo("sd1", {"layers_per_block": 2}, {"unet": unet_modules(cross=768, linear_proj=False),
                                     "text_encoder": clip_modules(hidden=768, layers=2, intermediate=64)},
                          source="<small-sd1>")
 
 
-BASES = {"sd1": small_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+def base_of(sd_fakes, arch: str) -> BaseModelInfo:
+    """The fake base model of ``arch`` (sd1: a smaller SD1.x than the shared one, sd2, sdxl)."""
+    return {"sd1": small_sd1, "sd2": tiny_sd2, "sdxl": lambda _: sd_fakes.tiny_sdxl()}[arch](sd_fakes)
 
 
 def register(pm, name: str, *architectures):
@@ -86,9 +89,11 @@ def test_a_nameless_architecture_drops_its_plugin_in_one_warning(plugin_manager,
     assert "nameless" in plugin_manager.broken and "has no name" in plugin_manager.broken["nameless"]
 
 
-def test_hookspec_example_registers_detects_and_is_listed(plugin_manager, tmp_path, capsys):
+def test_hookspec_example_registers_detects_and_is_listed(plugin_manager, tmp_path, capsys, sd_fakes):
     """The ``mindone_lora_architectures`` docstring example is real code: its family is found in folders and files."""
     from mindone_lora_plugin import hookspecs
+
+    fake_model_folder, random_state, tiny_sd1 = sd_fakes.fake_model_folder, sd_fakes.random_state, sd_fakes.tiny_sd1
 
     ns: dict = {}
     exec(compile(textwrap.dedent(hookspecs.mindone_lora_architectures.__doc__.split("Example::", 1)[1]),
@@ -120,8 +125,9 @@ def test_hookspec_example_registers_detects_and_is_listed(plugin_manager, tmp_pa
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_model_folders_are_detected_through_the_architectures(tmp_path, plugin_manager, arch):
-    folder = fake_model_folder(BASES[arch](), tmp_path / arch)
+def test_model_folders_are_detected_through_the_architectures(tmp_path, plugin_manager, arch, sd_fakes):
+    fake_model_folder = sd_fakes.fake_model_folder
+    folder = fake_model_folder(base_of(sd_fakes, arch), tmp_path / arch)
     info = BaseModelInfo.from_folder(folder)
     assert info.architecture == arch and info.components() == list(plugin_manager.get_architecture(arch)
                                                                    .component_names())
@@ -142,8 +148,9 @@ def test_a_folder_no_architecture_knows_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("fmt", [KohyaFormat, DiffusersFormat])
-def test_lora_files_are_detected_through_the_architectures(tmp_path, arch, fmt):
-    state = random_state(BASES[arch](), np.random.default_rng(3))
+def test_lora_files_are_detected_through_the_architectures(tmp_path, arch, fmt, sd_fakes):
+    random_state = sd_fakes.random_state
+    state = random_state(base_of(sd_fakes, arch), np.random.default_rng(3))
     path = fmt().write(state, str(tmp_path / "x.safetensors"))
     tensors, metadata = safetensors_io.load(path)
     found = detect_lora(parse_keys(tensors, path), tensors, {})  # keys and shapes alone, no header
@@ -217,7 +224,8 @@ def toy_folder(tmp_path) -> str:
     return str(folder)
 
 
-def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manager, tmp_path, capsys):
+def test_a_third_party_family_is_detected_named_written_and_listed(plugin_manager, tmp_path, capsys, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     register(plugin_manager, "toy_plugin", Toy())
     folder = toy_folder(tmp_path)
     info = BaseModelInfo.from_folder(folder)

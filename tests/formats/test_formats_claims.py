@@ -13,7 +13,6 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import builtin_formats, detect_format, format_claims, open_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import random_state, tiny_sd1
 
 
 def _state():
@@ -73,7 +72,8 @@ def test_builtin_claims_follow_the_share_of_keys():
     assert SniffOnly().claim(k, {}) == CLAIM_WEAK
 
 
-def test_strongest_claim_wins_whoever_offers_it(tmp_path):
+def test_strongest_claim_wins_whoever_offers_it(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     path = KohyaFormat().write(random_state(tiny_sd1(), conv=False), str(tmp_path / "k.safetensors"),
                                metadata={"writer": "sure"})
     formats = builtin_formats() + [SniffOnly(), BrokenClaim()]

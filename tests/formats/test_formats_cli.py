@@ -17,7 +17,6 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
-from tests.formats_helpers import assert_states_equal, fake_model_folder, random_state, tiny_sd1, tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +30,8 @@ def parse(*argv):
 
 
 @pytest.fixture(scope="module")
-def sdxl_state():
+def sdxl_state(sd_fakes):
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
     return random_state(tiny_sdxl(), np.random.default_rng(11))
 
 
@@ -42,7 +42,8 @@ def sdxl_kohya(tmp_path_factory, sdxl_state):
 
 
 @pytest.mark.smoke
-def test_convert_kohya_to_diffusers_folder(tmp_path, capsys, sdxl_state, sdxl_kohya):
+def test_convert_kohya_to_diffusers_folder(tmp_path, capsys, sdxl_state, sdxl_kohya, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     assert convert.run(parse("convert", sdxl_kohya, tmp_path / "out", "--to", "diffusers")) == 0
     written = tmp_path / "out" / "pytorch_lora_weights.safetensors"
     assert str(written) in capsys.readouterr().out
@@ -51,7 +52,10 @@ def test_convert_kohya_to_diffusers_folder(tmp_path, capsys, sdxl_state, sdxl_ko
     assert meta["ss_learning_rate"] == "0.0001" and "sshs_model_hash" not in meta
 
 
-def test_convert_diffusers_to_kohya_file_with_base_and_dtype(tmp_path, sdxl_state):
+def test_convert_diffusers_to_kohya_file_with_base_and_dtype(tmp_path, sdxl_state, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
+    fake_model_folder = sd_fakes.fake_model_folder
+    tiny_sdxl = sd_fakes.tiny_sdxl
     DiffusersFormat().write(sdxl_state, str(tmp_path / "d"))
     model = fake_model_folder(tiny_sdxl(), tmp_path / "model")
     out = tmp_path / "converted.safetensors"
@@ -74,8 +78,9 @@ def test_convert_into_existing_folder_uses_input_name(tmp_path, sdxl_kohya):
     assert os.listdir(tmp_path / "dest") == ["style.safetensors"]
 
 
-def test_convert_unknown_architecture_needs_base(tmp_path):
+def test_convert_unknown_architecture_needs_base(tmp_path, sd_fakes):
     """Attention-only tiny SD1 LoRA without metadata: nothing tells SD1 from SDXL."""
+    fake_model_folder, random_state, tiny_sd1 = sd_fakes.fake_model_folder, sd_fakes.random_state, sd_fakes.tiny_sd1
     base = tiny_sd1()
     st = random_state(base, conv=False, components=("unet",))
     tensors = {}
@@ -121,7 +126,8 @@ def test_inspect_text(capsys, sdxl_kohya):
     assert "ss_output_name: style" in text
 
 
-def test_inspect_uniform(tmp_path, capsys):
+def test_inspect_uniform(tmp_path, capsys, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     st = random_state(tiny_sd1(), vary=False, conv=False, ranks=(4,), alphas=(1.0,))
     p = KohyaFormat().write(st, str(tmp_path / "u.safetensors"))
     assert main(["inspect", p]) == 0

@@ -13,17 +13,18 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
-from tests.formats_helpers import fake_model_folder, random_state, tiny_sd1, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, sd_fakes):
+    fake_model_folder, tiny_sd1, tiny_sdxl = sd_fakes.fake_model_folder, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     root = tmp_path_factory.mktemp("models")
     return {"sd1": fake_model_folder(tiny_sd1(), root / "sd1"), "sdxl": fake_model_folder(tiny_sdxl(), root / "sdxl")}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, sd_fakes):
+    random_state, tiny_sd1, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     root = tmp_path_factory.mktemp("loras")
     sd1 = random_state(tiny_sd1(), np.random.default_rng(0))
     sdxl = random_state(tiny_sdxl(), np.random.default_rng(1))
@@ -107,9 +108,11 @@ def test_other_architecture(tmp_path, capsys, files, models, lora, base, match):
     convert_fails(capsys, tmp_path, files[lora], "--base", models[base], match=match)
 
 
-def test_other_architecture_without_metadata(tmp_path, files):
+def test_other_architecture_without_metadata(tmp_path, files, sd_fakes):
     """No metadata at all: the keys and shapes still refuse the wrong base."""
     from mindone_lora_plugin import safetensors_io
+
+    tiny_sd1, tiny_sdxl = sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
 
     for lora, base, match in (("sdxl_kohya", tiny_sd1(), "SDXL"), ("sd1_kohya", tiny_sdxl(), "shape mismatch")):
         tensors, _ = safetensors_io.load(files[lora])
@@ -124,7 +127,8 @@ def test_other_architecture_without_metadata(tmp_path, files):
         read_lora(str(tmp_path / "xl_unet.safetensors"), base=tiny_sd1())
 
 
-def test_shape_mismatch(tmp_path, capsys, models):
+def test_shape_mismatch(tmp_path, capsys, models, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     state = random_state(tiny_sd1(), np.random.default_rng(2), conv=False)
     path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     m = state.components["unet"][path]

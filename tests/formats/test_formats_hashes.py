@@ -12,7 +12,6 @@ from safetensors.numpy import save
 
 from mindone_lora_plugin.formats.hashes import EMPTY_SHA256, save_with_sshs, sshs_hashes
 from mindone_lora_plugin.safetensors_io import header_bytes, layout
-from tests.formats_helpers import random_state, tiny_sdxl
 
 
 def reference_hashes(tensors, metadata):
@@ -99,9 +98,11 @@ def test_save_with_sshs_writes_a_valid_file(tmp_path, monkeypatch, dtype, thread
                                                                sshs_legacy_hash=legacy))
 
 
-def test_kohya_file_hashes_match_reference(tmp_path):
+def test_kohya_file_hashes_match_reference(tmp_path, sd_fakes):
     from mindone_lora_plugin import safetensors_io
     from mindone_lora_plugin.formats.kohya import KohyaFormat
+
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
 
     state = random_state(tiny_sdxl(), np.random.default_rng(9), ranks=(16, 32))
     for dtype in ("fp32", "fp16", "bf16"):

@@ -12,7 +12,6 @@ from mindone_lora_plugin.architectures.sd.tiny import SD1_UNET, SDXL_UNET
 from mindone_lora_plugin.demo.tiny import CLIP
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
-from tests.formats_helpers import random_state, tiny_sd1, tiny_sdxl
 
 pytestmark = pytest.mark.interop
 
@@ -66,7 +65,8 @@ def _load(pipe, models, folder, weight_name, with_metadata):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_hf_diffusers_loads_diffusers_file_exactly(tmp_path, arch):
+def test_hf_diffusers_loads_diffusers_file_exactly(tmp_path, arch, sd_fakes):
+    random_state, tiny_sd1, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     pipe, models = _torch_models(arch)
     base = tiny_sdxl() if arch == "sdxl" else tiny_sd1()
     state = random_state(base, np.random.default_rng(0))  # ranks and alphas vary per module
@@ -76,7 +76,8 @@ def test_hf_diffusers_loads_diffusers_file_exactly(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_hf_diffusers_loads_kohya_file(tmp_path, arch):
+def test_hf_diffusers_loads_kohya_file(tmp_path, arch, sd_fakes):
+    random_state, tiny_sd1, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     base = tiny_sdxl() if arch == "sdxl" else tiny_sd1()
     for vary in (False, True):
         pipe, models = _torch_models(arch)
@@ -88,7 +89,8 @@ def test_hf_diffusers_loads_kohya_file(tmp_path, arch):
               lambda layer: layer.weight.detach().numpy(), scales=not vary)
 
 
-def test_mindone_loads_diffusers_and_kohya_files(tmp_path):
+def test_mindone_loads_diffusers_and_kohya_files(tmp_path, sd_fakes):
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
     pytest.importorskip("mindspore")
     from mindone_lora_plugin.runtime.process import quiet_mindone_imports
 
@@ -118,7 +120,8 @@ def test_mindone_loads_diffusers_and_kohya_files(tmp_path):
     check(uniform, cells(ms), lambda layer: layer.weight.asnumpy())
 
 
-def test_lora_config_fields_accepted_by_both():
+def test_lora_config_fields_accepted_by_both(sd_fakes):
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
     pytest.importorskip("peft")
     pytest.importorskip("mindspore")
     import json

@@ -14,15 +14,6 @@ from mindone_lora_plugin.errors import LoraError
 from mindone_lora_plugin.formats.names import NameResolver, parse_key
 from mindone_lora_plugin.formats.reader import open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import (
-    assert_states_equal,
-    clip_modules,
-    random_state,
-    real_sd1_unet,
-    real_sdxl_unet,
-    tiny_sd1,
-    tiny_sdxl,
-)
 
 
 def write(path, tensors, metadata=None):
@@ -96,9 +87,11 @@ def test_parse_key_rejects(key):
 # --------------------------------------------------------------------------- grammar
 
 
-@pytest.mark.parametrize("modules", [real_sdxl_unet(), real_sd1_unet(), tiny_sdxl().modules["unet"],
-                                     clip_modules(hidden=1280, layers=32, projection=1280)])
-def test_grammar_inverts_every_module_name(modules):
+@pytest.mark.parametrize("which", ["real_sdxl_unet", "real_sd1_unet", "tiny_sdxl_unet", "big_clip"])
+def test_grammar_inverts_every_module_name(which, sd_fakes):
+    modules = {"real_sdxl_unet": sd_fakes.real_sdxl_unet, "real_sd1_unet": sd_fakes.real_sd1_unet,
+               "tiny_sdxl_unet": lambda: sd_fakes.tiny_sdxl().modules["unet"],
+               "big_clip": lambda: sd_fakes.clip_modules(hidden=1280, layers=32, projection=1280)}[which]()
     for path in modules:
         assert flat_to_dotted(path.replace(".", "_")) == path
     if "conv_in" in modules:
@@ -107,7 +100,8 @@ def test_grammar_inverts_every_module_name(modules):
             assert flat_to_dotted(s.replace(".", "_")) == s
 
 
-def test_resolver_with_and_without_base_agree():
+def test_resolver_with_and_without_base_agree(sd_fakes):
+    tiny_sdxl = sd_fakes.tiny_sdxl
     base = tiny_sdxl()
     with_base, grammar = NameResolver(base), NameResolver(None)
     for comp, mods in base.modules.items():
@@ -129,12 +123,14 @@ def test_resolver_with_and_without_base_agree():
 
 
 @pytest.fixture(scope="module")
-def sd1_state():
+def sd1_state(sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     return random_state(tiny_sd1(), np.random.default_rng(1))
 
 
 @pytest.fixture(scope="module")
-def sdxl_state():
+def sdxl_state(sd_fakes):
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
     return random_state(tiny_sdxl(), np.random.default_rng(2))
 
 
@@ -149,7 +145,8 @@ def kohya_name(arch):
 
 
 @pytest.mark.parametrize("with_base", [False, True])
-def test_kohya_sd1(tmp_path, sd1_state, with_base):
+def test_kohya_sd1(tmp_path, sd1_state, with_base, sd_fakes):
+    assert_states_equal, tiny_sd1 = sd_fakes.assert_states_equal, sd_fakes.tiny_sd1
     p = write(tmp_path / "k.safetensors", keyed(sd1_state, kohya_name("sd1")))
     got = read_lora(p, base=tiny_sd1() if with_base else None)
     assert_states_equal(sd1_state, got)
@@ -158,7 +155,8 @@ def test_kohya_sd1(tmp_path, sd1_state, with_base):
 
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("naming", ["sgm", "diffusers"])
-def test_kohya_sdxl(tmp_path, sdxl_state, with_base, naming):
+def test_kohya_sdxl(tmp_path, sdxl_state, with_base, naming, sd_fakes):
+    assert_states_equal, tiny_sdxl = sd_fakes.assert_states_equal, sd_fakes.tiny_sdxl
     fn = kohya_name("sdxl") if naming == "sgm" else (
         lambda c, p: {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[c]
         + "_" + p.replace(".", "_"))
@@ -169,14 +167,16 @@ def test_kohya_sdxl(tmp_path, sdxl_state, with_base, naming):
     assert lf.info.sgm == (naming == "sgm")
 
 
-def test_lora_te1_on_sd1(tmp_path, sd1_state):
+def test_lora_te1_on_sd1(tmp_path, sd1_state, sd_fakes):
+    assert_states_equal, tiny_sd1 = sd_fakes.assert_states_equal, sd_fakes.tiny_sd1
     fn = lambda c, p: ("lora_unet_" if c == "unet" else "lora_te1_") + p.replace(".", "_")  # noqa: E731
     p = write(tmp_path / "k.safetensors", keyed(sd1_state, fn))
     assert_states_equal(sd1_state, read_lora(p, base=tiny_sd1()))
     assert_states_equal(sd1_state, read_lora(p))
 
 
-def test_comfy_diffusion_model_prefix(tmp_path, sdxl_state):
+def test_comfy_diffusion_model_prefix(tmp_path, sdxl_state, sd_fakes):
+    assert_states_equal, tiny_sdxl = sd_fakes.assert_states_equal, sd_fakes.tiny_sdxl
     unet_only = LoraState(components={"unet": sdxl_state.components["unet"]})
     for down, up in (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight")):
         tensors = keyed(unet_only, lambda c, p: "diffusion_model." + sgm.diffusers_to_sgm(p, 2), down, up)
@@ -192,14 +192,16 @@ def test_comfy_diffusion_model_prefix(tmp_path, sdxl_state):
     lambda m: np.array([m.alpha], np.float32),
     lambda m: np.array(m.alpha, ml_dtypes.bfloat16),
 ], ids=["f32", "f16", "f64", "shape1", "bf16"])
-def test_alpha_storage(tmp_path, sd1_state, alpha_fn):
+def test_alpha_storage(tmp_path, sd1_state, alpha_fn, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     p = write(tmp_path / "k.safetensors", keyed(sd1_state, kohya_name("sd1"), alpha_fn=alpha_fn))
     got = read_lora(p)
     expect = with_alpha(sd1_state, lambda c, q, m: float(np.asarray(alpha_fn(m)).astype(np.float64).reshape(-1)[0]))
     assert_states_equal(expect, got)
 
 
-def test_integer_alpha_and_missing_alpha(tmp_path, sd1_state):
+def test_integer_alpha_and_missing_alpha(tmp_path, sd1_state, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     ints = with_alpha(sd1_state, lambda c, p, m: float(int(m.alpha) or 1))
     p = write(tmp_path / "i.safetensors", keyed(ints, kohya_name("sd1"), alpha_fn=lambda m: np.array(int(m.alpha),
                                                                                                     np.int64)))
@@ -209,7 +211,8 @@ def test_integer_alpha_and_missing_alpha(tmp_path, sd1_state):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
-def test_half_precision_tensors(tmp_path, sd1_state, dtype):
+def test_half_precision_tensors(tmp_path, sd1_state, dtype, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     st = sd1_state.astype(dtype)
     p = write(tmp_path / "k.safetensors", keyed(st, kohya_name("sd1"), alpha_fn=lambda m: np.array(m.alpha, dtype)))
     got = read_lora(p)
@@ -221,18 +224,21 @@ def peft_name(c, p):
     return f"{c}.{p}"
 
 
-def test_peft_without_metadata_means_alpha_equals_rank(tmp_path, sdxl_state):
+def test_peft_without_metadata_means_alpha_equals_rank(tmp_path, sdxl_state, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     p = write(tmp_path / "pytorch_lora_weights.safetensors",
               keyed(sdxl_state, peft_name, "lora_A.weight", "lora_B.weight", alpha=False))
     assert_states_equal(with_alpha(sdxl_state, lambda c, q, m: float(m.rank)), read_lora(p))
 
 
-def test_peft_with_alpha_keys(tmp_path, sdxl_state):
+def test_peft_with_alpha_keys(tmp_path, sdxl_state, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     p = write(tmp_path / "a.safetensors", keyed(sdxl_state, peft_name, "lora_A.weight", "lora_B.weight"))
     assert_states_equal(sdxl_state, read_lora(p))
 
 
-def test_diffusers_lora_down_up_and_linear_layer(tmp_path, sd1_state):
+def test_diffusers_lora_down_up_and_linear_layer(tmp_path, sd1_state, sd_fakes):
+    assert_states_equal, tiny_sd1 = sd_fakes.assert_states_equal, sd_fakes.tiny_sd1
     tensors = {}
     for comp, path, mod in sd1_state.modules():
         if comp == "unet":
@@ -245,8 +251,9 @@ def test_diffusers_lora_down_up_and_linear_layer(tmp_path, sd1_state):
     assert_states_equal(with_alpha(sd1_state, lambda c, q, m: float(m.rank)), read_lora(p, base=tiny_sd1()))
 
 
-def test_mindone_mixed_style(tmp_path, sd1_state):
+def test_mindone_mixed_style(tmp_path, sd1_state, sd_fakes):
     """What mindone 0.5.0's convert_state_dict_to_diffusers writes: attention .lora.down/up, the rest lora_A/B."""
+    assert_states_equal = sd_fakes.assert_states_equal
     tensors = {}
     for comp, path, mod in sd1_state.modules():
         attn = comp == "unet" and path.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or path.endswith("to_out.0")
@@ -257,7 +264,8 @@ def test_mindone_mixed_style(tmp_path, sd1_state):
     assert_states_equal(with_alpha(sd1_state, lambda c, q, m: float(m.rank)), read_lora(p))
 
 
-def test_old_attention_processor_keys(tmp_path, sd1_state):
+def test_old_attention_processor_keys(tmp_path, sd1_state, sd_fakes):
+    assert_states_equal, tiny_sd1 = sd_fakes.assert_states_equal, sd_fakes.tiny_sd1
     attn = LoraState()
     tensors = {}
     te_names = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
@@ -278,8 +286,10 @@ def test_old_attention_processor_keys(tmp_path, sd1_state):
     assert_states_equal(attn, read_lora(p, base=tiny_sd1()))
 
 
-def test_diffusers_metadata_patterns_restore_alphas(tmp_path, sdxl_state):
+def test_diffusers_metadata_patterns_restore_alphas(tmp_path, sdxl_state, sd_fakes):
     from mindone_lora_plugin.formats.diffusers import adapter_metadata
+
+    assert_states_equal = sd_fakes.assert_states_equal
 
     meta = {"format": "np", "lora_adapter_metadata": json.dumps(adapter_metadata(sdxl_state), indent=2,
                                                                 sort_keys=True)}
@@ -288,7 +298,8 @@ def test_diffusers_metadata_patterns_restore_alphas(tmp_path, sdxl_state):
     assert_states_equal(sdxl_state, read_lora(p))
 
 
-def test_peft_model_prefix_with_adapter_config(tmp_path, sd1_state):
+def test_peft_model_prefix_with_adapter_config(tmp_path, sd1_state, sd_fakes):
+    assert_states_equal, tiny_sd1 = sd_fakes.assert_states_equal, sd_fakes.tiny_sd1
     unet = LoraState(components={"unet": sd1_state.components["unet"]})
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -345,7 +356,8 @@ def test_stray_alpha_and_bad_alpha(tmp_path, sd1_state):
         read_lora(write(tmp_path / "a.safetensors", tensors))
 
 
-def test_unparseable_names_listed(tmp_path, sd1_state):
+def test_unparseable_names_listed(tmp_path, sd1_state, sd_fakes):
+    tiny_sd1 = sd_fakes.tiny_sd1
     tensors = keyed(sd1_state, kohya_name("sd1"))
     tensors["lora_unet_down_blocks_1_wibble_0.lora_down.weight"] = np.zeros((2, 4), np.float32)
     tensors["lora_unet_down_blocks_1_wibble_0.lora_up.weight"] = np.zeros((4, 2), np.float32)

@@ -9,7 +9,6 @@ from mindone_lora_plugin.formats.base import LoraFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import builtin_formats, detect_format, get_format, open_lora, read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import random_state, tiny_sd1
 
 
 def one_module_state():
@@ -66,7 +65,8 @@ def test_third_party_file_format(tmp_path):
         read_lora(str(p))  # built-ins only
 
 
-def test_builtins_first_and_broken_sniff_ignored(tmp_path):
+def test_builtins_first_and_broken_sniff_ignored(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     p = KohyaFormat().write(random_state(tiny_sd1(), conv=False), str(tmp_path / "k.safetensors"))
     lf = open_lora(p, formats={"greedy": GreedyBrokenFormat(), **{f.name: f for f in builtin_formats()}})
     assert lf.format.name == "kohya"
@@ -80,7 +80,8 @@ def test_folder_format(tmp_path):
     assert lf.format.name == "folder"
 
 
-def test_explicit_format_and_lookup(tmp_path):
+def test_explicit_format_and_lookup(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     p = KohyaFormat().write(random_state(tiny_sd1(), conv=False), str(tmp_path / "k.safetensors"))
     assert open_lora(p, format="diffusers").format.name == "diffusers"  # any plain naming reads
     with pytest.raises(LoraError, match="unknown LoRA format 'npz'; choose one of: diffusers, kohya"):

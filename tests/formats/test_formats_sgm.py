@@ -3,7 +3,6 @@
 import pytest
 
 from mindone_lora_plugin.architectures.sd import sgm
-from tests.formats_helpers import kohya_targets, real_sd1_unet, real_sdxl_unet, tiny_sdxl
 
 # §2.3: the real SDXL base layout (3 down blocks, layers_per_block 2, transformer layers (1, 2, 10))
 SDXL_TABLE = [
@@ -83,7 +82,8 @@ def test_reference_example_keys():
 
 
 @pytest.mark.parametrize("layout", ["real_sdxl", "real_sd1", "tiny_sdxl"])
-def test_every_module_round_trips(layout):
+def test_every_module_round_trips(layout, sd_fakes):
+    real_sd1_unet, real_sdxl_unet, tiny_sdxl = sd_fakes.real_sd1_unet, sd_fakes.real_sdxl_unet, sd_fakes.tiny_sdxl
     modules = {"real_sdxl": real_sdxl_unet, "real_sd1": real_sd1_unet,
                "tiny_sdxl": lambda: tiny_sdxl().modules["unet"]}[layout]()
     attn_blocks = {int(p.split(".")[1]) for p in modules if p.startswith("up_blocks.") and ".attentions." in p}
@@ -122,7 +122,8 @@ def test_invalid_paths():
             sgm.sgm_to_diffusers(bad, 2)
 
 
-def test_infer_layers_per_block():
+def test_infer_layers_per_block(sd_fakes):
+    kohya_targets, real_sdxl_unet = sd_fakes.kohya_targets, sd_fakes.real_sdxl_unet
     paths = [sgm.diffusers_to_sgm(p, 2) for p in kohya_targets(real_sdxl_unet(), conv=True)]
     assert sgm.infer_layers_per_block(paths) == 2
     l3 = [sgm.diffusers_to_sgm(p, 3) for p in ("down_blocks.0.downsamplers.0.conv", "down_blocks.1.resnets.2.conv1")]
@@ -131,9 +132,10 @@ def test_infer_layers_per_block():
     assert sgm.infer_layers_per_block([]) is None
 
 
-def test_upsampler_either_inner_index_resolves_with_base():
+def test_upsampler_either_inner_index_resolves_with_base(sd_fakes):
     from mindone_lora_plugin.formats.names import NameResolver
-    from tests.formats_helpers import tiny_sd1
+
+    tiny_sd1 = sd_fakes.tiny_sd1
 
     r = NameResolver(tiny_sd1())
     for spelling in ("output_blocks.2.2.conv", "output_blocks.2.1.conv"):

@@ -9,7 +9,6 @@ from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
-from tests.formats_helpers import assert_states_equal, random_state, tiny_sd1, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +17,9 @@ def folders(tiny_sd1, tiny_sdxl):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_synthetic_layout_matches_the_tiny_folder(folders, arch):
+def test_synthetic_layout_matches_the_tiny_folder(folders, arch, sd_fakes):
     """The synthetic module lists the other format tests use are the tiny models' real ones."""
+    tiny_sd1, tiny_sdxl = sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     real = BaseModelInfo.from_folder(folders[arch])
     synthetic = tiny_sd1() if arch == "sd1" else tiny_sdxl()
     assert real.architecture == synthetic.architecture
@@ -28,7 +28,8 @@ def test_synthetic_layout_matches_the_tiny_folder(folders, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_convert_with_real_base(tmp_path, capsys, folders, arch):
+def test_convert_with_real_base(tmp_path, capsys, folders, arch, sd_fakes):
+    assert_states_equal, random_state = sd_fakes.assert_states_equal, sd_fakes.random_state
     base = BaseModelInfo.from_folder(folders[arch])
     state = random_state(base, np.random.default_rng(0))
     src = DiffusersFormat().write(state, str(tmp_path / "d"))
@@ -41,9 +42,11 @@ def test_convert_with_real_base(tmp_path, capsys, folders, arch):
     assert not (tmp_path / "x").exists()
 
 
-def test_bf16_files_with_mindspore_imported(tmp_path):
+def test_bf16_files_with_mindspore_imported(tmp_path, sd_fakes):
     """MindSpore registers its own numpy bfloat16, which safetensors then returns; reading and casting still work."""
     import ml_dtypes
+
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
 
     pytest.importorskip("mindspore")
     import mindspore  # noqa: F401

@@ -15,7 +15,6 @@ from mindone_lora_plugin.formats.diffusers import DiffusersFormat
 from mindone_lora_plugin.formats.kohya import KohyaFormat
 from mindone_lora_plugin.formats.reader import read_lora
 from mindone_lora_plugin.state import LoraModule, LoraState
-from tests.formats_helpers import assert_states_equal, random_state, tiny_sd1, tiny_sdxl
 
 # LoraConfig fields accepted by both mindone 0.5.0 (mindone.peft) and peft 0.21 (diffusers 0.39)
 COMMON_LORA_CONFIG_FIELDS = {
@@ -25,7 +24,8 @@ COMMON_LORA_CONFIG_FIELDS = {
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
-def case(request):
+def case(request, sd_fakes):
+    random_state, tiny_sd1, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     base = tiny_sd1() if request.param == "sd1" else tiny_sdxl()
     return base, random_state(base, np.random.default_rng(7))
 
@@ -33,7 +33,8 @@ def case(request):
 # --------------------------------------------------------------------------- diffusers
 
 
-def test_diffusers_file(tmp_path, case):
+def test_diffusers_file(tmp_path, case, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     base, state = case
     path = DiffusersFormat().write(state, str(tmp_path), metadata={"ss_learning_rate": "1e-4", "seed": "3"},
                                    output_name="run")
@@ -74,7 +75,8 @@ def test_diffusers_default_filename_ignores_output_name(tmp_path):
     assert fmt.output_path(str(tmp_path / "f.safetensors"), "x") == str(tmp_path / "f.safetensors")
 
 
-def test_diffusers_uniform_has_empty_patterns(tmp_path):
+def test_diffusers_uniform_has_empty_patterns(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     state = random_state(tiny_sd1(), vary=False, ranks=(4,), alphas=(2.0,))
     cfg = json.loads(safetensors_io.read_metadata(DiffusersFormat().write(state, str(tmp_path)))
                      ["lora_adapter_metadata"])
@@ -85,7 +87,8 @@ def test_diffusers_uniform_has_empty_patterns(tmp_path):
 # --------------------------------------------------------------------------- kohya
 
 
-def test_kohya_file(tmp_path, case):
+def test_kohya_file(tmp_path, case, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     base, state = case
     meta_in = {"ss_learning_rate": "0.0001", "ss_steps": "100", "format": "np", "lora_adapter_metadata": "{}",
                "sshs_model_hash": "stale"}
@@ -129,7 +132,8 @@ def test_kohya_file(tmp_path, case):
     assert_states_equal(state, read_lora(path))
 
 
-def test_kohya_uniform_metadata(tmp_path):
+def test_kohya_uniform_metadata(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     base = tiny_sd1()
     lin = random_state(base, conv=False, vary=False, ranks=(8,), alphas=(4.0,))
     path = KohyaFormat().write(lin, str(tmp_path / "a.safetensors"))
@@ -147,7 +151,8 @@ def test_kohya_uniform_metadata(tmp_path):
     assert json.loads(meta["ss_network_args"]) == {"dropout": "0.1", "conv_dim": "2", "conv_alpha": "1.0"}
 
 
-def test_kohya_sd2_metadata(tmp_path):
+def test_kohya_sd2_metadata(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     state = random_state(tiny_sd1(), conv=False)
     state.architecture = "sd2"
     meta = safetensors_io.read_metadata(KohyaFormat().write(state, str(tmp_path / "v.safetensors"),
@@ -157,7 +162,8 @@ def test_kohya_sd2_metadata(tmp_path):
     assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.resolution"] == "768x768"
 
 
-def test_kohya_output_folder(tmp_path):
+def test_kohya_output_folder(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     state = random_state(tiny_sd1(), conv=False)
     path = KohyaFormat().write(state, str(tmp_path), output_name="my_run")
     assert path == str(tmp_path / "my_run.safetensors")
@@ -165,7 +171,10 @@ def test_kohya_output_folder(tmp_path):
 
 @pytest.mark.parametrize("dtype,np_dtype", [("fp32", np.float32), ("fp16", np.float16),
                                             ("bf16", ml_dtypes.bfloat16)])
-def test_kohya_dtypes(tmp_path, dtype, np_dtype):
+def test_kohya_dtypes(tmp_path, dtype, np_dtype, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
+    random_state = sd_fakes.random_state
+    tiny_sdxl = sd_fakes.tiny_sdxl
     state = random_state(tiny_sdxl(), np.random.default_rng(3), alphas=(1.0, 0.3, 8.0))
     path = KohyaFormat().write(state, str(tmp_path / "k.safetensors"), dtype=dtype)
     tensors, _ = safetensors_io.load(path)
@@ -184,7 +193,8 @@ def test_kohya_dtypes(tmp_path, dtype, np_dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_diffusers_dtypes(tmp_path, dtype):
+def test_diffusers_dtypes(tmp_path, dtype, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     state = random_state(tiny_sd1(), np.random.default_rng(4))
     got = read_lora(DiffusersFormat().write(state, str(tmp_path), dtype=dtype))
     assert got.dtype() == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
@@ -192,7 +202,8 @@ def test_diffusers_dtypes(tmp_path, dtype):
         assert got.components[comp][p].alpha == m.alpha  # alphas live in JSON: exact
 
 
-def test_round_trip_diffusers_kohya_diffusers(tmp_path, case):
+def test_round_trip_diffusers_kohya_diffusers(tmp_path, case, sd_fakes):
+    assert_states_equal = sd_fakes.assert_states_equal
     base, state = case
     d1 = DiffusersFormat().write(state, str(tmp_path / "a"))
     s1 = read_lora(d1)
@@ -205,7 +216,8 @@ def test_round_trip_diffusers_kohya_diffusers(tmp_path, case):
     assert s3.architecture == base.architecture
 
 
-def test_kohya_needs_architecture(tmp_path):
+def test_kohya_needs_architecture(tmp_path, sd_fakes):
+    random_state, tiny_sd1, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sd1, sd_fakes.tiny_sdxl
     state = random_state(tiny_sd1(), conv=False)
     state.architecture = None
     with pytest.raises(LoraError, match="SD1.x, SD2.x or SDXL.*--base"):
@@ -217,7 +229,8 @@ def test_kohya_needs_architecture(tmp_path):
     assert safetensors_io.read_metadata(path)["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
-def test_kohya_refuses_te2_for_sd1(tmp_path):
+def test_kohya_refuses_te2_for_sd1(tmp_path, sd_fakes):
+    random_state, tiny_sdxl = sd_fakes.random_state, sd_fakes.tiny_sdxl
     state = random_state(tiny_sdxl(), conv=False)
     state.architecture = "sd1"
     with pytest.raises(LoraError, match="text_encoder_2"):
@@ -230,7 +243,8 @@ def test_empty_state_refused(tmp_path):
             fmt.write(LoraState(architecture="sd1"), str(tmp_path / "e.safetensors"))
 
 
-def test_unknown_dtype(tmp_path):
+def test_unknown_dtype(tmp_path, sd_fakes):
+    random_state, tiny_sd1 = sd_fakes.random_state, sd_fakes.tiny_sd1
     with pytest.raises(LoraError, match="fp32, fp16, bf16"):
         DiffusersFormat().write(random_state(tiny_sd1()), str(tmp_path), dtype="int8")
 
