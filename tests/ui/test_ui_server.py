@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -398,7 +399,7 @@ def test_stop_refuses_a_pid_it_did_not_start_and_runs_ignore_the_users_modules(t
     import subprocess
     import sys
 
-    from mindone_lora_plugin.ui.runs import RUN_FILE, RunManager
+    from mindone_lora_plugin.ui.runs import RUN_FILE, RunManager, pid_alive
 
     root = tree[0]
     runs = RunManager(PathGuard(str(root)))
@@ -422,8 +423,10 @@ def test_stop_refuses_a_pid_it_did_not_start_and_runs_ignore_the_users_modules(t
     shadow.mkdir()
     (shadow / "mindone_lora_plugin.py").write_text("open('SHADOWED', 'w').write('ran')\n")
     runs.start(["--help"], str(shadow))
-    proc = next(iter(runs._children.values()))
-    proc.wait(120)
+    pid = json.loads((shadow / RUN_FILE).read_text())["launches"][-1]["pid"]
+    deadline = time.monotonic() + 120
+    while pid_alive(pid) and time.monotonic() < deadline:  # a finished child is a zombie until reaped: not alive
+        time.sleep(0.1)
     assert not (shadow / "SHADOWED").exists() and "usage: mindone-lora train" in (shadow / "train.log").read_text()
 
 

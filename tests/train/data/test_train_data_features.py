@@ -324,12 +324,12 @@ def test_sdxl_time_ids_carry_each_images_size_crop_and_bucket(tiny_sdxl, kohya, 
     trainer = Trainer(parse(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", kohya,
                              "--output_dir", str(tmp_path / "o"), "--train_batch_size", "2", "--report_to", "none",
                              "--mode", "pynative", "--device_target", "CPU", "--enable_bucket", "--seed", "4"]))
-    trainer._train = lambda start: trainer  # set up everything, stop before the loop
+    trainer.train_loop = lambda start: trainer  # set up everything, stop before the loop
     trainer.run()
     originals = {(32, 48), (48, 32), (40, 40), (32, 64), (32, 32)}  # (height, width) of the kohya fixture's images
     for i in range(trainer.plan.batches_per_epoch):
         batch = trainer.plan.batch(0, i)
-        time_ids = trainer._inputs(0, i, i)[-1].asnumpy()
+        time_ids = trainer.micro_inputs(0, i, i)[-1].asnumpy()
         h, w = batch.pixels.shape[2:]
         for row, size, crop in zip(time_ids, batch.original_sizes, batch.crops_top_left):
             assert tuple(row[:2]) == size and size in originals
