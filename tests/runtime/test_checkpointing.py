@@ -23,6 +23,7 @@ from mindone_lora_plugin.cli import COMMAND_ENV  # noqa: E402  the mindone-lora 
 from mindone_lora_plugin.errors import LoraError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "recompute_worker.py")
 
 
@@ -173,7 +174,7 @@ def test_full_size_sd15_step_at_256px_with_checkpointing_fits_a_small_cap():
     rank 16 on the attention projections, one PyNative training step at 256 px with recompute, in a fresh process
     under an RSS watchdog (benchmark 5's worker). Before the chunked attention and ``--mode auto`` the same step in
     GRAPH_MODE took 11.2 GiB; the cap here is 6 GiB."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_5_full_size as bench
     finally:
