@@ -36,7 +36,7 @@ $(STAMP):
 	@touch $@
 	@echo "set-up done: $(VENV)"
 
-# headless Chromium for the UI's browser tests (tests/test_ui_browser.py): installed when root and missing
+# headless Chromium for the UI's browser tests (tests/ui/test_ui_browser.py): installed when root and missing
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

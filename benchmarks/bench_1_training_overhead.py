@@ -86,7 +86,7 @@ class PluginSide:
         from mindone_lora_plugin.train.trainer import Trainer
 
         class SetUpOnly(Trainer):
-            def _train(self, start):  # stop where the training loop would begin
+            def train_loop(self, start):  # stop where the training loop would begin
                 return self
 
         self.trainer = SetUpOnly(plugin_args(paths)).run()
@@ -94,7 +94,7 @@ class PluginSide:
 
     def inputs(self, micro: int = 0):
         """A loop iteration's inputs, made the way the trainer makes them (VAE encode, text encode, host noise)."""
-        return self.trainer._inputs(0, 0, micro)
+        return self.trainer.micro_inputs(0, 0, micro)
 
     def step(self, inputs) -> float:
         return float(self.trainer.update_step(*inputs).asnumpy())

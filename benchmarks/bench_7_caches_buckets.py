@@ -36,7 +36,7 @@ def _trainer(argv):
 
     args = build_parser({"train": COMMANDS["train"]}).parse_args(["train", *argv])
     trainer = Trainer(args)
-    trainer._train = lambda start: trainer  # run() ends by calling _train(start): keep the trainer instead
+    trainer.train_loop = lambda start: trainer  # run() ends by calling train_loop(start): keep the trainer instead
     return trainer.run()
 
 
@@ -51,7 +51,7 @@ class Arm:
     def step(self) -> float:
         """Seconds of the next step; the shape of its latents is kept in ``last_shape``."""
         t0 = time.perf_counter()
-        inputs = self.t._inputs(self.epoch_no, self.index, self.micro)
+        inputs = self.t.micro_inputs(self.epoch_no, self.index, self.micro)
         t1 = time.perf_counter()
         self.t.update_step(*inputs).asnumpy()
         t2 = time.perf_counter()

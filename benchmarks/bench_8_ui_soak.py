@@ -125,13 +125,13 @@ def _kill_runs(root: str) -> None:
     """A training process the UI started (--real) never outlives the benchmark."""
     import signal
 
-    from mindone_lora_plugin.ui.runs import RUN_FILE, _alive
+    from mindone_lora_plugin.ui.runs import RUN_FILE, pid_alive
 
     for top, _, names in os.walk(root):
         if RUN_FILE in names:
             with open(os.path.join(top, RUN_FILE)) as f:
                 for launch in json.load(f).get("launches", []):
-                    if _alive(launch.get("pid")):
+                    if pid_alive(launch.get("pid")):
                         os.kill(launch["pid"], signal.SIGKILL)
 
 

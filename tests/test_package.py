@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_requirements_and_entry_points_in_setup_cfg():
     """The console script; the built-in plugins are listed in code (builtin_plugins.py), not as entry points, so
     setup.cfg has no ``mindone_lora`` group of its own. (The MindSpore/mindone/transformers/numpy ranges and the
-    pinned stack: tests/test_environment.py.)"""
+    pinned stack: tests/runtime/test_environment.py.)"""
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     requires = cfg["options"]["install_requires"]

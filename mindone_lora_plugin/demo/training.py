@@ -321,12 +321,12 @@ def verify_saved_files(result, args) -> dict[str, str]:
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        reference = _outputs(trained)
+        reference = model_outputs(trained)
         out = {}
         for path in result.files:
             fresh = load_models(args.pretrained_model_name_or_path)
             pm.load_weights(fresh, options, path)
-            got = _outputs(fresh)
+            got = model_outputs(fresh)
             diff = max(float(np.abs(got[k] - reference[k]).max()) for k in reference)
             tol = 1e-4 if (args.save_dtype in (None, "fp32")) else 5e-2
             out[path] = f"ok, max abs difference {diff:.2e}" if diff <= tol else f"MISMATCH {diff:.2e}"
@@ -335,7 +335,8 @@ def verify_saved_files(result, args) -> dict[str, str]:
         ms.set_context(mode=mode)
 
 
-def _outputs(models) -> dict[str, np.ndarray]:
+def model_outputs(models) -> dict[str, np.ndarray]:
+    """The denoiser's and text encoders' outputs on fixed, seeded inputs (numpy arrays by component name)."""
     import mindspore as ms
 
     if models.architecture == "sd3":

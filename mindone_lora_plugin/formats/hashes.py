@@ -29,12 +29,12 @@ import numpy as np
 from mindone_lora_plugin.dtypes import as_dtype
 from mindone_lora_plugin.safetensors_io import StreamWriter, as_bytes, header_bytes, layout, tensor_json
 
-_BATCH_BYTES = 4 << 20
-_THREAD_BYTES = 16 << 20
+#: bytes read per hashing batch; files of at least THREAD_BYTES hash in a thread pool
+BATCH_BYTES = 4 << 20
+THREAD_BYTES = 16 << 20
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_as_bytes = as_bytes  # module attribute: the failure test replaces it
 
 
 class _SshsHasher:
@@ -70,7 +70,7 @@ def sshs_hashes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None 
     entries = layout(tensors)
     hasher = _SshsHasher(header_bytes(entries, ss_metadata(metadata)))
     for name, *_ in entries:
-        hasher.update(_as_bytes(tensors[name]))
+        hasher.update(as_bytes(tensors[name]))
     return hasher.digests()
 
 
@@ -101,7 +101,7 @@ def save_with_sshs(tensors: dict[str, np.ndarray], path: str, metadata: dict[str
             while work.get() is not None:
                 pass
 
-    threaded = sum(e[3] for e in entries) >= _THREAD_BYTES  # small files: a thread costs more than it saves
+    threaded = sum(e[3] for e in entries) >= THREAD_BYTES  # small files: a thread costs more than it saves
     worker = threading.Thread(target=consume, name="sshs-hash", daemon=True)
     if threaded:
         worker.start()
@@ -110,14 +110,14 @@ def save_with_sshs(tensors: dict[str, np.ndarray], path: str, metadata: dict[str
         with StreamWriter(path, entries, placeholder) as w:
             batch, batch_bytes = [], 0
             for name, *_ in entries:
-                buf = _as_bytes(as_dtype(tensors[name], dtype))
+                buf = as_bytes(as_dtype(tensors[name], dtype))
                 w.write(buf)
                 if not threaded:
                     hasher.update(buf)
                     continue
                 batch.append(buf)
                 batch_bytes += buf.size
-                if batch_bytes >= _BATCH_BYTES:
+                if batch_bytes >= BATCH_BYTES:
                     work.put(batch)
                     batch, batch_bytes = [], 0
             if threaded:

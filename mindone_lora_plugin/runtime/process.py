@@ -17,7 +17,7 @@ from mindone_lora_plugin.errors import LoraError
 
 _QUIETED = False
 #: the releases this package runs on: every MindSpore on PyPI in this range was measured (docs/compatibility.md);
-#: setup.cfg's install_requires states the same ranges (tests/test_environment.py checks that they agree)
+#: setup.cfg's install_requires states the same ranges (tests/runtime/test_environment.py checks that they agree)
 SUPPORTED = {"mindspore": ">=2.7.0,<2.11", "mindone": ">=0.5.0,<0.6"}
 #: ``MINDONE_LORA_ANY_VERSION=1`` starts on versions outside :data:`SUPPORTED` (at the user's own risk)
 ANY_VERSION_ENV = "MINDONE_LORA_ANY_VERSION"

@@ -4,7 +4,7 @@ AdamW is ``mindspore.nn.AdamWeightDecay``, as before. MindSpore has no Lion or P
 another decay-rate convention than the paper and keeps unnamed state tensors (which a checkpoint cannot key by
 name), so these three are written here from their published update rules (Chen et al. 2023 "Symbolic Discovery of
 Optimization Algorithms"; Shazeer & Stern 2018 "Adafactor", as ``transformers.Adafactor`` implements it; Mishchenko &
-Defazio 2023 "Prodigy", as ``prodigyopt.Prodigy`` implements it). ``tests/test_train_optimizers.py`` checks each
+Defazio 2023 "Prodigy", as ``prodigyopt.Prodigy`` implements it). ``tests/train/test_train_optimizers.py`` checks each
 against a numpy transcription of the rule. Every state tensor is a named ``Parameter`` of the optimizer, so
 checkpoints save it and a resume continues exactly.
 

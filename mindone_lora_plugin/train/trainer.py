@@ -82,7 +82,7 @@ class Trainer:
         self._build_step()
         self.features.setup(self)  # in order: validation-loss inputs are encoded before the caches are filled
         start = resume.maybe_resume(self)
-        return self._train(start)
+        return self.train_loop(start)
 
     def _setup_runtime(self):
         args = self.args
@@ -186,7 +186,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _train(self, start: dict) -> TrainResult:
+    def train_loop(self, start: dict) -> TrainResult:
+        """The training loop from ``start`` (the resume point), once everything is set up; ``run`` ends with it."""
         from tqdm.auto import tqdm
 
         from mindone_lora_plugin.train.events import RunEvents
@@ -223,7 +224,7 @@ class Trainer:
         epoch, in_epoch = divmod(step - 1, self.updates_per_epoch)
         micro_losses = []
         for k in range(accum):
-            inputs = self._inputs(epoch, in_epoch * accum + k, (step - 1) * accum + k)
+            inputs = self.micro_inputs(epoch, in_epoch * accum + k, (step - 1) * accum + k)
             cell = self.update_step if k == accum - 1 else self.micro_step
             started = time.perf_counter()
             micro_losses.append(float(cell(*inputs).asnumpy()))
@@ -324,7 +325,8 @@ class Trainer:
                 self.say(f"first step at latent shape {tuple(shape)}: {seconds:.1f}s (shape {len(seen)} of "
                          f"{len(self.sizer.used) or '?'}; includes its compile in graph mode)")
 
-    def _inputs(self, epoch: int, batch_index: int, micro: int):
+    def micro_inputs(self, epoch: int, batch_index: int, micro: int):
+        """The model inputs of one micro-step (its batch, noise and adapter-dropout masks seeded by ``micro``)."""
         batch = self.plan.batch(epoch, batch_index % self.plan.batches_per_epoch)
         from mindone_lora_plugin.algorithms.layers import dropout_rates, seed_dropout
 

@@ -104,7 +104,7 @@ def _thin(points: dict[int, float], since: int = 0) -> list[list]:
     return [[s, v] for s, v in items]
 
 
-def _alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     """Whether ``pid`` is a live (not zombie) ``mindone_lora_plugin`` process."""
     if not pid:
         return False
@@ -131,7 +131,7 @@ def _carries_marker(pid: int, folder: str) -> bool:
             env = f.read().split(b"\0")
     except OSError:
         return False
-    return (MARKER + "=" + folder).encode() in env and _alive(pid)
+    return (MARKER + "=" + folder).encode() in env and pid_alive(pid)
 
 
 def _tail_text(path: str, lines: int = 40, chunk: int = 16384) -> str:
@@ -219,7 +219,7 @@ class RunManager:
         launches = info.get("launches") if isinstance(info.get("launches"), list) else []
         launch = launches[-1] if launches and isinstance(launches[-1], dict) else {}
         pid = launch.get("pid") or (tail.last_start or {}).get("pid")
-        alive = _alive(pid) if isinstance(pid, int) else False
+        alive = pid_alive(pid) if isinstance(pid, int) else False
         started_after_launch = tail.last_start is not None and tail.last_start.get("time", 0) >= launch.get("time", 0)
         if info.get("queued"):
             status = "queued"
@@ -375,7 +375,7 @@ class RunManager:
         ours = isinstance(pid, int) and pid > 0 and (
             (pid in self._children and self._children[pid].poll() is None) or _carries_marker(pid, folder))
         if not ours:
-            if isinstance(pid, int) and _alive(pid) and pid not in self._children:
+            if isinstance(pid, int) and pid_alive(pid) and pid not in self._children:
                 raise LoraError(f"run {run_id}: process {pid} was not started by the UI for this run; refusing to "
                                 f"signal it (stop a run started elsewhere with Ctrl-C or kill)")
             raise LoraError(f"run {run_id} is not running")

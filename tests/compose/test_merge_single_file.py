@@ -5,7 +5,6 @@ reference writer of ``tests/architectures/sd/ldm_reference.py`` (checked there a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -17,12 +16,9 @@ from mindone_lora_plugin import compose
 from mindone_lora_plugin.base_model_info import BaseModelInfo
 from mindone_lora_plugin.cli import main
 from mindone_lora_plugin.state import LoraModule, LoraState
+from tests.architectures.sd import ldm_reference as ref
 
 WEIGHT = 0.8
-_spec = importlib.util.spec_from_file_location(
-    "ldm_reference", os.path.join(os.path.dirname(__file__), "..", "architectures", "sd", "ldm_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def _configs(metadata: dict[str, str], where: str) -> dict:
     return {c: AdapterConfig.from_dict(d, f"{where} (lora_adapter_metadata, {c})") for c, d in per.items()}
 
 
-def _part_sizes(parts, mod: LoraModule, base, where: str = "a fused module") -> list[int]:
+def part_sizes(parts, mod: LoraModule, base, where: str = "a fused module") -> list[int]:
     """Output rows of each part of a fused module: the base model's, else from the input width (q/k/v: the hidden
     width; proj_mlp: the rest)."""
     shapes = base.modules.get("transformer", {}) if base is not None else {}
@@ -169,7 +169,7 @@ def build_state(tensors: dict, metadata: dict[str, str], base=None, where: str =
             pieces = [(parts[0], mod)]
         else:
             where_mod = f"{where}: fused module '{shown}'"
-            pieces = list(zip(parts, fuse.split(mod, _part_sizes(parts, mod, base, where_mod), where_mod)))
+            pieces = list(zip(parts, fuse.split(mod, part_sizes(parts, mod, base, where_mod), where_mod)))
         for path, piece in pieces:
             if piece is None:
                 continue

@@ -86,14 +86,15 @@ DISPATCHER_REPLACEMENTS = {getattr(functional_overload, name): replacement
 #: construct methods replaced, by module and class
 _CONSTRUCT_PATCHES = {**kernels.CONSTRUCT_PATCHES, **cpu_transformer.CONSTRUCT_PATCHES}
 
-_PACKAGES = ("mindspore", "mindone")
+#: the packages whose modules the backend patches (a module of one, or the package itself)
+PACKAGES = ("mindspore", "mindone")
 
 
 def _is_target_module(name) -> bool:
     """``mindspore``/``mindone`` and their submodules (not e.g. ``mindone_lora_plugin``)."""
     if not isinstance(name, str):
         return False
-    return name in _PACKAGES or name.split(".", 1)[0] in _PACKAGES
+    return name in PACKAGES or name.split(".", 1)[0] in PACKAGES
 
 
 _lock = threading.RLock()

@@ -4,7 +4,8 @@ lacks (rotary position embeddings, RMS norms, attention, T5's gated GELU, flow-m
 Kept apart from :mod:`mindone_lora_plugin.runtime.cpu.kernels` so each module reads in one sitting; ``cpu`` merges
 :data:`PRIMITIVE_REPLACEMENTS` into its own table and installs them the same way (rebinding module attributes, and
 the primitive classes' ``__call__`` as a PyNative safety net). Every replacement has the primitive object's call
-signature and is built from primitives with CPU kernels; tests/test_flux_model_cpu.py checks each against numpy.
+signature and is built from primitives with CPU kernels; tests/architectures/flux/test_flux_model_cpu.py checks each
+against numpy.
 """
 
 from __future__ import annotations

@@ -84,13 +84,13 @@ def load_kohya_examples(folder: str, flag: str, args, resolution: int, sizer=Non
     """The examples of a kohya folder, each repeated as its folder says; ``(examples, unreadable, distinct images)``."""
     from tqdm.auto import tqdm
 
-    from mindone_lora_plugin.train.data.loader import _decode, prepare
+    from mindone_lora_plugin.train.data.loader import decode_image, prepare
 
     items = scan(folder, flag, args.caption_extension)
     examples, bad = [], 0
     distinct = 0
     for path, caption, repeats in tqdm(items, desc=f"loading {flag}", leave=False, disable=len(items) < 64):
-        im = _decode(path, path, args.on_bad_image)
+        im = decode_image(path, path, args.on_bad_image)
         if im is None:
             bad += 1
             continue

@@ -88,7 +88,7 @@ def load_examples(args, resolution: int, sizer=None, masks=None) -> tuple[list[E
         ref = row[args.image_column]
         data = ref.get("bytes") if isinstance(ref, dict) else None
         name = ref.get("path") if isinstance(ref, dict) else ref
-        im = _decode(io.BytesIO(data) if data else name, name, args.on_bad_image)
+        im = decode_image(io.BytesIO(data) if data else name, name, args.on_bad_image)
         if im is None:
             bad += 1
             continue
@@ -122,7 +122,7 @@ def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image
     examples, bad = [], 0
     for f in files:
         path = os.path.join(folder, f)
-        im = _decode(path, path, on_bad_image)
+        im = decode_image(path, path, on_bad_image)
         if im is None:
             bad += 1
             continue
@@ -140,7 +140,7 @@ def load_folder_examples(folder: str, prompt: str, resolution: int, on_bad_image
     return examples, bad
 
 
-def _decode(src, name, on_bad_image: str):
+def decode_image(src, name, on_bad_image: str):
     """A decoded RGB PIL image, or None for an unreadable one (``on_bad_image='stop'`` raises instead)."""
     from PIL import Image
 

@@ -10,7 +10,11 @@ import struct
 
 import numpy as np
 import pytest
-from ldm_reference import (
+from safetensors.numpy import load_file, save_file
+
+from mindone_lora_plugin.errors import LoraError
+from mindone_lora_plugin.model_files import detect_single_file, resolve_model
+from tests.architectures.sd.ldm_reference import (
     CLIP_XL,
     OPENCLIP_XL,
     config,
@@ -21,10 +25,6 @@ from ldm_reference import (
     write_ldm_sd1,
     write_ldm_sdxl,
 )
-from safetensors.numpy import load_file, save_file
-
-from mindone_lora_plugin.errors import LoraError
-from mindone_lora_plugin.model_files import detect_single_file, resolve_model
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
