@@ -1,4 +1,5 @@
-"""The architecture plugin object: everything the core knows about one model family.
+"""The architecture plugin object: everything the core knows about one model family (over 400 lines: it is the
+whole family contract, one method per question the core asks, each a few lines with its docstring).
 
 A plugin offers model families by yielding instances of an :class:`Architecture` subclass from its
 ``mindone_lora_architectures()`` hook implementation (the built-in ones: SD1.x, SD2.x and SDXL in

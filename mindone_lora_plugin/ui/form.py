@@ -1,4 +1,5 @@
-"""The new-run form: built from ``mindone-lora train``'s own parser, validated with the CLI's own checks.
+"""The new-run form: built from ``mindone-lora train``'s own parser, validated with the CLI's own checks. (Over 400
+lines: the field rules, the argv/TOML round trip and the validation read together, as one table of flags.)
 
 Every flag of the parser becomes a field in the group it has in ``--help`` (plugin flags in the "plugins" group), so a
 flag another module adds appears by itself. :data:`BASIC` marks the flags shown without opening "more options". Each

@@ -1,5 +1,6 @@
 """Training runs under the UI's root: start (or queue) them as detached ``mindone-lora train`` processes, watch,
-stop, resume, delete.
+stop, resume, delete. (Over 400 lines: one run's life and the queue share the same lock and files, kept in one
+place so the locking can be read at once.)
 
 A run is an output folder. The UI writes ``ui_run.json`` there (the ``train`` arguments, the queue position while
 queued, the launches with their process ids) and sends the process's output to ``train.log``; the trainer writes

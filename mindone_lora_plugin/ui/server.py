@@ -1,4 +1,5 @@
 """The UI's HTTP server: one static page and a JSON API, on Starlette served by uvicorn (see docs/ui.md, "Server").
+(Just over 400 lines: the gate and the routes it guards are read together.)
 
 The framework does the HTTP work (framing, header encoding, streaming, timeouts, connection limits); this module adds
 the gate every request passes (:class:`Gate`) and the routes. The gate, in order:
