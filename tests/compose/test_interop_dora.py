@@ -174,7 +174,7 @@ def test_merge_of_our_trained_dora_files_equals_diffusers_and_lycoris(dora_run, 
         m.org_module[0]._lycoris = True
     refs[kfile] = weights_of(pipe)
     for path, ref in refs.items():
-        out = str(tmp_path / os.path.basename(path))
+        out = str(tmp_path / os.path.splitext(os.path.basename(path))[0])  # a folder: the model is one
         assert main(["merge", "--model", tiny_sd1, "--lora", path, "--out", out]) == 0
         merged, _ = safetensors_io.load(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
         moved = 0.0
